@@ -1,0 +1,50 @@
+"""The frame contract: column and metric names shared by every layer.
+
+This module imports nothing heavy (no torch, no pandas) so that analysis, reports and the CLI can name columns
+without pulling in the hook engine.
+
+One row per (step, block, call, metric). ``depth`` is the 0-based order of a block's first call in the forward
+pass; ``call`` is the 0-based index of the call within one step for modules that run several times per forward
+(a shared layer, a reused ``ReLU``); it is 0 for the usual single call.
+"""
+from __future__ import annotations
+
+# --- columns -------------------------------------------------------------------------------------------------
+STEP = "step"
+BLOCK = "block"
+DEPTH = "depth"
+KIND = "kind"
+METRIC = "metric"
+VALUE = "value"
+CALL = "call"
+#: Columns of every frame, in order. Frames that combine runs add :data:`RUN` and config columns after these.
+COLUMNS = (STEP, BLOCK, DEPTH, KIND, METRIC, VALUE, CALL)
+#: Name of the column that tells runs apart in combined frames (e.g. "resnet56-bn-seed0").
+RUN = "run"
+
+# --- forward metrics (on the block output) -------------------------------------------------------------------
+ACT_MEAN = "act_mean"
+ACT_VAR = "act_var"
+ACT_RMS = "act_rms"
+ACT_ZERO_FRAC = "act_zero_frac"
+ACT_NONFINITE = "act_nonfinite"
+ACT_MAX_ABS = "act_max_abs"
+#: Residual blocks only: variance of the residual branch F(x) and of the shortcut path.
+BRANCH_VAR = "branch_var"
+SHORTCUT_VAR = "shortcut_var"
+
+# --- backward metrics -----------------------------------------------------------------------------------------
+GRAD_NORM = "grad_norm"
+GRAD_IN_NORM = "grad_in_norm"
+GRAD_NONFINITE = "grad_nonfinite"
+
+# --- parameter metrics (parameters owned by the block) --------------------------------------------------------
+PARAM_NORM = "param_norm"
+PARAM_GRAD_NORM = "param_grad_norm"
+UPDATE_RATIO = "update_ratio"
+
+FORWARD_METRICS = (ACT_MEAN, ACT_VAR, ACT_RMS, ACT_ZERO_FRAC, ACT_NONFINITE, ACT_MAX_ABS)
+BACKWARD_METRICS = (GRAD_NORM, GRAD_IN_NORM, GRAD_NONFINITE)
+PARAM_METRICS = (PARAM_NORM, PARAM_GRAD_NORM, UPDATE_RATIO)
+RESIDUAL_METRICS = (BRANCH_VAR, SHORTCUT_VAR)
+ALL_METRICS = FORWARD_METRICS + RESIDUAL_METRICS + BACKWARD_METRICS + PARAM_METRICS

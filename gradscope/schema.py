@@ -48,3 +48,13 @@ BACKWARD_METRICS = (GRAD_NORM, GRAD_IN_NORM, GRAD_NONFINITE)
 PARAM_METRICS = (PARAM_NORM, PARAM_GRAD_NORM, UPDATE_RATIO)
 RESIDUAL_METRICS = (BRANCH_VAR, SHORTCUT_VAR)
 ALL_METRICS = FORWARD_METRICS + RESIDUAL_METRICS + BACKWARD_METRICS + PARAM_METRICS
+
+# --- run/config columns (frames that combine several runs: studies, the CLI) ----------------------------------
+MODEL = "model"
+BN = "bn"
+RESIDUAL = "residual"
+SHORTCUT = "shortcut"
+INIT = "init"
+SEED = "seed"
+#: Config columns a study adds after :data:`RUN`; each holds one value per run.
+CONFIG_COLUMNS = (MODEL, BN, RESIDUAL, SHORTCUT, INIT, SEED)

@@ -1,0 +1,58 @@
+"""gradscope: see how forward signals and backward gradients travel through every block of a PyTorch model.
+
+The public API is what this module exports (see ``__all__``); everything else is an implementation detail.
+``import gradscope`` pulls in torch only: pandas loads when a frame is built, seaborn/matplotlib when a report is
+drawn, rich in the CLI.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import GradscopeError
+from .recorder import load
+from .scope import NonFiniteError, Scope, attach
+from .sites import Site, find_blocks
+
+__version__ = "0.1.0"
+
+_LAZY_MODULES = ("analysis", "data", "models", "schema", "theory")
+
+
+def report(frame: Any, out: Any, **options: Any) -> Any:
+    """Write a report folder (records, heatmaps, depth profiles, verdicts, summary.md, report.html) for ``frame``.
+
+    Returns the folder's path. See :func:`gradscope.reporting.write_report` for the options.
+    """
+    from .reporting import write_report
+
+    return write_report(frame, out, **options)
+
+
+def verdicts(frame: Any, **options: Any) -> Any:
+    """Classify the forward and backward signal of each run as vanishing, healthy or exploding.
+
+    See :func:`gradscope.analysis.verdicts` for the columns and thresholds.
+    """
+    from .analysis import verdicts as _verdicts
+
+    return _verdicts(frame, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'gradscope' has no attribute {name!r}")
+
+
+__all__ = sorted([
+    "GradscopeError",
+    "NonFiniteError",
+    "Scope",
+    "Site",
+    "attach",
+    "find_blocks",
+    "load",
+    "report",
+    "verdicts",
+])

@@ -1,0 +1,108 @@
+"""Global statistics under ``torch.distributed`` (DDP): one collective per recorded step.
+
+Each rank measures its own shard of the global batch. At a recorded step's flush every rank packs its buffer into
+one float64 vector and ``all_gather``s it, then combines locally, so every rank holds the same global frame:
+
+* forward moments (``[mean, var, rms, zero_frac, nonfinite, max_abs]`` over ``n`` elements): counts and sums are
+  combined exactly: ``mean = sum(n_r mean_r) / N``, ``var = sum(n_r (var_r + (mean_r - mean)^2)) / N``, zero
+  fractions weighted by ``n_r``, non-finite counts summed, ``max_abs`` maximised;
+* gradient norms w.r.t. block outputs and inputs: DDP averages parameter gradients over ranks, which is the gradient
+  of the global loss ``L = mean_r L_r``; its derivative w.r.t. rank r's activations is ``g_r / W``, so the global
+  norm is ``sqrt(sum_r |g_r|^2) / W`` (non-finite counts summed);
+* parameter norms and parameter-gradient norms are read after DDP's all-reduce, so they are already global and
+  equal on all ranks: rank 0's value is kept.
+
+All ranks must run the same blocks in the same order in a recorded step (true for DDP). Only rank 0 writes files.
+FSDP shards parameters, so per-rank parameter-gradient norms are not global: :func:`check_not_sharded` refuses it.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Union
+
+import torch
+
+from .errors import GradscopeError
+
+
+class DistributedCombiner:
+    """Combines per-rank buffers into global statistics with one ``all_gather`` per flush."""
+
+    def __init__(self, world_size: int, rank: int, group=None) -> None:
+        self.world_size = world_size
+        self.rank = rank
+        self.group = group
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def create(cls, distributed: Union[bool, str]) -> Optional["DistributedCombiner"]:
+        """A combiner when asked for (``True``) or when ``"auto"`` finds an initialised process group of size > 1."""
+        if distributed is False:
+            return None
+        if distributed not in (True, "auto"):
+            raise GradscopeError(f"distributed={distributed!r}: use 'auto', True or False")
+        import torch.distributed as dist
+
+        ready = dist.is_available() and dist.is_initialized()
+        if not ready:
+            if distributed is True:
+                raise GradscopeError("distributed=True but torch.distributed is not initialised; call "
+                                     "torch.distributed.init_process_group() first (torchrun does the set-up)")
+            return None
+        world = dist.get_world_size()
+        return cls(world, dist.get_rank()) if world > 1 else None
+
+    def reduce(self, entries: List, packed: torch.Tensor) -> torch.Tensor:
+        """Global values for ``packed`` (the concatenated ``entries`` values of this rank)."""
+        import torch.distributed as dist
+
+        counts = torch.tensor([float(e.count) for e in entries], dtype=torch.float64, device=packed.device)
+        local = torch.cat([packed.to(torch.float64), counts])
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local, group=self.group)
+        stacked = torch.stack(gathered)  # (world, len)
+        n_values = packed.numel()
+        values, ns = stacked[:, :n_values], stacked[:, n_values:]
+        out = []
+        offset = 0
+        for i, entry in enumerate(entries):
+            k = entry.values.numel()
+            block = values[:, offset:offset + k]
+            out.append(_combine(entry.reduce, entry.group, block, ns[:, i], self.world_size))
+            offset += k
+        return torch.cat(out).to(torch.float32)
+
+
+def _combine(kind: str, group, block: torch.Tensor, n: torch.Tensor, world: int) -> torch.Tensor:
+    """Combine one entry's per-rank values (rows of ``block``) into the global ones."""
+    if kind == "moments":
+        total = n.sum()
+        mean_r, var_r = block[:, 0], block[:, 1]
+        mean = (n * mean_r).sum() / total
+        var = (n * (var_r + (mean_r - mean) ** 2)).sum() / total
+        combined = [mean, var, (var + mean * mean).sqrt()]
+        for j, name in enumerate(group[3:], start=3):
+            col = block[:, j]
+            if name.endswith("zero_frac"):
+                combined.append((n * col).sum() / total)
+            elif name.endswith("nonfinite"):
+                combined.append(col.sum())
+            else:  # max_abs
+                combined.append(col.max())
+        return torch.stack(combined)
+    if kind == "norm":
+        norm = block[:, 0].square().sum().sqrt() / world
+        rest = [block[:, j].sum() for j in range(1, block.shape[1])]
+        return torch.stack([norm] + rest)
+    return block[0]
+
+
+def check_not_sharded(model: torch.nn.Module) -> None:
+    """Refuse FSDP: sharded gradients make per-rank parameter-gradient norms wrong (see module docstring)."""
+    names = {type(m).__name__ for m in model.modules()}
+    if "FullyShardedDataParallel" in names or any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise GradscopeError(
+            "gradscope does not support FSDP (FullyShardedDataParallel / fully_shard) yet: its parameters and "
+            "gradients are shards, so per-rank norms are not the global ones. Use DDP, or attach to an unsharded copy.")

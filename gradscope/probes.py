@@ -1,0 +1,185 @@
+"""HOW to hook: forward pre-hooks and forward hooks on every site, tensor hooks for gradients.
+
+Why tensor hooks and not ``register_full_backward_hook``: a full backward hook wraps the block's output in a view,
+and a later in-place op on it (torchvision's ``out += identity`` after a hooked BatchNorm, ``ReLU(inplace=True)``)
+raises "Output 0 of BackwardHookFunction is a view and is being modified inplace". A hook registered on the output
+tensor inside the forward hook stays on the autograd node that produced that value, so it receives d loss / d output
+even when the tensor is modified in place afterwards; forward statistics are computed inside the forward hook, before
+anything downstream can mutate the tensor.
+
+Per call the hooks do: one branch when the step is not recorded; otherwise a handful of reductions under
+``torch.no_grad()`` whose 0-dim results stay on the device. They never keep a reference to an activation.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import schema as S
+from .metrics import activation_stats, grad_stats
+from .recorder import Recorder
+from .sites import Site
+
+_current_graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass (e.g. activation checkpointing recomputes a forward)."""
+    return _current_graph_task_id() != -1
+
+
+def first_tensor(value: Any) -> Optional[torch.Tensor]:
+    """The block's primary tensor: the value itself, else the first tensor in a tuple/list/dict (depth-first).
+
+    A Hugging Face block returns ``(hidden_states, attention_weights, ...)`` and a ``ModelOutput`` (a dict): the
+    hidden states come first in both, so they are what gradscope measures.
+    """
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        items = value
+    elif isinstance(value, dict):
+        items = list(value.values())
+    else:
+        return None
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _floating(t: Optional[torch.Tensor]) -> bool:
+    return t is not None and t.is_floating_point()
+
+
+class MetricSet:
+    """Which metric groups the hooks compute, from the user's ``metrics=`` choice."""
+
+    def __init__(self, metrics: Optional[Tuple[str, ...]] = None) -> None:
+        wanted = set(S.ALL_METRICS if metrics is None else metrics)
+        self.forward = tuple(m for m in S.FORWARD_METRICS[:3]) if wanted & set(S.FORWARD_METRICS) else ()
+        self.zeros = S.ACT_ZERO_FRAC in wanted
+        self.nonfinite = S.ACT_NONFINITE in wanted
+        self.max_abs = S.ACT_MAX_ABS in wanted
+        if self.forward:
+            self.forward = self.forward + tuple(m for m, on in ((S.ACT_ZERO_FRAC, self.zeros),
+                                                                 (S.ACT_NONFINITE, self.nonfinite),
+                                                                 (S.ACT_MAX_ABS, self.max_abs)) if on)
+        self.grad = (S.GRAD_NORM, S.GRAD_NONFINITE) if S.GRAD_NONFINITE in wanted else (S.GRAD_NORM,)
+        self.grad_out = S.GRAD_NORM in wanted
+        self.grad_in = S.GRAD_IN_NORM in wanted
+        self.branch = S.BRANCH_VAR in wanted
+        self.shortcut = S.SHORTCUT_VAR in wanted
+        self.params = tuple(m for m in (S.PARAM_NORM, S.PARAM_GRAD_NORM) if m in wanted)
+        self.update = S.UPDATE_RATIO in wanted
+        self.wanted = wanted
+
+
+class Probe:
+    """The hooks of one scope on its sites; :meth:`remove` takes away exactly these and nothing else."""
+
+    def __init__(self, sites: List[Site], recorder: Recorder, metrics: MetricSet) -> None:
+        self.sites = sites
+        self.rec = recorder
+        self.m = metrics
+        self.handles: List[Any] = []
+        self.stacks: List[List[int]] = [[] for _ in sites]
+
+    def install(self) -> None:
+        try:
+            for index, site in enumerate(self.sites):
+                self.handles.append(site.module.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True))
+                self.handles.append(site.module.register_forward_hook(self._post_hook(index), with_kwargs=True))
+                for attr, metric, on in (("branch", S.BRANCH_VAR, self.m.branch),
+                                         ("shortcut", S.SHORTCUT_VAR, self.m.shortcut)):
+                    sub = getattr(site.module, attr, None)
+                    if on and isinstance(sub, nn.Module):
+                        self.handles.append(sub.register_forward_hook(self._sub_hook(index, (metric,))))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+    # ---- hook factories ------------------------------------------------------------------------------------------
+    def _pre_hook(self, site: int) -> Callable:
+        rec, m, stack = self.rec, self.m, self.stacks[site]
+
+        def pre_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+            if not rec.active:
+                return None
+            recompute = in_backward()
+            call = rec.next_recompute_call(site) if recompute else rec.next_call(site)
+            stack.append(call)
+            if m.grad_in:
+                x = first_tensor(args) if args else None
+                if x is None and kwargs:
+                    x = first_tensor(kwargs)
+                if _floating(x) and x.requires_grad:
+                    self._watch_grad(x, site, call, (S.GRAD_IN_NORM,), recompute)
+            return None
+
+        return pre_hook
+
+    def _post_hook(self, site: int) -> Callable:
+        rec, m, stack = self.rec, self.m, self.stacks[site]
+
+        def post_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
+            if not rec.active or not stack:
+                return None
+            call = stack.pop()
+            y = first_tensor(output)
+            if not _floating(y):
+                return None
+            recompute = in_backward()
+            if m.forward and not recompute:
+                with torch.no_grad():
+                    stats = activation_stats(y, zeros=m.zeros, nonfinite=m.nonfinite, max_abs=m.max_abs)
+                rec.add(rec.step, site, call, m.forward, stats, y.numel(), "moments")
+            if m.grad_out and y.requires_grad:
+                self._watch_grad(y, site, call, m.grad, recompute)
+            return None
+
+        return post_hook
+
+    def _sub_hook(self, site: int, group: Tuple[str, ...]) -> Callable:
+        rec, stack = self.rec, self.stacks[site]
+
+        group = ("_mean",) + group + ("_rms",)
+
+        def sub_hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+            if not rec.active or not stack or in_backward():
+                return None
+            y = first_tensor(output)
+            if _floating(y):
+                with torch.no_grad():
+                    moments = activation_stats(y, zeros=False, nonfinite=False, max_abs=False)
+                rec.add(rec.step, site, stack[-1], group, moments, y.numel(), "moments")
+            return None
+
+        return sub_hook
+
+    def _watch_grad(self, t: torch.Tensor, site: int, call: int, group: Tuple[str, ...], recompute: bool) -> None:
+        """Register a tensor hook that records the gradient of ``t`` for (step, site, call, group), once."""
+        rec = self.rec
+        slot = (site, call, group[0])
+        if slot in rec.grad_slots:
+            return
+        rec.grad_slots.add(slot)
+        step = rec.step
+        with_nonfinite = len(group) > 1
+
+        def grad_hook(grad: torch.Tensor) -> None:
+            if grad is None:
+                return None
+            rec.backward_seen = True
+            with torch.no_grad():
+                rec.add(step, site, call, group, grad_stats(grad, nonfinite=with_nonfinite), grad.numel(), "norm")
+            return None
+
+        t.register_hook(grad_hook)

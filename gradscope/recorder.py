@@ -1,0 +1,248 @@
+"""WHEN and BUFFER: the step schedule, the on-device buffer, one transfer per recorded step, rows on disk.
+
+Hooks append small float32 tensors to :class:`Recorder`'s buffer together with a few Python ints that say which
+step, block, call and metric group they belong to. Nothing is read back to the host until :meth:`Recorder.flush`,
+which concatenates the buffer per device and transfers it once. Rows are kept as plain Python lists (a few numbers
+per block per recorded step) and, with ``out=DIR``, streamed to numbered Parquet parts so that a run that crashes
+keeps everything up to its last flush.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import schema as S
+from .errors import GradscopeError, OutputError
+from .sites import Site
+
+Schedule = Callable[[int], bool]
+
+PART_GLOB = "part-*.parquet"
+META_FILE = "meta.json"
+
+
+def make_schedule(every: Union[int, Schedule]) -> Schedule:
+    """``every=N`` records steps 0, N, 2N, ...; a callable ``step -> bool`` is used as it is."""
+    if callable(every):
+        return every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise GradscopeError(f"every={every!r} is not a positive integer; use every=1 to record each step, "
+                             f"every=10 for one step in ten, or a function step -> bool")
+    return lambda step: step % every == 0
+
+
+@dataclass
+class Entry:
+    """One buffered measurement: ``values`` (1-D float32, on the device) holds the metrics of ``group``."""
+
+    step: int
+    site: int
+    call: int
+    group: Tuple[str, ...]
+    values: torch.Tensor
+    count: int = 0  # elements reduced, so distributed runs can combine moments and norms
+    reduce: str = "same"  # how ranks combine: "moments" ([mean, var, ...]), "norm" ([l2, count...]), "same"
+
+
+@dataclass
+class Rows:
+    """Recorded rows as parallel Python lists (cheap to append, turned into a DataFrame on demand)."""
+
+    step: List[int] = field(default_factory=list)
+    site: List[int] = field(default_factory=list)
+    call: List[int] = field(default_factory=list)
+    metric: List[str] = field(default_factory=list)
+    value: List[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    def extend(self, entry: Entry, values: Sequence[float]) -> None:
+        for metric, value in zip(entry.group, values):
+            if metric.startswith("_"):  # internal slots (e.g. the mean kept so ranks can combine a variance)
+                continue
+            self.step.append(entry.step)
+            self.site.append(entry.site)
+            self.call.append(entry.call)
+            self.metric.append(metric)
+            self.value.append(value)
+
+
+class Recorder:
+    """Holds the step counter, the buffer and the recorded rows of one :class:`~gradscope.Scope`."""
+
+    def __init__(self, sites: List[Site], schedule: Schedule, out: Optional[Path] = None, flush_every: int = 10,
+                 reducer: Optional[Callable[[List[Entry], torch.Tensor], torch.Tensor]] = None,
+                 write_files: bool = True) -> None:
+        self.sites = sites
+        self.schedule = schedule
+        self.step = 0
+        self.active = bool(schedule(0))
+        self.buffer: List[Entry] = []
+        self.rows = Rows()
+        self.depth: Dict[int, int] = {}
+        self.calls: List[int] = [0] * len(sites)
+        self.recompute_calls: List[int] = [0] * len(sites)
+        self.grad_slots: set = set()
+        self.backward_seen = False
+        self.out = out
+        self.flush_every = flush_every
+        self.reducer = reducer
+        self.write_files = write_files
+        self._written = 0  # rows already in parts on disk
+        self._parts = 0
+        self._recorded_since_write = 0
+        if out is not None and write_files:
+            prepare_out(out, sites)
+
+    # ---- hot path (called from hooks) ----------------------------------------------------------------------------
+    def next_call(self, site: int) -> int:
+        """Index of this call of ``site`` within the step; the first call of a site fixes its depth."""
+        if site not in self.depth:
+            self.depth[site] = len(self.depth)
+        call = self.calls[site]
+        self.calls[site] = call + 1
+        return call
+
+    def next_recompute_call(self, site: int) -> int:
+        """Call index during an activation-checkpointing recomputation (inside backward)."""
+        call = self.recompute_calls[site]
+        self.recompute_calls[site] = call + 1
+        return call
+
+    def add(self, step: int, site: int, call: int, group: Tuple[str, ...], values: torch.Tensor, count: int = 0,
+            reduce: str = "same") -> None:
+        self.buffer.append(Entry(step, site, call, group, values, count, reduce))
+
+    # ---- step boundaries -----------------------------------------------------------------------------------------
+    def advance(self) -> None:
+        """Close the current step and decide whether the next one is recorded."""
+        self.step += 1
+        self.active = bool(self.schedule(self.step))
+        self.calls = [0] * len(self.sites)
+        self.recompute_calls = [0] * len(self.sites)
+        self.grad_slots = set()
+        self.backward_seen = False
+
+    def flush(self) -> None:
+        """Move the buffer to host rows with one transfer per device (one collective when distributed)."""
+        if not self.buffer:
+            return
+        entries, self.buffer = self.buffer, []
+        for device_entries in _by_device(entries):
+            packed = torch.cat([e.values.reshape(-1) for e in device_entries])
+            if self.reducer is not None:
+                packed = self.reducer(device_entries, packed)
+            values = packed.tolist()
+            offset = 0
+            for entry in device_entries:
+                k = len(entry.group)
+                self.rows.extend(entry, values[offset:offset + k])
+                offset += k
+        self._recorded_since_write += 1
+        if self.out is not None and self.write_files and self._recorded_since_write >= self.flush_every:
+            self.write_part()
+
+    # ---- disk ----------------------------------------------------------------------------------------------------
+    def write_part(self) -> Optional[Path]:
+        """Write the rows recorded since the last part to ``out/part-NNNNNN.parquet`` (atomically)."""
+        self._recorded_since_write = 0
+        if self.out is None or not self.write_files or self._written >= len(self.rows):
+            return None
+        frame = self.frame(start=self._written)
+        path = self.out / f"part-{self._parts:06d}.parquet"
+        _atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+        self._written = len(self.rows)
+        self._parts += 1
+        return path
+
+    # ---- output --------------------------------------------------------------------------------------------------
+    def frame(self, start: int = 0):
+        """The recorded rows as a tidy DataFrame (see :mod:`gradscope.schema` for the columns)."""
+        import pandas as pd
+
+        rows = self.rows
+        sites = [self.sites[i] for i in rows.site[start:]]
+        depth_of = self.depth
+        frame = pd.DataFrame({
+            S.STEP: pd.array(rows.step[start:], dtype="int64"),
+            S.BLOCK: pd.array([s.name for s in sites], dtype=object).astype(str),
+            S.DEPTH: pd.array([depth_of.get(i, -1) for i in rows.site[start:]], dtype="int64"),
+            S.KIND: pd.array([s.kind for s in sites], dtype=object).astype(str),
+            S.METRIC: pd.array(rows.metric[start:], dtype=object).astype(str),
+            S.VALUE: pd.array(rows.value[start:], dtype="float64"),
+            S.CALL: pd.array(rows.call[start:], dtype="int64"),
+        })
+        return sort_frame(frame)
+
+
+def sort_frame(frame):
+    """Rows in (step, depth, call, metric order of :data:`gradscope.schema.ALL_METRICS`) order, index reset."""
+    order = {m: i for i, m in enumerate(S.ALL_METRICS)}
+    key = frame[S.METRIC].map(lambda m: order.get(m, len(order))).astype("int64")
+    return (frame.assign(_k=key).sort_values([S.STEP, S.DEPTH, S.CALL, "_k"], kind="stable")
+            .drop(columns="_k").reset_index(drop=True))
+
+
+def _by_device(entries: List[Entry]) -> List[List[Entry]]:
+    groups: Dict[torch.device, List[Entry]] = {}
+    for e in entries:
+        groups.setdefault(e.values.device, []).append(e)
+    return list(groups.values())
+
+
+def prepare_out(out: Path, sites: List[Site]) -> None:
+    """Create ``out`` and check that it is writable; write the block list to ``meta.json``."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"format": "gradscope-records", "version": 1,
+                "blocks": [{"name": s.name, "kind": s.kind} for s in sites]}
+        _atomic_write(out / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    except OSError as exc:
+        raise OutputError(f"cannot write records to out={str(out)!r}: {exc.strerror or exc}; "
+                          f"pass a folder you can write to") from exc
+
+
+def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=str(path.parent))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(path: Union[str, os.PathLike]):
+    """Read the records that ``attach(..., out=DIR)`` streamed to ``DIR`` back into one DataFrame.
+
+    Parts are read in order; the result equals ``scope.frame()`` of the run that wrote them (up to its last flush).
+    """
+    import pandas as pd
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise GradscopeError(f"no gradscope records at {str(folder)!r}: not a folder; pass the out= folder of a run")
+    parts = sorted(folder.glob(PART_GLOB))
+    if not parts:
+        if (folder / "records.parquet").exists():
+            return pd.read_parquet(folder / "records.parquet")
+        raise GradscopeError(f"no gradscope records in {str(folder)!r}: expected {PART_GLOB} files "
+                             f"written by attach(..., out=...)")
+    frames = [pd.read_parquet(p) for p in parts]
+    frame = pd.concat(frames, ignore_index=True)
+    return sort_frame(frame)
+
+
+def warn_nonfinite(first: Dict[str, Tuple[int, str]]) -> None:
+    """Tell the user, once, where the first NaN/Inf appeared."""
+    parts = [f"{direction} pass: block {block!r} at step {step}" for direction, (step, block) in first.items()]
+    warnings.warn("gradscope: first NaN/Inf seen in the " + "; ".join(parts), RuntimeWarning, stacklevel=3)

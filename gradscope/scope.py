@@ -1,0 +1,310 @@
+"""Scope: what :func:`gradscope.attach` returns: the hooks of one recording session and its records."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import schema as S
+from .errors import GradscopeError
+from .metrics import group_norms
+from .probes import MetricSet, Probe
+from .recorder import Recorder, Schedule, make_schedule, warn_nonfinite
+from .sites import BlockSelector, Site, find_blocks, unwrap_model
+
+NONFINITE_POLICIES = ("warn", "raise", "ignore")
+
+
+class NonFiniteError(GradscopeError, FloatingPointError):
+    """Raised by ``Scope.step()`` under ``on_nonfinite="raise"``, after the step's records are kept."""
+
+
+class Scope:
+    """Hooks on the blocks of one model and the statistics they record.
+
+    Use it in a training loop: call :meth:`step` once per optimizer step, after ``loss.backward()``. It closes the
+    step: reads parameter-gradient norms, moves the step's buffered statistics to the host in one transfer and
+    decides whether the next step is recorded. :meth:`frame` returns everything recorded so far; :meth:`detach`
+    (or leaving a ``with`` block) removes the hooks and writes any rows not yet on disk.
+    """
+
+    def __init__(self, model: nn.Module, sites: List[Site], recorder: Recorder, metrics: MetricSet,
+                 optimizer: Optional[torch.optim.Optimizer] = None, scaler: Any = None,
+                 on_nonfinite: str = "warn", distributed: Any = None) -> None:
+        self.model = model
+        self.sites = sites
+        self._rec = recorder
+        self._metrics = metrics
+        self._probe = Probe(sites, recorder, metrics)
+        self._scaler = scaler
+        self._on_nonfinite = on_nonfinite
+        self._nonfinite: Dict[str, Tuple[int, str]] = {}
+        self._warned = False
+        self._attached = False
+        self._opt_handles: List[Any] = []
+        self._snapshot: Optional[Tuple[int, List[torch.Tensor]]] = None
+        self._dist = distributed
+        self._param_index = _param_index(sites)
+        self._probe.install()
+        self._attached = True
+        if optimizer is not None and metrics.update:
+            self._watch_optimizer(optimizer)
+
+    # ---- the training-loop API -----------------------------------------------------------------------------------
+    @property
+    def current_step(self) -> int:
+        """Index of the step being recorded now (0-based; advanced by :meth:`step`)."""
+        return self._rec.step
+
+    @property
+    def recording(self) -> bool:
+        """Whether the current step is recorded (by the ``every=`` schedule)."""
+        return self._rec.active
+
+    def step(self) -> None:
+        """Close the current step: parameter statistics, one transfer of the buffer, then the next step begins."""
+        rec = self._rec
+        if rec.active:
+            if self._metrics.params:
+                self._record_params(rec.step)
+            self._flush()
+        rec.advance()
+        for stack in self._probe.stacks:
+            stack.clear()
+
+    def frame(self):
+        """Everything recorded so far as a tidy DataFrame: columns ``step, block, depth, kind, metric, value, call``.
+
+        Statistics of a step that is still open (forward passes since the last :meth:`step`) are included.
+        """
+        self._flush()
+        return self._rec.frame()
+
+    def flush(self) -> Optional[Path]:
+        """Write every recorded row not yet on disk (with ``out=``); returns the part written, if any."""
+        self._flush()
+        return self._rec.write_part()
+
+    def detach(self) -> None:
+        """Remove every hook this scope added (and none of anyone else's) and write outstanding rows. Idempotent."""
+        if not self._attached:
+            return
+        try:
+            self._flush()
+            self._rec.write_part()
+        finally:
+            self._probe.remove()
+            while self._opt_handles:
+                self._opt_handles.pop().remove()
+            self._attached = False
+
+    close = detach
+
+    def __enter__(self) -> "Scope":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    def __del__(self) -> None:  # a forgotten scope should not leave hooks that reference a dead recorder
+        try:
+            self._probe.remove()
+        except Exception:
+            pass
+
+    # ---- non-finite values ---------------------------------------------------------------------------------------
+    def first_nonfinite(self) -> Dict[str, Tuple[int, str]]:
+        """Where NaN/Inf first appeared: ``{"forward": (step, block), "backward": (step, block)}`` (keys present only
+        where one was seen). Forward order is execution order; backward order runs from the last block to the first.
+        """
+        self._flush()
+        return dict(self._nonfinite)
+
+    def _check_nonfinite(self, start: int) -> None:
+        rows = self._rec.rows
+        found = _first_nonfinite_rows(rows, start, self._rec.depth, self.sites)
+        new = {k: v for k, v in found.items() if k not in self._nonfinite}
+        if not new:
+            return
+        self._nonfinite.update(new)
+        if self._on_nonfinite == "raise":
+            raise NonFiniteError("gradscope: non-finite values: " + "; ".join(
+                f"{d} pass first at block {b!r}, step {s}" for d, (s, b) in self._nonfinite.items()))
+        if self._on_nonfinite == "warn" and not self._warned:
+            self._warned = True
+            warn_nonfinite(new)
+
+    # ---- internals -----------------------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        start = len(self._rec.rows)
+        self._rec.flush()
+        if len(self._rec.rows) > start:
+            self._unscale(start)
+            self._check_nonfinite(start)
+
+    def _unscale(self, start: int) -> None:
+        """Divide gradient metrics by the GradScaler's scale, so that reported gradients are the true ones."""
+        scaler = self._scaler
+        if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+            return
+        scale = float(scaler.get_scale())
+        if scale in (0.0, 1.0):
+            return
+        rows = self._rec.rows
+        for i in range(start, len(rows)):
+            if rows.metric[i] in (S.GRAD_NORM, S.GRAD_IN_NORM, S.PARAM_GRAD_NORM):
+                rows.value[i] /= scale
+
+    def _record_params(self, step: int) -> None:
+        index = self._param_index
+        if not index.params:
+            return
+        rec, n = self._rec, len(self.sites)
+        names = self._metrics.params
+        if S.PARAM_NORM in names:
+            norms = group_norms([index.params[i] for i in index.order], index.groups, n)
+            for site in index.sites_with_params:
+                rec.add(step, site, 0, (S.PARAM_NORM,), norms[site].reshape(1))
+        if S.PARAM_GRAD_NORM in names:
+            pairs = [(index.params[i].grad, g) for i, g in zip(index.order, index.groups)
+                     if index.params[i].grad is not None]
+            if pairs:
+                grads = [_dense(g) for g, _ in pairs]
+                gnorms = group_norms(grads, [g for _, g in pairs], n)
+                for site in sorted({g for _, g in pairs}):
+                    rec.add(step, site, 0, (S.PARAM_GRAD_NORM,), gnorms[site].reshape(1))
+
+    def _watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Measure ||update|| / ||weight|| per block across ``optimizer.step()`` of recorded steps."""
+        if not hasattr(optimizer, "register_step_pre_hook"):
+            raise GradscopeError("optimizer= needs torch>=2.0 (Optimizer.register_step_pre_hook)")
+        index = self._param_index
+
+        def pre(opt: Any, args: Any, kwargs: Any) -> None:
+            rec = self._rec
+            step = rec.step if rec.backward_seen else rec.step - 1
+            if step >= 0 and rec.schedule(step) and index.params:
+                self._snapshot = (step, [index.params[i].detach().clone() for i in index.order])
+
+        def post(opt: Any, args: Any, kwargs: Any) -> None:
+            if self._snapshot is None:
+                return
+            step, before = self._snapshot
+            self._snapshot = None
+            after = [index.params[i].detach() for i in index.order]
+            with torch.no_grad():
+                delta = group_norms([a - b for a, b in zip(after, before)], index.groups, len(self.sites))
+                base = group_norms(before, index.groups, len(self.sites))
+                ratio = delta / base.clamp_min(torch.finfo(torch.float32).tiny)
+            for site in index.sites_with_params:
+                self._rec.add(step, site, 0, (S.UPDATE_RATIO,), ratio[site].reshape(1))
+
+        self._opt_handles.append(optimizer.register_step_pre_hook(pre))
+        self._opt_handles.append(optimizer.register_step_post_hook(post))
+
+
+class _ParamIndex:
+    """Parameters owned by each site (recursively), de-duplicated per site, in a flat order for foreach norms."""
+
+    def __init__(self) -> None:
+        self.params: List[torch.nn.Parameter] = []
+        self.order: List[int] = []
+        self.groups: List[int] = []
+        self.sites_with_params: List[int] = []
+
+
+def _param_index(sites: List[Site]) -> _ParamIndex:
+    index = _ParamIndex()
+    position: Dict[int, int] = {}
+    for s, site in enumerate(sites):
+        own = list(site.module.parameters())
+        if own:
+            index.sites_with_params.append(s)
+        for p in own:
+            if id(p) not in position:
+                position[id(p)] = len(index.params)
+                index.params.append(p)
+            index.order.append(position[id(p)])
+            index.groups.append(s)
+    return index
+
+
+def _dense(g: torch.Tensor) -> torch.Tensor:
+    return g.to_dense() if g.is_sparse else g
+
+
+def _first_nonfinite_rows(rows: Any, start: int, depth: Dict[int, int], sites: List[Site]) -> Dict[str, Tuple[int, str]]:
+    fwd: Optional[Tuple[int, int, int]] = None
+    bwd: Optional[Tuple[int, int, int]] = None
+    for i in range(start, len(rows)):
+        metric, value = rows.metric[i], rows.value[i]
+        site, step = rows.site[i], rows.step[i]
+        d = depth.get(site, 0)
+        if metric == S.ACT_NONFINITE and value > 0:
+            key = (step, d, site)
+            fwd = key if fwd is None or key < fwd else fwd
+        elif metric == S.GRAD_NONFINITE and value > 0:
+            key = (step, -d, site)
+            bwd = key if bwd is None or key < bwd else bwd
+    found = {}
+    if fwd is not None:
+        found["forward"] = (fwd[0], sites[fwd[2]].name)
+    if bwd is not None:
+        found["backward"] = (bwd[0], sites[bwd[2]].name)
+    return found
+
+
+def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, Schedule] = 1,
+           out: Union[str, os.PathLike, None] = None, *, metrics: Optional[Sequence[str]] = None,
+           optimizer: Optional[torch.optim.Optimizer] = None, scaler: Any = None, flush_every: int = 10,
+           on_nonfinite: str = "warn", distributed: Union[bool, str] = "auto") -> Scope:
+    """Hook every block of ``model`` and record activation and gradient statistics per recorded step.
+
+    Args:
+        model: any ``nn.Module`` (a ``DistributedDataParallel`` wrapper is looked through).
+        blocks: which modules to hook; see :func:`gradscope.find_blocks` for every selector form.
+        every: record one step in ``every`` (steps 0, N, 2N, ...), or a function ``step -> bool``.
+        out: a folder to stream records to as Parquet parts; :func:`gradscope.load` reads it back.
+        metrics: a subset of :data:`gradscope.schema.ALL_METRICS` (default: all of them).
+        optimizer: enables ``update_ratio`` (||delta w|| / ||w|| per block across ``optimizer.step()``).
+        scaler: a ``torch.amp.GradScaler``; gradient metrics are divided by its scale so they are the true ones.
+        flush_every: with ``out``, write a part every this many recorded steps (and at detach).
+        on_nonfinite: ``"warn"`` (once, naming the first block), ``"raise"`` (``NonFiniteError`` from ``step()``,
+            records kept) or ``"ignore"``.
+        distributed: ``"auto"`` combines statistics over all ranks when ``torch.distributed`` is initialised.
+    """
+    from .compat import check_not_compiled
+    from .distributed import DistributedCombiner, check_not_sharded
+
+    check_not_compiled(model)
+    inner = unwrap_model(model)
+    check_not_sharded(inner)
+    sites = find_blocks(inner, blocks)
+    schedule = make_schedule(every)
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise GradscopeError(f"on_nonfinite={on_nonfinite!r} is not one of {NONFINITE_POLICIES}")
+    if not isinstance(flush_every, int) or flush_every < 1:
+        raise GradscopeError(f"flush_every={flush_every!r} is not a positive integer")
+    chosen = _check_metrics(metrics)
+    combiner = DistributedCombiner.create(distributed)
+    out_path = None if out is None else Path(out)
+    recorder = Recorder(sites, schedule, out_path, flush_every,
+                        reducer=None if combiner is None else combiner.reduce,
+                        write_files=combiner is None or combiner.is_writer)
+    return Scope(inner, sites, recorder, MetricSet(chosen), optimizer=optimizer, scaler=scaler,
+                 on_nonfinite=on_nonfinite, distributed=combiner)
+
+
+def _check_metrics(metrics: Optional[Iterable[str]]) -> Optional[Tuple[str, ...]]:
+    if metrics is None:
+        return None
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    chosen = tuple(metrics)
+    unknown = [m for m in chosen if m not in S.ALL_METRICS]
+    if unknown:
+        raise GradscopeError(f"unknown metric(s) {unknown}; choose from {list(S.ALL_METRICS)}")
+    return chosen

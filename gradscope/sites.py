@@ -1,0 +1,213 @@
+"""WHERE to hook: turn a block selector into an ordered list of sites.
+
+A *site* is a module whose output (and input) gradscope measures. :func:`find_blocks` resolves the selector that
+``attach(model, blocks=...)`` takes:
+
+``"auto"`` (the default) tries three rules, first match wins:
+
+1. modules that declare themselves blocks (class or instance attribute ``gradscope_block = True``; every block of
+   gradscope's own model zoo does, and your own classes may too);
+2. the repeated children of ``nn.Sequential`` / ``nn.ModuleList`` containers: children of one class that occurs
+   at least twice in the same container and that are not themselves plain containers or leaf layers
+   (a torchvision ``layer1.0``, a Hugging Face ``transformer.h.3``); once a module is picked, nothing inside it is;
+3. leaf modules that own parameters (every ``Linear``, ``Conv2d``, ``BatchNorm`` ...).
+
+Other selectors: a module class or tuple of classes (``nn.BatchNorm2d``), a string matched against qualified
+module names both as a glob (``layer1.*``) and as a full regular expression (``layer\\d+\\.\\d+``), a compiled
+``re.Pattern``, a module instance, a list of names and/or modules, or a predicate ``(name, module) -> bool``.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, List, Sequence, Tuple, Union
+
+from torch import nn
+
+from .errors import GradscopeError, SelectorError
+
+Predicate = Callable[[str, nn.Module], bool]
+BlockSelector = Union[str, "re.Pattern[str]", type, Tuple[type, ...], nn.Module, Sequence[Union[str, nn.Module]], Predicate]
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hooked module: its qualified name in ``model.named_modules()``, the module, and its class name."""
+
+    name: str
+    module: nn.Module
+    kind: str
+
+
+def find_blocks(model: nn.Module, blocks: BlockSelector = "auto") -> List[Site]:
+    """Return the sites that ``attach(model, blocks=blocks)`` would hook, in ``named_modules()`` order.
+
+    The frame's ``depth`` column is assigned later, in forward execution order; this order is the static one.
+    Raises :class:`~gradscope.errors.SelectorError` when the selector is malformed or matches nothing.
+    """
+    model = unwrap_model(model)
+    named = list(model.named_modules())
+    if isinstance(blocks, str) and blocks == "auto":
+        picked = _auto(named)
+        how = "'auto' (gradscope blocks, repeated container children, then leaf modules with parameters)"
+    else:
+        matcher, how = _matcher(blocks, named)
+        picked = [(n, m) for n, m in named if matcher(n, m)]
+    if not picked:
+        raise SelectorError(
+            f"block selector {how} matched no module of {type(model).__name__}; "
+            f"some module names are: {_sample_names(named)}. Pass a class, a glob/regex on these names, "
+            f"a list of names, or a predicate (name, module) -> bool."
+        )
+    return [Site(name=n, module=m, kind=type(m).__name__) for n, m in _dedupe(picked)]
+
+
+def unwrap_model(model: Any) -> nn.Module:
+    """Return the module whose submodules are hooked: unwraps DDP/FSDP-style ``.module`` wrappers.
+
+    A ``torch.compile``-d module is not unwrapped here: :func:`gradscope.attach` decides what to do with it.
+    """
+    if not isinstance(model, nn.Module):
+        raise GradscopeError(
+            f"attach() needs a torch.nn.Module, got {type(model).__name__} ({_short_repr(model)}); "
+            f"pass the model itself, e.g. gradscope.attach(model)."
+        )
+    inner = getattr(model, "module", None)
+    if isinstance(inner, nn.Module) and type(model).__name__ in {"DistributedDataParallel", "DataParallel"}:
+        return inner
+    return model
+
+
+def is_declared_block(module: nn.Module) -> bool:
+    """True for modules that declare ``gradscope_block = True`` (gradscope's zoo, or a user's own classes)."""
+    return bool(getattr(module, "gradscope_block", False))
+
+
+# ---- "auto" ---------------------------------------------------------------------------------------------------
+
+def _auto(named: List[Tuple[str, nn.Module]]) -> List[Tuple[str, nn.Module]]:
+    declared = _outermost((n, m) for n, m in named if n and is_declared_block(m))
+    if declared:
+        return declared
+    repeated = _outermost(_repeated_children(named))
+    if repeated:
+        return repeated
+    return [(n, m) for n, m in named if n and not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+
+
+def _repeated_children(named: List[Tuple[str, nn.Module]]) -> Iterator[Tuple[str, nn.Module]]:
+    """Children of containers whose class occurs at least twice there and that are neither containers nor leaves."""
+    for name, module in named:
+        if not isinstance(module, _CONTAINERS):
+            continue
+        children = list(module.named_children())
+        counts: dict = {}
+        for _, child in children:
+            counts[type(child)] = counts.get(type(child), 0) + 1
+        for child_name, child in children:
+            if counts[type(child)] < 2 or isinstance(child, _CONTAINERS) or not list(child.children()):
+                continue
+            yield (f"{name}.{child_name}" if name else child_name), child
+
+
+def _outermost(pairs: Iterable[Tuple[str, nn.Module]]) -> List[Tuple[str, nn.Module]]:
+    """Drop every pair nested inside an earlier one (by qualified-name prefix)."""
+    kept: List[Tuple[str, nn.Module]] = []
+    for name, module in pairs:
+        if any(name.startswith(k + ".") for k, _ in kept):
+            continue
+        kept.append((name, module))
+    return kept
+
+
+# ---- explicit selectors ---------------------------------------------------------------------------------------
+
+def _matcher(blocks: Any, named: List[Tuple[str, nn.Module]]) -> Tuple[Predicate, str]:
+    if isinstance(blocks, type) and issubclass(blocks, nn.Module):
+        return (lambda n, m: isinstance(m, blocks)), f"class {blocks.__name__}"
+    if isinstance(blocks, tuple) and blocks and all(isinstance(b, type) and issubclass(b, nn.Module) for b in blocks):
+        return (lambda n, m: isinstance(m, blocks)), f"classes {tuple(b.__name__ for b in blocks)}"
+    if isinstance(blocks, str):
+        return _pattern_matcher(blocks), f"pattern {blocks!r}"
+    if isinstance(blocks, re.Pattern):
+        return (lambda n, m: n != "" and blocks.fullmatch(n) is not None), f"regex {blocks.pattern!r}"
+    if isinstance(blocks, nn.Module):
+        return _list_matcher([blocks], named), f"module {type(blocks).__name__}"
+    if isinstance(blocks, (list, tuple, set, frozenset)):
+        return _list_matcher(list(blocks), named), f"list {_short_repr(list(blocks))}"
+    if callable(blocks):
+        return _predicate_matcher(blocks), f"predicate {getattr(blocks, '__name__', repr(blocks))}"
+    raise SelectorError(
+        f"unknown block selector {_short_repr(blocks)} ({type(blocks).__name__}); use 'auto', a module class, "
+        f"a glob or regex string, a list of names or modules, or a predicate (name, module) -> bool."
+    )
+
+
+def _pattern_matcher(pattern: str) -> Predicate:
+    try:
+        regex = re.compile(pattern)
+    except re.error:
+        regex = None
+
+    def match(name: str, module: nn.Module) -> bool:
+        if not name:
+            return False
+        return fnmatch.fnmatchcase(name, pattern) or (regex is not None and regex.fullmatch(name) is not None)
+
+    return match
+
+
+def _list_matcher(items: List[Any], named: List[Tuple[str, nn.Module]]) -> Predicate:
+    names = {n for n, _ in named}
+    wanted_names, wanted_ids = set(), set()
+    for item in items:
+        if isinstance(item, str):
+            if item not in names:
+                close = difflib.get_close_matches(item, sorted(names), n=3)
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise SelectorError(f"module {item!r} is not in the model{hint} (names come from model.named_modules())")
+            wanted_names.add(item)
+        elif isinstance(item, nn.Module):
+            if not any(m is item for _, m in named):
+                raise SelectorError(f"module {type(item).__name__} passed in blocks= is not a submodule of the model")
+            wanted_ids.add(id(item))
+        else:
+            raise SelectorError(f"blocks list holds {_short_repr(item)} ({type(item).__name__}); use names or modules")
+    return lambda n, m: n in wanted_names or id(m) in wanted_ids
+
+
+def _predicate_matcher(predicate: Callable[..., Any]) -> Predicate:
+    def match(name: str, module: nn.Module) -> bool:
+        try:
+            return bool(predicate(name, module))
+        except Exception as exc:  # a user's predicate: report which module broke it
+            raise SelectorError(f"block predicate raised {type(exc).__name__}: {exc} on module {name!r}") from exc
+
+    return match
+
+
+def _dedupe(pairs: List[Tuple[str, nn.Module]]) -> List[Tuple[str, nn.Module]]:
+    """One site per module object, even when a module is registered under several names."""
+    seen, kept = set(), []
+    for name, module in pairs:
+        if id(module) not in seen:
+            seen.add(id(module))
+            kept.append((name, module))
+    return kept
+
+
+def _sample_names(named: List[Tuple[str, nn.Module]], limit: int = 8) -> str:
+    names = [n for n, _ in named if n]
+    if not names:
+        return "(the model has no submodules)"
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,130 @@
+"""Every metric the engine records equals an independent autograd/float64 computation on the same batch."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+from tests import nets
+from tests.reference import assert_matches, measured, reference_metrics
+
+
+def _record_one_step(model, blocks, run, **kw):
+    model = copy.deepcopy(model)
+    with gradscope.attach(model, blocks=blocks, **kw) as scope:
+        run(model).backward()
+        scope.step()
+        frame = scope.frame()
+    return frame, [s.name for s in scope.sites]
+
+
+def _image_loss(x, y):
+    return lambda m: nn.functional.cross_entropy(m(x), y)
+
+
+CASES = {
+    "mlp": (lambda: nets.mlp(), "auto", lambda: (torch.randn(16, 12), torch.randint(0, 5, (16,)))),
+    "conv_bn": (lambda: nets.conv_bn_net(), "auto", lambda: (torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,)))),
+    "resnet_blocks": (lambda: nets.TinyResNet(), "auto", lambda: (torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,)))),
+    # the paper's site: each conv's output after BN, before ReLU; bn2 is followed by `out += identity` in place
+    "resnet_bn": (lambda: nets.TinyResNet(), nn.BatchNorm2d, lambda: (torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,)))),
+    # torchvision reuses one ReLU(inplace=True) twice per block: two calls per step, each modified in place later
+    "resnet_relu": (lambda: nets.TinyResNet(), nn.ReLU, lambda: (torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,)))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_metric_matches_autograd(case):
+    torch.manual_seed(0)
+    build, blocks, batch = CASES[case]
+    model = build()
+    x, y = batch()
+    run = _image_loss(x, y)
+    frame, names = _record_one_step(model, blocks, run)
+    want = reference_metrics(model, names, run)
+    compared = assert_matches(measured(frame), want)
+    assert compared >= 6 * len(names)
+
+
+def test_tuple_returning_blocks_called_with_keywords():
+    torch.manual_seed(0)
+    model = nets.TinyTransformer()
+    ids = torch.randint(0, 50, (2, 7))
+    run = lambda m: m(ids).logsumexp(-1).mean()
+    names = [s.name for s in gradscope.find_blocks(model)]
+    assert names == ["transformer.h.0", "transformer.h.1", "transformer.h.2"]
+    frame, names = _record_one_step(model, "auto", run)
+    want = reference_metrics(model, names, run)
+    assert_matches(measured(frame), want)
+    # the first block's input is an embedding output: it requires grad, so grad_in_norm is there
+    assert ("transformer.h.0", 0, "grad_in_norm") in want
+
+
+def test_reused_module_records_each_call():
+    torch.manual_seed(0)
+    model = nets.TinyResNet()
+    frame, _ = _record_one_step(model, nn.ReLU, _image_loss(torch.randn(2, 3, 8, 8), torch.tensor([0, 1])))
+    block_relu = frame[(frame.block == "layer1.0.relu") & (frame.metric == "act_var")]
+    assert sorted(block_relu.call) == [0, 1]
+    # both calls share the depth of the first call
+    assert block_relu.depth.nunique() == 1
+
+
+def test_depth_is_forward_execution_order():
+    class Reversed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(self.b(self.c(x)))
+
+    model = Reversed()
+    with gradscope.attach(model) as scope:
+        model(torch.randn(3, 4)).sum().backward()
+        scope.step()
+        frame = scope.frame()
+    depth = frame.groupby("block").depth.first().to_dict()
+    assert depth == {"c": 0, "b": 1, "a": 2}
+
+
+def test_no_grad_and_eval_record_forward_only():
+    torch.manual_seed(0)
+    model = nets.conv_bn_net().eval()
+    x = torch.randn(4, 3, 8, 8)
+    with gradscope.attach(model) as scope:
+        with torch.no_grad():
+            model(x)
+        scope.step()
+        frame = scope.frame()
+    metrics = set(frame.metric)
+    assert {"act_mean", "act_var", "param_norm"} <= metrics
+    assert not metrics & {"grad_norm", "grad_in_norm", "param_grad_norm"}
+    # the same forward numbers as a direct computation
+    out = model[0](x)
+    got = frame[(frame.block == "0") & (frame.metric == "act_var")].value.item()
+    assert got == pytest.approx(torch.var(out.double(), unbiased=False).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_statistics_are_float32_and_do_not_overflow(dtype):
+    big = nn.Linear(8, 8)
+    with torch.no_grad():
+        big.weight.fill_(0.0)
+        big.bias.fill_(3.0e4)  # outputs at 3e4: their squares overflow fp16 (max 65504)
+    model = nn.Sequential(big, nn.Linear(8, 8)).to(dtype)
+    x = torch.randn(64, 8, dtype=dtype)
+    with gradscope.attach(model, blocks=nn.Linear) as scope:
+        (model(x).float() * 1e3).sum().backward()
+        scope.step()
+        frame = scope.frame()
+    rms = frame[(frame.block == "0") & (frame.metric == "act_rms")].value.item()
+    out = big(x).float()
+    assert rms == pytest.approx(out.pow(2).mean().sqrt().item(), rel=1e-3)
+    grad_norm = frame[(frame.block == "1") & (frame.metric == "grad_norm")].value.item()
+    # d(sum(1e3 y))/dy is 1e3 on each of 64*8 elements: a norm whose square overflows fp16 and bf16 sums
+    assert grad_norm == pytest.approx(1e3 * (64 * 8) ** 0.5, rel=1e-3)
+    assert frame.value.notna().all()

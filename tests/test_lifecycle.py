@@ -1,0 +1,212 @@
+"""Hooks leave no trace, steps cost nothing when not recorded, no host syncs in hooks, records survive crashes."""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import gradscope
+from gradscope.errors import GradscopeError, OutputError
+from tests import nets
+
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+              "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
+
+
+def hook_counts(model):
+    return {(name, d): len(getattr(m, d, {})) for name, m in model.named_modules() for d in HOOK_DICTS}
+
+
+def train_step(model, scope=None, x=None):
+    x = torch.randn(4, 3, 8, 8) if x is None else x
+    model(x).sum().backward()
+    if scope is not None:
+        scope.step()
+
+
+def test_detach_removes_exactly_its_hooks_and_keeps_the_users():
+    model = nets.TinyResNet()
+    user_calls = []
+    model.layer1[0].register_forward_hook(lambda m, i, o: user_calls.append(1))
+    model.layer1[0].register_forward_pre_hook(lambda m, i: None)
+    before = hook_counts(model)
+    scope = gradscope.attach(model, blocks=lambda n, m: True)
+    assert hook_counts(model) != before
+    train_step(model, scope)
+    scope.detach()
+    assert hook_counts(model) == before
+    train_step(model)
+    assert len(user_calls) == 2
+    scope.detach()  # idempotent
+
+
+def test_exception_inside_with_removes_hooks_and_keeps_records(tmp_path):
+    model = nets.TinyResNet()
+    before = hook_counts(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with gradscope.attach(model, out=tmp_path / "run") as scope:
+            for i in range(3):
+                train_step(model, scope)
+            raise RuntimeError("boom")
+    assert hook_counts(model) == before
+    frame = gradscope.load(tmp_path / "run")
+    assert sorted(frame.step.unique()) == [0, 1, 2]
+    assert frame.equals(scope.frame())
+
+
+def test_nested_attaches_remove_only_their_own():
+    model = nets.TinyResNet()
+    outer = gradscope.attach(model)
+    with_outer = hook_counts(model)
+    with gradscope.attach(model, blocks=nn.BatchNorm2d) as inner:
+        train_step(model, inner)
+    assert hook_counts(model) == with_outer
+    train_step(model, outer)
+    assert len(outer.frame()) > 0
+    outer.detach()
+
+
+class SyncCounter(TorchFunctionMode):
+    """Counts tensor calls that would make a GPU wait for the host (reading values back)."""
+
+    SYNCING = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero",
+               "any", "all", "equal", "allclose"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        kwargs = kwargs or {}
+        if name in self.SYNCING or (name == "to" and any(str(a) == "cpu" for a in list(args[1:]) + list(kwargs.values()))):
+            self.calls.append(name)
+        return func(*args, **kwargs)
+
+
+def test_hooks_never_read_values_back_and_flush_transfers_once():
+    model = nets.TinyResNet()
+    x = torch.randn(4, 3, 8, 8)
+    scope = gradscope.attach(model, blocks=lambda n, m: n != "")
+    with SyncCounter() as during_step:
+        model(x).sum().backward()
+    assert during_step.calls == []
+    with SyncCounter() as at_flush:
+        scope.step()
+    assert at_flush.calls == ["tolist"]
+    scope.detach()
+
+
+def test_unrecorded_steps_run_no_metric_computation(monkeypatch):
+    import gradscope.probes as probes
+    import gradscope.scope as scope_mod
+
+    calls = []
+    for mod, name in ((probes, "activation_stats"), (probes, "grad_stats"), (scope_mod, "group_norms")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
+    model = nets.TinyResNet()
+    with gradscope.attach(model, every=3) as scope:
+        for step in range(6):
+            before = len(calls)
+            train_step(model, scope)
+            assert (len(calls) > before) == (step % 3 == 0), step
+        assert sorted(scope.frame().step.unique()) == [0, 3]
+
+
+def test_no_reference_to_activations_survives_the_step():
+    model = nets.TinyResNet()
+    refs = []
+    model.layer2[1].register_forward_hook(lambda m, i, o: refs.append(weakref.ref(o)))
+    with gradscope.attach(model, blocks=lambda n, m: n != "") as scope:
+        train_step(model, scope)
+        gc.collect()
+        assert refs and refs[0]() is None
+        # forward-only passes that are never followed by backward or step() keep nothing alive either
+        with torch.no_grad():
+            model(torch.randn(4, 3, 8, 8))
+        gc.collect()
+        assert refs[1]() is None
+
+
+def test_nonfinite_pinpoints_first_block_in_each_direction():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="forward pass: block '1' at step 0"):
+        with gradscope.attach(model) as scope:
+            model(torch.randn(2, 4)).sum().backward()
+            scope.step()
+    first = scope.first_nonfinite()
+    assert first["forward"] == (0, "1")
+    # d loss / d output of blocks 3, 2, 1 only involves the finite weights of blocks 3 and 2; block 0's output
+    # gradient passes through the NaN weight of block 1, so it is the first (and only) non-finite one
+    assert first["backward"] == (0, "0")
+    frame = scope.frame()
+    assert frame[(frame.metric == "grad_nonfinite") & (frame.value > 0)].block.tolist() == ["0"]
+    bad = frame[(frame.metric == "act_nonfinite") & (frame.value > 0)].block.tolist()
+    assert bad == ["1", "2", "3"]
+
+
+def test_raise_policy_keeps_records():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    scope = gradscope.attach(model, on_nonfinite="raise")
+    model(torch.tensor([[float("inf"), 1.0]])).sum().backward()
+    with pytest.raises(gradscope.NonFiniteError, match="block '0'"):
+        scope.step()
+    assert scope.frame().step.unique().tolist() == [0]
+    scope.detach()
+
+
+@pytest.mark.parametrize("every", [0, -2, 1.5, "3"])
+def test_bad_every(every):
+    with pytest.raises(GradscopeError, match=f"every={every!r}"):
+        gradscope.attach(nets.mlp(), every=every)
+
+
+def test_unwritable_out(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="cannot write records to out="):
+        gradscope.attach(nets.mlp(), out=blocker / "sub")
+
+
+def test_unknown_metric():
+    with pytest.raises(GradscopeError, match="unknown metric"):
+        gradscope.attach(nets.mlp(), metrics=["act_variance"])
+
+
+def test_streaming_parts_and_load_round_trip(tmp_path):
+    model = nets.conv_bn_net()
+    with gradscope.attach(model, out=tmp_path, flush_every=2, every=2) as scope:
+        for _ in range(9):
+            train_step(model, scope)
+        # parts are written while training runs, before detach
+        assert len(list(tmp_path.glob("part-*.parquet"))) == 2
+    loaded = gradscope.load(tmp_path)
+    assert loaded.equals(scope.frame())
+    assert sorted(loaded.step.unique()) == [0, 2, 4, 6, 8]
+    with pytest.raises(GradscopeError, match="no gradscope records"):
+        gradscope.load(tmp_path / "missing")
+
+
+def test_update_ratio_matches_the_optimizer_step():
+    torch.manual_seed(0)
+    model = nets.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
+    with gradscope.attach(model, optimizer=opt) as scope:
+        nn.functional.cross_entropy(model(x), y).backward()
+        scope.step()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        frame = scope.frame()
+    got = frame[(frame.metric == "update_ratio") & (frame.block == "2")].value.item()
+    delta = torch.cat([(0.1 * grads[f"2.{k}"]).flatten() for k in ("weight", "bias")]).norm()
+    base = torch.cat([before[f"2.{k}"].flatten() for k in ("weight", "bias")]).norm()
+    assert got == pytest.approx((delta / base).item(), rel=1e-5)

@@ -1,0 +1,339 @@
+"""Heatmaps and depth profiles: functions of ``(frame, ax, ...) -> ax``, no hidden state.
+
+Every picture is a pivot of the frame (``call == 0`` rows), drawn on a log10 colour or y scale, so the data
+behind a figure can be checked without looking at pixels: the heatmap's ``QuadMesh`` holds exactly
+``log10(matrix)`` of :func:`heatmap_matrix` / :func:`runs_matrix` (non-positive and non-finite cells masked).
+
+Matplotlib and seaborn are imported here only, and ``matplotlib.use("Agg")`` is called by :func:`use_agg`
+(from figure builders and the report), never when ``gradscope`` is imported.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import analysis as A
+from . import schema as S
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+
+#: Greyscale-readable, perceptually uniform colormap for every heatmap.
+CMAP = "viridis"
+#: What each metric is, for axis and colour-bar labels (units in words).
+METRIC_LABELS = {
+    S.ACT_VAR: "variance of the block output (output units²)",
+    S.GRAD_NORM: "L2 norm of dLoss/d(block output)",
+    S.PARAM_GRAD_NORM: "L2 norm of dLoss/d(block parameters)",
+    S.ACT_RMS: "RMS of the block output (output units)",
+    S.PARAM_NORM: "L2 norm of the block parameters",
+    S.GRAD_IN_NORM: "L2 norm of dLoss/d(block input)",
+}
+#: Metrics drawn by the report, and the end each depth profile is normalised to (None: absolute values).
+REPORT_METRICS = (S.GRAD_NORM, S.ACT_VAR, S.PARAM_GRAD_NORM)
+REFERENCE_END = {S.ACT_VAR: "first", S.GRAD_NORM: "last", S.PARAM_GRAD_NORM: None}
+MASK_NOTE = "hatched: zero, non-finite or not recorded"
+
+
+def use_agg() -> None:
+    """Select the non-interactive Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+
+def metric_label(metric: str) -> str:
+    """Readable description of a metric, with its unit."""
+    return METRIC_LABELS.get(metric, metric)
+
+
+def run_colors(runs: Sequence[str]) -> dict[str, tuple]:
+    """One colour per run, fixed by the run's position in ``runs`` (colour-blind palette, then husl)."""
+    import seaborn as sns
+
+    n = len(runs)
+    palette = sns.color_palette("colorblind", n) if n <= 10 else sns.color_palette("husl", n)
+    return {r: tuple(palette[i]) for i, r in enumerate(runs)}
+
+
+def _rows(frame: pd.DataFrame, metric: str, run: Optional[str]) -> pd.DataFrame:
+    f = A._with_run(frame)
+    f = f[f[S.METRIC] == metric]
+    if S.CALL in f.columns:
+        f = f[f[S.CALL] == 0]
+    if run is not None:
+        f = f[f[S.RUN] == str(run)]
+    elif f[S.RUN].nunique() > 1:
+        raise ValueError(f"frame holds runs {A.run_names(frame)}; pass run=... to pick one")
+    return f
+
+
+def block_order(frame: pd.DataFrame) -> list[str]:
+    """Block names sorted by depth (first call order), input side first."""
+    d = frame.groupby(S.BLOCK, sort=False)[S.DEPTH].min().sort_values(kind="stable")
+    return [str(b) for b in d.index]
+
+
+def heatmap_matrix(frame: pd.DataFrame, metric: str, *, run: Optional[str] = None) -> pd.DataFrame:
+    """Block (rows, depth order) x step (columns) matrix of a metric; mean over duplicate rows, NaN if absent."""
+    f = _rows(frame, metric, run)
+    m = f.pivot_table(index=S.BLOCK, columns=S.STEP, values=S.VALUE, aggfunc="mean", dropna=False, sort=True)
+    return m.reindex(index=block_order(f), columns=sorted(m.columns)).astype(float)
+
+
+def runs_matrix(frame: pd.DataFrame, metric: str, *, step: A.StepArg = "first") -> pd.DataFrame:
+    """Depth (rows) x run (columns) matrix of a metric at one step ("first", "last" or a step number).
+
+    Blocks of different runs are aligned by their ``depth``; a run with fewer blocks has NaN below its last.
+    "first"/"last" pick the first/last step recorded by *all* runs (each run's own when they share none).
+    """
+    f = A._with_run(frame)
+    f = f[f[S.METRIC] == metric]
+    if S.CALL in f.columns:
+        f = f[f[S.CALL] == 0]
+    runs = [r for r in A.run_names(frame) if r in set(f[S.RUN])]
+    if step in ("first", "last"):
+        common = set.intersection(*[set(f.loc[f[S.RUN] == r, S.STEP]) for r in runs]) if runs else set()
+        if common:
+            f = f[f[S.STEP] == (min(common) if step == "first" else max(common))]
+        else:
+            pick = f.groupby(S.RUN)[S.STEP].transform("min" if step == "first" else "max")
+            f = f[f[S.STEP] == pick]
+    else:
+        f = f[f[S.STEP] == step]
+    m = f.pivot_table(index=S.DEPTH, columns=S.RUN, values=S.VALUE, aggfunc="mean", dropna=False, sort=True)
+    return m.reindex(columns=[r for r in runs if r in m.columns]).astype(float)
+
+
+def chosen_step(frame: pd.DataFrame, metric: str, step: A.StepArg) -> Optional[int]:
+    """The step number :func:`runs_matrix` uses for ``step`` (None when runs share no step)."""
+    if step not in ("first", "last"):
+        return int(step)  # type: ignore[arg-type]
+    f = A._with_run(frame)
+    f = f[f[S.METRIC] == metric]
+    sets = [set(g[S.STEP]) for _, g in f.groupby(S.RUN, sort=False)]
+    common = set.intersection(*sets) if sets else set()
+    return (int(min(common)) if step == "first" else int(max(common))) if common else None
+
+
+def log10_matrix(m: pd.DataFrame) -> np.ma.MaskedArray:
+    """log10 of a matrix with zero, negative, non-finite and missing cells masked."""
+    v = m.to_numpy(dtype=float)
+    ok = np.isfinite(v) & (v > 0)
+    out = np.full(v.shape, np.nan)
+    out[ok] = np.log10(v[ok])
+    return np.ma.masked_array(out, mask=~ok)
+
+
+def thin_ticks(n: int, length_pt: float, fontsize: float = 7.0, spacing: float = 1.5, nice: bool = False) -> list[int]:
+    """Indices of the labels to show, at least ``spacing * fontsize`` points apart so that they never overlap.
+
+    ``nice`` rounds the stride up to 1, 2, 5 x 10^k (for step numbers).
+    """
+    if n <= 0:
+        return []
+    every = max(1, math.ceil(n * spacing * fontsize / max(length_pt, 1.0)))
+    if nice:
+        every = min(m * 10 ** e for e in range(0, 12) for m in (1, 2, 5) if m * 10 ** e >= every)
+    return list(range(0, n, every))
+
+
+def _set_ticks(ax: "Axes", labels: Sequence[str], axis: str, fontsize: float = 7.0) -> None:
+    fig = ax.figure
+    box = ax.get_position()
+    length = (box.height * fig.get_figheight() if axis == "y" else box.width * fig.get_figwidth()) * 72
+    idx = thin_ticks(len(labels), length, fontsize, spacing=1.6 if axis == "y" else 4.0, nice=axis == "x")
+    pos = [i + 0.5 for i in idx]
+    if axis == "y":
+        ax.set_yticks(pos, [labels[i] for i in idx], fontsize=fontsize, rotation=0)
+    else:
+        ax.set_xticks(pos, [labels[i] for i in idx], fontsize=fontsize, rotation=0)
+
+
+def _draw_log_heatmap(m: pd.DataFrame, ax: "Axes", vmin: Optional[float], vmax: Optional[float],
+                      cbar: bool, cbar_label: str) -> "Axes":
+    import seaborn as sns
+
+    z = log10_matrix(m)
+    data = pd.DataFrame(z.filled(np.nan), index=m.index, columns=m.columns)
+    if z.mask.any():
+        ax.patch.set_facecolor("white")
+        ax.patch.set_hatch("////")
+        ax.patch.set_edgecolor("0.65")
+    sns.heatmap(data, mask=z.mask, cmap=CMAP, vmin=vmin, vmax=vmax, ax=ax, cbar=cbar,
+                cbar_kws={"label": cbar_label} if cbar else None, xticklabels=False, yticklabels=False)
+    return ax
+
+
+def heatmap(frame: pd.DataFrame, metric: str, ax: "Axes", *, run: Optional[str] = None,
+            vmin: Optional[float] = None, vmax: Optional[float] = None, cbar: bool = True,
+            title: Optional[str] = None) -> "Axes":
+    """Block x step heatmap of ``log10(metric)`` for one run; blocks in depth order, input side at the top."""
+    m = heatmap_matrix(frame, metric, run=run)
+    _draw_log_heatmap(m, ax, vmin, vmax, cbar, f"log10 {metric}  [{metric_label(metric)}]")
+    name = run if run is not None else A.run_names(frame)[0]
+    ax.set_title(title or f"{metric} by block and step — {name}", fontsize=10)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"block (depth order, {len(m)} blocks, input at top)")
+    _set_ticks(ax, [str(b) for b in m.index], "y")
+    _set_ticks(ax, [str(s) for s in m.columns], "x")
+    return ax
+
+
+def runs_heatmap(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepArg = "first",
+                 colors: Optional[Mapping[str, tuple]] = None, cbar: bool = True) -> "Axes":
+    """Depth x run heatmap of ``log10(metric)`` at one step; blocks of different runs aligned by depth."""
+    m = runs_matrix(frame, metric, step=step)
+    _draw_log_heatmap(m, ax, None, None, cbar, f"log10 {metric}  [{metric_label(metric)}]")
+    st = chosen_step(frame, metric, step)
+    ax.set_title(f"{metric} by depth and run — step {st if st is not None else step}", fontsize=10)
+    ax.set_xlabel("run")
+    ax.set_ylabel("block depth (0 = first block, input at top)")
+    _set_ticks(ax, [str(d) for d in m.index], "y")
+    ax.set_xticks([i + 0.5 for i in range(m.shape[1])], list(m.columns), rotation=30, ha="right", fontsize=8)
+    colors = colors or run_colors(A.run_names(frame))
+    for lab in ax.get_xticklabels():
+        lab.set_color(colors.get(lab.get_text(), "black"))
+    return ax
+
+
+def profile_matrix(frame: pd.DataFrame, metric: str, *, step: A.StepArg = None,
+                   relative: Optional[str] = "auto") -> pd.DataFrame:
+    """What :func:`depth_profile` draws: columns ``run, depth, position, value, plotted``.
+
+    ``value`` is :func:`gradscope.analysis.profile` (geometric mean over steps by default); ``plotted`` divides
+    it by the value at the reference end (``relative``: "first", "last", None for absolute, "auto" for
+    :data:`REFERENCE_END`). Runs whose reference value is not finite and positive are dropped.
+    """
+    ref = REFERENCE_END.get(metric) if relative == "auto" else relative
+    p = A.profile(frame, metric, step=step)
+    if p[A.S.STEP].notna().any() and p[A.S.STEP].nunique() > 1:
+        raise ValueError("depth_profile draws one value per block; pass step=None, 'first', 'last' or an int")
+    parts = []
+    for run, g in p.groupby(S.RUN, sort=False):
+        g = g.sort_values(A.POSITION).dropna(subset=[S.VALUE])
+        if g.empty:
+            continue
+        base = 1.0 if ref is None else float(g[S.VALUE].iloc[0 if ref == "first" else -1])
+        if not (math.isfinite(base) and base > 0):
+            continue
+        parts.append(g.assign(plotted=g[S.VALUE] / base))
+    cols = [S.RUN, S.DEPTH, A.POSITION, S.VALUE, "plotted"]
+    return pd.concat(parts)[cols].reset_index(drop=True) if parts else pd.DataFrame(columns=cols)
+
+
+def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepArg = None,
+                  relative: Optional[str] = "auto", vanish: float = A.VANISH, explode: float = A.EXPLODE,
+                  colors: Optional[Mapping[str, tuple]] = None,
+                  predicted: Optional[Mapping[str, Sequence[float]]] = None) -> "Axes":
+    """Metric vs depth on a log y-axis, one line per run; thresholds and theory when relative.
+
+    ``predicted[run]``: the theory's relative value after 0, 1, 2 ... blocks travelled from the reference end,
+    drawn dashed in the run's colour. Thresholds (dotted black) are drawn on relative profiles, where the
+    far end of a curve can be read against them directly.
+    """
+    ref = REFERENCE_END.get(metric) if relative == "auto" else relative
+    pm = profile_matrix(frame, metric, step=step, relative=relative)
+    runs = A.run_names(frame)
+    colors = colors or run_colors(runs)
+    markers = "osD^v<>phX*"
+    for i, run in enumerate([r for r in runs if r in set(pm[S.RUN])]):
+        g = pm[pm[S.RUN] == run]
+        ax.plot(g[S.DEPTH], g["plotted"], color=colors[run], lw=1.6, marker=markers[i % len(markers)], ms=3.5,
+                markevery=max(1, len(g) // 12), label=run)
+        pred = None if predicted is None else predicted.get(run)
+        if ref is not None and pred is not None and len(pred):
+            depths = list(g[S.DEPTH]) if ref == "first" else list(g[S.DEPTH])[::-1]
+            k = min(len(depths), len(pred))
+            ax.plot(depths[:k], list(pred)[:k], color=colors[run], lw=1.2, ls="--", label=f"{run} (theory)")
+    ax.set_yscale("log")
+    ax.set_xlabel("block depth (0 = first block, input side)")
+    where = {"first": "the first block", "last": "the last block"}.get(ref or "", "")
+    if ref is not None:
+        ax.set_ylabel(f"{metric} ÷ {metric} at {where}  (log scale)")
+        ax.axhline(1.0, color="0.7", lw=0.8)
+        ax.axhline(explode, color="black", lw=1.0, ls=":", label=f"exploding threshold (x{explode:g})")
+        ax.axhline(vanish, color="black", lw=1.0, ls="-.", label=f"vanishing threshold (x{vanish:g})")
+    else:
+        ax.set_ylabel(f"{metric}  [{metric_label(metric)}]  (log scale)")
+    how = "geometric mean over steps" if step is None else f"step {step}"
+    direction = {S.ACT_VAR: "forward signal", S.GRAD_NORM: "backward gradient"}.get(metric, metric)
+    ax.set_title(f"{direction}: {metric} across depth ({how}); runs: {', '.join(runs[:4])}"
+                 f"{' …' if len(runs) > 4 else ''}", fontsize=10)
+    ax.grid(True, which="major", axis="both", color="0.9", lw=0.6)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return ax
+
+
+# --- whole figures (used by the report) -----------------------------------------------------------------------
+
+def _panel_height(n_blocks: int) -> float:
+    return float(min(14.0, max(3.5, 1.5 + 0.1 * n_blocks)))
+
+
+def heatmap_figure(frame: pd.DataFrame, metric: str, *, colors: Optional[Mapping[str, tuple]] = None):
+    """Block x step heatmap(s) of one metric: one panel per run, shared colour scale, one colour bar."""
+    use_agg()
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in A.run_names(frame) if not _rows(frame, metric, r).empty]
+    colors = colors or run_colors(A.run_names(frame))
+    mats = {r: heatmap_matrix(frame, metric, run=r) for r in runs}
+    vals = np.concatenate([log10_matrix(m).compressed() for m in mats.values()] or [np.array([])])
+    vmin, vmax = (float(vals.min()), float(vals.max())) if vals.size else (None, None)
+    ncols = min(len(runs), 4)
+    nrows = math.ceil(len(runs) / ncols)
+    h = _panel_height(max(len(m) for m in mats.values()))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 + 5.0 * ncols, 0.8 + h * nrows), squeeze=False,
+                             layout="constrained")
+    for ax, run in zip(axes.flat, runs):
+        heatmap(frame, metric, ax, run=run, vmin=vmin, vmax=vmax, cbar=False)
+        ax.title.set_color(colors[run])
+    for ax in list(axes.flat)[len(runs):]:
+        ax.remove()
+    used = list(axes.flat)[:len(runs)]
+    cb = fig.colorbar(used[0].collections[0], ax=used, shrink=0.6, pad=0.01)
+    cb.set_label(f"log10 {metric}  [{metric_label(metric)}]")
+    masked = any(log10_matrix(m).mask.any() for m in mats.values())
+    if len(runs) > 1 or masked:
+        fig.suptitle(f"log10 {metric} per block and step, {len(runs)} runs, one colour scale"
+                     f"{' (' + MASK_NOTE + ')' if masked else ''}", fontsize=11)
+    _relayout(fig, used, [list(map(str, mats[r].index)) for r in runs], [list(map(str, mats[r].columns)) for r in runs])
+    return fig
+
+
+def _relayout(fig, axes, ylabels, xlabels) -> None:
+    """Run the layout once, then thin the tick labels for the axes' final sizes."""
+    engine = fig.get_layout_engine()
+    if engine is not None:
+        engine.execute(fig)
+    for ax, yl, xl in zip(axes, ylabels, xlabels):
+        _set_ticks(ax, yl, "y")
+        _set_ticks(ax, xl, "x")
+
+
+def runs_figure(frame: pd.DataFrame, metric: str, *, step: A.StepArg = "first",
+                colors: Optional[Mapping[str, tuple]] = None):
+    """Depth x run heatmap of one metric at one step."""
+    use_agg()
+    import matplotlib.pyplot as plt
+
+    m = runs_matrix(frame, metric, step=step)
+    fig, ax = plt.subplots(figsize=(3.0 + 0.9 * m.shape[1], _panel_height(len(m))), layout="constrained")
+    runs_heatmap(frame, metric, ax, step=step, colors=colors)
+    return fig
+
+
+def profile_figure(frame: pd.DataFrame, metric: str, *, step: A.StepArg = None, vanish: float = A.VANISH,
+                   explode: float = A.EXPLODE, colors: Optional[Mapping[str, tuple]] = None,
+                   predicted: Optional[Mapping[str, Sequence[float]]] = None):
+    """Depth profile of one metric, all runs in one axes."""
+    use_agg()
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5), layout="constrained")
+    depth_profile(frame, metric, ax, step=step, vanish=vanish, explode=explode, colors=colors, predicted=predicted)
+    return fig

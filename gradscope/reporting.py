@@ -1,0 +1,332 @@
+"""Write a report folder from a frame: the records, verdicts, figures, ``summary.md`` and ``report.html``.
+
+Folder layout (names are fixed, so scripts and tests can rely on them)::
+
+    records.parquet        the frame (pyarrow); dtypes stored in its schema metadata
+    records.csv            the frame as CSV; dtypes in records.dtypes.json beside it
+    records.dtypes.json    {column: dtype} so that read_records() restores the exact dtypes of the CSV
+    verdicts.csv           gradscope.analysis.verdicts(frame)
+    heatmap_<metric>.png   block x step, log10 colour, one panel per run   (grad_norm, act_var, param_grad_norm)
+    runs_<metric>.png      depth x run at one step (frames with several runs only)
+    profile_<metric>.png   metric vs depth, log y, one line per run, thresholds and theory
+    summary.md             verdicts in sentences, a table, the figures, and what could not be drawn
+    report.html            the same, self-contained: figures as base64 PNG, no network, no external script
+
+A metric missing from the frame is reported as missing (in summary.md and report.html); it never stops the report.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+import pandas as pd
+
+from . import analysis as A
+from . import schema as S
+from .errors import DataError, OutputError
+
+PARQUET, CSV, DTYPES = "records.parquet", "records.csv", "records.dtypes.json"
+VERDICTS_CSV, SUMMARY, HTML = "verdicts.csv", "summary.md", "report.html"
+_META_KEY = b"gradscope_dtypes"
+#: Dtypes assumed for a CSV without its dtypes file (frame columns by the schema; anything else is inferred).
+DEFAULT_DTYPES = {S.STEP: "int64", S.DEPTH: "int64", S.CALL: "int64", S.SEED: "int64", S.VALUE: "float64",
+                  S.BLOCK: "str", S.KIND: "str", S.METRIC: "str", S.RUN: "str", S.MODEL: "str",
+                  S.SHORTCUT: "str", S.INIT: "str"}
+
+
+# --- records --------------------------------------------------------------------------------------------------
+
+def dtype_spec(frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """``{column: {"dtype": str, ["categories", "ordered"]}}``, enough to restore the frame's dtypes."""
+    spec: dict[str, dict[str, Any]] = {}
+    for col, dt in frame.dtypes.items():
+        entry: dict[str, Any] = {"dtype": str(dt)}
+        if isinstance(dt, pd.CategoricalDtype):
+            entry["categories"] = [c.item() if hasattr(c, "item") else c for c in dt.categories]
+            entry["ordered"] = bool(dt.ordered)
+        spec[str(col)] = entry
+    return spec
+
+
+def _restore(col: pd.Series, entry: Mapping[str, Any], from_text: bool) -> pd.Series:
+    """One column converted back to the dtype in ``entry`` (from CSV text or from parquet's own types)."""
+    dt = entry["dtype"]
+    if dt == "category":
+        cats = entry["categories"]
+        lookup = {str(c): c for c in cats} if from_text else None
+        vals = col.map(lambda v: lookup.get(v, v)) if lookup is not None else col.astype(object)
+        return pd.Series(pd.Categorical(vals, categories=cats, ordered=entry["ordered"]), name=col.name)
+    if from_text and dt in ("bool", "boolean"):
+        return col.map({"True": True, "False": False}).astype(dt)
+    if dt == "object":
+        return col.astype(object).where(col.notna(), np.nan)
+    if str(col.dtype) == dt:
+        return col
+    return col.astype(dt)
+
+
+def write_records(frame: pd.DataFrame, out: Union[str, Path]) -> dict[str, Path]:
+    """Write ``records.parquet``, ``records.csv`` and ``records.dtypes.json`` into folder ``out``.
+
+    The index is not written (a frame equals its read-back after ``reset_index(drop=True)``). In the CSV an empty
+    field means missing, so an empty string in a text column reads back as missing.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    frame = frame.reset_index(drop=True)
+    spec = dtype_spec(frame)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[_META_KEY] = json.dumps(spec).encode()
+    pq.write_table(table.replace_schema_metadata(meta), out / PARQUET)
+    frame.to_csv(out / CSV, index=False)
+    (out / DTYPES).write_text(json.dumps(spec, indent=1) + "\n")
+    return {"parquet": out / PARQUET, "csv": out / CSV, "dtypes": out / DTYPES}
+
+
+def read_records(path: Union[str, Path]) -> pd.DataFrame:
+    """Read a frame written by :func:`write_records`: a ``.parquet`` or ``.csv`` file, or a report folder.
+
+    Dtypes are restored from the parquet metadata or from ``<name>.dtypes.json`` beside the CSV (schema dtypes
+    when that file is absent), so the result equals the frame that was written, dtypes included.
+    """
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / PARQUET if (p / PARQUET).exists() else p / CSV
+    if not p.exists():
+        raise DataError(f"no records at {str(path)!r}; pass a report folder, a records.parquet or a records.csv.")
+    if p.suffix == ".parquet":
+        table = pq.read_table(p)
+        raw = (table.schema.metadata or {}).get(_META_KEY)
+        df = table.to_pandas()
+        spec = json.loads(raw) if raw else {}
+        return pd.DataFrame({c: _restore(df[c], spec[c], False) if c in spec else df[c] for c in df.columns})
+    if p.suffix != ".csv":
+        raise DataError(f"cannot read records from {str(p)!r}: expected a .parquet or .csv file.")
+    side = p.with_name(p.stem + ".dtypes.json")
+    if side.exists():
+        spec = json.loads(side.read_text())
+        df = pd.read_csv(p, dtype=str, keep_default_na=False, na_values=[""])
+        cols = {c: _restore(df[c], spec[c], True) if c in spec else df[c] for c in df.columns}
+    else:  # no dtypes file: schema dtypes for the frame's columns, pandas' inference for the rest
+        known = [c for c in pd.read_csv(p, nrows=0).columns if c in DEFAULT_DTYPES]
+        df = pd.read_csv(p, dtype={c: str for c in known}, keep_default_na=False,
+                         na_values={c: [""] for c in known})
+        other = pd.read_csv(p, usecols=[c for c in df.columns if c not in known]) if len(known) < df.shape[1] else df
+        cols = {c: _restore(df[c], {"dtype": DEFAULT_DTYPES[c]}, True) if c in known else other[c]
+                for c in df.columns}
+    return pd.DataFrame(cols)
+
+
+# --- figures --------------------------------------------------------------------------------------------------
+
+def _save(fig: Any, path: Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def draw_figures(frame: pd.DataFrame, out: Path, *, configs: Optional[Mapping[str, Mapping[str, Any]]] = None, step: A.StepArg = None,
+                 runs_step: A.StepArg = "first", vanish: float = A.VANISH, explode: float = A.EXPLODE,
+                 dpi: int = 100) -> tuple[list[dict[str, str]], list[str]]:
+    """Draw every figure the frame allows; return ``(figures, notes)``.
+
+    ``figures``: ``{"file", "metric", "caption"}`` in report order; ``notes``: one sentence per figure that could
+    not be drawn and why.
+    """
+    from . import plots as P
+    from . import theory as T
+
+    P.use_agg()
+    runs = A.run_names(frame)
+    colors = P.run_colors(runs)
+    present = set(pd.unique(frame[S.METRIC]))
+    figures: list[dict[str, str]] = []
+    notes: list[str] = []
+    for metric in P.REPORT_METRICS:
+        names = [f"heatmap_{metric}.png", f"profile_{metric}.png"] + ([f"runs_{metric}.png"] if len(runs) > 1 else [])
+        if metric not in present:
+            notes.append(f"{metric} is not in the frame, so {', '.join(names)} were not drawn.")
+            continue
+        what = P.metric_label(metric)
+        _save(P.heatmap_figure(frame, metric, colors=colors), out / names[0], dpi)
+        figures.append({"file": names[0], "metric": metric,
+                        "caption": f"log10 {metric} ({what}) per block (rows, depth order) and step, per run."})
+        if len(runs) > 1:
+            _save(P.runs_figure(frame, metric, step=runs_step, colors=colors), out / names[2], dpi)
+            figures.append({"file": names[2], "metric": metric,
+                            "caption": f"log10 {metric} by depth (rows) and run (columns) at step "
+                                       f"{P.chosen_step(frame, metric, runs_step)}."})
+        predicted = T.predicted_profiles(frame, metric, configs=configs)
+        _save(P.profile_figure(frame, metric, step=step, vanish=vanish, explode=explode, colors=colors,
+                               predicted=predicted), out / names[1], dpi)
+        ref = P.REFERENCE_END.get(metric)
+        cap = (f"{metric} across depth, relative to the {ref} block, one line per run; dotted/dash-dot lines: "
+               f"exploding (x{explode:g}) and vanishing (x{vanish:g}) thresholds; dashed: theory." if ref else
+               f"{metric} across depth (absolute, log scale), one line per run.")
+        figures.append({"file": names[1], "metric": metric, "caption": cap})
+    return figures, notes
+
+
+# --- text -----------------------------------------------------------------------------------------------------
+
+def _num(x: Any, fmt: str = ".3g") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)) or x is pd.NA:
+        return "—"
+    return format(float(x), fmt)
+
+
+def verdict_rows(v: pd.DataFrame) -> list[list[str]]:
+    """The verdict table as text cells (header first), shared by summary.md and report.html."""
+    head = ["run", "step", "signal", "verdict", "per block", "R²", "end to end", "min (block)", "max (block)",
+            "theory", "agrees"]
+    rows = [head]
+    for _, r in v.iterrows():
+        st = "" if pd.isna(r[S.STEP]) else str(int(r[S.STEP]))
+        agrees = r.get(A.AGREES)
+        rows.append([str(r[S.RUN]), st or "all (geo. mean)", f"{r[A.SIGNAL]} ({r[S.METRIC]})", str(r[A.VERDICT]),
+                     _num(r[A.FACTOR]), _num(r[A.R2], ".2f"), _num(r[A.END_TO_END]),
+                     f"{_num(r[A.MIN_VALUE])} ({r[A.MIN_BLOCK]})", f"{_num(r[A.MAX_VALUE])} ({r[A.MAX_BLOCK]})",
+                     _num(r.get(A.PREDICTED_FACTOR)),
+                     "—" if agrees is None or pd.isna(agrees) else ("yes" if bool(agrees) else "no")])
+    return rows
+
+
+def theory_notes(v: pd.DataFrame) -> list[str]:
+    """Where measurement and theory part, or where no theory applies: one sentence each."""
+    out = []
+    for _, r in v.iterrows():
+        note = r.get(A.THEORY_NOTE)
+        if isinstance(note, str) and note:
+            out.append(f"{r[S.RUN]} ({r[A.SIGNAL]}): {note}")
+    return out
+
+
+def _overview(frame: pd.DataFrame) -> str:
+    steps = A._steps_of(frame)
+    blocks = frame.groupby(A._with_run(frame)[S.RUN])[S.BLOCK].nunique()
+    rng = f"{int(steps[0])}..{int(steps[-1])}" if steps.size else "none"
+    return (f"{len(frame)} records, {len(blocks)} run(s), {steps.size} recorded step(s) ({rng}), "
+            f"{int(blocks.max()) if len(blocks) else 0} blocks at most per run; metrics: "
+            f"{', '.join(sorted(map(str, pd.unique(frame[S.METRIC]))))}.")
+
+
+def summary_markdown(title: str, frame: pd.DataFrame, v: pd.DataFrame, figures: list[dict[str, str]],
+                     notes: list[str], how: str) -> str:
+    """Text of ``summary.md`` (figures linked by file name, relative to the folder)."""
+    lines = [f"# {title}", "", _overview(frame), "", "## Verdicts", "", how, ""]
+    lines += [f"- {A.sentence(r)}" for _, r in v.iterrows()] or ["- No act_var or grad_norm rows: no verdict."]
+    rows = verdict_rows(v)
+    lines += ["", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows[1:]]
+    tn = theory_notes(v)
+    if tn:
+        lines += ["", "## Theory beside measurement", ""] + [f"- {t}" for t in tn]
+    lines += ["", "## Figures", ""]
+    for f in figures:
+        lines += [f"### {f['file']}", "", f"![{f['caption']}]({f['file']})", "", f"*{f['caption']}*", ""]
+    if notes:
+        lines += ["## Not drawn", ""] + [f"- {n}" for n in notes] + [""]
+    lines += ["## Files", "", f"- `{PARQUET}`, `{CSV}` (+ `{DTYPES}`): the records; "
+              "`gradscope.reporting.read_records(path)` loads either with its dtypes.", f"- `{VERDICTS_CSV}`: the verdicts.",
+              ""]
+    return "\n".join(lines)
+
+
+_CHECK_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  var el = document.getElementById('gradscope-check');
+  el.setAttribute('data-images', String(imgs.length));
+  el.setAttribute('data-loaded', String(ok));
+  el.textContent = ok === imgs.length ? 'All ' + ok + ' figures loaded.'
+                                      : (imgs.length - ok) + ' of ' + imgs.length + ' figures failed to load.';
+});
+"""
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1400px;margin:2em auto;
+padding:0 1em;color:#222}table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:.25em .5em;
+text-align:left}th{background:#f0f0f0}figure{margin:1.5em 0}img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.9em;color:#444}.exploding{color:#b2182b;font-weight:600}.vanishing{color:#2166ac;font-weight:600}
+.healthy{color:#1b7837}.note{color:#555}#gradscope-check{font-size:.8em;color:#777}"""
+
+
+def report_html(title: str, frame: pd.DataFrame, v: pd.DataFrame, figures: list[dict[str, str]],
+                notes: list[str], how: str, folder: Path) -> str:
+    """A self-contained page: inline CSS, figures as data URIs, one inline script that checks the figures."""
+    e = html.escape
+    parts = [f"<h1>{e(title)}</h1>", f"<p>{e(_overview(frame))}</p>", "<h2>Verdicts</h2>", f"<p>{e(how)}</p>", "<ul>"]
+    parts += [f'<li class="{e(str(r[A.VERDICT]))}">{e(A.sentence(r))}</li>' for _, r in v.iterrows()]
+    parts.append("</ul>")
+    rows = verdict_rows(v)
+    parts.append("<table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>")
+    for row in rows[1:]:
+        parts.append("<tr>" + "".join(f'<td class="{e(c)}">{e(c)}</td>' if i == 3 else f"<td>{e(c)}</td>"
+                                      for i, c in enumerate(row)) + "</tr>")
+    parts.append("</tbody></table>")
+    tn = theory_notes(v)
+    if tn:
+        parts += ["<h2>Theory beside measurement</h2>", "<ul>"] + [f"<li>{e(t)}</li>" for t in tn] + ["</ul>"]
+    parts.append("<h2>Figures</h2>")
+    for f in figures:
+        data = base64.b64encode((folder / f["file"]).read_bytes()).decode("ascii")
+        parts.append(f'<figure id="{e(f["file"])}"><img alt="{e(f["caption"])}" src="data:image/png;base64,{data}">'
+                     f"<figcaption>{e(f['file'])}: {e(f['caption'])}</figcaption></figure>")
+    if notes:
+        parts += ["<h2>Not drawn</h2>", '<ul class="note">'] + [f"<li>{e(n)}</li>" for n in notes] + ["</ul>"]
+    parts.append('<p id="gradscope-check" data-images="" data-loaded="">Checking figures…</p>')
+    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
+            f"<title>{e(title)}</title><style>{_CSS}</style></head><body>\n" + "\n".join(parts)
+            + f"\n<script>{_CHECK_SCRIPT}</script>\n</body></html>\n")
+
+
+# --- the report -----------------------------------------------------------------------------------------------
+
+def write_report(frame: pd.DataFrame, out: Union[str, Path] = "gradscope-report", *,
+                 configs: Optional[Mapping[str, Mapping[str, Any]]] = None, step: A.StepArg = None,
+                 runs_step: A.StepArg = "first", vanish: float = A.VANISH, explode: float = A.EXPLODE,
+                 title: str = "gradscope report", dpi: int = 100) -> Path:
+    """Write the report folder ``out`` (created if needed) and return its path.
+
+    ``step``: which steps the verdicts and depth profiles use (None: geometric mean per block over all steps);
+    ``runs_step``: the step of the depth x run heatmaps ("first": the first step all runs recorded);
+    ``vanish``/``explode``: verdict thresholds; ``configs``: ``{run: gradscope_config}`` for theory.
+    """
+    A._check_frame(frame)
+    if frame.empty:
+        raise DataError("the frame is empty: nothing to report. Record at least one step (scope.step()) first.")
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create report folder {str(out)!r}: {exc}. Pass a writable path.") from exc
+    write_records(frame, out)
+    v = A.verdicts(frame, step=step, vanish=vanish, explode=explode, configs=configs)
+    v.to_csv(out / VERDICTS_CSV, index=False)
+    figures, notes = draw_figures(frame, out, configs=configs, step=step, runs_step=runs_step,
+                                  vanish=vanish, explode=explode, dpi=dpi)
+    missing = [m for m in (S.ACT_VAR, S.GRAD_NORM) if m not in set(pd.unique(frame[S.METRIC]))]
+    how = (f"Per-block factor: geometric slope fitted to log values across depth (call 0 rows; "
+           f"{'geometric mean per block over all steps' if step is None else f'step {step}'}). "
+           f"A signal is vanishing below x{vanish:g} and exploding above x{explode:g} end to end "
+           f"(far end over near end: last/first block for act_var, first/last for grad_norm).")
+    if missing:
+        how += f" No verdict for {', '.join(missing)}: not in the frame."
+    (out / SUMMARY).write_text(summary_markdown(title, frame, v, figures, notes, how))
+    (out / HTML).write_text(report_html(title, frame, v, figures, notes, how, out))
+    return out

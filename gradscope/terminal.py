@@ -1,0 +1,77 @@
+"""Verdicts as a rich table for the terminal (the CLI prints it; a notebook shows the plain DataFrame instead).
+
+Imports rich, so only the CLI and users who ask for it load this module.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from . import analysis as A
+from . import schema as S
+
+#: Style per verdict: colour plus a word, so the table reads the same without colour.
+STYLES = {A.EXPLODING: "bold red", A.VANISHING: "bold blue", A.HEALTHY: "green", A.UNKNOWN: "dim"}
+
+
+def _num(x: Any, fmt: str = ".3g") -> str:
+    if x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return format(float(x), fmt)
+
+
+def _where(value: Any, block: Any) -> str:
+    return f"{_num(value)} @ {block}" if block is not None and not pd.isna(block) else _num(value)
+
+
+def verdict_table(verdicts: pd.DataFrame, *, title: Optional[str] = "gradscope verdicts") -> Table:
+    """One table row per verdict row: run, [step], signal, verdict, per-block factor, R², end to end, extremes.
+
+    Theory columns appear when any row has a prediction. Numbers use 3 significant digits.
+    """
+    per_step = S.STEP in verdicts.columns and verdicts[S.STEP].notna().any()
+    theory = A.PREDICTED_FACTOR in verdicts.columns and verdicts[A.PREDICTED_FACTOR].notna().any()
+    table = Table(title=title, header_style="bold", show_lines=False)
+    table.add_column("run", no_wrap=True)
+    if per_step:
+        table.add_column("step", justify="right")
+    table.add_column("signal")
+    table.add_column("verdict")
+    table.add_column("per block", justify="right")
+    table.add_column("R²", justify="right")
+    table.add_column("end to end", justify="right")
+    table.add_column("min @ block")
+    table.add_column("max @ block")
+    if theory:
+        table.add_column("theory", justify="right")
+        table.add_column("agrees")
+    for _, r in verdicts.iterrows():
+        verdict = str(r[A.VERDICT])
+        cells: list[Any] = [str(r[S.RUN])]
+        if per_step:
+            cells.append("" if pd.isna(r[S.STEP]) else str(int(r[S.STEP])))
+        cells += [f"{r[A.SIGNAL]} ({r[S.METRIC]})", Text(verdict, style=STYLES.get(verdict, "")),
+                  "—" if pd.isna(r[A.FACTOR]) else f"x{A._fmt_factor(float(r[A.FACTOR]))}", _num(r[A.R2], ".2f"),
+                  "—" if pd.isna(r[A.END_TO_END]) else f"{_num(r[A.END_TO_END])}x",
+                  _where(r[A.MIN_VALUE], r[A.MIN_BLOCK]), _where(r[A.MAX_VALUE], r[A.MAX_BLOCK])]
+        if theory:
+            pred, agrees = r.get(A.PREDICTED_FACTOR), r.get(A.AGREES)
+            cells.append("—" if pred is None or pd.isna(pred) else f"x{A._fmt_factor(float(pred))}")
+            cells.append("—" if agrees is None or pd.isna(agrees) else
+                         Text("yes", style="green") if bool(agrees) else Text("no", style="bold yellow"))
+        table.add_row(*cells)
+    return table
+
+
+def print_verdicts(verdicts: pd.DataFrame, console: Optional[Console] = None, *, sentences: bool = True) -> None:
+    """Print the table, then (by default) each verdict as a sentence."""
+    console = console or Console()
+    console.print(verdict_table(verdicts))
+    if sentences:
+        for _, r in verdicts.iterrows():
+            console.print(Text(A.sentence(r), style=STYLES.get(str(r[A.VERDICT]), "")))

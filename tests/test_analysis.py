@@ -1,0 +1,211 @@
+"""Verdicts on synthetic frames with known per-block factors, and the edge cases (one block, zeros, NaN, one step)."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gradscope import analysis as A
+from gradscope import schema as S
+from gradscope.errors import DataError
+
+
+def frame_with(fwd: float, bwd: float, *, n_blocks: int = 10, steps=(0, 1, 2), run: str | None = None,
+               scales=None, names=None) -> pd.DataFrame:
+    """act_var = c_s * fwd**k and grad_norm = c_s * bwd**(n-1-k) at block k (k = 0 at the input)."""
+    rows = []
+    names = names or [f"layer.{k}" for k in range(n_blocks)]
+    for i, step in enumerate(steps):
+        c = (scales or [1.0, 3.0, 0.25, 7.0])[i % 4]
+        for k in range(n_blocks):
+            for metric, v in ((S.ACT_VAR, c * fwd ** k), (S.GRAD_NORM, c * bwd ** (n_blocks - 1 - k))):
+                rows.append({S.STEP: step, S.BLOCK: names[k], S.DEPTH: k, S.KIND: "Block", S.METRIC: metric,
+                             S.VALUE: v, S.CALL: 0})
+    f = pd.DataFrame(rows).astype({S.STEP: "int64", S.DEPTH: "int64", S.CALL: "int64", S.VALUE: "float64"})
+    if run is not None:
+        f[S.RUN] = run
+    return f
+
+
+def row(v: pd.DataFrame, signal: str, run: str | None = None) -> pd.Series:
+    sel = v[v[A.SIGNAL] == signal]
+    if run is not None:
+        sel = sel[sel[S.RUN] == run]
+    assert len(sel) == 1
+    return sel.iloc[0]
+
+
+@pytest.mark.parametrize("fwd,bwd,fclass,bclass", [
+    (0.5, 0.5, "vanishing", "vanishing"),
+    (1.0, 1.0, "healthy", "healthy"),
+    (2.0, 2.0, "exploding", "exploding"),
+    (0.5, 2.0, "vanishing", "exploding"),
+])
+def test_known_factors_give_exact_rates_and_classes(fwd, bwd, fclass, bclass):
+    n = 10
+    v = A.verdicts(frame_with(fwd, bwd, n_blocks=n))
+    f, b = row(v, A.FORWARD), row(v, A.BACKWARD)
+    assert f[A.VERDICT] == fclass and b[A.VERDICT] == bclass
+    assert abs(f[A.FACTOR] - fwd) < 1e-6 and abs(b[A.FACTOR] - bwd) < 1e-6
+    assert f[A.END_TO_END] == pytest.approx(fwd ** (n - 1), rel=1e-9)
+    assert b[A.END_TO_END] == pytest.approx(bwd ** (n - 1), rel=1e-9)
+    assert f[A.R2] == pytest.approx(1.0) and b[A.R2] == pytest.approx(1.0)
+    assert f[A.N_BLOCKS] == n and f[A.N_STEPS] == 3 and pd.isna(f[S.STEP])
+    if fwd != 1.0:  # the extremes sit at the two ends
+        lo, hi = ("layer.9", "layer.0") if fwd < 1 else ("layer.0", "layer.9")
+        assert (f[A.MIN_BLOCK], f[A.MAX_BLOCK]) == (lo, hi)
+        lo, hi = ("layer.0", "layer.9") if bwd < 1 else ("layer.9", "layer.0")
+        assert (b[A.MIN_BLOCK], b[A.MAX_BLOCK]) == (lo, hi)
+
+
+def test_geometric_mean_over_steps_matches_a_direct_computation():
+    rng = np.random.default_rng(0)
+    f = frame_with(1.3, 0.8, n_blocks=6, steps=(0, 5, 10, 15))
+    f[S.VALUE] = f[S.VALUE] * np.exp(rng.normal(0, 0.3, len(f)))
+    p = A.profile(f, S.GRAD_NORM)
+    g = f[f[S.METRIC] == S.GRAD_NORM]
+    for k in range(6):
+        vals = g.loc[g[S.DEPTH] == k, S.VALUE].to_numpy()
+        assert p.loc[p[S.DEPTH] == k, S.VALUE].item() == pytest.approx(float(np.prod(vals) ** (1 / len(vals))))
+    # and the rate is the slope that numpy fits through the log of those means
+    slope = np.polyfit(np.arange(6), np.log(p[S.VALUE].to_numpy()), 1)[0]
+    assert row(A.verdicts(f), A.BACKWARD)[A.FACTOR] == pytest.approx(math.exp(-slope), rel=1e-10)
+
+
+def test_fit_matches_numpy_polyfit_and_r2():
+    rng = np.random.default_rng(1)
+    x = np.arange(20.0)
+    y = np.exp(0.1 * x + rng.normal(0, 0.2, 20))
+    fit = A.fit_log_slope(x, y)
+    slope, icpt = np.polyfit(x, np.log(y), 1)
+    assert fit.slope == pytest.approx(slope, rel=1e-10)
+    assert fit.r2 == pytest.approx(np.corrcoef(x, np.log(y))[0, 1] ** 2, rel=1e-10)
+    assert 0 < fit.r2 < 1
+
+
+def test_thresholds_are_parameters():
+    f = frame_with(1.5, 1.0, n_blocks=10)  # forward end to end 1.5**9 = 38
+    assert row(A.verdicts(f), A.FORWARD)[A.VERDICT] == "healthy"
+    assert row(A.verdicts(f, explode=10), A.FORWARD)[A.VERDICT] == "exploding"
+    g = frame_with(1 / 1.5, 1.0, n_blocks=10)
+    assert row(A.verdicts(g, vanish=0.1), A.FORWARD)[A.VERDICT] == "vanishing"
+    with pytest.raises(DataError, match="vanish"):
+        A.verdicts(f, vanish=2.0)
+
+
+def test_several_runs_keep_their_order_and_config():
+    f = pd.concat([frame_with(2.0, 1.0, run="plain20"), frame_with(1.0, 0.5, run="resnet20")])
+    f[S.BN] = f[S.RUN] == "plain20"
+    v = A.verdicts(f)
+    assert list(v[S.RUN]) == ["plain20", "plain20", "resnet20", "resnet20"]
+    assert list(v[A.SIGNAL]) == [A.FORWARD, A.BACKWARD] * 2
+    assert list(v[A.VERDICT]) == ["exploding", "healthy", "healthy", "vanishing"]
+    assert list(v[S.BN]) == [True, True, False, False]
+
+
+def test_step_all_int_first_last():
+    f = frame_with(2.0, 0.5, steps=(0, 10, 20))
+    v = A.verdicts(f, step="all")
+    assert list(v[S.STEP]) == [0, 0, 10, 10, 20, 20]
+    assert (v[A.FACTOR].where(v[A.SIGNAL] == A.FORWARD, 2.0) - 2.0).abs().max() < 1e-9
+    one = A.verdicts(f, step=10)
+    assert list(one[S.STEP]) == [10, 10] and list(one[A.N_STEPS]) == [1, 1]
+    assert list(A.verdicts(f, step="last")[S.STEP]) == [20, 20]
+    with pytest.raises(DataError, match="step=7"):
+        A.verdicts(f, step=7)
+    with pytest.raises(DataError, match="not understood"):
+        A.verdicts(f, step="middle")
+
+
+def test_single_step():
+    v = A.verdicts(frame_with(0.5, 2.0, steps=(42,)))
+    assert row(v, A.FORWARD)[A.FACTOR] == pytest.approx(0.5, abs=1e-6)
+    assert row(v, A.BACKWARD)[A.VERDICT] == "exploding" and row(v, A.BACKWARD)[A.N_STEPS] == 1
+
+
+def test_one_block_is_unknown_not_healthy():
+    v = A.verdicts(frame_with(2.0, 2.0, n_blocks=1))
+    for sig in (A.FORWARD, A.BACKWARD):
+        r = row(v, sig)
+        assert r[A.VERDICT] == "unknown" and math.isnan(r[A.FACTOR]) and r[A.N_BLOCKS] == 1
+        assert "cannot be judged" in A.sentence(r)
+
+
+def test_zeros():
+    f = frame_with(1.0, 1.0, n_blocks=5)
+    # forward signal dies at the last block; backward gradient is zero at the output end
+    f.loc[(f[S.METRIC] == S.ACT_VAR) & (f[S.DEPTH] == 4), S.VALUE] = 0.0
+    f.loc[(f[S.METRIC] == S.GRAD_NORM) & (f[S.DEPTH] == 4), S.VALUE] = 0.0
+    v = A.verdicts(f)
+    fw, bw = row(v, A.FORWARD), row(v, A.BACKWARD)
+    assert fw[A.VERDICT] == "vanishing" and fw[A.END_TO_END] == 0.0 and fw[A.MIN_BLOCK] == "layer.4"
+    assert fw[A.FACTOR] == pytest.approx(1.0)  # the fit sees the four positive blocks only ...
+    assert "zero at layer.4" in A.sentence(fw)  # ... and the sentence says where it died
+    assert bw[A.VERDICT] == "exploding" and math.isinf(bw[A.END_TO_END])
+    dead = frame_with(1.0, 1.0, n_blocks=5)
+    dead[S.VALUE] = 0.0
+    r = row(A.verdicts(dead), A.FORWARD)
+    assert r[A.VERDICT] == "vanishing" and "zero at every" in A.sentence(r)
+
+
+def test_nan_rows_are_missing_and_keep_positions():
+    f = frame_with(2.0, 0.5, n_blocks=8)
+    f.loc[f[S.DEPTH] == 3, S.VALUE] = np.nan  # one block never measured
+    f.loc[(f[S.DEPTH] == 5) & (f[S.STEP] == 1), S.VALUE] = np.nan  # one block missing at one step
+    v = A.verdicts(f)
+    assert row(v, A.FORWARD)[A.FACTOR] == pytest.approx(2.0, abs=1e-6)
+    assert row(v, A.BACKWARD)[A.FACTOR] == pytest.approx(0.5, abs=1e-6)
+    assert row(v, A.FORWARD)[A.N_BLOCKS] == 7
+
+
+def test_inf_counts_as_explosion():
+    f = frame_with(1.0, 1.0, n_blocks=6)
+    f.loc[(f[S.METRIC] == S.ACT_VAR) & (f[S.DEPTH] == 2), S.VALUE] = np.inf
+    assert row(A.verdicts(f), A.FORWARD)[A.VERDICT] == "exploding"
+
+
+def test_only_call_zero_rows_count():
+    f = frame_with(2.0, 2.0, n_blocks=5)
+    extra = f.assign(**{S.CALL: 1, S.VALUE: 1e9})
+    v = A.verdicts(pd.concat([f, extra], ignore_index=True))
+    assert row(v, A.FORWARD)[A.FACTOR] == pytest.approx(2.0, abs=1e-6)
+
+
+def test_positions_follow_depth_not_names():
+    names = ["b10", "b2", "b30", "b4"]  # lexicographic order differs from depth order
+    v = A.verdicts(frame_with(2.0, 1.0, n_blocks=4, names=names))
+    r = row(v, A.FORWARD)
+    assert (r[A.FIRST_BLOCK], r[A.LAST_BLOCK], r[A.MAX_BLOCK]) == ("b10", "b4", "b4")
+    assert r[A.FACTOR] == pytest.approx(2.0)
+
+
+def test_missing_metric_gives_no_row_and_bad_frame_raises():
+    f = frame_with(2.0, 1.0)
+    v = A.verdicts(f[f[S.METRIC] == S.GRAD_NORM])
+    assert list(v[A.SIGNAL]) == [A.BACKWARD]
+    assert A.verdicts(f[f[S.METRIC] == "param_norm"]).empty
+    with pytest.raises(DataError, match="lacks columns"):
+        A.verdicts(f.drop(columns=[S.DEPTH]))
+
+
+def test_sentence_states_the_measured_rate():
+    f = frame_with(1.0, 2.0, n_blocks=10, run="resnet56-bn")
+    text = A.sentence(row(A.verdicts(f), A.BACKWARD))
+    assert text.startswith("resnet56-bn: backward gradients explode toward the input: x2.00 per block (R² 1.00)")
+    assert "512x over 10 blocks" in text
+    fw = A.sentence(row(A.verdicts(f), A.FORWARD))
+    assert "forward activation variance stays healthy" in fw and "x1.00 per block" in fw
+
+
+def test_analysis_imports_no_torch_or_plotting():
+    code = ("import sys, importlib.util, types; import pathlib;"
+            "sys.modules.setdefault('gradscope', types.ModuleType('gradscope'));"
+            "sys.modules['gradscope'].__path__ = [str(pathlib.Path('gradscope').resolve())];"
+            "import gradscope.analysis, gradscope.theory;"
+            "bad = [m for m in ('torch', 'matplotlib', 'seaborn', 'rich') if m in sys.modules];"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(A.__file__).parents[1]))

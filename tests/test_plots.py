@@ -1,0 +1,164 @@
+"""The data behind each picture: heatmap QuadMesh arrays, profile lines, tick labels that do not overlap."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+import matplotlib.collections
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from gradscope import analysis as A  # noqa: E402
+from gradscope import plots as P  # noqa: E402
+from gradscope import schema as S  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic(n_blocks: int, n_steps: int, runs: dict, seed: int = 0) -> pd.DataFrame:
+    """runs: {name: (forward factor, backward factor, n_blocks or None)}; lognormal noise per cell."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for run, (ff, bf, nb) in runs.items():
+        nb = nb or n_blocks
+        k = np.tile(np.arange(nb), n_steps)
+        step = np.repeat(np.arange(n_steps) * 10, nb)
+        for metric, v in ((S.ACT_VAR, ff ** k), (S.GRAD_NORM, bf ** (nb - 1 - k)), (S.PARAM_GRAD_NORM, 0 * k + 3.0)):
+            parts.append(pd.DataFrame({
+                S.STEP: step.astype("int64"), S.BLOCK: [f"stage{j // 18}.block{j % 18}" for j in k],
+                S.DEPTH: k.astype("int64"), S.KIND: "BasicBlock", S.METRIC: metric,
+                S.VALUE: v * np.exp(rng.normal(0, 0.2, k.size)), S.CALL: np.zeros(k.size, "int64"), S.RUN: run}))
+    return pd.concat(parts, ignore_index=True)
+
+
+@pytest.fixture(autouse=True)
+def _close_all():
+    yield
+    plt.close("all")
+
+
+def independent_pivot(frame: pd.DataFrame, metric: str, run: str) -> np.ndarray:
+    """Block x step matrix built with plain loops, blocks by depth, steps ascending."""
+    f = frame[(frame[S.METRIC] == metric) & (frame[S.RUN] == run) & (frame[S.CALL] == 0)]
+    blocks = sorted(set(f[S.BLOCK]), key=lambda b: f.loc[f[S.BLOCK] == b, S.DEPTH].min())
+    steps = sorted(set(f[S.STEP]))
+    m = np.full((len(blocks), len(steps)), np.nan)
+    for b, s, v in zip(f[S.BLOCK], f[S.STEP], f[S.VALUE]):
+        m[blocks.index(b), steps.index(s)] = v
+    return m
+
+
+def quadmesh(ax) -> np.ma.MaskedArray:
+    arr = ax.collections[0].get_array()
+    return arr
+
+
+def test_heatmap_draws_log10_of_the_pivot_with_bad_cells_masked():
+    f = synthetic(30, 12, {"a": (1.2, 0.8, None)})
+    f.loc[(f[S.METRIC] == S.GRAD_NORM) & (f[S.DEPTH] == 3) & (f[S.STEP] == 20), S.VALUE] = 0.0
+    f.loc[(f[S.METRIC] == S.GRAD_NORM) & (f[S.DEPTH] == 5) & (f[S.STEP] == 40), S.VALUE] = np.nan
+    f = f.drop(f.index[(f[S.METRIC] == S.GRAD_NORM) & (f[S.DEPTH] == 7) & (f[S.STEP] == 50)])
+    fig, ax = plt.subplots()
+    P.heatmap(f, S.GRAD_NORM, ax, run="a")
+    drawn = quadmesh(ax)
+    expect = independent_pivot(f, S.GRAD_NORM, "a")
+    assert drawn.shape == expect.shape == (30, 12)
+    bad = ~(np.isfinite(expect) & (expect > 0))
+    assert bad.sum() == 3 and np.array_equal(np.ma.getmaskarray(drawn), bad)
+    np.testing.assert_allclose(drawn.filled(np.nan)[~bad], np.log10(expect[~bad]), rtol=1e-12)
+    assert "log10 grad_norm" in ax.figure.axes[-1].get_ylabel()  # the colour bar says what the colour is
+    assert "a" in ax.get_title() and ax.get_xlabel() == "training step"
+
+
+def test_heatmap_rows_follow_depth_not_names():
+    f = synthetic(12, 3, {"a": (1.0, 1.0, None)})
+    f[S.BLOCK] = f[S.DEPTH].map(lambda d: f"b{11 - d}")  # names sort the opposite way of depth
+    m = P.heatmap_matrix(f, S.ACT_VAR, run="a")
+    assert list(m.index) == [f"b{11 - d}" for d in range(12)]
+    fig, ax = plt.subplots()
+    P.heatmap(f, S.ACT_VAR, ax, run="a")
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[0] == "b11" and all(lab in list(m.index) for lab in labels)
+
+
+def test_runs_heatmap_aligns_runs_by_depth():
+    f = synthetic(20, 4, {"plain20": (0.5, 1.0, 9), "resnet56": (1.0, 1.0, 27)})
+    fig, ax = plt.subplots()
+    P.runs_heatmap(f, S.ACT_VAR, ax, step="first")
+    drawn = quadmesh(ax)
+    assert drawn.shape == (27, 2)
+    mask = np.ma.getmaskarray(drawn)
+    assert not mask[:, 1].any() and not mask[:9, 0].any() and mask[9:, 0].all()
+    for j, run in enumerate(["plain20", "resnet56"]):
+        col = independent_pivot(f, S.ACT_VAR, run)[:, 0]  # step 0
+        np.testing.assert_allclose(drawn.filled(np.nan)[: len(col), j], np.log10(col), rtol=1e-12)
+    assert "step 0" in ax.get_title()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["plain20", "resnet56"]
+
+
+def test_profile_lines_are_relative_to_the_reference_end_with_thresholds():
+    f = synthetic(15, 5, {"x": (2.0, 1.5, None), "y": (1.0, 1.0, 10)})
+    colors = P.run_colors(["x", "y"])
+    fig, ax = plt.subplots()
+    P.depth_profile(f, S.GRAD_NORM, ax, colors=colors, vanish=0.05, explode=50)
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert ax.get_yscale() == "log"
+    for run in ("x", "y"):
+        prof = A.profile(f, S.GRAD_NORM)
+        p = prof[prof[S.RUN] == run].sort_values(A.POSITION)[S.VALUE].to_numpy()
+        np.testing.assert_allclose(lines[run].get_ydata(), p / p[-1], rtol=1e-12)  # backward: vs the last block
+        assert matplotlib.colors.to_rgb(lines[run].get_color()) == pytest.approx(colors[run])
+    ys = sorted(ln.get_ydata()[0] for ln in ax.get_lines() if "threshold" in ln.get_label())
+    assert ys == [0.05, 50]
+    assert "÷" in ax.get_ylabel() and "log" in ax.get_ylabel()
+
+
+def test_profile_draws_theory_dashed_in_the_run_colour():
+    f = synthetic(8, 2, {"x": (2.0, 1.0, None)})
+    fig, ax = plt.subplots()
+    P.depth_profile(f, S.ACT_VAR, ax, predicted={"x": [2.0 ** t for t in range(8)]})
+    th = [ln for ln in ax.get_lines() if ln.get_label() == "x (theory)"][0]
+    assert th.get_linestyle() == "--" and list(th.get_xdata()) == list(range(8))
+    np.testing.assert_allclose(th.get_ydata(), 2.0 ** np.arange(8))
+
+
+def test_run_colours_are_stable_and_distinct():
+    runs = [f"r{i}" for i in range(12)]
+    c1, c2 = P.run_colors(runs), P.run_colors(runs)
+    assert c1 == c2 and len(set(c1.values())) == 12
+
+
+def test_tick_labels_never_overlap_at_110_blocks():
+    f = synthetic(110, 200, {"resnet110": (1.0, 1.0, None)})
+    fig = P.heatmap_figure(f, S.GRAD_NORM)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    for labels, horizontal in ((ax.get_yticklabels(), False), (ax.get_xticklabels(), True)):
+        boxes = sorted((t.get_window_extent() for t in labels if t.get_text()), key=lambda b: b.x0 if horizontal else b.y0)
+        assert len(boxes) >= 8  # thinned, not dropped
+        for a, b in zip(boxes, boxes[1:]):
+            assert (a.x1 <= b.x0) if horizontal else (a.y1 <= b.y0)
+    assert len(ax.get_yticklabels()) < 110
+
+
+def test_heatmap_grid_shares_one_colour_scale():
+    f = synthetic(10, 5, {"a": (2.0, 1.0, None), "b": (0.5, 1.0, None)})
+    fig = P.heatmap_figure(f, S.ACT_VAR)
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    meshes = [c for ax in panels for c in ax.collections if isinstance(c, matplotlib.collections.QuadMesh)]
+    assert len(meshes) == 2 and meshes[0].get_clim() == meshes[1].get_clim()
+    lo, hi = meshes[0].get_clim()
+    everything = np.log10(f.loc[f[S.METRIC] == S.ACT_VAR, S.VALUE])
+    assert lo == pytest.approx(everything.min()) and hi == pytest.approx(everything.max())
+
+
+def test_importing_gradscope_modules_does_not_select_a_backend():
+    code = ("import sys; sys.path.insert(0, '.'); import gradscope.plots, gradscope.reporting, gradscope.analysis;"
+            "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported at import time'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

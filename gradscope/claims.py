@@ -1,0 +1,142 @@
+"""The paper's three claims, answered from measurements: pure functions of verdicts and training losses.
+
+He et al. (2016, §4.1) argue that the degradation of deep plain nets is not caused by vanishing signals, because
+BatchNorm keeps (1) forward activations at non-zero variance and (2) backward gradients at healthy norms, while
+(3) the deeper plain net still trains worse than the shallower one and residual nets do not. Each claim here is
+decided from numbers the study measured; nothing is canned: feed other numbers and the answers change.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import schema as S
+
+YES, NO, UNCLEAR = "yes", "no", "unclear"
+
+#: Final losses closer than this (absolute, nats) count as "the same".
+LOSS_MARGIN = 0.02
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim: its statement, the answer (yes / no / unclear) and the numbers that decide it."""
+
+    key: str
+    statement: str
+    answer: str
+    evidence: str
+
+    def line(self) -> str:
+        return f"{self.statement}: {self.answer} — {self.evidence}"
+
+
+def _rows(verdicts: Any, signal: str, bn: Optional[bool]) -> List[Dict[str, Any]]:
+    out = []
+    for row in verdicts.to_dict("records"):
+        if row.get("signal") != signal:
+            continue
+        if bn is not None and S.BN in row and bool(row[S.BN]) != bn:
+            continue
+        out.append(row)
+    return out
+
+
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.3g}"
+
+
+def _deepest(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    return max(rows, key=lambda r: (r.get("n_blocks") or 0, str(r.get(S.RUN)))) if rows else None
+
+
+def forward_claim(verdicts: Any) -> Claim:
+    """BatchNorm keeps forward signals from vanishing: every BN run's forward verdict is not 'vanishing'."""
+    statement = "BatchNorm keeps forward signals from vanishing"
+    with_bn, without = _rows(verdicts, "forward", True), _rows(verdicts, "forward", False)
+    if not with_bn:
+        return Claim("bn_forward", statement, UNCLEAR, "no run with BatchNorm was measured")
+    lo = min(r["min_value"] for r in with_bn)
+    hi = max(r["max_value"] for r in with_bn)
+    deepest = _deepest(with_bn)
+    vanished = [r[S.RUN] for r in with_bn if r["verdict"] == "vanishing"]
+    answer = NO if vanished else YES
+    text = (f"block-output variance stays within [{_fmt(lo)}, {_fmt(hi)}] over up to {deepest['n_blocks']} blocks "
+            f"with BN")
+    if vanished:
+        text += f", but it vanishes in {', '.join(vanished)}"
+    if without:
+        worst = _deepest(without)
+        text += (f"; without BN ({worst[S.RUN]}) it changes by x{_fmt(worst['factor'])} per block, "
+                 f"{_fmt(worst['end_to_end'])}x end to end ({worst['verdict']})")
+    return Claim("bn_forward", statement, answer, text)
+
+
+def backward_claim(verdicts: Any) -> Claim:
+    """BatchNorm keeps backward gradients from vanishing (and says whether they explode instead, at what rate)."""
+    statement = "BatchNorm keeps backward gradients from vanishing"
+    with_bn, without = _rows(verdicts, "backward", True), _rows(verdicts, "backward", False)
+    if not with_bn:
+        return Claim("bn_backward", statement, UNCLEAR, "no run with BatchNorm was measured")
+    vanished = [r[S.RUN] for r in with_bn if r["verdict"] == "vanishing"]
+    answer = NO if vanished else YES
+    parts = []
+    for r in sorted(with_bn, key=lambda r: str(r[S.RUN])):
+        parts.append(f"{r[S.RUN]} x{_fmt(r['factor'])} per block toward the input ({r['verdict']})")
+    text = "with BN: " + "; ".join(parts)
+    exploding = [r[S.RUN] for r in with_bn if r["verdict"] == "exploding"]
+    if exploding:
+        text += f" — gradients grow rather than vanish, and explode in {', '.join(exploding)}"
+    if without:
+        worst = _deepest(without)
+        text += f"; without BN ({worst[S.RUN]}): x{_fmt(worst['factor'])} per block ({worst['verdict']})"
+    return Claim("bn_backward", statement, answer, text)
+
+
+def _depth_pairs(configs: Dict[str, Dict[str, Any]]) -> Dict[Tuple[bool, bool], Tuple[str, str]]:
+    """(residual, bn) -> (shallowest run, deepest run), for groups with two depths or more."""
+    groups: Dict[Tuple[bool, bool], List[Tuple[int, str]]] = {}
+    for run, config in configs.items():
+        if "residual" not in config or "depth" not in config:
+            continue
+        groups.setdefault((bool(config["residual"]), bool(config.get("bn"))), []).append((int(config["depth"]), run))
+    pairs = {}
+    for key, items in groups.items():
+        items.sort()
+        if items[0][0] != items[-1][0]:
+            pairs[key] = (items[0][1], items[-1][1])
+    return pairs
+
+
+def degradation_claim(final_losses: Dict[str, float], configs: Dict[str, Dict[str, Any]], steps: int,
+                      margin: float = LOSS_MARGIN) -> Claim:
+    """Deeper plain nets train worse (degradation) while deeper residual nets do not, from final training losses."""
+    statement = "Deeper plain nets train worse (degradation)"
+    pairs = _depth_pairs(configs)
+    texts, plain_worse, residual_ok = [], [], []
+    for (residual, bn), (shallow, deep) in sorted(pairs.items(), key=lambda kv: (not kv[0][1], kv[0][0])):
+        ls, ld = final_losses.get(shallow, math.nan), final_losses.get(deep, math.nan)
+        texts.append(f"{deep} loss {_fmt(ld)} vs {shallow} {_fmt(ls)}")
+        if math.isnan(ls) or math.isnan(ld):
+            continue
+        if residual:
+            residual_ok.append(ld <= ls + margin)
+        else:
+            plain_worse.append(ld > ls + margin)
+    if not plain_worse:
+        return Claim("degradation", statement, UNCLEAR,
+                     ("; ".join(texts) + f" after {steps} steps") if texts else "needs plain nets at two depths")
+    answer = YES if all(plain_worse) else (NO if not any(plain_worse) else UNCLEAR)
+    text = "; ".join(texts) + f" after {steps} steps (mean of the last 5 steps)"
+    if residual_ok:
+        text += "; the deeper residual net trains " + ("at least as well" if all(residual_ok) else "worse too")
+    return Claim("degradation", statement, answer, text)
+
+
+def all_claims(verdicts: Any, final_losses: Dict[str, float], configs: Dict[str, Dict[str, Any]],
+               steps: int) -> List[Claim]:
+    """The three claims, in the paper's order."""
+    return [forward_claim(verdicts), backward_claim(verdicts), degradation_claim(final_losses, configs, steps)]

@@ -1,0 +1,328 @@
+"""The ``gradscope`` command: ``profile`` (the claim check), ``report DIR`` and ``models``.
+
+Every command is a thin layer over the public API: parse, validate, call, render. ``main(argv)`` returns the exit
+status: 0 success, 2 bad input (one line on stderr, no traceback), 3 a ``--fail-on`` verdict was met,
+130 interrupted (records written so far are kept), 1 an unexpected internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .errors import GradscopeError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FAIL_ON, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _csv(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        return [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradscope", description=(
+        "See how forward signals and backward gradients travel through every block of a network."))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("profile", help="measure models at initialisation and over a short training run",
+                       description=("With no options: plain20/resnet20/plain56/resnet56, with and without BN, on the "
+                                    "built-in synthetic data; answers He et al.'s BatchNorm and degradation claims."))
+    g = p.add_argument_group("models")
+    g.add_argument("--models", type=_csv, default=None, metavar="NAMES",
+                   help="comma-separated zoo names (default plain20,resnet20,plain56,resnet56); "
+                        "with --depths, families such as plain,resnet")
+    g.add_argument("--depths", type=_ints, default=None, metavar="N,N", help="depths for families, e.g. 20,56,110")
+    g.add_argument("--bn", choices=("on", "off", "both"), default="both", help="BatchNorm on, off or both (default)")
+    g.add_argument("--shortcut", choices=("A", "B", "C"), default=None, help="residual shortcut option (default A)")
+    g.add_argument("--init", choices=("kaiming", "xavier", "orthogonal"), default="kaiming")
+    g.add_argument("--model", default=None, metavar="FILE.py:FACTORY",
+                   help="your own model: path/to/file.py:factory or package.module:factory (a callable -> nn.Module)")
+    g.add_argument("--input-shape", type=_ints, default=None, metavar="C,H,W",
+                   help="input shape of one example for --model (default 3,32,32)")
+    g.add_argument("--blocks", default="auto", help="block selector: 'auto', a glob/regex on module names, "
+                                                   "or a class name such as BatchNorm2d")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=30, help="SGD steps per run (default 30)")
+    g.add_argument("--batch-size", type=_positive, default=32)
+    g.add_argument("--lr", type=float, default=0.02)
+    g.add_argument("--every", type=_positive, default=1, help="record one step in N (default 1)")
+    g.add_argument("--init-batches", type=_positive, default=2, help="batches averaged at initialisation")
+    g.add_argument("--seeds", type=_ints, default=[0], metavar="S,S", help="seeds (several give mean and spread)")
+    g.add_argument("--data", default="synthetic", help="'synthetic' (built in) or a local CIFAR-10 folder "
+                                                       "(cifar-10-batches-py)")
+    g.add_argument("--train-size", type=_positive, default=2048, help="synthetic training examples")
+    g.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="report folder (default ./gradscope-report/<timestamp>)")
+    g.add_argument("--format", choices=("full", "records"), default="full",
+                   help="full report (figures, HTML) or records and verdicts only")
+    g.add_argument("--quiet", action="store_true", help="no progress display")
+    g.add_argument("--json", action="store_true", help="print a JSON summary on stdout (implies --quiet)")
+    g.add_argument("--fail-on", type=_csv, default=[], metavar="VERDICTS",
+                   help="exit 3 when a run's verdict at initialisation is one of these (vanishing,exploding)")
+
+    r = sub.add_parser("report", help="re-render the report of a saved run folder")
+    r.add_argument("folder", help="a folder written by 'gradscope profile' or attach(out=...)")
+    r.add_argument("--out", default=None, help="where to write the report (default: the folder itself)")
+
+    sub.add_parser("models", help="list the built-in networks")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        if args.command == "models":
+            return _models()
+        if args.command == "report":
+            return _report(args)
+        return _profile(args)
+    except GradscopeError as exc:
+        print(f"gradscope: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("gradscope: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def main_entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+# ---- commands -------------------------------------------------------------------------------------------------
+
+def _models() -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .models import available, build
+
+    table = Table(title="gradscope models (build(name, **options))")
+    for column in ("name", "family", "blocks", "parameters"):
+        table.add_column(column)
+    for name in available():
+        if name in ("plain", "resnet"):
+            table.add_row(name, "cifar", "6n", "any depth 6n+2: build(name, depth=...)")
+            continue
+        model = build(name, seed=0)
+        config = getattr(model, "gradscope_config", {})
+        count = sum(p.numel() for p in model.parameters())
+        table.add_row(name, str(config.get("family", "")), str(config.get("num_blocks", "")), f"{count / 1e6:.2f}M")
+    Console().print(table)
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from . import report as write_report
+    from .recorder import load
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise GradscopeError(f"no run folder at {str(folder)!r}; pass a folder written by gradscope profile")
+    records = folder / "records.parquet"
+    if records.exists():
+        from .reporting import read_records
+
+        frame = read_records(records)
+    else:
+        frame = load(folder)
+    path = write_report(frame, args.out or folder)
+    print(f"report written to {path}")
+    return EXIT_OK
+
+
+def _specs(args: argparse.Namespace):
+    from .models import available
+    from .study import DEFAULT_MODELS, RunSpec, grid
+
+    if args.model:
+        from .userload import load_factory
+
+        factory = load_factory(args.model)
+        shape = tuple(args.input_shape or (3, 32, 32))
+        return [RunSpec(model=args.model.rsplit(":", 1)[-1], bn=None, init=None, seed=s, factory=factory,
+                        input_shape=shape, blocks=_selector(args.blocks)) for s in args.seeds]
+    names = args.models or list(DEFAULT_MODELS)
+    if args.depths:
+        names = [f"{family}{depth}" if not family[-1].isdigit() else family for family in names for depth in args.depths]
+    known = set(available())
+    for name in names:
+        if name not in known and not name.rstrip("0123456789") in ("plain", "resnet"):
+            from .models import build
+
+            build(name)  # raises the registry's error, with close matches
+    bn = {"on": (True,), "off": (False,), "both": (True, False)}[args.bn]
+    specs = grid(names, bn=bn, seeds=args.seeds, shortcut=args.shortcut, init=args.init)
+    return [s if args.blocks == "auto" else _with_blocks(s, args.blocks) for s in specs]
+
+
+def _with_blocks(spec, blocks: str):
+    from dataclasses import replace
+
+    return replace(spec, blocks=_selector(blocks))
+
+
+def _selector(text: str) -> Any:
+    """'auto', a torch.nn class name (BatchNorm2d, nn.Conv2d), or a glob/regex on module names."""
+    from torch import nn
+
+    name = text[3:] if text.startswith("nn.") else text
+    candidate = getattr(nn, name, None)
+    if isinstance(candidate, type) and issubclass(candidate, nn.Module):
+        return candidate
+    return text
+
+
+def _data(args: argparse.Namespace, specs):
+    from .data import load_cifar10, synthetic
+
+    if args.data == "synthetic":
+        shape = specs[0].input_shape if specs and specs[0].factory is not None else (3, 32, 32)
+        if tuple(shape) == (3, 32, 32):
+            train, _ = synthetic(n_train=args.train_size, n_test=0, seed=0)
+            return train
+        from .userload import random_data
+
+        return random_data(specs[0], args.train_size)
+    train, _ = load_cifar10(args.data)
+    return train
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    out = Path(args.out) if args.out else Path("gradscope-report") / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise GradscopeError(f"cannot write to output folder {str(out)!r}: {exc.strerror or exc}; "
+                             f"pass --out with a folder you can write to") from exc
+    return out
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from .study import Settings, final_loss, resolve_device, run_study, total_steps
+
+    if args.steps < 0:
+        raise GradscopeError(f"--steps {args.steps} must be >= 0")
+    if args.lr <= 0 or not math.isfinite(args.lr):
+        raise GradscopeError(f"--lr {args.lr} must be a positive number")
+    unknown = [v for v in args.fail_on if v not in ("vanishing", "exploding", "unknown")]
+    if unknown:
+        raise GradscopeError(f"--fail-on {','.join(unknown)}: choose from vanishing, exploding, unknown")
+    quiet = args.quiet or args.json
+    device = resolve_device(args.device)
+    specs = _specs(args)
+    train_set = _data(args, specs)
+    if specs[0].factory is not None:
+        from .study import check_input
+
+        check_input(specs[0].build().to(device), (1,) + tuple(specs[0].input_shape), device)
+    out = _out_dir(args)
+    settings = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, every=args.every,
+                        init_batches=args.init_batches, device=str(device))
+    result = _run_with_progress(specs, train_set, settings, out, quiet)
+    return _finish(args, result, settings, out, quiet)
+
+
+def _run_with_progress(specs, train_set, settings, out: Path, quiet: bool):
+    from .study import run_study, total_steps
+
+    if quiet:
+        return run_study(specs, train_set, settings, out=out)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("starting", total=total_steps(specs, settings))
+        return run_study(specs, train_set, settings, out=out,
+                         on_step=lambda phase, n: progress.advance(task, n),
+                         on_run=lambda spec: progress.update(task, description=spec.name))
+
+
+def _finish(args: argparse.Namespace, result, settings, out: Path, quiet: bool) -> int:
+    from . import report as write_report
+    from .analysis import verdicts
+    from .claims import all_claims
+    from .study import INIT, TRAIN, final_loss
+
+    if result.frame.empty:
+        raise GradscopeError("nothing was recorded: no run finished a single step")
+    init = result.phase(INIT)
+    train = result.phase(TRAIN)
+    init_verdicts = verdicts(init, configs=result.configs)
+    losses = {run: final_loss(result.losses, run) for run in result.configs}
+    claims = all_claims(init_verdicts, losses, result.configs, settings.steps)
+    init.to_parquet(out / "init_records.parquet", index=False)
+    init_verdicts.to_csv(out / "init_verdicts.csv", index=False)
+    result.losses.to_csv(out / "losses.csv", index=False)
+    (out / "claims.md").write_text("# Claims checked\n\n" + "\n".join(f"- {c.line()}" for c in claims) + "\n")
+    summary = {"report": str(out), "interrupted": result.interrupted,
+               "claims": [c.__dict__ for c in claims],
+               "verdicts": json.loads(init_verdicts.to_json(orient="records")),
+               "final_loss": losses}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    report_frame = train if not train.empty else init
+    if args.format == "full":
+        write_report(report_frame, out, configs=result.configs,
+                     title="gradscope profile: " + ", ".join(result.configs))
+    else:
+        from .reporting import write_records
+
+        write_records(report_frame, out)
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        _print_results(init_verdicts, claims, out, quiet)
+    if result.interrupted:
+        print(f"gradscope: interrupted; records so far are in {out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    failing = sorted({(r["run"], r["signal"], r["verdict"]) for r in init_verdicts.to_dict("records")
+                      if r["verdict"] in args.fail_on})
+    if failing:
+        print("gradscope: --fail-on met: " + "; ".join(f"{r} {s} {v}" for r, s, v in failing), file=sys.stderr)
+        return EXIT_FAIL_ON
+    return EXIT_OK
+
+
+def _print_results(init_verdicts, claims, out: Path, quiet: bool) -> None:
+    from rich.console import Console
+
+    from .terminal import verdict_table
+
+    console = Console()
+    console.print(verdict_table(init_verdicts))
+    for claim in claims:
+        colour = {"yes": "green", "no": "red"}.get(claim.answer, "yellow")
+        console.print(f"[bold]{claim.statement}[/bold]: [{colour}]{claim.answer}[/{colour}] — {claim.evidence}",
+                      highlight=False)
+    console.print(f"report: {out / 'report.html'}")

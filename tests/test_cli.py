@@ -1,0 +1,125 @@
+"""The CLI through main(argv): every command, exit codes, and one clear line for each kind of bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from gradscope.cli import EXIT_FAIL_ON, EXIT_INTERRUPTED, EXIT_USAGE, main
+
+FIXTURE = Path(__file__).parent / "fixtures" / "user_models.py"
+FAST = ["--steps", "2", "--train-size", "64", "--batch-size", "16", "--init-batches", "1", "--quiet"]
+
+
+def test_default_models_end_to_end(tmp_path, capsys):
+    code = main(["profile", "--steps", "3", "--train-size", "128", "--out", str(tmp_path), "--batch-size", "16"])
+    assert code == 0
+    out = capsys.readouterr().out
+    for claim in ("BatchNorm keeps forward signals from vanishing", "BatchNorm keeps backward gradients",
+                  "Deeper plain nets train worse"):
+        assert claim in out
+    for name in ("report.html", "summary.md", "verdicts.csv", "records.parquet", "init_verdicts.csv", "claims.md",
+                 "losses.csv", "heatmap_grad_norm.png"):
+        assert (tmp_path / name).exists(), name
+    verdicts = pd.read_csv(tmp_path / "init_verdicts.csv")
+    assert set(verdicts.run) == {f"{m}-{b}" for m in ("plain20", "resnet20", "plain56", "resnet56") for b in ("bn", "nobn")}
+    losses = pd.read_csv(tmp_path / "losses.csv")
+    assert len(losses) == 8 * 3
+
+
+def test_json_output_and_user_model(tmp_path, capsys):
+    code = main(["profile", "--model", f"{FIXTURE}:tiny", "--input-shape", "3,8,8", "--json", "--out", str(tmp_path)]
+                + FAST)
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["report"] == str(tmp_path)
+    runs = {v["run"] for v in summary["verdicts"]}
+    assert runs == {"tiny"}
+    frame = pd.read_parquet(tmp_path / "records.parquet")
+    assert set(frame.block) == {"1", "3", "5"}  # the Linear layers: 'auto' falls back to leaves with parameters
+
+
+def test_module_path_factory_and_block_selector(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent))
+    code = main(["profile", "--model", "tests.fixtures.user_models:tiny", "--input-shape", "3,8,8",
+                 "--blocks", "nn.ReLU", "--format", "records", "--out", str(tmp_path)] + FAST)
+    assert code == 0
+    frame = pd.read_parquet(tmp_path / "records.parquet")
+    assert set(frame.kind) == {"ReLU"}
+
+
+def test_fail_on_exits_3_when_a_verdict_matches(tmp_path, capsys):
+    args = ["profile", "--models", "plain20", "--bn", "off", "--init", "xavier", "--out", str(tmp_path)] + FAST
+    assert main(args + ["--fail-on", "vanishing"]) == EXIT_FAIL_ON
+    assert "plain20-nobn-xavier forward vanishing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["profile", "--models", "resnet57"], "unknown model|not a known"),
+    (["profile", "--model", "nowhere/model.py:make"], "no such file 'nowhere/model.py'"),
+    (["profile", "--model", f"{FIXTURE}:missing"], "has no callable 'missing'"),
+    (["profile", "--model", f"{FIXTURE}:not_a_module"], "returned dict, not a torch.nn.Module"),
+    (["profile", "--model", f"{FIXTURE}:broken"], "raised RuntimeError: factory exploded"),
+    (["profile", "--model", "no_such_package.models:make"], "importing no_such_package.models failed"),
+    (["profile", "--model", f"{FIXTURE}:tiny", "--input-shape", "3,32,32"], "rejects inputs of shape"),
+    (["profile", "--data", "/no/such/cifar"], "cifar-10-batches-py|data_batch_1"),
+    (["profile", "--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["profile", "--lr", "-1"],
+     "no CUDA GPU|--lr"),
+    (["report", "/no/such/run"], "no run folder"),
+    (["profile", "--fail-on", "sometimes"], "--fail-on sometimes"),
+])
+def test_bad_input_gives_one_line_and_status_2(argv, message, capsys, tmp_path):
+    code = main(argv + ["--out", str(tmp_path / "o")] if argv[0] == "profile" else argv)
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gradscope: error: "), err
+    import re
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = main(["profile", "--out", str(blocker / "sub")] + FAST)
+    assert code == EXIT_USAGE
+    assert "cannot write to output folder" in capsys.readouterr().err
+
+
+def test_models_command_lists_the_zoo(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet110" in out and "0.27M" in out and "1.73M" in out
+
+
+def test_report_rerenders_a_saved_run(tmp_path, capsys):
+    assert main(["profile", "--model", f"{FIXTURE}:tiny", "--input-shape", "3,8,8", "--format", "records",
+                 "--out", str(tmp_path)] + FAST) == 0
+    assert not (tmp_path / "report.html").exists()
+    assert main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "report.html").exists()
+
+
+def test_ctrl_c_keeps_records_and_exits_130(tmp_path):
+    """A real SIGINT in the middle of training: the CLI writes what it has and exits 130."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "gradscope", "profile", "--models", "resnet56", "--bn", "on",
+                             "--steps", "400", "--train-size", "64", "--batch-size", "8", "--quiet",
+                             "--out", str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True)
+    parts = tmp_path / "records" / "resnet56-bn" / "train"
+    deadline = __import__("time").time() + 120
+    while __import__("time").time() < deadline and not list(parts.glob("part-*.parquet")):
+        __import__("time").sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "Traceback" not in err
+    frame = pd.read_parquet(tmp_path / "records.parquet")
+    assert frame.step.max() >= 9  # at least the first streamed part (10 recorded steps)

@@ -83,7 +83,7 @@ def _check_count(option: str, value: Any, minimum: int) -> int:
 
 
 def synthetic(n_train: int = 5000, n_test: int = 1000, *, seed: int = 0, num_classes: int = 10,
-              image_size: int = 32, channels: int = 3, noise: float = 1.5,
+              image_size: int = 32, channels: int = 3, noise: float = 1.5, clutter: float = 1.0,
               max_shift: int | None = None) -> tuple[TensorDataset, TensorDataset]:
     """A seeded CIFAR-shaped classification set: ``(train, test)`` TensorDatasets of (image, label).
 
@@ -91,8 +91,8 @@ def synthetic(n_train: int = 5000, n_test: int = 1000, *, seed: int = 0, num_cla
     balanced. Class ``k`` is a smooth template (unit RMS) shown at a random contrast in ``[0.5, 1.5)``,
     circularly shifted by up to ``max_shift`` pixels each way (default ``image_size // 2``: any position, so
     the class lies in the pattern and its colour rather than in where it sits), plus class-independent smooth
-    clutter (unit RMS on average) and Gaussian pixel noise of standard deviation ``noise``. At the defaults a
-    linear classifier reaches about 75% test accuracy and a small convolutional net more.
+    clutter (RMS ``clutter`` on average) and Gaussian pixel noise of standard deviation ``noise``. At the
+    defaults a linear classifier reaches about 75% test accuracy and a small convolutional net more.
 
     Both splits are normalised per channel with the training split's mean and standard deviation, so the
     training images have zero mean and unit variance per channel. The templates depend only on ``seed`` (and
@@ -104,16 +104,17 @@ def synthetic(n_train: int = 5000, n_test: int = 1000, *, seed: int = 0, num_cla
     _check_count("num_classes", num_classes, 2)
     _check_count("image_size", image_size, 1)
     _check_count("channels", channels, 1)
-    if not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
-        raise DataError(f"noise={noise!r} must be a finite number >= 0")
+    for option, value in (("noise", noise), ("clutter", clutter)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise DataError(f"{option}={value!r} must be a finite number >= 0")
     max_shift = image_size // 2 if max_shift is None else _check_count("max_shift", max_shift, 0)
     streams = torch.randint(2**62, (3,), generator=torch.Generator().manual_seed(seed)).tolist()
     shapes = torch.Generator().manual_seed(streams[0])
     templates = smooth_fields(num_classes, channels, image_size, shapes)
-    clutter = smooth_fields(_NUM_CLUTTER, channels, image_size, shapes)
+    clutter_fields = clutter * smooth_fields(_NUM_CLUTTER, channels, image_size, shapes)
     train_stream, test_stream = (torch.Generator().manual_seed(s) for s in streams[1:])
-    x_train, y_train = _samples(templates, clutter, n_train, noise, max_shift, train_stream)
-    x_test, y_test = _samples(templates, clutter, n_test, noise, max_shift, test_stream)
+    x_train, y_train = _samples(templates, clutter_fields, n_train, noise, max_shift, train_stream)
+    x_test, y_test = _samples(templates, clutter_fields, n_test, noise, max_shift, test_stream)
     mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
     std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-12)
     return TensorDataset((x_train - mean) / std, y_train), TensorDataset((x_test - mean) / std, y_test)
@@ -138,11 +139,12 @@ _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+    ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol 2
 }
 
 
 class _BatchUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays, lists and dicts only: a CIFAR batch needs nothing else, and pickle runs code."""
+    """Unpickles numpy arrays, lists, dicts and bytes only: a CIFAR batch needs nothing else, and pickle runs code."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED_GLOBALS:

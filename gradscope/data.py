@@ -82,7 +82,7 @@ def _check_count(option: str, value: Any, minimum: int) -> int:
     return value
 
 
-def synthetic(n_train: int = 5000, n_test: int = 1000, *, seed: int = 0, num_classes: int = 10,
+def synthetic(n_train: int = 5000, n_test: int = 1000, seed: int = 0, *, num_classes: int = 10,
               image_size: int = 32, channels: int = 3, noise: float = 1.5, clutter: float = 1.0,
               max_shift: int | None = None) -> tuple[TensorDataset, TensorDataset]:
     """A seeded CIFAR-shaped classification set: ``(train, test)`` TensorDatasets of (image, label).
@@ -120,7 +120,7 @@ def synthetic(n_train: int = 5000, n_test: int = 1000, *, seed: int = 0, num_cla
     return TensorDataset((x_train - mean) / std, y_train), TensorDataset((x_test - mean) / std, y_test)
 
 
-def loaders(train_ds: TensorDataset, test_ds: TensorDataset, batch_size: int = 128, *, seed: int = 0,
+def loaders(train_ds: TensorDataset, test_ds: TensorDataset, batch_size: int = 128, seed: int = 0, *,
             shuffle: bool = True, num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
     """``(train, test)`` DataLoaders: the training one reshuffles every epoch from ``seed``, the test one keeps order.
 

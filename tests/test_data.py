@@ -64,10 +64,11 @@ def test_test_split_does_not_depend_on_the_training_size():
 
 
 def test_fast():
+    """2,000 images well under a second of CPU (CPU time, so that a busy runner does not make it flaky)."""
     synthetic(10, 10)  # warm up torch's kernels
-    start = time.perf_counter()
+    start = time.process_time()
     synthetic(2000, 0)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 0.6
 
 
 def test_each_class_is_one_template_shifted_and_rescaled():

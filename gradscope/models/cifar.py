@@ -25,7 +25,8 @@ from torch import nn
 
 from gradscope.errors import ModelError
 from gradscope.models.blocks import PadShortcut, PlainBlock, ResidualBlock
-from gradscope.models.init import SCHEMES, check_choice, init_weights, zero_init_last
+from gradscope.models.init import SCHEMES, init_weights, zero_init_last
+from gradscope.models.options import check_bool, check_choice, check_positive
 
 SHORTCUTS = ("A", "B", "C")
 #: Depths named in the paper (Table 6): n = 3, 5, 7, 9, 18.
@@ -123,11 +124,6 @@ class CifarNet(nn.Module):
         return self.head(x)
 
 
-def _check_positive(option: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ModelError(f"{option}={value!r} must be a positive integer")
-    return value
-
 
 def cifar_net(depth: int, *, residual: bool, bn: bool = True, shortcut: str = "A", preact: bool = False,
               init: str = "kaiming", zero_init_last_layer: bool = False, width: int = 16,
@@ -139,14 +135,16 @@ def cifar_net(depth: int, *, residual: bool, bn: bool = True, shortcut: str = "A
     n = blocks_per_stage(depth)
     check_choice("init", init, SCHEMES)
     for option, value in (("width", width), ("num_classes", num_classes), ("in_channels", in_channels)):
-        _check_positive(option, value)
+        check_positive(option, value)
+    for option, value in (("bn", bn), ("preact", preact), ("zero_init_last", zero_init_last_layer)):
+        check_bool(option, value)
     if residual:
         shortcut = check_choice("shortcut", shortcut.upper() if isinstance(shortcut, str) else shortcut,
                                 SHORTCUTS)
     if zero_init_last_layer and not residual:
         raise ModelError("zero_init_last=True needs residual blocks: a plain block whose last layer is zero "
                          "outputs zeros and cuts the signal; use a resnet or drop the option")
-    model = CifarNet(depth, residual=residual, bn=bool(bn), shortcut=shortcut, preact=bool(preact),
+    model = CifarNet(depth, residual=residual, bn=bn, shortcut=shortcut, preact=preact,
                      width=width, num_classes=num_classes, in_channels=in_channels)
     init_weights(model, init, "relu", classifier=model.head.fc)
     if zero_init_last_layer:

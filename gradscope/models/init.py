@@ -20,19 +20,13 @@ from collections.abc import Iterable
 from torch import nn
 
 from gradscope.errors import ModelError
+from gradscope.models.options import check_choice
 
 SCHEMES = ("kaiming", "xavier", "orthogonal")
 ACTIVATIONS = ("relu", "tanh", "linear")
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _WEIGHTED = (nn.Conv2d, nn.Linear)
-
-
-def check_choice(option: str, value: object, choices: tuple[str, ...]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise a ModelError naming the option and the choices."""
-    if value not in choices:
-        raise ModelError(f"{option}={value!r} is not supported; use one of {', '.join(map(repr, choices))}")
-    return value  # type: ignore[return-value]
 
 
 def init_layer(weight_module: nn.Module, scheme: str, nonlinearity: str) -> None:

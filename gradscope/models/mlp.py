@@ -19,7 +19,8 @@ from torch import nn
 
 from gradscope.errors import ModelError
 from gradscope.models.blocks import PlainBlock, ResidualBlock
-from gradscope.models.init import ACTIVATIONS, SCHEMES, check_choice, init_weights
+from gradscope.models.init import ACTIVATIONS, SCHEMES, init_weights
+from gradscope.models.options import check_bool, check_choice, check_positive
 
 _ACTIVATION_MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh, "linear": nn.Identity}
 
@@ -60,11 +61,6 @@ class MLP(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
-def _check_positive(option: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ModelError(f"{option}={value!r} must be a positive integer")
-    return value
-
 
 def mlp(depth: int = 20, width: int = 256, in_features: int = 3 * 32 * 32, num_classes: int = 10, *,
         bn: bool = False, residual: bool = False, activation: str = "relu", init: str = "kaiming") -> MLP:
@@ -76,10 +72,12 @@ def mlp(depth: int = 20, width: int = 256, in_features: int = 3 * 32 * 32, num_c
     """
     for option, value in (("depth", depth), ("width", width), ("in_features", in_features),
                           ("num_classes", num_classes)):
-        _check_positive(option, value)
+        check_positive(option, value)
+    check_bool("bn", bn)
+    check_bool("residual", residual)
     check_choice("activation", activation, ACTIVATIONS)
     check_choice("init", init, SCHEMES)
-    model = MLP(depth, width, in_features, num_classes, bn=bool(bn), residual=bool(residual),
+    model = MLP(depth, width, in_features, num_classes, bn=bn, residual=residual,
                 activation=activation)
     init_weights(model, init, activation, classifier=model.head.fc)
     model.gradscope_config = {

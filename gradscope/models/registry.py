@@ -39,10 +39,12 @@ def _close_matches(word: str, choices: list[str]) -> str:
 
 def _resolve(name: str) -> tuple[Callable[..., nn.Module], dict[str, Any]]:
     """The builder and fixed options of ``name``; a ModelError that suggests close names otherwise."""
-    key = name.lower() if isinstance(name, str) else name
+    if not isinstance(name, str):
+        raise ModelError(f"model name {name!r} must be a string; available: {', '.join(available())}")
+    key = name.lower()
     if key not in _REGISTRY:
         names = available()
-        raise ModelError(f"unknown model {name!r}; {_close_matches(str(name).lower(), names)}"
+        raise ModelError(f"unknown model {name!r}; {_close_matches(key, names)}"
                          f"available: {', '.join(names)}")
     family, fixed = _REGISTRY[key]
     return _FAMILIES[family], fixed

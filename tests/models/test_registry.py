@@ -94,6 +94,8 @@ def test_unknown_name_suggests_close_ones(bad, suggestion):
 
 def test_names_are_case_insensitive():
     assert build("ResNet20", seed=0).gradscope_config["name"] == "resnet20"
+    with pytest.raises(ModelError, match="must be a string"):
+        build(20)
 
 
 @pytest.mark.parametrize("name, options, words", [
@@ -108,6 +110,8 @@ def test_names_are_case_insensitive():
     ("mlp", {"width": 0}, ["width=0"]),
     ("resnet20", {"seed": "0"}, ["seed='0'"]),
     ("plain20", {"zero_init_last": True}, ["'zero_init_last'"]),
+    ("resnet20", {"bn": "False"}, ["bn='False'", "True or False"]),
+    ("mlp", {"residual": 1}, ["residual=1"]),
 ])
 def test_bad_options_are_refused_with_the_value_and_the_fix(name, options, words):
     with pytest.raises(ModelError) as caught:

@@ -113,27 +113,34 @@ def _depth_pairs(configs: Dict[str, Dict[str, Any]]) -> Dict[Tuple[bool, bool], 
 
 def degradation_claim(final_losses: Dict[str, float], configs: Dict[str, Dict[str, Any]], steps: int,
                       margin: float = LOSS_MARGIN) -> Claim:
-    """Deeper plain nets train worse (degradation) while deeper residual nets do not, from final training losses."""
+    """Deeper plain nets train worse (degradation), from final training losses of shallow/deep pairs.
+
+    The answer comes from the BatchNorm pairs when there are any (the paper's plain nets have BN), else from the
+    pairs without BN: ``yes`` when the deeper plain net's loss is above the shallower one's by more than ``margin``,
+    ``no`` when it is not, ``unclear`` without a finite pair. The evidence also says how the residual pairs fared.
+    """
     statement = "Deeper plain nets train worse (degradation)"
     pairs = _depth_pairs(configs)
-    texts, plain_worse, residual_ok = [], [], []
+    texts: List[str] = []
+    verdicts: Dict[Tuple[bool, bool], bool] = {}
     for (residual, bn), (shallow, deep) in sorted(pairs.items(), key=lambda kv: (not kv[0][1], kv[0][0])):
         ls, ld = final_losses.get(shallow, math.nan), final_losses.get(deep, math.nan)
         texts.append(f"{deep} loss {_fmt(ld)} vs {shallow} {_fmt(ls)}")
-        if math.isnan(ls) or math.isnan(ld):
-            continue
-        if residual:
-            residual_ok.append(ld <= ls + margin)
-        else:
-            plain_worse.append(ld > ls + margin)
-    if not plain_worse:
-        return Claim("degradation", statement, UNCLEAR,
-                     ("; ".join(texts) + f" after {steps} steps") if texts else "needs plain nets at two depths")
-    answer = YES if all(plain_worse) else (NO if not any(plain_worse) else UNCLEAR)
-    text = "; ".join(texts) + f" after {steps} steps (mean of the last 5 steps)"
-    if residual_ok:
-        text += "; the deeper residual net trains " + ("at least as well" if all(residual_ok) else "worse too")
-    return Claim("degradation", statement, answer, text)
+        if not (math.isnan(ls) or math.isnan(ld)):
+            verdicts[(residual, bn)] = ld > ls + margin
+    evidence = ("; ".join(texts) + f" after {steps} steps (mean of the last 5)") if texts else \
+        "needs plain nets at two depths"
+    bn_key = True if (False, True) in verdicts else False
+    plain = verdicts.get((False, bn_key))
+    if plain is None:
+        return Claim("degradation", statement, UNCLEAR, evidence)
+    answer = YES if plain else NO
+    residual = verdicts.get((True, bn_key))
+    setting = "with BN" if bn_key else "without BN"
+    if residual is not None:
+        evidence += (f"; {setting}, the deeper residual net " +
+                     ("trains worse too" if residual else "trains at least as well as the shallower one"))
+    return Claim("degradation", statement, answer, evidence)
 
 
 def all_claims(verdicts: Any, final_losses: Dict[str, float], configs: Dict[str, Dict[str, Any]],

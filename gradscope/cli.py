@@ -238,19 +238,39 @@ def _profile(args: argparse.Namespace) -> int:
     unknown = [v for v in args.fail_on if v not in ("vanishing", "exploding", "unknown")]
     if unknown:
         raise GradscopeError(f"--fail-on {','.join(unknown)}: choose from vanishing, exploding, unknown")
-    quiet = args.quiet or args.json
     device = resolve_device(args.device)
+    rank = _init_distributed(device)
+    quiet = args.quiet or args.json or rank != 0
     specs = _specs(args)
     train_set = _data(args, specs)
     if specs[0].factory is not None:
         from .study import check_input
 
         check_input(specs[0].build().to(device), (1,) + tuple(specs[0].input_shape), device)
-    out = _out_dir(args)
+    out = _out_dir(args) if rank == 0 else None
     settings = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, every=args.every,
                         init_batches=args.init_batches, device=str(device))
     result = _run_with_progress(specs, train_set, settings, out, quiet)
+    if rank != 0:  # every rank holds the global frame; rank 0 alone writes and prints
+        return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
     return _finish(args, result, settings, out, quiet)
+
+
+def _init_distributed(device) -> int:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA); returns the rank."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank()
 
 
 def _run_with_progress(specs, train_set, settings, out: Path, quiet: bool):

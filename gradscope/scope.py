@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -43,6 +44,7 @@ class Scope:
         self._on_nonfinite = on_nonfinite
         self._nonfinite: Dict[str, Tuple[int, str]] = {}
         self._warned = False
+        self._warned_silent = False
         self._attached = False
         self._opt_handles: List[Any] = []
         self._snapshot: Optional[Tuple[int, List[torch.Tensor]]] = None
@@ -68,6 +70,13 @@ class Scope:
         """Close the current step: parameter statistics, one transfer of the buffer, then the next step begins."""
         rec = self._rec
         if rec.active:
+            if not any(c for c in rec.calls) and not self._warned_silent:
+                self._warned_silent = True
+                warnings.warn(
+                    f"gradscope: no hooked block ran during recorded step {rec.step}. If the model was "
+                    f"torch.compile-d before attach(), its hooks are ignored: attach first, then compile; "
+                    f"otherwise check that this scope is attached to the model you train.",
+                    RuntimeWarning, stacklevel=2)
             if self._metrics.params:
                 self._record_params(rec.step)
             self._flush()

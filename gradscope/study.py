@@ -170,15 +170,16 @@ def measure_run(spec: RunSpec, batches: Iterator[Any], settings: Settings, devic
     """
     import pandas as pd
 
-    model = spec.build().to(device)
-    model.train()
-    config = _config_of(spec, model)
+    net = spec.build().to(device)
+    net.train()
+    config = _config_of(spec, net)
+    model, shard = _distribute(net, device)
     frames, losses = [], []
     loss_fn = nn.CrossEntropyLoss()
     with attach(model, blocks=spec.blocks, on_nonfinite="ignore",
                 out=None if out is None else out / "init") as scope:
         for _ in range(settings.init_batches):
-            x, y = (t.to(device) for t in next(batches))
+            x, y = shard(next(batches))
             loss_fn(first_tensor(model(x)), y).backward()
             scope.step()
             model.zero_grad(set_to_none=True)
@@ -192,7 +193,7 @@ def measure_run(spec: RunSpec, batches: Iterator[Any], settings: Settings, devic
         with attach(model, blocks=spec.blocks, every=settings.every, optimizer=opt, on_nonfinite="ignore",
                     out=None if out is None else out / "train") as scope:
             for step in range(settings.steps):
-                x, y = (t.to(device) for t in next(batches))
+                x, y = shard(next(batches))
                 logits = first_tensor(model(x))
                 loss = loss_fn(logits, y)
                 loss.backward()
@@ -200,7 +201,8 @@ def measure_run(spec: RunSpec, batches: Iterator[Any], settings: Settings, devic
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 accuracy = (logits.argmax(1) == y).float().mean()
-                losses.append((spec.name, step, float(loss.detach()), float(accuracy)))
+                loss_value, accuracy_value = _global_mean(torch.stack([loss.detach(), accuracy]))
+                losses.append((spec.name, step, loss_value, accuracy_value))
                 if on_step:
                     on_step(TRAIN, 1)
     finally:
@@ -211,6 +213,30 @@ def measure_run(spec: RunSpec, batches: Iterator[Any], settings: Settings, devic
         if sink is not None:
             sink.append(result)
     return result
+
+
+def _distribute(model: nn.Module, device: torch.device):
+    """Under ``torchrun``: wrap in DDP and give each rank its slice ``rank::world`` of every global batch."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return model, lambda batch: tuple(t.to(device) for t in batch)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ids = [device.index] if device.type == "cuda" else None
+    wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return wrapped, lambda batch: tuple(t[rank::world].to(device) for t in batch)
+
+
+def _global_mean(values: torch.Tensor) -> Tuple[float, float]:
+    """Mean over ranks of per-rank means (equal shards): the global batch's loss and accuracy."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    first, second = values.tolist()
+    return first, second
 
 
 def run_study(specs: Sequence[RunSpec], train_set: Any, settings: Settings = Settings(),

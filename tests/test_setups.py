@@ -1,0 +1,152 @@
+"""Real training setups: gradient accumulation, mixed precision, activation checkpointing, torch.compile."""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import gradscope
+from tests import nets
+from tests.reference import assert_matches, measured, reference_metrics
+
+
+def _frame(model, run, steps=1, **kw):
+    with gradscope.attach(model, **kw) as scope:
+        for _ in range(steps):
+            run(model)
+            scope.step()
+        return scope.frame()
+
+
+def test_gradient_accumulation_records_each_micro_batch_as_a_call():
+    """A step is one optimizer step; micro-batch k is call k; parameter gradients are the accumulated ones."""
+    torch.manual_seed(0)
+    model = nets.mlp()
+    batches = [torch.randn(8, 12) for _ in range(3)]
+    frame = _frame(copy.deepcopy(model), lambda m: [m(x).pow(2).mean().backward() for x in batches])
+    for k, x in enumerate(batches):
+        want = reference_metrics(model, ["2"], lambda m, x=x: m(x).pow(2).mean())
+        got = measured(frame)
+        for (block, _, metric), value in want.items():
+            if metric in ("param_norm", "param_grad_norm"):
+                continue
+            assert got[(block, k, metric)] == pytest.approx(value, rel=1e-5, abs=1e-7), (k, metric)
+    full = copy.deepcopy(model)
+    sum(full(x).pow(2).mean() for x in batches).backward()
+    accumulated = torch.cat([p.grad.flatten() for p in full[2].parameters()]).norm().item()
+    got = frame[(frame.block == "2") & (frame.metric == "param_grad_norm")].value.item()
+    assert got == pytest.approx(accumulated, rel=1e-5)
+
+
+def test_bf16_autocast_statistics_match_float32_of_the_same_tensors():
+    torch.manual_seed(0)
+    model = nets.conv_bn_net()
+    x = torch.randn(8, 3, 8, 8) * 100.0
+
+    def run(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        return out.float().sum()
+
+    frame, names = None, [s.name for s in gradscope.find_blocks(model)]
+    frame = _frame(copy.deepcopy(model), lambda m: run(m).backward())
+    want = reference_metrics(model, names, run)
+    # the references see the same bf16 tensors, reduced in float64: float32 reductions agree to 1e-5
+    assert_matches(measured(frame), want, rtol=1e-4)
+    assert frame.value.map(math.isfinite).all()
+
+
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler appeared in torch 2.3")
+def test_grad_scaler_values_are_reported_unscaled():
+    torch.manual_seed(0)
+    model = nets.mlp()
+    x = torch.randn(16, 12)
+    plain = _frame(copy.deepcopy(model), lambda m: m(x).pow(2).mean().backward())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaled_model = copy.deepcopy(model)
+    frame = _frame(scaled_model, lambda m: scaler.scale(m(x).pow(2).mean()).backward(), scaler=scaler)
+    for metric in ("grad_norm", "grad_in_norm", "param_grad_norm"):
+        a = plain[plain.metric == metric].value.to_numpy()
+        b = frame[frame.metric == metric].value.to_numpy()
+        assert len(a) == len(b) > 0
+        assert b == pytest.approx(a, rel=1e-5), metric
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(nets.ConvBNReLU(3 if i == 0 else 8, 8) for i in range(4))
+        self.head = nn.Linear(8, 5)
+        self.reentrant = reentrant
+        self.use_checkpoint = True
+
+    def forward(self, x):
+        for block in self.blocks:
+            if self.use_checkpoint:
+                x = checkpoint(block, x, use_reentrant=self.reentrant)
+            else:
+                x = block(x)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_counts_recomputed_forwards_once(reentrant):
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant)
+    x = torch.randn(4, 3, 8, 8, requires_grad=reentrant)  # reentrant checkpointing needs an input that requires grad
+    run = lambda m: m(x).logsumexp(1).sum().backward()
+    eager = copy.deepcopy(model)
+    eager.use_checkpoint = False
+    want = _frame(eager, run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = _frame(copy.deepcopy(model), run)
+    assert (got.call == 0).all()
+    key = ["step", "block", "call", "metric"]
+    merged = want.merge(got, on=key, how="outer", suffixes=("_eager", "_ckpt"), indicator=True)
+    assert (merged["_merge"] == "both").all(), merged[merged["_merge"] != "both"]
+    assert merged.value_ckpt.to_numpy() == pytest.approx(merged.value_eager.to_numpy(), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_attach_then_compile_gives_eager_numbers(backend):
+    torch.manual_seed(0)
+    model = nets.mlp()
+    xs = [torch.randn(16, 12) for _ in range(4)]
+    eager = copy.deepcopy(model)
+    with gradscope.attach(eager, every=2) as scope:
+        for x in xs:
+            eager(x).pow(2).mean().backward()
+            scope.step()
+        want = scope.frame()
+    compiled_src = copy.deepcopy(model)
+    with gradscope.attach(compiled_src, every=2) as scope:
+        compiled = torch.compile(compiled_src, backend=backend)
+        for x in xs:
+            compiled(x).pow(2).mean().backward()
+            scope.step()
+        got = scope.frame()
+    assert sorted(got.step.unique()) == [0, 2]
+    merged = want.merge(got, on=["step", "block", "call", "metric"], suffixes=("_eager", "_compiled"))
+    assert len(merged) == len(want) == len(got)
+    assert merged.value_compiled.to_numpy() == pytest.approx(merged.value_eager.to_numpy(), rel=1e-4, abs=1e-6)
+
+
+def test_attaching_to_a_compiled_module_explains_the_order():
+    compiled = torch.compile(nets.mlp(), backend="aot_eager")
+    with pytest.raises(gradscope.GradscopeError, match="Attach first, then compile"):
+        gradscope.attach(compiled)
+
+
+def test_a_recorded_step_where_no_block_ran_warns():
+    model = nets.mlp()
+    other = nets.mlp()
+    with gradscope.attach(model) as scope:
+        other(torch.randn(2, 12)).sum().backward()  # the user trains a different object
+        with pytest.warns(RuntimeWarning, match="no hooked block ran during recorded step 0"):
+            scope.step()

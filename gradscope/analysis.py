@@ -48,8 +48,10 @@ Layout (long format)
 One row per run x signal (x step for ``step="all"``/int), columns :data:`VERDICT_COLUMNS` then the run's config
 columns when the frame has them. ``step`` is a nullable integer, ``<NA>`` for rows averaged over steps.
 Frames without a ``run`` column are one run named :data:`DEFAULT_RUN`.
-Theory columns (``predicted_factor``, ``measured_factor``, ``agrees``, ``reference``, ``theory_note``) come from
-:func:`gradscope.theory.predict` when a config is known (frame config columns or ``configs``).
+Theory columns come from :mod:`gradscope.agreement` when a run's config is known (``configs={run: config}`` or
+the frame's config columns): ``predicted_factor`` and ``measured_factor`` (the same quantity as ``factor``, but
+fitted within stages, one intercept per stage, so stage boundaries do not enter the rate), ``agrees`` (nullable
+boolean), ``reference`` and ``theory_note`` (agreement with its tolerance, where they part, or "no theory").
 """
 from __future__ import annotations
 
@@ -305,7 +307,7 @@ def verdicts(frame: pd.DataFrame, *, step: StepArg = None, vanish: float = VANIS
     ``step``: None (geometric mean per block over all steps), "all", "first", "last" or a recorded step.
     ``vanish``/``explode``: thresholds on the end-to-end ratio (far end / near end), defaults 0.01 and 100.
     ``configs``: ``{run: gradscope_config}`` for theory predictions; otherwise the frame's config columns are
-    used when present. ``theory=False`` skips predictions. ``agree_tol``: see :func:`gradscope.theory.agreement`.
+    used when present. ``theory=False`` skips predictions. ``agree_tol``: see :mod:`gradscope.agreement`.
     Columns: see the module docstring and :data:`VERDICT_COLUMNS`.
     """
     if not (0 < vanish < 1 < explode):
@@ -332,7 +334,7 @@ def verdicts(frame: pd.DataFrame, *, step: StepArg = None, vanish: float = VANIS
     out = out.reset_index(drop=True)
     out = _attach_config(out, frame)
     if theory:
-        from .theory import annotate  # pure python; imported here to keep the layering visible
+        from .agreement import annotate  # theory beside measurement; imported here to keep the layering visible
         out = annotate(out, frame, configs=configs, agree_tol=agree_tol)
     return out
 
@@ -380,7 +382,10 @@ def sentence(row: Union[Mapping[str, Any], pd.Series]) -> str:
         text += f"; zero at {r.get(MIN_BLOCK)}"
     pred = r.get(PREDICTED_FACTOR)
     if pred is not None and not pd.isna(pred):
-        agrees = r.get(AGREES)
+        agrees, measured = r.get(AGREES), r.get(MEASURED_FACTOR)
         judged = "" if agrees is None or pd.isna(agrees) else ", agreeing" if bool(agrees) else ", NOT agreeing"
-        text += f"; theory predicts x{_fmt_factor(float(pred))} per block ({r.get(REFERENCE)}){judged}"
+        cite = str(r.get(REFERENCE) or "theory").split(" (")[0]
+        text += (f"; theory ({cite}) predicts x{_fmt_factor(float(pred))} per block against a measured "
+                 f"x{_fmt_factor(float(measured))}{' within stages' if abs(measured - r[FACTOR]) > 1e-9 else ''}"
+                 f"{judged}")
     return text + "."

@@ -59,6 +59,15 @@ def run_colors(runs: Sequence[str]) -> dict[str, tuple]:
     return {r: tuple(palette[i]) for i, r in enumerate(runs)}
 
 
+def text_color(color: tuple) -> tuple:
+    """A run's colour darkened for text (titles, tick labels) so light palette entries stay readable."""
+    return tuple(0.7 * c for c in color[:3])
+
+
+def _cbar_label(metric: str) -> str:
+    return f"log10 {metric}\n({metric_label(metric)})"
+
+
 def _rows(frame: pd.DataFrame, metric: str, run: Optional[str]) -> pd.DataFrame:
     f = A._with_run(frame)
     f = f[f[S.METRIC] == metric]
@@ -173,7 +182,7 @@ def heatmap(frame: pd.DataFrame, metric: str, ax: "Axes", *, run: Optional[str] 
             title: Optional[str] = None) -> "Axes":
     """Block x step heatmap of ``log10(metric)`` for one run; blocks in depth order, input side at the top."""
     m = heatmap_matrix(frame, metric, run=run)
-    _draw_log_heatmap(m, ax, vmin, vmax, cbar, f"log10 {metric}  [{metric_label(metric)}]")
+    _draw_log_heatmap(m, ax, vmin, vmax, cbar, _cbar_label(metric))
     name = run if run is not None else A.run_names(frame)[0]
     ax.set_title(title or f"{metric} by block and step — {name}", fontsize=10)
     ax.set_xlabel("training step")
@@ -187,16 +196,17 @@ def runs_heatmap(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepAr
                  colors: Optional[Mapping[str, tuple]] = None, cbar: bool = True) -> "Axes":
     """Depth x run heatmap of ``log10(metric)`` at one step; blocks of different runs aligned by depth."""
     m = runs_matrix(frame, metric, step=step)
-    _draw_log_heatmap(m, ax, None, None, cbar, f"log10 {metric}  [{metric_label(metric)}]")
+    _draw_log_heatmap(m, ax, None, None, cbar, _cbar_label(metric))
     st = chosen_step(frame, metric, step)
-    ax.set_title(f"{metric} by depth and run — step {st if st is not None else step}", fontsize=10)
+    masked = " (hatched: block absent or value not positive)" if log10_matrix(m).mask.any() else ""
+    ax.set_title(f"log10 {metric} by depth and run — step {st if st is not None else step}{masked}", fontsize=10)
     ax.set_xlabel("run")
     ax.set_ylabel("block depth (0 = first block, input at top)")
     _set_ticks(ax, [str(d) for d in m.index], "y")
     ax.set_xticks([i + 0.5 for i in range(m.shape[1])], list(m.columns), rotation=30, ha="right", fontsize=8)
     colors = colors or run_colors(A.run_names(frame))
     for lab in ax.get_xticklabels():
-        lab.set_color(colors.get(lab.get_text(), "black"))
+        lab.set_color(text_color(colors.get(lab.get_text(), (0, 0, 0))))
     return ax
 
 
@@ -240,6 +250,7 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
     runs = A.run_names(frame)
     colors = colors or run_colors(runs)
     markers = "osD^v<>phX*"
+    drew_theory = False
     for i, run in enumerate([r for r in runs if r in set(pm[S.RUN])]):
         g = pm[pm[S.RUN] == run]
         ax.plot(g[S.DEPTH], g["plotted"], color=colors[run], lw=1.6, marker=markers[i % len(markers)], ms=3.5,
@@ -248,7 +259,8 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
         if ref is not None and pred is not None and len(pred):
             depths = list(g[S.DEPTH]) if ref == "first" else list(g[S.DEPTH])[::-1]
             k = min(len(depths), len(pred))
-            ax.plot(depths[:k], list(pred)[:k], color=colors[run], lw=1.2, ls="--", label=f"{run} (theory)")
+            ax.plot(depths[:k], list(pred)[:k], color=colors[run], lw=1.2, ls="--", label=f"_{run} (theory)")
+            drew_theory = True
     ax.set_yscale("log")
     ax.set_xlabel("block depth (0 = first block, input side)")
     where = {"first": "the first block", "last": "the last block"}.get(ref or "", "")
@@ -259,6 +271,10 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
         ax.axhline(vanish, color="black", lw=1.0, ls="-.", label=f"vanishing threshold (x{vanish:g})")
     else:
         ax.set_ylabel(f"{metric}  [{metric_label(metric)}]  (log scale)")
+    if drew_theory:
+        from matplotlib.lines import Line2D
+
+        ax.add_line(Line2D([], [], color="0.3", ls="--", lw=1.2, label="theory (dashed, in the run's colour)"))
     how = "geometric mean over steps" if step is None else f"step {step}"
     direction = {S.ACT_VAR: "forward signal", S.GRAD_NORM: "backward gradient"}.get(metric, metric)
     ax.set_title(f"{direction}: {metric} across depth ({how}); runs: {', '.join(runs[:4])}"
@@ -291,12 +307,12 @@ def heatmap_figure(frame: pd.DataFrame, metric: str, *, colors: Optional[Mapping
                              layout="constrained")
     for ax, run in zip(axes.flat, runs):
         heatmap(frame, metric, ax, run=run, vmin=vmin, vmax=vmax, cbar=False)
-        ax.title.set_color(colors[run])
+        ax.title.set_color(text_color(colors[run]))
     for ax in list(axes.flat)[len(runs):]:
         ax.remove()
     used = list(axes.flat)[:len(runs)]
     cb = fig.colorbar(used[0].collections[0], ax=used, shrink=0.6, pad=0.01)
-    cb.set_label(f"log10 {metric}  [{metric_label(metric)}]")
+    cb.set_label(_cbar_label(metric))
     masked = any(log10_matrix(m).mask.any() for m in mats.values())
     if len(runs) > 1 or masked:
         fig.suptitle(f"log10 {metric} per block and step, {len(runs)} runs, one colour scale"

@@ -148,7 +148,7 @@ def draw_figures(frame: pd.DataFrame, out: Path, *, configs: Optional[Mapping[st
     not be drawn and why.
     """
     from . import plots as P
-    from . import theory as T
+    from .agreement import predicted_profiles
 
     P.use_agg()
     runs = A.run_names(frame)
@@ -170,7 +170,7 @@ def draw_figures(frame: pd.DataFrame, out: Path, *, configs: Optional[Mapping[st
             figures.append({"file": names[2], "metric": metric,
                             "caption": f"log10 {metric} by depth (rows) and run (columns) at step "
                                        f"{P.chosen_step(frame, metric, runs_step)}."})
-        predicted = T.predicted_profiles(frame, metric, configs=configs)
+        predicted = predicted_profiles(frame, metric, configs=configs)
         _save(P.profile_figure(frame, metric, step=step, vanish=vanish, explode=explode, colors=colors,
                                predicted=predicted), out / names[1], dpi)
         ref = P.REFERENCE_END.get(metric)
@@ -192,7 +192,7 @@ def _num(x: Any, fmt: str = ".3g") -> str:
 def verdict_rows(v: pd.DataFrame) -> list[list[str]]:
     """The verdict table as text cells (header first), shared by summary.md and report.html."""
     head = ["run", "step", "signal", "verdict", "per block", "R²", "end to end", "min (block)", "max (block)",
-            "theory", "agrees"]
+            "theory vs measured*", "agrees"]
     rows = [head]
     for _, r in v.iterrows():
         st = "" if pd.isna(r[S.STEP]) else str(int(r[S.STEP]))
@@ -200,7 +200,8 @@ def verdict_rows(v: pd.DataFrame) -> list[list[str]]:
         rows.append([str(r[S.RUN]), st or "all (geo. mean)", f"{r[A.SIGNAL]} ({r[S.METRIC]})", str(r[A.VERDICT]),
                      _num(r[A.FACTOR]), _num(r[A.R2], ".2f"), _num(r[A.END_TO_END]),
                      f"{_num(r[A.MIN_VALUE])} ({r[A.MIN_BLOCK]})", f"{_num(r[A.MAX_VALUE])} ({r[A.MAX_BLOCK]})",
-                     _num(r.get(A.PREDICTED_FACTOR)),
+                     "—" if pd.isna(r.get(A.PREDICTED_FACTOR)) else
+                     f"{_num(r.get(A.PREDICTED_FACTOR))} vs {_num(r.get(A.MEASURED_FACTOR))}",
                      "—" if agrees is None or pd.isna(agrees) else ("yes" if bool(agrees) else "no")])
     return rows
 

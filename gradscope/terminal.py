@@ -32,7 +32,8 @@ def _where(value: Any, block: Any) -> str:
 def verdict_table(verdicts: pd.DataFrame, *, title: Optional[str] = "gradscope verdicts") -> Table:
     """One table row per verdict row: run, [step], signal, verdict, per-block factor, R², end to end, extremes.
 
-    Theory columns appear when any row has a prediction. Numbers use 3 significant digits.
+    Theory columns appear when any row has a prediction: the predicted per-block factor, the measured one fitted
+    the same way (``measured*``: within stages, see :mod:`gradscope.agreement`) and whether they agree.
     """
     per_step = S.STEP in verdicts.columns and verdicts[S.STEP].notna().any()
     theory = A.PREDICTED_FACTOR in verdicts.columns and verdicts[A.PREDICTED_FACTOR].notna().any()
@@ -49,6 +50,7 @@ def verdict_table(verdicts: pd.DataFrame, *, title: Optional[str] = "gradscope v
     table.add_column("max @ block")
     if theory:
         table.add_column("theory", justify="right")
+        table.add_column("measured*", justify="right")
         table.add_column("agrees")
     for _, r in verdicts.iterrows():
         verdict = str(r[A.VERDICT])
@@ -61,7 +63,9 @@ def verdict_table(verdicts: pd.DataFrame, *, title: Optional[str] = "gradscope v
                   _where(r[A.MIN_VALUE], r[A.MIN_BLOCK]), _where(r[A.MAX_VALUE], r[A.MAX_BLOCK])]
         if theory:
             pred, agrees = r.get(A.PREDICTED_FACTOR), r.get(A.AGREES)
+            meas = r.get(A.MEASURED_FACTOR)
             cells.append("—" if pred is None or pd.isna(pred) else f"x{A._fmt_factor(float(pred))}")
+            cells.append("—" if meas is None or pd.isna(meas) else f"x{A._fmt_factor(float(meas))}")
             cells.append("—" if agrees is None or pd.isna(agrees) else
                          Text("yes", style="green") if bool(agrees) else Text("no", style="bold yellow"))
         table.add_row(*cells)

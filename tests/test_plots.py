@@ -123,7 +123,8 @@ def test_profile_draws_theory_dashed_in_the_run_colour():
     f = synthetic(8, 2, {"x": (2.0, 1.0, None)})
     fig, ax = plt.subplots()
     P.depth_profile(f, S.ACT_VAR, ax, predicted={"x": [2.0 ** t for t in range(8)]})
-    th = [ln for ln in ax.get_lines() if ln.get_label() == "x (theory)"][0]
+    th = [ln for ln in ax.get_lines() if ln.get_label() == "_x (theory)"][0]
+    assert any("theory" in t.get_text() for t in ax.get_legend().get_texts())  # one legend entry explains it
     assert th.get_linestyle() == "--" and list(th.get_xdata()) == list(range(8))
     np.testing.assert_allclose(th.get_ydata(), 2.0 ** np.arange(8))
 

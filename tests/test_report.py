@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import re
 import struct
 from pathlib import Path
@@ -160,3 +161,38 @@ def test_report_rejects_empty_frames_and_unwritable_folders(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OutputError, match="file"):
         R.write_report(frame(n_blocks=3, n_steps=1), blocker / "sub")
+
+
+def test_report_draws_theory_dashed_and_says_where_it_parts(tmp_path):
+    """A frame whose config columns name a known model: theory beside measurement in figures and text."""
+    from gradscope import agreement as G
+    from gradscope import theory as T
+
+    n, steps = 10, 3
+    rows = []
+    for st in range(steps):  # a Xavier ReLU MLP measured exactly on theory forward, and far off backward
+        for k in range(n):
+            rows.append((st, f"blocks.{k}", k, S.ACT_VAR, 0.5 ** k))
+            rows.append((st, f"blocks.{k}", k, S.GRAD_NORM, 1.3 ** (n - 1 - k)))
+    f = pd.DataFrame(rows, columns=[S.STEP, S.BLOCK, S.DEPTH, S.METRIC, S.VALUE]).assign(
+        **{S.KIND: "PlainBlock", S.CALL: 0, S.RUN: "mlp-xavier", S.MODEL: "mlp", S.BN: False, S.RESIDUAL: False,
+           S.SHORTCUT: None, S.INIT: "xavier", S.SEED: 0})
+    pred = G.predicted_profiles(f, S.ACT_VAR)
+    assert pred == {"mlp-xavier": pytest.approx([0.5 ** k for k in range(n)])}
+    back = G.predicted_profiles(f, S.GRAD_NORM)["mlp-xavier"]  # by blocks travelled from the output end
+    assert back == pytest.approx([math.sqrt(0.5) ** t for t in range(n)])
+    out = R.write_report(f, tmp_path)
+    v = pd.read_csv(out / R.VERDICTS_CSV).set_index(A.SIGNAL)
+    assert v.loc["forward", A.AGREES] == True and v.loc["backward", A.AGREES] == False  # noqa: E712
+    assert v.loc["backward", A.PREDICTED_FACTOR] == pytest.approx(T.relu_layer_factor("xavier", 1, 1) ** 0.5)
+    text = (out / R.SUMMARY).read_text()
+    assert "## Theory beside measurement" in text and "PARTS: measured x1.3 vs theory x0.707" in text
+    assert "NOT agreeing" in text
+
+
+def test_unknown_models_get_no_theory_rather_than_a_guess():
+    f = frame(n_blocks=5, n_steps=2).assign(**{S.RUN: "custom", S.MODEL: "my_transformer"})
+    v = A.verdicts(f)
+    assert v[A.PREDICTED_FACTOR].isna().all() and v[A.AGREES].isna().all()
+    assert all("no theory for model 'my_transformer'" in t for t in v[A.THEORY_NOTE])
+    assert "theory" not in A.sentence(v.iloc[0])

@@ -57,9 +57,11 @@ def test_theory_columns_appear_only_with_predictions():
     v = A.verdicts(frame())
     assert "theory" not in [c.header for c in T.verdict_table(v).columns]
     v[A.PREDICTED_FACTOR] = np.where(v[A.SIGNAL] == A.BACKWARD, 1.21, np.nan)
+    v[A.MEASURED_FACTOR] = np.where(v[A.SIGNAL] == A.BACKWARD, 1.19, np.nan)
     v[A.AGREES] = pd.array([pd.NA, True, pd.NA, False], dtype="boolean")
     table = T.verdict_table(v)
-    assert [c.header for c in table.columns][-2:] == ["theory", "agrees"]
+    assert [c.header for c in table.columns][-3:] == ["theory", "measured*", "agrees"]
+    assert "x1.21" in render(table) and "x1.19" in render(table)
     agrees = [c for c in table.columns if c.header == "agrees"][0]
     assert [getattr(cell, "plain", cell) for cell in agrees.cells] == ["—", "yes", "—", "no"]
 

@@ -142,7 +142,8 @@ def annotate(verdicts: pd.DataFrame, frame: pd.DataFrame, *, configs=None,
         out.at[i, A.REFERENCE] = pred.reference
         word = "agrees" if c["agrees"] else "PARTS"
         where = " within stages" if len(set(stages)) > 1 else ""
-        note = (f"{word}: measured x{c['measured']:.3g} vs theory x{c['predicted']:.3g} per block{where} "
+        note = (f"{word}: measured x{A._fmt_factor(c['measured'])} vs theory x{A._fmt_factor(c['predicted'])} "
+                f"per block{where} "
                 f"(|Δ ln| {c['diff']:.3f} {'<=' if c['agrees'] else '>'} tolerance {c['tol']:.3f})")
         extra = _boundaries(c["r"], stages, blocks, backward) if len(blocks) == n else []
         model_tol = tol0 + (0.5 / cfg["width"] if cfg.get("width") else 0.0)

@@ -186,7 +186,7 @@ def test_report_draws_theory_dashed_and_says_where_it_parts(tmp_path):
     assert v.loc["forward", A.AGREES] == True and v.loc["backward", A.AGREES] == False  # noqa: E712
     assert v.loc["backward", A.PREDICTED_FACTOR] == pytest.approx(T.relu_layer_factor("xavier", 1, 1) ** 0.5)
     text = (out / R.SUMMARY).read_text()
-    assert "## Theory beside measurement" in text and "PARTS: measured x1.3 vs theory x0.707" in text
+    assert "## Theory beside measurement" in text and "PARTS: measured x1.30 vs theory x0.71" in text
     assert "NOT agreeing" in text
 
 

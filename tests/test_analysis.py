@@ -201,11 +201,26 @@ def test_sentence_states_the_measured_rate():
     assert "forward activation variance stays healthy" in fw and "x1.00 per block" in fw
 
 
+def test_combine_steps_is_the_geometric_mean_and_survives_gaps():
+    rng = np.random.default_rng(5)
+    levels = np.exp(rng.normal(0, 1, (6, 1)))  # each step has its own overall scale
+    shape = np.array([1.0, 2.0, 4.0, 8.0])
+    m = levels * shape
+    np.testing.assert_allclose(A.combine_steps(m), np.exp(np.log(m).mean(axis=0)), rtol=1e-12)
+    gappy = m.copy()
+    gappy[0, 3] = gappy[4, 1] = np.nan  # a plain per-column mean would now be biased by the missing levels
+    got = A.combine_steps(gappy)
+    np.testing.assert_allclose(got[1:] / got[:-1], [2.0, 2.0, 2.0], rtol=1e-9)
+    zero = m.copy()
+    zero[2, 0] = 0.0
+    assert A.combine_steps(zero)[0] == 0.0 and np.isnan(A.combine_steps(np.full((3, 2), np.nan))).all()
+
+
 def test_analysis_imports_no_torch_or_plotting():
     code = ("import sys, importlib.util, types; import pathlib;"
             "sys.modules.setdefault('gradscope', types.ModuleType('gradscope'));"
             "sys.modules['gradscope'].__path__ = [str(pathlib.Path('gradscope').resolve())];"
-            "import gradscope.analysis, gradscope.theory;"
+            "import gradscope.analysis, gradscope.theory, gradscope.theory_nets, gradscope.agreement;"
             "bad = [m for m in ('torch', 'matplotlib', 'seaborn', 'rich') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(A.__file__).parents[1]))

@@ -89,3 +89,13 @@ def test_the_browser_check_catches_a_broken_figure(report_dir, tmp_path):
     images, loaded = check_counts(dom)
     assert (images, loaded) == (6, 5)
     assert any("planted" in ln for ln in console)
+
+
+def test_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install chromium"):
+        chromium()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        chromium()

@@ -17,6 +17,7 @@ FSDP shards parameters, so per-rank parameter-gradient norms are not global: :fu
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Union
 
 import torch
@@ -54,49 +55,43 @@ class DistributedCombiner:
         world = dist.get_world_size()
         return cls(world, dist.get_rank()) if world > 1 else None
 
-    def reduce(self, entries: List, packed: torch.Tensor) -> torch.Tensor:
-        """Global values for ``packed`` (the concatenated ``entries`` values of this rank)."""
+    def reduce(self, entries: List, packed: torch.Tensor) -> List[List[float]]:
+        """Global metric values for each entry, from this rank's raw ``packed`` values and every other rank's."""
         import torch.distributed as dist
+
+        from .recorder import finish_entries
 
         counts = torch.tensor([float(e.count) for e in entries], dtype=torch.float64, device=packed.device)
         local = torch.cat([packed.to(torch.float64), counts])
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local, group=self.group)
-        stacked = torch.stack(gathered)  # (world, len)
+        rows = torch.stack(gathered).tolist()  # the one transfer of this recorded step
         n_values = packed.numel()
-        values, ns = stacked[:, :n_values], stacked[:, n_values:]
-        out = []
-        offset = 0
-        for i, entry in enumerate(entries):
-            k = entry.values.numel()
-            block = values[:, offset:offset + k]
-            out.append(_combine(entry.reduce, entry.group, block, ns[:, i], self.world_size))
-            offset += k
-        return torch.cat(out).to(torch.float32)
+        per_rank = [finish_entries(entries, row[:n_values]) for row in rows]
+        ns = [row[n_values:] for row in rows]
+        return [_combine(entry, [rank[i] for rank in per_rank], [n[i] for n in ns], self.world_size)
+                for i, entry in enumerate(entries)]
 
 
-def _combine(kind: str, group, block: torch.Tensor, n: torch.Tensor, world: int) -> torch.Tensor:
-    """Combine one entry's per-rank values (rows of ``block``) into the global ones."""
-    if kind == "moments":
-        total = n.sum()
-        mean_r, var_r = block[:, 0], block[:, 1]
-        mean = (n * mean_r).sum() / total
-        var = (n * (var_r + (mean_r - mean) ** 2)).sum() / total
-        combined = [mean, var, (var + mean * mean).sqrt()]
-        for j, name in enumerate(group[3:], start=3):
-            col = block[:, j]
+def _combine(entry, values: List[List[float]], n: List[float], world: int) -> List[float]:
+    """Combine one entry's per-rank metric values into the global ones (see the module docstring)."""
+    if entry.reduce == "moments":
+        total = sum(n)
+        mean = sum(w * v[0] for w, v in zip(n, values)) / total
+        var = sum(w * (v[1] + (v[0] - mean) ** 2) for w, v in zip(n, values)) / total
+        combined = [mean, var, math.sqrt(var + mean * mean) if math.isfinite(var) else var]
+        for j, name in enumerate(entry.group[3:], start=3):
+            column = [v[j] for v in values]
             if name.endswith("zero_frac"):
-                combined.append((n * col).sum() / total)
+                combined.append(sum(w * c for w, c in zip(n, column)) / total)
             elif name.endswith("nonfinite"):
-                combined.append(col.sum())
+                combined.append(sum(column))
             else:  # max_abs
-                combined.append(col.max())
-        return torch.stack(combined)
-    if kind == "norm":
-        norm = block[:, 0].square().sum().sqrt() / world
-        rest = [block[:, j].sum() for j in range(1, block.shape[1])]
-        return torch.stack([norm] + rest)
-    return block[0]
+                combined.append(max(column))
+        return combined
+    if entry.reduce == "norm":
+        return [math.sqrt(sum(v[0] ** 2 for v in values)) / world]
+    return values[0]
 
 
 def check_not_sharded(model: torch.nn.Module) -> None:

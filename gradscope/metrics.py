@@ -1,108 +1,142 @@
-"""WHAT to measure: small pure tensor functions that reduce a tensor to a few float32 numbers.
+"""WHAT to measure: small tensor reductions for the hooks, and pure host-side arithmetic that finishes them.
 
-Every function here returns 0-dim or 1-dim tensors on the input's device and never reads a value back to the host
-(no ``.item()``, no ``bool(tensor)``), so hooks built on them cause no host-device synchronisation.
+Hooks call the ``*_sums`` functions, which return 1-D tensors of *raw sums* on the input's device and never read a
+value back to the host (no ``.item()``, no ``bool(tensor)``): they cause no host-device synchronisation. The
+arithmetic that turns raw sums into means and variances runs once per recorded step on the host, in Python floats
+(:func:`finish_moments`), so a hook launches as few kernels as possible.
 
 Numerics, and why they look the way they do:
 
 * Reductions run in float32 whatever the input's dtype (bf16/fp16 inputs are upcast once), so sums of squares of
-  values beyond the fp16 range do not overflow. float64 inputs stay float64 until the result is returned.
-* The variance is computed from a *shifted* one-pass sum and sum of squares: ``d = x - x[0]``, then
-  ``var = mean(d^2) - mean(d)^2``. Without the shift, ``E[x^2] - E[x]^2`` loses every digit when the mean is large
-  next to the spread (1e4 + N(0, 1) in float32); with it the error stays near float32 rounding. It is also several
-  times cheaper than ``torch.var_mean`` on CPU, which takes a slow path.
-* Exact counts (zeros, NaN/Inf) avoid boolean reductions, which are slow on CPU: ``|sign(x)|`` is 0 for a zero and
-  1 for any other finite or infinite value, ``x * 0 + 1`` is 1 for finite values and NaN otherwise, and
-  ``nansum`` of either is an exact count (in float64 above 2**24 elements).
+  values beyond the fp16 range do not overflow. float64 inputs stay float64.
+* The variance comes from a *shifted* sum and sum of squares: ``d = x - x[0]``, ``var = mean(d^2) - mean(d)^2``
+  (finished in float64 on the host). Without the shift, ``E[x^2] - E[x]^2`` loses every digit when the mean is
+  large next to the spread (1e4 + N(0, 1) in float32); with it the error stays near float32 rounding. It is also
+  several times cheaper than ``torch.var_mean``, which takes a slow path on CPU.
+* Exact counts avoid boolean reductions on large tensors, which are slow on CPU: zeros are counted with
+  ``count_nonzero`` on small tensors and as ``sum(ceil(min(|x|, 1)))`` (NaN set to 1) on large ones; non-finite values as
+  ``n - nansum(x * 0 + 1)`` (``x * 0 + 1`` is 1 for finite values and NaN otherwise). Both are exact (float64
+  accumulation above 2**24 elements).
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+import math
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 _EXACT_FLOAT32_COUNT = 2**24
+_COUNT_NONZERO_MAX = 2**16  # below this, one count_nonzero kernel beats three elementwise passes
 
 
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def _work(t: torch.Tensor) -> torch.Tensor:
+    flat = t.detach().reshape(-1)
+    if flat.dtype in (torch.float32, torch.float64):
+        return flat
+    return flat.to(torch.float32)
 
 
-def _count(ones_or_nan: torch.Tensor) -> torch.Tensor:
-    """Exact count of the non-NaN entries of a tensor of 0/1/NaN values."""
-    if ones_or_nan.numel() > _EXACT_FLOAT32_COUNT:
-        return torch.nansum(ones_or_nan, dtype=torch.float64)
-    return torch.nansum(ones_or_nan)
+def _nansum(t: torch.Tensor) -> torch.Tensor:
+    return torch.nansum(t, dtype=torch.float64) if t.numel() > _EXACT_FLOAT32_COUNT else torch.nansum(t)
 
 
-def activation_stats(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = True, max_abs: bool = True) -> torch.Tensor:
-    """Moments of all elements of ``x`` as one float32 vector.
+def raw_width(zeros: bool, nonfinite: bool, max_abs: bool) -> int:
+    """Length of the raw vector :func:`activation_sums` returns for these options."""
+    return 3 + int(zeros) + int(nonfinite) + 2 * int(max_abs)
 
-    Returns ``[mean, var, rms]`` followed, in this order and only where asked, by ``zero_frac`` (fraction of exact
-    zeros, e.g. dead ReLU units), ``nonfinite`` (count of NaN/Inf elements) and ``max_abs``.
-    ``var`` is the population variance (divides by N) over every element of the batch tensor.
 
-    With NaN/Inf present the moments are NaN/Inf, ``nonfinite`` is exact, and ``zero_frac`` counts zeros among the
-    elements that are neither NaN nor Inf (it is exact when the tensor has no Inf).
+def activation_sums(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = True, max_abs: bool = False) -> torch.Tensor:
+    """Raw sums of all elements of ``x`` (1-D float32, on ``x``'s device; no host sync).
+
+    Layout: ``[shift, sum(x - shift), ||x - shift||_2]``, then ``nonzero_count`` if ``zeros``, ``finite_count`` if
+    ``nonfinite``, ``min, max`` if ``max_abs``. :func:`finish_moments` turns it into the metrics.
     """
-    flat = x.detach().reshape(-1)
+    flat = _work(x)
     n = flat.numel()
-    width = 3 + int(zeros) + int(nonfinite) + int(max_abs)
     if n == 0:
-        return torch.full((width,), float("nan"), dtype=torch.float32, device=x.device)
-    work = flat if flat.dtype == _work_dtype(flat) else flat.to(_work_dtype(flat))
-    shift = work[0].clone()
-    centred = work - shift
-    s1 = centred.sum()
-    s2 = torch.linalg.vector_norm(centred).square()
-    mean_c = s1 / n
-    var = (s2 / n - mean_c * mean_c).clamp_min(0.0)
-    mean = mean_c + shift
-    rms = (var + mean * mean).sqrt()
-    out: List[torch.Tensor] = [mean, var, rms]
-    bad = None
-    if nonfinite or zeros:
-        bad = n - _count(work.mul(0.0).add_(1.0))  # NaN/Inf count: x*0+1 is NaN exactly there
+        return torch.full((raw_width(zeros, nonfinite, max_abs),), float("nan"), dtype=torch.float32, device=x.device)
+    shift = flat[0]
+    centred = flat - shift
+    parts: List[torch.Tensor] = [shift, centred.sum(), torch.linalg.vector_norm(centred)]
     if zeros:
-        nonzero = _count(work.sign().abs_())  # |sign| is 1 for nonzero finite and Inf, NaN for NaN
-        out.append(((n - nonzero - bad).clamp_min(0.0)) / n)
+        if n <= _COUNT_NONZERO_MAX:
+            parts.append(torch.count_nonzero(flat))
+        else:  # ceil(min(|x|, 1)) is 1 for any nonzero value (denormals, Inf), 0 for 0, NaN -> 1: exact, no bools
+            parts.append(_nansum(centred.copy_(flat).abs_().clamp_max_(1.0).ceil_().nan_to_num_(nan=1.0)))
     if nonfinite:
-        out.append(bad)
+        parts.append(_nansum(flat.mul(0.0).add_(1.0)))
     if max_abs:
-        lo, hi = torch.aminmax(work)
-        out.append(torch.maximum(hi, -lo))
-    return torch.stack([v.to(torch.float32) for v in out])
+        parts.extend(torch.aminmax(flat))
+    return torch.stack([p.to(torch.float32) for p in parts])
 
 
-def tensor_variance(x: torch.Tensor) -> torch.Tensor:
-    """Population variance of all elements of ``x`` (0-dim float32), with the same shifted sums as above."""
-    return activation_stats(x, zeros=False, nonfinite=False, max_abs=False)[1]
+def finish_moments(raw: Sequence[float], n: int, *, zeros: bool = True, nonfinite: bool = True,
+                   max_abs: bool = False) -> List[float]:
+    """``[mean, var, rms]`` (+ ``zero_frac``, ``nonfinite``, ``max_abs`` as asked) from :func:`activation_sums`.
+
+    Pure host arithmetic in float64. ``var`` is the population variance (divides by N) over every element.
+    """
+    if n == 0:
+        return [math.nan] * (3 + int(zeros) + int(nonfinite) + int(max_abs))
+    shift, s1, norm = (float(v) for v in raw[:3])
+    mean_c = s1 / n
+    var = max(norm * norm / n - mean_c * mean_c, 0.0) if math.isfinite(norm) else norm * norm
+    mean = mean_c + shift
+    rms = math.sqrt(var + mean * mean) if math.isfinite(var) else var
+    out = [mean, var, rms]
+    i = 3
+    if zeros:
+        out.append(max(n - float(raw[i]), 0.0) / n)
+        i += 1
+    if nonfinite:
+        out.append(n - float(raw[i]))
+        i += 1
+    if max_abs:
+        lo, hi = float(raw[i]), float(raw[i + 1])
+        out.append(max(hi, -lo))
+    return out
 
 
-def grad_stats(g: torch.Tensor, *, nonfinite: bool = True) -> torch.Tensor:
-    """``[l2_norm]`` or ``[l2_norm, nonfinite_count]`` of a gradient tensor, as float32, reduced in float32."""
+def activation_stats(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = True, max_abs: bool = True) -> List[float]:
+    """Convenience for tests and notebooks (reads values back): the finished metrics of ``x`` as Python floats."""
+    raw = activation_sums(x, zeros=zeros, nonfinite=nonfinite, max_abs=max_abs).tolist()
+    return finish_moments(raw, x.numel(), zeros=zeros, nonfinite=nonfinite, max_abs=max_abs)
+
+
+def grad_norm(g: torch.Tensor) -> torch.Tensor:
+    """L2 norm of a gradient tensor as a 1-element float32 tensor, reduced in float32 (float64 for float64)."""
     flat = g.detach().reshape(-1)
-    norm = torch.linalg.vector_norm(flat, dtype=_work_dtype(flat))
-    if not nonfinite:
-        return norm.to(torch.float32).reshape(1)
-    work = flat if flat.dtype == _work_dtype(flat) else flat.to(_work_dtype(flat))
-    bad = flat.numel() - _count(work.mul(0.0).add_(1.0))
-    return torch.stack([norm.to(torch.float32), bad.to(torch.float32)])
+    dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(flat, dtype=dtype).to(torch.float32).reshape(1)
 
 
-def group_norms(tensors: Sequence[torch.Tensor], groups: Sequence[int], n_groups: int) -> torch.Tensor:
+class GroupIndex:
+    """A cache of device index tensors for :func:`group_norms`, so a recorded step builds none of them again."""
+
+    def __init__(self) -> None:
+        self._index: Dict[Tuple[torch.device, Tuple[int, ...]], torch.Tensor] = {}
+
+    def index(self, device: torch.device, groups: Sequence[int]) -> torch.Tensor:
+        key = (device, tuple(groups))
+        if key not in self._index:
+            self._index[key] = torch.tensor(list(groups), device=device, dtype=torch.long)
+        return self._index[key]
+
+
+def group_norms(tensors: Sequence[torch.Tensor], groups: Sequence[int], n_groups: int,
+                index: "GroupIndex" = None) -> torch.Tensor:
     """L2 norm over each group of tensors, as a float32 vector of length ``n_groups`` (0 for empty groups).
 
     ``groups[i]`` names the group of ``tensors[i]``. All tensors must sit on one device. The per-tensor norms come
-    from one ``torch._foreach_norm`` call where available, then squared norms are summed per group.
+    from one ``torch._foreach_norm`` call where possible, then squared norms are summed per group.
     """
     if not tensors:
         return torch.zeros(n_groups, dtype=torch.float32)
     device = tensors[0].device
     norms = _norms(tensors)
-    index = torch.tensor(list(groups), device=device, dtype=torch.long)
+    idx = index.index(device, groups) if index is not None else torch.tensor(list(groups), device=device)
     squared = torch.zeros(n_groups, dtype=torch.float32, device=device)
-    squared.index_add_(0, index, norms.square())
+    squared.index_add_(0, idx, norms.square())
     return squared.sqrt()
 
 
@@ -110,4 +144,5 @@ def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     detached = [t.detach() for t in tensors]
     if all(t.dtype == torch.float32 for t in detached) and hasattr(torch, "_foreach_norm"):
         return torch.stack(list(torch._foreach_norm(detached)))
-    return torch.stack([torch.linalg.vector_norm(t, dtype=_work_dtype(t)).to(torch.float32) for t in detached])
+    return torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+                        .to(torch.float32) for t in detached])

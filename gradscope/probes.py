@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import schema as S
-from .metrics import activation_stats, grad_stats
+from .metrics import activation_sums, grad_norm
 from .recorder import Recorder
 from .sites import Site
 
@@ -59,16 +59,13 @@ class MetricSet:
     """Which metric groups the hooks compute, from the user's ``metrics=`` choice."""
 
     def __init__(self, metrics: Optional[Tuple[str, ...]] = None) -> None:
-        wanted = set(S.ALL_METRICS if metrics is None else metrics)
-        self.forward = tuple(m for m in S.FORWARD_METRICS[:3]) if wanted & set(S.FORWARD_METRICS) else ()
+        wanted = set(S.DEFAULT_METRICS if metrics is None else metrics)
         self.zeros = S.ACT_ZERO_FRAC in wanted
         self.nonfinite = S.ACT_NONFINITE in wanted
         self.max_abs = S.ACT_MAX_ABS in wanted
-        if self.forward:
-            self.forward = self.forward + tuple(m for m, on in ((S.ACT_ZERO_FRAC, self.zeros),
-                                                                 (S.ACT_NONFINITE, self.nonfinite),
-                                                                 (S.ACT_MAX_ABS, self.max_abs)) if on)
-        self.grad = (S.GRAD_NORM, S.GRAD_NONFINITE) if S.GRAD_NONFINITE in wanted else (S.GRAD_NORM,)
+        extras = tuple(m for m, on in ((S.ACT_ZERO_FRAC, self.zeros), (S.ACT_NONFINITE, self.nonfinite),
+                                       (S.ACT_MAX_ABS, self.max_abs)) if on)
+        self.forward = S.FORWARD_METRICS[:3] + extras if wanted & set(S.FORWARD_METRICS) else ()
         self.grad_out = S.GRAD_NORM in wanted
         self.grad_in = S.GRAD_IN_NORM in wanted
         self.branch = S.BRANCH_VAR in wanted
@@ -139,10 +136,10 @@ class Probe:
             recompute = in_backward()
             if m.forward and not recompute:
                 with torch.no_grad():
-                    stats = activation_stats(y, zeros=m.zeros, nonfinite=m.nonfinite, max_abs=m.max_abs)
-                rec.add(rec.step, site, call, m.forward, stats, y.numel(), "moments")
+                    sums = activation_sums(y, zeros=m.zeros, nonfinite=m.nonfinite, max_abs=m.max_abs)
+                rec.add(rec.step, site, call, m.forward, sums, y.numel(), "moments")
             if m.grad_out and y.requires_grad:
-                self._watch_grad(y, site, call, m.grad, recompute)
+                self._watch_grad(y, site, call, (S.GRAD_NORM,), recompute)
             return None
 
         return post_hook
@@ -158,8 +155,8 @@ class Probe:
             y = first_tensor(output)
             if _floating(y):
                 with torch.no_grad():
-                    moments = activation_stats(y, zeros=False, nonfinite=False, max_abs=False)
-                rec.add(rec.step, site, stack[-1], group, moments, y.numel(), "moments")
+                    sums = activation_sums(y, zeros=False, nonfinite=False, max_abs=False)
+                rec.add(rec.step, site, stack[-1], group, sums, y.numel(), "moments")
             return None
 
         return sub_hook
@@ -172,14 +169,13 @@ class Probe:
             return
         rec.grad_slots.add(slot)
         step = rec.step
-        with_nonfinite = len(group) > 1
 
         def grad_hook(grad: torch.Tensor) -> None:
             if grad is None:
                 return None
             rec.backward_seen = True
             with torch.no_grad():
-                rec.add(step, site, call, group, grad_stats(grad, nonfinite=with_nonfinite), grad.numel(), "norm")
+                rec.add(step, site, call, group, grad_norm(grad), grad.numel(), "norm")
             return None
 
         t.register_hook(grad_hook)

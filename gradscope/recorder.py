@@ -20,6 +20,7 @@ import torch
 
 from . import schema as S
 from .errors import GradscopeError, OutputError
+from .metrics import finish_moments
 from .sites import Site
 
 Schedule = Callable[[int], bool]
@@ -48,7 +49,7 @@ class Entry:
     group: Tuple[str, ...]
     values: torch.Tensor
     count: int = 0  # elements reduced, so distributed runs can combine moments and norms
-    reduce: str = "same"  # how ranks combine: "moments" ([mean, var, ...]), "norm" ([l2, count...]), "same"
+    reduce: str = "same"  # "moments": raw sums finished by finish_moments; "norm": an L2 norm; "same": as is
 
 
 @dataclass
@@ -139,13 +140,11 @@ class Recorder:
         for device_entries in _by_device(entries):
             packed = torch.cat([e.values.reshape(-1) for e in device_entries])
             if self.reducer is not None:
-                packed = self.reducer(device_entries, packed)
-            values = packed.tolist()
-            offset = 0
-            for entry in device_entries:
-                k = len(entry.group)
-                self.rows.extend(entry, values[offset:offset + k])
-                offset += k
+                finished = self.reducer(device_entries, packed)
+            else:
+                finished = finish_entries(device_entries, packed.tolist())
+            for entry, values in zip(device_entries, finished):
+                self.rows.extend(entry, values)
         self._recorded_since_write += 1
         if self.out is not None and self.write_files and self._recorded_since_write >= self.flush_every:
             self.write_part()
@@ -189,6 +188,21 @@ def sort_frame(frame):
     key = frame[S.METRIC].map(lambda m: order.get(m, len(order))).astype("int64")
     return (frame.assign(_k=key).sort_values([S.STEP, S.DEPTH, S.CALL, "_k"], kind="stable")
             .drop(columns="_k").reset_index(drop=True))
+
+
+def finish_entries(entries: List[Entry], values: List[float]) -> List[List[float]]:
+    """Turn each entry's raw values (consecutive in ``values``) into its metrics' values, on the host."""
+    out, offset = [], 0
+    for entry in entries:
+        k = entry.values.numel()
+        raw = values[offset:offset + k]
+        offset += k
+        if entry.reduce == "moments":
+            group = entry.group
+            raw = finish_moments(raw, entry.count, zeros=S.ACT_ZERO_FRAC in group,
+                                 nonfinite=S.ACT_NONFINITE in group, max_abs=S.ACT_MAX_ABS in group)
+        out.append(raw)
+    return out
 
 
 def _by_device(entries: List[Entry]) -> List[List[Entry]]:

@@ -36,7 +36,6 @@ SHORTCUT_VAR = "shortcut_var"
 # --- backward metrics -----------------------------------------------------------------------------------------
 GRAD_NORM = "grad_norm"
 GRAD_IN_NORM = "grad_in_norm"
-GRAD_NONFINITE = "grad_nonfinite"
 
 # --- parameter metrics (parameters owned by the block) --------------------------------------------------------
 PARAM_NORM = "param_norm"
@@ -44,10 +43,13 @@ PARAM_GRAD_NORM = "param_grad_norm"
 UPDATE_RATIO = "update_ratio"
 
 FORWARD_METRICS = (ACT_MEAN, ACT_VAR, ACT_RMS, ACT_ZERO_FRAC, ACT_NONFINITE, ACT_MAX_ABS)
-BACKWARD_METRICS = (GRAD_NORM, GRAD_IN_NORM, GRAD_NONFINITE)
+BACKWARD_METRICS = (GRAD_NORM, GRAD_IN_NORM)
 PARAM_METRICS = (PARAM_NORM, PARAM_GRAD_NORM, UPDATE_RATIO)
 RESIDUAL_METRICS = (BRANCH_VAR, SHORTCUT_VAR)
 ALL_METRICS = FORWARD_METRICS + RESIDUAL_METRICS + BACKWARD_METRICS + PARAM_METRICS
+#: What ``attach()`` records unless ``metrics=`` says otherwise: all but ``act_max_abs`` (one more pass over every
+#: activation, useful when hunting fp16 overflow) and ``update_ratio`` (needs ``optimizer=``, then it is recorded).
+DEFAULT_METRICS = tuple(m for m in ALL_METRICS if m != ACT_MAX_ABS)
 
 # --- run/config columns (frames that combine several runs: studies, the CLI) ----------------------------------
 MODEL = "model"

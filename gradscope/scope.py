@@ -1,6 +1,7 @@
 """Scope: what :func:`gradscope.attach` returns: the hooks of one recording session and its records."""
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -11,7 +12,7 @@ from torch import nn
 
 from . import schema as S
 from .errors import GradscopeError
-from .metrics import group_norms
+from .metrics import GroupIndex, group_norms
 from .probes import MetricSet, Probe
 from .recorder import Recorder, Schedule, make_schedule, warn_nonfinite
 from .sites import BlockSelector, Site, find_blocks, unwrap_model
@@ -174,7 +175,7 @@ class Scope:
         rec, n = self._rec, len(self.sites)
         names = self._metrics.params
         if S.PARAM_NORM in names:
-            norms = group_norms([index.params[i] for i in index.order], index.groups, n)
+            norms = group_norms([index.params[i] for i in index.order], index.groups, n, index.cache)
             for site in index.sites_with_params:
                 rec.add(step, site, 0, (S.PARAM_NORM,), norms[site].reshape(1))
         if S.PARAM_GRAD_NORM in names:
@@ -182,7 +183,7 @@ class Scope:
                      if index.params[i].grad is not None]
             if pairs:
                 grads = [_dense(g) for g, _ in pairs]
-                gnorms = group_norms(grads, [g for _, g in pairs], n)
+                gnorms = group_norms(grads, [g for _, g in pairs], n, index.cache)
                 for site in sorted({g for _, g in pairs}):
                     rec.add(step, site, 0, (S.PARAM_GRAD_NORM,), gnorms[site].reshape(1))
 
@@ -223,6 +224,7 @@ class _ParamIndex:
         self.order: List[int] = []
         self.groups: List[int] = []
         self.sites_with_params: List[int] = []
+        self.cache = GroupIndex()
 
 
 def _param_index(sites: List[Site]) -> _ParamIndex:
@@ -255,7 +257,7 @@ def _first_nonfinite_rows(rows: Any, start: int, depth: Dict[int, int], sites: L
         if metric == S.ACT_NONFINITE and value > 0:
             key = (step, d, site)
             fwd = key if fwd is None or key < fwd else fwd
-        elif metric == S.GRAD_NONFINITE and value > 0:
+        elif metric == S.GRAD_NORM and not math.isfinite(value):
             key = (step, -d, site)
             bwd = key if bwd is None or key < bwd else bwd
     found = {}

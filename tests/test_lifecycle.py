@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import weakref
 
 import pytest
@@ -106,7 +107,7 @@ def test_unrecorded_steps_run_no_metric_computation(monkeypatch):
     import gradscope.scope as scope_mod
 
     calls = []
-    for mod, name in ((probes, "activation_stats"), (probes, "grad_stats"), (scope_mod, "group_norms")):
+    for mod, name in ((probes, "activation_sums"), (probes, "grad_norm"), (scope_mod, "group_norms")):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
     model = nets.TinyResNet()
@@ -147,7 +148,8 @@ def test_nonfinite_pinpoints_first_block_in_each_direction():
     # gradient passes through the NaN weight of block 1, so it is the first (and only) non-finite one
     assert first["backward"] == (0, "0")
     frame = scope.frame()
-    assert frame[(frame.metric == "grad_nonfinite") & (frame.value > 0)].block.tolist() == ["0"]
+    bad_grads = frame[(frame.metric == "grad_norm") & ~frame.value.map(math.isfinite)].block.tolist()
+    assert bad_grads == ["0"]
     bad = frame[(frame.metric == "act_nonfinite") & (frame.value > 0)].block.tolist()
     assert bad == ["1", "2", "3"]
 

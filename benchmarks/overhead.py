@@ -1,0 +1,204 @@
+"""Overhead of gradscope against an uninstrumented training step, measured in the same process, interleaved.
+
+For each model (ResNet-56, ResNet-110, a 50-block BatchNorm MLP; batch 64, CIFAR-shaped input, SGD) this times one
+full training step (forward, backward, ``scope.step()``, ``optimizer.step()``) under four configurations, in a
+shuffled order within every repeat so that machine noise hits all of them alike:
+
+* ``baseline``: no hooks;
+* ``every1``: ``gradscope.attach(model)``, every step recorded, all default metrics;
+* ``every10``: ``gradscope.attach(model, every=10)``;
+* ``naive``: the usual forum snippet: forward hooks and full backward hooks that call ``.item()`` on a mean and a
+  norm per block (it records less than gradscope).
+
+It prints the median ratio of each configuration's step time to the baseline's (with min-max over repeats), and
+the peak RSS of a 1,000-step recorded run of the MLP against an uninstrumented one, each in a fresh subprocess.
+Threads are pinned to one (``torch.set_num_threads(1)``) so that runs compare on a shared machine.
+
+    python benchmarks/overhead.py            # all models, 30 repeats
+    python benchmarks/overhead.py --quick    # ResNet-56 and the MLP, fewer repeats: under two minutes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+import gradscope
+from gradscope.models import build
+
+
+def make_model(name: str) -> nn.Module:
+    if name == "mlp50-bn":
+        return build("mlp", depth=50, width=256, bn=True, seed=0)
+    return build(name, seed=0)
+
+
+def batch_for(name: str):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+
+
+class Naive:
+    """The forum snippet: `.item()` in forward hooks and in full backward hooks."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.records: List[float] = []
+        self.handles = []
+        for site in gradscope.find_blocks(model):
+            self.handles.append(site.module.register_forward_hook(self._fwd))
+            self.handles.append(site.module.register_full_backward_hook(self._bwd))
+
+    def _fwd(self, module, inputs, output):
+        self.records += [output.mean().item(), output.norm().item()]
+
+    def _bwd(self, module, grad_in, grad_out):
+        self.records.append(grad_out[0].norm().item())
+
+    def step(self) -> None:
+        pass
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class NoScope:
+    def step(self) -> None:
+        pass
+
+    def detach(self) -> None:
+        pass
+
+
+def instrument(config: str, model: nn.Module, opt):
+    if config == "baseline":
+        return NoScope()
+    if config == "every1":
+        return gradscope.attach(model)
+    if config == "every10":
+        return gradscope.attach(model, every=10)
+    if config == "naive":
+        return Naive(model)
+    raise ValueError(config)
+
+
+def time_model(name: str, repeats: int, steps_per_repeat: int, configs: List[str]) -> Dict[str, List[float]]:
+    """Per config, a list (one per repeat) of mean step times; all configs share one model and batch."""
+    model = make_model(name)
+    x, y = batch_for(name)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    scopes = {}
+    times: Dict[str, List[float]] = {c: [] for c in configs}
+
+    def one_step(scope) -> None:
+        loss_fn(model(x), y).backward()
+        scope.step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # warm-up
+        one_step(NoScope())
+    for _ in range(repeats):
+        order = configs[:]
+        random.shuffle(order)
+        for config in order:
+            scope = instrument(config, model, opt)
+            one_step(scope)  # untimed: lets every10 start off its recorded step half the time
+            start = time.perf_counter()
+            for _ in range(steps_per_repeat):
+                one_step(scope)
+            times[config].append((time.perf_counter() - start) / steps_per_repeat)
+            scope.detach()
+            scopes[config] = scope
+    return times
+
+
+def ratios(times: Dict[str, List[float]]) -> Dict[str, Dict[str, float]]:
+    base = times["baseline"]
+    out = {}
+    for config, values in times.items():
+        r = [v / b for v, b in zip(values, base)]
+        out[config] = {"median": statistics.median(r), "min": min(r), "max": max(r),
+                       "step_ms": 1e3 * statistics.median(values)}
+    return out
+
+
+def rss_child(config: str, steps: int) -> None:
+    """Run `steps` MLP training steps under `config` and print peak RSS (KiB) and frame size as JSON."""
+    torch.set_num_threads(1)
+    model = make_model("mlp50-bn")
+    x, y = batch_for("mlp50-bn")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scope = instrument(config, model, opt)
+    for _ in range(steps):
+        nn.functional.cross_entropy(model(x), y).backward()
+        scope.step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    frame_bytes = 0
+    if config != "baseline":
+        frame_bytes = int(scope.frame().memory_usage(deep=True).sum())
+    scope.detach()
+    print(json.dumps({"rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "frame_bytes": frame_bytes}))
+
+
+def measure_rss(steps: int) -> Dict[str, Dict[str, int]]:
+    out = {}
+    for config in ("baseline", "every1"):
+        proc = subprocess.run([sys.executable, __file__, "--rss-child", config, "--rss-steps", str(steps)],
+                              capture_output=True, text=True, check=True)
+        out[config] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--models", default=None)
+    parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-steps", type=int, default=1000)
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    if args.rss_child:
+        rss_child(args.rss_child, args.rss_steps)
+        return
+    torch.set_num_threads(1)
+    random.seed(0)
+    models = (args.models.split(",") if args.models else
+              (["resnet56", "mlp50-bn"] if args.quick else ["resnet56", "resnet110", "mlp50-bn"]))
+    repeats = args.repeats or (8 if args.quick else 30)
+    configs = ["baseline", "every1", "every10", "naive"]
+    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats, "models": {}}
+    print(f"torch {torch.__version__}, 1 thread, {repeats} interleaved repeats; ratio = step time / baseline")
+    for name in models:
+        steps = 2 if name.startswith("resnet") else 10
+        r = ratios(time_model(name, repeats, steps, configs))
+        results["models"][name] = r
+        print(f"\n{name} (baseline {r['baseline']['step_ms']:.1f} ms/step)")
+        for config in configs[1:]:
+            print(f"  {config:8s} median x{r[config]['median']:.3f}  (min x{r[config]['min']:.3f}, "
+                  f"max x{r[config]['max']:.3f})")
+    rss_steps = 300 if args.quick else args.rss_steps
+    rss = measure_rss(rss_steps)
+    results["rss"] = {"steps": rss_steps, **rss}
+    base, rec = rss["baseline"]["rss_kib"], rss["every1"]["rss_kib"]
+    print(f"\npeak RSS, mlp50-bn, {rss_steps} steps: baseline {base / 1024:.1f} MiB, recorded every step "
+          f"{rec / 1024:.1f} MiB (x{rec / base:.3f}); the frame itself {rss['every1']['frame_bytes'] / 2**20:.1f} MiB")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -13,8 +13,8 @@ Numerics, and why they look the way they do:
   (finished in float64 on the host). Without the shift, ``E[x^2] - E[x]^2`` loses every digit when the mean is
   large next to the spread (1e4 + N(0, 1) in float32); with it the error stays near float32 rounding. It is also
   several times cheaper than ``torch.var_mean``, which takes a slow path on CPU.
-* Exact counts avoid boolean reductions on large tensors, which are slow on CPU: zeros are counted with
-  ``count_nonzero`` on small tensors and as ``sum(ceil(min(|x|, 1)))`` (NaN set to 1) on large ones; non-finite values as
+* Exact counts avoid boolean reductions (``count_nonzero``, ``(x == 0).sum()``), which are slow on CPU: zeros are
+  counted as ``n - sum(ceil(min(|x|, 1)))`` with NaN set to 1, reusing the centred buffer in place; non-finite values as
   ``n - nansum(x * 0 + 1)`` (``x * 0 + 1`` is 1 for finite values and NaN otherwise). Both are exact (float64
   accumulation above 2**24 elements).
 """
@@ -26,7 +26,6 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 _EXACT_FLOAT32_COUNT = 2**24
-_COUNT_NONZERO_MAX = 2**16  # below this, one count_nonzero kernel beats three elementwise passes
 
 
 def _work(t: torch.Tensor) -> torch.Tensor:
@@ -34,6 +33,10 @@ def _work(t: torch.Tensor) -> torch.Tensor:
     if flat.dtype in (torch.float32, torch.float64):
         return flat
     return flat.to(torch.float32)
+
+
+def _sum(t: torch.Tensor) -> torch.Tensor:
+    return t.sum(dtype=torch.float64) if t.numel() > _EXACT_FLOAT32_COUNT else t.sum()
 
 
 def _nansum(t: torch.Tensor) -> torch.Tensor:
@@ -58,16 +61,14 @@ def activation_sums(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = Tr
     shift = flat[0]
     centred = flat - shift
     parts: List[torch.Tensor] = [shift, centred.sum(), torch.linalg.vector_norm(centred)]
-    if zeros:
-        if n <= _COUNT_NONZERO_MAX:
-            parts.append(torch.count_nonzero(flat))
-        else:  # ceil(min(|x|, 1)) is 1 for any nonzero value (denormals, Inf), 0 for 0, NaN -> 1: exact, no bools
-            parts.append(_nansum(centred.copy_(flat).abs_().clamp_max_(1.0).ceil_().nan_to_num_(nan=1.0)))
-    if nonfinite:
-        parts.append(_nansum(flat.mul(0.0).add_(1.0)))
     if max_abs:
         parts.extend(torch.aminmax(flat))
-    return torch.stack([p.to(torch.float32) for p in parts])
+    # the counts reuse the centred buffer in place: no allocation beyond the one subtraction above
+    if zeros:  # ceil(min(|x|, 1)) is 1 for any nonzero value (denormals, Inf), 0 for 0, NaN -> 1: exact, no bools
+        parts.insert(3, _sum(centred.copy_(flat).abs_().clamp_max_(1.0).ceil_().nan_to_num_(nan=1.0)))
+    if nonfinite:  # x * 0 + 1 is 1 where x is finite, NaN where it is NaN or Inf
+        parts.insert(3 + int(zeros), _nansum(centred.copy_(flat).mul_(0.0).add_(1.0)))
+    return torch.stack(parts).to(torch.float32)
 
 
 def finish_moments(raw: Sequence[float], n: int, *, zeros: bool = True, nonfinite: bool = True,

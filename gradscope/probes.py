@@ -55,6 +55,12 @@ def _floating(t: Optional[torch.Tensor]) -> bool:
     return t is not None and t.is_floating_point()
 
 
+def is_residual(module: nn.Module) -> bool:
+    """A residual block in gradscope's sense: it exposes ``branch`` (F) and ``shortcut`` submodules."""
+    return isinstance(getattr(module, "branch", None), nn.Module) and \
+        isinstance(getattr(module, "shortcut", None), nn.Module)
+
+
 class MetricSet:
     """Which metric groups the hooks compute, from the user's ``metrics=`` choice."""
 
@@ -90,10 +96,12 @@ class Probe:
             for index, site in enumerate(self.sites):
                 self.handles.append(site.module.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True))
                 self.handles.append(site.module.register_forward_hook(self._post_hook(index), with_kwargs=True))
+                if not is_residual(site.module):
+                    continue
                 for attr, metric, on in (("branch", S.BRANCH_VAR, self.m.branch),
                                          ("shortcut", S.SHORTCUT_VAR, self.m.shortcut)):
-                    sub = getattr(site.module, attr, None)
-                    if on and isinstance(sub, nn.Module):
+                    if on:
+                        sub = getattr(site.module, attr)
                         self.handles.append(sub.register_forward_hook(self._sub_hook(index, (metric,))))
         except BaseException:
             self.remove()

@@ -50,6 +50,7 @@ class Entry:
     values: torch.Tensor
     count: int = 0  # elements reduced, so distributed runs can combine moments and norms
     reduce: str = "same"  # "moments": raw sums finished by finish_moments; "norm": an L2 norm; "same": as is
+    sites: Optional[List[int]] = None  # one metric for many sites: values[i] belongs to sites[i]
 
 
 @dataclass
@@ -66,6 +67,14 @@ class Rows:
         return len(self.value)
 
     def extend(self, entry: Entry, values: Sequence[float]) -> None:
+        if entry.sites is not None:
+            k = len(entry.sites)
+            self.step.extend([entry.step] * k)
+            self.site.extend(entry.sites)
+            self.call.extend([entry.call] * k)
+            self.metric.extend([entry.group[0]] * k)
+            self.value.extend(values)
+            return
         for metric, value in zip(entry.group, values):
             if metric.startswith("_"):  # internal slots (e.g. the mean kept so ranks can combine a variance)
                 continue
@@ -121,6 +130,10 @@ class Recorder:
     def add(self, step: int, site: int, call: int, group: Tuple[str, ...], values: torch.Tensor, count: int = 0,
             reduce: str = "same") -> None:
         self.buffer.append(Entry(step, site, call, group, values, count, reduce))
+
+    def add_per_site(self, step: int, sites: List[int], metric: str, values: torch.Tensor) -> None:
+        """One metric for several sites at once: ``values[i]`` (a 1-D tensor) belongs to ``sites[i]``."""
+        self.buffer.append(Entry(step, -1, 0, (metric,), values, 0, "same", list(sites)))
 
     # ---- step boundaries -----------------------------------------------------------------------------------------
     def advance(self) -> None:

@@ -169,6 +169,7 @@ class Scope:
                 rows.value[i] /= scale
 
     def _record_params(self, step: int) -> None:
+        """Parameter and parameter-gradient norms of every block: two foreach reductions, two buffer entries."""
         index = self._param_index
         if not index.params:
             return
@@ -176,16 +177,16 @@ class Scope:
         names = self._metrics.params
         if S.PARAM_NORM in names:
             norms = group_norms([index.params[i] for i in index.order], index.groups, n, index.cache)
-            for site in index.sites_with_params:
-                rec.add(step, site, 0, (S.PARAM_NORM,), norms[site].reshape(1))
+            sites = index.sites_with_params
+            rec.add_per_site(step, sites, S.PARAM_NORM, norms[index.site_tensor(norms.device)])
         if S.PARAM_GRAD_NORM in names:
             pairs = [(index.params[i].grad, g) for i, g in zip(index.order, index.groups)
                      if index.params[i].grad is not None]
             if pairs:
-                grads = [_dense(g) for g, _ in pairs]
-                gnorms = group_norms(grads, [g for _, g in pairs], n, index.cache)
-                for site in sorted({g for _, g in pairs}):
-                    rec.add(step, site, 0, (S.PARAM_GRAD_NORM,), gnorms[site].reshape(1))
+                groups = [g for _, g in pairs]
+                gnorms = group_norms([_dense(g) for g, _ in pairs], groups, n, index.cache)
+                sites = sorted(set(groups))
+                rec.add_per_site(step, sites, S.PARAM_GRAD_NORM, gnorms[torch.tensor(sites, device=gnorms.device)])
 
     def _watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Measure ||update|| / ||weight|| per block across ``optimizer.step()`` of recorded steps."""
@@ -209,8 +210,8 @@ class Scope:
                 delta = group_norms([a - b for a, b in zip(after, before)], index.groups, len(self.sites))
                 base = group_norms(before, index.groups, len(self.sites))
                 ratio = delta / base.clamp_min(torch.finfo(torch.float32).tiny)
-            for site in index.sites_with_params:
-                self._rec.add(step, site, 0, (S.UPDATE_RATIO,), ratio[site].reshape(1))
+            self._rec.add_per_site(step, index.sites_with_params, S.UPDATE_RATIO,
+                                   ratio[index.site_tensor(ratio.device)])
 
         self._opt_handles.append(optimizer.register_step_pre_hook(pre))
         self._opt_handles.append(optimizer.register_step_post_hook(post))
@@ -225,6 +226,13 @@ class _ParamIndex:
         self.groups: List[int] = []
         self.sites_with_params: List[int] = []
         self.cache = GroupIndex()
+        self._site_tensor: Dict[torch.device, torch.Tensor] = {}
+
+    def site_tensor(self, device: torch.device) -> torch.Tensor:
+        """``sites_with_params`` as a cached long tensor on ``device``."""
+        if device not in self._site_tensor:
+            self._site_tensor[device] = torch.tensor(self.sites_with_params, dtype=torch.long, device=device)
+        return self._site_tensor[device]
 
 
 def _param_index(sites: List[Site]) -> _ParamIndex:

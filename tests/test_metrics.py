@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from gradscope.metrics import _COUNT_NONZERO_MAX, activation_stats, grad_norm, group_norms
+from gradscope.metrics import activation_stats, grad_norm, group_norms
 
 
 def test_closed_form_moments():
@@ -18,9 +18,10 @@ def test_closed_form_moments():
     assert zero_frac == 0.5 and nonfinite == 0 and max_abs == 4.0
 
 
-@pytest.mark.parametrize("size", [9, _COUNT_NONZERO_MAX + 6])  # both counting paths
+@pytest.mark.parametrize("size", [9, 70_000])
 def test_zero_and_nonfinite_counts_are_exact(size):
     x = torch.ones(size)
+    x[6] = 1e-42  # a denormal is nonzero
     x[:6] = torch.tensor([0.0, float("nan"), float("inf"), 0.0, float("nan"), -float("inf")])
     x[-3:] = 0.0
     mean, var, rms, zero_frac, nonfinite, max_abs = activation_stats(x)

@@ -49,6 +49,18 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _theory(row: Dict[str, Any]) -> str:
+    """", theory x1.47 (Yang et al. 2019): agrees" when the verdict row carries a prediction, else ""."""
+    predicted = row.get("predicted_factor")
+    if predicted is None or (isinstance(predicted, float) and math.isnan(predicted)):
+        return ""
+    agrees = row.get("agrees")
+    judged = "" if agrees is None or (isinstance(agrees, float) and math.isnan(agrees)) else \
+        (": agrees" if bool(agrees) else ": does NOT agree")
+    reference = str(row.get("reference") or "").split(" (")[0]
+    return f", theory x{_fmt(float(predicted))}" + (f" ({reference})" if reference else "") + judged
+
+
 def _deepest(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     return max(rows, key=lambda r: (r.get("n_blocks") or 0, str(r.get(S.RUN)))) if rows else None
 
@@ -70,8 +82,8 @@ def forward_claim(verdicts: Any) -> Claim:
         text += f", but it vanishes in {', '.join(vanished)}"
     if without:
         worst = _deepest(without)
-        text += (f"; without BN ({worst[S.RUN]}) it changes by x{_fmt(worst['factor'])} per block, "
-                 f"{_fmt(worst['end_to_end'])}x end to end ({worst['verdict']})")
+        text += (f"; without BN ({worst[S.RUN]}) it changes by x{_fmt(worst['factor'])} per block"
+                 f"{_theory(worst)}, {_fmt(worst['end_to_end'])}x end to end ({worst['verdict']})")
     return Claim("bn_forward", statement, answer, text)
 
 
@@ -85,14 +97,14 @@ def backward_claim(verdicts: Any) -> Claim:
     answer = NO if vanished else YES
     parts = []
     for r in sorted(with_bn, key=lambda r: str(r[S.RUN])):
-        parts.append(f"{r[S.RUN]} x{_fmt(r['factor'])} per block toward the input ({r['verdict']})")
+        parts.append(f"{r[S.RUN]} x{_fmt(r['factor'])} per block toward the input ({r['verdict']}{_theory(r)})")
     text = "with BN: " + "; ".join(parts)
     exploding = [r[S.RUN] for r in with_bn if r["verdict"] == "exploding"]
     if exploding:
         text += f" — gradients grow rather than vanish, and explode in {', '.join(exploding)}"
     if without:
         worst = _deepest(without)
-        text += f"; without BN ({worst[S.RUN]}): x{_fmt(worst['factor'])} per block ({worst['verdict']})"
+        text += f"; without BN ({worst[S.RUN]}): x{_fmt(worst['factor'])} per block ({worst['verdict']}{_theory(worst)})"
     return Claim("bn_backward", statement, answer, text)
 
 

@@ -340,7 +340,8 @@ def _print_results(init_verdicts, claims, out: Path, quiet: bool) -> None:
     from .terminal import verdict_table
 
     console = Console()
-    console.print(verdict_table(init_verdicts))
+    console.print(verdict_table(init_verdicts, title="verdicts at initialisation (act_var forward, grad_norm "
+                                "backward)", compact=console.width < 140))
     for claim in claims:
         colour = {"yes": "green", "no": "red"}.get(claim.answer, "yellow")
         console.print(f"[bold]{claim.statement}[/bold]: [{colour}]{claim.answer}[/{colour}] — {claim.evidence}",

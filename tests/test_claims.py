@@ -30,9 +30,13 @@ def test_forward_claim_yes_and_no():
 def test_backward_claim_reports_explosion_instead_of_vanishing():
     frame = verdict_frame([row("plain56-bn", "backward", "exploding", 1.43, True),
                            row("resnet56-bn", "backward", "healthy", 1.1, True)])
+    frame["predicted_factor"] = [1.47, float("nan")]
+    frame["agrees"] = [True, None]
+    frame["reference"] = ["Yang et al. 2019 (A Mean Field Theory of Batch Normalization)", None]
     claim = backward_claim(frame)
     assert claim.answer == "yes"
-    assert "explode in plain56-bn" in claim.evidence and "x1.43 per block" in claim.evidence
+    assert "explode in plain56-bn" in claim.evidence
+    assert "x1.43 per block toward the input (exploding, theory x1.47 (Yang et al. 2019): agrees)" in claim.evidence
     frame.loc[0, "verdict"] = "vanishing"
     assert backward_claim(frame).answer == "no"
 

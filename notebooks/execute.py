@@ -53,10 +53,12 @@ def stored_hash(nb) -> Optional[str]:
 
 def kernel_env() -> dict:
     """The kernel's environment: the repository root first on PYTHONPATH and hash randomisation fixed, so that a
-    run depends on the code next to the notebooks and on the seeds only."""
+    run depends on the code next to the notebooks and on the seeds only; matplotlib's inline backend, as Jupyter
+    would choose it, even where the calling shell exports ``MPLBACKEND=Agg`` (CI does), so figures are stored."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONHASHSEED"] = "0"
+    env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     return env
 
 

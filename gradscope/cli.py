@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--blocks", default="auto", help="block selector: 'auto', a glob/regex on module names, "
                                                    "or a class name such as BatchNorm2d")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=30, help="SGD steps per run (default 30)")
+    g.add_argument("--steps", type=int, default=20, help="SGD steps per run (default 20)")
     g.add_argument("--batch-size", type=_positive, default=32)
     g.add_argument("--lr", type=float, default=0.02)
     g.add_argument("--every", type=_positive, default=1, help="record one step in N (default 1)")
@@ -296,7 +296,8 @@ def _finish(args: argparse.Namespace, result, settings, out: Path, quiet: bool) 
     from .study import INIT, TRAIN, final_loss
 
     if result.frame.empty:
-        raise GradscopeError("nothing was recorded: no run finished a single step")
+        why = "; ".join(f"{run}: {msg}" for run, msg in result.failed.items())
+        raise GradscopeError("nothing was recorded: no run finished a single step" + (f" ({why})" if why else ""))
     init = result.phase(INIT)
     train = result.phase(TRAIN)
     init_verdicts = verdicts(init, configs=result.configs)
@@ -326,6 +327,10 @@ def _finish(args: argparse.Namespace, result, settings, out: Path, quiet: bool) 
     if result.interrupted:
         print(f"gradscope: interrupted; records so far are in {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if result.failed:
+        for run, why in result.failed.items():
+            print(f"gradscope: error: run {run} failed: {why}; its records so far are in {out}", file=sys.stderr)
+        return EXIT_INTERNAL
     failing = sorted({(r["run"], r["signal"], r["verdict"]) for r in init_verdicts.to_dict("records")
                       if r["verdict"] in args.fail_on})
     if failing:

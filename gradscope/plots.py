@@ -4,13 +4,13 @@ Every picture is a pivot of the frame (``call == 0`` rows), drawn on a log10 col
 behind a figure can be checked without looking at pixels: the heatmap's ``QuadMesh`` holds exactly
 ``log10(matrix)`` of :func:`heatmap_matrix` / :func:`runs_matrix` (non-positive and non-finite cells masked).
 
-Matplotlib and seaborn are imported here only, and ``matplotlib.use("Agg")`` is called by :func:`use_agg`
-(from figure builders and the report), never when ``gradscope`` is imported.
+Matplotlib and seaborn are imported here only, never when ``gradscope`` is imported. The figure builders make
+their figures with :func:`new_figure`, which needs no pyplot backend and never switches the session's.
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,11 +38,12 @@ REFERENCE_END = {S.ACT_VAR: "first", S.GRAD_NORM: "last", S.PARAM_GRAD_NORM: Non
 MASK_NOTE = "hatched: zero, non-finite or not recorded"
 
 
-def use_agg() -> None:
-    """Select the non-interactive Agg backend (files only, no display)."""
-    import matplotlib
+def new_figure(**kwargs: Any):
+    """A figure that belongs to no pyplot backend: it renders to files with Agg and never switches the session's
+    backend, so a report written from a notebook leaves its inline figures working."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
+    return Figure(**kwargs)
 
 
 def metric_label(metric: str) -> str:
@@ -292,9 +293,6 @@ def _panel_height(n_blocks: int) -> float:
 
 def heatmap_figure(frame: pd.DataFrame, metric: str, *, colors: Optional[Mapping[str, tuple]] = None):
     """Block x step heatmap(s) of one metric: one panel per run, shared colour scale, one colour bar."""
-    use_agg()
-    import matplotlib.pyplot as plt
-
     runs = [r for r in A.run_names(frame) if not _rows(frame, metric, r).empty]
     colors = colors or run_colors(A.run_names(frame))
     mats = {r: heatmap_matrix(frame, metric, run=r) for r in runs}
@@ -303,8 +301,8 @@ def heatmap_figure(frame: pd.DataFrame, metric: str, *, colors: Optional[Mapping
     ncols = min(len(runs), 4)
     nrows = math.ceil(len(runs) / ncols)
     h = _panel_height(max(len(m) for m in mats.values()))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 + 5.0 * ncols, 0.8 + h * nrows), squeeze=False,
-                             layout="constrained")
+    fig = new_figure(figsize=(3.0 + 5.0 * ncols, 0.8 + h * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, run in zip(axes.flat, runs):
         heatmap(frame, metric, ax, run=run, vmin=vmin, vmax=vmax, cbar=False)
         ax.title.set_color(text_color(colors[run]))
@@ -334,11 +332,9 @@ def _relayout(fig, axes, ylabels, xlabels) -> None:
 def runs_figure(frame: pd.DataFrame, metric: str, *, step: A.StepArg = "first",
                 colors: Optional[Mapping[str, tuple]] = None):
     """Depth x run heatmap of one metric at one step."""
-    use_agg()
-    import matplotlib.pyplot as plt
-
     m = runs_matrix(frame, metric, step=step)
-    fig, ax = plt.subplots(figsize=(3.0 + 0.9 * m.shape[1], _panel_height(len(m))), layout="constrained")
+    fig = new_figure(figsize=(3.0 + 0.9 * m.shape[1], _panel_height(len(m))), layout="constrained")
+    ax = fig.subplots()
     runs_heatmap(frame, metric, ax, step=step, colors=colors)
     return fig
 
@@ -347,9 +343,7 @@ def profile_figure(frame: pd.DataFrame, metric: str, *, step: A.StepArg = None, 
                    explode: float = A.EXPLODE, colors: Optional[Mapping[str, tuple]] = None,
                    predicted: Optional[Mapping[str, Sequence[float]]] = None):
     """Depth profile of one metric, all runs in one axes."""
-    use_agg()
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 5), layout="constrained")
+    fig = new_figure(figsize=(10, 5), layout="constrained")
+    ax = fig.subplots()
     depth_profile(frame, metric, ax, step=step, vanish=vanish, explode=explode, colors=colors, predicted=predicted)
     return fig

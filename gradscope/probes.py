@@ -71,7 +71,9 @@ class MetricSet:
         self.max_abs = S.ACT_MAX_ABS in wanted
         extras = tuple(m for m, on in ((S.ACT_ZERO_FRAC, self.zeros), (S.ACT_NONFINITE, self.nonfinite),
                                        (S.ACT_MAX_ABS, self.max_abs)) if on)
-        self.forward = S.FORWARD_METRICS[:3] + extras if wanted & set(S.FORWARD_METRICS) else ()
+        # mean, var and rms come from the same sums; the ones not asked for are kept internal ("_" names)
+        moments = tuple(m if m in wanted else "_" + m for m in S.FORWARD_METRICS[:3])
+        self.forward = moments + extras if wanted & set(S.FORWARD_METRICS) else ()
         self.grad_out = S.GRAD_NORM in wanted
         self.grad_in = S.GRAD_IN_NORM in wanted
         self.branch = S.BRANCH_VAR in wanted

@@ -130,12 +130,7 @@ def read_records(path: Union[str, Path]) -> pd.DataFrame:
 # --- figures --------------------------------------------------------------------------------------------------
 
 def _save(fig: Any, path: Path, dpi: int) -> Path:
-    import matplotlib.pyplot as plt
-
-    try:
-        fig.savefig(path, dpi=dpi)
-    finally:
-        plt.close(fig)
+    fig.savefig(path, dpi=dpi)  # a pyplot-free Figure (plots.new_figure): nothing to close, no backend switched
     return path
 
 
@@ -150,7 +145,6 @@ def draw_figures(frame: pd.DataFrame, out: Path, *, configs: Optional[Mapping[st
     from . import plots as P
     from .agreement import predicted_profiles
 
-    P.use_agg()
     runs = A.run_names(frame)
     colors = P.run_colors(runs)
     present = set(pd.unique(frame[S.METRIC]))

@@ -79,7 +79,7 @@ class RunSpec:
 class Settings:
     """How each run is measured and trained."""
 
-    steps: int = 30
+    steps: int = 20
     batch_size: int = 32
     lr: float = 0.02
     momentum: float = 0.9
@@ -250,23 +250,32 @@ def run_study(specs: Sequence[RunSpec], train_set: Any, settings: Settings = Set
 
     device = resolve_device(settings.device)
     done: List[Tuple[Any, Any, Dict[str, Any]]] = []
+    names: List[str] = []
+    failed: Dict[str, str] = {}
     interrupted = False
     for spec in specs:
         if on_run:
             on_run(spec)
+        before = len(done)
         try:
             measure_run(spec, _batches(train_set, settings), settings, device,
                         None if out is None else out / "records" / spec.name, on_step, sink=done)
         except KeyboardInterrupt:
             interrupted = True
+        except GradscopeError:
+            raise
+        except Exception as exc:  # a model that crashes mid-run: keep its records, say why, go on with the others
+            failed[spec.name] = f"{type(exc).__name__}: {exc}"
+        names.extend([spec.name] * (len(done) - before))
+        if interrupted:
             break
-    frames = [f for f, _, _ in done]
+    frames = [f for f, _, _ in done if not f.empty]
     losses = [l for _, l, _ in done]
-    configs = {spec.name: c for spec, (_, _, c) in zip(specs, done)}
+    configs = {name: c for name, (_, _, c) in zip(names, done)}
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     loss_frame = pd.concat(losses, ignore_index=True) if losses else pd.DataFrame(
         columns=[S.RUN, S.STEP, "loss", "accuracy"])
-    return StudyResult(frame, loss_frame, configs, interrupted)
+    return StudyResult(frame, loss_frame, configs, interrupted, failed)
 
 
 def _batches(train_set: Any, settings: Settings) -> Iterator[Any]:

@@ -123,3 +123,13 @@ def test_ctrl_c_keeps_records_and_exits_130(tmp_path):
     assert "Traceback" not in err
     frame = pd.read_parquet(tmp_path / "records.parquet")
     assert frame.step.max() >= 9  # at least the first streamed part (10 recorded steps)
+
+
+def test_a_model_that_crashes_mid_run_keeps_its_records(tmp_path, capsys):
+    code = main(["profile", "--model", f"{FIXTURE}:crash_later", "--input-shape", "3,8,8", "--steps", "10",
+                 "--train-size", "64", "--batch-size", "16", "--init-batches", "1", "--quiet", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "run crash_later failed: RuntimeError: CUDA error" in err and "Traceback" not in err
+    frame = pd.read_parquet(tmp_path / "records.parquet")
+    assert sorted(frame.step.unique()) == [0, 1, 2]  # 1 init batch, then 3 training steps before the 5th forward

@@ -212,3 +212,12 @@ def test_update_ratio_matches_the_optimizer_step():
     delta = torch.cat([(0.1 * grads[f"2.{k}"]).flatten() for k in ("weight", "bias")]).norm()
     base = torch.cat([before[f"2.{k}"].flatten() for k in ("weight", "bias")]).norm()
     assert got == pytest.approx((delta / base).item(), rel=1e-5)
+
+
+def test_metrics_subset_records_only_what_was_asked():
+    model = nets.mlp()
+    with gradscope.attach(model, metrics=["act_var", "grad_norm"]) as scope:
+        train = model(torch.randn(4, 12)).sum()
+        train.backward()
+        scope.step()
+        assert set(scope.frame().metric) == {"act_var", "grad_norm"}

@@ -14,7 +14,8 @@ Numerics, and why they look the way they do:
   large next to the spread (1e4 + N(0, 1) in float32); with it the error stays near float32 rounding. It is also
   several times cheaper than ``torch.var_mean``, which takes a slow path on CPU.
 * Exact counts avoid boolean reductions (``count_nonzero``, ``(x == 0).sum()``), which are slow on CPU: zeros are
-  counted as ``n - sum(ceil(min(|x|, 1)))`` with NaN set to 1, reusing the centred buffer in place; non-finite values as
+  counted as ``n - sum(ceil(min(|x|, 1)))`` (so the zero fraction is NaN when the tensor holds a NaN: undefined,
+  not guessed), reusing the centred buffer; non-finite values as
   ``n - nansum(x * 0 + 1)`` (``x * 0 + 1`` is 1 for finite values and NaN otherwise). Both are exact (float64
   accumulation above 2**24 elements).
 """
@@ -63,11 +64,11 @@ def activation_sums(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = Tr
     parts: List[torch.Tensor] = [shift, centred.sum(), torch.linalg.vector_norm(centred)]
     if max_abs:
         parts.extend(torch.aminmax(flat))
-    # the counts reuse the centred buffer in place: no allocation beyond the one subtraction above
-    if zeros:  # ceil(min(|x|, 1)) is 1 for any nonzero value (denormals, Inf), 0 for 0, NaN -> 1: exact, no bools
-        parts.insert(3, _sum(centred.copy_(flat).abs_().clamp_max_(1.0).ceil_().nan_to_num_(nan=1.0)))
+    # the counts reuse the centred buffer (``out=``): no allocation beyond the one subtraction above
+    if zeros:  # ceil(min(|x|, 1)) is 1 for any nonzero value (denormals, Inf), 0 for 0, NaN for NaN
+        parts.insert(3, _sum(torch.abs(flat, out=centred).clamp_max_(1.0).ceil_()))
     if nonfinite:  # x * 0 + 1 is 1 where x is finite, NaN where it is NaN or Inf
-        parts.insert(3 + int(zeros), _nansum(centred.copy_(flat).mul_(0.0).add_(1.0)))
+        parts.insert(3 + int(zeros), _nansum(torch.mul(flat, 0.0, out=centred).add_(1.0)))
     return torch.stack(parts).to(torch.float32)
 
 

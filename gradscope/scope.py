@@ -1,8 +1,10 @@
 """Scope: what :func:`gradscope.attach` returns: the hooks of one recording session and its records."""
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import weakref
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -313,8 +315,20 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
     recorder = Recorder(sites, schedule, out_path, flush_every,
                         reducer=None if combiner is None else combiner.reduce,
                         write_files=combiner is None or combiner.is_writer)
-    return Scope(inner, sites, recorder, MetricSet(chosen), optimizer=optimizer, scaler=scaler,
-                 on_nonfinite=on_nonfinite, distributed=combiner)
+    scope = Scope(inner, sites, recorder, MetricSet(chosen), optimizer=optimizer, scaler=scaler,
+                  on_nonfinite=on_nonfinite, distributed=combiner)
+    if out_path is not None:  # an exception that ends the program still leaves every recorded row on disk
+        atexit.register(_write_at_exit, weakref.ref(scope))
+    return scope
+
+
+def _write_at_exit(ref: "weakref.ReferenceType[Scope]") -> None:
+    scope = ref()
+    if scope is not None and scope._attached:
+        try:
+            scope.flush()
+        except Exception:  # never turn an exit into a second traceback
+            pass
 
 
 def _check_metrics(metrics: Optional[Iterable[str]]) -> Optional[Tuple[str, ...]]:

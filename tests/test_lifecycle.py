@@ -221,3 +221,25 @@ def test_metrics_subset_records_only_what_was_asked():
         train.backward()
         scope.step()
         assert set(scope.frame().metric) == {"act_var", "grad_norm"}
+
+
+def test_an_uncaught_exception_still_leaves_rows_on_disk(tmp_path):
+    """A training script that dies with a traceback (no with-block, no detach) keeps every recorded step."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import torch, gradscope\n"
+        "from torch import nn\n"
+        "model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))\n"
+        f"scope = gradscope.attach(model, out={str(tmp_path / 'run')!r}, flush_every=100)\n"
+        "for step in range(3):\n"
+        "    model(torch.randn(2, 4)).sum().backward()\n"
+        "    scope.step()\n"
+        "raise RuntimeError('the training loop crashed')\n")
+    env = {"PYTHONPATH": str(Path(__file__).parent.parent), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1 and "the training loop crashed" in proc.stderr
+    assert sorted(gradscope.load(tmp_path / "run").step.unique()) == [0, 1, 2]

@@ -108,6 +108,10 @@ def backward_claim(verdicts: Any) -> Claim:
     return Claim("bn_backward", statement, answer, text)
 
 
+def _loss(x: float) -> str:
+    return "diverged (NaN)" if math.isnan(x) else _fmt(x)
+
+
 def _depth_pairs(configs: Dict[str, Dict[str, Any]]) -> Dict[Tuple[bool, bool], Tuple[str, str]]:
     """(residual, bn) -> (shallowest run, deepest run), for groups with two depths or more."""
     groups: Dict[Tuple[bool, bool], List[Tuple[int, str]]] = {}
@@ -137,7 +141,7 @@ def degradation_claim(final_losses: Dict[str, float], configs: Dict[str, Dict[st
     verdicts: Dict[Tuple[bool, bool], bool] = {}
     for (residual, bn), (shallow, deep) in sorted(pairs.items(), key=lambda kv: (not kv[0][1], kv[0][0])):
         ls, ld = final_losses.get(shallow, math.nan), final_losses.get(deep, math.nan)
-        texts.append(f"{deep} loss {_fmt(ld)} vs {shallow} {_fmt(ls)}")
+        texts.append(f"{deep} loss {_loss(ld)} vs {shallow} {_loss(ls)}")
         if not (math.isnan(ls) or math.isnan(ld)):
             verdicts[(residual, bn)] = ld > ls + margin
     evidence = ("; ".join(texts) + f" after {steps} steps (mean of the last 5)") if texts else \

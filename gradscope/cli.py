@@ -63,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--blocks", default="auto", help="block selector: 'auto', a glob/regex on module names, "
                                                    "or a class name such as BatchNorm2d")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=20, help="SGD steps per run (default 20)")
+    g.add_argument("--steps", type=int, default=40, help="SGD steps per run (default 40)")
     g.add_argument("--batch-size", type=_positive, default=32)
-    g.add_argument("--lr", type=float, default=0.02)
+    g.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9, weight decay 1e-4)")
     g.add_argument("--every", type=_positive, default=1, help="record one step in N (default 1)")
     g.add_argument("--init-batches", type=_positive, default=2, help="batches averaged at initialisation")
     g.add_argument("--seeds", type=_ints, default=[0], metavar="S,S", help="seeds (several give mean and spread)")

@@ -79,9 +79,9 @@ class RunSpec:
 class Settings:
     """How each run is measured and trained."""
 
-    steps: int = 20
+    steps: int = 40
     batch_size: int = 32
-    lr: float = 0.02
+    lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-4
     every: int = 1

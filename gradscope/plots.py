@@ -278,8 +278,8 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
         ax.add_line(Line2D([], [], color="0.3", ls="--", lw=1.2, label="theory (dashed, in the run's colour)"))
     how = "geometric mean over steps" if step is None else f"step {step}"
     direction = {S.ACT_VAR: "forward signal", S.GRAD_NORM: "backward gradient"}.get(metric, metric)
-    ax.set_title(f"{direction}: {metric} across depth ({how}); runs: {', '.join(runs[:4])}"
-                 f"{' …' if len(runs) > 4 else ''}", fontsize=10)
+    names = ", ".join(runs[:4]) + (f" and {len(runs) - 4} more (legend)" if len(runs) > 4 else "")
+    ax.set_title(f"{direction}: {metric} across depth ({how})\nruns: {names}", fontsize=10)
     ax.grid(True, which="major", axis="both", color="0.9", lw=0.6)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return ax

@@ -14,8 +14,8 @@ It prints the median ratio of each configuration's step time to the baseline's (
 the peak RSS of a 1,000-step recorded run of the MLP against an uninstrumented one, each in a fresh subprocess.
 Threads are pinned to one (``torch.set_num_threads(1)``) so that runs compare on a shared machine.
 
-    python benchmarks/overhead.py            # all models, 30 repeats
-    python benchmarks/overhead.py --quick    # ResNet-56 and the MLP, fewer repeats: under two minutes
+    python benchmarks/overhead.py            # all models, 8 repeats of 10-step blocks per configuration
+    python benchmarks/overhead.py --quick    # ResNet-56 and the MLP, 3 repeats: about two minutes
 """
 from __future__ import annotations
 
@@ -113,7 +113,6 @@ def time_model(name: str, repeats: int, steps_per_repeat: int, configs: List[str
         random.shuffle(order)
         for config in order:
             scope = instrument(config, model, opt)
-            one_step(scope)  # untimed: lets every10 start off its recorded step half the time
             start = time.perf_counter()
             for _ in range(steps_per_repeat):
                 one_step(scope)
@@ -177,13 +176,12 @@ def main() -> None:
     random.seed(0)
     models = (args.models.split(",") if args.models else
               (["resnet56", "mlp50-bn"] if args.quick else ["resnet56", "resnet110", "mlp50-bn"]))
-    repeats = args.repeats or (8 if args.quick else 30)
+    repeats = args.repeats or (3 if args.quick else 8)
     configs = ["baseline", "every1", "every10", "naive"]
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats, "models": {}}
     print(f"torch {torch.__version__}, 1 thread, {repeats} interleaved repeats; ratio = step time / baseline")
     for name in models:
-        steps = 2 if name.startswith("resnet") else 10
-        r = ratios(time_model(name, repeats, steps, configs))
+        r = ratios(time_model(name, repeats, 10, configs))  # blocks of 10 steps: every10 records one in each
         results["models"][name] = r
         print(f"\n{name} (baseline {r['baseline']['step_ms']:.1f} ms/step)")
         for config in configs[1:]:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from .errors import GradscopeError
 
@@ -93,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage and the error (or --help)
+        return int(exc.code or 0)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
@@ -109,6 +113,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("gradscope: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug of ours: one line, and where to look, rather than a traceback
+        print(f"gradscope: internal error: {type(exc).__name__}: {exc} (set GRADSCOPE_DEBUG=1 for the traceback; "
+              f"please report it)", file=sys.stderr)
+        if os.environ.get("GRADSCOPE_DEBUG"):
+            raise
+        return EXIT_INTERNAL
 
 
 def main_entry() -> None:
@@ -150,7 +160,10 @@ def _report(args: argparse.Namespace) -> int:
     if records.exists():
         from .reporting import read_records
 
-        frame = read_records(records)
+        try:
+            frame = read_records(records)
+        except Exception as exc:
+            raise GradscopeError(f"cannot read {str(records)!r}: {type(exc).__name__}: {exc}") from exc
     else:
         frame = load(folder)
     path = write_report(frame, args.out or folder)
@@ -229,7 +242,7 @@ def _out_dir(args: argparse.Namespace) -> Path:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from .study import Settings, final_loss, resolve_device, run_study, total_steps
+    from .study import Settings, resolve_device
 
     if args.steps < 0:
         raise GradscopeError(f"--steps {args.steps} must be >= 0")
@@ -242,11 +255,11 @@ def _profile(args: argparse.Namespace) -> int:
     rank = _init_distributed(device)
     quiet = args.quiet or args.json or rank != 0
     specs = _specs(args)
-    train_set = _data(args, specs)
     if specs[0].factory is not None:
         from .study import check_input
 
         check_input(specs[0].build().to(device), (1,) + tuple(specs[0].input_shape), device)
+    train_set = _data(args, specs)
     out = _out_dir(args) if rank == 0 else None
     settings = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, every=args.every,
                         init_batches=args.init_batches, device=str(device))

@@ -9,10 +9,11 @@ Numerics, and why they look the way they do:
 
 * Reductions run in float32 whatever the input's dtype (bf16/fp16 inputs are upcast once), so sums of squares of
   values beyond the fp16 range do not overflow. float64 inputs stay float64.
-* The variance comes from a *shifted* sum and sum of squares: ``d = x - x[0]``, ``var = mean(d^2) - mean(d)^2``
-  (finished in float64 on the host). Without the shift, ``E[x^2] - E[x]^2`` loses every digit when the mean is
-  large next to the spread (1e4 + N(0, 1) in float32); with it the error stays near float32 rounding. It is also
-  several times cheaper than ``torch.var_mean``, which takes a slow path on CPU.
+* The variance is computed in two passes: the mean ``m`` first, then ``d = x - m``,
+  ``var = mean(d^2) - mean(d)^2`` (the second term corrects the rounding of ``m``; finished in float64 on the host).
+  The one-pass ``E[x^2] - E[x]^2`` loses every digit when the mean is large next to the spread (1e4 + N(0, 1) in
+  float32), and shifting by one element fails when that element is atypical. This is also several times cheaper
+  than ``torch.var_mean``, which takes a slow path on CPU.
 * Exact counts avoid boolean reductions (``count_nonzero``, ``(x == 0).sum()``), which are slow on CPU: zeros are
   counted as ``n - sum(ceil(min(|x|, 1)))`` (so the zero fraction is NaN when the tensor holds a NaN: undefined,
   not guessed), reusing the centred buffer; non-finite values as
@@ -52,24 +53,26 @@ def raw_width(zeros: bool, nonfinite: bool, max_abs: bool) -> int:
 def activation_sums(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = True, max_abs: bool = False) -> torch.Tensor:
     """Raw sums of all elements of ``x`` (1-D float32, on ``x``'s device; no host sync).
 
-    Layout: ``[shift, sum(x - shift), ||x - shift||_2]``, then ``nonzero_count`` if ``zeros``, ``finite_count`` if
-    ``nonfinite``, ``min, max`` if ``max_abs``. :func:`finish_moments` turns it into the metrics.
+    Layout: ``[m, sum(x - m), ||x - m||_2]`` where ``m`` is the float32 mean (the shift that keeps the variance
+    exact), then ``zero_count`` if ``zeros``, ``nonfinite_count`` if ``nonfinite``, ``min, max`` if ``max_abs``.
+    Counts are complemented in float64 on the device before the float32 cast, so small counts stay exact in any
+    tensor size. :func:`finish_moments` turns the vector into the metrics.
     """
     flat = _work(x)
     n = flat.numel()
     if n == 0:
         return torch.full((raw_width(zeros, nonfinite, max_abs),), float("nan"), dtype=torch.float32, device=x.device)
-    shift = flat[0]
-    centred = flat - shift
+    shift = _sum(flat) / n
+    centred = flat - shift.to(flat.dtype)
     parts: List[torch.Tensor] = [shift, centred.sum(), torch.linalg.vector_norm(centred)]
-    if max_abs:
-        parts.extend(torch.aminmax(flat))
     # the counts reuse the centred buffer (``out=``): no allocation beyond the one subtraction above
     if zeros:  # ceil(min(|x|, 1)) is 1 for any nonzero value (denormals, Inf), 0 for 0, NaN for NaN
-        parts.insert(3, _sum(torch.abs(flat, out=centred).clamp_max_(1.0).ceil_()))
+        parts.append(n - _sum(torch.abs(flat, out=centred).clamp_max_(1.0).ceil_()))
     if nonfinite:  # x * 0 + 1 is 1 where x is finite, NaN where it is NaN or Inf
-        parts.insert(3 + int(zeros), _nansum(torch.mul(flat, 0.0, out=centred).add_(1.0)))
-    return torch.stack(parts).to(torch.float32)
+        parts.append(n - _nansum(torch.mul(flat, 0.0, out=centred).add_(1.0)))
+    if max_abs:
+        parts.extend(torch.aminmax(flat))
+    return torch.stack([p.to(torch.float32) for p in parts])
 
 
 def finish_moments(raw: Sequence[float], n: int, *, zeros: bool = True, nonfinite: bool = True,
@@ -88,10 +91,10 @@ def finish_moments(raw: Sequence[float], n: int, *, zeros: bool = True, nonfinit
     out = [mean, var, rms]
     i = 3
     if zeros:
-        out.append(max(n - float(raw[i]), 0.0) / n)
+        out.append(min(max(float(raw[i]), 0.0), n) / n)
         i += 1
     if nonfinite:
-        out.append(n - float(raw[i]))
+        out.append(float(raw[i]))
         i += 1
     if max_abs:
         lo, hi = float(raw[i]), float(raw[i + 1])

@@ -31,13 +31,14 @@ def in_backward() -> bool:
 
 
 def first_tensor(value: Any) -> Optional[torch.Tensor]:
-    """The block's primary tensor: the value itself, else the first tensor in a tuple/list/dict (depth-first).
+    """The block's primary tensor: the first *floating-point* tensor in the value (depth-first).
 
     A Hugging Face block returns ``(hidden_states, attention_weights, ...)`` and a ``ModelOutput`` (a dict): the
-    hidden states come first in both, so they are what gradscope measures.
+    hidden states come first in both, so they are what gradscope measures. Integer tensors (token ids, masks of
+    indices) are skipped: they carry no signal and no gradient.
     """
     if isinstance(value, torch.Tensor):
-        return value
+        return value if value.is_floating_point() else None
     if isinstance(value, (tuple, list)):
         items = value
     elif isinstance(value, dict):
@@ -51,8 +52,15 @@ def first_tensor(value: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _floating(t: Optional[torch.Tensor]) -> bool:
-    return t is not None and t.is_floating_point()
+def block_input(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """The tensor that enters a block: the first floating tensor among the positional arguments, else the keyword
+    ``hidden_states`` (Hugging Face's name), else the first floating tensor among the keyword arguments."""
+    found = first_tensor(args) if args else None
+    if found is None and kwargs:
+        found = first_tensor(kwargs.get("hidden_states")) if "hidden_states" in kwargs else None
+        if found is None:
+            found = first_tensor(kwargs)
+    return found
 
 
 def is_residual(module: nn.Module) -> bool:
@@ -92,6 +100,9 @@ class Probe:
         self.m = metrics
         self.handles: List[Any] = []
         self.stacks: List[List[int]] = [[] for _ in sites]
+        self.alive = True
+        #: returns a GradScaler's current scale as a device tensor (or None): gradients are divided by it
+        self.scale: Optional[Callable[[], Optional[torch.Tensor]]] = None
 
     def install(self) -> None:
         try:
@@ -110,6 +121,7 @@ class Probe:
             raise
 
     def remove(self) -> None:
+        self.alive = False
         while self.handles:
             self.handles.pop().remove()
 
@@ -118,16 +130,15 @@ class Probe:
         rec, m, stack = self.rec, self.m, self.stacks[site]
 
         def pre_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+            rec.forward_seen = True
             if not rec.active:
                 return None
             recompute = in_backward()
             call = rec.next_recompute_call(site) if recompute else rec.next_call(site)
             stack.append(call)
             if m.grad_in:
-                x = first_tensor(args) if args else None
-                if x is None and kwargs:
-                    x = first_tensor(kwargs)
-                if _floating(x) and x.requires_grad:
+                x = block_input(args, kwargs)
+                if x is not None and x.requires_grad:
                     self._watch_grad(x, site, call, (S.GRAD_IN_NORM,), recompute)
             return None
 
@@ -141,7 +152,7 @@ class Probe:
                 return None
             call = stack.pop()
             y = first_tensor(output)
-            if not _floating(y):
+            if y is None:
                 return None
             recompute = in_backward()
             if m.forward and not recompute:
@@ -163,7 +174,7 @@ class Probe:
             if not rec.active or not stack or in_backward():
                 return None
             y = first_tensor(output)
-            if _floating(y):
+            if y is not None:
                 with torch.no_grad():
                     sums = activation_sums(y, zeros=False, nonfinite=False, max_abs=False)
                 rec.add(rec.step, site, stack[-1], group, sums, y.numel(), "moments")
@@ -179,13 +190,19 @@ class Probe:
             return
         rec.grad_slots.add(slot)
         step = rec.step
+        scale = self.scale
 
         def grad_hook(grad: torch.Tensor) -> None:
-            if grad is None:
+            if grad is None or not self.alive:  # a backward after detach() records nothing
                 return None
-            rec.backward_seen = True
             with torch.no_grad():
-                rec.add(step, site, call, group, grad_norm(grad), grad.numel(), "norm")
+                value = grad_norm(grad)
+                factor = scale() if scale is not None else None
+                if factor is not None:  # a GradScaler's scale, read on the device when backward ran: no sync
+                    if rec.grad_scale is None:
+                        rec.grad_scale = factor.detach().clone().reshape(1)
+                    value = value / factor.to(value.device, value.dtype)
+            rec.add(step, site, call, group, value, grad.numel(), "norm")
             return None
 
         t.register_hook(grad_hook)

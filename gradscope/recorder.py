@@ -26,6 +26,7 @@ from .sites import Site
 Schedule = Callable[[int], bool]
 
 PART_GLOB = "part-*.parquet"
+_DTYPES = ("int64", "str", "int64", "str", "str", "float64", "int64")  # of schema.COLUMNS
 META_FILE = "meta.json"
 
 
@@ -101,7 +102,8 @@ class Recorder:
         self.calls: List[int] = [0] * len(sites)
         self.recompute_calls: List[int] = [0] * len(sites)
         self.grad_slots: set = set()
-        self.backward_seen = False
+        self.forward_seen = False  # any hooked block ran in this step (recorded or not)
+        self.grad_scale: Optional[torch.Tensor] = None  # GradScaler scale seen by this step's backward
         self.out = out
         self.flush_every = flush_every
         self.reducer = reducer
@@ -143,7 +145,8 @@ class Recorder:
         self.calls = [0] * len(self.sites)
         self.recompute_calls = [0] * len(self.sites)
         self.grad_slots = set()
-        self.backward_seen = False
+        self.forward_seen = False
+        self.grad_scale = None
 
     def flush(self) -> None:
         """Move the buffer to host rows with one transfer per device (one collective when distributed)."""
@@ -227,6 +230,9 @@ def _by_device(entries: List[Entry]) -> List[List[Entry]]:
 
 def prepare_out(out: Path, sites: List[Site]) -> None:
     """Create ``out`` and check that it is writable; write the block list to ``meta.json``."""
+    if out.is_dir() and any(out.glob(PART_GLOB)):
+        raise OutputError(f"out={str(out)!r} already holds the records of another run (part-*.parquet); "
+                          f"pass a new folder, or delete that one, so that load() returns this run alone")
     try:
         out.mkdir(parents=True, exist_ok=True)
         meta = {"format": "gradscope-records", "version": 1,
@@ -260,11 +266,14 @@ def load(path: Union[str, os.PathLike]):
         raise GradscopeError(f"no gradscope records at {str(folder)!r}: not a folder; pass the out= folder of a run")
     parts = sorted(folder.glob(PART_GLOB))
     if not parts:
-        if (folder / "records.parquet").exists():
-            return pd.read_parquet(folder / "records.parquet")
+        if (folder / META_FILE).exists():  # attached, but nothing recorded yet
+            return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(S.COLUMNS, _DTYPES)})
         raise GradscopeError(f"no gradscope records in {str(folder)!r}: expected {PART_GLOB} files "
                              f"written by attach(..., out=...)")
-    frames = [pd.read_parquet(p) for p in parts]
+    try:
+        frames = [pd.read_parquet(p) for p in parts]
+    except Exception as exc:  # a part damaged outside gradscope (parts are written atomically)
+        raise GradscopeError(f"cannot read gradscope records in {str(folder)!r}: {type(exc).__name__}: {exc}") from exc
     frame = pd.concat(frames, ignore_index=True)
     return sort_frame(frame)
 

@@ -52,11 +52,26 @@ class Scope:
         self._opt_handles: List[Any] = []
         self._snapshot: Optional[Tuple[int, List[torch.Tensor]]] = None
         self._dist = distributed
+        self._optimizer = optimizer
+        self._updated_steps: set = set()
         self._param_index = _param_index(sites)
+        if optimizer is not None and not hasattr(optimizer, "register_step_pre_hook"):
+            raise GradscopeError(f"optimizer={type(optimizer).__name__} is not a torch.optim.Optimizer with step "
+                                 f"hooks (torch>=2.0); pass the optimizer that updates this model, or leave it out")
+        if scaler is not None and not hasattr(scaler, "get_scale"):
+            raise GradscopeError(f"scaler={type(scaler).__name__} is not a GradScaler; pass torch.amp.GradScaler")
+        self._probe.scale = self._scale_tensor if scaler is not None else None
         self._probe.install()
         self._attached = True
-        if optimizer is not None and metrics.update:
-            self._watch_optimizer(optimizer)
+        self._opt_stepped = False  # optimizer.step() ran since the last scope.step() (then grads are unscaled)
+        try:
+            if optimizer is not None:
+                self._opt_handles.append(optimizer.register_step_pre_hook(self._note_optimizer_step))
+            if optimizer is not None and metrics.update:
+                self._watch_optimizer(optimizer)
+        except BaseException:
+            self.detach()
+            raise
 
     # ---- the training-loop API -----------------------------------------------------------------------------------
     @property
@@ -72,6 +87,16 @@ class Scope:
     def step(self) -> None:
         """Close the current step: parameter statistics, one transfer of the buffer, then the next step begins."""
         rec = self._rec
+        try:
+            self._close_step()
+        finally:  # also when NonFiniteError is raised: the next step starts clean
+            self._opt_stepped = False
+            rec.advance()
+            for stack in self._probe.stacks:
+                stack.clear()
+
+    def _close_step(self) -> None:
+        rec = self._rec
         if rec.active:
             if not any(c for c in rec.calls) and not self._warned_silent:
                 self._warned_silent = True
@@ -83,9 +108,6 @@ class Scope:
             if self._metrics.params:
                 self._record_params(rec.step)
             self._flush()
-        rec.advance()
-        for stack in self._probe.stacks:
-            stack.clear()
 
     def frame(self):
         """Everything recorded so far as a tidy DataFrame: columns ``step, block, depth, kind, metric, value, call``.
@@ -124,6 +146,8 @@ class Scope:
     def __del__(self) -> None:  # a forgotten scope should not leave hooks that reference a dead recorder
         try:
             self._probe.remove()
+            while self._opt_handles:
+                self._opt_handles.pop().remove()
         except Exception:
             pass
 
@@ -154,21 +178,31 @@ class Scope:
         start = len(self._rec.rows)
         self._rec.flush()
         if len(self._rec.rows) > start:
-            self._unscale(start)
             self._check_nonfinite(start)
 
-    def _unscale(self, start: int) -> None:
-        """Divide gradient metrics by the GradScaler's scale, so that reported gradients are the true ones."""
+    def _scale_tensor(self) -> Optional[torch.Tensor]:
+        """The GradScaler's scale as a device tensor (no sync), or None when it is disabled or not yet set."""
         scaler = self._scaler
-        if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
-            return
-        scale = float(scaler.get_scale())
-        if scale in (0.0, 1.0):
-            return
-        rows = self._rec.rows
-        for i in range(start, len(rows)):
-            if rows.metric[i] in (S.GRAD_NORM, S.GRAD_IN_NORM, S.PARAM_GRAD_NORM):
-                rows.value[i] /= scale
+        if not getattr(scaler, "is_enabled", lambda: True)():
+            return None
+        scale = getattr(scaler, "_scale", None)
+        return scale if isinstance(scale, torch.Tensor) else None
+
+    def _note_optimizer_step(self, *args: Any) -> None:
+        self._opt_stepped = True
+
+    def _grads_still_scaled(self) -> bool:
+        """Parameter gradients hold the loss scale unless ``scaler.unscale_``/``scaler.step`` ran on them already
+        (known only when ``optimizer=`` was given; otherwise gradscope assumes ``scope.step()`` came first)."""
+        if self._rec.grad_scale is None:
+            return False
+        if self._optimizer is None:
+            return True
+        if self._opt_stepped:  # scaler.step() unscales the gradients before it calls optimizer.step()
+            return False
+        states = getattr(self._scaler, "_per_optimizer_states", {})
+        stage = states.get(id(self._optimizer), {}).get("stage")
+        return stage is None or getattr(stage, "name", str(stage)) == "READY"
 
     def _record_params(self, step: int) -> None:
         """Parameter and parameter-gradient norms of every block: two foreach reductions, two buffer entries."""
@@ -187,19 +221,21 @@ class Scope:
             if pairs:
                 groups = [g for _, g in pairs]
                 gnorms = group_norms([_dense(g) for g, _ in pairs], groups, n, index.cache)
+                if self._grads_still_scaled():
+                    gnorms = gnorms / self._rec.grad_scale.to(gnorms.device, gnorms.dtype)
                 sites = sorted(set(groups))
                 rec.add_per_site(step, sites, S.PARAM_GRAD_NORM, gnorms[torch.tensor(sites, device=gnorms.device)])
 
     def _watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Measure ||update|| / ||weight|| per block across ``optimizer.step()`` of recorded steps."""
-        if not hasattr(optimizer, "register_step_pre_hook"):
-            raise GradscopeError("optimizer= needs torch>=2.0 (Optimizer.register_step_pre_hook)")
         index = self._param_index
 
         def pre(opt: Any, args: Any, kwargs: Any) -> None:
             rec = self._rec
-            step = rec.step if rec.backward_seen else rec.step - 1
-            if step >= 0 and rec.schedule(step) and index.params:
+            # optimizer.step() before scope.step(): this step's update; after it: the step just closed
+            step = rec.step if rec.forward_seen else rec.step - 1
+            if step >= 0 and step not in self._updated_steps and rec.schedule(step) and index.params:
+                self._updated_steps.add(step)
                 self._snapshot = (step, [index.params[i].detach().clone() for i in index.order])
 
         def post(opt: Any, args: Any, kwargs: Any) -> None:

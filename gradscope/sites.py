@@ -163,14 +163,21 @@ def _pattern_matcher(pattern: str) -> Predicate:
 
 def _list_matcher(items: List[Any], named: List[Tuple[str, nn.Module]]) -> Predicate:
     names = {n for n, _ in named}
+    aliases = {}  # a module registered under several names answers to each of them
+    if named:
+        for name, module in named[0][1].named_modules(remove_duplicate=False):
+            aliases.setdefault(name, module)
     wanted_names, wanted_ids = set(), set()
     for item in items:
         if isinstance(item, str):
-            if item not in names:
+            if item not in aliases:
                 close = difflib.get_close_matches(item, sorted(names), n=3)
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
                 raise SelectorError(f"module {item!r} is not in the model{hint} (names come from model.named_modules())")
-            wanted_names.add(item)
+            if item in names:
+                wanted_names.add(item)
+            else:
+                wanted_ids.add(id(aliases[item]))
         elif isinstance(item, nn.Module):
             if not any(m is item for _, m in named):
                 raise SelectorError(f"module {type(item).__name__} passed in blocks= is not a submodule of the model")

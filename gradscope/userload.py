@@ -63,9 +63,13 @@ def random_data(spec: Any, n: int, seed: int = 0) -> torch.utils.data.TensorData
     generator = torch.Generator().manual_seed(seed)
     shape = tuple(spec.input_shape)
     x = torch.randn((n,) + shape, generator=generator)
+    from .probes import first_tensor
+
     with torch.no_grad():
-        out = spec.build()(x[:2])
-    out = out[0] if isinstance(out, (tuple, list)) else out
+        out = first_tensor(spec.build()(x[:2]))
+    if out is None:
+        raise ModelError(f"the model returns no floating-point tensor for inputs of shape {shape}; gradscope "
+                         f"trains it with cross-entropy on its first output tensor")
     classes = int(out.shape[-1]) if out.dim() >= 2 and out.shape[-1] >= 2 else 2
     y = torch.randint(0, classes, (n,), generator=generator)
     return torch.utils.data.TensorDataset(x, y)

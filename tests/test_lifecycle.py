@@ -243,3 +243,64 @@ def test_an_uncaught_exception_still_leaves_rows_on_disk(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
     assert proc.returncode == 1 and "the training loop crashed" in proc.stderr
     assert sorted(gradscope.load(tmp_path / "run").step.unique()) == [0, 1, 2]
+
+
+def test_attach_that_fails_leaves_no_hook():
+    model = nets.TinyResNet()
+    before = hook_counts(model)
+    with pytest.raises(GradscopeError, match="optimizer=object"):
+        gradscope.attach(model, optimizer=object())
+    assert hook_counts(model) == before
+
+
+def test_after_a_nonfinite_error_the_next_step_is_clean():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    scope = gradscope.attach(model, on_nonfinite="raise")
+    model(torch.tensor([[float("nan"), 1.0]])).sum().backward()
+    with pytest.raises(gradscope.NonFiniteError):
+        scope.step()
+    model.zero_grad()
+    model(torch.ones(1, 2)).sum().backward()
+    scope.step()
+    frame = scope.frame()
+    assert sorted(frame.step.unique()) == [0, 1] and (frame.call == 0).all()
+    scope.detach()
+
+
+def test_out_folder_of_another_run_is_refused(tmp_path):
+    model = nets.mlp()
+    with gradscope.attach(model, out=tmp_path) as scope:
+        model(torch.randn(2, 12)).sum().backward()
+        scope.step()
+    with pytest.raises(OutputError, match="already holds the records of another run"):
+        gradscope.attach(model, out=tmp_path)
+
+
+def test_update_ratio_lands_on_its_own_step_whatever_the_loop_order():
+    torch.manual_seed(0)
+    model = nets.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.attach(model, every=2, optimizer=opt) as scope:
+        for _ in range(4):  # optimizer.step() before scope.step()
+            model(torch.randn(4, 12)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            scope.step()
+        for _ in range(4):  # and after it
+            model(torch.randn(4, 12)).sum().backward()
+            scope.step()
+            opt.step()
+            opt.zero_grad()
+        frame = scope.frame()
+    updates = frame[(frame.metric == "update_ratio") & (frame.block == "0")]
+    assert updates.step.tolist() == [0, 2, 4, 6]
+
+
+def test_backward_after_detach_records_nothing():
+    model = nets.mlp()
+    scope = gradscope.attach(model)
+    out = model(torch.randn(2, 12)).sum()
+    scope.detach()
+    rows = len(scope.frame())
+    out.backward()
+    assert len(scope.frame()) == rows

@@ -64,3 +64,28 @@ def test_group_norms_sum_squares_per_group():
 
 def test_empty_tensor_gives_nan_not_an_error():
     assert all(math.isnan(v) for v in activation_stats(torch.empty(0, 3)))
+
+
+def test_an_atypical_first_element_does_not_spoil_the_variance():
+    torch.manual_seed(0)
+    x = torch.randn(1_000_000)
+    x[0] = 1e5
+    ref = x.double()
+    var = activation_stats(x, zeros=False, nonfinite=False, max_abs=False)[1]
+    assert var == pytest.approx(torch.var(ref, unbiased=False).item(), rel=1e-4)
+    y = 1 + 1e-3 * torch.randn(100_000)
+    y[0] = 0.0
+    var = activation_stats(y, zeros=False, nonfinite=False, max_abs=False)[1]
+    assert var == pytest.approx(torch.var(y.double(), unbiased=False).item(), rel=1e-3)
+
+
+def test_counts_stay_exact_beyond_float32_integers():
+    x = torch.ones(2**24 + 3)
+    x[5] = float("nan")
+    x[7] = 0.0
+    mean, var, rms, zero_frac, nonfinite, _ = activation_stats(x)
+    assert nonfinite == 1
+    assert math.isnan(zero_frac)
+    x[5] = 2.0
+    assert activation_stats(x)[3] * x.numel() == pytest.approx(1.0)
+    assert activation_stats(x)[4] == 0

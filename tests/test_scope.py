@@ -128,3 +128,43 @@ def test_low_precision_statistics_are_float32_and_do_not_overflow(dtype):
     # d(sum(1e3 y))/dy is 1e3 on each of 64*8 elements: a norm whose square overflows fp16 and bf16 sums
     assert grad_norm == pytest.approx(1e3 * (64 * 8) ** 0.5, rel=1e-3)
     assert frame.value.notna().all()
+
+
+def test_hugging_face_keyword_call_with_mask_first():
+    """hidden_states passed by keyword after an attention mask, and integer tensors ahead of the hidden states."""
+    torch.manual_seed(0)
+    block = nets.TupleBlock(16)
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h = nn.ModuleList([block, nets.TupleBlock(16)])
+
+        def forward(self, x):
+            mask = torch.zeros(1, 1, x.shape[1], x.shape[1])
+            for b in self.h:
+                x = b(attention_mask=mask, hidden_states=x)[0]
+            return x
+
+    model = Stack()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    run = lambda m: m(x).pow(2).mean()
+    frame, names = _record_one_step(model, "auto", run)
+    assert names == ["h.0", "h.1"]
+    got = measured(frame)
+    assert ("h.1", 0, "grad_in_norm") in got and ("h.0", 0, "grad_in_norm") in got
+    x.grad = None
+    ref = copy.deepcopy(model)
+    hidden = {}
+    ref.h[1].register_forward_pre_hook(lambda m, a, k: hidden.update(x=k["hidden_states"]), with_kwargs=True)
+    loss = run(ref)
+    (g,) = torch.autograd.grad(loss, [hidden["x"]])
+    assert got[("h.1", 0, "grad_in_norm")] == pytest.approx(g.norm().item(), rel=1e-5)
+
+
+def test_module_registered_under_two_names_answers_to_both():
+    shared = nn.Linear(3, 3)
+    model = nn.Module()
+    model.a = shared
+    model.b = shared
+    assert [s.module for s in gradscope.find_blocks(model, ["b"])] == [shared]

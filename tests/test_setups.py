@@ -67,14 +67,24 @@ def test_grad_scaler_values_are_reported_unscaled():
     model = nets.mlp()
     x = torch.randn(16, 12)
     plain = _frame(copy.deepcopy(model), lambda m: m(x).pow(2).mean().backward())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
-    scaled_model = copy.deepcopy(model)
-    frame = _frame(scaled_model, lambda m: scaler.scale(m(x).pow(2).mean()).backward(), scaler=scaler)
-    for metric in ("grad_norm", "grad_in_norm", "param_grad_norm"):
-        a = plain[plain.metric == metric].value.to_numpy()
-        b = frame[frame.metric == metric].value.to_numpy()
-        assert len(a) == len(b) > 0
-        assert b == pytest.approx(a, rel=1e-5), metric
+    for order in ("scope_first", "scaler_first"):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1)  # the scale changes each step
+        scaled_model = copy.deepcopy(model)
+        opt = torch.optim.SGD(scaled_model.parameters(), lr=0.0)
+        with gradscope.attach(scaled_model, scaler=scaler, optimizer=opt) as scope:
+            scaler.scale(scaled_model(x).pow(2).mean()).backward()
+            if order == "scope_first":
+                scope.step()
+            scaler.step(opt)
+            scaler.update()
+            if order == "scaler_first":  # grads already unscaled by scaler.step, scale already grown
+                scope.step()
+            frame = scope.frame()
+        for metric in ("grad_norm", "grad_in_norm", "param_grad_norm"):
+            a = plain[plain.metric == metric].value.to_numpy()
+            b = frame[frame.metric == metric].value.to_numpy()
+            assert len(a) == len(b) > 0
+            assert b == pytest.approx(a, rel=1e-5), (order, metric)
 
 
 class Checkpointed(nn.Module):

@@ -12,13 +12,14 @@ Per call the hooks do: one branch when the step is not recorded; otherwise a han
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import schema as S
-from .metrics import activation_sums, grad_norm
+from .metrics import Scratch, activation_sums, grad_norm
 from .recorder import Recorder
 from .sites import Site
 
@@ -101,6 +102,8 @@ class Probe:
         self.handles: List[Any] = []
         self.stacks: List[List[int]] = [[] for _ in sites]
         self.alive = True
+        self.scratch = Scratch()  # one reused work buffer: no page-faulted allocation per hook call
+        self._last: Optional[Tuple[Any, int, torch.Tensor]] = None
         #: returns a GradScaler's current scale as a device tensor (or None): gradients are divided by it
         self.scale: Optional[Callable[[], Optional[torch.Tensor]]] = None
 
@@ -157,8 +160,10 @@ class Probe:
             recompute = in_backward()
             if m.forward and not recompute:
                 with torch.no_grad():
-                    sums = activation_sums(y, zeros=m.zeros, nonfinite=m.nonfinite, max_abs=m.max_abs)
+                    sums = activation_sums(y, zeros=m.zeros, nonfinite=m.nonfinite, max_abs=m.max_abs,
+                                           scratch=self.scratch)
                 rec.add(rec.step, site, call, m.forward, sums, y.numel(), "moments")
+                self._remember(y, sums)
             if m.grad_out and y.requires_grad:
                 self._watch_grad(y, site, call, (S.GRAD_NORM,), recompute)
             return None
@@ -175,12 +180,24 @@ class Probe:
                 return None
             y = first_tensor(output)
             if y is not None:
-                with torch.no_grad():
-                    sums = activation_sums(y, zeros=False, nonfinite=False, max_abs=False)
-                rec.add(rec.step, site, stack[-1], group, sums, y.numel(), "moments")
+                sums = self._recall(y)  # an identity shortcut returns the previous block's output: measured already
+                if sums is None:
+                    with torch.no_grad():
+                        sums = activation_sums(y, zeros=False, nonfinite=False, max_abs=False, scratch=self.scratch)
+                rec.add(rec.step, site, stack[-1], group, sums[:3], y.numel(), "moments")
             return None
 
         return sub_hook
+
+    def _remember(self, y: torch.Tensor, sums: torch.Tensor) -> None:
+        """Keep the sums of the latest block output (weakly), so a shortcut that returns it needs no new pass."""
+        self._last = (weakref.ref(y), y._version, sums)
+
+    def _recall(self, y: torch.Tensor) -> Optional[torch.Tensor]:
+        last = self._last
+        if last is not None and last[0]() is y and last[1] == y._version:
+            return last[2]
+        return None
 
     def _watch_grad(self, t: torch.Tensor, site: int, call: int, group: Tuple[str, ...], recompute: bool) -> None:
         """Register a tensor hook that records the gradient of ``t`` for (step, site, call, group), once."""

@@ -89,3 +89,19 @@ def test_counts_stay_exact_beyond_float32_integers():
     x[5] = 2.0
     assert activation_stats(x)[3] * x.numel() == pytest.approx(1.0)
     assert activation_stats(x)[4] == 0
+
+
+def test_long_norms_keep_float32_accuracy():
+    """torch.linalg.vector_norm loses ~4e-4 relative on 2**20 values on CPU; gradscope's norms must not."""
+    from gradscope.metrics import l2_norm
+
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(64, 16, 32, 32)).reshape(-1)
+    ref = x.double().norm().item()
+    assert l2_norm(x).item() == pytest.approx(ref, rel=2e-6)
+    assert grad_norm(x[:-5]).item() == pytest.approx(x[:-5].double().norm().item(), rel=2e-6)
+    var = activation_stats(x, zeros=False, nonfinite=False, max_abs=False)[1]
+    assert var == pytest.approx(torch.var(x.double(), unbiased=False).item(), rel=2e-6)
+    big = torch.randn(1000, 300)
+    assert group_norms([big, torch.ones(3)], [0, 0], 1).item() == pytest.approx(
+        (big.double().norm() ** 2 + 3).sqrt().item(), rel=2e-6)

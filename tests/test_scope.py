@@ -168,3 +168,25 @@ def test_module_registered_under_two_names_answers_to_both():
     model.a = shared
     model.b = shared
     assert [s.module for s in gradscope.find_blocks(model, ["b"])] == [shared]
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_branch_and_shortcut_variances_match_direct_computation(shortcut):
+    from gradscope.models import build
+
+    model = build("resnet20", seed=0, shortcut=shortcut)
+    x = torch.randn(8, 3, 32, 32)
+    want = {}
+    for name, module in model.named_modules():
+        if getattr(module, "gradscope_block", False):
+            for part in ("branch", "shortcut"):
+                getattr(module, part).register_forward_hook(
+                    lambda m, i, o, key=(name, f"{part}_var"): want.__setitem__(key, torch.var(o.double(), unbiased=False).item()))
+    with gradscope.attach(model) as scope:
+        model(x).sum().backward()
+        scope.step()
+        frame = scope.frame()
+    got = {(b, m): v for b, m, v in zip(frame.block, frame.metric, frame.value) if m in ("branch_var", "shortcut_var")}
+    assert set(got) == set(want) and len(got) == 18
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-5), key

@@ -16,7 +16,8 @@ def check_not_compiled(model: nn.Module) -> None:
 
     Attaching to the eager model first and compiling afterwards works: the compiler then traces the hooks.
     """
-    if is_compiled(model):
+    compiled = [name or type(model).__name__ for name, m in model.named_modules() if is_compiled(m)]
+    if compiled:
         raise GradscopeError(
-            "attach() got a torch.compile-d module: PyTorch silently ignores hooks added after compilation. "
-            "Attach first, then compile: scope = gradscope.attach(model); model = torch.compile(model)")
+            f"attach() got a torch.compile-d module ({compiled[0]}): PyTorch silently ignores hooks added after "
+            f"compilation. Attach first, then compile: scope = gradscope.attach(model); model = torch.compile(model)")

@@ -89,7 +89,6 @@ class MetricSet:
         self.shortcut = S.SHORTCUT_VAR in wanted
         self.params = tuple(m for m in (S.PARAM_NORM, S.PARAM_GRAD_NORM) if m in wanted)
         self.update = S.UPDATE_RATIO in wanted
-        self.wanted = wanted
 
 
 class Probe:

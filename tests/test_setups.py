@@ -160,3 +160,10 @@ def test_a_recorded_step_where_no_block_ran_warns():
         other(torch.randn(2, 12)).sum().backward()  # the user trains a different object
         with pytest.warns(RuntimeWarning, match="no hooked block ran during recorded step 0"):
             scope.step()
+
+
+def test_a_compiled_submodule_is_refused_too():
+    model = nn.Sequential(nets.mlp(), nn.Linear(5, 2))
+    model[0] = torch.compile(model[0], backend="aot_eager")
+    with pytest.raises(gradscope.GradscopeError, match=r"torch.compile-d module \(0\)"):
+        gradscope.attach(model)

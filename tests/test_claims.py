@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from gradscope.claims import backward_claim, degradation_claim, forward_claim
+from gradscope.claims import backward_claim, degradation_claim, forward_claim, residual_claim
 
 
 def verdict_frame(rows):
@@ -50,8 +50,17 @@ def test_degradation_claim_flips_with_the_losses():
     claim = degradation_claim(worse, CONFIGS, steps=30)
     assert claim.answer == "yes"
     assert "plain56 loss 1.6 vs plain20 1.2" in claim.evidence
-    assert "deeper residual net trains at least as well" in claim.evidence
     better = dict(worse, plain56=1.0)
     assert degradation_claim(better, CONFIGS, steps=30).answer == "no"
     diverged = dict(worse, plain56=float("nan"))
     assert degradation_claim(diverged, CONFIGS, steps=30).answer == "unclear"
+    assert "diverged (NaN)" in degradation_claim(diverged, CONFIGS, steps=30).evidence
+
+
+def test_residual_claim_flips_with_the_losses():
+    fixed = {"plain20": 1.2, "plain56": 1.6, "resnet20": 1.1, "resnet56": 0.9}
+    claim = residual_claim(fixed, CONFIGS, steps=30)
+    assert claim.answer == "yes" and "resnet56 loss 0.9 vs resnet20 1.1" in claim.evidence
+    short = dict(fixed, resnet56=2.1)
+    claim = residual_claim(short, CONFIGS, steps=30)
+    assert claim.answer == "no" and "short run" in claim.evidence

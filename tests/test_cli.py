@@ -22,7 +22,7 @@ def test_default_models_end_to_end(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     for claim in ("BatchNorm keeps forward signals from vanishing", "BatchNorm keeps backward gradients",
-                  "Deeper plain nets train worse"):
+                  "Deeper plain nets train worse", "Deeper residual nets train at least as well"):
         assert claim in out
     for name in ("report.html", "summary.md", "verdicts.csv", "records.parquet", "init_verdicts.csv", "claims.md",
                  "losses.csv", "heatmap_grad_norm.png"):

@@ -48,7 +48,7 @@ PARAM_METRICS = (PARAM_NORM, PARAM_GRAD_NORM, UPDATE_RATIO)
 RESIDUAL_METRICS = (BRANCH_VAR, SHORTCUT_VAR)
 ALL_METRICS = FORWARD_METRICS + RESIDUAL_METRICS + BACKWARD_METRICS + PARAM_METRICS
 #: What ``attach()`` records unless ``metrics=`` says otherwise: all but ``act_max_abs`` (one more pass over every
-#: activation, useful when hunting fp16 overflow) and ``update_ratio`` (needs ``optimizer=``, then it is recorded).
+#: activation, useful when hunting fp16 overflow). ``update_ratio`` is among them but needs ``optimizer=``.
 DEFAULT_METRICS = tuple(m for m in ALL_METRICS if m != ACT_MAX_ABS)
 
 # --- run/config columns (frames that combine several runs: studies, the CLI) ----------------------------------

@@ -14,13 +14,7 @@ from gradscope.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10, loaders, syn
 from gradscope.errors import DataError, GradscopeError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one intra-op thread avoids two threads spinning against each other on a busy runner."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see tests/conftest.py
 
 
 # --- synthetic ------------------------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ full training step (forward, backward, ``scope.step()``, ``optimizer.step()``) u
 shuffled order within every repeat so that machine noise hits all of them alike:
 
 * ``baseline``: no hooks;
+* ``floor``: the least any per-block tool can do, as defined in issue 8: one extra read of every block output
+  (``mean()`` plus ``vector_norm()``), of every block-output gradient and of every parameter gradient
+  (``vector_norm()``), nothing read back to the host. gradscope records far more than this;
 * ``every1``: ``gradscope.attach(model)``, every step recorded, all default metrics;
 * ``every10``: ``gradscope.attach(model, every=10)``;
 * ``naive``: the usual forum snippet: forward hooks and full backward hooks that call ``.item()`` on a mean and a
@@ -14,8 +17,11 @@ It prints the median ratio of each configuration's step time to the baseline's (
 the peak RSS of a 1,000-step recorded run of the MLP against an uninstrumented one, each in a fresh subprocess.
 Threads are pinned to one (``torch.set_num_threads(1)``) so that runs compare on a shared machine.
 
-    python benchmarks/overhead.py            # all models, 8 repeats of 10-step blocks per configuration
-    python benchmarks/overhead.py --quick    # ResNet-56 and the MLP, 3 repeats: about two minutes
+    python benchmarks/overhead.py            # all models, 8 repeats per configuration
+    python benchmarks/overhead.py --quick    # ResNet-56 and the MLP, 3 repeats, no forum snippet: under two minutes
+
+Each repeat times a block of 10 training steps (50 for the MLP, whose steps are short), so ``every10`` records one
+step in ten within every block, as a long run would.
 """
 from __future__ import annotations
 
@@ -71,6 +77,31 @@ class Naive:
             h.remove()
 
 
+class Floor:
+    """Issue 8's floor: mean + vector_norm of each block output, vector_norm of each block-output gradient and of each
+    parameter gradient; the results stay tensors (a real tool would keep them for one transfer per step)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.kept: List[torch.Tensor] = []
+        self.handles = [site.module.register_forward_hook(self._fwd) for site in gradscope.find_blocks(model)]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def _fwd(self, module, inputs, output):
+        with torch.no_grad():
+            self.kept += [output.mean(), torch.linalg.vector_norm(output)]
+        if output.requires_grad:
+            output.register_hook(lambda g: self.kept.append(torch.linalg.vector_norm(g)))
+
+    def step(self) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        self.kept += list(torch._foreach_norm(grads))
+        self.kept = []
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 class NoScope:
     def step(self) -> None:
         pass
@@ -88,7 +119,14 @@ def instrument(config: str, model: nn.Module, opt):
         return gradscope.attach(model, every=10)
     if config == "naive":
         return Naive(model)
+    if config == "floor":
+        return Floor(model)
     raise ValueError(config)
+
+
+def steps_per_repeat(name: str) -> int:
+    """Steps in one timed block: 10 (so every10 records one of them), 50 for the short MLP steps."""
+    return 50 if name.startswith("mlp") else 10
 
 
 def time_model(name: str, repeats: int, steps_per_repeat: int, configs: List[str]) -> Dict[str, List[float]]:
@@ -177,17 +215,17 @@ def main() -> None:
     models = (args.models.split(",") if args.models else
               (["resnet56", "mlp50-bn"] if args.quick else ["resnet56", "resnet110", "mlp50-bn"]))
     repeats = args.repeats or (3 if args.quick else 8)
-    configs = ["baseline", "every1", "every10", "naive"]
+    configs = ["baseline", "floor", "every1", "every10"] + ([] if args.quick else ["naive"])
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats, "models": {}}
     print(f"torch {torch.__version__}, 1 thread, {repeats} interleaved repeats; ratio = step time / baseline")
     for name in models:
-        r = ratios(time_model(name, repeats, 10, configs))  # blocks of 10 steps: every10 records one in each
+        r = ratios(time_model(name, repeats, steps_per_repeat(name), configs))
         results["models"][name] = r
         print(f"\n{name} (baseline {r['baseline']['step_ms']:.1f} ms/step)")
         for config in configs[1:]:
             print(f"  {config:8s} median x{r[config]['median']:.3f}  (min x{r[config]['min']:.3f}, "
                   f"max x{r[config]['max']:.3f})")
-    rss_steps = 300 if args.quick else args.rss_steps
+    rss_steps = 100 if args.quick else args.rss_steps
     rss = measure_rss(rss_steps)
     results["rss"] = {"steps": rss_steps, **rss}
     base, rec = rss["baseline"]["rss_kib"], rss["every1"]["rss_kib"]

@@ -89,7 +89,7 @@ def _combine(entry, values: List[List[float]], n: List[float], world: int) -> Li
             else:  # max_abs
                 combined.append(max(column))
         return combined
-    if entry.reduce == "norm":
+    if entry.reduce == "sqnorm":  # finished into a norm per rank
         return [math.sqrt(sum(v[0] ** 2 for v in values)) / world]
     return values[0]
 

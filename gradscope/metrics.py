@@ -1,62 +1,101 @@
 """WHAT to measure: small tensor reductions for the hooks, and pure host-side arithmetic that finishes them.
 
-Hooks call the ``*_sums`` functions, which return 1-D tensors of *raw sums* on the input's device and never read a
-value back to the host (no ``.item()``, no ``bool(tensor)``): they cause no host-device synchronisation. The
-arithmetic that turns raw sums into means and variances runs once per recorded step on the host, in Python floats
-(:func:`finish_moments`), so a hook launches as few kernels as possible.
+Hooks call the ``*_sums`` functions, which return 1-D tensors of *raw sums*; the arithmetic that turns them into
+means and variances runs once per recorded step on the host, in Python floats (:func:`finish_moments`), so a hook
+launches as few kernels as possible.
 
-Numerics, and why they look the way they do:
+Two paths, one result (both tested against float64 references):
+
+* **On a GPU (any non-CPU device)** nothing is read back inside a hook: the sums stay on the device until the
+  recorder's single transfer per recorded step. The variance is computed in two passes (the mean ``m`` first, then
+  ``d = x - m``; ``var = mean(d^2) - mean(d)^2`` corrects the rounding of ``m``), and the zero and non-finite counts
+  are exact reductions. This is the *centred* path.
+* **On the CPU** reading a value costs no synchronisation, so the hook takes the *checked* path: one pass for
+  ``sum(x)``, one for ``sum(x^2)``, and reads the two numbers. They settle what the centred path would have to compute:
+  a finite sum proves there is no NaN/Inf (the non-finite count is 0 without a pass), and a variance that is not
+  dwarfed by the squared mean (``mean^2 <= 16 var``) is accurate from the one-pass formula to a few float32 roundings.
+  Only when a check fails (NaN/Inf present, or a mean large next to the spread, e.g. ``1e4 + N(0, 1)`` where the
+  one-pass formula loses every digit) does the hook fall back to the centred path. The zero count is one cheap
+  cast-and-sum (``count_nonzero`` and ``x == 0`` are slow on CPU).
+
+Accuracy details:
 
 * Reductions run in float32 whatever the input's dtype (bf16/fp16 inputs are upcast once), so sums of squares of
   values beyond the fp16 range do not overflow. float64 inputs stay float64.
-* The variance is computed in two passes: the mean ``m`` first, then ``d = x - m``,
-  ``var = mean(d^2) - mean(d)^2`` (the second term corrects the rounding of ``m``; finished in float64 on the host).
-  The one-pass ``E[x^2] - E[x]^2`` loses every digit when the mean is large next to the spread (1e4 + N(0, 1) in
-  float32), and shifting by one element fails when that element is atypical. This is also several times cheaper
-  than ``torch.var_mean``, which takes a slow path on CPU.
-* Exact counts avoid boolean reductions (``count_nonzero``, ``(x == 0).sum()``), which are slow on CPU: zeros are
-  counted as ``n - sum(ceil(min(|x|, 1)))`` (so the zero fraction is NaN when the tensor holds a NaN: undefined,
-  not guessed), reusing the centred buffer; non-finite values as
-  ``n - nansum(x * 0 + 1)`` (``x * 0 + 1`` is 1 for finite values and NaN otherwise). Both are exact (float64
-  accumulation above 2**24 elements).
+* ``torch.linalg.vector_norm`` and ``torch.dot`` on CPU accumulate long vectors with a loss of digits (4e-4 relative on
+  2**20 float32 values); :func:`sum_of_squares` reduces rows of 1024 elements first and stays near 1e-7. ``sum`` is
+  accurate at any length (cascade summation).
+* Counts are exact: integer reductions on the CPU path; complemented in float64 on the device before the float32
+  cast on the centred path, so small counts stay exact in any tensor size.
+* A NaN is not a zero: the zero fraction stays defined when NaN/Inf are present (they are counted apart).
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 _EXACT_FLOAT32_COUNT = 2**24
+_ROW = 1024  # row length for accurate sums of squares
+_DOT_MAX = 1 << 15  # up to this length a single dot product keeps float32 accuracy
+_FOREACH_MAX = 1 << 16
+#: device types whose values the hooks may read back (no synchronisation there): they take the checked path
+HOST_CHECK_DEVICES = frozenset({"cpu"})
+#: the one-pass variance is trusted while mean^2 <= _TRUST * var (error below ~50 float32 roundings of var)
+_TRUST = 16.0
 
 
 def _work(t: torch.Tensor) -> torch.Tensor:
-    flat = t.detach().reshape(-1)
+    """``t`` detached and flattened (a view where its memory allows it), in float32 unless it is float64."""
+    flat = _flat_view(t.detach())
     if flat.dtype in (torch.float32, torch.float64):
         return flat
     return flat.to(torch.float32)
 
 
-_CHUNK = 1024
-_FOREACH_MAX = 1 << 16
+def _flat_view(t: torch.Tensor) -> torch.Tensor:
+    """All elements of ``t`` as a 1-D tensor, without a copy when ``t`` is a permutation of a dense layout
+    (channels-last activations, transposes): moments do not depend on the order of the elements."""
+    if t.is_contiguous():
+        return t.view(-1)
+    pairs = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
+    expected = 1
+    for st, sz in pairs:
+        if st != expected:
+            return t.reshape(-1)
+        expected *= sz
+    return t.as_strided((t.numel(),), (1,))
 
 
-def l2_norm(flat: torch.Tensor, dtype: torch.dtype = None) -> torch.Tensor:
-    """L2 norm of a 1-D tensor, accurate to float32 rounding at any length.
+def sum_of_squares(flat: torch.Tensor) -> torch.Tensor:
+    """``sum(x^2)`` of a 1-D float tensor as a 0-dim tensor, accurate to a few roundings at any length.
 
-    ``torch.linalg.vector_norm`` on CPU accumulates long vectors in a way that loses digits: 4e-4 relative error
-    on 2**20 float32 values, far above the 1e-5 gradscope promises. Norms of 1024-element rows, whose squares are
-    then summed pairwise, stay at 1e-7 and are no slower.
+    Short vectors take one ``dot``; longer ones the squared norms of 1024-element rows, themselves summed the same
+    way. Two kernels for any activation, against one for the inaccurate ``vector_norm``, and no faster way found.
     """
     n = flat.numel()
-    if n <= 4 * _CHUNK:
-        return torch.linalg.vector_norm(flat, dtype=dtype)
-    m = n - n % _CHUNK
-    rows = torch.linalg.vector_norm(flat[:m].view(-1, _CHUNK), dim=1, dtype=dtype)
-    squared = rows.square().sum()
+    if n <= _DOT_MAX:
+        return torch.dot(flat, flat)
+    m = n - n % _ROW
+    rows = torch.linalg.vector_norm(flat[:m].view(-1, _ROW), dim=1)
+    total = sum_of_squares(rows)
     if m < n:
-        squared = squared + torch.linalg.vector_norm(flat[m:], dtype=dtype).square()
-    return squared.sqrt()
+        tail = flat[m:]
+        total = total + torch.dot(tail, tail)
+    return total
+
+
+def l2_norm(flat: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """L2 norm of a 1-D tensor (in ``dtype`` if given), accurate to float32 rounding at any length."""
+    if dtype is not None and flat.dtype != dtype:
+        flat = flat.to(dtype)
+    return sum_of_squares(flat).sqrt()
+
+
+def nonzero_count(flat: torch.Tensor) -> torch.Tensor:
+    """Number of elements that are not zero (NaN and Inf count as non-zero; -0.0 is zero), as an integer tensor."""
+    return flat.bool().sum(dtype=torch.int32 if flat.numel() < 2**31 else torch.int64)
 
 
 def _sum(t: torch.Tensor) -> torch.Tensor:
@@ -93,29 +132,69 @@ def raw_width(zeros: bool, nonfinite: bool, max_abs: bool) -> int:
     return 3 + int(zeros) + int(nonfinite) + 2 * int(max_abs)
 
 
-def activation_sums(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = True, max_abs: bool = False,
-                    scratch: "Scratch | None" = None) -> torch.Tensor:
-    """Raw sums of all elements of ``x`` (1-D float32, on ``x``'s device; no host sync).
+Raw = Union[torch.Tensor, Tuple[float, ...]]
 
-    Layout: ``[m, sum(x - m), ||x - m||_2]`` where ``m`` is the float32 mean (the shift that keeps the variance
-    exact), then ``zero_count`` if ``zeros``, ``nonfinite_count`` if ``nonfinite``, ``min, max`` if ``max_abs``.
-    Counts are complemented in float64 on the device before the float32 cast, so small counts stay exact in any
-    tensor size. :func:`finish_moments` turns the vector into the metrics.
+
+def readable(t: torch.Tensor) -> bool:
+    """Whether a hook may read ``t``'s values (its device is in :data:`HOST_CHECK_DEVICES`: no synchronisation)."""
+    return t.device.type in HOST_CHECK_DEVICES
+
+
+def activation_sums(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = True, max_abs: bool = False,
+                    scratch: "Scratch | None" = None, check_on_host: Optional[bool] = None) -> Raw:
+    """Raw sums of all elements of ``x``: a tuple of host floats on the checked path, else a 1-D float tensor on
+    ``x``'s device (nothing read back).
+
+    Layout: ``[c, sum(x - c), sum((x - c)^2)]`` for a shift ``c`` (0 on the checked path, the float32 mean on the
+    centred one), then ``zero_count`` if ``zeros``, ``nonfinite_count`` if ``nonfinite``, ``min, max`` if ``max_abs``.
+    :func:`finish_moments` turns the vector into the metrics.
+
+    ``check_on_host`` (default: ``x``'s device type is in :data:`HOST_CHECK_DEVICES`, i.e. the CPU) picks the checked path, which reads two values back and falls back
+    to the centred path when a check fails; ``False`` is the no-synchronisation path GPUs take (see the module doc).
     """
     flat = _work(x)
     n = flat.numel()
     if n == 0:
         return torch.full((raw_width(zeros, nonfinite, max_abs),), float("nan"), dtype=torch.float32, device=x.device)
+    if check_on_host if check_on_host is not None else readable(flat):
+        raw = _checked_sums(flat, zeros, nonfinite, max_abs)
+        if raw is not None:
+            return raw
+    return _centred_sums(flat, zeros, nonfinite, max_abs, scratch)
+
+
+def _checked_sums(flat: torch.Tensor, zeros: bool, nonfinite: bool, max_abs: bool) -> Optional[Tuple[float, ...]]:
+    """One-pass sums, read back and checked; None when the centred path is needed (see the module doc)."""
+    n = flat.numel()
+    total = flat.sum().item()
+    squares = sum_of_squares(flat).item()
+    mean = total / n
+    if not (math.isfinite(total) and math.isfinite(squares)) or mean * mean > _TRUST * (squares / n - mean * mean):
+        return None
+    raw = [0.0, total, squares]
+    if zeros:
+        raw.append(float(n - nonzero_count(flat).item()))
+    if nonfinite:  # a finite sum proves every element finite
+        raw.append(0.0)
+    if max_abs:
+        lo, hi = torch.aminmax(flat)
+        raw.extend((lo.item(), hi.item()))
+    return tuple(raw)
+
+
+def _centred_sums(flat: torch.Tensor, zeros: bool, nonfinite: bool, max_abs: bool,
+                  scratch: "Scratch | None") -> torch.Tensor:
+    """Two-pass sums that need no value on the host (the GPU path, and the CPU fallback)."""
+    n = flat.numel()
     shift = _sum(flat) / n
     if scratch is None:
         centred = flat - shift.to(flat.dtype)
     else:
         centred = torch.sub(flat, shift.to(flat.dtype), out=scratch.get(n, flat))
-    parts: List[torch.Tensor] = [shift, centred.sum(), l2_norm(centred)]
-    # the counts reuse the centred buffer (``out=``): no allocation beyond the one subtraction above
-    if zeros:  # ceil(min(|x|, 1)) is 1 for any nonzero value (denormals, Inf), 0 for 0, NaN for NaN
-        parts.append(n - _sum(torch.abs(flat, out=centred).clamp_max_(1.0).ceil_()))
-    if nonfinite:  # x * 0 + 1 is 1 where x is finite, NaN where it is NaN or Inf
+    parts: List[torch.Tensor] = [shift, centred.sum(), sum_of_squares(centred)]
+    if zeros:
+        parts.append(n - nonzero_count(flat).to(torch.float64))
+    if nonfinite:  # x * 0 + 1 is 1 where x is finite, NaN where it is NaN or Inf; reuses the centred buffer
         parts.append(n - _nansum(torch.mul(flat, 0.0, out=centred).add_(1.0)))
     if max_abs:
         parts.extend(torch.aminmax(flat))
@@ -130,9 +209,9 @@ def finish_moments(raw: Sequence[float], n: int, *, zeros: bool = True, nonfinit
     """
     if n == 0:
         return [math.nan] * (3 + int(zeros) + int(nonfinite) + int(max_abs))
-    shift, s1, norm = (float(v) for v in raw[:3])
+    shift, s1, s2 = (float(v) for v in raw[:3])
     mean_c = s1 / n
-    var = max(norm * norm / n - mean_c * mean_c, 0.0) if math.isfinite(norm) else norm * norm
+    var = max(s2 / n - mean_c * mean_c, 0.0) if math.isfinite(s2) else s2
     mean = mean_c + shift
     rms = math.sqrt(var + mean * mean) if math.isfinite(var) else var
     out = [mean, var, rms]
@@ -149,17 +228,22 @@ def finish_moments(raw: Sequence[float], n: int, *, zeros: bool = True, nonfinit
     return out
 
 
-def activation_stats(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = True, max_abs: bool = True) -> List[float]:
+def activation_stats(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = True, max_abs: bool = True,
+                     check_on_host: Optional[bool] = None) -> List[float]:
     """Convenience for tests and notebooks (reads values back): the finished metrics of ``x`` as Python floats."""
-    raw = activation_sums(x, zeros=zeros, nonfinite=nonfinite, max_abs=max_abs).tolist()
+    raw = activation_sums(x, zeros=zeros, nonfinite=nonfinite, max_abs=max_abs, check_on_host=check_on_host)
     return finish_moments(raw, x.numel(), zeros=zeros, nonfinite=nonfinite, max_abs=max_abs)
 
 
+def squared_norm(g: torch.Tensor) -> torch.Tensor:
+    """``||g||^2`` as a 1-element tensor (float32; float64 for float64 input), never read back: the hooks' gradient
+    reduction. The recorder takes the square root on the host."""
+    return sum_of_squares(_work(g)).reshape(1)
+
+
 def grad_norm(g: torch.Tensor) -> torch.Tensor:
-    """L2 norm of a gradient tensor as a 1-element float32 tensor, reduced in float32 (float64 for float64)."""
-    flat = g.detach().reshape(-1)
-    dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
-    return l2_norm(flat, dtype=dtype).to(torch.float32).reshape(1)
+    """L2 norm of a gradient tensor as a 1-element tensor (float32; float64 for float64 input)."""
+    return squared_norm(g).sqrt()
 
 
 class GroupIndex:

@@ -7,8 +7,9 @@ tensor inside the forward hook stays on the autograd node that produced that val
 even when the tensor is modified in place afterwards; forward statistics are computed inside the forward hook, before
 anything downstream can mutate the tensor.
 
-Per call the hooks do: one branch when the step is not recorded; otherwise a handful of reductions under
-``torch.no_grad()`` whose 0-dim results stay on the device. They never keep a reference to an activation.
+Hooks exist only during recorded steps (an unrecorded step runs PyTorch's hook-free path). Per call they run a
+handful of reductions on detached tensors (see :mod:`gradscope.metrics` for what stays on the device) and never
+keep a reference to an activation.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from . import schema as S
-from .metrics import Scratch, activation_sums, grad_norm
+from .metrics import Raw, Scratch, activation_sums, readable, squared_norm
 from .recorder import Recorder
 from .sites import Site
 
@@ -92,7 +93,14 @@ class MetricSet:
 
 
 class Probe:
-    """The hooks of one scope on its sites; :meth:`remove` takes away exactly these and nothing else."""
+    """The hooks of one scope on its sites.
+
+    Module hooks are present only while a step is recorded: :meth:`install` at the start of a recorded step,
+    :meth:`uninstall` at the start of one that is not, so an unrecorded step runs the model's own hook-free fast path
+    and costs nothing at all. gradscope's hooks are *prepended*: they see what each module itself returns, before any
+    other forward hook can change it, at every recorded step alike. :meth:`remove` takes away exactly these hooks and
+    nothing else, and stops gradient hooks still pending in a graph from recording.
+    """
 
     def __init__(self, sites: List[Site], recorder: Recorder, metrics: MetricSet) -> None:
         self.sites = sites
@@ -102,30 +110,47 @@ class Probe:
         self.stacks: List[List[int]] = [[] for _ in sites]
         self.alive = True
         self.scratch = Scratch()  # one reused work buffer: no page-faulted allocation per hook call
-        self._last: Optional[Tuple[Any, int, torch.Tensor]] = None
+        self._last: Optional[Tuple[Any, int, Raw]] = None
+        self._last_grad: Optional[Tuple[Any, int, List[Tuple[int, int, int, str]]]] = None  # latest hooked tensor
         #: returns a GradScaler's current scale as a device tensor (or None): gradients are divided by it
         self.scale: Optional[Callable[[], Optional[torch.Tensor]]] = None
 
+    @property
+    def installed(self) -> bool:
+        return bool(self.handles)
+
     def install(self) -> None:
+        """Register the module hooks (idempotent)."""
+        if self.handles or not self.alive:
+            return
         try:
             for index, site in enumerate(self.sites):
-                self.handles.append(site.module.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True))
-                self.handles.append(site.module.register_forward_hook(self._post_hook(index), with_kwargs=True))
+                self.handles.append(site.module.register_forward_pre_hook(
+                    self._pre_hook(index), with_kwargs=True, prepend=True))
+                self.handles.append(site.module.register_forward_hook(
+                    self._post_hook(index), with_kwargs=True, prepend=True))
                 if not is_residual(site.module):
                     continue
                 for attr, metric, on in (("branch", S.BRANCH_VAR, self.m.branch),
                                          ("shortcut", S.SHORTCUT_VAR, self.m.shortcut)):
                     if on:
                         sub = getattr(site.module, attr)
-                        self.handles.append(sub.register_forward_hook(self._sub_hook(index, (metric,))))
+                        self.handles.append(sub.register_forward_hook(self._sub_hook(index, (metric,)), prepend=True))
         except BaseException:
-            self.remove()
+            self.uninstall()
             raise
 
-    def remove(self) -> None:
-        self.alive = False
+    def uninstall(self) -> None:
+        """Remove the module hooks; gradient hooks already registered in a live graph still record."""
         while self.handles:
             self.handles.pop().remove()
+        self._last = None
+        self._last_grad = None
+
+    def remove(self) -> None:
+        """Remove every hook for good: module hooks now, pending gradient hooks record nothing any more."""
+        self.alive = False
+        self.uninstall()
 
     # ---- hook factories ------------------------------------------------------------------------------------------
     def _pre_hook(self, site: int) -> Callable:
@@ -141,7 +166,7 @@ class Probe:
             if m.grad_in:
                 x = block_input(args, kwargs)
                 if x is not None and x.requires_grad:
-                    self._watch_grad(x, site, call, (S.GRAD_IN_NORM,), recompute)
+                    self._watch_grad(x, site, call, S.GRAD_IN_NORM)
             return None
 
         return pre_hook
@@ -156,15 +181,13 @@ class Probe:
             y = first_tensor(output)
             if y is None:
                 return None
-            recompute = in_backward()
-            if m.forward and not recompute:
-                with torch.no_grad():
-                    sums = activation_sums(y, zeros=m.zeros, nonfinite=m.nonfinite, max_abs=m.max_abs,
-                                           scratch=self.scratch)
+            if m.forward and not in_backward():
+                sums = activation_sums(y, zeros=m.zeros, nonfinite=m.nonfinite, max_abs=m.max_abs,
+                                       scratch=self.scratch)
                 rec.add(rec.step, site, call, m.forward, sums, y.numel(), "moments")
                 self._remember(y, sums)
             if m.grad_out and y.requires_grad:
-                self._watch_grad(y, site, call, (S.GRAD_NORM,), recompute)
+                self._watch_grad(y, site, call, S.GRAD_NORM)
             return None
 
         return post_hook
@@ -181,44 +204,57 @@ class Probe:
             if y is not None:
                 sums = self._recall(y)  # an identity shortcut returns the previous block's output: measured already
                 if sums is None:
-                    with torch.no_grad():
-                        sums = activation_sums(y, zeros=False, nonfinite=False, max_abs=False, scratch=self.scratch)
+                    sums = activation_sums(y, zeros=False, nonfinite=False, max_abs=False, scratch=self.scratch)
                 rec.add(rec.step, site, stack[-1], group, sums[:3], y.numel(), "moments")
             return None
 
         return sub_hook
 
-    def _remember(self, y: torch.Tensor, sums: torch.Tensor) -> None:
+    def _remember(self, y: torch.Tensor, sums: Raw) -> None:
         """Keep the sums of the latest block output (weakly), so a shortcut that returns it needs no new pass."""
         self._last = (weakref.ref(y), y._version, sums)
 
-    def _recall(self, y: torch.Tensor) -> Optional[torch.Tensor]:
+    def _recall(self, y: torch.Tensor) -> Optional[Raw]:
         last = self._last
         if last is not None and last[0]() is y and last[1] == y._version:
             return last[2]
         return None
 
-    def _watch_grad(self, t: torch.Tensor, site: int, call: int, group: Tuple[str, ...], recompute: bool) -> None:
-        """Register a tensor hook that records the gradient of ``t`` for (step, site, call, group), once."""
+    def _watch_grad(self, t: torch.Tensor, site: int, call: int, metric: str) -> None:
+        """Record the gradient norm of ``t`` for (step, site, call, metric), once.
+
+        One tensor hook serves every slot that watches the same tensor: block k's output is block k+1's input (and a
+        wrapper returns its child's output), so ``grad_norm`` of one and ``grad_in_norm`` of the next share a single
+        reduction, as long as nothing modified the tensor in place in between (its version is unchanged).
+        """
         rec = self.rec
-        slot = (site, call, group[0])
+        slot = (site, call, metric)
         if slot in rec.grad_slots:
             return
         rec.grad_slots.add(slot)
-        step = rec.step
+        target = (rec.step, site, call, metric)
+        last = self._last_grad
+        if last is not None and last[0]() is t and last[1] == t._version and last[2][0][0] == rec.step:
+            last[2].append(target)
+            return
+        targets = [target]
+        self._last_grad = (weakref.ref(t), t._version, targets)
         scale = self.scale
 
         def grad_hook(grad: torch.Tensor) -> None:
             if grad is None or not self.alive:  # a backward after detach() records nothing
                 return None
-            with torch.no_grad():
-                value = grad_norm(grad)
-                factor = scale() if scale is not None else None
-                if factor is not None:  # a GradScaler's scale, read on the device when backward ran: no sync
-                    if rec.grad_scale is None:
-                        rec.grad_scale = factor.detach().clone().reshape(1)
-                    value = value / factor.to(value.device, value.dtype)
-            rec.add(step, site, call, group, value, grad.numel(), "norm")
+            value = squared_norm(grad)
+            factor = scale() if scale is not None else None
+            if factor is not None:  # a GradScaler's scale, read on the device when backward ran: no sync
+                if rec.grad_scale is None:
+                    rec.grad_scale = factor.detach().clone().reshape(1)
+                factor = factor.detach().to(value.device, value.dtype)
+                value = value / (factor * factor)
+            if readable(value):  # on the CPU a host float is cheaper to keep than a tensor
+                value = (value.item(),)
+            for step, s, c, name in targets:
+                rec.add(step, s, c, (name,), value, grad.numel(), "sqnorm")
             return None
 
         t.register_hook(grad_hook)

@@ -9,6 +9,7 @@ keeps everything up to its last flush.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -42,15 +43,20 @@ def make_schedule(every: Union[int, Schedule]) -> Schedule:
 
 @dataclass
 class Entry:
-    """One buffered measurement: ``values`` (1-D float32, on the device) holds the metrics of ``group``."""
+    """One buffered measurement: ``values`` holds the raw metrics of ``group``.
+
+    ``values`` is a 1-D tensor on the device the hook ran on (read back once per recorded step, at the flush), or a
+    tuple of Python floats when the hook ran on the CPU, where reading a value costs nothing and a tensor would only
+    add work (see :mod:`gradscope.metrics`).
+    """
 
     step: int
     site: int
     call: int
     group: Tuple[str, ...]
-    values: torch.Tensor
+    values: Union[torch.Tensor, Tuple[float, ...]]
     count: int = 0  # elements reduced, so distributed runs can combine moments and norms
-    reduce: str = "same"  # "moments": raw sums finished by finish_moments; "norm": an L2 norm; "same": as is
+    reduce: str = "same"  # "moments": raw sums finished by finish_moments; "sqnorm": a squared L2 norm; "same": as is
     sites: Optional[List[int]] = None  # one metric for many sites: values[i] belongs to sites[i]
 
 
@@ -129,7 +135,8 @@ class Recorder:
         self.recompute_calls[site] = call + 1
         return call
 
-    def add(self, step: int, site: int, call: int, group: Tuple[str, ...], values: torch.Tensor, count: int = 0,
+    def add(self, step: int, site: int, call: int, group: Tuple[str, ...],
+            values: Union[torch.Tensor, Tuple[float, ...]], count: int = 0,
             reduce: str = "same") -> None:
         self.buffer.append(Entry(step, site, call, group, values, count, reduce))
 
@@ -153,12 +160,11 @@ class Recorder:
         if not self.buffer:
             return
         entries, self.buffer = self.buffer, []
-        for device_entries in _by_device(entries):
-            packed = torch.cat([e.values.reshape(-1) for e in device_entries])
+        for device, device_entries in _by_device(entries).items():
             if self.reducer is not None:
-                finished = self.reducer(device_entries, packed)
+                finished = self.reducer(device_entries, _pack(device_entries, device))
             else:
-                finished = finish_entries(device_entries, packed.tolist())
+                finished = finish_entries(device_entries, _read(device_entries))
             for entry, values in zip(device_entries, finished):
                 self.rows.extend(entry, values)
         self._recorded_since_write += 1
@@ -210,22 +216,57 @@ def finish_entries(entries: List[Entry], values: List[float]) -> List[List[float
     """Turn each entry's raw values (consecutive in ``values``) into its metrics' values, on the host."""
     out, offset = [], 0
     for entry in entries:
-        k = entry.values.numel()
+        k = _width(entry.values)
         raw = values[offset:offset + k]
         offset += k
         if entry.reduce == "moments":
             group = entry.group
             raw = finish_moments(raw, entry.count, zeros=S.ACT_ZERO_FRAC in group,
                                  nonfinite=S.ACT_NONFINITE in group, max_abs=S.ACT_MAX_ABS in group)
+        elif entry.reduce == "sqnorm":
+            raw = [math.sqrt(v) if v >= 0 else math.nan for v in raw]
         out.append(raw)
     return out
 
 
-def _by_device(entries: List[Entry]) -> List[List[Entry]]:
+_HOST = torch.device("cpu")
+
+
+def _width(values: Union[torch.Tensor, Tuple[float, ...]]) -> int:
+    return values.numel() if isinstance(values, torch.Tensor) else len(values)
+
+
+def _by_device(entries: List[Entry]) -> Dict[torch.device, List[Entry]]:
+    """Entries grouped by the device their values live on (host floats count as the CPU)."""
     groups: Dict[torch.device, List[Entry]] = {}
     for e in entries:
-        groups.setdefault(e.values.device, []).append(e)
-    return list(groups.values())
+        device = e.values.device if isinstance(e.values, torch.Tensor) else _HOST
+        groups.setdefault(device, []).append(e)
+    return groups
+
+
+def _read(entries: List[Entry]) -> List[float]:
+    """All raw values of ``entries`` in order, as host floats: one transfer for the tensors among them."""
+    tensors = [e.values.reshape(-1) for e in entries if isinstance(e.values, torch.Tensor)]
+    if not tensors:
+        return [v for e in entries for v in e.values]
+    if len(tensors) == len(entries):
+        return torch.cat(tensors).tolist()
+    read = iter(torch.cat(tensors).tolist())
+    out: List[float] = []
+    for e in entries:
+        if isinstance(e.values, torch.Tensor):
+            out.extend(next(read) for _ in range(e.values.numel()))
+        else:
+            out.extend(e.values)
+    return out
+
+
+def _pack(entries: List[Entry], device: torch.device) -> torch.Tensor:
+    """All raw values of ``entries`` in order as one float64 tensor on ``device`` (for a collective)."""
+    parts = [e.values.reshape(-1).to(torch.float64) if isinstance(e.values, torch.Tensor)
+             else torch.tensor(e.values, dtype=torch.float64, device=device) for e in entries]
+    return torch.cat(parts)
 
 
 def prepare_out(out: Path, sites: List[Site]) -> None:

@@ -61,7 +61,8 @@ class Scope:
         if scaler is not None and not hasattr(scaler, "get_scale"):
             raise GradscopeError(f"scaler={type(scaler).__name__} is not a GradScaler; pass torch.amp.GradScaler")
         self._probe.scale = self._scale_tensor if scaler is not None else None
-        self._probe.install()
+        if recorder.active:
+            self._probe.install()
         self._attached = True
         self._opt_stepped = False  # optimizer.step() ran since the last scope.step() (then grads are unscaled)
         try:
@@ -94,6 +95,11 @@ class Scope:
             rec.advance()
             for stack in self._probe.stacks:
                 stack.clear()
+            if self._attached:  # hooks only while a step is recorded: an unrecorded step runs hook-free
+                if rec.active:
+                    self._probe.install()
+                else:
+                    self._probe.uninstall()
 
     def _close_step(self) -> None:
         rec = self._rec

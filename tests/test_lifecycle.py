@@ -80,16 +80,23 @@ class SyncCounter(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.calls = []
+        self.devices = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", str(func))
         kwargs = kwargs or {}
         if name in self.SYNCING or (name == "to" and any(str(a) == "cpu" for a in list(args[1:]) + list(kwargs.values()))):
             self.calls.append(name)
+            self.devices.update(a.device.type for a in args if isinstance(a, torch.Tensor))
         return func(*args, **kwargs)
 
 
-def test_hooks_never_read_values_back_and_flush_transfers_once():
+def test_hooks_never_read_values_back_and_flush_transfers_once(monkeypatch):
+    """The path a GPU takes (forced here on CPU tensors): nothing read back in forward or backward, one transfer at
+    scope.step()."""
+    import gradscope.metrics as metrics
+
+    monkeypatch.setattr(metrics, "HOST_CHECK_DEVICES", frozenset())
     model = nets.TinyResNet()
     x = torch.randn(4, 3, 8, 8)
     scope = gradscope.attach(model, blocks=lambda n, m: n != "")
@@ -102,21 +109,55 @@ def test_hooks_never_read_values_back_and_flush_transfers_once():
     scope.detach()
 
 
+def test_cpu_hooks_read_back_only_cpu_values():
+    """On the CPU the hooks read two sums back to check them (free there: no device to wait for); never a GPU value."""
+    model = nets.TinyResNet()
+    scope = gradscope.attach(model, blocks=lambda n, m: n != "")
+    with SyncCounter() as during_step:
+        model(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert set(during_step.calls) == {"item"} and during_step.devices == {"cpu"}
+    scope.detach()
+
+
 def test_unrecorded_steps_run_no_metric_computation(monkeypatch):
     import gradscope.probes as probes
     import gradscope.scope as scope_mod
 
     calls = []
-    for mod, name in ((probes, "activation_sums"), (probes, "grad_norm"), (scope_mod, "group_norms")):
+    for mod, name in ((probes, "activation_sums"), (probes, "squared_norm"), (scope_mod, "group_norms")):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
     model = nets.TinyResNet()
+    user_hook = model.layer1[0].register_forward_hook(lambda m, i, o: None)
+    bare = hook_counts(model)
     with gradscope.attach(model, every=3) as scope:
         for step in range(6):
             before = len(calls)
+            # an unrecorded step carries no gradscope hook at all: PyTorch's hook-free call path
+            assert (hook_counts(model) != bare) == (step % 3 == 0), step
             train_step(model, scope)
             assert (len(calls) > before) == (step % 3 == 0), step
         assert sorted(scope.frame().step.unique()) == [0, 3]
+    assert hook_counts(model) == bare
+    user_hook.remove()
+
+
+def test_gradscope_sees_the_module_output_before_other_hooks_at_every_recorded_step():
+    """Hooks come and go with the schedule; prepending them keeps what they measure the same at every recorded step,
+    whatever hooks the user registers before or after attach()."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    model[0].register_forward_hook(lambda m, i, o: o * 10)  # replaces the output, registered before attach
+    scope = gradscope.attach(model, blocks=[model[0]], every=2, metrics=["act_rms"])
+    model[0].register_forward_hook(lambda m, i, o: o * 100)  # and one registered after
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        expected = nn.functional.linear(x, model[0].weight, model[0].bias).pow(2).mean().sqrt().item()
+    for _ in range(5):
+        model(x).sum().backward()
+        scope.step()
+    rms = scope.frame().value.tolist()
+    assert rms == pytest.approx([expected] * 3, rel=1e-6)
+    scope.detach()
 
 
 def test_no_reference_to_activations_survives_the_step():

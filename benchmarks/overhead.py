@@ -20,12 +20,13 @@ Threads are pinned to one (``torch.set_num_threads(1)``) so that runs compare on
     python benchmarks/overhead.py            # all models, 8 repeats per configuration
     python benchmarks/overhead.py --quick    # ResNet-56 and the MLP, 3 repeats, no forum snippet: under two minutes
 
-Each repeat times a block of 10 training steps (50 for the MLP, whose steps are short), so ``every10`` records one
+Each repeat times a block of 10 training steps per configuration (20 for the MLP, whose steps are short), so ``every10`` records one
 step in ten within every block, as a long run would.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import resource
@@ -125,38 +126,50 @@ def instrument(config: str, model: nn.Module, opt):
 
 
 def steps_per_repeat(name: str) -> int:
-    """Steps in one timed block: 10 (so every10 records one of them), 50 for the short MLP steps."""
-    return 50 if name.startswith("mlp") else 10
+    """Steps in one timed block: 10 (every10 records one of them), 20 for the short MLP steps (two)."""
+    return 20 if name.startswith("mlp") else 10
 
 
 def time_model(name: str, repeats: int, steps_per_repeat: int, configs: List[str]) -> Dict[str, List[float]]:
-    """Per config, a list (one per repeat) of mean step times; all configs share one model and batch."""
-    model = make_model(name)
-    x, y = batch_for(name)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    loss_fn = nn.CrossEntropyLoss()
-    scopes = {}
-    times: Dict[str, List[float]] = {c: [] for c in configs}
+    """Per config, a list (one per repeat) of mean step times.
 
-    def one_step(scope) -> None:
+    Every config trains its own copy of one model (same weights, same batch) with its instrument attached for the
+    whole run, and the configs take turns *step by step* in a shuffled order, so slow drifts of a shared machine hit
+    them alike. A repeat is ``steps_per_repeat`` steps of each config.
+    """
+    base = make_model(name)
+    x, y = batch_for(name)
+    loss_fn = nn.CrossEntropyLoss()
+    runs = {}
+    for config in configs:
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        runs[config] = (model, opt, instrument(config, model, opt))
+
+    def one_step(config: str) -> float:
+        model, opt, scope = runs[config]
+        start = time.perf_counter()
         loss_fn(model(x), y).backward()
         scope.step()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
 
-    for _ in range(3):  # warm-up
-        one_step(NoScope())
+    times: Dict[str, List[float]] = {c: [] for c in configs}
+    for _ in range(2):  # warm-up (every10 then records one step in each later block of 10, at any offset)
+        for config in configs:
+            one_step(config)
     for _ in range(repeats):
-        order = configs[:]
-        random.shuffle(order)
-        for config in order:
-            scope = instrument(config, model, opt)
-            start = time.perf_counter()
-            for _ in range(steps_per_repeat):
-                one_step(scope)
-            times[config].append((time.perf_counter() - start) / steps_per_repeat)
-            scope.detach()
-            scopes[config] = scope
+        total = {c: 0.0 for c in configs}
+        for _ in range(steps_per_repeat):
+            order = configs[:]
+            random.shuffle(order)
+            for config in order:
+                total[config] += one_step(config)
+        for config in configs:
+            times[config].append(total[config] / steps_per_repeat)
+    for _, _, scope in runs.values():
+        scope.detach()
     return times
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import os
 import tempfile
 import warnings
@@ -41,7 +42,7 @@ def make_schedule(every: Union[int, Schedule]) -> Schedule:
     return lambda step: step % every == 0
 
 
-@dataclass
+@dataclass(**({"slots": True} if sys.version_info >= (3, 10) else {}))
 class Entry:
     """One buffered measurement: ``values`` holds the raw metrics of ``group``.
 

@@ -47,9 +47,13 @@ BACKWARD_METRICS = (GRAD_NORM, GRAD_IN_NORM)
 PARAM_METRICS = (PARAM_NORM, PARAM_GRAD_NORM, UPDATE_RATIO)
 RESIDUAL_METRICS = (BRANCH_VAR, SHORTCUT_VAR)
 ALL_METRICS = FORWARD_METRICS + RESIDUAL_METRICS + BACKWARD_METRICS + PARAM_METRICS
-#: What ``attach()`` records unless ``metrics=`` says otherwise: all but ``act_max_abs`` (one more pass over every
-#: activation, useful when hunting fp16 overflow). ``update_ratio`` is among them but needs ``optimizer=``.
-DEFAULT_METRICS = tuple(m for m in ALL_METRICS if m != ACT_MAX_ABS)
+#: Metrics that cost a full extra pass over activations and that no verdict or report needs, so they are recorded
+#: only when asked for (``metrics=...`` naming them, or ``metrics="all"``): ``act_max_abs`` (hunting fp16
+#: overflow) and the residual decomposition ``branch_var``/``shortcut_var`` (one more pass over every branch output).
+OPT_IN_METRICS = (ACT_MAX_ABS, BRANCH_VAR, SHORTCUT_VAR)
+#: What ``attach()`` records unless ``metrics=`` says otherwise: all the others. ``update_ratio`` is among them but
+#: needs ``optimizer=``.
+DEFAULT_METRICS = tuple(m for m in ALL_METRICS if m not in OPT_IN_METRICS)
 
 # --- run/config columns (frames that combine several runs: studies, the CLI) ----------------------------------
 MODEL = "model"

@@ -331,7 +331,9 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
         blocks: which modules to hook; see :func:`gradscope.find_blocks` for every selector form.
         every: record one step in ``every`` (steps 0, N, 2N, ...), or a function ``step -> bool``.
         out: a folder to stream records to as Parquet parts; :func:`gradscope.load` reads it back.
-        metrics: a subset of :data:`gradscope.schema.ALL_METRICS` (default: all of them).
+        metrics: a subset of :data:`gradscope.schema.ALL_METRICS`, or ``"all"``; default
+            :data:`gradscope.schema.DEFAULT_METRICS` (all but the opt-in ``act_max_abs``, ``branch_var``,
+            ``shortcut_var``, each one more pass over activations).
         optimizer: enables ``update_ratio`` (||delta w|| / ||w|| per block across ``optimizer.step()``).
         scaler: a ``torch.amp.GradScaler``; gradient metrics are divided by its scale so they are the true ones.
         flush_every: with ``out``, write a part every this many recorded steps (and at detach).
@@ -376,6 +378,8 @@ def _write_at_exit(ref: "weakref.ReferenceType[Scope]") -> None:
 def _check_metrics(metrics: Optional[Iterable[str]]) -> Optional[Tuple[str, ...]]:
     if metrics is None:
         return None
+    if metrics == "all":
+        return S.ALL_METRICS
     if isinstance(metrics, str):
         metrics = (metrics,)
     chosen = tuple(metrics)

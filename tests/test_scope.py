@@ -182,7 +182,7 @@ def test_branch_and_shortcut_variances_match_direct_computation(shortcut):
             for part in ("branch", "shortcut"):
                 getattr(module, part).register_forward_hook(
                     lambda m, i, o, key=(name, f"{part}_var"): want.__setitem__(key, torch.var(o.double(), unbiased=False).item()))
-    with gradscope.attach(model) as scope:
+    with gradscope.attach(model, metrics="all") as scope:
         model(x).sum().backward()
         scope.step()
         frame = scope.frame()
@@ -190,3 +190,21 @@ def test_branch_and_shortcut_variances_match_direct_computation(shortcut):
     assert set(got) == set(want) and len(got) == 18
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_opt_in_metrics_are_recorded_only_when_asked_for():
+    from gradscope import schema as S
+    from gradscope.models import build
+
+    model = build("resnet20", seed=0)
+    x = torch.randn(4, 3, 32, 32)
+    recorded = {}
+    for metrics in (None, "all", ["act_var", "branch_var"]):
+        with gradscope.attach(model, metrics=metrics) as scope:
+            model(x).sum().backward()
+            scope.step()
+            recorded[str(metrics)] = set(scope.frame().metric)
+    assert recorded["None"] == set(S.DEFAULT_METRICS) - {S.UPDATE_RATIO}
+    assert not recorded["None"] & set(S.OPT_IN_METRICS)
+    assert recorded["all"] == set(S.ALL_METRICS) - {S.UPDATE_RATIO}
+    assert recorded[str(["act_var", "branch_var"])] == {"act_var", "branch_var"}

@@ -1,15 +1,15 @@
 """Overhead of gradscope against an uninstrumented training step, measured in the same process, interleaved.
 
-For each model (ResNet-56, ResNet-110, a 50-block BatchNorm MLP; batch 64, CIFAR-shaped input, SGD) this times one
-full training step (forward, backward, ``scope.step()``, ``optimizer.step()``) under four configurations, in a
-shuffled order within every repeat so that machine noise hits all of them alike:
+For each model (ResNet-56, ResNet-110, a 50-block BatchNorm MLP of width 256; batch 64, CIFAR-shaped input, SGD)
+this times full training steps (forward, backward, ``scope.step()``, ``optimizer.step()``) of one model under these
+configurations, which take turns step by step in a shuffled order so that machine noise hits all of them alike:
 
 * ``baseline``: no hooks;
-* ``floor``: the least any per-block tool can do, as defined in issue 8: one extra read of every block output
+* ``floor``: the least any per-block tool can do, as issue 8 defines it: one extra read of every block output
   (``mean()`` plus ``vector_norm()``), of every block-output gradient and of every parameter gradient
   (``vector_norm()``), nothing read back to the host. gradscope records far more than this;
 * ``every1``: ``gradscope.attach(model)``, every step recorded, all default metrics;
-* ``every10``: ``gradscope.attach(model, every=10)``;
+* ``every10``: one step in ten recorded (``attach(model, every=10)``);
 * ``naive``: the usual forum snippet: forward hooks and full backward hooks that call ``.item()`` on a mean and a
   norm per block (it records less than gradscope).
 
@@ -20,13 +20,12 @@ Threads are pinned to one (``torch.set_num_threads(1)``) so that runs compare on
     python benchmarks/overhead.py            # all models, 8 repeats per configuration
     python benchmarks/overhead.py --quick    # ResNet-56 and the MLP, 3 repeats, no forum snippet: under two minutes
 
-Each repeat times a block of 10 training steps per configuration (20 for the MLP, whose steps are short), so ``every10`` records one
-step in ten within every block, as a long run would.
+A repeat is 10 training steps of each configuration (20 for the MLP, whose steps are short), so ``every10``
+records one step in ten within every repeat, as a long run would.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import random
 import resource
@@ -111,13 +110,14 @@ class NoScope:
         pass
 
 
-def instrument(config: str, model: nn.Module, opt):
+def instrument(config: str, model: nn.Module, opt, step: int = 0):
+    """The instrument of ``config`` for a training step that is its ``step``-th (0-based)."""
     if config == "baseline":
         return NoScope()
     if config == "every1":
         return gradscope.attach(model)
-    if config == "every10":
-        return gradscope.attach(model, every=10)
+    if config == "every10":  # a fresh scope per step: the schedule reads this config's own step count
+        return gradscope.attach(model, every=lambda _: step % 10 == 0)
     if config == "naive":
         return Naive(model)
     if config == "floor":
@@ -133,32 +133,32 @@ def steps_per_repeat(name: str) -> int:
 def time_model(name: str, repeats: int, steps_per_repeat: int, configs: List[str]) -> Dict[str, List[float]]:
     """Per config, a list (one per repeat) of mean step times.
 
-    Every config trains its own copy of one model (same weights, same batch) with its instrument attached for the
-    whole run, and the configs take turns *step by step* in a shuffled order, so slow drifts of a shared machine hit
-    them alike. A repeat is ``steps_per_repeat`` steps of each config.
+    All configs train one model on one batch, taking turns *step by step* in a shuffled order, so slow drifts of a
+    shared machine and the memory layout of the model hit them alike. Before each timed step the config's
+    instrument is attached, and after it detached (neither is timed); ``every10`` keeps its own step count, so it
+    records one of every ten of its steps, as in a long run. A repeat is ``steps_per_repeat`` steps of each config.
     """
-    base = make_model(name)
+    model = make_model(name)
     x, y = batch_for(name)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
-    runs = {}
-    for config in configs:
-        model = copy.deepcopy(base)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        runs[config] = (model, opt, instrument(config, model, opt))
+    counts = {c: 0 for c in configs}
 
     def one_step(config: str) -> float:
-        model, opt, scope = runs[config]
+        scope = instrument(config, model, opt, counts[config])
+        counts[config] += 1
         start = time.perf_counter()
         loss_fn(model(x), y).backward()
         scope.step()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        scope.detach()
+        return elapsed
 
     times: Dict[str, List[float]] = {c: [] for c in configs}
-    for _ in range(2):  # warm-up (every10 then records one step in each later block of 10, at any offset)
-        for config in configs:
-            one_step(config)
+    for config in configs:  # warm-up
+        one_step(config)
     for _ in range(repeats):
         total = {c: 0.0 for c in configs}
         for _ in range(steps_per_repeat):
@@ -168,8 +168,6 @@ def time_model(name: str, repeats: int, steps_per_repeat: int, configs: List[str
                 total[config] += one_step(config)
         for config in configs:
             times[config].append(total[config] / steps_per_repeat)
-    for _, _, scope in runs.values():
-        scope.detach()
     return times
 
 
@@ -203,11 +201,16 @@ def rss_child(config: str, steps: int) -> None:
 
 
 def measure_rss(steps: int) -> Dict[str, Dict[str, int]]:
+    """Peak RSS of ``steps`` MLP training steps without and with gradscope, in two subprocesses run side by side
+    (peak memory does not depend on timing)."""
+    procs = {config: subprocess.Popen([sys.executable, __file__, "--rss-child", config, "--rss-steps", str(steps)],
+                                      stdout=subprocess.PIPE, text=True) for config in ("baseline", "every1")}
     out = {}
-    for config in ("baseline", "every1"):
-        proc = subprocess.run([sys.executable, __file__, "--rss-child", config, "--rss-steps", str(steps)],
-                              capture_output=True, text=True, check=True)
-        out[config] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for config, proc in procs.items():
+        stdout, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"the {config} memory run failed (exit status {proc.returncode})")
+        out[config] = json.loads(stdout.strip().splitlines()[-1])
     return out
 
 

@@ -230,7 +230,7 @@ class Scope:
                 if self._grads_still_scaled():
                     gnorms = gnorms / self._rec.grad_scale.to(gnorms.device, gnorms.dtype)
                 sites = sorted(set(groups))
-                rec.add_per_site(step, sites, S.PARAM_GRAD_NORM, gnorms[torch.tensor(sites, device=gnorms.device)])
+                rec.add_per_site(step, sites, S.PARAM_GRAD_NORM, gnorms[index.cache.index(gnorms.device, sites)])
 
     def _watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Measure ||update|| / ||weight|| per block across ``optimizer.step()`` of recorded steps."""

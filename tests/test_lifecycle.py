@@ -345,3 +345,20 @@ def test_backward_after_detach_records_nothing():
     rows = len(scope.frame())
     out.backward()
     assert len(scope.frame()) == rows
+
+
+def test_recorded_data_is_a_few_numbers_per_block_and_metric():
+    """Memory grows by O(blocks x metrics) plain numbers per recorded step: no tensor outlives scope.step()."""
+    from gradscope import schema as S
+
+    model = nets.TinyResNet()
+    with gradscope.attach(model) as scope:
+        sizes = []
+        for _ in range(3):
+            train_step(model, scope)
+            assert scope._rec.buffer == []
+            sizes.append(len(scope._rec.rows))
+        per_step = sizes[0]
+        assert sizes == [per_step, 2 * per_step, 3 * per_step]
+        assert 0 < per_step <= len(scope.sites) * len(S.DEFAULT_METRICS)
+        assert all(type(v) is float for v in scope._rec.rows.value)

@@ -208,3 +208,41 @@ def test_opt_in_metrics_are_recorded_only_when_asked_for():
     assert not recorded["None"] & set(S.OPT_IN_METRICS)
     assert recorded["all"] == set(S.ALL_METRICS) - {S.UPDATE_RATIO}
     assert recorded[str(["act_var", "branch_var"])] == {"act_var", "branch_var"}
+
+
+class _Scale2InPlace(nn.Module):
+    """Not a site: doubles its input in place, so the next block's input is the previous output, modified."""
+
+    def forward(self, x):
+        return x.mul_(2.0)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.fc(x) * 0.9  # nothing saves this output for backward, so it may be changed in place
+
+
+@pytest.mark.parametrize("in_place_between", [False, True])
+def test_output_and_next_input_share_one_gradient_reduction_only_when_unmodified(monkeypatch, in_place_between):
+    import gradscope.probes as probes
+
+    calls = []
+    real = probes.squared_norm
+    monkeypatch.setattr(probes, "squared_norm", lambda g: (calls.append(1), real(g))[1])
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(4):
+        layers += [_Block()] + ([_Scale2InPlace()] if in_place_between else [])
+    model = nn.Sequential(*layers)
+    x = torch.randn(5, 6)
+    run = lambda m: m(x).pow(2).sum()  # noqa: E731
+    frame, names = _record_one_step(model, _Block, run)
+    # 4 outputs, 3 inputs that require grad (the first is the data): one shared reduction per output/next-input
+    # pair, while an in-place change in between makes every input need its own
+    assert len(calls) == (7 if in_place_between else 4)
+    want = reference_metrics(model, names, run)
+    assert assert_matches(measured(frame), want) >= 4 * 6

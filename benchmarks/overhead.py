@@ -116,8 +116,9 @@ def instrument(config: str, model: nn.Module, opt, step: int = 0):
         return NoScope()
     if config == "every1":
         return gradscope.attach(model)
-    if config == "every10":  # a fresh scope per step: the schedule reads this config's own step count
-        return gradscope.attach(model, every=lambda _: step % 10 == 0)
+    if config == "every10":  # a fresh scope per step, on this config's own step count: scope.step() installs or
+        # removes the hooks for the next step inside the timed step, exactly as in a long run
+        return gradscope.attach(model, every=lambda s: (step + s) % 10 == 0)
     if config == "naive":
         return Naive(model)
     if config == "floor":

@@ -199,7 +199,8 @@ def _centred_sums(flat: torch.Tensor, zeros: bool, nonfinite: bool, max_abs: boo
         parts.append(n - _nansum(torch.mul(flat, 0.0, out=centred).add_(1.0)))
     if max_abs:
         parts.extend(torch.aminmax(flat))
-    return torch.stack([p.to(torch.float32) for p in parts])
+    dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32  # squares of float64 need its range
+    return torch.stack([p.to(dtype) for p in parts])
 
 
 def finish_moments(raw: Sequence[float], n: int, *, zeros: bool = True, nonfinite: bool = True,

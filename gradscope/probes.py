@@ -97,9 +97,10 @@ class Probe:
 
     Module hooks are present only while a step is recorded: :meth:`install` at the start of a recorded step,
     :meth:`uninstall` at the start of one that is not, so an unrecorded step runs the model's own hook-free fast path
-    and costs nothing at all. gradscope's hooks are *prepended*: they see what each module itself returns, before any
-    other forward hook can change it, at every recorded step alike. :meth:`remove` takes away exactly these hooks and
-    nothing else, and stops gradient hooks still pending in a graph from recording.
+    and costs nothing at all. gradscope's hooks are *prepended* each time they are installed: they see what each
+    module receives and returns before other forward hooks change it (a hook registered later with ``prepend=True``
+    runs before them until their next installation). :meth:`remove` takes away exactly these hooks and nothing
+    else, and stops gradient hooks still pending in a graph from recording.
     """
 
     def __init__(self, sites: List[Site], recorder: Recorder, metrics: MetricSet) -> None:

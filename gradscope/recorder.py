@@ -109,7 +109,7 @@ class Recorder:
         self.calls: List[int] = [0] * len(sites)
         self.recompute_calls: List[int] = [0] * len(sites)
         self.grad_slots: set = set()
-        self.forward_seen = False  # any hooked block ran in this step (recorded or not)
+        self.forward_seen = False  # a forward ran in this step (recorded or not; see Scope._watch_optimizer)
         self.grad_scale: Optional[torch.Tensor] = None  # GradScaler scale seen by this step's backward
         self.out = out
         self.flush_every = flush_every

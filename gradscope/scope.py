@@ -259,6 +259,12 @@ class Scope:
 
         self._opt_handles.append(optimizer.register_step_pre_hook(pre))
         self._opt_handles.append(optimizer.register_step_post_hook(post))
+        # whether a forward ran since scope.step() tells which step an optimizer step belongs to; the block hooks are
+        # absent in unrecorded steps, so one flag-setting hook on the model itself says it (one call per forward)
+        self._opt_handles.append(self.model.register_forward_pre_hook(self._mark_forward))
+
+    def _mark_forward(self, *args: Any) -> None:
+        self._rec.forward_seen = True
 
 
 class _ParamIndex:

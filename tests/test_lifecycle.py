@@ -337,6 +337,35 @@ def test_update_ratio_lands_on_its_own_step_whatever_the_loop_order():
     assert updates.step.tolist() == [0, 2, 4, 6]
 
 
+def test_an_update_in_an_unrecorded_step_is_not_credited_to_the_recorded_one_before():
+    """Gradient accumulation: the optimizer steps only in odd (unrecorded) steps; no recorded step saw an update."""
+    torch.manual_seed(0)
+    model = nets.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.attach(model, every=2, optimizer=opt, metrics=["update_ratio", "act_mean"]) as scope:
+        for step in range(4):
+            model(torch.randn(4, 12)).sum().backward()
+            if step % 2:
+                opt.step()
+                opt.zero_grad()
+            scope.step()
+        frame = scope.frame()
+    assert "update_ratio" not in set(frame.metric)
+    assert sorted(frame.step.unique()) == [0, 2]
+
+
+def test_float64_moments_keep_their_range_on_the_centred_path():
+    from gradscope.metrics import activation_stats
+
+    torch.manual_seed(0)
+    for scale in (1e-25, 1e25):
+        x = torch.randn(1000, dtype=torch.float64) * scale
+        for on_host in (True, False):
+            mean, var, rms = activation_stats(x, zeros=False, nonfinite=False, max_abs=False, check_on_host=on_host)
+            assert var == pytest.approx(x.var(unbiased=False).item(), rel=1e-9)
+            assert rms == pytest.approx(x.pow(2).mean().sqrt().item(), rel=1e-9)
+
+
 def test_backward_after_detach_records_nothing():
     model = nets.mlp()
     scope = gradscope.attach(model)

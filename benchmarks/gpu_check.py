@@ -1,0 +1,164 @@
+"""The GPU path, checked in one short run: no host synchronisation inside hooks, the same numbers as on the CPU,
+and the overhead of a recorded step on the device.
+
+Run it whenever a CUDA machine is at hand (the project's CI machines have none):
+
+    python benchmarks/gpu_check.py                  # CUDA: all three checks; exit status 0 when they pass
+    python benchmarks/gpu_check.py --device cpu     # a dry run of the same code on the CPU (no sync check)
+
+1. **No sync in hooks.** A recorded ResNet-20 training step runs forward and backward under
+   ``torch.cuda.set_sync_debug_mode("error")``: any hook that reads a value back (``.item()``, ``.tolist()``, a
+   Python ``if`` on a tensor, a device-to-host copy) raises there. ``scope.step()`` then runs with the mode off and
+   must read the buffer back in one transfer.
+2. **Same numbers.** The device frame is compared with a CPU frame of the same model, weights and batch (TF32
+   off), metric by metric, to ``--rtol`` (default 1e-3: convolution algorithms sum in different orders).
+3. **Overhead.** Median step time of ``attach(model)`` and ``attach(model, every=10)`` against an uninstrumented
+   step, the three taking turns step by step (batch 128, ResNet-56), with ``torch.cuda.synchronize()`` around each.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import gradscope
+from gradscope.models import build
+
+READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"}
+
+
+class ReadCounter(TorchFunctionMode):
+    """Counts calls that read tensor values back to the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: List[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in READS:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def batch(n: int, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device)
+
+
+def recorded_frame(device: str, check_sync: bool) -> Tuple[object, List[str], List[str]]:
+    """One recorded training step of ResNet-20 on ``device``: (frame, sync errors, reads at scope.step())."""
+    model = build("resnet20", seed=0).to(device)
+    x, y = batch(32, device)
+    errors: List[str] = []
+    with gradscope.attach(model) as scope:
+        if check_sync:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            nn.functional.cross_entropy(model(x), y).backward()
+        except RuntimeError as exc:  # a synchronising call inside a hook
+            errors.append(str(exc).splitlines()[0])
+        finally:
+            if check_sync:
+                torch.cuda.set_sync_debug_mode(0)
+        with ReadCounter() as reads:
+            scope.step()
+        frame = scope.frame()
+    return frame, errors, reads.calls
+
+
+def compare(dev_frame, cpu_frame, rtol: float) -> List[str]:
+    """Rows whose values differ by more than ``rtol`` (relative, with a small absolute floor)."""
+    key = ["block", "metric", "call"]
+    merged = dev_frame.merge(cpu_frame, on=key, suffixes=("_dev", "_cpu"), how="outer", indicator="side")
+    problems = [f"{r.block} {r.metric}: only on {'device' if r.side == 'left_only' else 'cpu'}"
+                for r in merged.itertuples() if r.side != "both"]
+    for r in merged[merged.side == "both"].itertuples():
+        a, b = r.value_dev, r.value_cpu
+        if not (math.isclose(a, b, rel_tol=rtol, abs_tol=1e-7) or (math.isnan(a) and math.isnan(b))):
+            problems.append(f"{r.block} {r.metric}: device {a:.6g} vs cpu {b:.6g}")
+    return problems
+
+
+def overhead(device: str, steps: int) -> Dict[str, float]:
+    """Median step time ratio of every1 and every10 against no hooks, configs taking turns step by step."""
+    model = build("resnet56", seed=0).to(device)
+    x, y = batch(128, device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    counts = {"baseline": 0, "every1": 0, "every10": 0}
+    times: Dict[str, List[float]] = {c: [] for c in counts}
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for i in range(steps + 2):
+        for config in counts:
+            k = counts[config]
+            scope = (None if config == "baseline" else gradscope.attach(model) if config == "every1"
+                     else gradscope.attach(model, every=lambda s, k=k: (k + s) % 10 == 0))
+            counts[config] += 1
+            sync()
+            start = time.perf_counter()
+            nn.functional.cross_entropy(model(x), y).backward()
+            if scope is not None:
+                scope.step()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            if i >= 2:  # warm-up
+                times[config].append(time.perf_counter() - start)
+            if scope is not None:
+                scope.detach()
+    base = statistics.median(times["baseline"])
+    return {c: statistics.median(t) / base for c, t in times.items()} | {"baseline_ms": 1e3 * base}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--rtol", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
+    args = parser.parse_args()
+    on_cuda = args.device.startswith("cuda")
+    if on_cuda and not torch.cuda.is_available():
+        print("no CUDA device here: run on a GPU machine, or pass --device cpu for a dry run", file=sys.stderr)
+        return 2
+    if on_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        print(f"device: {torch.cuda.get_device_name()} (torch {torch.__version__})")
+    failures = 0
+
+    dev_frame, errors, reads = recorded_frame(args.device, check_sync=on_cuda)
+    if errors:
+        failures += 1
+        print(f"FAIL sync inside hooks: {errors[0]}")
+    else:
+        print("ok   no synchronisation in forward or backward" + ("" if on_cuda else " (not checked on the CPU)"))
+    print(f"{'ok  ' if (reads == ['tolist'] or not on_cuda) else 'FAIL'} reads at scope.step(): {reads}")
+    failures += int(on_cuda and reads != ["tolist"])
+
+    cpu_frame, _, _ = recorded_frame("cpu", check_sync=False)
+    problems = compare(dev_frame, cpu_frame, args.rtol)
+    failures += int(bool(problems))
+    print(f"{'FAIL' if problems else 'ok  '} {len(dev_frame)} values against the CPU (rtol {args.rtol})")
+    for line in problems[:10]:
+        print("     ", line)
+
+    ratios = overhead(args.device, args.steps)
+    print(f"     overhead, ResNet-56 batch 128 ({ratios['baseline_ms']:.1f} ms/step): every step "
+          f"x{ratios['every1']:.3f}, every 10th step x{ratios['every10']:.3f}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

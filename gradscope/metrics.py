@@ -1,8 +1,8 @@
 """WHAT to measure: small tensor reductions for the hooks, and pure host-side arithmetic that finishes them.
 
-Hooks call the ``*_sums`` functions, which return 1-D tensors of *raw sums*; the arithmetic that turns them into
-means and variances runs once per recorded step on the host, in Python floats (:func:`finish_moments`), so a hook
-launches as few kernels as possible.
+Hooks call :func:`activation_sums` and :func:`squared_norm`, which return *raw sums* (a 1-D tensor on the device, or
+Python floats on the CPU); the arithmetic that turns them into means and variances runs once per recorded step on
+the host (:func:`finish_moments`), so a hook launches as few kernels as possible.
 
 Two paths, one result (both tested against float64 references):
 
@@ -11,9 +11,10 @@ Two paths, one result (both tested against float64 references):
   ``d = x - m``; ``var = mean(d^2) - mean(d)^2`` corrects the rounding of ``m``), and the zero and non-finite counts
   are exact reductions. This is the *centred* path.
 * **On the CPU** reading a value costs no synchronisation, so the hook takes the *checked* path: one pass for
-  ``sum(x)``, one for ``sum(x^2)``, and reads the two numbers. They settle what the centred path would have to compute:
-  a finite sum proves there is no NaN/Inf (the non-finite count is 0 without a pass), and a variance that is not
-  dwarfed by the squared mean (``mean^2 <= 16 var``) is accurate from the one-pass formula to a few float32 roundings.
+  ``sum(x)``, one for ``sum(x^2)``, and reads the two numbers. They settle what the centred path would have to
+  compute: a finite sum proves there is no NaN/Inf (the non-finite count is 0 without a pass), and a variance that
+  is not dwarfed by the squared mean (``mean^2 <= 16 var``) is accurate from the one-pass formula to a few float32
+  roundings.
   Only when a check fails (NaN/Inf present, or a mean large next to the spread, e.g. ``1e4 + N(0, 1)`` where the
   one-pass formula loses every digit) does the hook fall back to the centred path. The zero count is one cheap
   cast-and-sum (``count_nonzero`` and ``x == 0`` are slow on CPU).
@@ -22,11 +23,12 @@ Accuracy details:
 
 * Reductions run in float32 whatever the input's dtype (bf16/fp16 inputs are upcast once), so sums of squares of
   values beyond the fp16 range do not overflow. float64 inputs stay float64.
-* ``torch.linalg.vector_norm`` and ``torch.dot`` on CPU accumulate long vectors with a loss of digits (4e-4 relative on
-  2**20 float32 values); :func:`sum_of_squares` reduces rows of 1024 elements first and stays near 1e-7. ``sum`` is
-  accurate at any length (cascade summation).
+* ``torch.linalg.vector_norm`` and ``torch.dot`` on CPU accumulate long vectors with a loss of digits (4e-4
+  relative on 2**20 float32 values); :func:`sum_of_squares` reduces rows of 1024 elements first and stays near
+  1e-7. ``sum`` is accurate at any length (cascade summation).
 * Counts are exact: integer reductions on the CPU path; complemented in float64 on the device before the float32
-  cast on the centred path, so small counts stay exact in any tensor size.
+  cast on the centred path, so small counts stay exact in any tensor size. The centred path keeps float64 raw sums
+  for float64 inputs (their squares need float64's range).
 * A NaN is not a zero: the zero fraction stays defined when NaN/Inf are present (they are counted apart).
 """
 from __future__ import annotations
@@ -150,8 +152,9 @@ def activation_sums(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = Tr
     centred one), then ``zero_count`` if ``zeros``, ``nonfinite_count`` if ``nonfinite``, ``min, max`` if ``max_abs``.
     :func:`finish_moments` turns the vector into the metrics.
 
-    ``check_on_host`` (default: :func:`readable`, i.e. ``x`` is on the CPU) picks the checked path, which reads two values back and falls back
-    to the centred path when a check fails; ``False`` is the no-synchronisation path GPUs take (see the module doc).
+    ``check_on_host`` (default: :func:`readable`, i.e. ``x`` is on the CPU) picks the checked path, which reads two
+    values back and falls back to the centred path when a check fails; ``False`` is the no-synchronisation path
+    GPUs take (see the module doc).
     """
     flat = _work(x)
     n = flat.numel()

@@ -8,9 +8,9 @@ Keeping the branch identical is what lets depth indices and module names line up
 ``resnetN``.
 
 Each forward calls ``self.branch`` and ``self.shortcut`` exactly once, so forward hooks on them see ``F(x)`` and
-the shortcut path of every call (the engine records ``branch_var`` and ``shortcut_var`` there). The optional
-post-addition activation (the original ResNet's ReLU after the sum) is its own submodule ``act``, outside the
-branch; pre-activation blocks and the MLP blocks have none.
+the shortcut path of every call (the engine records the opt-in ``branch_var`` and ``shortcut_var`` there). The
+optional post-addition activation (the original ResNet's ReLU after the sum) is its own submodule ``act``, outside
+the branch; pre-activation blocks and the MLP blocks have none.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ the peak RSS of a 1,000-step recorded run of the MLP against an uninstrumented o
 Threads are pinned to one (``torch.set_num_threads(1)``) so that runs compare on a shared machine.
 
     python benchmarks/overhead.py            # all models, 8 repeats per configuration
-    python benchmarks/overhead.py --quick    # ResNet-56 and the MLP, 3 repeats, no forum snippet: under two minutes
+    python benchmarks/overhead.py --quick    # ResNet-56 (2 repeats) and the MLP (3), no forum snippet: < 2 minutes
 
 A repeat is 10 training steps of each configuration (20 for the MLP, whose steps are short), so ``every10``
 records one step in ten within every repeat, as a long run would.
@@ -131,6 +131,12 @@ def steps_per_repeat(name: str) -> int:
     return 20 if name.startswith("mlp") else 10
 
 
+def quick_repeats(name: str) -> int:
+    """Repeats under ``--quick``: 2 for ResNet-56 (a minute for its four configurations), 3 for the fast MLP, so
+    that the whole quick run stays well under two minutes."""
+    return 2 if name.startswith("resnet") else 3
+
+
 def time_model(name: str, repeats: int, steps_per_repeat: int, configs: List[str]) -> Dict[str, List[float]]:
     """Per config, a list (one per repeat) of mean step times.
 
@@ -231,14 +237,14 @@ def main() -> None:
     random.seed(0)
     models = (args.models.split(",") if args.models else
               (["resnet56", "mlp50-bn"] if args.quick else ["resnet56", "resnet110", "mlp50-bn"]))
-    repeats = args.repeats or (3 if args.quick else 8)
     configs = ["baseline", "floor", "every1", "every10"] + ([] if args.quick else ["naive"])
-    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats, "models": {}}
-    print(f"torch {torch.__version__}, 1 thread, {repeats} interleaved repeats; ratio = step time / baseline")
+    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "models": {}}
+    print(f"torch {torch.__version__}, 1 thread; ratio = step time / baseline, configurations interleaved")
     for name in models:
+        repeats = args.repeats or (quick_repeats(name) if args.quick else 8)
         r = ratios(time_model(name, repeats, steps_per_repeat(name), configs))
-        results["models"][name] = r
-        print(f"\n{name} (baseline {r['baseline']['step_ms']:.1f} ms/step)")
+        results["models"][name] = {"repeats": repeats, **r}
+        print(f"\n{name} (baseline {r['baseline']['step_ms']:.1f} ms/step, {repeats} repeats)")
         for config in configs[1:]:
             print(f"  {config:8s} median x{r[config]['median']:.3f}  (min x{r[config]['min']:.3f}, "
                   f"max x{r[config]['max']:.3f})")

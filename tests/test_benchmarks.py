@@ -1,0 +1,74 @@
+"""The benchmark scripts still run and measure what they say (no timing is asserted: machines are noisy)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradscope.models import build
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def overhead(monkeypatch):
+    module = _load("overhead")
+    monkeypatch.setattr(module, "make_model", lambda name: build("mlp", depth=3, width=16, bn=True, seed=0))
+    g = torch.Generator().manual_seed(0)
+    small = (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g))
+    monkeypatch.setattr(module, "batch_for", lambda name: small)
+    return module
+
+
+def test_overhead_times_every_configuration_and_every10_records_one_step_in_ten(overhead, monkeypatch, one_thread):
+    configs = ["baseline", "floor", "every1", "every10", "naive"]
+    times = overhead.time_model("mlp50-bn", repeats=2, steps_per_repeat=10, configs=configs)
+    assert set(times) == set(configs) and all(len(v) == 2 and min(v) > 0 for v in times.values())
+    ratios = overhead.ratios(times)
+    assert ratios["baseline"]["median"] == 1.0 and ratios["every1"]["step_ms"] > 0
+
+    recorded = []
+    real = overhead.instrument
+
+    def spy(config, model, opt, step=0):
+        scope = real(config, model, opt, step)
+        if config == "every10":
+            recorded.append(scope.recording)
+        return scope
+
+    monkeypatch.setattr(overhead, "instrument", spy)
+    overhead.time_model("mlp50-bn", repeats=2, steps_per_repeat=10, configs=["baseline", "every10"])
+    assert len(recorded) == 21 and sum(recorded) == 3  # warm-up step 0, then steps 10 and 20
+
+
+def test_floor_reads_every_block_output_gradient_and_parameter_gradient(overhead, one_thread):
+    model = build("mlp", depth=3, width=16, bn=True, seed=0)
+    floor = overhead.Floor(model)
+    x, y = overhead.batch_for("mlp50-bn")
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    blocks = len(floor.handles)
+    assert len(floor.kept) == 3 * blocks  # mean + norm per output, a norm per output gradient
+    floor.step()
+    assert floor.kept == []
+    floor.detach()
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_gpu_check_compares_frames_and_flags_a_difference(one_thread):
+    gpu_check = _load("gpu_check")
+    frame, errors, reads = gpu_check.recorded_frame("cpu", check_sync=False)
+    assert errors == [] and reads == ["tolist"]  # parameter norms: one transfer at scope.step()
+    assert gpu_check.compare(frame, frame.copy(), 1e-3) == []
+    changed = frame.copy()
+    changed.loc[3, "value"] *= 1.01
+    problems = gpu_check.compare(changed, frame, 1e-3)
+    assert len(problems) == 1 and frame.loc[3, "metric"] in problems[0]

@@ -32,6 +32,18 @@ def in_backward() -> bool:
     return _current_graph_task_id() != -1
 
 
+_is_wrapped: Callable[[torch.Tensor], bool] = getattr(getattr(torch._C, "_functorch", None),
+                                                     "is_functorch_wrapped_tensor", lambda t: False)
+_SKIPPED = -1  # pushed by a pre-hook that records nothing, so its post-hook knows
+
+
+def transformed(t: Optional[torch.Tensor]) -> bool:
+    """True for a tensor wrapped by a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``...): such forwards
+    (per-sample gradients, for example) are not the training step's forward, and their wrapped tensors cannot be
+    read or reduced like plain ones, so gradscope does not record them."""
+    return t is not None and _is_wrapped(t)
+
+
 def first_tensor(value: Any) -> Optional[torch.Tensor]:
     """The block's primary tensor: the first *floating-point* tensor in the value (depth-first).
 
@@ -116,10 +128,6 @@ class Probe:
         #: returns a GradScaler's current scale as a device tensor (or None): gradients are divided by it
         self.scale: Optional[Callable[[], Optional[torch.Tensor]]] = None
 
-    @property
-    def installed(self) -> bool:
-        return bool(self.handles)
-
     def install(self) -> None:
         """Register the module hooks (idempotent)."""
         if self.handles or not self.alive:
@@ -161,11 +169,14 @@ class Probe:
             rec.forward_seen = True
             if not rec.active:
                 return None
+            x = block_input(args, kwargs)
+            if transformed(x):
+                stack.append(_SKIPPED)
+                return None
             recompute = in_backward()
             call = rec.next_recompute_call(site) if recompute else rec.next_call(site)
             stack.append(call)
             if m.grad_in:
-                x = block_input(args, kwargs)
                 if x is not None and x.requires_grad:
                     self._watch_grad(x, site, call, S.GRAD_IN_NORM)
             return None
@@ -180,7 +191,7 @@ class Probe:
                 return None
             call = stack.pop()
             y = first_tensor(output)
-            if y is None:
+            if y is None or call == _SKIPPED or transformed(y):
                 return None
             if m.forward and not in_backward():
                 sums = activation_sums(y, zeros=m.zeros, nonfinite=m.nonfinite, max_abs=m.max_abs,
@@ -199,10 +210,10 @@ class Probe:
         group = ("_mean",) + group + ("_rms",)
 
         def sub_hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
-            if not rec.active or not stack or in_backward():
+            if not rec.active or not stack or stack[-1] == _SKIPPED or in_backward():
                 return None
             y = first_tensor(output)
-            if y is not None:
+            if y is not None and not transformed(y):
                 sums = self._recall(y)  # an identity shortcut returns the previous block's output: measured already
                 if sums is None:
                     sums = activation_sums(y, zeros=False, nonfinite=False, max_abs=False, scratch=self.scratch)

@@ -391,3 +391,23 @@ def test_recorded_data_is_a_few_numbers_per_block_and_metric():
         assert sizes == [per_step, 2 * per_step, 3 * per_step]
         assert 0 < per_step <= len(scope.sites) * len(S.DEFAULT_METRICS)
         assert all(type(v) is float for v in scope._rec.rows.value)
+
+
+def test_forwards_inside_torch_func_transforms_are_left_alone():
+    """Per-sample gradients with vmap(grad(...)) on an attached model work, record nothing, and leave the next
+    plain step's records intact."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    xs = torch.randn(5, 4)
+    with gradscope.attach(model, blocks=nn.Linear) as scope:
+        per_sample = vmap(grad(lambda p, x: functional_call(model, p, (x[None],)).sum()), in_dims=(None, 0))(params, xs)
+        assert per_sample["0.weight"].shape == (5, 4, 4)
+        assert scope.frame().empty
+        model(xs).sum().backward()
+        scope.step()
+        frame = scope.frame()
+    assert set(frame.call) == {0} and set(frame.block) == {"0", "2"}
+    assert "grad_norm" in set(frame.metric)

@@ -241,8 +241,8 @@ def activation_stats(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = T
 
 
 def squared_norm(g: torch.Tensor) -> torch.Tensor:
-    """``||g||^2`` as a 1-element tensor (float32; float64 for float64 input), never read back: the hooks' gradient
-    reduction. The recorder takes the square root on the host."""
+    """``||g||^2`` as a 1-element tensor (float32; float64 for float64 input): the hooks' gradient reduction. The
+    hook reads it back only on the CPU (:func:`readable`); the recorder takes the square root on the host."""
     return sum_of_squares(_work(g)).reshape(1)
 
 

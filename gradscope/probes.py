@@ -166,7 +166,6 @@ class Probe:
         rec, m, stack = self.rec, self.m, self.stacks[site]
 
         def pre_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-            rec.forward_seen = True
             if not rec.active:
                 return None
             x = block_input(args, kwargs)
@@ -176,9 +175,8 @@ class Probe:
             recompute = in_backward()
             call = rec.next_recompute_call(site) if recompute else rec.next_call(site)
             stack.append(call)
-            if m.grad_in:
-                if x is not None and x.requires_grad:
-                    self._watch_grad(x, site, call, S.GRAD_IN_NORM)
+            if m.grad_in and x is not None and x.requires_grad:
+                self._watch_grad(x, site, call, S.GRAD_IN_NORM)
             return None
 
         return pre_hook
@@ -197,7 +195,8 @@ class Probe:
                 sums = activation_sums(y, zeros=m.zeros, nonfinite=m.nonfinite, max_abs=m.max_abs,
                                        scratch=self.scratch)
                 rec.add(rec.step, site, call, m.forward, sums, y.numel(), "moments")
-                self._remember(y, sums)
+                if m.shortcut:  # only a shortcut hook ever recalls it
+                    self._remember(y, sums)
             if m.grad_out and y.requires_grad:
                 self._watch_grad(y, site, call, S.GRAD_NORM)
             return None

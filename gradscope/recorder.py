@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import os
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -249,17 +250,10 @@ def _by_device(entries: List[Entry]) -> Dict[torch.device, List[Entry]]:
 def _read(entries: List[Entry]) -> List[float]:
     """All raw values of ``entries`` in order, as host floats: one transfer for the tensors among them."""
     tensors = [e.values.reshape(-1) for e in entries if isinstance(e.values, torch.Tensor)]
-    if not tensors:
-        return [v for e in entries for v in e.values]
-    if len(tensors) == len(entries):
-        return torch.cat(tensors).tolist()
-    read = iter(torch.cat(tensors).tolist())
+    read = iter(torch.cat(tensors).tolist() if tensors else ())
     out: List[float] = []
     for e in entries:
-        if isinstance(e.values, torch.Tensor):
-            out.extend(next(read) for _ in range(e.values.numel()))
-        else:
-            out.extend(e.values)
+        out.extend(islice(read, e.values.numel()) if isinstance(e.values, torch.Tensor) else e.values)
     return out
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import GradscopeError
-from .recorder import load
-from .scope import NonFiniteError, Scope, attach
-from .sites import Site, find_blocks
+from gradscope.errors import GradscopeError
+from gradscope.engine.recorder import load
+from gradscope.engine.scope import NonFiniteError, Scope, attach
+from gradscope.engine.sites import Site, find_blocks
 
 __version__ = "0.1.0"
 
@@ -22,9 +22,9 @@ _LAZY_MODULES = ("analysis", "data", "models", "schema", "theory")
 def report(frame: Any, out: Any, **options: Any) -> Any:
     """Write a report folder (records, heatmaps, depth profiles, verdicts, summary.md, report.html) for ``frame``.
 
-    Returns the folder's path. See :func:`gradscope.reporting.write_report` for the options.
+    Returns the folder's path. See :func:`gradscope.render.report.write_report` for the options.
     """
-    from .reporting import write_report
+    from gradscope.render.report import write_report
 
     return write_report(frame, out, **options)
 
@@ -34,7 +34,7 @@ def verdicts(frame: Any, **options: Any) -> Any:
 
     See :func:`gradscope.analysis.verdicts` for the columns and thresholds.
     """
-    from .analysis import verdicts as _verdicts
+    from gradscope.analysis import verdicts as _verdicts
 
     return _verdicts(frame, **options)
 

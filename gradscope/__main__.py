@@ -1,4 +1,4 @@
 """``python -m gradscope`` runs the command-line interface."""
-from .cli import main_entry
+from gradscope.cli import main_entry
 
 main_entry()

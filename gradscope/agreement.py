@@ -23,9 +23,9 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import pandas as pd
 
-from . import analysis as A
-from . import schema as S
-from . import theory as T
+from gradscope import analysis as A
+from gradscope import schema as S
+from gradscope import theory as T
 
 AGREE_TOL = 0.03
 #: Jumps at stage boundaries that differ from theory by more than this (in ln) are named in the note.

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from .errors import GradscopeError
+from gradscope.errors import GradscopeError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FAIL_ON, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -132,7 +132,7 @@ def _models() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .models import available, build
+    from gradscope.models import available, build
 
     table = Table(title="gradscope models (build(name, **options))")
     for column in ("name", "family", "blocks", "parameters"):
@@ -150,15 +150,15 @@ def _models() -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from . import report as write_report
-    from .recorder import load
+    from gradscope import report as write_report
+    from gradscope.engine.recorder import load
 
     folder = Path(args.folder)
     if not folder.is_dir():
         raise GradscopeError(f"no run folder at {str(folder)!r}; pass a folder written by gradscope profile")
     records = folder / "records.parquet"
     if records.exists():
-        from .reporting import read_records
+        from gradscope.render.report import read_records
 
         try:
             frame = read_records(records)
@@ -172,11 +172,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _specs(args: argparse.Namespace):
-    from .models import available
-    from .study import DEFAULT_MODELS, RunSpec, grid
+    from gradscope.models import available
+    from gradscope.study.runs import DEFAULT_MODELS, RunSpec, grid
 
     if args.model:
-        from .userload import load_factory
+        from gradscope.study.userload import load_factory
 
         factory = load_factory(args.model)
         shape = tuple(args.input_shape or (3, 32, 32))
@@ -188,7 +188,7 @@ def _specs(args: argparse.Namespace):
     known = set(available())
     for name in names:
         if name not in known and not name.rstrip("0123456789") in ("plain", "resnet"):
-            from .models import build
+            from gradscope.models import build
 
             build(name)  # raises the registry's error, with close matches
     bn = {"on": (True,), "off": (False,), "both": (True, False)}[args.bn]
@@ -214,14 +214,14 @@ def _selector(text: str) -> Any:
 
 
 def _data(args: argparse.Namespace, specs):
-    from .data import load_cifar10, synthetic
+    from gradscope.data import load_cifar10, synthetic
 
     if args.data == "synthetic":
         shape = specs[0].input_shape if specs and specs[0].factory is not None else (3, 32, 32)
         if tuple(shape) == (3, 32, 32):
             train, _ = synthetic(n_train=args.train_size, n_test=0, seed=0)
             return train
-        from .userload import random_data
+        from gradscope.study.userload import random_data
 
         return random_data(specs[0], args.train_size)
     train, _ = load_cifar10(args.data)
@@ -242,7 +242,7 @@ def _out_dir(args: argparse.Namespace) -> Path:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from .study import Settings, resolve_device
+    from gradscope.study.runs import Settings, resolve_device
 
     if args.steps < 0:
         raise GradscopeError(f"--steps {args.steps} must be >= 0")
@@ -256,7 +256,7 @@ def _profile(args: argparse.Namespace) -> int:
     quiet = args.quiet or args.json or rank != 0
     specs = _specs(args)
     if specs[0].factory is not None:
-        from .study import check_input
+        from gradscope.study.runs import check_input
 
         check_input(specs[0].build().to(device), (1,) + tuple(specs[0].input_shape), device)
     train_set = _data(args, specs)
@@ -287,7 +287,7 @@ def _init_distributed(device) -> int:
 
 
 def _run_with_progress(specs, train_set, settings, out: Path, quiet: bool):
-    from .study import run_study, total_steps
+    from gradscope.study.runs import run_study, total_steps
 
     if quiet:
         return run_study(specs, train_set, settings, out=out)
@@ -303,10 +303,10 @@ def _run_with_progress(specs, train_set, settings, out: Path, quiet: bool):
 
 
 def _finish(args: argparse.Namespace, result, settings, out: Path, quiet: bool) -> int:
-    from . import report as write_report
-    from .analysis import verdicts
-    from .claims import all_claims
-    from .study import INIT, TRAIN, final_loss
+    from gradscope import report as write_report
+    from gradscope.analysis import verdicts
+    from gradscope.study.claims import all_claims
+    from gradscope.study.runs import INIT, TRAIN, final_loss
 
     if result.frame.empty:
         why = "; ".join(f"{run}: {msg}" for run, msg in result.failed.items())
@@ -330,7 +330,7 @@ def _finish(args: argparse.Namespace, result, settings, out: Path, quiet: bool) 
         write_report(report_frame, out, configs=result.configs,
                      title="gradscope profile: " + ", ".join(result.configs))
     else:
-        from .reporting import write_records
+        from gradscope.render.report import write_records
 
         write_records(report_frame, out)
     if args.json:
@@ -355,7 +355,7 @@ def _finish(args: argparse.Namespace, result, settings, out: Path, quiet: bool) 
 def _print_results(init_verdicts, claims, out: Path, quiet: bool) -> None:
     from rich.console import Console
 
-    from .terminal import verdict_table
+    from gradscope.render.terminal import verdict_table
 
     console = Console()
     console.print(verdict_table(init_verdicts, title="verdicts at initialisation (act_var forward, grad_norm "

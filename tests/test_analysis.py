@@ -220,7 +220,7 @@ def test_analysis_imports_no_torch_or_plotting():
     code = ("import sys, importlib.util, types; import pathlib;"
             "sys.modules.setdefault('gradscope', types.ModuleType('gradscope'));"
             "sys.modules['gradscope'].__path__ = [str(pathlib.Path('gradscope').resolve())];"
-            "import gradscope.analysis, gradscope.theory, gradscope.theory_nets, gradscope.agreement;"
+            "import gradscope.analysis, gradscope.theory, gradscope.theory.nets, gradscope.agreement;"
             "bad = [m for m in ('torch', 'matplotlib', 'seaborn', 'rich') if m in sys.modules];"
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(A.__file__).parents[1]))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(A.__file__).parents[2]))

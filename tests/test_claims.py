@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from gradscope.claims import backward_claim, degradation_claim, forward_claim, residual_claim
+from gradscope.study.claims import backward_claim, degradation_claim, forward_claim, residual_claim
 
 
 def verdict_frame(rows):

@@ -94,7 +94,7 @@ class SyncCounter(TorchFunctionMode):
 def test_hooks_never_read_values_back_and_flush_transfers_once(monkeypatch):
     """The path a GPU takes (forced here on CPU tensors): nothing read back in forward or backward, one transfer at
     scope.step()."""
-    import gradscope.metrics as metrics
+    import gradscope.engine.metrics as metrics
 
     monkeypatch.setattr(metrics, "CHECK_ON_CPU", False)
     model = nets.TinyResNet()
@@ -120,8 +120,8 @@ def test_cpu_hooks_read_back_only_cpu_values():
 
 
 def test_unrecorded_steps_run_no_metric_computation(monkeypatch):
-    import gradscope.probes as probes
-    import gradscope.scope as scope_mod
+    import gradscope.engine.probes as probes
+    import gradscope.engine.scope as scope_mod
 
     calls = []
     for mod, name in ((probes, "activation_sums"), (probes, "squared_norm"), (scope_mod, "group_norms")):
@@ -355,7 +355,7 @@ def test_an_update_in_an_unrecorded_step_is_not_credited_to_the_recorded_one_bef
 
 
 def test_float64_moments_keep_their_range_on_the_centred_path():
-    from gradscope.metrics import activation_stats
+    from gradscope.engine.metrics import activation_stats
 
     torch.manual_seed(0)
     for scale in (1e-25, 1e25):

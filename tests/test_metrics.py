@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-import gradscope.metrics as M
-from gradscope.metrics import activation_stats as _stats, grad_norm, group_norms
+import gradscope.engine.metrics as M
+from gradscope.engine.metrics import activation_stats as _stats, grad_norm, group_norms
 
 @pytest.fixture(params=[True, False], ids=["checked", "centred"])
 def activation_stats(request):
@@ -101,7 +101,7 @@ def test_counts_stay_exact_beyond_float32_integers(activation_stats):
 
 def test_long_norms_keep_float32_accuracy(activation_stats):
     """torch.linalg.vector_norm loses ~4e-4 relative on 2**20 values on CPU; gradscope's norms must not."""
-    from gradscope.metrics import l2_norm
+    from gradscope.engine.metrics import l2_norm
 
     torch.manual_seed(0)
     x = torch.relu(torch.randn(64, 16, 32, 32)).reshape(-1)

@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from gradscope import analysis as A  # noqa: E402
-from gradscope import plots as P  # noqa: E402
+from gradscope.render import plots as P  # noqa: E402
 from gradscope import schema as S  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +160,6 @@ def test_heatmap_grid_shares_one_colour_scale():
 
 
 def test_importing_gradscope_modules_does_not_select_a_backend():
-    code = ("import sys; sys.path.insert(0, '.'); import gradscope.plots, gradscope.reporting, gradscope.analysis;"
+    code = ("import sys; sys.path.insert(0, '.'); import gradscope.render.plots, gradscope.render.report, gradscope.analysis;"
             "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported at import time'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from gradscope import analysis as A  # noqa: E402
-from gradscope import reporting as R  # noqa: E402
+from gradscope.render import report as R  # noqa: E402
 from gradscope import schema as S  # noqa: E402
 from gradscope.errors import DataError, OutputError  # noqa: E402
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gradscope import reporting as R
+from gradscope.render import report as R
 from gradscope import schema as S
 
 CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

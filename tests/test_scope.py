@@ -228,7 +228,7 @@ class _Block(nn.Module):
 
 @pytest.mark.parametrize("in_place_between", [False, True])
 def test_output_and_next_input_share_one_gradient_reduction_only_when_unmodified(monkeypatch, in_place_between):
-    import gradscope.probes as probes
+    import gradscope.engine.probes as probes
 
     calls = []
     real = probes.squared_norm

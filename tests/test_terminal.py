@@ -9,7 +9,7 @@ from rich.console import Console
 
 from gradscope import analysis as A
 from gradscope import schema as S
-from gradscope import terminal as T
+from gradscope.render import terminal as T
 
 
 def frame() -> pd.DataFrame:

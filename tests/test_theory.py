@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gradscope import theory as T
-from gradscope import theory_nets as N
+from gradscope.theory import nets as N
 
 
 def standardised_batches(rng, n: int, b: int) -> np.ndarray:

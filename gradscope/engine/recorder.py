@@ -21,10 +21,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import schema as S
-from .errors import GradscopeError, OutputError
-from .metrics import finish_moments
-from .sites import Site
+from gradscope import schema as S
+from gradscope.errors import GradscopeError, OutputError
+from gradscope.engine.metrics import finish_moments
+from gradscope.engine.sites import Site
 
 Schedule = Callable[[int], bool]
 
@@ -49,7 +49,7 @@ class Entry:
 
     ``values`` is a 1-D tensor on the device the hook ran on (read back once per recorded step, at the flush), or a
     tuple of Python floats when the hook ran on the CPU, where reading a value costs nothing and a tensor would only
-    add work (see :mod:`gradscope.metrics`).
+    add work (see :mod:`gradscope.engine.metrics`).
     """
 
     step: int

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import schema as S
+from gradscope import schema as S
 
 YES, NO, UNCLEAR = "yes", "no", "unclear"
 

@@ -8,7 +8,7 @@ even when the tensor is modified in place afterwards; forward statistics are com
 anything downstream can mutate the tensor.
 
 Hooks exist only during recorded steps (an unrecorded step runs PyTorch's hook-free path). Per call they run a
-handful of reductions on detached tensors (see :mod:`gradscope.metrics` for what stays on the device) and never
+handful of reductions on detached tensors (see :mod:`gradscope.engine.metrics` for what stays on the device) and never
 keep a reference to an activation.
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import schema as S
-from .metrics import Raw, Scratch, activation_sums, readable, squared_norm
-from .recorder import Recorder
-from .sites import Site
+from gradscope import schema as S
+from gradscope.engine.metrics import Raw, Scratch, activation_sums, readable, squared_norm
+from gradscope.engine.recorder import Recorder
+from gradscope.engine.sites import Site
 
 _current_graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 

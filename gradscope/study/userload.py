@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import ModelError
+from gradscope.errors import ModelError
 
 
 def load_factory(spec: str) -> Callable[[], nn.Module]:
@@ -63,7 +63,7 @@ def random_data(spec: Any, n: int, seed: int = 0) -> torch.utils.data.TensorData
     generator = torch.Generator().manual_seed(seed)
     shape = tuple(spec.input_shape)
     x = torch.randn((n,) + shape, generator=generator)
-    from .probes import first_tensor
+    from gradscope.engine.probes import first_tensor
 
     with torch.no_grad():
         out = first_tensor(spec.build()(x[:2]))

@@ -11,7 +11,7 @@ assumption (the weights seen by the backward pass are treated as fresh copies). 
 Per layer (one Linear/conv (+BN) + activation), and per block = per layer for an MLP, per layer squared for a
 CIFAR block (two conv layers). ``predict(config)`` turns a model's ``gradscope_config`` into a
 :class:`Prediction` (profiles over its blocks) or None where no theory applies; the exact derivations, their
-assumptions and limits are in the docstrings below and in :mod:`gradscope.theory_nets`.
+assumptions and limits are in the docstrings below and in :mod:`gradscope.theory.nets`.
 """
 from __future__ import annotations
 
@@ -259,7 +259,7 @@ def predict(config: Mapping[str, Any], *, batch_size: Optional[int] = None,
     ``batch_size``) for finite-batch BN rates, None for the large-batch limit; ``forward_start``: the measured
     act_var of the first block, needed only where the activation saturates (tanh).
     """
-    from . import theory_nets as N  # the per-architecture derivations
+    from gradscope.theory import nets as N  # the per-architecture derivations
 
     c = complete_config(config, n_blocks)
     if c is None:

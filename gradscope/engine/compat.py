@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import GradscopeError
+from gradscope.errors import GradscopeError
 
 
 def is_compiled(model: nn.Module) -> bool:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Sequence, Tuple, Uni
 
 from torch import nn
 
-from .errors import GradscopeError, SelectorError
+from gradscope.errors import GradscopeError, SelectorError
 
 Predicate = Callable[[str, nn.Module], bool]
 BlockSelector = Union[str, "re.Pattern[str]", type, Tuple[type, ...], nn.Module, Sequence[Union[str, nn.Module]], Predicate]

@@ -23,7 +23,7 @@ import functools
 import math
 from typing import Any, Optional
 
-from . import theory as T
+from gradscope import theory as T
 
 _SQRT2 = math.sqrt(2.0)
 

@@ -22,7 +22,7 @@ from typing import List, Optional, Union
 
 import torch
 
-from .errors import GradscopeError
+from gradscope.errors import GradscopeError
 
 
 class DistributedCombiner:
@@ -59,7 +59,7 @@ class DistributedCombiner:
         """Global metric values for each entry, from this rank's raw ``packed`` values and every other rank's."""
         import torch.distributed as dist
 
-        from .recorder import finish_entries
+        from gradscope.engine.recorder import finish_entries
 
         counts = torch.tensor([float(e.count) for e in entries], dtype=torch.float64, device=packed.device)
         local = torch.cat([packed.to(torch.float64), counts])

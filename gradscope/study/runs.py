@@ -20,10 +20,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from . import schema as S
-from .errors import GradscopeError, ModelError
-from .probes import first_tensor
-from .scope import attach
+from gradscope import schema as S
+from gradscope.errors import GradscopeError, ModelError
+from gradscope.engine.probes import first_tensor
+from gradscope.engine.scope import attach
 
 PHASE = "phase"
 INIT, TRAIN = "init", "train"
@@ -67,7 +67,7 @@ class RunSpec:
         if self.factory is not None:
             torch.manual_seed(self.seed)
             return self.factory()
-        from .models import build
+        from gradscope.models import build
 
         options: Dict[str, Any] = {"bn": self.bn, "init": self.init}
         if self.shortcut and self.residual:

@@ -26,9 +26,9 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import pandas as pd
 
-from . import analysis as A
-from . import schema as S
-from .errors import DataError, OutputError
+from gradscope import analysis as A
+from gradscope import schema as S
+from gradscope.errors import DataError, OutputError
 
 PARQUET, CSV, DTYPES = "records.parquet", "records.csv", "records.dtypes.json"
 VERDICTS_CSV, SUMMARY, HTML = "verdicts.csv", "summary.md", "report.html"
@@ -142,8 +142,8 @@ def draw_figures(frame: pd.DataFrame, out: Path, *, configs: Optional[Mapping[st
     ``figures``: ``{"file", "metric", "caption"}`` in report order; ``notes``: one sentence per figure that could
     not be drawn and why.
     """
-    from . import plots as P
-    from .agreement import predicted_profiles
+    from gradscope.render import plots as P
+    from gradscope.agreement import predicted_profiles
 
     runs = A.run_names(frame)
     colors = P.run_colors(runs)
@@ -236,7 +236,7 @@ def summary_markdown(title: str, frame: pd.DataFrame, v: pd.DataFrame, figures: 
     if notes:
         lines += ["## Not drawn", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["## Files", "", f"- `{PARQUET}`, `{CSV}` (+ `{DTYPES}`): the records; "
-              "`gradscope.reporting.read_records(path)` loads either with its dtypes.", f"- `{VERDICTS_CSV}`: the verdicts.",
+              "`gradscope.render.report.read_records(path)` loads either with its dtypes.", f"- `{VERDICTS_CSV}`: the verdicts.",
               ""]
     return "\n".join(lines)
 

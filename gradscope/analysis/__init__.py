@@ -63,8 +63,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from . import schema as S
-from .errors import DataError
+from gradscope import schema as S
+from gradscope.errors import DataError
 
 #: Default thresholds on ``end_to_end`` (far end / near end), see the module docstring.
 VANISH = 0.01
@@ -334,7 +334,7 @@ def verdicts(frame: pd.DataFrame, *, step: StepArg = None, vanish: float = VANIS
     out = out.reset_index(drop=True)
     out = _attach_config(out, frame)
     if theory:
-        from .agreement import annotate  # theory beside measurement; imported here to keep the layering visible
+        from gradscope.agreement import annotate  # theory beside measurement; imported here to keep the layering visible
         out = annotate(out, frame, configs=configs, agree_tol=agree_tol)
     return out
 

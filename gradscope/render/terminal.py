@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import analysis as A
-from . import schema as S
+from gradscope import analysis as A
+from gradscope import schema as S
 
 #: Style per verdict: colour plus a word, so the table reads the same without colour.
 STYLES = {A.EXPLODING: "bold red", A.VANISHING: "bold blue", A.HEALTHY: "green", A.UNKNOWN: "dim"}

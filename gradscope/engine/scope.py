@@ -12,12 +12,12 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from . import schema as S
-from .errors import GradscopeError
-from .metrics import GroupIndex, group_norms
-from .probes import MetricSet, Probe
-from .recorder import Recorder, Schedule, make_schedule, warn_nonfinite
-from .sites import BlockSelector, Site, find_blocks, unwrap_model
+from gradscope import schema as S
+from gradscope.errors import GradscopeError
+from gradscope.engine.metrics import GroupIndex, group_norms
+from gradscope.engine.probes import MetricSet, Probe
+from gradscope.engine.recorder import Recorder, Schedule, make_schedule, warn_nonfinite
+from gradscope.engine.sites import BlockSelector, Site, find_blocks, unwrap_model
 
 NONFINITE_POLICIES = ("warn", "raise", "ignore")
 
@@ -347,8 +347,8 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
             records kept) or ``"ignore"``.
         distributed: ``"auto"`` combines statistics over all ranks when ``torch.distributed`` is initialised.
     """
-    from .compat import check_not_compiled
-    from .distributed import DistributedCombiner, check_not_sharded
+    from gradscope.engine.compat import check_not_compiled
+    from gradscope.engine.distributed import DistributedCombiner, check_not_sharded
 
     check_not_compiled(model)
     inner = unwrap_model(model)

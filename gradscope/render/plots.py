@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from . import analysis as A
-from . import schema as S
+from gradscope import analysis as A
+from gradscope import schema as S
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes

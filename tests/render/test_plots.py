@@ -18,7 +18,7 @@ from gradscope import analysis as A  # noqa: E402
 from gradscope.render import plots as P  # noqa: E402
 from gradscope import schema as S  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def synthetic(n_blocks: int, n_steps: int, runs: dict, seed: int = 0) -> pd.DataFrame:

@@ -280,7 +280,7 @@ def test_an_uncaught_exception_still_leaves_rows_on_disk(tmp_path):
         "    model(torch.randn(2, 4)).sum().backward()\n"
         "    scope.step()\n"
         "raise RuntimeError('the training loop crashed')\n")
-    env = {"PYTHONPATH": str(Path(__file__).parent.parent), "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": str(Path(__file__).parents[2]), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
     assert proc.returncode == 1 and "the training loop crashed" in proc.stderr
     assert sorted(gradscope.load(tmp_path / "run").step.unique()) == [0, 1, 2]

@@ -78,8 +78,8 @@ def test_two_process_ddp_frame_equals_single_process(tmp_path):
 
 
 def test_cli_under_torchrun(tmp_path):
-    fixture = Path(__file__).parent / "fixtures" / "user_models.py"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+    fixture = Path(__file__).parents[1] / "fixtures" / "user_models.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
            "-m", "gradscope", "profile", "--model", f"{fixture}:tiny", "--input-shape", "3,8,8", "--steps", "2",
            "--train-size", "64", "--batch-size", "16", "--init-batches", "1", "--device", "cpu", "--json",

@@ -7,16 +7,26 @@ drawn, rich in the CLI.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import os
+from typing import Any, Union
 
 from gradscope.errors import GradscopeError
-from gradscope.engine.recorder import load
 from gradscope.engine.scope import NonFiniteError, Scope, attach
 from gradscope.engine.sites import Site, find_blocks
 
 __version__ = "0.1.0"
 
 _LAZY_MODULES = ("analysis", "data", "models", "schema", "theory")
+
+
+def load(path: Union[str, "os.PathLike[str]"]) -> Any:
+    """Read the records that ``attach(..., out=DIR)`` streamed to ``DIR`` back into one DataFrame.
+
+    See :func:`gradscope.store.load`.
+    """
+    from gradscope.store import load as _load
+
+    return _load(path)
 
 
 def report(frame: Any, out: Any, **options: Any) -> Any:
@@ -32,9 +42,10 @@ def report(frame: Any, out: Any, **options: Any) -> Any:
 def verdicts(frame: Any, **options: Any) -> Any:
     """Classify the forward and backward signal of each run as vanishing, healthy or exploding.
 
-    See :func:`gradscope.analysis.verdicts` for the columns and thresholds.
+    See :func:`gradscope.agreement.verdicts` (measurement: :func:`gradscope.analysis.verdicts`) for the
+    columns, thresholds and options.
     """
-    from gradscope.analysis import verdicts as _verdicts
+    from gradscope.agreement import verdicts as _verdicts
 
     return _verdicts(frame, **options)
 

@@ -102,6 +102,18 @@ def _boundaries(r: np.ndarray, stages: list[int], blocks: list[str], backward: b
     return out
 
 
+def verdicts(frame: pd.DataFrame, *, step: A.StepArg = None, vanish: float = A.VANISH, explode: float = A.EXPLODE,
+             configs: Optional[Mapping[str, Mapping[str, Any]]] = None, theory: bool = True,
+             agree_tol: Optional[float] = None) -> pd.DataFrame:
+    """Measured verdicts (:func:`gradscope.analysis.verdicts`) with what theory predicts beside them.
+
+    ``configs``: ``{run: gradscope_config}`` for theory predictions; otherwise the frame's config columns are used
+    when present. ``theory=False`` gives the measurement alone. ``agree_tol``: see :data:`AGREE_TOL`.
+    """
+    out = A.verdicts(frame, step=step, vanish=vanish, explode=explode)
+    return annotate(out, frame, configs=configs, agree_tol=agree_tol) if theory else out
+
+
 def annotate(verdicts: pd.DataFrame, frame: pd.DataFrame, *, configs=None,
              agree_tol: Optional[float] = None) -> pd.DataFrame:
     """Fill ``predicted_factor, measured_factor, agrees, reference, theory_note`` of a verdicts frame."""

@@ -150,15 +150,15 @@ def _models() -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from gradscope import report as write_report
-    from gradscope.engine.recorder import load
+    from gradscope.render.report import write_report
+    from gradscope.store import load
 
     folder = Path(args.folder)
     if not folder.is_dir():
         raise GradscopeError(f"no run folder at {str(folder)!r}; pass a folder written by gradscope profile")
     records = folder / "records.parquet"
     if records.exists():
-        from gradscope.render.report import read_records
+        from gradscope.store import read_records
 
         try:
             frame = read_records(records)
@@ -303,8 +303,8 @@ def _run_with_progress(specs, train_set, settings, out: Path, quiet: bool):
 
 
 def _finish(args: argparse.Namespace, result, settings, out: Path, quiet: bool) -> int:
-    from gradscope import report as write_report
-    from gradscope.analysis import verdicts
+    from gradscope.render.report import write_report
+    from gradscope.agreement import verdicts
     from gradscope.study.claims import all_claims
     from gradscope.study.runs import INIT, TRAIN, final_loss
 
@@ -330,7 +330,7 @@ def _finish(args: argparse.Namespace, result, settings, out: Path, quiet: bool) 
         write_report(report_frame, out, configs=result.configs,
                      title="gradscope profile: " + ", ".join(result.configs))
     else:
-        from gradscope.render.report import write_records
+        from gradscope.store import write_records
 
         write_records(report_frame, out)
     if args.json:

@@ -299,16 +299,14 @@ def _fmt_factor(f: float) -> str:
     return f"{f:.2f}" if 0.1 <= f < 10 else f"{f:.3g}"
 
 
-def verdicts(frame: pd.DataFrame, *, step: StepArg = None, vanish: float = VANISH, explode: float = EXPLODE,
-             configs: Optional[Mapping[str, Mapping[str, Any]]] = None, theory: bool = True,
-             agree_tol: Optional[float] = None) -> pd.DataFrame:
+def verdicts(frame: pd.DataFrame, *, step: StepArg = None, vanish: float = VANISH,
+             explode: float = EXPLODE) -> pd.DataFrame:
     """One row per run x signal (x step when asked) saying whether the signal vanishes, explodes or stays healthy.
 
     ``step``: None (geometric mean per block over all steps), "all", "first", "last" or a recorded step.
     ``vanish``/``explode``: thresholds on the end-to-end ratio (far end / near end), defaults 0.01 and 100.
-    ``configs``: ``{run: gradscope_config}`` for theory predictions; otherwise the frame's config columns are
-    used when present. ``theory=False`` skips predictions. ``agree_tol``: see :mod:`gradscope.agreement`.
-    Columns: see the module docstring and :data:`VERDICT_COLUMNS`.
+    Columns: see the module docstring and :data:`VERDICT_COLUMNS`; the theory columns stay empty here (measurement
+    only): :func:`gradscope.agreement.verdicts` fills them.
     """
     if not (0 < vanish < 1 < explode):
         raise DataError(f"thresholds vanish={vanish}, explode={explode} must satisfy 0 < vanish < 1 < explode.")
@@ -332,11 +330,7 @@ def verdicts(frame: pd.DataFrame, *, step: StepArg = None, vanish: float = VANIS
     out = out.sort_values([S.RUN, S.STEP, SIGNAL], key=lambda s: s.map(order) if s.name == S.RUN else
                           (s.map({FORWARD: 0, BACKWARD: 1}) if s.name == SIGNAL else s), kind="stable")
     out = out.reset_index(drop=True)
-    out = _attach_config(out, frame)
-    if theory:
-        from gradscope.agreement import annotate  # theory beside measurement; imported here to keep the layering visible
-        out = annotate(out, frame, configs=configs, agree_tol=agree_tol)
-    return out
+    return _attach_config(out, frame)
 
 
 def _attach_config(out: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:

@@ -8,11 +8,8 @@ keeps everything up to its last flush.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from itertools import islice
@@ -22,15 +19,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from gradscope import schema as S
-from gradscope.errors import GradscopeError, OutputError
+from gradscope.errors import GradscopeError
 from gradscope.engine.metrics import finish_moments
 from gradscope.engine.sites import Site
 
 Schedule = Callable[[int], bool]
 
-PART_GLOB = "part-*.parquet"
-_DTYPES = ("int64", "str", "int64", "str", "str", "float64", "int64")  # of schema.COLUMNS
-META_FILE = "meta.json"
 
 
 def make_schedule(every: Union[int, Schedule]) -> Schedule:
@@ -120,7 +114,9 @@ class Recorder:
         self._parts = 0
         self._recorded_since_write = 0
         if out is not None and write_files:
-            prepare_out(out, sites)
+            from gradscope import store
+
+            store.prepare_out(out, [{"name": s.name, "kind": s.kind} for s in sites])
 
     # ---- hot path (called from hooks) ----------------------------------------------------------------------------
     def next_call(self, site: int) -> int:
@@ -179,9 +175,9 @@ class Recorder:
         self._recorded_since_write = 0
         if self.out is None or not self.write_files or self._written >= len(self.rows):
             return None
-        frame = self.frame(start=self._written)
-        path = self.out / f"part-{self._parts:06d}.parquet"
-        _atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+        from gradscope import store  # pandas/pyarrow load only when rows go to disk
+
+        path = store.write_part(self.frame(start=self._written), self.out, self._parts)
         self._written = len(self.rows)
         self._parts += 1
         return path
@@ -189,29 +185,14 @@ class Recorder:
     # ---- output --------------------------------------------------------------------------------------------------
     def frame(self, start: int = 0):
         """The recorded rows as a tidy DataFrame (see :mod:`gradscope.schema` for the columns)."""
-        import pandas as pd
+        from gradscope import store  # pandas loads when a frame is first asked for, not at attach()
 
         rows = self.rows
         sites = [self.sites[i] for i in rows.site[start:]]
         depth_of = self.depth
-        frame = pd.DataFrame({
-            S.STEP: pd.array(rows.step[start:], dtype="int64"),
-            S.BLOCK: pd.array([s.name for s in sites], dtype=object).astype(str),
-            S.DEPTH: pd.array([depth_of.get(i, -1) for i in rows.site[start:]], dtype="int64"),
-            S.KIND: pd.array([s.kind for s in sites], dtype=object).astype(str),
-            S.METRIC: pd.array(rows.metric[start:], dtype=object).astype(str),
-            S.VALUE: pd.array(rows.value[start:], dtype="float64"),
-            S.CALL: pd.array(rows.call[start:], dtype="int64"),
-        })
-        return sort_frame(frame)
-
-
-def sort_frame(frame):
-    """Rows in (step, depth, call, metric order of :data:`gradscope.schema.ALL_METRICS`) order, index reset."""
-    order = {m: i for i, m in enumerate(S.ALL_METRICS)}
-    key = frame[S.METRIC].map(lambda m: order.get(m, len(order))).astype("int64")
-    return (frame.assign(_k=key).sort_values([S.STEP, S.DEPTH, S.CALL, "_k"], kind="stable")
-            .drop(columns="_k").reset_index(drop=True))
+        return store.frame_from_columns(
+            rows.step[start:], [s.name for s in sites], [depth_of.get(i, -1) for i in rows.site[start:]],
+            [s.kind for s in sites], rows.metric[start:], rows.value[start:], rows.call[start:])
 
 
 def finish_entries(entries: List[Entry], values: List[float]) -> List[List[float]]:
@@ -262,56 +243,6 @@ def _pack(entries: List[Entry], device: torch.device) -> torch.Tensor:
     parts = [e.values.reshape(-1).to(torch.float64) if isinstance(e.values, torch.Tensor)
              else torch.tensor(e.values, dtype=torch.float64, device=device) for e in entries]
     return torch.cat(parts)
-
-
-def prepare_out(out: Path, sites: List[Site]) -> None:
-    """Create ``out`` and check that it is writable; write the block list to ``meta.json``."""
-    if out.is_dir() and any(out.glob(PART_GLOB)):
-        raise OutputError(f"out={str(out)!r} already holds the records of another run (part-*.parquet); "
-                          f"pass a new folder, or delete that one, so that load() returns this run alone")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {"format": "gradscope-records", "version": 1,
-                "blocks": [{"name": s.name, "kind": s.kind} for s in sites]}
-        _atomic_write(out / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
-    except OSError as exc:
-        raise OutputError(f"cannot write records to out={str(out)!r}: {exc.strerror or exc}; "
-                          f"pass a folder you can write to") from exc
-
-
-def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=str(path.parent))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def load(path: Union[str, os.PathLike]):
-    """Read the records that ``attach(..., out=DIR)`` streamed to ``DIR`` back into one DataFrame.
-
-    Parts are read in order; the result equals ``scope.frame()`` of the run that wrote them (up to its last flush).
-    """
-    import pandas as pd
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise GradscopeError(f"no gradscope records at {str(folder)!r}: not a folder; pass the out= folder of a run")
-    parts = sorted(folder.glob(PART_GLOB))
-    if not parts:
-        if (folder / META_FILE).exists():  # attached, but nothing recorded yet
-            return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(S.COLUMNS, _DTYPES)})
-        raise GradscopeError(f"no gradscope records in {str(folder)!r}: expected {PART_GLOB} files "
-                             f"written by attach(..., out=...)")
-    try:
-        frames = [pd.read_parquet(p) for p in parts]
-    except Exception as exc:  # a part damaged outside gradscope (parts are written atomically)
-        raise GradscopeError(f"cannot read gradscope records in {str(folder)!r}: {type(exc).__name__}: {exc}") from exc
-    frame = pd.concat(frames, ignore_index=True)
-    return sort_frame(frame)
 
 
 def warn_nonfinite(first: Dict[str, Tuple[int, str]]) -> None:

@@ -5,7 +5,7 @@ Folder layout (names are fixed, so scripts and tests can rely on them)::
     records.parquet        the frame (pyarrow); dtypes stored in its schema metadata
     records.csv            the frame as CSV; dtypes in records.dtypes.json beside it
     records.dtypes.json    {column: dtype} so that read_records() restores the exact dtypes of the CSV
-    verdicts.csv           gradscope.analysis.verdicts(frame)
+    verdicts.csv           gradscope.verdicts(frame): measurement and theory
     heatmap_<metric>.png   block x step, log10 colour, one panel per run   (grad_norm, act_var, param_grad_norm)
     runs_<metric>.png      depth x run at one step (frames with several runs only)
     profile_<metric>.png   metric vs depth, log y, one line per run, thresholds and theory
@@ -18,113 +18,21 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-import numpy as np
 import pandas as pd
 
 from gradscope import analysis as A
 from gradscope import schema as S
+from gradscope.agreement import verdicts
+from gradscope.store import CSV, DTYPES, PARQUET, write_records
 from gradscope.errors import DataError, OutputError
 
-PARQUET, CSV, DTYPES = "records.parquet", "records.csv", "records.dtypes.json"
 VERDICTS_CSV, SUMMARY, HTML = "verdicts.csv", "summary.md", "report.html"
 _META_KEY = b"gradscope_dtypes"
-#: Dtypes assumed for a CSV without its dtypes file (frame columns by the schema; anything else is inferred).
-DEFAULT_DTYPES = {S.STEP: "int64", S.DEPTH: "int64", S.CALL: "int64", S.SEED: "int64", S.VALUE: "float64",
-                  S.BLOCK: "str", S.KIND: "str", S.METRIC: "str", S.RUN: "str", S.MODEL: "str",
-                  S.SHORTCUT: "str", S.INIT: "str"}
 
-
-# --- records --------------------------------------------------------------------------------------------------
-
-def dtype_spec(frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    """``{column: {"dtype": str, ["categories", "ordered"]}}``, enough to restore the frame's dtypes."""
-    spec: dict[str, dict[str, Any]] = {}
-    for col, dt in frame.dtypes.items():
-        entry: dict[str, Any] = {"dtype": str(dt)}
-        if isinstance(dt, pd.CategoricalDtype):
-            entry["categories"] = [c.item() if hasattr(c, "item") else c for c in dt.categories]
-            entry["ordered"] = bool(dt.ordered)
-        spec[str(col)] = entry
-    return spec
-
-
-def _restore(col: pd.Series, entry: Mapping[str, Any], from_text: bool) -> pd.Series:
-    """One column converted back to the dtype in ``entry`` (from CSV text or from parquet's own types)."""
-    dt = entry["dtype"]
-    if dt == "category":
-        cats = entry["categories"]
-        lookup = {str(c): c for c in cats} if from_text else None
-        vals = col.map(lambda v: lookup.get(v, v)) if lookup is not None else col.astype(object)
-        return pd.Series(pd.Categorical(vals, categories=cats, ordered=entry["ordered"]), name=col.name)
-    if from_text and dt in ("bool", "boolean"):
-        return col.map({"True": True, "False": False}).astype(dt)
-    if dt == "object":
-        return col.astype(object).where(col.notna(), np.nan)
-    if str(col.dtype) == dt:
-        return col
-    return col.astype(dt)
-
-
-def write_records(frame: pd.DataFrame, out: Union[str, Path]) -> dict[str, Path]:
-    """Write ``records.parquet``, ``records.csv`` and ``records.dtypes.json`` into folder ``out``.
-
-    The index is not written (a frame equals its read-back after ``reset_index(drop=True)``). In the CSV an empty
-    field means missing, so an empty string in a text column reads back as missing.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out = Path(out)
-    frame = frame.reset_index(drop=True)
-    spec = dtype_spec(frame)
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    meta = dict(table.schema.metadata or {})
-    meta[_META_KEY] = json.dumps(spec).encode()
-    pq.write_table(table.replace_schema_metadata(meta), out / PARQUET)
-    frame.to_csv(out / CSV, index=False)
-    (out / DTYPES).write_text(json.dumps(spec, indent=1) + "\n")
-    return {"parquet": out / PARQUET, "csv": out / CSV, "dtypes": out / DTYPES}
-
-
-def read_records(path: Union[str, Path]) -> pd.DataFrame:
-    """Read a frame written by :func:`write_records`: a ``.parquet`` or ``.csv`` file, or a report folder.
-
-    Dtypes are restored from the parquet metadata or from ``<name>.dtypes.json`` beside the CSV (schema dtypes
-    when that file is absent), so the result equals the frame that was written, dtypes included.
-    """
-    import pyarrow.parquet as pq
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / PARQUET if (p / PARQUET).exists() else p / CSV
-    if not p.exists():
-        raise DataError(f"no records at {str(path)!r}; pass a report folder, a records.parquet or a records.csv.")
-    if p.suffix == ".parquet":
-        table = pq.read_table(p)
-        raw = (table.schema.metadata or {}).get(_META_KEY)
-        df = table.to_pandas()
-        spec = json.loads(raw) if raw else {}
-        return pd.DataFrame({c: _restore(df[c], spec[c], False) if c in spec else df[c] for c in df.columns})
-    if p.suffix != ".csv":
-        raise DataError(f"cannot read records from {str(p)!r}: expected a .parquet or .csv file.")
-    side = p.with_name(p.stem + ".dtypes.json")
-    if side.exists():
-        spec = json.loads(side.read_text())
-        df = pd.read_csv(p, dtype=str, keep_default_na=False, na_values=[""])
-        cols = {c: _restore(df[c], spec[c], True) if c in spec else df[c] for c in df.columns}
-    else:  # no dtypes file: schema dtypes for the frame's columns, pandas' inference for the rest
-        known = [c for c in pd.read_csv(p, nrows=0).columns if c in DEFAULT_DTYPES]
-        df = pd.read_csv(p, dtype={c: str for c in known}, keep_default_na=False,
-                         na_values={c: [""] for c in known})
-        other = pd.read_csv(p, usecols=[c for c in df.columns if c not in known]) if len(known) < df.shape[1] else df
-        cols = {c: _restore(df[c], {"dtype": DEFAULT_DTYPES[c]}, True) if c in known else other[c]
-                for c in df.columns}
-    return pd.DataFrame(cols)
 
 
 # --- figures --------------------------------------------------------------------------------------------------
@@ -236,7 +144,7 @@ def summary_markdown(title: str, frame: pd.DataFrame, v: pd.DataFrame, figures: 
     if notes:
         lines += ["## Not drawn", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["## Files", "", f"- `{PARQUET}`, `{CSV}` (+ `{DTYPES}`): the records; "
-              "`gradscope.render.report.read_records(path)` loads either with its dtypes.", f"- `{VERDICTS_CSV}`: the verdicts.",
+              "`gradscope.store.read_records(path)` loads either with its dtypes.", f"- `{VERDICTS_CSV}`: the verdicts.",
               ""]
     return "\n".join(lines)
 
@@ -311,7 +219,7 @@ def write_report(frame: pd.DataFrame, out: Union[str, Path] = "gradscope-report"
     except OSError as exc:
         raise OutputError(f"cannot create report folder {str(out)!r}: {exc}. Pass a writable path.") from exc
     write_records(frame, out)
-    v = A.verdicts(frame, step=step, vanish=vanish, explode=explode, configs=configs)
+    v = verdicts(frame, step=step, vanish=vanish, explode=explode, configs=configs)
     v.to_csv(out / VERDICTS_CSV, index=False)
     figures, notes = draw_figures(frame, out, configs=configs, step=step, runs_step=runs_step,
                                   vanish=vanish, explode=explode, dpi=dpi)

@@ -1,6 +1,6 @@
-"""Per-architecture predictions for the built-in MLPs and CIFAR nets, from the formulas in :mod:`gradscope.theory`.
+"""Per-architecture predictions for the built-in MLPs and CIFAR nets, from the formulas in :mod:`gradscope.theory.formulas`.
 
-Pure python. Each function returns a :class:`gradscope.theory.Prediction` (or None) whose profiles cover every
+Pure python. Each function returns a :class:`gradscope.theory.formulas.Prediction` (or None) whose profiles cover every
 block of the net as built by :mod:`gradscope.models` (layouts documented there). Mean-field tools used here:
 
 * **zero padding** (CIFAR nets without BN): a 3x3 convolution with padding 1 sees fewer taps at the border, so
@@ -23,7 +23,7 @@ import functools
 import math
 from typing import Any, Optional
 
-from gradscope import theory as T
+from gradscope.theory import formulas as T
 
 _SQRT2 = math.sqrt(2.0)
 

@@ -15,9 +15,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from gradscope import analysis as A  # noqa: E402
+from gradscope import agreement as G, analysis as A  # noqa: E402
 from gradscope.render import report as R  # noqa: E402
 from gradscope import schema as S  # noqa: E402
+from gradscope import store  # noqa: E402
 from gradscope.errors import DataError, OutputError  # noqa: E402
 
 
@@ -61,39 +62,39 @@ def awkward_frame() -> pd.DataFrame:
     return f
 
 
-@pytest.mark.parametrize("name", [R.PARQUET, R.CSV])
+@pytest.mark.parametrize("name", [store.PARQUET, store.CSV])
 def test_records_round_trip_exactly(tmp_path, name):
     f = awkward_frame()
-    R.write_records(f, tmp_path)
-    back = R.read_records(tmp_path / name)
+    store.write_records(f, tmp_path)
+    back = store.read_records(tmp_path / name)
     pd.testing.assert_frame_equal(back, f, check_exact=True)
     assert back[S.RUN].tolist()[:1] == ["NA"]  # not turned into a missing value
 
 
-@pytest.mark.parametrize("name", [R.PARQUET, R.CSV])
+@pytest.mark.parametrize("name", [store.PARQUET, store.CSV])
 def test_records_keep_unusual_dtypes(tmp_path, name):
     f = frame(n_blocks=3, n_steps=2)
     f[S.STEP] = f[S.STEP].astype("int32")
     f[S.BLOCK] = f[S.BLOCK].astype(object)
     f[S.METRIC] = pd.Categorical(f[S.METRIC], categories=[S.PARAM_GRAD_NORM, S.GRAD_NORM, S.ACT_VAR])
     f[S.KIND] = f[S.KIND].astype("string")
-    R.write_records(f, tmp_path)
-    pd.testing.assert_frame_equal(R.read_records(tmp_path / name), f, check_exact=True)
+    store.write_records(f, tmp_path)
+    pd.testing.assert_frame_equal(store.read_records(tmp_path / name), f, check_exact=True)
 
 
 def test_csv_without_dtypes_file_uses_the_schema(tmp_path):
     f = frame(n_blocks=3, n_steps=2)
-    R.write_records(f, tmp_path)
-    (tmp_path / R.DTYPES).unlink()
-    pd.testing.assert_frame_equal(R.read_records(tmp_path / R.CSV), f, check_exact=True)
+    store.write_records(f, tmp_path)
+    (tmp_path / store.DTYPES).unlink()
+    pd.testing.assert_frame_equal(store.read_records(tmp_path / store.CSV), f, check_exact=True)
 
 
 def test_read_records_of_a_folder_and_bad_paths(tmp_path):
     f = frame(n_blocks=3, n_steps=2)
-    R.write_records(f, tmp_path)
-    pd.testing.assert_frame_equal(R.read_records(tmp_path), f)
+    store.write_records(f, tmp_path)
+    pd.testing.assert_frame_equal(store.read_records(tmp_path), f)
     with pytest.raises(DataError, match="no records"):
-        R.read_records(tmp_path / "nope.csv")
+        store.read_records(tmp_path / "nope.csv")
 
 
 # --- the report -----------------------------------------------------------------------------------------------
@@ -108,9 +109,9 @@ def test_report_of_a_110_block_200_step_frame(tmp_path):
         w, h = png_size(out / name)
         assert 500 <= w <= 4000 and 300 <= h <= 4000 and (out / name).stat().st_size > 5_000
     assert plt.get_fignums() == []  # every figure closed
-    pd.testing.assert_frame_equal(R.read_records(out / R.PARQUET), f)
+    pd.testing.assert_frame_equal(store.read_records(out / store.PARQUET), f)
     v = pd.read_csv(out / R.VERDICTS_CSV)
-    direct = A.verdicts(f)
+    direct = G.verdicts(f)
     assert list(v[A.VERDICT]) == list(direct[A.VERDICT]) == ["exploding", "vanishing"]
     np.testing.assert_allclose(v[A.FACTOR], direct[A.FACTOR], rtol=1e-12)
     summary = (out / R.SUMMARY).read_text()
@@ -192,7 +193,7 @@ def test_report_draws_theory_dashed_and_says_where_it_parts(tmp_path):
 
 def test_unknown_models_get_no_theory_rather_than_a_guess():
     f = frame(n_blocks=5, n_steps=2).assign(**{S.RUN: "custom", S.MODEL: "my_transformer"})
-    v = A.verdicts(f)
+    v = G.verdicts(f)
     assert v[A.PREDICTED_FACTOR].isna().all() and v[A.AGREES].isna().all()
     assert all("no theory for model 'my_transformer'" in t for t in v[A.THEORY_NOTE])
     assert "theory" not in A.sentence(v.iloc[0])

@@ -267,10 +267,10 @@ def zoo_frame(name: str, seeds, batch: int, **options):
 
 
 def check_agreement(name, seeds, batch, signals=("forward", "backward"), **options):
-    from gradscope import analysis as A
+    from gradscope import agreement as G, analysis as A
 
     frame, config = zoo_frame(name, seeds, batch, **options)
-    v = A.verdicts(frame, configs={name: config}).set_index(A.SIGNAL)
+    v = G.verdicts(frame, configs={name: config}).set_index(A.SIGNAL)
     for sig in signals:
         r = v.loc[sig]
         assert r[A.AGREES] == True, (sig, r[A.THEORY_NOTE])  # noqa: E712  (pandas boolean)
@@ -289,7 +289,7 @@ MLP = dict(depth=12, width=512)
     ({"activation": "tanh", "init": "xavier"}, None, None),
 ])
 def test_wide_mlps_agree_with_theory(options, fwd, bwd):
-    from gradscope import analysis as A
+    from gradscope import agreement as G, analysis as A
 
     v = check_agreement("mlp", (0, 1, 2), 64, **{**MLP, **options})
     for sig, closed in (("forward", fwd), ("backward", bwd)):
@@ -300,10 +300,10 @@ def test_wide_mlps_agree_with_theory(options, fwd, bwd):
 
 
 def test_deep_residual_mlp_without_bn_parts_from_theory_and_says_so():
-    from gradscope import analysis as A
+    from gradscope import agreement as G, analysis as A
 
     frame, config = zoo_frame("mlp", (0, 1), 64, depth=24, width=512, residual=True)
-    r = A.verdicts(frame, configs={"mlp": config}).set_index(A.SIGNAL).loc["backward"]
+    r = G.verdicts(frame, configs={"mlp": config}).set_index(A.SIGNAL).loc["backward"]
     assert r[A.AGREES] == False and r[A.MEASURED_FACTOR] > r[A.PREDICTED_FACTOR] * 1.05  # noqa: E712
     assert "PARTS" in r[A.THEORY_NOTE] and "gradient independence fails" in r[A.THEORY_NOTE]
 
@@ -317,7 +317,7 @@ def test_deep_residual_mlp_without_bn_parts_from_theory_and_says_so():
     ("resnet20", {"bn": True, "shortcut": "B"}, ("forward",)),
 ])
 def test_cifar_nets_agree_with_theory_where_it_applies(name, options, signals):
-    from gradscope import analysis as A
+    from gradscope import agreement as G, analysis as A
 
     v = check_agreement(name, (0, 1), 16, signals=signals, **options)
     for sig in signals:  # and closer than the (noise-widened) tolerance needs: within 7% per block
@@ -332,9 +332,9 @@ def pd_isna(x) -> bool:
 
 def test_a_wrong_config_is_caught():
     """Negative control: a Kaiming MLP described as Xavier must not 'agree' with the Xavier prediction."""
-    from gradscope import analysis as A
+    from gradscope import agreement as G, analysis as A
 
     frame, config = zoo_frame("mlp", (0, 1), 64, depth=10, width=256)
-    v = A.verdicts(frame, configs={"mlp": {**config, "init": "xavier"}}).set_index(A.SIGNAL)
+    v = G.verdicts(frame, configs={"mlp": {**config, "init": "xavier"}}).set_index(A.SIGNAL)
     assert v.loc["forward"][A.AGREES] == False and v.loc["backward"][A.AGREES] == False  # noqa: E712
     assert "PARTS" in v.loc["forward"][A.THEORY_NOTE]

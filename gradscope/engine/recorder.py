@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import sys
-import warnings
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -243,9 +242,3 @@ def _pack(entries: List[Entry], device: torch.device) -> torch.Tensor:
     parts = [e.values.reshape(-1).to(torch.float64) if isinstance(e.values, torch.Tensor)
              else torch.tensor(e.values, dtype=torch.float64, device=device) for e in entries]
     return torch.cat(parts)
-
-
-def warn_nonfinite(first: Dict[str, Tuple[int, str]]) -> None:
-    """Tell the user, once, where the first NaN/Inf appeared."""
-    parts = [f"{direction} pass: block {block!r} at step {step}" for direction, (step, block) in first.items()]
-    warnings.warn("gradscope: first NaN/Inf seen in the " + "; ".join(parts), RuntimeWarning, stacklevel=3)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import weakref
 import warnings
@@ -14,16 +13,14 @@ from torch import nn
 
 from gradscope import schema as S
 from gradscope.errors import GradscopeError
-from gradscope.engine.metrics import GroupIndex, group_norms
+from gradscope.engine import params as P
+from gradscope.engine.amp import ScalerState
+from gradscope.engine.nonfinite import NONFINITE_POLICIES, NonFiniteError, NonFinitePolicy
 from gradscope.engine.probes import MetricSet, Probe
-from gradscope.engine.recorder import Recorder, Schedule, make_schedule, warn_nonfinite
+from gradscope.engine.recorder import Recorder, Schedule, make_schedule
 from gradscope.engine.sites import BlockSelector, Site, find_blocks, unwrap_model
 
-NONFINITE_POLICIES = ("warn", "raise", "ignore")
-
-
-class NonFiniteError(GradscopeError, FloatingPointError):
-    """Raised by ``Scope.step()`` under ``on_nonfinite="raise"``, after the step's records are kept."""
+__all__ = ["NONFINITE_POLICIES", "NonFiniteError", "Scope", "attach"]
 
 
 class Scope:
@@ -43,10 +40,7 @@ class Scope:
         self._rec = recorder
         self._metrics = metrics
         self._probe = Probe(sites, recorder, metrics)
-        self._scaler = scaler
-        self._on_nonfinite = on_nonfinite
-        self._nonfinite: Dict[str, Tuple[int, str]] = {}
-        self._warned = False
+        self._nonfinite = NonFinitePolicy(on_nonfinite, sites)
         self._warned_silent = False
         self._attached = False
         self._opt_handles: List[Any] = []
@@ -54,20 +48,18 @@ class Scope:
         self._dist = distributed
         self._optimizer = optimizer
         self._updated_steps: set = set()
-        self._param_index = _param_index(sites)
+        self._param_index = P.param_index(sites)
         if optimizer is not None and not hasattr(optimizer, "register_step_pre_hook"):
             raise GradscopeError(f"optimizer={type(optimizer).__name__} is not a torch.optim.Optimizer with step "
                                  f"hooks (torch>=2.0); pass the optimizer that updates this model, or leave it out")
-        if scaler is not None and not hasattr(scaler, "get_scale"):
-            raise GradscopeError(f"scaler={type(scaler).__name__} is not a GradScaler; pass torch.amp.GradScaler")
-        self._probe.scale = self._scale_tensor if scaler is not None else None
+        self._amp = ScalerState(scaler, optimizer)
+        self._probe.scale = self._amp.scale_tensor if self._amp.enabled else None
         if recorder.active:
             self._probe.install()
         self._attached = True
-        self._opt_stepped = False  # optimizer.step() ran since the last scope.step() (then grads are unscaled)
         try:
             if optimizer is not None:
-                self._opt_handles.append(optimizer.register_step_pre_hook(self._note_optimizer_step))
+                self._opt_handles.append(optimizer.register_step_pre_hook(self._amp.note_optimizer_step))
             if optimizer is not None and metrics.update:
                 self._watch_optimizer(optimizer)
         except BaseException:
@@ -91,7 +83,7 @@ class Scope:
         try:
             self._close_step()
         finally:  # also when NonFiniteError is raised: the next step starts clean
-            self._opt_stepped = False
+            self._amp.end_step()
             rec.advance()
             for stack in self._probe.stacks:
                 stack.clear()
@@ -163,52 +155,14 @@ class Scope:
         where one was seen). Forward order is execution order; backward order runs from the last block to the first.
         """
         self._flush()
-        return dict(self._nonfinite)
-
-    def _check_nonfinite(self, start: int) -> None:
-        rows = self._rec.rows
-        found = _first_nonfinite_rows(rows, start, self._rec.depth, self.sites)
-        new = {k: v for k, v in found.items() if k not in self._nonfinite}
-        if not new:
-            return
-        self._nonfinite.update(new)
-        if self._on_nonfinite == "raise":
-            raise NonFiniteError("gradscope: non-finite values: " + "; ".join(
-                f"{d} pass first at block {b!r}, step {s}" for d, (s, b) in self._nonfinite.items()))
-        if self._on_nonfinite == "warn" and not self._warned:
-            self._warned = True
-            warn_nonfinite(new)
+        return dict(self._nonfinite.first)
 
     # ---- internals -----------------------------------------------------------------------------------------------
     def _flush(self) -> None:
         start = len(self._rec.rows)
         self._rec.flush()
         if len(self._rec.rows) > start:
-            self._check_nonfinite(start)
-
-    def _scale_tensor(self) -> Optional[torch.Tensor]:
-        """The GradScaler's scale as a device tensor (no sync), or None when it is disabled or not yet set."""
-        scaler = self._scaler
-        if not getattr(scaler, "is_enabled", lambda: True)():
-            return None
-        scale = getattr(scaler, "_scale", None)
-        return scale if isinstance(scale, torch.Tensor) else None
-
-    def _note_optimizer_step(self, *args: Any) -> None:
-        self._opt_stepped = True
-
-    def _grads_still_scaled(self) -> bool:
-        """Parameter gradients hold the loss scale unless ``scaler.unscale_``/``scaler.step`` ran on them already
-        (known only when ``optimizer=`` was given; otherwise gradscope assumes ``scope.step()`` came first)."""
-        if self._rec.grad_scale is None:
-            return False
-        if self._optimizer is None:
-            return True
-        if self._opt_stepped:  # scaler.step() unscales the gradients before it calls optimizer.step()
-            return False
-        states = getattr(self._scaler, "_per_optimizer_states", {})
-        stage = states.get(id(self._optimizer), {}).get("stage")
-        return stage is None or getattr(stage, "name", str(stage)) == "READY"
+            self._nonfinite.check(self._rec.rows, start, self._rec.depth)
 
     def _record_params(self, step: int) -> None:
         """Parameter and parameter-gradient norms of every block: two foreach reductions, two buffer entries."""
@@ -218,19 +172,12 @@ class Scope:
         rec, n = self._rec, len(self.sites)
         names = self._metrics.params
         if S.PARAM_NORM in names:
-            norms = group_norms([index.params[i] for i in index.order], index.groups, n, index.cache)
-            sites = index.sites_with_params
-            rec.add_per_site(step, sites, S.PARAM_NORM, norms[index.site_tensor(norms.device)])
+            rec.add_per_site(step, index.sites_with_params, S.PARAM_NORM, P.param_norms(index, n))
         if S.PARAM_GRAD_NORM in names:
-            pairs = [(index.params[i].grad, g) for i, g in zip(index.order, index.groups)
-                     if index.params[i].grad is not None]
-            if pairs:
-                groups = [g for _, g in pairs]
-                gnorms = group_norms([_dense(g) for g, _ in pairs], groups, n, index.cache)
-                if self._grads_still_scaled():
-                    gnorms = gnorms / self._rec.grad_scale.to(gnorms.device, gnorms.dtype)
-                sites = sorted(set(groups))
-                rec.add_per_site(step, sites, S.PARAM_GRAD_NORM, gnorms[index.cache.index(gnorms.device, sites)])
+            scale = rec.grad_scale if self._amp.grads_still_scaled(rec.grad_scale) else None
+            found = P.param_grad_norms(index, n, scale)
+            if found is not None:
+                rec.add_per_site(step, found[0], S.PARAM_GRAD_NORM, found[1])
 
     def _watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Measure ||update|| / ||weight|| per block across ``optimizer.step()`` of recorded steps."""
@@ -242,20 +189,15 @@ class Scope:
             step = rec.step if rec.forward_seen else rec.step - 1
             if step >= 0 and step not in self._updated_steps and rec.schedule(step) and index.params:
                 self._updated_steps.add(step)
-                self._snapshot = (step, [index.params[i].detach().clone() for i in index.order])
+                self._snapshot = (step, P.snapshot(index))
 
         def post(opt: Any, args: Any, kwargs: Any) -> None:
             if self._snapshot is None:
                 return
             step, before = self._snapshot
             self._snapshot = None
-            after = [index.params[i].detach() for i in index.order]
-            with torch.no_grad():
-                delta = group_norms([a - b for a, b in zip(after, before)], index.groups, len(self.sites))
-                base = group_norms(before, index.groups, len(self.sites))
-                ratio = delta / base.clamp_min(torch.finfo(torch.float32).tiny)
             self._rec.add_per_site(step, index.sites_with_params, S.UPDATE_RATIO,
-                                   ratio[index.site_tensor(ratio.device)])
+                                   P.update_ratios(index, before, len(self.sites)))
 
         self._opt_handles.append(optimizer.register_step_pre_hook(pre))
         self._opt_handles.append(optimizer.register_step_post_hook(post))
@@ -265,65 +207,6 @@ class Scope:
 
     def _mark_forward(self, *args: Any) -> None:
         self._rec.forward_seen = True
-
-
-class _ParamIndex:
-    """Parameters owned by each site (recursively), de-duplicated per site, in a flat order for foreach norms."""
-
-    def __init__(self) -> None:
-        self.params: List[torch.nn.Parameter] = []
-        self.order: List[int] = []
-        self.groups: List[int] = []
-        self.sites_with_params: List[int] = []
-        self.cache = GroupIndex()
-        self._site_tensor: Dict[torch.device, torch.Tensor] = {}
-
-    def site_tensor(self, device: torch.device) -> torch.Tensor:
-        """``sites_with_params`` as a cached long tensor on ``device``."""
-        if device not in self._site_tensor:
-            self._site_tensor[device] = torch.tensor(self.sites_with_params, dtype=torch.long, device=device)
-        return self._site_tensor[device]
-
-
-def _param_index(sites: List[Site]) -> _ParamIndex:
-    index = _ParamIndex()
-    position: Dict[int, int] = {}
-    for s, site in enumerate(sites):
-        own = list(site.module.parameters())
-        if own:
-            index.sites_with_params.append(s)
-        for p in own:
-            if id(p) not in position:
-                position[id(p)] = len(index.params)
-                index.params.append(p)
-            index.order.append(position[id(p)])
-            index.groups.append(s)
-    return index
-
-
-def _dense(g: torch.Tensor) -> torch.Tensor:
-    return g.to_dense() if g.is_sparse else g
-
-
-def _first_nonfinite_rows(rows: Any, start: int, depth: Dict[int, int], sites: List[Site]) -> Dict[str, Tuple[int, str]]:
-    fwd: Optional[Tuple[int, int, int]] = None
-    bwd: Optional[Tuple[int, int, int]] = None
-    for i in range(start, len(rows)):
-        metric, value = rows.metric[i], rows.value[i]
-        site, step = rows.site[i], rows.step[i]
-        d = depth.get(site, 0)
-        if metric == S.ACT_NONFINITE and value > 0:
-            key = (step, d, site)
-            fwd = key if fwd is None or key < fwd else fwd
-        elif metric == S.GRAD_NORM and not math.isfinite(value):
-            key = (step, -d, site)
-            bwd = key if bwd is None or key < bwd else bwd
-    found = {}
-    if fwd is not None:
-        found["forward"] = (fwd[0], sites[fwd[2]].name)
-    if bwd is not None:
-        found["backward"] = (bwd[0], sites[bwd[2]].name)
-    return found
 
 
 def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, Schedule] = 1,
@@ -355,7 +238,7 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
     check_not_sharded(inner)
     sites = find_blocks(inner, blocks)
     schedule = make_schedule(every)
-    if on_nonfinite not in NONFINITE_POLICIES:
+    if on_nonfinite not in NONFINITE_POLICIES:  # checked before any hook exists
         raise GradscopeError(f"on_nonfinite={on_nonfinite!r} is not one of {NONFINITE_POLICIES}")
     if not isinstance(flush_every, int) or flush_every < 1:
         raise GradscopeError(f"flush_every={flush_every!r} is not a positive integer")

@@ -121,10 +121,10 @@ def test_cpu_hooks_read_back_only_cpu_values():
 
 def test_unrecorded_steps_run_no_metric_computation(monkeypatch):
     import gradscope.engine.probes as probes
-    import gradscope.engine.scope as scope_mod
+    import gradscope.engine.params as params
 
     calls = []
-    for mod, name in ((probes, "activation_sums"), (probes, "squared_norm"), (scope_mod, "group_norms")):
+    for mod, name in ((probes, "activation_sums"), (probes, "squared_norm"), (params, "group_norms")):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
     model = nets.TinyResNet()

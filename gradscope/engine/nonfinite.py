@@ -1,0 +1,71 @@
+"""The non-finite policy: where NaN/Inf first appeared, and whether to warn, raise or stay quiet."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+from gradscope import schema as S
+from gradscope.errors import GradscopeError
+from gradscope.engine.sites import Site
+
+NONFINITE_POLICIES = ("warn", "raise", "ignore")
+
+
+class NonFiniteError(GradscopeError, FloatingPointError):
+    """Raised by ``Scope.step()`` under ``on_nonfinite="raise"``, after the step's records are kept."""
+
+
+class NonFinitePolicy:
+    """Remembers the first forward and backward NaN/Inf of a scope and applies ``on_nonfinite`` to new ones."""
+
+    def __init__(self, policy: str, sites: List[Site]) -> None:
+        if policy not in NONFINITE_POLICIES:
+            raise GradscopeError(f"on_nonfinite={policy!r} is not one of {NONFINITE_POLICIES}")
+        self.policy = policy
+        self.sites = sites
+        self.first: Dict[str, Tuple[int, str]] = {}
+        self._warned = False
+
+    def check(self, rows: Any, start: int, depth: Dict[int, int]) -> None:
+        """Look at the rows from ``start`` on; raise :class:`NonFiniteError` or warn once for new findings."""
+        found = first_nonfinite_rows(rows, start, depth, self.sites)
+        new = {k: v for k, v in found.items() if k not in self.first}
+        if not new:
+            return
+        self.first.update(new)
+        if self.policy == "raise":
+            raise NonFiniteError("gradscope: non-finite values: " + "; ".join(
+                f"{d} pass first at block {b!r}, step {s}" for d, (s, b) in self.first.items()))
+        if self.policy == "warn" and not self._warned:
+            self._warned = True
+            warn_nonfinite(new)
+
+
+def first_nonfinite_rows(rows: Any, start: int, depth: Dict[int, int],
+                         sites: List[Site]) -> Dict[str, Tuple[int, str]]:
+    """``{"forward": (step, block), "backward": (step, block)}`` of the first NaN/Inf among ``rows[start:]``."""
+    fwd: Optional[Tuple[int, int, int]] = None
+    bwd: Optional[Tuple[int, int, int]] = None
+    for i in range(start, len(rows)):
+        metric, value = rows.metric[i], rows.value[i]
+        site, step = rows.site[i], rows.step[i]
+        d = depth.get(site, 0)
+        if metric == S.ACT_NONFINITE and value > 0:
+            key = (step, d, site)
+            fwd = key if fwd is None or key < fwd else fwd
+        elif metric == S.GRAD_NORM and not math.isfinite(value):
+            key = (step, -d, site)
+            bwd = key if bwd is None or key < bwd else bwd
+    found = {}
+    if fwd is not None:
+        found["forward"] = (fwd[0], sites[fwd[2]].name)
+    if bwd is not None:
+        found["backward"] = (bwd[0], sites[bwd[2]].name)
+    return found
+
+
+def warn_nonfinite(first: Dict[str, Tuple[int, str]]) -> None:
+    """Tell the user, once, where the first NaN/Inf appeared."""
+    parts = [f"{direction} pass: block {block!r} at step {step}" for direction, (step, block) in first.items()]
+    warnings.warn("gradscope: first NaN/Inf seen in the " + "; ".join(parts), RuntimeWarning, stacklevel=3)

@@ -1,0 +1,88 @@
+"""Parameter statistics as pure functions: norms, gradient norms and the update ratio of every block.
+
+A block owns its parameters recursively; a parameter shared by two blocks counts in both. :class:`ParamIndex` lays
+the parameters out once, in a flat order, so each statistic is one ``torch._foreach_norm`` call for all blocks.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from gradscope.engine.metrics import GroupIndex, group_norms
+from gradscope.engine.sites import Site
+
+
+class ParamIndex:
+    """Parameters owned by each site (recursively), de-duplicated per site, in a flat order for foreach norms."""
+
+    def __init__(self) -> None:
+        self.params: List[torch.nn.Parameter] = []
+        self.order: List[int] = []
+        self.groups: List[int] = []
+        self.sites_with_params: List[int] = []
+        self.cache = GroupIndex()
+        self._site_tensor: Dict[torch.device, torch.Tensor] = {}
+
+    def site_tensor(self, device: torch.device) -> torch.Tensor:
+        """``sites_with_params`` as a cached long tensor on ``device``."""
+        if device not in self._site_tensor:
+            self._site_tensor[device] = torch.tensor(self.sites_with_params, dtype=torch.long, device=device)
+        return self._site_tensor[device]
+
+
+def param_index(sites: List[Site]) -> ParamIndex:
+    """The :class:`ParamIndex` of ``sites``."""
+    index = ParamIndex()
+    position: Dict[int, int] = {}
+    for s, site in enumerate(sites):
+        own = list(site.module.parameters())
+        if own:
+            index.sites_with_params.append(s)
+        for p in own:
+            if id(p) not in position:
+                position[id(p)] = len(index.params)
+                index.params.append(p)
+            index.order.append(position[id(p)])
+            index.groups.append(s)
+    return index
+
+
+def _dense(g: torch.Tensor) -> torch.Tensor:
+    return g.to_dense() if g.is_sparse else g
+
+
+def param_norms(index: ParamIndex, n_sites: int) -> torch.Tensor:
+    """||theta|| of each site in ``index.sites_with_params`` (a device vector in that order)."""
+    norms = group_norms([index.params[i] for i in index.order], index.groups, n_sites, index.cache)
+    return norms[index.site_tensor(norms.device)]
+
+
+def param_grad_norms(index: ParamIndex, n_sites: int,
+                     scale: Optional[torch.Tensor] = None) -> Optional[Tuple[List[int], torch.Tensor]]:
+    """``(sites, norms)``: ||d L / d theta|| of each site whose parameters have a ``.grad``, divided by ``scale``
+    when given (a GradScaler's scale still in the gradients); None when no parameter has a gradient."""
+    pairs = [(index.params[i].grad, g) for i, g in zip(index.order, index.groups) if index.params[i].grad is not None]
+    if not pairs:
+        return None
+    groups = [g for _, g in pairs]
+    gnorms = group_norms([_dense(g) for g, _ in pairs], groups, n_sites, index.cache)
+    if scale is not None:
+        gnorms = gnorms / scale.to(gnorms.device, gnorms.dtype)
+    sites = sorted(set(groups))
+    return sites, gnorms[index.cache.index(gnorms.device, sites)]
+
+
+def snapshot(index: ParamIndex) -> List[torch.Tensor]:
+    """Copies of every parameter, before an optimizer step."""
+    return [index.params[i].detach().clone() for i in index.order]
+
+
+def update_ratios(index: ParamIndex, before: List[torch.Tensor], n_sites: int) -> torch.Tensor:
+    """||theta_after - theta_before|| / ||theta_before|| of each site in ``index.sites_with_params``."""
+    after = [index.params[i].detach() for i in index.order]
+    with torch.no_grad():
+        delta = group_norms([a - b for a, b in zip(after, before)], index.groups, n_sites)
+        base = group_norms(before, index.groups, n_sites)
+        ratio = delta / base.clamp_min(torch.finfo(torch.float32).tiny)
+    return ratio[index.site_tensor(ratio.device)]

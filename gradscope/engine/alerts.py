@@ -1,0 +1,300 @@
+"""Alerts: anomalies read from each recorded step's rows at ``scope.step()``, never inside a hook.
+
+Four kinds (:data:`ALERT_KINDS`), each tested on the host values that the step's one transfer already brought back,
+so detection costs no device synchronisation:
+
+* ``loss_spike``: the loss (given as ``scope.step(loss=...)``) lies more than ``z`` robust standard deviations above
+  the median of the last ``window`` recorded losses;
+* ``grad_spike``: the same test on each block's ``grad_norm`` (call 0), in log space (gradient norms move by factors);
+* ``update_band``: a block's ``update_ratio`` (||delta w|| / ||w|| of an optimizer step) leaves ``update_band``;
+* ``divergence``: a NaN/Inf in an activation, a gradient, a parameter norm or the loss.
+
+Robust z-score: ``z = (x - median(W)) / (1.4826 * MAD(W))`` over the window ``W`` of the values before ``x``
+(1.4826 makes the MAD a standard deviation for normal noise; median and MAD ignore the few spikes the window
+holds). The scale has a floor (``rel_floor`` of the median for the loss, the same fraction in log space for
+gradients) so that a near-constant series does not turn a 1 % wobble into an alert. A spike needs ``warmup``
+earlier values, and only upward moves count: a falling loss is training.
+
+Which block an alert names, "the block first affected": a fault that arises at block k during the forward pass
+reaches every block after k, so a forward anomaly names the *earliest* anomalous block in forward order. Gradients
+flow from the loss back to the input, so a gradient anomaly that arises at block k reaches every block before k: it
+names the anomalous block *nearest the loss* (the latest in forward order). ``update_band`` names the earliest
+block out of the band and lists the others. Each kind fires when an episode starts: a kind that was already
+anomalous at the previous recorded step does not fire again until a recorded step is clean (a run that stays NaN
+gives one divergence alert, not one per step).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+from statistics import median
+from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from gradscope import schema as S
+from gradscope.errors import GradscopeError
+
+LOSS_SPIKE = "loss_spike"
+GRAD_SPIKE = "grad_spike"
+UPDATE_BAND = "update_band"
+DIVERGENCE = "divergence"
+#: every alert kind, in the order of the module docstring (also the CLI's ``--fail-on`` names)
+ALERT_KINDS = (LOSS_SPIKE, GRAD_SPIKE, UPDATE_BAND, DIVERGENCE)
+ANOMALY_POLICIES = ("warn", "raise")
+#: the metric name an alert on the loss carries
+LOSS = "loss"
+_MAD_TO_SD = 1.4826
+
+#: a recorded value as the detector sees it: (step, block name, forward depth, call, metric, value)
+Row = Tuple[int, str, int, int, str, float]
+
+
+class AnomalyError(GradscopeError, FloatingPointError):
+    """Raised by ``Scope.step()`` under ``on_anomaly="raise"``, after the step's records and alerts are kept."""
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One anomaly: where (``step``, ``block``), what (``kind``, ``metric``) and by how much.
+
+    ``block`` is ``None`` for the loss. ``threshold`` is the bound that ``value`` crossed, in the value's units (for a
+    spike: ``median + z * scale``, back in linear units for gradients; for the band: its low or high end; for a
+    divergence: ``inf``). ``others`` lists further blocks affected at the same step.
+    """
+
+    step: int
+    kind: str
+    block: Optional[str]
+    metric: str
+    value: float
+    threshold: float
+    others: Tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        where = "the loss" if self.block is None else f"block {self.block!r}"
+        more = f" (and {len(self.others)} more: {', '.join(self.others[:3])}{', ...' if len(self.others) > 3 else ''})" \
+            if self.others else ""
+        return (f"gradscope alert: {self.kind} at step {self.step}, {where}{more}: {self.metric} = {self.value:.4g} "
+                f"{_relation(self)} {self.threshold:.4g}")
+
+    def as_dict(self) -> Dict[str, object]:
+        """A flat dict (``others`` joined by spaces) for a table row."""
+        row = asdict(self)
+        row["others"] = " ".join(self.others)
+        return row
+
+
+def _relation(alert: Alert) -> str:
+    if alert.kind == DIVERGENCE:
+        return "(non-finite), threshold"
+    return "below" if alert.value < alert.threshold else "above"
+
+
+@dataclass(frozen=True)
+class AlertRules:
+    """Thresholds of the detectors (see the module docstring).
+
+    Args:
+        window: recorded steps in the running window of a spike test.
+        z: robust z-score above which a value is a spike.
+        warmup: earlier values a spike test needs before it can fire.
+        update_band: ``(low, high)`` for ``update_ratio``; ``None`` turns the band test off.
+        rel_floor: the scale's floor, as a fraction of the median (loss) or in log space (gradients).
+        kinds: the kinds to detect (default all of :data:`ALERT_KINDS`).
+    """
+
+    window: int = 20
+    z: float = 6.0
+    warmup: int = 10
+    update_band: Optional[Tuple[float, float]] = (1e-5, 1e-1)
+    rel_floor: float = 0.02
+    kinds: Tuple[str, ...] = ALERT_KINDS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.window, int) or self.window < 3:
+            raise GradscopeError(f"AlertRules(window={self.window!r}): use an integer >= 3")
+        if not (isinstance(self.warmup, int) and 3 <= self.warmup <= self.window):
+            raise GradscopeError(f"AlertRules(warmup={self.warmup!r}): use an integer between 3 and window")
+        if not (isinstance(self.z, (int, float)) and self.z > 0):
+            raise GradscopeError(f"AlertRules(z={self.z!r}): use a positive number (6 is a clear outlier)")
+        band = self.update_band
+        if band is not None and not (len(band) == 2 and 0 <= band[0] < band[1]):
+            raise GradscopeError(f"AlertRules(update_band={band!r}): use (low, high) with 0 <= low < high, or None")
+        unknown = [k for k in self.kinds if k not in ALERT_KINDS]
+        if unknown:
+            raise GradscopeError(f"AlertRules(kinds={list(self.kinds)!r}): unknown {unknown}; "
+                                 f"choose from {list(ALERT_KINDS)}")
+
+
+def robust_z(history: Sequence[float], x: float, rel_floor: float,
+             relative: bool = True) -> Tuple[float, float, float]:
+    """``(z, median, scale)``: the robust z-score of ``x`` against ``history``, and what it was computed from.
+
+    ``scale = 1.4826 * MAD(history)``, at least ``rel_floor * |median|`` (``relative``) or ``rel_floor`` (a log-space
+    series, whose differences are already relative). ``median + z_max * scale`` is the bound ``x`` is tested against.
+    """
+    med = median(history)
+    mad = median(abs(h - med) for h in history)
+    floor = rel_floor * abs(med) if relative else rel_floor
+    scale = max(_MAD_TO_SD * mad, floor, 1e-12)
+    return (x - med) / scale, med, scale
+
+
+class _Episode:
+    """Per kind: was the previous recorded step anomalous? A kind fires only when an episode starts."""
+
+    def __init__(self) -> None:
+        self.step = -1
+        self.bad = False
+        self.prev_bad = False
+
+    def start(self, step: int, bad: bool) -> bool:
+        """Note ``step``'s state; True when it is anomalous, the step before it was not, and it has not fired yet.
+
+        Steps arrive in order for each kind; rows of a step older than the latest one start no episode.
+        """
+        if step < self.step:
+            return False
+        if step > self.step:
+            self.prev_bad, self.step, self.bad = self.bad, step, False
+        fired_already = self.bad
+        self.bad = self.bad or bad
+        return bad and not self.prev_bad and not fired_already
+
+
+class Detector:
+    """Turns recorded rows (and losses) into :class:`Alert` objects, one recorded step at a time."""
+
+    def __init__(self, rules: AlertRules = AlertRules()) -> None:
+        self.rules = rules
+        self._loss: Deque[float] = deque(maxlen=rules.window)
+        self._grad: Dict[str, Deque[float]] = {}
+        self._episodes: Dict[str, _Episode] = {k: _Episode() for k in ALERT_KINDS}
+
+    def observe(self, rows: Iterable[Row], losses: Iterable[Tuple[int, float]] = ()) -> List[Alert]:
+        """The alerts that rows just transferred (of one or more steps, in step order) and losses raise."""
+        by_step: Dict[int, List[Row]] = {}
+        for row in rows:
+            by_step.setdefault(row[0], []).append(row)
+        loss_of = dict(losses)
+        alerts: List[Alert] = []
+        for step in sorted(set(by_step) | set(loss_of)):
+            alerts.extend(self._observe_step(step, by_step.get(step, []), loss_of.get(step)))
+        return alerts
+
+    def _observe_step(self, step: int, rows: List[Row], loss: Optional[float]) -> List[Alert]:
+        kinds, found = self.rules.kinds, []
+        checks = ((DIVERGENCE, lambda: divergence(step, rows, loss)),
+                  (LOSS_SPIKE, lambda: self._loss_spike(step, loss)),
+                  (GRAD_SPIKE, lambda: self._grad_spike(step, rows)),
+                  (UPDATE_BAND, lambda: update_band(step, rows, self.rules.update_band)))
+        for kind, check in checks:
+            if kind not in kinds or (kind == LOSS_SPIKE and loss is None):
+                continue
+            relevant = kind in (DIVERGENCE, LOSS_SPIKE) or any(r[4] == _METRIC_OF[kind] for r in rows)
+            if not relevant:
+                continue
+            alert = check()
+            if self._episodes[kind].start(step, alert is not None):
+                found.append(alert)
+        return found
+
+    def _loss_spike(self, step: int, loss: Optional[float]) -> Optional[Alert]:
+        if loss is None or not math.isfinite(loss):
+            return None
+        alert = self._spike(step, self._loss, loss, loss, None, LOSS, LOSS_SPIKE, relative=True)
+        self._loss.append(loss)
+        return alert
+
+    def _grad_spike(self, step: int, rows: List[Row]) -> Optional[Alert]:
+        """The spiking block nearest the loss (largest depth), with every other spiking block in ``others``."""
+        spikes: List[Tuple[int, Alert]] = []
+        for _, block, depth, call, metric, value in rows:
+            if metric != S.GRAD_NORM or call != 0 or not (math.isfinite(value) and value > 0):
+                continue
+            history = self._grad.setdefault(block, deque(maxlen=self.rules.window))
+            alert = self._spike(step, history, math.log(value), value, block, S.GRAD_NORM, GRAD_SPIKE,
+                                relative=False)
+            history.append(math.log(value))
+            if alert is not None:
+                spikes.append((depth, alert))
+        if not spikes:
+            return None
+        spikes.sort(key=lambda item: -item[0])
+        first = spikes[0][1]
+        return Alert(step, GRAD_SPIKE, first.block, first.metric, first.value, first.threshold,
+                     tuple(a.block for _, a in spikes[1:]))
+
+    def _spike(self, step: int, history: Deque[float], x: float, value: float, block: Optional[str], metric: str,
+               kind: str, relative: bool) -> Optional[Alert]:
+        """An alert when ``x`` (``value``, or its log when not ``relative``) is a spike against ``history``."""
+        if len(history) < self.rules.warmup:
+            return None
+        z, med, scale = robust_z(list(history), x, self.rules.rel_floor, relative)
+        if z <= self.rules.z:
+            return None
+        bound = med + self.rules.z * scale
+        return Alert(step, kind, block, metric, value, bound if relative else math.exp(bound))
+
+
+_METRIC_OF = {GRAD_SPIKE: S.GRAD_NORM, UPDATE_BAND: S.UPDATE_RATIO}
+
+
+def update_band(step: int, rows: List[Row], band: Optional[Tuple[float, float]]) -> Optional[Alert]:
+    """The earliest block (forward order) whose ``update_ratio`` lies outside ``band``; the others in ``others``."""
+    if band is None:
+        return None
+    low, high = band
+    out = sorted((depth, block, value) for _, block, depth, _, metric, value in rows
+                 if metric == S.UPDATE_RATIO and math.isfinite(value) and not (low <= value <= high))
+    if not out:
+        return None
+    _, block, value = out[0]
+    return Alert(step, UPDATE_BAND, block, S.UPDATE_RATIO, value, low if value < low else high,
+                 tuple(b for _, b, _ in out[1:]))
+
+
+def divergence(step: int, rows: List[Row], loss: Optional[float]) -> Optional[Alert]:
+    """The first NaN/Inf of a step: forward activations first (earliest block), then backward gradients (the block
+    nearest the loss), then parameter norms (earliest block), then the loss itself."""
+    forward = sorted((depth, block, metric, value) for _, block, depth, _, metric, value in rows
+                     if _nonfinite_forward(metric, value))
+    if forward:
+        return _divergence_alert(step, forward)
+    backward = sorted((-depth, block, metric, value) for _, block, depth, _, metric, value in rows
+                      if metric in S.BACKWARD_METRICS and not math.isfinite(value))
+    if backward:
+        return _divergence_alert(step, backward)
+    params = sorted((depth, block, metric, value) for _, block, depth, _, metric, value in rows
+                    if metric in S.PARAM_METRICS and not math.isfinite(value))
+    if params:
+        return _divergence_alert(step, params)
+    if loss is not None and not math.isfinite(loss):
+        return Alert(step, DIVERGENCE, None, LOSS, loss, math.inf)
+    return None
+
+
+def _nonfinite_forward(metric: str, value: float) -> bool:
+    if metric == S.ACT_NONFINITE:
+        return value > 0
+    return metric in S.FORWARD_METRICS and not math.isfinite(value)
+
+
+def _divergence_alert(step: int, ordered: List[Tuple[int, str, str, float]]) -> Alert:
+    blocks: List[str] = []
+    for _, block, _, _ in ordered:
+        if block not in blocks:
+            blocks.append(block)
+    _, block, metric, value = ordered[0]
+    return Alert(step, DIVERGENCE, block, metric, value, math.inf, tuple(blocks[1:]))
+
+
+Handler = Union[None, str, Callable[[Alert], object]]
+
+
+def check_handler(on_anomaly: Handler) -> Handler:
+    """Validate ``attach(on_anomaly=...)``: ``None``, ``"warn"``, ``"raise"`` or a callable taking an Alert."""
+    if on_anomaly is None or callable(on_anomaly) or on_anomaly in ANOMALY_POLICIES:
+        return on_anomaly
+    raise GradscopeError(f"on_anomaly={on_anomaly!r}: use 'warn', 'raise', a function taking a gradscope Alert, "
+                         f"or None (alerts are still kept: scope.alerts())")

@@ -14,7 +14,7 @@ from gradscope.errors import GradscopeError
 from gradscope.engine.scope import NonFiniteError, Scope, attach
 from gradscope.engine.sites import Site, find_blocks
 
-__version__ = "0.1.0"
+from gradscope.schema import __version__
 
 _LAZY_MODULES = ("analysis", "data", "models", "schema", "theory")
 

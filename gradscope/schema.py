@@ -9,6 +9,10 @@ pass; ``call`` is the 0-based index of the call within one step for modules that
 """
 from __future__ import annotations
 
+#: The package version, in one place: ``pyproject.toml`` reads it, ``gradscope.__version__`` and
+#: ``gradscope --version`` show it, provenance records carry it.
+__version__ = "0.1.0"
+
 # --- columns -------------------------------------------------------------------------------------------------
 STEP = "step"
 BLOCK = "block"

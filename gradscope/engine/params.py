@@ -5,7 +5,7 @@ the parameters out once, in a flat order, so each statistic is one ``torch._fore
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -86,3 +86,12 @@ def update_ratios(index: ParamIndex, before: List[torch.Tensor], n_sites: int) -
         base = group_norms(before, index.groups, n_sites)
         ratio = delta / base.clamp_min(torch.finfo(torch.float32).tiny)
     return ratio[index.site_tensor(ratio.device)]
+
+
+def passes_closure(optimizer: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
+    """Whether an ``optimizer.step`` call (as its step pre-hook sees it) was given a closure.
+
+    The hook's ``args`` start with the optimizer itself, then ``step``'s positional arguments.
+    """
+    positional = args[1:] if args and args[0] is optimizer else args
+    return (bool(positional) and positional[0] is not None) or kwargs.get("closure") is not None

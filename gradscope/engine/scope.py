@@ -17,7 +17,9 @@ from gradscope.engine import params as P
 from gradscope.engine.amp import ScalerState
 from gradscope.engine.nonfinite import NONFINITE_POLICIES, NonFiniteError, NonFinitePolicy
 from gradscope.engine.probes import MetricSet, Probe
+from gradscope.engine.provenance import Provenance, device_of
 from gradscope.engine.recorder import Recorder, Schedule, make_schedule
+from gradscope.engine.sinks import SinkFeed
 from gradscope.engine.sites import BlockSelector, Site, find_blocks, unwrap_model
 
 __all__ = ["NONFINITE_POLICIES", "NonFiniteError", "Scope", "attach"]
@@ -34,8 +36,11 @@ class Scope:
 
     def __init__(self, model: nn.Module, sites: List[Site], recorder: Recorder, metrics: MetricSet,
                  optimizer: Optional[torch.optim.Optimizer] = None, scaler: Any = None,
-                 on_nonfinite: str = "warn", distributed: Any = None) -> None:
+                 on_nonfinite: str = "warn", distributed: Any = None, sinks: Iterable[Any] = ()) -> None:
         self.model = model
+        self._sinks = SinkFeed(sinks)
+        self.provenance: Optional[Provenance] = None  # with out=: the folder's provenance.json
+        self._error: Optional[BaseException] = None
         self.sites = sites
         self._rec = recorder
         self._metrics = metrics
@@ -106,6 +111,14 @@ class Scope:
             if self._metrics.params:
                 self._record_params(rec.step)
             self._flush()
+            if rec.write_files:  # host side, after the step's one transfer; under DDP rank 0 only
+                self._sinks.send(rec)
+
+    def log_to(self, sink: Any) -> "Scope":
+        """Also hand each recorded step's rows to ``sink`` (a callable ``rows -> None``, see
+        :mod:`gradscope.engine.sinks`), from the next recorded step on; ``detach()`` closes it. Returns the scope."""
+        self._sinks.add(sink)
+        return self
 
     def frame(self):
         """Everything recorded so far as a tidy DataFrame: columns ``step, block, depth, kind, metric, value, call``.
@@ -127,11 +140,18 @@ class Scope:
         try:
             self._flush()
             self._rec.write_part()
+            if self._rec.write_files:
+                self._sinks.send(self._rec)
         finally:
             self._probe.remove()
             while self._opt_handles:
                 self._opt_handles.pop().remove()
             self._attached = False
+            try:
+                self._sinks.close()
+            finally:
+                if self.provenance is not None:
+                    self.provenance.finish(self._error, steps=self._rec.step, rows=len(self._rec.rows))
 
     close = detach
 
@@ -139,6 +159,7 @@ class Scope:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._error = exc[1]  # the provenance record says how the run ended
         self.detach()
 
     def __del__(self) -> None:  # a forgotten scope should not leave hooks that reference a dead recorder
@@ -185,8 +206,11 @@ class Scope:
 
         def pre(opt: Any, args: Any, kwargs: Any) -> None:
             rec = self._rec
-            # optimizer.step() before scope.step(): this step's update; after it: the step just closed
-            step = rec.step if rec.forward_seen else rec.step - 1
+            # optimizer.step() before scope.step(): this step's update; after it: the step just closed; with a
+            # closure (LBFGS, Lightning) the forward, backward and often scope.step() run inside optimizer.step(),
+            # so the update belongs to the step that the closure's forward opens
+            closure = P.passes_closure(opt, args, kwargs)
+            step = rec.step if rec.forward_seen or closure else rec.step - 1
             if step >= 0 and step not in self._updated_steps and rec.schedule(step) and index.params:
                 self._updated_steps.add(step)
                 self._snapshot = (step, P.snapshot(index))
@@ -212,7 +236,8 @@ class Scope:
 def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, Schedule] = 1,
            out: Union[str, os.PathLike, None] = None, *, metrics: Optional[Sequence[str]] = None,
            optimizer: Optional[torch.optim.Optimizer] = None, scaler: Any = None, flush_every: int = 10,
-           on_nonfinite: str = "warn", distributed: Union[bool, str] = "auto") -> Scope:
+           on_nonfinite: str = "warn", distributed: Union[bool, str] = "auto",
+           sinks: Iterable[Any] = ()) -> Scope:
     """Hook every block of ``model`` and record activation and gradient statistics per recorded step.
 
     Args:
@@ -229,6 +254,11 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
         on_nonfinite: ``"warn"`` (once, naming the first block), ``"raise"`` (``NonFiniteError`` from ``step()``,
             records kept) or ``"ignore"``.
         distributed: ``"auto"`` combines statistics over all ranks when ``torch.distributed`` is initialised.
+        sinks: callables ``rows -> None`` fed each recorded step's rows at ``step()`` (TensorBoard, W&B, MLflow:
+            see :mod:`gradscope.integrations`); closed at ``detach()``. ``scope.log_to(sink)`` adds one later.
+
+    With ``out``, the folder also gets ``provenance.json`` (command line, these options, seeds, versions, device,
+    wall time), written at attach and completed at detach.
     """
     from gradscope.engine.compat import check_not_compiled
     from gradscope.engine.distributed import DistributedCombiner, check_not_sharded
@@ -248,8 +278,17 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
     recorder = Recorder(sites, schedule, out_path, flush_every,
                         reducer=None if combiner is None else combiner.reduce,
                         write_files=combiner is None or combiner.is_writer)
+    feed = SinkFeed(sinks)  # checked before any hook exists
     scope = Scope(inner, sites, recorder, MetricSet(chosen), optimizer=optimizer, scaler=scaler,
-                  on_nonfinite=on_nonfinite, distributed=combiner)
+                  on_nonfinite=on_nonfinite, distributed=combiner, sinks=feed.sinks)
+    if out_path is not None and recorder.write_files:
+        config = {"blocks": blocks, "every": every, "metrics": metrics, "flush_every": flush_every,
+                  "on_nonfinite": on_nonfinite, "optimizer": type(optimizer).__name__ if optimizer else None,
+                  "scaler": type(scaler).__name__ if scaler is not None else None,
+                  "world_size": 1 if combiner is None else getattr(combiner, "world_size", None),
+                  "model": type(inner).__name__, "sites": [site.name for site in sites]}
+        scope.provenance = Provenance(out_path, "attach", config, device=device_of(inner))
+        scope.provenance.start()
     if out_path is not None:  # an exception that ends the program still leaves every recorded row on disk
         atexit.register(_write_at_exit, weakref.ref(scope))
     return scope

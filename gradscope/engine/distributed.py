@@ -1,7 +1,8 @@
 """Global statistics under ``torch.distributed`` (DDP): one collective per recorded step.
 
 Each rank measures its own shard of the global batch. At a recorded step's flush every rank packs its buffer into
-one float64 vector and ``all_gather``s it, then combines locally, so every rank holds the same global frame:
+one float64 vector and ``all_gather``s it, then combines locally, so every rank holds the same global frame. Each
+metric's rule is named by its spec (:mod:`gradscope.engine.spec`); the rules are:
 
 * forward moments (``[mean, var, rms, zero_frac, nonfinite, max_abs]`` over ``n`` elements): counts and sums are
   combined exactly: ``mean = sum(n_r mean_r) / N``, ``var = sum(n_r (var_r + (mean_r - mean)^2)) / N``, zero
@@ -17,11 +18,11 @@ FSDP shards parameters, so per-rank parameter-gradient norms are not global: :fu
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Union
 
 import torch
 
+from gradscope.engine import spec
 from gradscope.errors import GradscopeError
 
 
@@ -74,24 +75,8 @@ class DistributedCombiner:
 
 
 def _combine(entry, values: List[List[float]], n: List[float], world: int) -> List[float]:
-    """Combine one entry's per-rank metric values into the global ones (see the module docstring)."""
-    if entry.reduce == "moments":
-        total = sum(n)
-        mean = sum(w * v[0] for w, v in zip(n, values)) / total
-        var = sum(w * (v[1] + (v[0] - mean) ** 2) for w, v in zip(n, values)) / total
-        combined = [mean, var, math.sqrt(var + mean * mean) if math.isfinite(var) else var]
-        for j, name in enumerate(entry.group[3:], start=3):
-            column = [v[j] for v in values]
-            if name.endswith("zero_frac"):
-                combined.append(sum(w * c for w, c in zip(n, column)) / total)
-            elif name.endswith("nonfinite"):
-                combined.append(sum(column))
-            else:  # max_abs
-                combined.append(max(column))
-        return combined
-    if entry.reduce == "sqnorm":  # finished into a norm per rank
-        return [math.sqrt(sum(v[0] ** 2 for v in values)) / world]
-    return values[0]
+    """Combine one entry's per-rank metric values into the global ones: each metric's rule from its spec."""
+    return spec.combine(entry.group, values, n, world, entry.reduce)
 
 
 def check_not_sharded(model: torch.nn.Module) -> None:

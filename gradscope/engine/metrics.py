@@ -34,9 +34,13 @@ Accuracy details:
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+
+from gradscope import schema as S
+from gradscope.engine import spec
 
 _EXACT_FLOAT32_COUNT = 2**24
 _ROW = 1024  # row length for accurate sums of squares
@@ -130,9 +134,61 @@ class Scratch:
         return buf[:n]
 
 
+@dataclass(frozen=True)
+class SlotReduction:
+    """The device reduction behind extra raw slots of a forward metric (see :mod:`gradscope.engine.spec`).
+
+    ``checked(flat)`` runs on the CPU's checked path, where the sums are known finite and values may be read: it
+    returns host floats. ``centred(flat, work)`` runs on the no-synchronisation path and returns 0-dim tensors; it
+    may overwrite ``work``, a buffer of ``flat``'s size whose centred values are no longer needed.
+    """
+
+    checked: Callable[[torch.Tensor], Tuple[float, ...]]
+    centred: Callable[[torch.Tensor, torch.Tensor], List[torch.Tensor]]
+
+
+def _zeros_checked(flat: torch.Tensor) -> Tuple[float, ...]:
+    return (float(flat.numel() - nonzero_count(flat).item()),)
+
+
+def _zeros_centred(flat: torch.Tensor, work: torch.Tensor) -> List[torch.Tensor]:
+    return [flat.numel() - nonzero_count(flat).to(torch.float64)]
+
+
+def _nonfinite_checked(flat: torch.Tensor) -> Tuple[float, ...]:
+    return (0.0,)  # a finite sum proves every element finite
+
+
+def _nonfinite_centred(flat: torch.Tensor, work: torch.Tensor) -> List[torch.Tensor]:
+    # x * 0 + 1 is 1 where x is finite, NaN where it is NaN or Inf; reuses the work buffer
+    return [flat.numel() - _nansum(torch.mul(flat, 0.0, out=work).add_(1.0))]
+
+
+def _minmax_checked(flat: torch.Tensor) -> Tuple[float, ...]:
+    lo, hi = torch.aminmax(flat)
+    return lo.item(), hi.item()
+
+
+def _minmax_centred(flat: torch.Tensor, work: torch.Tensor) -> List[torch.Tensor]:
+    return list(torch.aminmax(flat))
+
+
+#: extra raw slots (as a metric spec names them) -> their reduction; the core ``shift, sum, sumsq`` is built in
+SLOT_REDUCTIONS: Dict[Tuple[str, ...], SlotReduction] = {
+    ("zeros",): SlotReduction(_zeros_checked, _zeros_centred),
+    ("nonfinite",): SlotReduction(_nonfinite_checked, _nonfinite_centred),
+    ("min", "max"): SlotReduction(_minmax_checked, _minmax_centred),
+}
+
+
+def extra_slots(zeros: bool, nonfinite: bool, max_abs: bool) -> Tuple[Tuple[str, ...], ...]:
+    """The extra raw slots of the built-in forward metrics, in their layout order."""
+    return tuple(k for k, on in ((("zeros",), zeros), (("nonfinite",), nonfinite), (("min", "max"), max_abs)) if on)
+
+
 def raw_width(zeros: bool, nonfinite: bool, max_abs: bool) -> int:
     """Length of the raw vector :func:`activation_sums` returns for these options."""
-    return 3 + int(zeros) + int(nonfinite) + 2 * int(max_abs)
+    return 3 + sum(len(k) for k in extra_slots(zeros, nonfinite, max_abs))
 
 
 Raw = Union[torch.Tensor, Tuple[float, ...]]
@@ -144,30 +200,33 @@ def readable(t: torch.Tensor) -> bool:
 
 
 def activation_sums(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = True, max_abs: bool = False,
-                    scratch: "Scratch | None" = None, check_on_host: Optional[bool] = None) -> Raw:
+                    scratch: "Scratch | None" = None, check_on_host: Optional[bool] = None,
+                    extras: Optional[Sequence[Tuple[str, ...]]] = None) -> Raw:
     """Raw sums of all elements of ``x``: a tuple of host floats on the checked path, else a 1-D float tensor on
     ``x``'s device (nothing read back).
 
     Layout: ``[c, sum(x - c), sum((x - c)^2)]`` for a shift ``c`` (0 on the checked path, the float32 mean on the
-    centred one), then ``zero_count`` if ``zeros``, ``nonfinite_count`` if ``nonfinite``, ``min, max`` if ``max_abs``.
-    :func:`finish_moments` turns the vector into the metrics.
+    centred one), then the ``extras`` slots in order (keys of :data:`SLOT_REDUCTIONS`; by default from the flags:
+    ``zero_count`` if ``zeros``, ``nonfinite_count`` if ``nonfinite``, ``min, max`` if ``max_abs``).
+    :func:`gradscope.engine.spec.finish` turns the vector into the metrics.
 
     ``check_on_host`` (default: :func:`readable`, i.e. ``x`` is on the CPU) picks the checked path, which reads two
     values back and falls back to the centred path when a check fails; ``False`` is the no-synchronisation path
     GPUs take (see the module doc).
     """
+    extras = extra_slots(zeros, nonfinite, max_abs) if extras is None else tuple(extras)
     flat = _work(x)
     n = flat.numel()
     if n == 0:
-        return torch.full((raw_width(zeros, nonfinite, max_abs),), float("nan"), dtype=torch.float32, device=x.device)
+        return torch.full((3 + sum(len(k) for k in extras),), float("nan"), dtype=torch.float32, device=x.device)
     if check_on_host if check_on_host is not None else readable(flat):
-        raw = _checked_sums(flat, zeros, nonfinite, max_abs)
+        raw = _checked_sums(flat, extras)
         if raw is not None:
             return raw
-    return _centred_sums(flat, zeros, nonfinite, max_abs, scratch)
+    return _centred_sums(flat, extras, scratch)
 
 
-def _checked_sums(flat: torch.Tensor, zeros: bool, nonfinite: bool, max_abs: bool) -> Optional[Tuple[float, ...]]:
+def _checked_sums(flat: torch.Tensor, extras: Sequence[Tuple[str, ...]]) -> Optional[Tuple[float, ...]]:
     """One-pass sums, read back and checked; None when the centred path is needed (see the module doc)."""
     n = flat.numel()
     total = flat.sum().item()
@@ -176,18 +235,12 @@ def _checked_sums(flat: torch.Tensor, zeros: bool, nonfinite: bool, max_abs: boo
     if not (math.isfinite(total) and math.isfinite(squares)) or mean * mean > _TRUST * (squares / n - mean * mean):
         return None
     raw = [0.0, total, squares]
-    if zeros:
-        raw.append(float(n - nonzero_count(flat).item()))
-    if nonfinite:  # a finite sum proves every element finite
-        raw.append(0.0)
-    if max_abs:
-        lo, hi = torch.aminmax(flat)
-        raw.extend((lo.item(), hi.item()))
+    for key in extras:
+        raw.extend(SLOT_REDUCTIONS[key].checked(flat))
     return tuple(raw)
 
 
-def _centred_sums(flat: torch.Tensor, zeros: bool, nonfinite: bool, max_abs: bool,
-                  scratch: "Scratch | None") -> torch.Tensor:
+def _centred_sums(flat: torch.Tensor, extras: Sequence[Tuple[str, ...]], scratch: "Scratch | None") -> torch.Tensor:
     """Two-pass sums that need no value on the host (the GPU path, and the CPU fallback)."""
     n = flat.numel()
     shift = _sum(flat) / n
@@ -196,12 +249,8 @@ def _centred_sums(flat: torch.Tensor, zeros: bool, nonfinite: bool, max_abs: boo
     else:
         centred = torch.sub(flat, shift.to(flat.dtype), out=scratch.get(n, flat))
     parts: List[torch.Tensor] = [shift, centred.sum(), sum_of_squares(centred)]
-    if zeros:
-        parts.append(n - nonzero_count(flat).to(torch.float64))
-    if nonfinite:  # x * 0 + 1 is 1 where x is finite, NaN where it is NaN or Inf; reuses the centred buffer
-        parts.append(n - _nansum(torch.mul(flat, 0.0, out=centred).add_(1.0)))
-    if max_abs:
-        parts.extend(torch.aminmax(flat))
+    for key in extras:
+        parts.extend(SLOT_REDUCTIONS[key].centred(flat, centred))
     dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32  # squares of float64 need its range
     return torch.stack([p.to(dtype) for p in parts])
 
@@ -210,27 +259,12 @@ def finish_moments(raw: Sequence[float], n: int, *, zeros: bool = True, nonfinit
                    max_abs: bool = False) -> List[float]:
     """``[mean, var, rms]`` (+ ``zero_frac``, ``nonfinite``, ``max_abs`` as asked) from :func:`activation_sums`.
 
-    Pure host arithmetic in float64. ``var`` is the population variance (divides by N) over every element.
+    Pure host arithmetic in float64 (:func:`gradscope.engine.spec.finish`). ``var`` is the population variance
+    (divides by N) over every element.
     """
-    if n == 0:
-        return [math.nan] * (3 + int(zeros) + int(nonfinite) + int(max_abs))
-    shift, s1, s2 = (float(v) for v in raw[:3])
-    mean_c = s1 / n
-    var = max(s2 / n - mean_c * mean_c, 0.0) if math.isfinite(s2) else s2
-    mean = mean_c + shift
-    rms = math.sqrt(var + mean * mean) if math.isfinite(var) else var
-    out = [mean, var, rms]
-    i = 3
-    if zeros:
-        out.append(min(max(float(raw[i]), 0.0), n) / n)
-        i += 1
-    if nonfinite:
-        out.append(float(raw[i]))
-        i += 1
-    if max_abs:
-        lo, hi = float(raw[i]), float(raw[i + 1])
-        out.append(max(hi, -lo))
-    return out
+    group = S.FORWARD_METRICS[:3] + tuple(m for m, on in ((S.ACT_ZERO_FRAC, zeros), (S.ACT_NONFINITE, nonfinite),
+                                                          (S.ACT_MAX_ABS, max_abs)) if on)
+    return spec.finish(group, raw, n, spec.MOMENTS)
 
 
 def activation_stats(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = True, max_abs: bool = True,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from gradscope import schema as S
+from gradscope.engine import spec
 from gradscope.engine.metrics import Raw, Scratch, activation_sums, readable, squared_norm
 from gradscope.engine.recorder import Recorder
 from gradscope.engine.sites import Site
@@ -88,14 +89,13 @@ class MetricSet:
 
     def __init__(self, metrics: Optional[Tuple[str, ...]] = None) -> None:
         wanted = set(S.DEFAULT_METRICS if metrics is None else metrics)
-        self.zeros = S.ACT_ZERO_FRAC in wanted
-        self.nonfinite = S.ACT_NONFINITE in wanted
-        self.max_abs = S.ACT_MAX_ABS in wanted
-        extras = tuple(m for m, on in ((S.ACT_ZERO_FRAC, self.zeros), (S.ACT_NONFINITE, self.nonfinite),
-                                       (S.ACT_MAX_ABS, self.max_abs)) if on)
+        core = tuple(m for m in S.FORWARD_METRICS if spec.SPECS[m].raw == spec.CORE_SLOTS)
+        extras = tuple(m for m in S.FORWARD_METRICS if m in wanted and m not in core)
         # mean, var and rms come from the same sums; the ones not asked for are kept internal ("_" names)
-        moments = tuple(m if m in wanted else "_" + m for m in S.FORWARD_METRICS[:3])
+        moments = tuple(m if m in wanted else "_" + m for m in core)
         self.forward = moments + extras if wanted & set(S.FORWARD_METRICS) else ()
+        #: the extra raw slots the forward hook computes, in the order of ``forward`` (see engine/spec.py)
+        self.extras = tuple(spec.SPECS[m].raw for m in extras)
         self.grad_out = S.GRAD_NORM in wanted
         self.grad_in = S.GRAD_IN_NORM in wanted
         self.branch = S.BRANCH_VAR in wanted
@@ -118,6 +118,7 @@ class Probe:
     def __init__(self, sites: List[Site], recorder: Recorder, metrics: MetricSet) -> None:
         self.sites = sites
         self.rec = recorder
+        self.state = recorder.state
         self.m = metrics
         self.handles: List[Any] = []
         self.stacks: List[List[int]] = [[] for _ in sites]
@@ -163,17 +164,17 @@ class Probe:
 
     # ---- hook factories ------------------------------------------------------------------------------------------
     def _pre_hook(self, site: int) -> Callable:
-        rec, m, stack = self.rec, self.m, self.stacks[site]
+        state, m, stack = self.state, self.m, self.stacks[site]
 
         def pre_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-            if not rec.active:
+            if not state.active:
                 return None
             x = block_input(args, kwargs)
             if transformed(x):
                 stack.append(_SKIPPED)
                 return None
             recompute = in_backward()
-            call = rec.next_recompute_call(site) if recompute else rec.next_call(site)
+            call = state.next_recompute_call(site) if recompute else state.next_call(site)
             stack.append(call)
             if m.grad_in and x is not None and x.requires_grad:
                 self._watch_grad(x, site, call, S.GRAD_IN_NORM)
@@ -182,19 +183,18 @@ class Probe:
         return pre_hook
 
     def _post_hook(self, site: int) -> Callable:
-        rec, m, stack = self.rec, self.m, self.stacks[site]
+        rec, state, m, stack = self.rec, self.state, self.m, self.stacks[site]
 
         def post_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
-            if not rec.active or not stack:
+            if not state.active or not stack:
                 return None
             call = stack.pop()
             y = first_tensor(output)
             if y is None or call == _SKIPPED or transformed(y):
                 return None
             if m.forward and not in_backward():
-                sums = activation_sums(y, zeros=m.zeros, nonfinite=m.nonfinite, max_abs=m.max_abs,
-                                       scratch=self.scratch)
-                rec.add(rec.step, site, call, m.forward, sums, y.numel(), "moments")
+                sums = activation_sums(y, extras=m.extras, scratch=self.scratch)
+                rec.add(state.step, site, call, m.forward, sums, y.numel(), spec.MOMENTS)
                 if m.shortcut:  # only a shortcut hook ever recalls it
                     self._remember(y, sums)
             if m.grad_out and y.requires_grad:
@@ -204,19 +204,19 @@ class Probe:
         return post_hook
 
     def _sub_hook(self, site: int, group: Tuple[str, ...]) -> Callable:
-        rec, stack = self.rec, self.stacks[site]
+        rec, state, stack = self.rec, self.state, self.stacks[site]
 
-        group = ("_mean",) + group + ("_rms",)
+        group = ("_" + S.ACT_MEAN,) + group + ("_" + S.ACT_RMS,)  # the mean lets ranks combine the variance
 
         def sub_hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
-            if not rec.active or not stack or stack[-1] == _SKIPPED or in_backward():
+            if not state.active or not stack or stack[-1] == _SKIPPED or in_backward():
                 return None
             y = first_tensor(output)
             if y is not None and not transformed(y):
                 sums = self._recall(y)  # an identity shortcut returns the previous block's output: measured already
                 if sums is None:
-                    sums = activation_sums(y, zeros=False, nonfinite=False, max_abs=False, scratch=self.scratch)
-                rec.add(rec.step, site, stack[-1], group, sums[:3], y.numel(), "moments")
+                    sums = activation_sums(y, extras=(), scratch=self.scratch)
+                rec.add(state.step, site, stack[-1], group, sums[:3], y.numel(), spec.MOMENTS)
             return None
 
         return sub_hook
@@ -238,14 +238,12 @@ class Probe:
         wrapper returns its child's output), so ``grad_norm`` of one and ``grad_in_norm`` of the next share a single
         reduction, as long as nothing modified the tensor in place in between (its version is unchanged).
         """
-        rec = self.rec
-        slot = (site, call, metric)
-        if slot in rec.grad_slots:
+        rec, state = self.rec, self.state
+        if not state.claim_grad_slot((site, call, metric)):
             return
-        rec.grad_slots.add(slot)
-        target = (rec.step, site, call, metric)
+        target = (state.step, site, call, metric)
         last = self._last_grad
-        if last is not None and last[0]() is t and last[1] == t._version and last[2][0][0] == rec.step:
+        if last is not None and last[0]() is t and last[1] == t._version and last[2][0][0] == state.step:
             last[2].append(target)
             return
         targets = [target]
@@ -258,14 +256,13 @@ class Probe:
             value = squared_norm(grad)
             factor = scale() if scale is not None else None
             if factor is not None:  # a GradScaler's scale, read on the device when backward ran: no sync
-                if rec.grad_scale is None:
-                    rec.grad_scale = factor.detach().clone().reshape(1)
+                state.note_grad_scale(factor)
                 factor = factor.detach().to(value.device, value.dtype)
                 value = value / (factor * factor)
             if readable(value):  # on the CPU a host float is cheaper to keep than a tensor
                 value = (value.item(),)
             for step, s, c, name in targets:
-                rec.add(step, s, c, (name,), value, grad.numel(), "sqnorm")
+                rec.add(step, s, c, (name,), value, grad.numel(), spec.SQNORM)
             return None
 
         t.register_hook(grad_hook)

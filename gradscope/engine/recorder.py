@@ -8,7 +8,6 @@ keeps everything up to its last flush.
 """
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 from itertools import islice
@@ -17,13 +16,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from gradscope import schema as S
 from gradscope.errors import GradscopeError
-from gradscope.engine.metrics import finish_moments
+from gradscope.engine import spec
 from gradscope.engine.sites import Site
-
-Schedule = Callable[[int], bool]
-
+from gradscope.engine.state import Schedule, StepState
 
 
 def make_schedule(every: Union[int, Schedule]) -> Schedule:
@@ -51,7 +47,7 @@ class Entry:
     group: Tuple[str, ...]
     values: Union[torch.Tensor, Tuple[float, ...]]
     count: int = 0  # elements reduced, so distributed runs can combine moments and norms
-    reduce: str = "same"  # "moments": raw sums finished by finish_moments; "sqnorm": a squared L2 norm; "same": as is
+    reduce: str = spec.VALUE  # the layout (gradscope.engine.spec): "moments", "sqnorm" or "value" (as is)
     sites: Optional[List[int]] = None  # one metric for many sites: values[i] belongs to sites[i]
 
 
@@ -88,23 +84,16 @@ class Rows:
 
 
 class Recorder:
-    """Holds the step counter, the buffer and the recorded rows of one :class:`~gradscope.Scope`."""
+    """Holds the step state (:class:`~gradscope.engine.state.StepState`), the buffer and the recorded rows of one
+    :class:`~gradscope.Scope`."""
 
     def __init__(self, sites: List[Site], schedule: Schedule, out: Optional[Path] = None, flush_every: int = 10,
                  reducer: Optional[Callable[[List[Entry], torch.Tensor], torch.Tensor]] = None,
                  write_files: bool = True) -> None:
         self.sites = sites
-        self.schedule = schedule
-        self.step = 0
-        self.active = bool(schedule(0))
+        self.state = StepState(len(sites), schedule)
         self.buffer: List[Entry] = []
         self.rows = Rows()
-        self.depth: Dict[int, int] = {}
-        self.calls: List[int] = [0] * len(sites)
-        self.recompute_calls: List[int] = [0] * len(sites)
-        self.grad_slots: set = set()
-        self.forward_seen = False  # a forward ran in this step (recorded or not; see Scope._watch_optimizer)
-        self.grad_scale: Optional[torch.Tensor] = None  # GradScaler scale seen by this step's backward
         self.out = out
         self.flush_every = flush_every
         self.reducer = reducer
@@ -117,40 +106,36 @@ class Recorder:
 
             store.prepare_out(out, [{"name": s.name, "kind": s.kind} for s in sites])
 
+    # ---- read-only views of the step state ----------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """The current step (see :class:`~gradscope.engine.state.StepState`)."""
+        return self.state.step
+
+    @property
+    def active(self) -> bool:
+        """Whether the current step is recorded."""
+        return self.state.active
+
+    @property
+    def depth(self) -> Dict[int, int]:
+        """Site -> order of its first call."""
+        return self.state.depth
+
     # ---- hot path (called from hooks) ----------------------------------------------------------------------------
-    def next_call(self, site: int) -> int:
-        """Index of this call of ``site`` within the step; the first call of a site fixes its depth."""
-        if site not in self.depth:
-            self.depth[site] = len(self.depth)
-        call = self.calls[site]
-        self.calls[site] = call + 1
-        return call
-
-    def next_recompute_call(self, site: int) -> int:
-        """Call index during an activation-checkpointing recomputation (inside backward)."""
-        call = self.recompute_calls[site]
-        self.recompute_calls[site] = call + 1
-        return call
-
     def add(self, step: int, site: int, call: int, group: Tuple[str, ...],
             values: Union[torch.Tensor, Tuple[float, ...]], count: int = 0,
-            reduce: str = "same") -> None:
+            reduce: str = spec.VALUE) -> None:
         self.buffer.append(Entry(step, site, call, group, values, count, reduce))
 
     def add_per_site(self, step: int, sites: List[int], metric: str, values: torch.Tensor) -> None:
         """One metric for several sites at once: ``values[i]`` (a 1-D tensor) belongs to ``sites[i]``."""
-        self.buffer.append(Entry(step, -1, 0, (metric,), values, 0, "same", list(sites)))
+        self.buffer.append(Entry(step, -1, 0, (metric,), values, 0, spec.VALUE, list(sites)))
 
     # ---- step boundaries -----------------------------------------------------------------------------------------
     def advance(self) -> None:
         """Close the current step and decide whether the next one is recorded."""
-        self.step += 1
-        self.active = bool(self.schedule(self.step))
-        self.calls = [0] * len(self.sites)
-        self.recompute_calls = [0] * len(self.sites)
-        self.grad_slots = set()
-        self.forward_seen = False
-        self.grad_scale = None
+        self.state.advance()
 
     def flush(self) -> None:
         """Move the buffer to host rows with one transfer per device (one collective when distributed)."""
@@ -199,15 +184,8 @@ def finish_entries(entries: List[Entry], values: List[float]) -> List[List[float
     out, offset = [], 0
     for entry in entries:
         k = _width(entry.values)
-        raw = values[offset:offset + k]
+        out.append(spec.finish(entry.group, values[offset:offset + k], entry.count, entry.reduce))
         offset += k
-        if entry.reduce == "moments":
-            group = entry.group
-            raw = finish_moments(raw, entry.count, zeros=S.ACT_ZERO_FRAC in group,
-                                 nonfinite=S.ACT_NONFINITE in group, max_abs=S.ACT_MAX_ABS in group)
-        elif entry.reduce == "sqnorm":
-            raw = [math.sqrt(v) if v >= 0 else math.nan for v in raw]
-        out.append(raw)
     return out
 
 

@@ -101,7 +101,7 @@ class Scope:
     def _close_step(self) -> None:
         rec = self._rec
         if rec.active:
-            if not any(c for c in rec.calls) and not self._warned_silent:
+            if not rec.state.any_block_ran() and not self._warned_silent:
                 self._warned_silent = True
                 warnings.warn(
                     f"gradscope: no hooked block ran during recorded step {rec.step}. If the model was "
@@ -195,7 +195,8 @@ class Scope:
         if S.PARAM_NORM in names:
             rec.add_per_site(step, index.sites_with_params, S.PARAM_NORM, P.param_norms(index, n))
         if S.PARAM_GRAD_NORM in names:
-            scale = rec.grad_scale if self._amp.grads_still_scaled(rec.grad_scale) else None
+            grad_scale = rec.state.grad_scale
+            scale = grad_scale if self._amp.grads_still_scaled(grad_scale) else None
             found = P.param_grad_norms(index, n, scale)
             if found is not None:
                 rec.add_per_site(step, found[0], S.PARAM_GRAD_NORM, found[1])
@@ -205,13 +206,13 @@ class Scope:
         index = self._param_index
 
         def pre(opt: Any, args: Any, kwargs: Any) -> None:
-            rec = self._rec
+            state = self._rec.state
             # optimizer.step() before scope.step(): this step's update; after it: the step just closed; with a
             # closure (LBFGS, Lightning) the forward, backward and often scope.step() run inside optimizer.step(),
             # so the update belongs to the step that the closure's forward opens
             closure = P.passes_closure(opt, args, kwargs)
-            step = rec.step if rec.forward_seen or closure else rec.step - 1
-            if step >= 0 and step not in self._updated_steps and rec.schedule(step) and index.params:
+            step = state.step if state.forward_seen or closure else state.step - 1
+            if step >= 0 and step not in self._updated_steps and state.recorded(step) and index.params:
                 self._updated_steps.add(step)
                 self._snapshot = (step, P.snapshot(index))
 
@@ -230,7 +231,7 @@ class Scope:
         self._opt_handles.append(self.model.register_forward_pre_hook(self._mark_forward))
 
     def _mark_forward(self, *args: Any) -> None:
-        self._rec.forward_seen = True
+        self._rec.state.mark_forward()
 
 
 def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, Schedule] = 1,

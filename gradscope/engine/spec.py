@@ -1,0 +1,206 @@
+"""One spec per metric: which raw sums its hook produces, how the host finishes them, how ranks combine them.
+
+Every metric name of :mod:`gradscope.schema` has exactly one :class:`MetricSpec` in :data:`SPECS`, and each spec names
+a cross-rank rule from :data:`COMBINE`; a name without one is an error when this module is imported, never a silent
+default. Three layouts exist:
+
+* ``moments`` (forward statistics of a block output): the hook's :func:`gradscope.engine.metrics.activation_sums`
+  vector, a shared core ``[shift, sum(x - shift), sum((x - shift)^2)]`` followed by the extra raw slots the group's
+  metrics name (:func:`raw_slots`), reduced over ``n`` elements;
+* ``sqnorm`` (gradient norms): a squared L2 norm, finished by a square root;
+* ``value`` (parameter statistics): finished on the device already, one value per site.
+
+Adding a forward metric touches three files: its name in ``schema.FORWARD_METRICS``, its spec here, and the device
+reduction of any new raw slot in :data:`gradscope.engine.metrics.SLOT_REDUCTIONS`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+
+from gradscope import schema as S
+from gradscope.errors import GradscopeError
+
+MOMENTS, SQNORM, VALUE = "moments", "sqnorm", "value"
+LAYOUTS = (MOMENTS, SQNORM, VALUE)
+#: the raw slots every ``moments`` vector starts with
+CORE_SLOTS = ("shift", "sum", "sumsq")
+
+Finish = Callable[[Mapping[str, float], int], float]
+#: a cross-rank rule: (per-rank values, per-rank element counts, per-rank means or None, world size) -> global value
+Combine = Callable[[List[float], List[float], "List[float] | None", int], float]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """How one metric travels from a hook to a frame row.
+
+    Attributes:
+        name: the metric name (a :mod:`gradscope.schema` constant).
+        layout: one of :data:`LAYOUTS`.
+        raw: the raw slots it reads (``moments``: names in :data:`CORE_SLOTS` or in the metrics module's slot
+            reductions; other layouts: ``("value",)``).
+        finish: host arithmetic from the raw slots (a mapping slot -> float) and the element count.
+        combine: the name of the cross-rank rule in :data:`COMBINE`.
+    """
+
+    name: str
+    layout: str
+    raw: Tuple[str, ...]
+    finish: Finish
+    combine: str
+
+
+# ---- host finishing (float64 arithmetic on read-back raw sums) ------------------------------------------------
+def _mean(r: Mapping[str, float], n: int) -> float:
+    return r["sum"] / n + r["shift"]
+
+
+def _var(r: Mapping[str, float], n: int) -> float:
+    mean_c = r["sum"] / n
+    s2 = r["sumsq"]
+    return max(s2 / n - mean_c * mean_c, 0.0) if math.isfinite(s2) else s2
+
+
+def _rms(r: Mapping[str, float], n: int) -> float:
+    var, mean = _var(r, n), _mean(r, n)
+    return math.sqrt(var + mean * mean) if math.isfinite(var) else var
+
+
+def _zero_frac(r: Mapping[str, float], n: int) -> float:
+    return min(max(r["zeros"], 0.0), n) / n
+
+
+def _nonfinite(r: Mapping[str, float], n: int) -> float:
+    return r["nonfinite"]
+
+
+def _max_abs(r: Mapping[str, float], n: int) -> float:
+    return max(r["max"], -r["min"])
+
+
+def _sqrt(r: Mapping[str, float], n: int) -> float:
+    v = r["value"]
+    return math.sqrt(v) if v >= 0 else math.nan
+
+
+def _as_is(r: Mapping[str, float], n: int) -> float:
+    return r["value"]
+
+
+# ---- cross-rank rules (see gradscope.engine.distributed) ------------------------------------------------------
+def _pooled_mean(v: List[float], n: List[float], means: "List[float] | None", world: int) -> float:
+    return sum(w * x for w, x in zip(n, v)) / sum(n)
+
+
+def _pooled_var(v: List[float], n: List[float], means: "List[float] | None", world: int) -> float:
+    """Exact variance of the union: sum_r n_r (var_r + (mean_r - mean)^2) / N."""
+    assert means is not None
+    total = sum(n)
+    mean = sum(w * m for w, m in zip(n, means)) / total
+    return sum(w * (x + (m - mean) ** 2) for w, x, m in zip(n, v, means)) / total
+
+
+def _pooled_rms(v: List[float], n: List[float], means: "List[float] | None", world: int) -> float:
+    total = sum(n)
+    square = sum(w * x * x for w, x in zip(n, v)) / total
+    return math.sqrt(square) if math.isfinite(square) else square
+
+
+def _sum(v: List[float], n: List[float], means: "List[float] | None", world: int) -> float:
+    return sum(v)
+
+
+def _max(v: List[float], n: List[float], means: "List[float] | None", world: int) -> float:
+    return max(v)
+
+
+def _norm_of_mean_loss(v: List[float], n: List[float], means: "List[float] | None", world: int) -> float:
+    """DDP averages the ranks' losses, so rank r's activation gradient is g_r / W: sqrt(sum_r |g_r|^2) / W."""
+    return math.sqrt(sum(x * x for x in v)) / world
+
+
+def _first(v: List[float], n: List[float], means: "List[float] | None", world: int) -> float:
+    """Already global (read after DDP's all-reduce, equal on all ranks): rank 0's value."""
+    return v[0]
+
+
+COMBINE: Dict[str, Combine] = {
+    "pooled_mean": _pooled_mean, "pooled_var": _pooled_var, "pooled_rms": _pooled_rms, "sum": _sum, "max": _max,
+    "norm_of_mean_loss": _norm_of_mean_loss, "first": _first,
+}
+
+
+def _moments(name: str, raw: Tuple[str, ...], finish: Finish, combine: str) -> MetricSpec:
+    return MetricSpec(name, MOMENTS, raw, finish, combine)
+
+
+SPECS: Dict[str, MetricSpec] = {s.name: s for s in (
+    _moments(S.ACT_MEAN, CORE_SLOTS, _mean, "pooled_mean"),
+    _moments(S.ACT_VAR, CORE_SLOTS, _var, "pooled_var"),
+    _moments(S.ACT_RMS, CORE_SLOTS, _rms, "pooled_rms"),
+    _moments(S.ACT_ZERO_FRAC, ("zeros",), _zero_frac, "pooled_mean"),
+    _moments(S.ACT_NONFINITE, ("nonfinite",), _nonfinite, "sum"),
+    _moments(S.ACT_MAX_ABS, ("min", "max"), _max_abs, "max"),
+    _moments(S.BRANCH_VAR, CORE_SLOTS, _var, "pooled_var"),
+    _moments(S.SHORTCUT_VAR, CORE_SLOTS, _var, "pooled_var"),
+    MetricSpec(S.GRAD_NORM, SQNORM, ("value",), _sqrt, "norm_of_mean_loss"),
+    MetricSpec(S.GRAD_IN_NORM, SQNORM, ("value",), _sqrt, "norm_of_mean_loss"),
+    MetricSpec(S.PARAM_NORM, VALUE, ("value",), _as_is, "first"),
+    MetricSpec(S.PARAM_GRAD_NORM, VALUE, ("value",), _as_is, "first"),
+    MetricSpec(S.UPDATE_RATIO, VALUE, ("value",), _as_is, "first"),
+)}
+
+
+def validate(specs: Mapping[str, MetricSpec], names: Sequence[str], rules: Mapping[str, Combine]) -> None:
+    """Raise :class:`GradscopeError` unless every name has a spec of a known layout and a known cross-rank rule."""
+    for name in names:
+        spec = specs.get(name)
+        if spec is None:
+            raise GradscopeError(f"metric {name!r} has no spec in gradscope.engine.spec.SPECS (raw layout, finish, "
+                                 f"cross-rank combine)")
+        if spec.layout not in LAYOUTS:
+            raise GradscopeError(f"metric {name!r}: layout {spec.layout!r} is not one of {LAYOUTS}")
+        if spec.combine not in rules:
+            raise GradscopeError(f"metric {name!r} has no cross-rank rule: combine={spec.combine!r} is not one of "
+                                 f"{sorted(rules)}")
+
+
+validate(SPECS, S.ALL_METRICS, COMBINE)  # at import: a metric without a rule never reaches a run
+
+
+def spec_of(name: str) -> MetricSpec:
+    """The spec of ``name``; internal slots (``"_act_mean"``: a moment kept only so ranks can combine) use the spec
+    of the name without the underscore."""
+    return SPECS[name[1:] if name.startswith("_") else name]
+
+
+def raw_slots(group: Sequence[str]) -> Tuple[str, ...]:
+    """The raw vector a ``moments`` hook produces for ``group``: the core, then each metric's extra slots in order."""
+    slots: List[str] = list(CORE_SLOTS)
+    for name in group:
+        for slot in spec_of(name).raw:
+            if slot not in slots:
+                slots.append(slot)
+    return tuple(slots)
+
+
+def finish(group: Sequence[str], raw: Sequence[float], n: int, layout: str) -> List[float]:
+    """The finished values of ``group`` from its raw values (``layout`` of the buffer entry)."""
+    if layout == MOMENTS:
+        if n == 0:
+            return [math.nan] * len(group)
+        slots = dict(zip(raw_slots(group), (float(v) for v in raw)))
+        return [spec_of(name).finish(slots, n) for name in group]
+    fn = spec_of(group[0]).finish
+    return [fn({"value": float(v)}, n) for v in raw]
+
+
+def combine(group: Sequence[str], values: List[List[float]], n: List[float], world: int,
+            layout: str) -> List[float]:
+    """Global values of one entry from each rank's finished ``values`` (one list per rank) and element counts."""
+    width = len(values[0])
+    names = list(group) if layout == MOMENTS else [group[0]] * width
+    means = [v[0] for v in values] if layout == MOMENTS else None
+    return [COMBINE[spec_of(name).combine]([v[j] for v in values], n, means, world) for j, name in enumerate(names)]

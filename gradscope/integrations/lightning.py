@@ -1,0 +1,105 @@
+"""Lightning callback: gradscope inside ``lightning.Trainer``.
+
+    from gradscope.integrations.lightning import GradscopeCallback
+    trainer = lightning.Trainer(callbacks=[GradscopeCallback(every=10, out="runs/exp1", log=True)])
+
+Where it hooks (Lightning 2.x):
+
+- ``on_fit_start``: attaches to the ``LightningModule`` (under DDP, the module inside the wrapper: statistics are
+  combined over ranks; rank 0 writes), with the trainer's optimizer (``update_ratio``) and, under 16-bit AMP, its
+  ``GradScaler``.
+- ``on_before_optimizer_step``: closes the step. Lightning calls it after backward (and after the DDP all-reduce
+  and the gradient accumulation), after ``scaler.unscale_`` under AMP and *before* its own gradient clipping
+  (``gradient_clip_val``): ``param_grad_norm`` is the unclipped, unscaled, global gradient; activation-gradient
+  norms are divided by the loss scale as they are recorded.
+- ``on_fit_end`` and ``on_exception``: detach (the rows recorded so far are kept), write the report to ``out``
+  (``report.html``, ``records.parquet``, ...; ``records/`` holds the parts streamed while training) and complete
+  ``provenance.json``.
+
+One optimizer (automatic optimization, any gradient accumulation). Needs ``lightning``
+(``pip install 'torch-gradscope[lightning]'``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+from gradscope.integrations import require
+from gradscope.integrations.common import Session, compact_scalars
+
+_pl = require("lightning.pytorch", "lightning")
+
+
+class GradscopeCallback(_pl.Callback):
+    """Record per-block statistics of a ``lightning.Trainer`` run.
+
+    Args:
+        blocks, every, metrics: as for :func:`gradscope.attach`.
+        out: a folder for the records (``out/records/``), the report and ``provenance.json``; None keeps the
+            rows in memory only (:meth:`frame`).
+        log: also log a compact set of scalars (min and max over blocks of ``act_var``, ``grad_norm``,
+            ``param_grad_norm``, ``update_ratio``; the count of non-finite outputs) to the trainer's loggers.
+        sinks: tracker sinks (:mod:`gradscope.integrations`) fed each recorded step's rows.
+        report: write the report to ``out`` when fitting ends (default True).
+        **options: further :func:`gradscope.attach` options (``on_nonfinite``, ``flush_every``, ...).
+    """
+
+    def __init__(self, blocks: Any = "auto", every: Any = 1, out: Union[str, Path, None] = None, *,
+                 log: bool = False, metrics: Optional[Sequence[str]] = None, sinks: Iterable[Any] = (),
+                 report: bool = True, **options: Any) -> None:
+        super().__init__()
+        self._log = log
+        self.session = Session("lightning", blocks=blocks, every=every, out=out, metrics=metrics, sinks=sinks,
+                               report=report, options=options)
+        self._trainer: Any = None
+
+    # ---- results -------------------------------------------------------------------------------------------------
+    @property
+    def scope(self) -> Any:
+        """The live :class:`gradscope.Scope` while fitting (None before and after)."""
+        return self.session.scope
+
+    def frame(self) -> Any:
+        """Everything recorded, as :meth:`gradscope.Scope.frame` (also after fitting)."""
+        return self.session.frame()
+
+    # ---- Lightning hooks -----------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        optimizers = list(trainer.optimizers)
+        self._trainer = trainer
+        extra = [self._log_compact] if self._log else []
+        self.session.start(pl_module, optimizer=optimizers[0] if len(optimizers) == 1 else None,
+                           scaler=getattr(trainer.precision_plugin, "scaler", None),
+                           writer=trainer.is_global_zero, config=_trainer_config(trainer), extra_sinks=extra,
+                           seeds={"PL_GLOBAL_SEED": os.environ.get("PL_GLOBAL_SEED")})
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.session.step()
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self.session.finish(writer=trainer.is_global_zero)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.session.finish(exception, writer=trainer.is_global_zero)
+
+    def _log_compact(self, rows: Any) -> None:
+        trainer = self._trainer
+        if trainer is None or not trainer.loggers:
+            return
+        for step, values in compact_scalars(rows).items():
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
+
+
+def _trainer_config(trainer: Any) -> dict:
+    """The trainer settings that shape what gradscope records."""
+    names = ("max_steps", "max_epochs", "accumulate_grad_batches", "gradient_clip_val", "precision", "world_size",
+             "num_devices", "strategy")
+    out = {}
+    for name in names:
+        value = getattr(trainer, name, None)
+        if name == "precision":
+            value = getattr(trainer.precision_plugin, "precision", value)
+        out[name] = value if isinstance(value, (int, float, str, type(None))) else type(value).__name__
+    return out

@@ -1,0 +1,105 @@
+"""GradscopeCallback in a real lightning.Trainer (CPU) records what attach() records in a plain loop."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pandas as pd
+import pytest
+import lightning as L
+import torch
+from torch import nn
+
+import gradscope
+from gradscope.integrations.lightning import GradscopeCallback
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+STEPS, LR = 5, 0.1
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _batches():
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(STEPS)]
+
+
+class Module(L.LightningModule):
+    def __init__(self, fail_at: int = -1) -> None:
+        super().__init__()
+        self.net = _net()
+        self.fail_at = fail_at
+
+    def training_step(self, batch, index):
+        if index == self.fail_at:
+            raise RuntimeError("boom at batch 3")
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
+def _fit(callback, tmp_path, module=None) -> Module:
+    module = module or Module()
+    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=L.pytorch.loggers.CSVLogger(
+        str(tmp_path), name="csv", version=0), enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, callbacks=[callback])
+    loader = torch.utils.data.DataLoader(_batches(), batch_size=None, shuffle=False)
+    trainer.fit(module, loader)
+    return module
+
+
+def _plain() -> pd.DataFrame:
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    with gradscope.attach(model, optimizer=opt) as scope:
+        for x, y in _batches():
+            nn.functional.cross_entropy(model(x), y).backward()
+            scope.step()
+            opt.step()
+            opt.zero_grad()
+    return scope.frame()
+
+
+def _key(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values(["step", "block", "call", "metric"]).reset_index(drop=True)
+
+
+def test_the_callback_records_what_a_plain_loop_records(tmp_path):
+    callback = GradscopeCallback(out=tmp_path / "gs", log=True)
+    _fit(callback, tmp_path)
+    got, want = _key(callback.frame()), _key(_plain())
+    assert len(got) > 0 and callback.scope is None  # detached at fit end
+    got = got.assign(block=got.block.str.removeprefix("net."))
+    pd.testing.assert_frame_equal(got.drop(columns="value"), want.drop(columns="value"))
+    assert got.value.to_numpy() == pytest.approx(want.value.to_numpy(), rel=1e-6, abs=1e-12)
+    assert set(got[got.metric == "update_ratio"].step) == set(range(STEPS))
+    # the report and the provenance record are in out; the streamed parts load back equal
+    out = tmp_path / "gs"
+    assert (out / "report.html").exists()
+    pd.testing.assert_frame_equal(_key(gradscope.load(out / "records")), _key(callback.frame()))
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["made_by"] == "lightning" and prov["status"] == "finished" and prov["steps"] == STEPS
+    assert prov["config"]["trainer"]["max_steps"] == STEPS and prov["versions"]["lightning"] == L.__version__
+    # log=True: the compact scalars reached the trainer's CSV logger
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
+    logged = {int(r["step"]): float(r["gradscope/grad_norm_max"]) for r in rows if r.get("gradscope/grad_norm_max")}
+    want_max = want[(want.metric == "grad_norm")].groupby("step").value.max()
+    assert logged == pytest.approx(want_max.to_dict(), rel=1e-6)
+
+
+def test_an_exception_keeps_the_rows_and_says_how_the_run_ended(tmp_path):
+    callback, module = GradscopeCallback(out=tmp_path / "gs"), Module(fail_at=3)
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(callback, tmp_path, module)
+    frame = callback.frame()
+    assert sorted(set(frame.step)) == [0, 1, 2]  # batch 3 failed before its forward
+    assert callback.scope is None and (tmp_path / "gs" / "report.html").exists()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+    prov = json.loads((tmp_path / "gs" / "provenance.json").read_text())
+    assert prov["status"] == "failed: RuntimeError: boom at batch 3"
+    pd.testing.assert_frame_equal(_key(gradscope.load(tmp_path / "gs" / "records")), _key(frame))

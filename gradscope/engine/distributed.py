@@ -11,14 +11,17 @@ metric's rule is named by its spec (:mod:`gradscope.engine.spec`); the rules are
   of the global loss ``L = mean_r L_r``; its derivative w.r.t. rank r's activations is ``g_r / W``, so the global
   norm is ``sqrt(sum_r |g_r|^2) / W`` (non-finite counts summed);
 * parameter norms and parameter-gradient norms are read after DDP's all-reduce, so they are already global and
-  equal on all ranks: rank 0's value is kept.
+  equal on all ranks: rank 0's value is kept;
+* under FSDP2 (``fully_shard``) parameter statistics are norms over each rank's shards (entry layouts
+  :data:`gradscope.engine.spec.SHARDED_LAYOUTS`), combined as ``sqrt(sum_r |theta_r|^2 / replicas)`` from the raw
+  values in the same gather (see :mod:`gradscope.engine.sharding`).
 
-All ranks must run the same blocks in the same order in a recorded step (true for DDP). Only rank 0 writes files.
-FSDP shards parameters, so per-rank parameter-gradient norms are not global: :func:`check_not_sharded` refuses it.
+All ranks must run the same blocks in the same order in a recorded step (true for DDP and FSDP2). Only rank 0 writes
+files.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Union
+from typing import Any, List, Optional, Union
 
 import torch
 
@@ -29,19 +32,28 @@ from gradscope.errors import GradscopeError
 class DistributedCombiner:
     """Combines per-rank buffers into global statistics with one ``all_gather`` per flush."""
 
-    def __init__(self, world_size: int, rank: int, group=None) -> None:
+    def __init__(self, world_size: int, rank: int, group=None, replicas: int = 1) -> None:
         self.world_size = world_size
         self.rank = rank
         self.group = group
+        self.replicas = replicas  # ranks holding each parameter shard (FSDP2: 1; HSDP: the replicate size)
 
     @property
     def is_writer(self) -> bool:
         return self.rank == 0
 
     @classmethod
-    def create(cls, distributed: Union[bool, str]) -> Optional["DistributedCombiner"]:
-        """A combiner when asked for (``True``) or when ``"auto"`` finds an initialised process group of size > 1."""
+    def create(cls, distributed: Union[bool, str], sharding: Any = None) -> Optional["DistributedCombiner"]:
+        """A combiner when asked for (``True``) or when ``"auto"`` finds an initialised process group of size > 1.
+
+        ``sharding`` (a :class:`gradscope.engine.sharding.Sharding`): the model's parameters are FSDP2 shards, which
+        only a combiner can turn into global norms, so ``distributed=False`` is refused for it.
+        """
         if distributed is False:
+            if sharding is not None:
+                raise GradscopeError("distributed=False with an FSDP2 (fully_shard) model: each rank holds only shards "
+                                     "of the parameters, so their norms must be combined over ranks; leave "
+                                     "distributed='auto'")
             return None
         if distributed not in (True, "auto"):
             raise GradscopeError(f"distributed={distributed!r}: use 'auto', True or False")
@@ -54,7 +66,8 @@ class DistributedCombiner:
                                      "torch.distributed.init_process_group() first (torchrun does the set-up)")
             return None
         world = dist.get_world_size()
-        return cls(world, dist.get_rank()) if world > 1 else None
+        replicas = 1 if sharding is None else sharding.replicas
+        return cls(world, dist.get_rank(), replicas=replicas) if world > 1 else None
 
     def reduce(self, entries: List, packed: torch.Tensor) -> List[List[float]]:
         """Global metric values for each entry, from this rank's raw ``packed`` values and every other rank's."""
@@ -70,19 +83,18 @@ class DistributedCombiner:
         n_values = packed.numel()
         per_rank = [finish_entries(entries, row[:n_values]) for row in rows]
         ns = [row[n_values:] for row in rows]
-        return [_combine(entry, [rank[i] for rank in per_rank], [n[i] for n in ns], self.world_size)
-                for i, entry in enumerate(entries)]
+        out, offset = [], 0
+        for i, entry in enumerate(entries):
+            width = entry.values.numel() if isinstance(entry.values, torch.Tensor) else len(entry.values)
+            if entry.reduce in spec.SHARDED_LAYOUTS:  # combined from raw norms: a ratio of ratios would be wrong
+                out.append(spec.combine_shards([row[offset:offset + width] for row in rows], entry.reduce,
+                                               self.replicas))
+            else:
+                out.append(_combine(entry, [rank[i] for rank in per_rank], [n[i] for n in ns], self.world_size))
+            offset += width
+        return out
 
 
 def _combine(entry, values: List[List[float]], n: List[float], world: int) -> List[float]:
     """Combine one entry's per-rank metric values into the global ones: each metric's rule from its spec."""
     return spec.combine(entry.group, values, n, world, entry.reduce)
-
-
-def check_not_sharded(model: torch.nn.Module) -> None:
-    """Refuse FSDP: sharded gradients make per-rank parameter-gradient norms wrong (see module docstring)."""
-    names = {type(m).__name__ for m in model.modules()}
-    if "FullyShardedDataParallel" in names or any(type(p).__name__ == "DTensor" for p in model.parameters()):
-        raise GradscopeError(
-            "gradscope does not support FSDP (FullyShardedDataParallel / fully_shard) yet: its parameters and "
-            "gradients are shards, so per-rank norms are not the global ones. Use DDP, or attach to an unsharded copy.")

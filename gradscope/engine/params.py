@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from gradscope.engine.metrics import GroupIndex, group_norms
+from gradscope.engine.sharding import local
 from gradscope.engine.sites import Site
 
 
@@ -22,7 +23,18 @@ class ParamIndex:
         self.groups: List[int] = []
         self.sites_with_params: List[int] = []
         self.cache = GroupIndex()
+        self.sharded = False  # FSDP2: parameters are DTensors; every statistic reads this rank's shards
         self._site_tensor: Dict[torch.device, torch.Tensor] = {}
+
+    def tensor(self, i: int) -> torch.Tensor:
+        """Parameter ``i`` as a plain tensor: this rank's shard when the model is sharded (no communication)."""
+        p = self.params[i]
+        return local(p) if self.sharded else p
+
+    def grad(self, i: int) -> Optional[torch.Tensor]:
+        """The ``.grad`` of parameter ``i`` (this rank's shard of it when sharded), or None."""
+        g = self.params[i].grad
+        return None if g is None else (local(g) if self.sharded else g)
 
     def site_tensor(self, device: torch.device) -> torch.Tensor:
         """``sites_with_params`` as a cached long tensor on ``device``."""
@@ -31,9 +43,10 @@ class ParamIndex:
         return self._site_tensor[device]
 
 
-def param_index(sites: List[Site]) -> ParamIndex:
-    """The :class:`ParamIndex` of ``sites``."""
+def param_index(sites: List[Site], sharded: bool = False) -> ParamIndex:
+    """The :class:`ParamIndex` of ``sites`` (``sharded``: FSDP2 DTensor parameters, measured shard by shard)."""
     index = ParamIndex()
+    index.sharded = sharded
     position: Dict[int, int] = {}
     for s, site in enumerate(sites):
         own = list(site.module.parameters())
@@ -54,7 +67,7 @@ def _dense(g: torch.Tensor) -> torch.Tensor:
 
 def param_norms(index: ParamIndex, n_sites: int) -> torch.Tensor:
     """||theta|| of each site in ``index.sites_with_params`` (a device vector in that order)."""
-    norms = group_norms([index.params[i] for i in index.order], index.groups, n_sites, index.cache)
+    norms = group_norms([index.tensor(i) for i in index.order], index.groups, n_sites, index.cache)
     return norms[index.site_tensor(norms.device)]
 
 
@@ -62,7 +75,7 @@ def param_grad_norms(index: ParamIndex, n_sites: int,
                      scale: Optional[torch.Tensor] = None) -> Optional[Tuple[List[int], torch.Tensor]]:
     """``(sites, norms)``: ||d L / d theta|| of each site whose parameters have a ``.grad``, divided by ``scale``
     when given (a GradScaler's scale still in the gradients); None when no parameter has a gradient."""
-    pairs = [(index.params[i].grad, g) for i, g in zip(index.order, index.groups) if index.params[i].grad is not None]
+    pairs = [(index.grad(i), g) for i, g in zip(index.order, index.groups) if index.params[i].grad is not None]
     if not pairs:
         return None
     groups = [g for _, g in pairs]
@@ -75,17 +88,23 @@ def param_grad_norms(index: ParamIndex, n_sites: int,
 
 def snapshot(index: ParamIndex) -> List[torch.Tensor]:
     """Copies of every parameter, before an optimizer step."""
-    return [index.params[i].detach().clone() for i in index.order]
+    return [index.tensor(i).detach().clone() for i in index.order]
+
+
+def update_norms(index: ParamIndex, before: List[torch.Tensor], n_sites: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(||theta_after - theta_before||, ||theta_before||)`` of each site in ``index.sites_with_params``."""
+    after = [index.tensor(i).detach() for i in index.order]
+    with torch.no_grad():
+        delta = group_norms([a - b for a, b in zip(after, before)], index.groups, n_sites)
+        base = group_norms(before, index.groups, n_sites)
+    sites = index.site_tensor(delta.device)
+    return delta[sites], base[sites]
 
 
 def update_ratios(index: ParamIndex, before: List[torch.Tensor], n_sites: int) -> torch.Tensor:
     """||theta_after - theta_before|| / ||theta_before|| of each site in ``index.sites_with_params``."""
-    after = [index.params[i].detach() for i in index.order]
-    with torch.no_grad():
-        delta = group_norms([a - b for a, b in zip(after, before)], index.groups, n_sites)
-        base = group_norms(before, index.groups, n_sites)
-        ratio = delta / base.clamp_min(torch.finfo(torch.float32).tiny)
-    return ratio[index.site_tensor(ratio.device)]
+    delta, base = update_norms(index, before, n_sites)
+    return delta / base.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def passes_closure(optimizer: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:

@@ -128,9 +128,14 @@ class Recorder:
             reduce: str = spec.VALUE) -> None:
         self.buffer.append(Entry(step, site, call, group, values, count, reduce))
 
-    def add_per_site(self, step: int, sites: List[int], metric: str, values: torch.Tensor) -> None:
-        """One metric for several sites at once: ``values[i]`` (a 1-D tensor) belongs to ``sites[i]``."""
-        self.buffer.append(Entry(step, -1, 0, (metric,), values, 0, spec.VALUE, list(sites)))
+    def add_per_site(self, step: int, sites: List[int], metric: str, values: torch.Tensor,
+                     layout: str = spec.VALUE) -> None:
+        """One metric for several sites at once: ``values[i]`` (a 1-D tensor) belongs to ``sites[i]``.
+
+        ``layout``: :data:`gradscope.engine.spec.SHARD` for norms over this rank's parameter shards (FSDP2),
+        :data:`~gradscope.engine.spec.SHARD_RATIO` for ``[numerators..., denominators...]`` of such norms.
+        """
+        self.buffer.append(Entry(step, -1, 0, (metric,), values, 0, layout, list(sites)))
 
     # ---- step boundaries -----------------------------------------------------------------------------------------
     def advance(self) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 from gradscope import schema as S
 from gradscope.errors import GradscopeError
 from gradscope.engine import params as P
+from gradscope.engine import spec
 from gradscope.engine.amp import ScalerState
 from gradscope.engine.nonfinite import NONFINITE_POLICIES, NonFiniteError, NonFinitePolicy
 from gradscope.engine.probes import MetricSet, Probe
@@ -36,7 +37,8 @@ class Scope:
 
     def __init__(self, model: nn.Module, sites: List[Site], recorder: Recorder, metrics: MetricSet,
                  optimizer: Optional[torch.optim.Optimizer] = None, scaler: Any = None,
-                 on_nonfinite: str = "warn", distributed: Any = None, sinks: Iterable[Any] = ()) -> None:
+                 on_nonfinite: str = "warn", distributed: Any = None, sinks: Iterable[Any] = (),
+                 sharded: bool = False) -> None:
         self.model = model
         self._sinks = SinkFeed(sinks)
         self.provenance: Optional[Provenance] = None  # with out=: the folder's provenance.json
@@ -53,7 +55,7 @@ class Scope:
         self._dist = distributed
         self._optimizer = optimizer
         self._updated_steps: set = set()
-        self._param_index = P.param_index(sites)
+        self._param_index = P.param_index(sites, sharded)
         if optimizer is not None and not hasattr(optimizer, "register_step_pre_hook"):
             raise GradscopeError(f"optimizer={type(optimizer).__name__} is not a torch.optim.Optimizer with step "
                                  f"hooks (torch>=2.0); pass the optimizer that updates this model, or leave it out")
@@ -192,14 +194,15 @@ class Scope:
             return
         rec, n = self._rec, len(self.sites)
         names = self._metrics.params
+        layout = spec.SHARD if index.sharded else spec.VALUE
         if S.PARAM_NORM in names:
-            rec.add_per_site(step, index.sites_with_params, S.PARAM_NORM, P.param_norms(index, n))
+            rec.add_per_site(step, index.sites_with_params, S.PARAM_NORM, P.param_norms(index, n), layout)
         if S.PARAM_GRAD_NORM in names:
             grad_scale = rec.state.grad_scale
             scale = grad_scale if self._amp.grads_still_scaled(grad_scale) else None
             found = P.param_grad_norms(index, n, scale)
             if found is not None:
-                rec.add_per_site(step, found[0], S.PARAM_GRAD_NORM, found[1])
+                rec.add_per_site(step, found[0], S.PARAM_GRAD_NORM, found[1], layout)
 
     def _watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Measure ||update|| / ||weight|| per block across ``optimizer.step()`` of recorded steps."""
@@ -221,8 +224,12 @@ class Scope:
                 return
             step, before = self._snapshot
             self._snapshot = None
-            self._rec.add_per_site(step, index.sites_with_params, S.UPDATE_RATIO,
-                                   P.update_ratios(index, before, len(self.sites)))
+            if index.sharded:  # numerators and denominators travel apart: ranks sum their squares first
+                self._rec.add_per_site(step, index.sites_with_params, S.UPDATE_RATIO,
+                                       torch.cat(P.update_norms(index, before, len(self.sites))), spec.SHARD_RATIO)
+            else:
+                self._rec.add_per_site(step, index.sites_with_params, S.UPDATE_RATIO,
+                                       P.update_ratios(index, before, len(self.sites)))
 
         self._opt_handles.append(optimizer.register_step_pre_hook(pre))
         self._opt_handles.append(optimizer.register_step_post_hook(post))
@@ -262,11 +269,12 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
     wall time), written at attach and completed at detach.
     """
     from gradscope.engine.compat import check_not_compiled
-    from gradscope.engine.distributed import DistributedCombiner, check_not_sharded
+    from gradscope.engine.distributed import DistributedCombiner
+    from gradscope.engine.sharding import check_sharding
 
     check_not_compiled(model)
     inner = unwrap_model(model)
-    check_not_sharded(inner)
+    sharding = check_sharding(inner)
     sites = find_blocks(inner, blocks)
     schedule = make_schedule(every)
     if on_nonfinite not in NONFINITE_POLICIES:  # checked before any hook exists
@@ -274,19 +282,21 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
     if not isinstance(flush_every, int) or flush_every < 1:
         raise GradscopeError(f"flush_every={flush_every!r} is not a positive integer")
     chosen = _check_metrics(metrics)
-    combiner = DistributedCombiner.create(distributed)
+    combiner = DistributedCombiner.create(distributed, sharding)
     out_path = None if out is None else Path(out)
     recorder = Recorder(sites, schedule, out_path, flush_every,
                         reducer=None if combiner is None else combiner.reduce,
                         write_files=combiner is None or combiner.is_writer)
     feed = SinkFeed(sinks)  # checked before any hook exists
     scope = Scope(inner, sites, recorder, MetricSet(chosen), optimizer=optimizer, scaler=scaler,
-                  on_nonfinite=on_nonfinite, distributed=combiner, sinks=feed.sinks)
+                  on_nonfinite=on_nonfinite, distributed=combiner, sinks=feed.sinks,
+                  sharded=sharding is not None)
     if out_path is not None and recorder.write_files:
         config = {"blocks": blocks, "every": every, "metrics": metrics, "flush_every": flush_every,
                   "on_nonfinite": on_nonfinite, "optimizer": type(optimizer).__name__ if optimizer else None,
                   "scaler": type(scaler).__name__ if scaler is not None else None,
                   "world_size": 1 if combiner is None else getattr(combiner, "world_size", None),
+                  "sharded": None if sharding is None else f"FSDP2, {sharding.replicas} replica(s) per shard",
                   "model": type(inner).__name__, "sites": [site.name for site in sites]}
         scope.provenance = Provenance(out_path, "attach", config, device=device_of(inner))
         scope.provenance.start()

@@ -63,7 +63,18 @@ def find_blocks(model: nn.Module, blocks: BlockSelector = "auto") -> List[Site]:
             f"some module names are: {_sample_names(named)}. Pass a class, a glob/regex on these names, "
             f"a list of names, or a predicate (name, module) -> bool."
         )
-    return [Site(name=n, module=m, kind=type(m).__name__) for n, m in _dedupe(picked)]
+    return [Site(name=n, module=m, kind=kind_of(m)) for n, m in _dedupe(picked)]
+
+
+def kind_of(module: nn.Module) -> str:
+    """The block's class name; for a module that FSDP2's ``fully_shard`` turned into its generated ``FSDP<Class>``
+    (bases ``(FSDPModule, Class)``), the original ``Class``, so a sharded run's frame matches an unsharded one."""
+    cls = type(module)
+    if any(base.__name__ == "FSDPModule" for base in cls.__bases__):
+        for base in cls.__bases__:
+            if base.__name__ != "FSDPModule":
+                return base.__name__
+    return cls.__name__
 
 
 def unwrap_model(model: Any) -> nn.Module:

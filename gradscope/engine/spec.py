@@ -24,6 +24,12 @@ from gradscope.errors import GradscopeError
 
 MOMENTS, SQNORM, VALUE = "moments", "sqnorm", "value"
 LAYOUTS = (MOMENTS, SQNORM, VALUE)
+#: entry layouts of parameter statistics of a sharded (FSDP2) model, whatever the metric: ``shard`` holds norms over
+#: this rank's shards, ``shard_ratio`` ``[numerators..., denominators...]`` of such norms (the update ratio); ranks
+#: combine them from the raw norms (:func:`combine_shards`), not by the metric's rule
+SHARD, SHARD_RATIO = "shard", "shard_ratio"
+SHARDED_LAYOUTS = (SHARD, SHARD_RATIO)
+_TINY = 1.1754943508222875e-38  # float32's smallest normal: the update ratio's floor under ||theta||
 #: the raw slots every ``moments`` vector starts with
 CORE_SLOTS = ("shift", "sum", "sumsq")
 
@@ -193,8 +199,21 @@ def finish(group: Sequence[str], raw: Sequence[float], n: int, layout: str) -> L
             return [math.nan] * len(group)
         slots = dict(zip(raw_slots(group), (float(v) for v in raw)))
         return [spec_of(name).finish(slots, n) for name in group]
+    if layout in SHARDED_LAYOUTS:  # one process holds every shard: its norms are the global ones
+        return combine_shards([list(raw)], layout, 1)
     fn = spec_of(group[0]).finish
     return [fn({"value": float(v)}, n) for v in raw]
+
+
+def combine_shards(raw: List[List[float]], layout: str, replicas: int) -> List[float]:
+    """Global norms from each rank's norms over its shards (one list per rank): ``sqrt(sum_r |theta_r|^2 / replicas)``
+    (``replicas`` ranks hold each shard under HSDP); ``shard_ratio`` combines numerators and denominators so, then
+    divides."""
+    norms = [math.sqrt(sum(float(v[j]) ** 2 for v in raw) / replicas) for j in range(len(raw[0]))]
+    if layout == SHARD:
+        return norms
+    half = len(norms) // 2
+    return [d / max(b, _TINY) for d, b in zip(norms[:half], norms[half:])]
 
 
 def combine(group: Sequence[str], values: List[List[float]], n: List[float], world: int,

@@ -1,0 +1,81 @@
+"""GradscopeCallback in a real transformers.Trainer (CPU, a tiny random GPT-2, no downloads) records what
+attach() records in a plain loop that clips where the Trainer clips."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+import transformers
+
+import gradscope
+from gradscope.integrations.transformers import GradscopeCallback
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+STEPS, LR, CLIP, BATCH = 3, 0.05, 0.05, 4
+
+
+def _model() -> transformers.GPT2LMHeadModel:
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _data() -> list[dict]:
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 64, (STEPS * BATCH, 12), generator=g)
+    # the first label is never a target (the loss shifts labels): marked so, every way of counting the Trainer
+    # may use for its loss normaliser (labels or shifted labels) gives the model's own mean
+    labels = ids.clone()
+    labels[:, 0] = -100
+    return [{"input_ids": row, "labels": lab} for row, lab in zip(ids, labels)]
+
+
+def _plain() -> pd.DataFrame:
+    model = _model()
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    data = _data()
+    with gradscope.attach(model, optimizer=opt) as scope:
+        for i in range(STEPS):
+            batch = {k: torch.stack([d[k] for d in data[i * BATCH:(i + 1) * BATCH]]) for k in data[0]}
+            model(**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)  # the Trainer clips before its callback
+            scope.step()
+            opt.step()
+            opt.zero_grad()
+    return scope.frame()
+
+
+def _key(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values(["step", "block", "call", "metric"]).reset_index(drop=True)
+
+
+def test_the_callback_records_what_a_plain_loop_records(tmp_path):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    callback = GradscopeCallback(out=tmp_path / "gs", log=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), max_steps=STEPS, per_device_train_batch_size=BATCH, max_grad_norm=CLIP,
+        train_sampling_strategy="sequential", report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
+        disable_tqdm=True, dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_data(), optimizers=(opt, sched),
+                                   callbacks=[callback])
+    trainer.train()
+    got, want = _key(callback.frame()), _key(_plain())
+    assert sorted(set(got.block)) == ["transformer.h.0", "transformer.h.1"]
+    pd.testing.assert_frame_equal(got.drop(columns="value"), want.drop(columns="value"))
+    assert got.value.to_numpy() == pytest.approx(want.value.to_numpy(), rel=1e-6, abs=1e-12)
+    assert callback.scope is None and (tmp_path / "gs" / "report.html").exists()
+    prov = json.loads((tmp_path / "gs" / "provenance.json").read_text())
+    assert prov["made_by"] == "transformers" and prov["status"] == "finished"
+    assert prov["config"]["trainer"]["max_grad_norm"] == CLIP and prov["seeds"]["args.seed"] == args.seed
+    # the Trainer clipped: its logged pre-clip norm exceeds CLIP, so the recorded parameter gradients are clipped
+    logs = [h for h in trainer.state.log_history if "grad_norm" in h]
+    assert all(h["grad_norm"] > CLIP for h in logs)
+    # log=True: the compact scalars went into the Trainer's log entries
+    maxima = [h["gradscope/grad_norm_max"] for h in trainer.state.log_history if "gradscope/grad_norm_max" in h]
+    assert maxima == pytest.approx(list(want[want.metric == "grad_norm"].groupby("step").value.max()), rel=1e-6)

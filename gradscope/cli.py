@@ -2,33 +2,64 @@
 
 Every command is a thin layer over the public API: parse, validate, call, render. ``main(argv)`` returns the exit
 status: 0 success, 2 bad input (one line on stderr, no traceback), 3 a ``--fail-on`` verdict was met,
-130 interrupted (records written so far are kept), 1 an unexpected internal error.
+130 interrupted by Ctrl-C and 143 by SIGTERM (records written so far are kept and the report is written from
+them; the console command then dies of the SIGTERM itself, as an unhandled one would), 1 an unexpected internal
+error.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import math
+import signal
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
-from gradscope.errors import GradscopeError
+from gradscope.errors import GradscopeError, OutputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FAIL_ON, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a process killed by SIGTERM
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the message and where the help is, not the whole usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"gradscope: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
 
 
 def _csv(text: str) -> List[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _names(text: str) -> List[str]:
+    names = _csv(text)
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing; pass comma-separated names")
+    return names
+
+
 def _ints(text: str) -> List[int]:
     try:
-        return [int(t) for t in _csv(text)]
+        values = [int(t) for t in _csv(text)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
+    return values
+
+
+def _positive_ints(text: str) -> List[int]:
+    values = _ints(text)
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be a positive integer")
+    return values
 
 
 def _positive(text: str) -> int:
@@ -42,7 +73,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradscope", description=(
+    parser = _Parser(prog="gradscope", description=(
         "See how forward signals and backward gradients travel through every block of a network."))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -50,16 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description=("With no options: plain20/resnet20/plain56/resnet56, with and without BN, on the "
                                     "built-in synthetic data; answers He et al.'s BatchNorm and degradation claims."))
     g = p.add_argument_group("models")
-    g.add_argument("--models", type=_csv, default=None, metavar="NAMES",
+    g.add_argument("--models", type=_names, default=None, metavar="NAMES",
                    help="comma-separated zoo names (default plain20,resnet20,plain56,resnet56); "
                         "with --depths, families such as plain,resnet")
-    g.add_argument("--depths", type=_ints, default=None, metavar="N,N", help="depths for families, e.g. 20,56,110")
+    g.add_argument("--depths", type=_positive_ints, default=None, metavar="N,N", help="depths for families, e.g. 20,56,110")
     g.add_argument("--bn", choices=("on", "off", "both"), default="both", help="BatchNorm on, off or both (default)")
     g.add_argument("--shortcut", choices=("A", "B", "C"), default=None, help="residual shortcut option (default A)")
     g.add_argument("--init", choices=("kaiming", "xavier", "orthogonal"), default="kaiming")
     g.add_argument("--model", default=None, metavar="FILE.py:FACTORY",
                    help="your own model: path/to/file.py:factory or package.module:factory (a callable -> nn.Module)")
-    g.add_argument("--input-shape", type=_ints, default=None, metavar="C,H,W",
+    g.add_argument("--input-shape", type=_positive_ints, default=None, metavar="C,H,W",
                    help="input shape of one example for --model (default 3,32,32)")
     g.add_argument("--blocks", default="auto", help="block selector: 'auto', a glob/regex on module names, "
                                                    "or a class name such as BatchNorm2d")
@@ -96,11 +127,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed usage and the error (or --help)
+    except SystemExit as exc:  # argparse already printed one line (or --help)
         return int(exc.code or 0)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    with _one_line_warnings():
+        return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "models":
             return _models()
@@ -112,7 +148,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("gradscope: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if _STOP.signal == signal.SIGTERM else EXIT_INTERRUPTED
+    except OSError as exc:  # a full disk, a folder gone: the environment, not a bug; say what and where
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"gradscope: error: {exc.strerror or exc}{where}; free some space or pass a folder you can write "
+              f"to", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as exc:  # a bug of ours: one line, and where to look, rather than a traceback
         print(f"gradscope: internal error: {type(exc).__name__}: {exc} (set GRADSCOPE_DEBUG=1 for the traceback; "
               f"please report it)", file=sys.stderr)
@@ -122,8 +163,64 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main_entry() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
+    """Console-script entry point. After a SIGTERM (records and report written) it dies of that signal."""
+    code = main()
+    if code == EXIT_TERMINATED and _STOP.signal == signal.SIGTERM:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings (a skipped truncated file, a failed part write) as one line each on stderr."""
+    previous = warnings.showwarning
+
+    def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+        text = str(message)
+        print(text if text.startswith("gradscope") else f"gradscope: warning: {text}", file=sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+class _Stop:
+    """Which signal stopped the profile (SIGINT or SIGTERM), kept even if its KeyboardInterrupt is swallowed."""
+
+    signal: Optional[int] = None
+
+    def handler(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+        raise KeyboardInterrupt
+
+    def check(self, *args: Any) -> None:
+        """Called at every step: re-raise a stop whose first KeyboardInterrupt landed where it was lost."""
+        if self.signal is not None:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """SIGINT and SIGTERM stop the study (the report is still written from what was recorded)."""
+        self.signal = None
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self.handler)
+        except ValueError:  # not the main thread: leave signals to whoever owns them
+            pass
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+_STOP = _Stop()
 
 
 # ---- commands -------------------------------------------------------------------------------------------------
@@ -151,22 +248,24 @@ def _models() -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from gradscope.render.report import write_report
-    from gradscope.store import load
+    from gradscope.store import PHASE, load
 
     folder = Path(args.folder)
     if not folder.is_dir():
         raise GradscopeError(f"no run folder at {str(folder)!r}; pass a folder written by gradscope profile")
-    records = folder / "records.parquet"
-    if records.exists():
-        from gradscope.store import read_records
-
-        try:
-            frame = read_records(records)
-        except Exception as exc:
-            raise GradscopeError(f"cannot read {str(records)!r}: {type(exc).__name__}: {exc}") from exc
-    else:
-        frame = load(folder)
-    path = write_report(frame, args.out or folder)
+    frame = load(folder)  # records.parquet, parts, or the records/<run>/ parts of a killed profile
+    if PHASE in frame.columns:  # a profile that never wrote its records: report training where it got that far
+        trained = frame[frame[PHASE] == "train"]
+        frame = (trained if not trained.empty else frame).drop(columns=PHASE).reset_index(drop=True)
+    if frame.empty:
+        raise GradscopeError(f"nothing was recorded in {str(folder)!r}; no report to write")
+    out = Path(args.out or folder)
+    try:
+        path = write_report(frame, out)
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"cannot write the report to {str(out)!r}: {exc.strerror or exc}") from exc
     print(f"report written to {path}")
     return EXIT_OK
 
@@ -175,6 +274,9 @@ def _specs(args: argparse.Namespace):
     from gradscope.models import available
     from gradscope.study.runs import DEFAULT_MODELS, RunSpec, grid
 
+    if args.input_shape and not args.model:
+        raise GradscopeError(f"--input-shape {','.join(map(str, args.input_shape))} applies to --model only; "
+                             f"the built-in nets take 3,32,32")
     if args.model:
         from gradscope.study.userload import load_factory
 
@@ -255,18 +357,43 @@ def _profile(args: argparse.Namespace) -> int:
     rank = _init_distributed(device)
     quiet = args.quiet or args.json or rank != 0
     specs = _specs(args)
+    _check_unique(specs)
     if specs[0].factory is not None:
         from gradscope.study.runs import check_input
 
         check_input(specs[0].build().to(device), (1,) + tuple(specs[0].input_shape), device)
+    if specs[0].blocks != "auto":  # a selector that matches nothing fails now, not after the first run
+        from gradscope.engine.sites import find_blocks
+
+        find_blocks(specs[0].build(), specs[0].blocks)
     train_set = _data(args, specs)
     out = _out_dir(args) if rank == 0 else None
     settings = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, every=args.every,
                         init_batches=args.init_batches, device=str(device))
-    result = _run_with_progress(specs, train_set, settings, out, quiet)
-    if rank != 0:  # every rank holds the global frame; rank 0 alone writes and prints
-        return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
-    return _finish(args, result, settings, out, quiet)
+    with _STOP.installed():
+        result = _run_with_progress(specs, train_set, settings, out, quiet)
+        result.interrupted = result.interrupted or _STOP.signal is not None
+        if rank != 0:  # every rank holds the global frame; rank 0 alone writes and prints
+            return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
+        try:
+            code = _finish(args, result, settings, out, quiet)
+        except OutputError:
+            raise
+        except OSError as exc:  # a full disk while writing the report: the records streamed so far stay
+            raise OutputError(f"cannot write the report to {str(out)!r}: {exc.strerror or exc}") from exc
+    return EXIT_TERMINATED if code == EXIT_INTERRUPTED and _STOP.signal == signal.SIGTERM else code
+
+
+def _check_unique(specs: Sequence[Any]) -> None:
+    """Two runs with one name would write into one folder: refuse before the first starts."""
+    seen, repeated = set(), []
+    for spec in specs:
+        if spec.name in seen and spec.name not in repeated:
+            repeated.append(spec.name)
+        seen.add(spec.name)
+    if repeated:
+        raise GradscopeError(f"run name(s) {', '.join(repeated)} would repeat: each run needs a distinct "
+                             f"model/--bn/--seeds combination (drop the repeated value)")
 
 
 def _init_distributed(device) -> int:
@@ -290,7 +417,7 @@ def _run_with_progress(specs, train_set, settings, out: Path, quiet: bool):
     from gradscope.study.runs import run_study, total_steps
 
     if quiet:
-        return run_study(specs, train_set, settings, out=out)
+        return run_study(specs, train_set, settings, out=out, on_step=_STOP.check)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -298,7 +425,7 @@ def _run_with_progress(specs, train_set, settings, out: Path, quiet: bool):
     with Progress(*columns, transient=False) as progress:
         task = progress.add_task("starting", total=total_steps(specs, settings))
         return run_study(specs, train_set, settings, out=out,
-                         on_step=lambda phase, n: progress.advance(task, n),
+                         on_step=lambda phase, n: (_STOP.check(), progress.advance(task, n)),
                          on_run=lambda spec: progress.update(task, description=spec.name))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -27,6 +28,8 @@ META_FILE = "meta.json"
 PARQUET, CSV, DTYPES = "records.parquet", "records.csv", "records.dtypes.json"
 _DTYPES = ("int64", "str", "int64", "str", "str", "float64", "int64")  # of schema.COLUMNS
 _META_KEY = b"gradscope_dtypes"
+#: Column of a profile folder's frame that names the phase (``init``/``train``): its parts' sub-folder.
+PHASE = "phase"
 
 #: Dtypes assumed for a CSV without its dtypes file (frame columns by the schema; anything else is inferred).
 DEFAULT_DTYPES = {S.STEP: "int64", S.DEPTH: "int64", S.CALL: "int64", S.SEED: "int64", S.VALUE: "float64",
@@ -81,9 +84,14 @@ def prepare_out(out: Path, blocks: Sequence[Mapping[str, str]]) -> None:
                           f"pass a folder you can write to") from exc
 
 
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, then move it over ``path`` in one step."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=str(path.parent))
+def atomic_write(path: Union[str, Path], write: Callable[[str], object]) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, then move it over ``path`` in one step.
+
+    A reader (or a process killed mid-write) sees the old file or the new one, never a truncated one. Every file
+    that gradscope writes for others to read goes through here (``write_text`` helpers: :func:`atomic_text`).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=str(path.parent))
     os.close(fd)
     try:
         write(tmp)
@@ -93,27 +101,161 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
             os.unlink(tmp)
 
 
-def load(path: Union[str, os.PathLike]):
-    """Read the records that ``attach(..., out=DIR)`` streamed to ``DIR`` back into one DataFrame.
+def atomic_text(path: Union[str, Path], text: str) -> None:
+    """``Path(path).write_text(text)``, atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
-    Parts are read in order; the result equals ``scope.frame()`` of the run that wrote them (up to its last flush).
+
+def load(path: Union[str, os.PathLike]) -> pd.DataFrame:
+    """Read the records in a folder back into one DataFrame, however the run that wrote them ended.
+
+    ``path`` may hold the parts that ``attach(..., out=DIR)`` streamed (``DIR/part-*.parquet``; the result equals
+    ``scope.frame()`` up to its last flush), a report's ``records.parquet``/``records.csv``, or the parts of a
+    ``gradscope profile`` folder (``DIR/records/<run>/[init|train/]part-*.parquet``; ``run`` and ``phase`` columns
+    added). Files are read with pyarrow and nothing in them is unpickled or executed. A truncated file (a process
+    killed while writing it outside gradscope) is skipped with a warning naming it; a file of another schema is
+    refused with :class:`~gradscope.errors.DataError` naming the file and the column; duplicated rows (a copied
+    part) are dropped with a warning naming the files.
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise GradscopeError(f"no gradscope records at {str(folder)!r}: not a folder; pass the out= folder of a run")
+        raise GradscopeError(f"no gradscope records at {str(folder)!r}: not a folder; pass the out= folder of a run "
+                             f"or a gradscope profile folder")
+    if _readable(folder / PARQUET):
+        return _dedupe(read_records(folder / PARQUET), [folder / PARQUET])
     parts = sorted(folder.glob(PART_GLOB))
-    if not parts:
-        if (folder / META_FILE).exists():  # attached, but nothing recorded yet
-            return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(S.COLUMNS, _DTYPES)})
-        raise GradscopeError(f"no gradscope records in {str(folder)!r}: expected {PART_GLOB} files "
-                             f"written by attach(..., out=...)")
-    try:
-        frames = [pd.read_parquet(p) for p in parts]
-    except Exception as exc:  # a part damaged outside gradscope (parts are written atomically)
-        raise GradscopeError(f"cannot read gradscope records in {str(folder)!r}: {type(exc).__name__}: {exc}") from exc
-    frame = pd.concat(frames, ignore_index=True)
-    return sort_frame(frame)
+    if parts:
+        return _dedupe(*_read_parts_of(parts))
+    nested = sorted((folder / "records").glob("**/" + PART_GLOB)) if (folder / "records").is_dir() else []
+    if nested:
+        return _dedupe(*_read_nested(folder / "records", nested))
+    if (folder / CSV).exists():
+        return _dedupe(read_records(folder / CSV), [folder / CSV])
+    if (folder / META_FILE).exists():  # attached, but nothing recorded yet
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(S.COLUMNS, _DTYPES)})
+    raise GradscopeError(f"no gradscope records in {str(folder)!r}: expected {PARQUET}, {PART_GLOB} files "
+                         f"written by attach(..., out=...), or records/<run>/ of a gradscope profile folder")
 
+
+def read_parts(paths: Sequence[Path]) -> pd.DataFrame:
+    """The rows of record parts, in the order given (a run's own parts: none is skipped, each is checked)."""
+    frames = [_table_frame(read_table(p), p) for p in paths]
+    return pd.concat(frames, ignore_index=True) if frames else frame_from_columns([], [], [], [], [], [], [])
+
+
+# --- reading files that others may have sent: pyarrow only, nothing unpickled, schema checked ----------------
+
+_MAGIC = b"PAR1"
+#: Column -> the Arrow type family a gradscope frame stores there.
+_FAMILIES = {S.STEP: "integer", S.BLOCK: "string", S.DEPTH: "integer", S.KIND: "string", S.METRIC: "string",
+             S.VALUE: "floating", S.CALL: "integer"}
+
+
+def _readable(path: Path) -> bool:
+    """True for a complete Parquet file; a truncated one (or not Parquet at all) warns, naming it, and is False."""
+    if not path.is_file():
+        return False
+    size = path.stat().st_size
+    if size >= 12:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+            handle.seek(-4, os.SEEK_END)
+            if head == _MAGIC and handle.read(4) == _MAGIC:
+                return True
+    warnings.warn(f"gradscope: skipped {str(path)!r}: truncated or not a Parquet file ({size} bytes); "
+                  f"reading the other records", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def read_table(path: Path) -> Any:
+    """A pyarrow Table of ``path``; its pandas and gradscope metadata must be JSON (read as data, never run)."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # a damaged file, or a pickled extension type that pyarrow>=14.0.1 refuses
+        raise DataError(f"cannot read {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+    for key, raw in (table.schema.metadata or {}).items():
+        if key in (b"pandas", _META_KEY):
+            try:
+                json.loads(raw)
+            except ValueError:
+                raise DataError(f"refusing {str(path)!r}: its {key.decode()!r} metadata is not valid JSON; "
+                                f"this file was not written by gradscope") from None
+    return table
+
+
+def check_schema(table: Any, path: Path) -> None:
+    """Refuse a table that lacks a frame column or stores one with the wrong type (names the file and column)."""
+    import pyarrow as pa
+
+    names = table.schema.names
+    for column, family in _FAMILIES.items():
+        if column not in names:
+            raise DataError(f"refusing {str(path)!r}: no column {column!r} (it has {names[:8]}); "
+                            f"not gradscope records")
+        kind = table.schema.field(column).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        ok = {"integer": pa.types.is_integer(kind),
+              "floating": pa.types.is_floating(kind) or pa.types.is_integer(kind),
+              "string": pa.types.is_string(kind) or pa.types.is_large_string(kind)}[family]
+        if not ok:
+            raise DataError(f"refusing {str(path)!r}: column {column!r} holds {kind}, expected {family} values; "
+                            f"not gradscope records")
+
+
+def _table_frame(table: Any, path: Path) -> pd.DataFrame:
+    """A checked table as a frame with the schema's dtypes (pandas metadata ignored, so nothing of it runs)."""
+    check_schema(table, path)
+    df = table.to_pandas(ignore_metadata=True)
+    for column, dtype in zip(S.COLUMNS, _DTYPES):
+        df[column] = df[column].astype(object).astype(str) if dtype == "str" else df[column].astype(dtype)
+    return df
+
+
+def _read_parts_of(parts: Sequence[Path]) -> tuple:
+    kept = [p for p in parts if _readable(p)]
+    frames = [_table_frame(read_table(p), p).assign(_file=p.name) for p in kept]
+    if not frames:
+        raise DataError(f"no readable gradscope records among {[p.name for p in parts]}")
+    return sort_frame(pd.concat(frames, ignore_index=True)), kept
+
+
+def _read_nested(root: Path, parts: Sequence[Path]) -> tuple:
+    """Parts of a profile folder: ``records/<run>/<phase>/part-*`` (or ``records/<run>/part-*``) with labels."""
+    frames, files = [], []
+    groups: dict = {}
+    for p in parts:
+        groups.setdefault(p.parent, []).append(p)
+    for parent, group in groups.items():
+        rel = parent.relative_to(root).parts
+        kept = [p for p in group if _readable(p)]
+        if not kept:
+            continue
+        frame = sort_frame(pd.concat([_table_frame(read_table(p), p).assign(_file=str(p.relative_to(root)))
+                                      for p in kept], ignore_index=True))
+        labels = {S.RUN: rel[0] if rel else root.name}
+        if len(rel) > 1:
+            labels[PHASE] = "/".join(rel[1:])
+        frames.append(frame.assign(**labels))
+        files.extend(kept)
+    if not frames:
+        raise DataError(f"no readable gradscope records under {str(root)!r}")
+    return pd.concat(frames, ignore_index=True), files
+
+
+def _dedupe(frame: pd.DataFrame, files: Sequence[Path]) -> pd.DataFrame:
+    """Drop rows repeated under one (run, phase, step, block, call, metric) key, warning with the files involved."""
+    key = [c for c in (S.RUN, PHASE, S.STEP, S.BLOCK, S.CALL, S.METRIC) if c in frame.columns]
+    dup = frame.duplicated(key, keep="first") if set(S.COLUMNS) <= set(frame.columns) else None
+    if dup is not None and dup.any():
+        involved = frame[frame.duplicated(key, keep=False)]
+        where = sorted(set(involved["_file"])) if "_file" in frame.columns else [str(f) for f in files]
+        warnings.warn(f"gradscope: {int(dup.sum())} duplicate rows (same {', '.join(key)}) in {where}; "
+                      f"kept the first of each", RuntimeWarning, stacklevel=3)
+        frame = frame[~dup].reset_index(drop=True)
+    return frame.drop(columns="_file", errors="ignore")
 
 
 # --- report record files --------------------------------------------------------------------------------------------------
@@ -172,19 +314,19 @@ def read_records(path: Union[str, Path]) -> pd.DataFrame:
     """Read a frame written by :func:`write_records`: a ``.parquet`` or ``.csv`` file, or a report folder.
 
     Dtypes are restored from the parquet metadata or from ``<name>.dtypes.json`` beside the CSV (schema dtypes
-    when that file is absent), so the result equals the frame that was written, dtypes included.
+    when that file is absent), so the result equals the frame that was written, dtypes included. The parquet
+    file's own pandas metadata is never used (see :func:`read_table`).
     """
-    import pyarrow.parquet as pq
-
     p = Path(path)
     if p.is_dir():
         p = p / PARQUET if (p / PARQUET).exists() else p / CSV
     if not p.exists():
         raise DataError(f"no records at {str(path)!r}; pass a report folder, a records.parquet or a records.csv.")
     if p.suffix == ".parquet":
-        table = pq.read_table(p)
+        table = read_table(p)
+        check_schema(table, p)
         raw = (table.schema.metadata or {}).get(_META_KEY)
-        df = table.to_pandas()
+        df = table.to_pandas(ignore_metadata=True)
         spec = json.loads(raw) if raw else {}
         return pd.DataFrame({c: _restore(df[c], spec[c], False) if c in spec else df[c] for c in df.columns})
     if p.suffix != ".csv":

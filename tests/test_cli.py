@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -73,6 +75,18 @@ def test_fail_on_exits_3_when_a_verdict_matches(tmp_path, capsys):
      "no CUDA GPU|--lr"),
     (["report", "/no/such/run"], "no run folder"),
     (["profile", "--fail-on", "sometimes"], "--fail-on sometimes"),
+    (["profile", "--seeds", ""], "argument --seeds: '' is not a comma-separated list of integers"),
+    (["profile", "--seeds", ","], "argument --seeds: ',' is not a comma-separated list of integers"),
+    (["profile", "--models", ","], "argument --models: ',' names nothing"),
+    (["profile", "--model", f"{FIXTURE}:tiny", "--input-shape", ""], "argument --input-shape: '' is not"),
+    (["profile", "--input-shape", "3,8,8"], "--input-shape 3,8,8 applies to --model only"),
+    (["profile", "--model", f"{FIXTURE}:tiny", "--input-shape", "-1"], "'-1': every value must be a positive"),
+    (["profile", "--models", "plain20", "--blocks", "layer("], "'layer\\(' is not a valid regular expression"),
+    (["profile", "--models", "plain20,plain20", "--bn", "on"], "run name\\(s\\) plain20-bn would repeat"),
+    (["profile", "--model", f"{FIXTURE}:tiny", "--input-shape", "3,8,8", "--seeds", "1,1"], "tiny-s1 would repeat"),
+    (["profile", "--steps", "many"], "argument --steps: invalid int value: 'many' \\(see gradscope profile --help\\)"),
+    (["profile", "--model", f"{FIXTURE.parent / 'exits_at_import.py'}:make"], "called sys.exit\\(7\\)"),
+    (["report"], "the following arguments are required: folder \\(see gradscope report --help\\)"),
 ])
 def test_bad_input_gives_one_line_and_status_2(argv, message, capsys, tmp_path):
     code = main(argv + ["--out", str(tmp_path / "o")] if argv[0] == "profile" else argv)
@@ -107,22 +121,66 @@ def test_report_rerenders_a_saved_run(tmp_path, capsys):
     assert (tmp_path / "report.html").exists()
 
 
-def test_ctrl_c_keeps_records_and_exits_130(tmp_path):
-    """A real SIGINT in the middle of training: the CLI writes what it has and exits 130."""
+def _profile_until_parts(tmp_path, phase: str, *options: str) -> subprocess.Popen:
+    """Start a profile far longer than any test (it can only end by the signal) and wait for its first part."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
-    proc = subprocess.Popen([sys.executable, "-m", "gradscope", "profile", "--models", "resnet56", "--bn", "on",
-                             "--steps", "400", "--train-size", "64", "--batch-size", "8", "--quiet",
-                             "--out", str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True)
-    parts = tmp_path / "records" / "resnet56-bn" / "train"
-    deadline = __import__("time").time() + 120
-    while __import__("time").time() < deadline and not list(parts.glob("part-*.parquet")):
-        __import__("time").sleep(0.2)
+    proc = subprocess.Popen([sys.executable, "-m", "gradscope", "profile", "--model", f"{FIXTURE}:tiny",
+                             "--input-shape", "3,8,8", "--train-size", "64", "--batch-size", "8", "--quiet",
+                             "--out", str(tmp_path), *options], env=env, stderr=subprocess.PIPE, text=True)
+    parts = tmp_path / "records" / "tiny" / phase
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(parts.glob("part-*.parquet")):
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1]
+    return proc
+
+
+def _rows_in_parts(folder: Path) -> int:
+    return sum(len(pd.read_parquet(p)) for p in sorted(folder.glob("part-*.parquet")))
+
+
+@pytest.mark.parametrize("phase, options", [("train", ["--steps", "1000000", "--init-batches", "1"]),
+                                            ("init", ["--steps", "1", "--init-batches", "1000000"])])
+def test_ctrl_c_keeps_records_and_exits_130(tmp_path, phase, options):
+    """A real SIGINT in training or in the initialisation measurement: the CLI reports what it has, exits 130."""
+    proc = _profile_until_parts(tmp_path, phase, *options)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "Traceback" not in err and "nothing was recorded" not in err
+    frame = pd.read_parquet(tmp_path / "records.parquet")
+    on_disk = _rows_in_parts(tmp_path / "records" / "tiny" / phase)
+    assert on_disk >= 10 * 3 and len(frame) >= on_disk  # the report holds every row streamed (and the tail)
+    assert (tmp_path / "report.html").exists()
+
+
+def test_sigterm_writes_the_report_and_dies_of_sigterm(tmp_path):
+    """docker/Kubernetes/Slurm stop with SIGTERM: rows flushed, report written, then killed by the signal."""
+    proc = _profile_until_parts(tmp_path, "train", "--steps", "1000000", "--init-batches", "1")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGTERM, err  # a shell reports 143
     assert "Traceback" not in err
     frame = pd.read_parquet(tmp_path / "records.parquet")
-    assert frame.step.max() >= 9  # at least the first streamed part (10 recorded steps)
+    parts = tmp_path / "records" / "tiny" / "train"
+    steps_on_disk = pd.concat([pd.read_parquet(p) for p in parts.glob("part-*.parquet")]).step.nunique()
+    assert frame.step.nunique() == steps_on_disk >= 10  # every recorded step is on disk, in parts and report
+    assert (tmp_path / "report.html").exists()
+
+
+def test_a_package_in_the_current_folder_imports_as_under_python_m(tmp_path):
+    """The console script's sys.path holds its bin folder, not the current one; gradscope adds the latter."""
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    shutil.copy(FIXTURE, tmp_path / "mypkg" / "nets.py")
+    code = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+            "from gradscope.cli import main_entry; main_entry()")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", code, "profile", "--model", "mypkg.nets:tiny", "--input-shape",
+                           "3,8,8", "--format", "records", "--out", str(tmp_path / "out")] + FAST,
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert set(pd.read_parquet(tmp_path / "out" / "records.parquet").block) == {"1", "3", "5"}
 
 
 def test_a_model_that_crashes_mid_run_keeps_its_records(tmp_path, capsys):

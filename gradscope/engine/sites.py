@@ -7,10 +7,16 @@ A *site* is a module whose output (and input) gradscope measures. :func:`find_bl
 
 1. modules that declare themselves blocks (class or instance attribute ``gradscope_block = True``; every block of
    gradscope's own model zoo does, and your own classes may too);
-2. the repeated children of ``nn.Sequential`` / ``nn.ModuleList`` containers: children of one class that occurs
-   at least twice in the same container and that are not themselves plain containers or leaf layers
-   (a torchvision ``layer1.0``, a Hugging Face ``transformer.h.3``); once a module is picked, nothing inside it is;
-3. leaf modules that own parameters (every ``Linear``, ``Conv2d``, ``BatchNorm`` ...).
+2. the blocks held by ``nn.Sequential`` / ``nn.ModuleList`` / ``nn.ModuleDict`` containers (a torchvision
+   ``layer1.0``, a Hugging Face ``transformer.h.3``): children of a container that are neither containers nor leaf
+   layers and whose class occurs at least twice among the children of the model's containers, or that sit in a
+   *stage* (a container inside a container of several containers: EfficientNet-style ``blocks.0.0``, so a block
+   alone in its stage is kept). A picked module that itself wraps repeated blocks (a library's stage class, not a
+   container: timm's ``stages.1`` holding ``stages.1.blocks.0..2``) gives way to those blocks; otherwise nothing
+   inside a picked module is picked;
+3. the smallest modules that own parameters: each module with parameters of its own and none in its submodules
+   (every ``Linear``, ``Conv2d``, ``BatchNorm``, and a norm layer with an activation child such as timm's
+   ``BatchNormAct2d``).
 
 Other selectors: a module class or tuple of classes (``nn.BatchNorm2d``), a string matched against qualified
 module names both as a glob (``layer1.*``) and as a full regular expression (``layer\\d+\\.\\d+``), a compiled
@@ -57,6 +63,10 @@ def find_blocks(model: nn.Module, blocks: BlockSelector = "auto") -> List[Site]:
     else:
         matcher, how = _matcher(blocks, named)
         picked = [(n, m) for n, m in named if matcher(n, m)]
+    if not picked and isinstance(blocks, str) and blocks != "auto" and _regex_error(blocks):
+        raise SelectorError(
+            f"block selector {blocks!r} is not a valid regular expression ({_regex_error(blocks)}) and matched no "
+            f"module name as a glob either; some module names are: {_sample_names(named)}")
     if not picked:
         raise SelectorError(
             f"block selector {how} matched no module of {type(model).__name__}; "
@@ -104,25 +114,50 @@ def _auto(named: List[Tuple[str, nn.Module]]) -> List[Tuple[str, nn.Module]]:
     declared = _outermost((n, m) for n, m in named if n and is_declared_block(m))
     if declared:
         return declared
-    repeated = _outermost(_repeated_children(named))
-    if repeated:
-        return repeated
-    return [(n, m) for n, m in named if n and not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+    candidates = _container_blocks(named)
+    if candidates:
+        stages = _stage_classes(candidates)
+        return _outermost((n, m) for n, m in candidates if type(m) not in stages)
+    return [(n, m) for n, m in named if n and _owns_parameters(m)
+            and not any(True for c in m.children() for _ in c.parameters())]
 
 
-def _repeated_children(named: List[Tuple[str, nn.Module]]) -> Iterator[Tuple[str, nn.Module]]:
-    """Children of containers whose class occurs at least twice there and that are neither containers nor leaves."""
-    for name, module in named:
-        if not isinstance(module, _CONTAINERS):
+def _owns_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def _container_blocks(named: List[Tuple[str, nn.Module]]) -> List[Tuple[str, nn.Module]]:
+    """Children of containers that are neither containers nor leaves, repeated model-wide or held by a stage."""
+    held = [(name, module, child_name, child) for name, module in named if isinstance(module, _CONTAINERS)
+            for child_name, child in module.named_children()]
+    counts: dict = {}
+    for _, _, _, child in held:
+        counts[type(child)] = counts.get(type(child), 0) + 1
+    stage_ids = {id(child) for _, module, _, child in held if isinstance(child, _CONTAINERS)
+                 and sum(isinstance(c, _CONTAINERS) for c in module.children()) >= 2}
+    picked = []
+    for name, module, child_name, child in held:
+        if isinstance(child, _CONTAINERS) or not list(child.children()):
             continue
-        children = list(module.named_children())
-        counts: dict = {}
-        for _, child in children:
-            counts[type(child)] = counts.get(type(child), 0) + 1
-        for child_name, child in children:
-            if counts[type(child)] < 2 or isinstance(child, _CONTAINERS) or not list(child.children()):
+        if counts[type(child)] >= 2 or id(module) in stage_ids:
+            picked.append(((f"{name}.{child_name}" if name else child_name), child))
+    order = {n: i for i, (n, _) in enumerate(named)}
+    return sorted(picked, key=lambda pair: order.get(pair[0], len(order)))
+
+
+def _stage_classes(candidates: List[Tuple[str, nn.Module]]) -> set:
+    """Classes of candidates that wrap repeated blocks: one holds a container of >= 2 same-class candidates."""
+    ids = {id(m): type(m) for _, m in candidates}
+    stages = set()
+    for _, module in candidates:
+        for inner in module.modules():
+            if inner is module or not isinstance(inner, _CONTAINERS):
                 continue
-            yield (f"{name}.{child_name}" if name else child_name), child
+            kinds = [ids[id(c)] for c in inner.children() if id(c) in ids]
+            if any(kinds.count(k) >= 2 for k in set(kinds)):
+                stages.add(type(module))
+                break
+    return stages
 
 
 def _outermost(pairs: Iterable[Tuple[str, nn.Module]]) -> List[Tuple[str, nn.Module]]:
@@ -170,6 +205,15 @@ def _pattern_matcher(pattern: str) -> Predicate:
         return fnmatch.fnmatchcase(name, pattern) or (regex is not None and regex.fullmatch(name) is not None)
 
     return match
+
+
+def _regex_error(pattern: str) -> str:
+    """Why ``pattern`` does not compile as a regular expression ('' when it does)."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return str(exc)
+    return ""
 
 
 def _list_matcher(items: List[Any], named: List[Tuple[str, nn.Module]]) -> Predicate:

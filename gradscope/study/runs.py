@@ -176,20 +176,21 @@ def measure_run(spec: RunSpec, batches: Iterator[Any], settings: Settings, devic
     model, shard = _distribute(net, device)
     frames, losses = [], []
     loss_fn = nn.CrossEntropyLoss()
-    with attach(model, blocks=spec.blocks, on_nonfinite="ignore",
-                out=None if out is None else out / "init") as scope:
-        for _ in range(settings.init_batches):
-            x, y = shard(next(batches))
-            loss_fn(first_tensor(model(x)), y).backward()
-            scope.step()
-            model.zero_grad(set_to_none=True)
-            if on_step:
-                on_step(INIT, 1)
-    frames.append(_label(scope.frame(), spec, config, INIT))
-    opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
-                          weight_decay=settings.weight_decay)
-    scope = None
-    try:
+    init_scope = scope = None
+    try:  # interrupted in either phase (Ctrl-C, SIGTERM, an error): the sink still gets every row recorded
+        with attach(model, blocks=spec.blocks, on_nonfinite="ignore",
+                    out=None if out is None else out / "init") as init_scope:
+            for _ in range(settings.init_batches):
+                x, y = shard(next(batches))
+                loss_fn(first_tensor(model(x)), y).backward()
+                init_scope.step()
+                model.zero_grad(set_to_none=True)
+                if on_step:
+                    on_step(INIT, 1)
+        frames.append(_label(init_scope.frame(), spec, config, INIT))
+        init_scope = None
+        opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                              weight_decay=settings.weight_decay)
         with attach(model, blocks=spec.blocks, every=settings.every, optimizer=opt, on_nonfinite="ignore",
                     out=None if out is None else out / "train") as scope:
             for step in range(settings.steps):
@@ -206,9 +207,10 @@ def measure_run(spec: RunSpec, batches: Iterator[Any], settings: Settings, devic
                 if on_step:
                     on_step(TRAIN, 1)
     finally:
-        if scope is not None:
-            frames.append(_label(scope.frame(), spec, config, TRAIN))
-        result = (pd.concat(frames, ignore_index=True),
+        for phase, open_scope in ((INIT, init_scope), (TRAIN, scope)):
+            if open_scope is not None:
+                frames.append(_label(open_scope.frame(), spec, config, phase))
+        result = (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(),
                   pd.DataFrame(losses, columns=[S.RUN, S.STEP, "loss", "accuracy"]), config)
         if sink is not None:
             sink.append(result)

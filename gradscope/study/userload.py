@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +28,8 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         try:
             model = factory()
+        except SystemExit as exc:
+            raise ModelError(f"--model {spec!r}: calling {name}() called sys.exit({exc.code!r})") from exc
         except Exception as exc:
             raise ModelError(f"--model {spec!r}: calling {name}() raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(model, nn.Module):
@@ -47,11 +50,29 @@ def _import(where: str, spec: str) -> Any:
             sys.modules[module_spec.name] = module
             module_spec.loader.exec_module(module)
             return module
+        _cwd_importable()
         return importlib.import_module(where)
     except ModelError:
         raise
+    except SystemExit as exc:  # a script-style module that exits at import: say so rather than exit with it
+        raise ModelError(f"--model {spec!r}: importing {where} called sys.exit({exc.code!r}); guard the script "
+                         f"part of that file with if __name__ == '__main__':") from exc
     except Exception as exc:  # SyntaxError, ImportError, whatever the user's module raises at import
         raise ModelError(f"--model {spec!r}: importing {where} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _cwd_importable() -> None:
+    """Make the current folder importable, as ``python -m`` does (the ``gradscope`` console script does not)."""
+    cwd = os.getcwd()
+    if not any(entry in ("", cwd) or _same(entry, cwd) for entry in sys.path):
+        sys.path.insert(0, cwd)
+
+
+def _same(entry: str, cwd: str) -> bool:
+    try:
+        return os.path.samefile(entry, cwd)
+    except OSError:
+        return False
 
 
 def random_data(spec: Any, n: int, seed: int = 0) -> torch.utils.data.TensorDataset:

@@ -96,3 +96,99 @@ def test_ddp_wrapper_is_looked_through():
             self.module = module
 
     assert names(DistributedDataParallel(nets.TinyResNet())) == ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]
+
+
+# ---- "auto" on the shapes of libraries we cannot install here (torchvision, timm): look-alikes of their structure
+
+class _Conv(nn.Module):
+    """A conv layer with a child activation (timm's ConvNormAct / a block's sublayer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.act = nn.ReLU()
+
+
+class _SqueezeExcite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(4, 2, 1), nn.Conv2d(2, 4, 1)
+
+
+class _MBConv(nn.Module):
+    """torchvision's MBConv: a Sequential of conv sublayers with a squeeze-excite in between."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)), _SqueezeExcite(),
+                                   nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+
+
+class _DepthwiseSeparable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dw, self.pw = _Conv(), _Conv()
+
+
+def test_auto_keeps_a_block_alone_in_its_stage_torchvision_efficientnet_style():
+    # features: stem, stages of 1, 2, 1 MBConv, head (stem and head are Sequential conv+BN, as Conv2dNormActivation)
+    stem = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    model = nn.Module()
+    model.features = nn.Sequential(stem, nn.Sequential(_MBConv()), nn.Sequential(_MBConv(), _MBConv()),
+                                   nn.Sequential(_MBConv()), head)
+    assert names(model) == ["features.1.0", "features.2.0", "features.2.1", "features.3.0"]
+
+
+def test_auto_keeps_a_block_of_a_class_found_once_timm_efficientnet_style():
+    # timm: blocks = Sequential(Sequential(DepthwiseSeparableConv), Sequential(IR, IR), Sequential(IR)); the first
+    # stage's block is the only one of its class in the whole model
+    model = nn.Module()
+    model.conv_stem = nn.Conv2d(4, 4, 1)
+    model.blocks = nn.Sequential(nn.Sequential(_DepthwiseSeparable()), nn.Sequential(_MBConv(), _MBConv()),
+                                 nn.Sequential(_MBConv()))
+    assert names(model) == ["blocks.0.0", "blocks.1.0", "blocks.1.1", "blocks.2.0"]
+
+
+def test_auto_keeps_single_block_stages_held_as_attributes_resnet10_style():
+    model = nets.TinyResNet()
+    model.layer1, model.layer2 = nn.Sequential(model.layer1[0]), nn.Sequential(model.layer2[0])
+    assert names(model) == ["layer1.0", "layer2.0"]
+
+
+class _Stage(nn.Module):
+    """timm's ConvNeXtStage / SwinTransformerStage: a downsample and a Sequential of blocks, not a container."""
+
+    def __init__(self, depth):
+        super().__init__()
+        self.downsample = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1))
+        self.blocks = nn.Sequential(*[nets.ConvBNReLU(4, 4) for _ in range(depth)])
+
+
+def test_auto_gives_the_blocks_inside_library_stage_classes_not_the_stages():
+    model = nn.Module()
+    model.stem = nn.Conv2d(4, 4, 1)
+    model.stages = nn.Sequential(_Stage(2), _Stage(3), _Stage(1))
+    assert names(model) == ["stages.0.blocks.0", "stages.0.blocks.1", "stages.1.blocks.0", "stages.1.blocks.1",
+                            "stages.1.blocks.2", "stages.2.blocks.0"]
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm with an activation child."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.drop, self.act = nn.Identity(), nn.ReLU()
+
+
+def test_leaf_fallback_includes_norm_layers_with_children():
+    model = nn.Module()
+    model.conv1, model.bn1 = nn.Conv2d(3, 4, 1), _BatchNormAct(4)
+    model.conv2, model.bn2 = nn.Conv2d(4, 4, 1), _BatchNormAct(4)
+    model.fc = nn.Linear(4, 2)
+    assert names(model) == ["conv1", "bn1", "conv2", "bn2", "fc"]
+
+
+def test_an_invalid_regex_is_called_one_not_a_pattern_that_matched_nothing():
+    with pytest.raises(SelectorError, match=r"'layer\(' is not a valid regular expression \(missing \)"):
+        gradscope.find_blocks(nets.TinyResNet(), "layer(")

@@ -11,6 +11,7 @@ import os
 from typing import Any, Union
 
 from gradscope.errors import GradscopeError
+from gradscope.engine.alerts import Alert, AlertRules, AnomalyError
 from gradscope.engine.scope import NonFiniteError, Scope, attach
 from gradscope.engine.sites import Site, find_blocks
 
@@ -57,6 +58,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = sorted([
+    "Alert",
+    "AlertRules",
+    "AnomalyError",
     "GradscopeError",
     "NonFiniteError",
     "Scope",

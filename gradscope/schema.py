@@ -68,3 +68,16 @@ INIT = "init"
 SEED = "seed"
 #: Config columns a study adds after :data:`RUN`; each holds one value per run.
 CONFIG_COLUMNS = (MODEL, BN, RESIDUAL, SHORTCUT, INIT, SEED)
+
+# --- alerts (gradscope.engine.alerts; scope.alerts(), DIR/alerts.csv) -----------------------------------------
+#: The training loss of a recorded step, as ``scope.step(loss=...)`` gives it: one value per step, not a frame row.
+LOSS = "loss"
+LOSS_SPIKE = "loss_spike"
+GRAD_SPIKE = "grad_spike"
+UPDATE_BAND = "update_band"
+DIVERGENCE = "divergence"
+#: Every alert kind (also names that ``gradscope profile --fail-on`` accepts).
+ALERT_KINDS = (LOSS_SPIKE, GRAD_SPIKE, UPDATE_BAND, DIVERGENCE)
+#: Columns of an alerts table: where (step, block), what (kind, metric), how much (value against threshold), and
+#: the other blocks affected at that step (space-separated; empty for the loss).
+ALERT_COLUMNS = ("step", "kind", "block", "metric", "value", "threshold", "others")

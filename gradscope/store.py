@@ -344,3 +344,34 @@ def read_records(path: Union[str, Path]) -> pd.DataFrame:
         cols = {c: _restore(df[c], {"dtype": DEFAULT_DTYPES[c]}, True) if c in known else other[c]
                 for c in df.columns}
     return pd.DataFrame(cols)
+
+
+# --- alerts -----------------------------------------------------------------------------------------------------
+
+#: ``DIR/alerts.csv`` beside the record parts: the run's alerts, rewritten whole (atomically) when one is added.
+ALERTS_FILE = "alerts.csv"
+
+
+def alerts_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Alerts (dicts with :data:`gradscope.schema.ALERT_COLUMNS`) as a DataFrame, empty with those columns if none."""
+    frame = pd.DataFrame(list(rows), columns=list(S.ALERT_COLUMNS))
+    return frame.astype({"step": "int64", "value": "float64", "threshold": "float64"})
+
+
+def write_alerts(rows: Sequence[Mapping[str, Any]], out: Union[str, Path]) -> Path:
+    """Write ``out/alerts.csv`` atomically (a kill mid-write leaves the previous file)."""
+    path = Path(out) / ALERTS_FILE
+    frame = alerts_frame(rows)
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+    return path
+
+
+def read_alerts(folder: Union[str, Path]) -> pd.DataFrame:
+    """``folder/alerts.csv`` as written by :func:`write_alerts` (block names stay text); empty if there is none."""
+    path = Path(folder) / ALERTS_FILE
+    if not path.exists():
+        return alerts_frame([])
+    frame = pd.read_csv(path, dtype={"kind": str, "block": str, "metric": str, "others": str},
+                        keep_default_na=False, na_values={"block": [""], "value": [""], "threshold": [""]})
+    frame["others"] = frame["others"].fillna("")
+    return alerts_frame(frame.to_dict("records"))

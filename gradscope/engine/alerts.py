@@ -13,7 +13,8 @@ Robust z-score: ``z = (x - median(W)) / (1.4826 * MAD(W))`` over the window ``W`
 (1.4826 makes the MAD a standard deviation for normal noise; median and MAD ignore the few spikes the window
 holds). The scale has a floor (``rel_floor`` of the median for the loss, the same fraction in log space for
 gradients) so that a near-constant series does not turn a 1 % wobble into an alert. A spike needs ``warmup``
-earlier values, and only upward moves count: a falling loss is training.
+earlier values, and only upward moves count (a falling loss is training); a spike must also top every value in its
+window, a cheap first test that spares the median of most steps.
 
 Which block an alert names, "the block first affected": a fault that arises at block k during the forward pass
 reaches every block after k, so a forward anomaly names the *earliest* anomalous block in forward order. Gradients
@@ -26,20 +27,18 @@ gives one divergence alert, not one per step).
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from statistics import median
-from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from gradscope import schema as S
 from gradscope.errors import GradscopeError
 
-LOSS_SPIKE = "loss_spike"
-GRAD_SPIKE = "grad_spike"
-UPDATE_BAND = "update_band"
-DIVERGENCE = "divergence"
-#: every alert kind, in the order of the module docstring (also the CLI's ``--fail-on`` names)
-ALERT_KINDS = (LOSS_SPIKE, GRAD_SPIKE, UPDATE_BAND, DIVERGENCE)
+from gradscope.schema import ALERT_KINDS, DIVERGENCE, GRAD_SPIKE, LOSS_SPIKE, UPDATE_BAND
+
 ANOMALY_POLICIES = ("warn", "raise")
 #: the metric name an alert on the loss carries
 LOSS = "loss"
@@ -100,7 +99,7 @@ class AlertRules:
         warmup: earlier values a spike test needs before it can fire.
         update_band: ``(low, high)`` for ``update_ratio``; ``None`` turns the band test off.
         rel_floor: the scale's floor, as a fraction of the median (loss) or in log space (gradients).
-        kinds: the kinds to detect (default all of :data:`ALERT_KINDS`).
+        kinds: the kinds to detect (default all of :data:`ALERT_KINDS`); ``()`` turns detection off.
     """
 
     window: int = 20
@@ -188,11 +187,11 @@ class Detector:
                   (LOSS_SPIKE, lambda: self._loss_spike(step, loss)),
                   (GRAD_SPIKE, lambda: self._grad_spike(step, rows)),
                   (UPDATE_BAND, lambda: update_band(step, rows, self.rules.update_band)))
+        present = {r[4] for r in rows}
         for kind, check in checks:
             if kind not in kinds or (kind == LOSS_SPIKE and loss is None):
                 continue
-            relevant = kind in (DIVERGENCE, LOSS_SPIKE) or any(r[4] == _METRIC_OF[kind] for r in rows)
-            if not relevant:
+            if kind in _METRIC_OF and _METRIC_OF[kind] not in present:
                 continue
             alert = check()
             if self._episodes[kind].start(step, alert is not None):
@@ -212,7 +211,9 @@ class Detector:
         for _, block, depth, call, metric, value in rows:
             if metric != S.GRAD_NORM or call != 0 or not (math.isfinite(value) and value > 0):
                 continue
-            history = self._grad.setdefault(block, deque(maxlen=self.rules.window))
+            history = self._grad.get(block)
+            if history is None:
+                history = self._grad[block] = deque(maxlen=self.rules.window)
             alert = self._spike(step, history, math.log(value), value, block, S.GRAD_NORM, GRAD_SPIKE,
                                 relative=False)
             history.append(math.log(value))
@@ -228,7 +229,7 @@ class Detector:
     def _spike(self, step: int, history: Deque[float], x: float, value: float, block: Optional[str], metric: str,
                kind: str, relative: bool) -> Optional[Alert]:
         """An alert when ``x`` (``value``, or its log when not ``relative``) is a spike against ``history``."""
-        if len(history) < self.rules.warmup:
+        if len(history) < self.rules.warmup or x <= max(history):  # a spike tops its window (cheap test first)
             return None
         z, med, scale = robust_z(list(history), x, self.rules.rel_floor, relative)
         if z <= self.rules.z:
@@ -257,8 +258,13 @@ def update_band(step: int, rows: List[Row], band: Optional[Tuple[float, float]])
 def divergence(step: int, rows: List[Row], loss: Optional[float]) -> Optional[Alert]:
     """The first NaN/Inf of a step: forward activations first (earliest block), then backward gradients (the block
     nearest the loss), then parameter norms (earliest block), then the loss itself."""
-    forward = sorted((depth, block, metric, value) for _, block, depth, _, metric, value in rows
-                     if _nonfinite_forward(metric, value))
+    isfinite = math.isfinite
+    bad = [r for r in rows if not isfinite(r[5]) or (r[4] == S.ACT_NONFINITE and r[5] > 0)]
+    if not bad and (loss is None or isfinite(loss)):
+        return None
+    rows = bad
+    forward = sorted(((depth, metric != S.ACT_NONFINITE), block, metric, value)  # the count is the clearest value
+                     for _, block, depth, _, metric, value in rows if _nonfinite_forward(metric, value))
     if forward:
         return _divergence_alert(step, forward)
     backward = sorted((-depth, block, metric, value) for _, block, depth, _, metric, value in rows
@@ -280,7 +286,7 @@ def _nonfinite_forward(metric: str, value: float) -> bool:
     return metric in S.FORWARD_METRICS and not math.isfinite(value)
 
 
-def _divergence_alert(step: int, ordered: List[Tuple[int, str, str, float]]) -> Alert:
+def _divergence_alert(step: int, ordered: List[Tuple[Any, str, str, float]]) -> Alert:
     blocks: List[str] = []
     for _, block, _, _ in ordered:
         if block not in blocks:
@@ -298,3 +304,73 @@ def check_handler(on_anomaly: Handler) -> Handler:
         return on_anomaly
     raise GradscopeError(f"on_anomaly={on_anomaly!r}: use 'warn', 'raise', a function taking a gradscope Alert, "
                          f"or None (alerts are still kept: scope.alerts())")
+
+
+class AlertLog:
+    """The alerts of one scope: detection at each flush, the user's handler, the file beside the records.
+
+    ``on_anomaly``: ``None`` keeps alerts silently (``scope.alerts()``, ``alerts.csv``); ``"warn"`` warns once per
+    alert; ``"raise"`` makes the next ``scope.step()`` raise :class:`AnomalyError` (never ``frame()`` or
+    ``detach()``, which must not lose rows); a callable receives each :class:`Alert` as it is found.
+    """
+
+    def __init__(self, rules: Optional[AlertRules], on_anomaly: Handler, out: Optional[Path] = None,
+                 write_files: bool = True) -> None:
+        if rules is not None and not isinstance(rules, AlertRules):
+            raise GradscopeError(f"alert_rules={rules!r}: pass gradscope.AlertRules(...) or None for the defaults")
+        self.detector = Detector(rules or AlertRules())
+        self.handler = check_handler(on_anomaly)
+        self.out = out if write_files else None
+        self.alerts: List[Alert] = []
+        self._pending: List[Alert] = []
+        self.enabled = bool(self.detector.rules.kinds)  # AlertRules(kinds=()) turns detection off
+
+    def observe(self, rows: Iterable[Row], losses: Iterable[Tuple[int, float]] = ()) -> List[Alert]:
+        """Detect on newly transferred rows and losses; write, tell and remember what is new."""
+        new = self.detector.observe(rows, losses)
+        if not new:
+            return new
+        self.alerts.extend(new)
+        if self.out is not None:
+            self.write()
+        for alert in new:
+            if callable(self.handler):
+                self.handler(alert)
+            elif self.handler == "warn":
+                warnings.warn(str(alert), RuntimeWarning, stacklevel=4)
+        if self.handler == "raise":
+            self._pending.extend(new)
+        return new
+
+    def raise_pending(self) -> None:
+        """Under ``on_anomaly="raise"``: raise :class:`AnomalyError` for the alerts found since the last call."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            raise AnomalyError("; ".join(str(a) for a in pending))
+
+    def rows(self) -> List[Dict[str, object]]:
+        """Every alert so far as a flat dict (columns :data:`gradscope.schema.ALERT_COLUMNS`)."""
+        return [a.as_dict() for a in self.alerts]
+
+    def write(self) -> None:
+        """Rewrite ``out/alerts.csv`` (atomically) with every alert so far."""
+        from gradscope import store  # pandas loads only when an alert is written
+
+        store.write_alerts(self.rows(), self.out)
+
+
+def detector_rows(rows: Any, start: int, sites: Sequence[Any], depth: Dict[int, int]) -> List[Row]:
+    """The recorded rows from index ``start`` (the recorder's parallel lists) that a detector reads, as its tuples:
+    gradient norms, update ratios and non-finite values (a healthy step's other rows matter to no detector)."""
+    step, site, call, metric, value = rows.step, rows.site, rows.call, rows.metric, rows.value
+    wanted, end = _READ, len(value)
+    if math.isfinite(sum(value[start:end])):  # every value finite: only a count can still report a NaN/Inf
+        picked = [i for i in range(start, end) if metric[i] in wanted
+                  or (metric[i] == S.ACT_NONFINITE and value[i] > 0)]
+    else:
+        picked = [i for i in range(start, end) if metric[i] in wanted or not math.isfinite(value[i])
+                  or (metric[i] == S.ACT_NONFINITE and value[i] > 0)]
+    return [(step[i], sites[site[i]].name, depth.get(site[i], -1), call[i], metric[i], value[i]) for i in picked]
+
+
+_READ = frozenset((S.GRAD_NORM, S.UPDATE_RATIO))

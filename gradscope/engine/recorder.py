@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from gradscope import schema as S
 from gradscope.errors import GradscopeError
 from gradscope.engine import spec
 from gradscope.engine.sites import Site
@@ -94,6 +95,7 @@ class Recorder:
         self.state = StepState(len(sites), schedule)
         self.buffer: List[Entry] = []
         self.rows = Rows()
+        self.losses: List[Tuple[int, float]] = []  # (step, loss) of recorded steps given scope.step(loss=...)
         self.out = out
         self.flush_every = flush_every
         self.reducer = reducer
@@ -128,6 +130,19 @@ class Recorder:
             reduce: str = spec.VALUE) -> None:
         self.buffer.append(Entry(step, site, call, group, values, count, reduce))
 
+    def add_loss(self, step: int, loss: Union[torch.Tensor, float]) -> None:
+        """Buffer the training loss of ``step`` (a 0-dim tensor stays on its device until the flush: no sync)."""
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise GradscopeError(f"scope.step(loss=...) got a tensor of shape {tuple(loss.shape)}; pass the "
+                                     f"scalar loss that backward() ran on")
+            values: Union[torch.Tensor, Tuple[float, ...]] = loss.detach().reshape(1).to(torch.float32)
+        elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            values = (float(loss),)
+        else:
+            raise GradscopeError(f"scope.step(loss={loss!r}): pass the loss tensor (or a float), or leave it out")
+        self.buffer.append(Entry(step, -1, 0, (S.LOSS,), values, 0, spec.VALUE))
+
     def add_per_site(self, step: int, sites: List[int], metric: str, values: torch.Tensor,
                      layout: str = spec.VALUE) -> None:
         """One metric for several sites at once: ``values[i]`` (a 1-D tensor) belongs to ``sites[i]``.
@@ -153,7 +168,10 @@ class Recorder:
             else:
                 finished = finish_entries(device_entries, _read(device_entries))
             for entry, values in zip(device_entries, finished):
-                self.rows.extend(entry, values)
+                if entry.group[0] == S.LOSS:  # a step's loss: beside the rows, not a frame row
+                    self.losses.append((entry.step, float(values[0])))
+                else:
+                    self.rows.extend(entry, values)
         self._recorded_since_write += 1
         if self.out is not None and self.write_files and self._recorded_since_write >= self.flush_every:
             self.write_part()

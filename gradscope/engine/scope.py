@@ -15,6 +15,7 @@ from gradscope import schema as S
 from gradscope.errors import GradscopeError
 from gradscope.engine import params as P
 from gradscope.engine import spec
+from gradscope.engine.alerts import AlertLog, AlertRules, Handler, detector_rows
 from gradscope.engine.amp import ScalerState
 from gradscope.engine.nonfinite import NONFINITE_POLICIES, NonFiniteError, NonFinitePolicy
 from gradscope.engine.probes import MetricSet, Probe
@@ -38,8 +39,10 @@ class Scope:
     def __init__(self, model: nn.Module, sites: List[Site], recorder: Recorder, metrics: MetricSet,
                  optimizer: Optional[torch.optim.Optimizer] = None, scaler: Any = None,
                  on_nonfinite: str = "warn", distributed: Any = None, sinks: Iterable[Any] = (),
-                 sharded: bool = False) -> None:
+                 sharded: bool = False, alerts: Optional[AlertLog] = None) -> None:
         self.model = model
+        self._alerts = alerts if alerts is not None else AlertLog(None, None)
+        self._losses_seen = 0
         self._sinks = SinkFeed(sinks)
         self.provenance: Optional[Provenance] = None  # with out=: the folder's provenance.json
         self._error: Optional[BaseException] = None
@@ -84,9 +87,17 @@ class Scope:
         """Whether the current step is recorded (by the ``every=`` schedule)."""
         return self._rec.active
 
-    def step(self) -> None:
-        """Close the current step: parameter statistics, one transfer of the buffer, then the next step begins."""
+    def step(self, loss: Any = None) -> None:
+        """Close the current step: parameter statistics, one transfer of the buffer, then the next step begins.
+
+        ``loss`` (the tensor ``backward()`` ran on, or a float) feeds the ``loss_spike`` and ``divergence`` alerts;
+        it is read only in recorded steps, in the same transfer as the step's statistics (no extra sync). Under
+        ``on_anomaly="raise"``, :class:`~gradscope.engine.alerts.AnomalyError` comes from here, after the step's
+        records and alerts are kept.
+        """
         rec = self._rec
+        if loss is not None and rec.active:
+            rec.add_loss(rec.step, loss)
         try:
             self._close_step()
         finally:  # also when NonFiniteError is raised: the next step starts clean
@@ -99,6 +110,7 @@ class Scope:
                     self._probe.install()
                 else:
                     self._probe.uninstall()
+        self._alerts.raise_pending()
 
     def _close_step(self) -> None:
         rec = self._rec
@@ -129,6 +141,22 @@ class Scope:
         """
         self._flush()
         return self._rec.frame()
+
+    def losses(self) -> Dict[int, float]:
+        """The loss of each recorded step given as ``step(loss=...)`` (under DDP/FSDP2 the global batch's: the mean
+        over ranks), as ``{step: loss}``."""
+        self._flush()
+        return dict(self._rec.losses)
+
+    def alerts(self):
+        """Every alert so far as a DataFrame (columns :data:`gradscope.schema.ALERT_COLUMNS`; empty if none).
+
+        See :mod:`gradscope.engine.alerts` for the kinds, the thresholds and which block an alert names.
+        """
+        self._flush()
+        from gradscope import store
+
+        return store.alerts_frame(self._alerts.rows())
 
     def flush(self) -> Optional[Path]:
         """Write every recorded row not yet on disk (with ``out=``); returns the part written, if any."""
@@ -182,10 +210,16 @@ class Scope:
 
     # ---- internals -----------------------------------------------------------------------------------------------
     def _flush(self) -> None:
-        start = len(self._rec.rows)
-        self._rec.flush()
-        if len(self._rec.rows) > start:
-            self._nonfinite.check(self._rec.rows, start, self._rec.depth)
+        rec = self._rec
+        start = len(rec.rows)
+        rec.flush()
+        if len(rec.rows) > start:
+            self._nonfinite.check(rec.rows, start, rec.depth)
+        if self._alerts.enabled and (len(rec.rows) > start or len(rec.losses) > self._losses_seen):
+            # host values the step's one transfer brought back: no device read here
+            losses = rec.losses[self._losses_seen:]
+            self._losses_seen = len(rec.losses)
+            self._alerts.observe(detector_rows(rec.rows, start, self.sites, rec.depth), losses)
 
     def _record_params(self, step: int) -> None:
         """Parameter and parameter-gradient norms of every block: two foreach reductions, two buffer entries."""
@@ -245,7 +279,7 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
            out: Union[str, os.PathLike, None] = None, *, metrics: Optional[Sequence[str]] = None,
            optimizer: Optional[torch.optim.Optimizer] = None, scaler: Any = None, flush_every: int = 10,
            on_nonfinite: str = "warn", distributed: Union[bool, str] = "auto",
-           sinks: Iterable[Any] = ()) -> Scope:
+           sinks: Iterable[Any] = (), on_anomaly: Handler = None, alert_rules: Optional[AlertRules] = None) -> Scope:
     """Hook every block of ``model`` and record activation and gradient statistics per recorded step.
 
     Args:
@@ -264,6 +298,11 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
         distributed: ``"auto"`` combines statistics over all ranks when ``torch.distributed`` is initialised.
         sinks: callables ``rows -> None`` fed each recorded step's rows at ``step()`` (TensorBoard, W&B, MLflow:
             see :mod:`gradscope.integrations`); closed at ``detach()``. ``scope.log_to(sink)`` adds one later.
+        on_anomaly: what to do with each alert (a loss or gradient-norm spike, an update ratio out of its band, a
+            divergence; see :mod:`gradscope.engine.alerts`): ``None`` keeps them (``scope.alerts()``, and
+            ``out/alerts.csv``), ``"warn"``, ``"raise"`` (``AnomalyError`` from ``step()``, records kept), or a
+            callable receiving each :class:`~gradscope.engine.alerts.Alert`. Pass the loss as ``step(loss=...)``.
+        alert_rules: thresholds (:class:`~gradscope.engine.alerts.AlertRules`: window, z, update band...).
 
     With ``out``, the folder also gets ``provenance.json`` (command line, these options, seeds, versions, device,
     wall time), written at attach and completed at detach.
@@ -284,16 +323,19 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
     chosen = _check_metrics(metrics)
     combiner = DistributedCombiner.create(distributed, sharding)
     out_path = None if out is None else Path(out)
+    writer = combiner is None or combiner.is_writer
+    alerts = AlertLog(alert_rules, on_anomaly, out_path, writer)  # checked before any file or hook exists
     recorder = Recorder(sites, schedule, out_path, flush_every,
-                        reducer=None if combiner is None else combiner.reduce,
-                        write_files=combiner is None or combiner.is_writer)
+                        reducer=None if combiner is None else combiner.reduce, write_files=writer)
     feed = SinkFeed(sinks)  # checked before any hook exists
     scope = Scope(inner, sites, recorder, MetricSet(chosen), optimizer=optimizer, scaler=scaler,
                   on_nonfinite=on_nonfinite, distributed=combiner, sinks=feed.sinks,
-                  sharded=sharding is not None)
+                  sharded=sharding is not None, alerts=alerts)
     if out_path is not None and recorder.write_files:
         config = {"blocks": blocks, "every": every, "metrics": metrics, "flush_every": flush_every,
-                  "on_nonfinite": on_nonfinite, "optimizer": type(optimizer).__name__ if optimizer else None,
+                  "on_nonfinite": on_nonfinite, "on_anomaly": on_anomaly if isinstance(on_anomaly, str) or
+                  on_anomaly is None else getattr(on_anomaly, "__name__", type(on_anomaly).__name__),
+                  "alert_rules": repr(alert_rules or AlertRules()), "optimizer": type(optimizer).__name__ if optimizer else None,
                   "scaler": type(scaler).__name__ if scaler is not None else None,
                   "world_size": 1 if combiner is None else getattr(combiner, "world_size", None),
                   "sharded": None if sharding is None else f"FSDP2, {sharding.replicas} replica(s) per shard",

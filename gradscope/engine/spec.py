@@ -127,6 +127,11 @@ def _norm_of_mean_loss(v: List[float], n: List[float], means: "List[float] | Non
     return math.sqrt(sum(x * x for x in v)) / world
 
 
+def _mean_over_ranks(v: List[float], n: List[float], means: "List[float] | None", world: int) -> float:
+    """The loss of the global batch: DDP and FSDP2 train on the mean of the ranks' losses."""
+    return sum(v) / world
+
+
 def _first(v: List[float], n: List[float], means: "List[float] | None", world: int) -> float:
     """Already global (read after DDP's all-reduce, equal on all ranks): rank 0's value."""
     return v[0]
@@ -134,7 +139,7 @@ def _first(v: List[float], n: List[float], means: "List[float] | None", world: i
 
 COMBINE: Dict[str, Combine] = {
     "pooled_mean": _pooled_mean, "pooled_var": _pooled_var, "pooled_rms": _pooled_rms, "sum": _sum, "max": _max,
-    "norm_of_mean_loss": _norm_of_mean_loss, "first": _first,
+    "norm_of_mean_loss": _norm_of_mean_loss, "first": _first, "mean_over_ranks": _mean_over_ranks,
 }
 
 
@@ -173,13 +178,20 @@ def validate(specs: Mapping[str, MetricSpec], names: Sequence[str], rules: Mappi
                                  f"{sorted(rules)}")
 
 
+#: quantities of a whole step rather than of a block (``scope.step(loss=...)``): buffered and combined like metrics,
+#: kept apart from the frame's rows
+STEP_SPECS: Dict[str, MetricSpec] = {S.LOSS: MetricSpec(S.LOSS, VALUE, ("value",), _as_is, "mean_over_ranks")}
+
 validate(SPECS, S.ALL_METRICS, COMBINE)  # at import: a metric without a rule never reaches a run
+validate(STEP_SPECS, tuple(STEP_SPECS), COMBINE)
 
 
 def spec_of(name: str) -> MetricSpec:
     """The spec of ``name``; internal slots (``"_act_mean"``: a moment kept only so ranks can combine) use the spec
     of the name without the underscore."""
-    return SPECS[name[1:] if name.startswith("_") else name]
+    key = name[1:] if name.startswith("_") else name
+    found = SPECS.get(key)
+    return found if found is not None else STEP_SPECS[key]
 
 
 def raw_slots(group: Sequence[str]) -> Tuple[str, ...]:

@@ -64,10 +64,11 @@ class _Counter:
 def _train(model, scope, opt, rank=0, world=1, counter=None):
     per_step = []
     for x, y in _batches():
-        nn.functional.cross_entropy(model(x[rank::world]), y[rank::world]).backward()
+        loss = nn.functional.cross_entropy(model(x[rank::world]), y[rank::world])
+        loss.backward()
         if counter is not None:
             counter.active, counter.calls = True, 0
-        scope.step()
+        scope.step(loss=loss)  # the loss travels in the same collective
         if counter is not None:
             counter.active = False
             per_step.append(counter.calls)
@@ -119,6 +120,7 @@ def _worker(rank: int, init_file: str, out: str) -> None:
             with gradscope.attach(model, blocks=nn.Linear, optimizer=opt, out=Path(out) / name) as scope:
                 result[name] = _train(model, scope, opt, rank, WORLD, counter)
             scope.frame().to_parquet(Path(out) / f"{name}-rank{rank}.parquet")
+            result[f"{name}-losses"] = scope.losses()
         result.update(kinds=sorted({s.kind for s in scope.sites}), fsdp1=_refusal(_fsdp1),
                       tp=_refusal(_tensor_parallel))
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
@@ -150,6 +152,9 @@ def test_two_rank_fsdp2_frame_equals_single_process(fsdp_run, one_thread, name):
         for metric, rows in merged.groupby("metric"):
             assert rows.value_fsdp.to_numpy() == pytest.approx(rows.value_single.to_numpy(), rel=1e-5, abs=1e-7), \
                 (rank, metric)
+        losses = json.loads((fsdp_run / f"rank{rank}.json").read_text())[f"{name}-losses"]
+        assert [losses[str(k)] for k in range(STEPS)] == pytest.approx([scope.losses()[k] for k in range(STEPS)],
+                                                                       rel=1e-6)
     # only rank 0 wrote files, and they hold the global frame
     assert gradscope.load(fsdp_run / name).equals(pd.read_parquet(fsdp_run / f"{name}-rank0.parquet"))
 

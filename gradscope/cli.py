@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence
 
 from gradscope.errors import GradscopeError, OutputError
+from gradscope.schema import __version__
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FAIL_ON, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a process killed by SIGTERM
@@ -75,6 +76,7 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gradscope", description=(
         "See how forward signals and backward gradients travel through every block of a network."))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("profile", help="measure models at initialisation and over a short training run",

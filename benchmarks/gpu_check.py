@@ -3,8 +3,12 @@ and the overhead of a recorded step on the device.
 
 Run it whenever a CUDA machine is at hand (the project's CI machines have none):
 
-    python benchmarks/gpu_check.py                  # CUDA: all three checks; exit status 0 when they pass
+    python benchmarks/gpu_check.py                  # CUDA: all checks, eager and compiled; exit status 0 when they pass
     python benchmarks/gpu_check.py --device cpu     # a dry run of the same code on the CPU (no sync check)
+    python benchmarks/gpu_check.py --no-compile     # the eager checks only
+
+Checks 1 and 2 run on ResNet-20 eager, on ResNet-20 compiled (inductor, attach then compile) and on a transformer
+encoder LM compiled; under compile the first recorded step compiles (and may synchronise), the second is checked.
 
 1. **No sync in hooks.** A recorded ResNet-20 training step runs forward and backward under
    ``torch.cuda.set_sync_debug_mode("error")``: any hook that reads a value back (``.item()``, ``.tolist()``, a
@@ -53,26 +57,58 @@ def batch(n: int, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device)
 
 
-def recorded_frame(device: str, check_sync: bool) -> Tuple[object, List[str], List[str]]:
-    """One recorded training step of ResNet-20 on ``device``: (frame, sync errors, reads at scope.step())."""
-    model = build("resnet20", seed=0).to(device)
+class TokenLM(nn.Module):
+    """A 2-layer TransformerEncoder LM (width 64): the transformer case."""
+
+    def __init__(self, vocab: int = 128, width: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x))).flatten(0, 1)
+
+
+def _case(model_name: str, device: str):
+    """(model, inputs, targets, blocks) of a check case, with the same weights on every device."""
+    if model_name == "encoder":
+        torch.manual_seed(0)
+        model = TokenLM().to(device)
+        tokens = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0)).to(device)
+        return model, tokens, tokens.reshape(-1), r"encoder\.layers\.\d+"
     x, y = batch(32, device)
+    return build(model_name, seed=0).to(device), x, y, "auto"
+
+
+def recorded_frame(device: str, check_sync: bool, model_name: str = "resnet20",
+                   backend: "str | None" = None) -> Tuple[object, List[str], List[str]]:
+    """A recorded training step of ``model_name`` on ``device``, eager or compiled with ``backend`` (attach, then
+    compile; the first step compiles, the second is the one checked): (frame of the checked step, sync errors,
+    reads at its scope.step())."""
+    model, x, y, blocks = _case(model_name, device)
     errors: List[str] = []
-    with gradscope.attach(model) as scope:
-        if check_sync:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            nn.functional.cross_entropy(model(x), y).backward()
-        except RuntimeError as exc:  # a synchronising call inside a hook
-            errors.append(str(exc).splitlines()[0])
-        finally:
-            if check_sync:
-                torch.cuda.set_sync_debug_mode(0)
-        with ReadCounter() as reads:
-            scope.step()
+    with gradscope.attach(model, blocks=blocks) as scope:
+        run = torch.compile(model, backend=backend) if backend else model
+        steps = 2 if backend else 1
+        for step in range(steps):
+            checked = step == steps - 1
+            if check_sync and checked:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                nn.functional.cross_entropy(run(x), y).backward()
+            except RuntimeError as exc:  # a synchronising call inside a hook
+                errors.append(str(exc).splitlines()[0])
+            finally:
+                if check_sync and checked:
+                    torch.cuda.set_sync_debug_mode(0)
+            with ReadCounter() as reads:
+                scope.step()
+            model.zero_grad(set_to_none=True)  # no optimizer step: both steps see the same weights
         frame = scope.frame()
-    return frame, errors, reads.calls
+    return frame[frame.step == steps - 1], errors, reads.calls
 
 
 def compare(dev_frame, cpu_frame, rtol: float) -> List[str]:
@@ -127,6 +163,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--rtol", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled cases")
     args = parser.parse_args()
     on_cuda = args.device.startswith("cuda")
     if on_cuda and not torch.cuda.is_available():
@@ -138,21 +175,24 @@ def main() -> int:
         print(f"device: {torch.cuda.get_device_name()} (torch {torch.__version__})")
     failures = 0
 
-    dev_frame, errors, reads = recorded_frame(args.device, check_sync=on_cuda)
-    if errors:
-        failures += 1
-        print(f"FAIL sync inside hooks: {errors[0]}")
-    else:
-        print("ok   no synchronisation in forward or backward" + ("" if on_cuda else " (not checked on the CPU)"))
-    print(f"{'ok  ' if (reads == ['tolist'] or not on_cuda) else 'FAIL'} reads at scope.step(): {reads}")
-    failures += int(on_cuda and reads != ["tolist"])
-
-    cpu_frame, _, _ = recorded_frame("cpu", check_sync=False)
-    problems = compare(dev_frame, cpu_frame, args.rtol)
-    failures += int(bool(problems))
-    print(f"{'FAIL' if problems else 'ok  '} {len(dev_frame)} values against the CPU (rtol {args.rtol})")
-    for line in problems[:10]:
-        print("     ", line)
+    cases = [("resnet20", None)] + ([] if args.no_compile else [("resnet20", "inductor"), ("encoder", "inductor")])
+    for model_name, backend in cases:
+        label = f"{model_name} {backend or 'eager'}:"
+        dev_frame, errors, reads = recorded_frame(args.device, on_cuda, model_name, backend)
+        if errors:
+            failures += 1
+            print(f"FAIL {label} sync inside hooks: {errors[0]}")
+        else:
+            print(f"ok   {label} no synchronisation in forward or backward" + ("" if on_cuda else
+                                                                                " (not checked on the CPU)"))
+        print(f"{'ok  ' if (reads == ['tolist'] or not on_cuda) else 'FAIL'} {label} reads at scope.step(): {reads}")
+        failures += int(on_cuda and reads != ["tolist"])
+        cpu_frame, _, _ = recorded_frame("cpu", False, model_name, None)  # the eager CPU run is the reference
+        problems = compare(dev_frame, cpu_frame, args.rtol)
+        failures += int(bool(problems))
+        print(f"{'FAIL' if problems else 'ok  '} {label} {len(dev_frame)} values against eager CPU (rtol {args.rtol})")
+        for line in problems[:10]:
+            print("     ", line)
 
     ratios = overhead(args.device, args.steps)
     print(f"     overhead, ResNet-56 batch 128 ({ratios['baseline_ms']:.1f} ms/step): every step "

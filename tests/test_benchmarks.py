@@ -72,3 +72,17 @@ def test_gpu_check_compares_frames_and_flags_a_difference(one_thread):
     changed.loc[3, "value"] *= 1.01
     problems = gpu_check.compare(changed, frame, 1e-3)
     assert len(problems) == 1 and frame.loc[3, "metric"] in problems[0]
+
+
+def test_compile_overhead_times_compiled_twins_and_counts_graphs(monkeypatch, one_thread):
+    bench = _load("compile_overhead")
+    model = build("mlp", depth=3, width=16, bn=True, seed=0)
+    g = torch.Generator().manual_seed(0)
+    small = (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g))
+    loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    monkeypatch.setattr(bench, "make_model", lambda name: (model, small, loss, "auto"))
+    r = bench.time_model("mlp", "aot_eager", repeats=1, steps=10)
+    assert r["baseline"]["median"] == 1.0 and r["every1"]["step_ms"] > 0 and r["recompile_limit_hits"] == 0
+    # each instrumented twin: no graph break; every1 one graph, every10 its recorded and unrecorded variants
+    assert [r[c]["graph_breaks"] for c in bench.CONFIGS] == [0, 0, 0]
+    assert [r[c]["graphs"] for c in bench.CONFIGS] == [1, 1, 2]

@@ -13,6 +13,7 @@ keep a reference to an activation.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -24,6 +25,7 @@ from gradscope.engine import spec
 from gradscope.engine.metrics import Raw, Scratch, activation_sums, readable, squared_norm
 from gradscope.engine.recorder import Recorder
 from gradscope.engine.sites import Site
+from gradscope.engine import traced as T
 
 _current_graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
@@ -78,6 +80,30 @@ def block_input(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[torch
     return found
 
 
+def grad_inputs(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[torch.Tensor]:
+    """The tensors whose gradient makes a block's ``grad_in_norm``: every floating tensor that requires grad among
+    the positional arguments (inside tuples and lists too: a dense block receives a list of earlier outputs), each
+    once; without one, the keyword input :func:`block_input` picks, if it requires grad."""
+    found: List[torch.Tensor] = []
+    seen: set = set()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and value.requires_grad and id(value) not in seen:
+                seen.add(id(value))
+                found.append(value)
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                visit(item)
+
+    visit(args)
+    if not found and kwargs:
+        x = block_input((), kwargs)
+        if x is not None and x.requires_grad:
+            found.append(x)
+    return found
+
+
 def is_residual(module: nn.Module) -> bool:
     """A residual block in gradscope's sense: it exposes ``branch`` (F) and ``shortcut`` submodules."""
     return isinstance(getattr(module, "branch", None), nn.Module) and \
@@ -128,11 +154,19 @@ class Probe:
         self._last_grad: Optional[Tuple[Any, int, List[Tuple[int, int, int, str]]]] = None  # latest hooked tensor
         #: returns a GradScaler's current scale as a device tensor (or None): gradients are divided by it
         self.scale: Optional[Callable[[], Optional[torch.Tensor]]] = None
+        #: under torch.compile (see gradscope.engine.traced): what the traced hooks ran, drained at scope.step()
+        self.events: List[Tuple] = []
+        self.compiled = False  # set by a traced hook: module hooks then stay installed (no recompile per install)
+        self.grad_leaf = T.GradLeaf(len(sites))
+        self._leaf: Optional[torch.Tensor] = None
+        self._warned_calls = False
 
     def install(self) -> None:
         """Register the module hooks (idempotent)."""
         if self.handles or not self.alive:
             return
+        if self._leaf is None:
+            self._leaf = self.grad_leaf.on(_device_of(self.sites))
         try:
             for index, site in enumerate(self.sites):
                 self.handles.append(site.module.register_forward_pre_hook(
@@ -166,9 +200,11 @@ class Probe:
     def _pre_hook(self, site: int) -> Callable:
         state, m, stack = self.state, self.m, self.stacks[site]
 
-        def pre_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        def pre_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
             if not state.active:
                 return None
+            if T.compiling():
+                return self._traced_pre(site, args, kwargs)
             x = block_input(args, kwargs)
             if transformed(x):
                 stack.append(_SKIPPED)
@@ -176,8 +212,12 @@ class Probe:
             recompute = in_backward()
             call = state.next_recompute_call(site) if recompute else state.next_call(site)
             stack.append(call)
-            if m.grad_in and x is not None and x.requires_grad:
-                self._watch_grad(x, site, call, S.GRAD_IN_NORM)
+            if m.grad_in and x is not None:
+                inputs = grad_inputs(args, kwargs)
+                if len(inputs) == 1:
+                    self._watch_grad(inputs[0], site, call, S.GRAD_IN_NORM)
+                elif inputs:
+                    self._watch_grads(inputs, site, call, S.GRAD_IN_NORM)
             return None
 
         return pre_hook
@@ -185,8 +225,12 @@ class Probe:
     def _post_hook(self, site: int) -> Callable:
         rec, state, m, stack = self.rec, self.state, self.m, self.stacks[site]
 
-        def post_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
-            if not state.active or not stack:
+        def post_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> Any:
+            if not state.active:
+                return None
+            if T.compiling():
+                return self._traced_post(site, output)
+            if not stack:
                 return None
             call = stack.pop()
             y = first_tensor(output)
@@ -209,6 +253,12 @@ class Probe:
         group = ("_" + S.ACT_MEAN,) + group + ("_" + S.ACT_RMS,)  # the mean lets ranks combine the variance
 
         def sub_hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+            if state.active and T.compiling():
+                y = first_tensor(output)
+                if y is not None:
+                    self.events.append((site, "sub", group, activation_sums(y, extras=(), check_on_host=False)[:3],
+                                        y.numel()))
+                return None
             if not state.active or not stack or stack[-1] == _SKIPPED or in_backward():
                 return None
             y = first_tensor(output)
@@ -220,6 +270,106 @@ class Probe:
             return None
 
         return sub_hook
+
+    # ---- under torch.compile (traced by Dynamo: tensors and constants only, see gradscope.engine.traced) ----------
+    def _tap(self, site: int, metric: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        leaf, slot = self._leaf, T.slot_of(site, metric)
+        scale = self.scale() if self.scale is not None else None
+        return lambda t: T.Tap.apply(t, leaf, slot, scale)
+
+    def _traced_pre(self, site: int, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        self.compiled = True
+        tapped, new_args, new_kwargs = 0, args, kwargs
+        if self.m.grad_in and self._leaf is not None:
+            tap = self._tap(site, S.GRAD_IN_NORM)
+            new_args, tapped = T.map_grad_tensors(args, tap)
+            if not tapped and kwargs and "hidden_states" in kwargs:
+                hidden, tapped = T.map_grad_tensors(kwargs["hidden_states"], tap)
+                new_kwargs = dict(kwargs, hidden_states=hidden)
+        self.events.append((site, "pre", tapped > 0))
+        return (new_args, new_kwargs) if tapped else None
+
+    def _traced_post(self, site: int, output: Any) -> Any:
+        m = self.m
+        y = first_tensor(output)
+        if y is None:
+            self.events.append((site, "post", None, 0, False))
+            return None
+        sums = activation_sums(y, extras=m.extras, check_on_host=False) if m.forward else None
+        new, tapped = output, False
+        if m.grad_out and y.requires_grad and self._leaf is not None:
+            new, tapped = T.replace_first(output, y, self._tap(site, S.GRAD_NORM)(y))
+        self.events.append((site, "post", sums, y.numel(), tapped))
+        return new if tapped else None
+
+    def drain_traced(self) -> None:
+        """Move what the traced hooks ran in this step into the recorder's buffer (called by the scope)."""
+        if not self.events:
+            return
+        state, rec = self.state, self.rec
+        ran = T.drain(self.events, state.next_call)
+        grads = self.grad_leaf.take()
+        if grads and self.scale is not None:
+            factor = self.scale()
+            if factor is not None:
+                state.note_grad_scale(factor)
+        calls = T.calls_per_site(ran)
+        inputs_tapped = {}
+        for site, call, event in ran:
+            kind = event[1]
+            if kind == "pre":
+                inputs_tapped[(site, call)] = event[2]
+            elif kind == "sub":
+                rec.add(state.step, site, call, event[2], event[3], event[4], spec.MOMENTS)
+            elif event[2] is not None:
+                rec.add(state.step, site, call, self.m.forward, event[2], event[3], spec.MOMENTS)
+        if not grads:
+            return
+        grad = grads[0] if len(grads) == 1 else sum(g.to(grads[0].device) for g in grads[1:]) + grads[0]
+        for site, call, event in ran:
+            if event[1] != "post":
+                continue
+            if calls[site] > 1:  # a slot sums the taps of all calls: not a per-call norm
+                self._warn_calls(site)
+                continue
+            for metric, on in ((S.GRAD_NORM, event[4]), (S.GRAD_IN_NORM, inputs_tapped.get((site, call), False))):
+                if on:
+                    rec.add(state.step, site, call, (metric,), grad[T.slot_of(site, metric)], event[3], spec.SQNORM)
+
+    def _warn_calls(self, site: int) -> None:
+        if not self._warned_calls:
+            self._warned_calls = True
+            warnings.warn(f"gradscope: under torch.compile, block {self.sites[site].name!r} ran more than once in a "
+                          f"step; its gradient norms are recorded only for blocks called once per step",
+                          RuntimeWarning, stacklevel=3)
+
+    def _watch_grads(self, tensors: List[torch.Tensor], site: int, call: int, metric: str) -> None:
+        """Record the norm over the gradients of several tensors (a block input that is a list of tensors)."""
+        state, rec = self.state, self.rec
+        if not state.claim_grad_slot((site, call, metric)):
+            return
+        step, scale, pending = state.step, self.scale, {"left": len(tensors), "total": None}
+
+        def part_hook(grad: torch.Tensor) -> None:
+            if grad is None or not self.alive:
+                return None
+            value = squared_norm(grad)
+            factor = scale() if scale is not None else None
+            if factor is not None:
+                state.note_grad_scale(factor)
+                factor = factor.detach().to(value.device, value.dtype)
+                value = value / (factor * factor)
+            total = pending["total"]
+            pending["total"] = value if total is None else total + value.to(total.device)
+            pending["left"] -= 1
+            if pending["left"] == 0:
+                value = pending["total"]
+                rec.add(step, site, call, (metric,), (value.item(),) if readable(value) else value,
+                        grad.numel(), spec.SQNORM)
+            return None
+
+        for t in tensors:
+            t.register_hook(part_hook)
 
     def _remember(self, y: torch.Tensor, sums: Raw) -> None:
         """Keep the sums of the latest block output (weakly), so a shortcut that returns it needs no new pass."""
@@ -266,3 +416,13 @@ class Probe:
             return None
 
         t.register_hook(grad_hook)
+
+
+def _device_of(sites: List[Site]) -> torch.device:
+    """The device of the first parameter or buffer of the sites (the CPU when they have none)."""
+    for site in sites:
+        for t in site.module.parameters():
+            return t.device
+        for t in site.module.buffers():
+            return t.device
+    return torch.device("cpu")

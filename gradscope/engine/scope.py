@@ -106,7 +106,7 @@ class Scope:
             for stack in self._probe.stacks:
                 stack.clear()
             if self._attached:  # hooks only while a step is recorded: an unrecorded step runs hook-free
-                if rec.active:
+                if rec.active or self._probe.compiled:  # compiled: the traced hooks read rec.active instead
                     self._probe.install()
                 else:
                     self._probe.uninstall()
@@ -115,6 +115,7 @@ class Scope:
     def _close_step(self) -> None:
         rec = self._rec
         if rec.active:
+            self._probe.drain_traced()  # under torch.compile: call indices, depths and the scale the backward saw
             if not rec.state.any_block_ran() and not self._warned_silent:
                 self._warned_silent = True
                 warnings.warn(
@@ -174,6 +175,7 @@ class Scope:
                 self._sinks.send(self._rec)
         finally:
             self._probe.remove()
+            self._rec.state.stop()
             while self._opt_handles:
                 self._opt_handles.pop().remove()
             self._attached = False
@@ -210,6 +212,7 @@ class Scope:
 
     # ---- internals -----------------------------------------------------------------------------------------------
     def _flush(self) -> None:
+        self._probe.drain_traced()
         rec = self._rec
         start = len(rec.rows)
         rec.flush()

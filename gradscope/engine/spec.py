@@ -7,7 +7,8 @@ default. Three layouts exist:
 * ``moments`` (forward statistics of a block output): the hook's :func:`gradscope.engine.metrics.activation_sums`
   vector, a shared core ``[shift, sum(x - shift), sum((x - shift)^2)]`` followed by the extra raw slots the group's
   metrics name (:func:`raw_slots`), reduced over ``n`` elements;
-* ``sqnorm`` (gradient norms): a squared L2 norm, finished by a square root;
+* ``sqnorm`` (gradient norms): a squared L2 norm, finished by a square root (under ``torch.compile`` followed by
+  the number of taps that ran: 0 means no gradient reached the tensor, and no row is made);
 * ``value`` (parameter statistics): finished on the device already, one value per site.
 
 Adding a forward metric touches three files: its name in ``schema.FORWARD_METRICS``, its spec here, and the device
@@ -211,6 +212,8 @@ def finish(group: Sequence[str], raw: Sequence[float], n: int, layout: str) -> L
             return [math.nan] * len(group)
         slots = dict(zip(raw_slots(group), (float(v) for v in raw)))
         return [spec_of(name).finish(slots, n) for name in group]
+    if layout == SQNORM and len(raw) == 2:  # [||g||^2, taps that ran] from a traced hook: no tap ran, no row
+        return [] if float(raw[1]) == 0 else [_sqrt({"value": float(raw[0])}, n)]
     if layout in SHARDED_LAYOUTS:  # one process holds every shard: its norms are the global ones
         return combine_shards([list(raw)], layout, 1)
     fn = spec_of(group[0]).finish
@@ -231,6 +234,10 @@ def combine_shards(raw: List[List[float]], layout: str, replicas: int) -> List[f
 def combine(group: Sequence[str], values: List[List[float]], n: List[float], world: int,
             layout: str) -> List[float]:
     """Global values of one entry from each rank's finished ``values`` (one list per rank) and element counts."""
+    kept = [(v, k) for v, k in zip(values, n) if v]  # a rank whose traced tap did not run has no value
+    if not kept:
+        return []
+    values, n = [v for v, _ in kept], [k for _, k in kept]
     width = len(values[0])
     names = list(group) if layout == MOMENTS else [group[0]] * width
     means = [v[0] for v in values] if layout == MOMENTS else None

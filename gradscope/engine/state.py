@@ -74,6 +74,12 @@ class StepState:
         """Whether ``step`` is (or was) recorded by the schedule."""
         return bool(self.schedule(step))
 
+    def stop(self) -> None:
+        """No step is recorded any more (detach): a compiled graph that traced the hooks guards on this flag, so it
+        is replaced by one without gradscope's operations instead of feeding a detached scope."""
+        self.active = False
+        self.schedule = lambda step: False
+
     def advance(self) -> None:
         """Close the current step and decide whether the next one is recorded."""
         self.step += 1

@@ -1,0 +1,175 @@
+"""torch.compile after attach: the hooks are traced into the graph (no graph break, no recompile per step, no
+crash on a freed weak reference), and every value equals the eager run and an autograd reference."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+from torch._dynamo.utils import counters
+
+import gradscope
+from tests.reference import assert_matches, measured, reference_metrics
+
+VOCAB, WIDTH = 40, 16
+
+
+def _lm() -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(WIDTH, 2, 32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+    return nn.Sequential(nn.Embedding(VOCAB, WIDTH), encoder, nn.Linear(WIDTH, VOCAB))
+
+
+def _tokens(step: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(step))
+
+
+def _loss(model: nn.Module, step: int) -> torch.Tensor:
+    x = _tokens(step)
+    return nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), x.reshape(-1))
+
+
+def _train(model: nn.Module, steps: int, compile_backend=None, every=1):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scope = gradscope.attach(model, blocks=r"1\.layers\.\d+", every=every)
+    run = torch.compile(model, backend=compile_backend) if compile_backend else model
+    with scope:
+        for step in range(steps):
+            _loss(run, step).backward()
+            scope.step()
+            opt.step()
+            opt.zero_grad()
+    return scope.frame()
+
+
+def _compare(eager, compiled, rel):
+    key = ["step", "block", "call", "metric"]
+    merged = eager.merge(compiled, on=key, how="outer", suffixes=("_eager", "_compiled"), indicator=True)
+    assert (merged["_merge"] == "both").all(), merged[merged["_merge"] != "both"][key].head()
+    for metric, rows in merged.groupby("metric"):
+        assert rows.value_compiled.to_numpy() == pytest.approx(rows.value_eager.to_numpy(), rel=rel, abs=1e-6), metric
+
+
+@pytest.fixture
+def dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+def test_compiled_transformer_lm_equals_eager_without_graph_breaks(one_thread, dynamo):
+    """Issue 15's crash (a guard on the weak reference of a freed tensor, at the second step) and issue 17's graph
+    break per block: several steps of a TransformerEncoder LM compiled after attach."""
+    eager = _train(_lm(), 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no 'no hooked block ran', no recompile-limit warning
+        compiled = _train(_lm(), 5, compile_backend="aot_eager")
+    assert set(compiled.metric) >= {"act_var", "act_zero_frac", "grad_norm", "grad_in_norm", "param_grad_norm"}
+    assert len(compiled) == len(eager) and sorted(compiled.step.unique()) == list(range(5))
+    _compare(eager, compiled, rel=1e-4)
+    assert sum(dynamo["graph_break"].values()) == 0, dict(dynamo["graph_break"])
+    assert dynamo["stats"]["unique_graphs"] == 1  # one graph for all five steps: nothing gradscope holds is guarded
+
+
+def test_unrecorded_steps_under_compile_are_one_more_graph_not_a_recompile_per_step(one_thread, dynamo):
+    eager = _train(_lm(), 12, every=4)
+    compiled = _train(_lm(), 12, compile_backend="aot_eager", every=4)
+    assert sorted(compiled.step.unique()) == [0, 4, 8]
+    _compare(eager, compiled, rel=1e-4)
+    assert sum(dynamo["graph_break"].values()) == 0
+    assert dynamo["stats"]["unique_graphs"] == 2  # recorded and unrecorded variants, each compiled once
+
+
+def test_compiled_values_equal_an_autograd_reference(one_thread, dynamo):
+    model = _lm()
+    names = [f"1.layers.{i}" for i in range(3)]
+    want = reference_metrics(model, names, lambda m: _loss(m, 0))
+    scope = gradscope.attach(model, blocks=names)
+    _loss(torch.compile(model, backend="aot_eager"), 0).backward()
+    scope.step()
+    scope.detach()
+    assert assert_matches(measured(scope.frame()), want, rtol=1e-4) >= 3 * 9
+
+
+class _Dense(nn.Module):
+    """A DenseNet-style layer: its input is the list of all earlier features."""
+
+    gradscope_block = True
+
+    def __init__(self, width: int, k: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width * k, width)
+
+    def forward(self, feats):
+        return torch.tanh(self.fc(torch.cat(feats, dim=1)))
+
+
+class _DenseNet(nn.Module):
+    def __init__(self, width: int = 5, depth: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, width)
+        self.layers = nn.ModuleList(_Dense(width, k + 1) for k in range(depth))
+
+    def forward(self, x):
+        feats = [self.stem(x)]
+        for layer in self.layers:
+            feats.append(layer(feats))
+        return torch.cat(feats, dim=1)
+
+
+def _dense_reference(model, x, through_block: bool):
+    """Autograd norms over each layer's input list: the total gradient of every feature (retain_grad: what a tensor
+    hook sees) or, with ``through_block``, the gradient that flows back through this layer only (a zero added to
+    each feature as it enters the layer: what the traced hooks see)."""
+    ref = copy.deepcopy(model)
+    feats = [ref.stem(x)]
+    feats[0].retain_grad()
+    probes = []
+    for layer in ref.layers:
+        if through_block:
+            zs = [torch.zeros_like(f, requires_grad=True) for f in feats]
+            probes.append(zs)
+            out = layer([f + z for f, z in zip(feats, zs)])
+        else:
+            out = layer(feats)
+        out.retain_grad()
+        feats.append(out)
+    torch.cat(feats, dim=1).pow(2).sum().backward()
+    if through_block:
+        return [torch.sqrt(sum(z.grad.double().pow(2).sum() for z in zs)).item() for zs in probes]
+    return [torch.sqrt(sum(feats[j].grad.double().pow(2).sum() for j in range(k + 1))).item() for k in range(3)]
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"], ids=["eager", "compiled"])
+def test_list_input_grad_in_norm_is_the_norm_over_all_its_tensors(one_thread, dynamo, backend):
+    torch.manual_seed(0)
+    model = _DenseNet()
+    x = torch.randn(6, 4)
+    want = _dense_reference(model, x, through_block=backend is not None)
+    scope = gradscope.attach(model, metrics=["grad_in_norm", "grad_norm"])
+    run = torch.compile(model, backend=backend) if backend else model
+    run(x).pow(2).sum().backward()
+    scope.step()
+    scope.detach()
+    got = scope.frame().query("metric == 'grad_in_norm'").sort_values("depth").value.tolist()
+    assert got == pytest.approx(want, rel=1e-5)
+    assert len(set(round(v, 6) for v in got)) == 3  # not the first tensor's norm three times
+
+
+def test_detach_under_compile_leaves_a_graph_that_records_nothing(one_thread, dynamo):
+    model = _lm()
+    scope = gradscope.attach(model, blocks=r"1\.layers\.\d+")
+    run = torch.compile(model, backend="aot_eager")
+    for step in range(2):
+        _loss(run, step).backward()
+        scope.step()
+    scope.detach()
+    rows = len(scope.frame())
+    for step in range(2):  # Dynamo does not guard on module hooks: the recorded-step flag sends it to a clean graph
+        _loss(run, step).backward()
+    assert scope._probe.events == [] and len(scope.frame()) == rows

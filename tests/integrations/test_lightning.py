@@ -103,3 +103,25 @@ def test_an_exception_keeps_the_rows_and_says_how_the_run_ended(tmp_path):
     prov = json.loads((tmp_path / "gs" / "provenance.json").read_text())
     assert prov["status"] == "failed: RuntimeError: boom at batch 3"
     pd.testing.assert_frame_equal(_key(gradscope.load(tmp_path / "gs" / "records")), _key(frame))
+
+
+def test_under_fp16_amp_with_a_grad_scaler_every_gradient_is_unscaled(tmp_path):
+    """fp16 autocast with a GradScaler (scale 4096) on CPU: the callback's gradients equal fp32 ones to fp16
+    precision, so the loss scale was divided out of activation gradients and parameter gradients alike."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    callback = GradscopeCallback()
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, callbacks=[callback],
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    trainer.fit(Module(), torch.utils.data.DataLoader(_batches(), batch_size=None, shuffle=False))
+    assert scaler.get_scale() == 2.0 ** 12  # no overflow: every step used this scale
+    got = callback.frame()
+    got = got[got.step < 2].assign(block=got.block.str.removeprefix("net.")).set_index(["step", "block", "metric"])
+    want = _plain()
+    want = want[want.step < 2].set_index(["step", "block", "metric"])
+    for metric in ("grad_norm", "grad_in_norm", "param_grad_norm", "update_ratio"):
+        g = got.xs(metric, level="metric").value
+        w = want.xs(metric, level="metric").value.loc[g.index]
+        assert g.to_numpy() == pytest.approx(w.to_numpy(), rel=5e-3), metric

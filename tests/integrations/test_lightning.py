@@ -70,9 +70,11 @@ def _key(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_the_callback_records_what_a_plain_loop_records(tmp_path):
-    callback = GradscopeCallback(out=tmp_path / "gs", log=True)
+    sent = []
+    callback = GradscopeCallback(out=tmp_path / "gs", log=True, sinks=[sent.append])
     _fit(callback, tmp_path)
     got, want = _key(callback.frame()), _key(_plain())
+    pd.testing.assert_frame_equal(_key(pd.concat(sent, ignore_index=True)), got)  # the sink saw every row
     assert len(got) > 0 and callback.scope is None  # detached at fit end
     got = got.assign(block=got.block.str.removeprefix("net."))
     pd.testing.assert_frame_equal(got.drop(columns="value"), want.drop(columns="value"))

@@ -121,6 +121,14 @@ def _worker(rank: int, init_file: str, out: str) -> None:
                 result[name] = _train(model, scope, opt, rank, WORLD, counter)
             scope.frame().to_parquet(Path(out) / f"{name}-rank{rank}.parquet")
             result[f"{name}-losses"] = scope.losses()
+        model = _model()  # every=2: unrecorded steps issue no collective at all
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with gradscope.attach(model, blocks=nn.Linear, optimizer=opt, every=2) as sparse:
+            result["every2"] = _train(model, sparse, opt, rank, WORLD, counter)
         result.update(kinds=sorted({s.kind for s in scope.sites}), fsdp1=_refusal(_fsdp1),
                       tp=_refusal(_tensor_parallel))
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
@@ -163,6 +171,7 @@ def test_one_collective_per_recorded_step(fsdp_run):
     for rank in range(WORLD):
         result = json.loads((fsdp_run / f"rank{rank}.json").read_text())
         assert result["fsdp"] == result["hsdp"] == [1] * STEPS, rank
+        assert result["every2"] == [1, 0, 1][:STEPS], rank
         assert result["kinds"] == ["Linear"]
 
 

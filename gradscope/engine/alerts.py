@@ -164,8 +164,10 @@ class _Episode:
 class Detector:
     """Turns recorded rows (and losses) into :class:`Alert` objects, one recorded step at a time."""
 
-    def __init__(self, rules: AlertRules = AlertRules()) -> None:
+    def __init__(self, rules: AlertRules = AlertRules(), gradients_may_overflow: bool = False) -> None:
         self.rules = rules
+        #: a GradScaler is in use: gradients that overflow are its skipped steps, not a divergence
+        self.gradients_may_overflow = gradients_may_overflow
         self._loss: Deque[float] = deque(maxlen=rules.window)
         self._grad: Dict[str, Deque[float]] = {}
         self._episodes: Dict[str, _Episode] = {k: _Episode() for k in ALERT_KINDS}
@@ -183,7 +185,7 @@ class Detector:
 
     def _observe_step(self, step: int, rows: List[Row], loss: Optional[float]) -> List[Alert]:
         kinds, found = self.rules.kinds, []
-        checks = ((DIVERGENCE, lambda: divergence(step, rows, loss)),
+        checks = ((DIVERGENCE, lambda: divergence(step, rows, loss, not self.gradients_may_overflow)),
                   (LOSS_SPIKE, lambda: self._loss_spike(step, loss)),
                   (GRAD_SPIKE, lambda: self._grad_spike(step, rows)),
                   (UPDATE_BAND, lambda: update_band(step, rows, self.rules.update_band)))
@@ -255,11 +257,16 @@ def update_band(step: int, rows: List[Row], band: Optional[Tuple[float, float]])
                  tuple(b for _, b, _ in out[1:]))
 
 
-def divergence(step: int, rows: List[Row], loss: Optional[float]) -> Optional[Alert]:
+def divergence(step: int, rows: List[Row], loss: Optional[float], gradients: bool = True) -> Optional[Alert]:
     """The first NaN/Inf of a step: forward activations first (earliest block), then backward gradients (the block
-    nearest the loss), then parameter norms (earliest block), then the loss itself."""
+    nearest the loss), then parameter norms (earliest block), then the loss itself.
+
+    ``gradients=False`` (a GradScaler is in use) ignores non-finite gradients: an fp16 gradient that overflows is a
+    step the scaler skips while it lowers the scale, and a real divergence still shows in the loss or activations.
+    """
     isfinite = math.isfinite
-    bad = [r for r in rows if not isfinite(r[5]) or (r[4] == S.ACT_NONFINITE and r[5] > 0)]
+    bad = [r for r in rows if (not isfinite(r[5]) and (gradients or r[4] not in _GRADIENT_METRICS))
+           or (r[4] == S.ACT_NONFINITE and r[5] > 0)]
     if not bad and (loss is None or isfinite(loss)):
         return None
     rows = bad
@@ -315,10 +322,10 @@ class AlertLog:
     """
 
     def __init__(self, rules: Optional[AlertRules], on_anomaly: Handler, out: Optional[Path] = None,
-                 write_files: bool = True) -> None:
+                 write_files: bool = True, gradients_may_overflow: bool = False) -> None:
         if rules is not None and not isinstance(rules, AlertRules):
             raise GradscopeError(f"alert_rules={rules!r}: pass gradscope.AlertRules(...) or None for the defaults")
-        self.detector = Detector(rules or AlertRules())
+        self.detector = Detector(rules or AlertRules(), gradients_may_overflow)
         self.handler = check_handler(on_anomaly)
         self.out = out if write_files else None
         self.alerts: List[Alert] = []
@@ -374,3 +381,4 @@ def detector_rows(rows: Any, start: int, sites: Sequence[Any], depth: Dict[int, 
 
 
 _READ = frozenset((S.GRAD_NORM, S.UPDATE_RATIO))
+_GRADIENT_METRICS = frozenset(S.BACKWARD_METRICS + (S.PARAM_GRAD_NORM,))

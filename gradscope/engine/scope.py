@@ -327,7 +327,8 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
     combiner = DistributedCombiner.create(distributed, sharding)
     out_path = None if out is None else Path(out)
     writer = combiner is None or combiner.is_writer
-    alerts = AlertLog(alert_rules, on_anomaly, out_path, writer)  # checked before any file or hook exists
+    overflow = scaler is not None and getattr(scaler, "is_enabled", lambda: True)()  # fp16 grads may overflow
+    alerts = AlertLog(alert_rules, on_anomaly, out_path, writer, overflow)  # checked before any file or hook exists
     recorder = Recorder(sites, schedule, out_path, flush_every,
                         reducer=None if combiner is None else combiner.reduce, write_files=writer)
     feed = SinkFeed(sinks)  # checked before any hook exists

@@ -151,3 +151,25 @@ def test_alerts_written_beside_the_records(one_thread, tmp_path):
 def test_bad_handler_is_refused():
     with pytest.raises(gradscope.GradscopeError, match="on_anomaly"):
         gradscope.attach(mlp(), on_anomaly="loudly")
+
+
+def test_grad_scaler_overflow_is_not_a_divergence(one_thread):
+    """fp16 autocast on the CPU with a GradScaler whose first scales overflow: the scaler skips those steps and
+    lowers its scale, which is no divergence; gradscope still reports where the non-finite gradients were."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    g = torch.Generator().manual_seed(1)
+    with gradscope.attach(model, blocks=BLOCKS, optimizer=opt, scaler=scaler, on_nonfinite="ignore") as scope:
+        for _ in range(30):
+            x = torch.randn(32, 20, generator=g)
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x), (x @ RULE).argmax(1))
+            scaler.scale(loss).backward()
+            scope.step(loss=loss)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    assert scaler.get_scale() < 2.0 ** 30  # steps were skipped
+    assert scope.first_nonfinite()["backward"][0] == 0
+    assert len(scope.alerts()) == 0, scope.alerts().to_string()

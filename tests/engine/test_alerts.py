@@ -87,6 +87,14 @@ def test_divergence_in_backward_only_names_the_block_nearest_the_loss():
     assert divergence(3, rows[3:], loss=2.0) is None
 
 
+def test_with_a_grad_scaler_overflowing_gradients_are_not_a_divergence():
+    rows = [(0, "a", 0, 0, "grad_norm", math.inf), (0, "a", 0, 0, "param_grad_norm", math.inf)]
+    assert divergence(0, rows, loss=1.0, gradients=False) is None
+    assert divergence(0, rows + [(0, "b", 1, 0, "act_nonfinite", 2.0)], loss=1.0, gradients=False).block == "b"
+    assert divergence(0, rows, loss=math.inf, gradients=False).metric == "loss"
+    assert divergence(0, rows, loss=1.0).block == "a"
+
+
 def test_update_band_names_the_earliest_block_out_of_band():
     rows = [(4, b, d, 0, "update_ratio", v) for d, (b, v) in enumerate(zip(BLOCKS, [1e-3, 0.5, 1e-7, 0.2]))]
     alert = update_band(4, rows, (1e-5, 1e-1))

@@ -12,7 +12,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -137,10 +137,12 @@ def load(path: Union[str, os.PathLike]) -> pd.DataFrame:
                          f"written by attach(..., out=...), or records/<run>/ of a gradscope profile folder")
 
 
-def read_parts(paths: Sequence[Path]) -> pd.DataFrame:
-    """The rows of record parts, in the order given (a run's own parts: none is skipped, each is checked)."""
-    frames = [_table_frame(read_table(p), p) for p in paths]
-    return pd.concat(frames, ignore_index=True) if frames else frame_from_columns([], [], [], [], [], [], [])
+def read_parts(paths: Sequence[Path], tail: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """The rows of a run's own parts (none skipped, each checked), then ``tail`` (rows still in memory), sorted."""
+    frames = [_table_frame(read_table(p), p) for p in paths] + ([tail] if tail is not None else [])
+    if not frames:
+        return frame_from_columns([], [], [], [], [], [], [])
+    return sort_frame(pd.concat(frames, ignore_index=True))
 
 
 # --- reading files that others may have sent: pyarrow only, nothing unpickled, schema checked ----------------

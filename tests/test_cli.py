@@ -191,3 +191,34 @@ def test_a_model_that_crashes_mid_run_keeps_its_records(tmp_path, capsys):
     assert "run crash_later failed: RuntimeError: CUDA error" in err and "Traceback" not in err
     frame = pd.read_parquet(tmp_path / "records.parquet")
     assert sorted(frame.step.unique()) == [0, 1, 2]  # 1 init batch, then 3 training steps before the 5th forward
+
+
+def _full_disk_for(monkeypatch, name: str) -> None:
+    """Writing ``name`` fails as on a full disk (ENOSPC); everything else is written."""
+    import errno
+
+    from gradscope import store
+
+    real = store.atomic_write
+
+    def atomic_write(path, write):
+        if Path(path).name == name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, write)
+
+    monkeypatch.setattr(store, "atomic_write", atomic_write)
+
+
+@pytest.mark.parametrize("command", ["profile", "report"])
+def test_a_full_disk_exits_2_with_one_line_naming_the_folder(tmp_path, capsys, monkeypatch, command):
+    args = ["--model", f"{FIXTURE}:tiny", "--input-shape", "3,8,8", "--out", str(tmp_path)] + FAST
+    if command == "report":
+        assert main(["profile", "--format", "records"] + args) == 0
+        capsys.readouterr()
+    _full_disk_for(monkeypatch, "records.parquet")
+    code = main(["profile"] + args if command == "profile" else ["report", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and "Traceback" not in err and "internal error" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0] == f"gradscope: error: cannot write the report to {str(tmp_path)!r}: No space left on device"

@@ -46,7 +46,7 @@ def first_nonfinite_rows(rows: Any, start: int, depth: Dict[int, int],
                          sites: List[Site]) -> Dict[str, Tuple[int, str]]:
     """``{"forward": (step, block), "backward": (step, block)}`` of the first NaN/Inf among ``rows[start:]``."""
     fwd: Optional[Tuple[int, int, int]] = None
-    bwd: Optional[Tuple[int, int, int]] = None
+    bwd: Optional[Tuple[int, int, int, int]] = None
     for i in range(start, len(rows)):
         metric, value = rows.metric[i], rows.value[i]
         site, step = rows.site[i], rows.step[i]
@@ -54,14 +54,17 @@ def first_nonfinite_rows(rows: Any, start: int, depth: Dict[int, int],
         if metric == S.ACT_NONFINITE and value > 0:
             key = (step, d, site)
             fwd = key if fwd is None or key < fwd else fwd
-        elif metric == S.GRAD_NORM and not math.isfinite(value):
-            key = (step, -d, site)
+        elif metric in (S.GRAD_NORM, S.GRAD_IN_NORM) and not math.isfinite(value):
+            # backward runs from the last block to the first: the deepest block whose gradient is non-finite at its
+            # input (grad_in_norm) or output (grad_norm) is where it arose; at the input first, since a NaN born
+            # inside block k reaches k's input and block k-1's output, never k's own output
+            key = (step, -d, 0 if metric == S.GRAD_IN_NORM else 1, site)
             bwd = key if bwd is None or key < bwd else bwd
     found = {}
     if fwd is not None:
         found["forward"] = (fwd[0], sites[fwd[2]].name)
     if bwd is not None:
-        found["backward"] = (bwd[0], sites[bwd[2]].name)
+        found["backward"] = (bwd[0], sites[bwd[3]].name)
     return found
 
 

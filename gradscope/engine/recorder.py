@@ -4,11 +4,14 @@ Hooks append small float32 tensors to :class:`Recorder`'s buffer together with a
 step, block, call and metric group they belong to. Nothing is read back to the host until :meth:`Recorder.flush`,
 which concatenates the buffer per device and transfers it once. Rows are kept as plain Python lists (a few numbers
 per block per recorded step) and, with ``out=DIR``, streamed to numbered Parquet parts so that a run that crashes
-keeps everything up to its last flush.
+keeps everything up to its last flush. Rows already in a part are dropped from memory (:meth:`Recorder.release`),
+so memory stays bounded by ``flush_every`` steps while streaming; :meth:`Recorder.frame` reads the parts back.
+A part that cannot be written (a full disk) leaves its rows in memory, warns once, and is retried at the next flush.
 """
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -65,6 +68,11 @@ class Rows:
     def __len__(self) -> int:
         return len(self.value)
 
+    def trimmed(self) -> "Rows":
+        """These rows cut to the shortest list (a signal handler may have interrupted an append)."""
+        n = min(len(self.step), len(self.site), len(self.call), len(self.metric), len(self.value))
+        return Rows(self.step[:n], self.site[:n], self.call[:n], self.metric[:n], self.value[:n])
+
     def extend(self, entry: Entry, values: Sequence[float]) -> None:
         if entry.sites is not None:
             k = len(entry.sites)
@@ -100,9 +108,14 @@ class Recorder:
         self.flush_every = flush_every
         self.reducer = reducer
         self.write_files = write_files
-        self._written = 0  # rows already in parts on disk
-        self._parts = 0
+        self._written = 0  # rows of ``rows`` already in parts on disk (dropped from memory at release())
+        self._dropped = 0  # rows recorded before ``rows[0]``: in ``_part_paths`` on disk
+        self._part_paths: List[Path] = []
+        self._released_parts = 0  # parts whose rows left memory (frame() reads those back)
         self._recorded_since_write = 0
+        self._write_failed = False
+        self._grad_keys: set = set()  # (step, site, call, metric) of gradient rows: a second backward is a duplicate
+        self._duplicate_warned = False
         if out is not None and write_files:
             from gradscope import store
 
@@ -157,11 +170,16 @@ class Recorder:
         """Close the current step and decide whether the next one is recorded."""
         self.state.advance()
 
-    def flush(self) -> None:
-        """Move the buffer to host rows with one transfer per device (one collective when distributed)."""
+    def flush(self, check: Optional[Callable[[Rows, int], None]] = None) -> None:
+        """Move the buffer to host rows with one transfer per device (one collective when distributed).
+
+        ``check(rows, start)`` sees the new rows (``rows[start:]``) before a due part is written; the part is
+        written even when it raises (the non-finite policy), so the rows are on disk whatever happens next.
+        """
         if not self.buffer:
             return
-        entries, self.buffer = self.buffer, []
+        entries, self.buffer = self._unique(self.buffer), []
+        start = len(self.rows)
         for device, device_entries in _by_device(entries).items():
             if self.reducer is not None:
                 finished = self.reducer(device_entries, _pack(device_entries, device))
@@ -173,28 +191,114 @@ class Recorder:
                 else:
                     self.rows.extend(entry, values)
         self._recorded_since_write += 1
-        if self.out is not None and self.write_files and self._recorded_since_write >= self.flush_every:
-            self.write_part()
+        try:
+            if check is not None and len(self.rows) > start:
+                check(self.rows, start)
+        finally:
+            if self.out is not None and self.write_files and self._recorded_since_write >= self.flush_every:
+                self.write_part()
+
+    def _unique(self, entries: List[Entry]) -> List[Entry]:
+        """Entries without a second gradient measurement of one (step, site, call, metric).
+
+        A second ``backward()`` through outputs already recorded in this step (``retain_graph=True``) fires their
+        gradient hooks again. The rows keep the first backward's gradient norms (one row per key, as every reader
+        of the frame assumes); ``param_grad_norm`` reads ``.grad``, which holds the sum of both. A warning says so
+        once, naming the block and the step.
+        """
+        keys, kept, duplicate = self._grad_keys, [], None
+        for e in entries:
+            if e.reduce == spec.SQNORM and e.sites is None:
+                key = (e.step, e.site, e.call, e.group)
+                if key in keys:
+                    duplicate = duplicate or e
+                    continue
+                keys.add(key)
+            kept.append(e)
+        if len(keys) > 4 * len(self.sites) + 64:  # keep the keys of the current step only
+            current = self.state.step
+            self._grad_keys = {k for k in keys if k[0] >= current}
+        if duplicate is not None and not self._duplicate_warned:
+            self._duplicate_warned = True
+            warnings.warn(f"gradscope: a second backward through block {self.sites[duplicate.site].name!r} in step "
+                          f"{duplicate.step} (retain_graph=True?): its gradient rows keep the first backward only; "
+                          f"param_grad_norm holds the accumulated .grad. Call scope.step() between the two to "
+                          f"record both", RuntimeWarning, stacklevel=4)
+        return kept
 
     # ---- disk ----------------------------------------------------------------------------------------------------
     def write_part(self) -> Optional[Path]:
-        """Write the rows recorded since the last part to ``out/part-NNNNNN.parquet`` (atomically)."""
-        self._recorded_since_write = 0
+        """Write the rows recorded since the last part to ``out/part-NNNNNN.parquet`` (atomically).
+
+        An ``OSError`` (a full disk, a folder removed) does not propagate: the rows stay in memory, a warning says
+        what failed and where (once until a write succeeds again), and the next flush retries.
+        """
         if self.out is None or not self.write_files or self._written >= len(self.rows):
+            self._recorded_since_write = 0
             return None
         from gradscope import store  # pandas/pyarrow load only when rows go to disk
 
-        path = store.write_part(self.frame(start=self._written), self.out, self._parts)
-        self._written = len(self.rows)
-        self._parts += 1
+        rows = self.rows.trimmed() if len(self.rows.step) != len(self.rows) else self.rows
+        try:
+            path = store.write_part(self._frame_of(rows, self._written), self.out, len(self._part_paths))
+        except OSError as exc:
+            if not self._write_failed:
+                warnings.warn(f"gradscope: could not write records part {len(self._part_paths)} to "
+                              f"{str(self.out)!r}: {exc.strerror or exc}; its {len(rows) - self._written} rows "
+                              f"stay in memory and the next flush retries", RuntimeWarning, stacklevel=3)
+            self._write_failed = True
+            return None
+        if self._write_failed:
+            warnings.warn(f"gradscope: records written to {str(self.out)!r} again", RuntimeWarning, stacklevel=3)
+        self._write_failed = False
+        self._recorded_since_write = 0
+        self._part_paths.append(path)
+        self._written = len(rows)
         return path
+
+    def release(self) -> None:
+        """Drop from memory the rows already written to parts (call once every reader of new rows had them)."""
+        if self._written:
+            n = self._written
+            self.rows = Rows(self.rows.step[n:], self.rows.site[n:], self.rows.call[n:], self.rows.metric[n:],
+                             self.rows.value[n:])
+            self._dropped += n
+            self._written = 0
+            self._released_parts = len(self._part_paths)
+
+    @property
+    def row_count(self) -> int:
+        """Rows recorded so far, on disk and in memory."""
+        return self._dropped + len(self.rows)
+
+    def write_remaining(self) -> None:
+        """Last resort (a SIGTERM, the end of the interpreter, a scope collected while attached): everything in the
+        buffer and in memory to disk. No collective and no non-finite check; never raises."""
+        try:
+            if self.buffer and self.reducer is None:
+                self.flush()
+            self.write_part()
+        except Exception:  # noqa: BLE001 - a shutdown path: never a second traceback
+            pass
 
     # ---- output --------------------------------------------------------------------------------------------------
     def frame(self, start: int = 0):
-        """The recorded rows as a tidy DataFrame (see :mod:`gradscope.schema` for the columns)."""
+        """The recorded rows as a tidy DataFrame (see :mod:`gradscope.schema` for the columns).
+
+        ``start`` counts rows from the first recorded; rows already dropped from memory are read back from their
+        parts (only ``start=0`` may reach them).
+        """
         from gradscope import store  # pandas loads when a frame is first asked for, not at attach()
 
-        rows = self.rows
+        if start >= self._dropped:
+            return self._frame_of(self.rows, start - self._dropped)
+        if start:
+            raise ValueError(f"rows before {self._dropped} are on disk only; frame(start={start}) cannot slice them")
+        return store.read_parts(self._part_paths[:self._released_parts], tail=self._frame_of(self.rows, 0))
+
+    def _frame_of(self, rows: Rows, start: int):
+        from gradscope import store
+
         sites = [self.sites[i] for i in rows.site[start:]]
         depth_of = self.depth
         return store.frame_from_columns(

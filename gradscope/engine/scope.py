@@ -1,9 +1,7 @@
 """Scope: what :func:`gradscope.attach` returns: the hooks of one recording session and its records."""
 from __future__ import annotations
 
-import atexit
 import os
-import weakref
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -20,6 +18,7 @@ from gradscope.engine.amp import ScalerState
 from gradscope.engine.nonfinite import NONFINITE_POLICIES, NonFiniteError, NonFinitePolicy
 from gradscope.engine.probes import MetricSet, Probe
 from gradscope.engine.provenance import Provenance, device_of
+from gradscope.engine.exits import LiveScopes
 from gradscope.engine.recorder import Recorder, Schedule, make_schedule
 from gradscope.engine.sinks import SinkFeed
 from gradscope.engine.sites import BlockSelector, Site, find_blocks, unwrap_model
@@ -125,9 +124,12 @@ class Scope:
                     RuntimeWarning, stacklevel=2)
             if self._metrics.params:
                 self._record_params(rec.step)
-            self._flush()
-            if rec.write_files:  # host side, after the step's one transfer; under DDP rank 0 only
-                self._sinks.send(rec)
+            try:
+                self._flush()
+            finally:
+                if rec.write_files:  # host side, after the step's one transfer; under DDP rank 0 only
+                    self._sinks.send(rec)
+                rec.release()  # rows on disk and handed to the sinks leave memory
 
     def log_to(self, sink: Any) -> "Scope":
         """Also hand each recorded step's rows to ``sink`` (a callable ``rows -> None``, see
@@ -165,15 +167,24 @@ class Scope:
         return self._rec.write_part()
 
     def detach(self) -> None:
-        """Remove every hook this scope added (and none of anyone else's) and write outstanding rows. Idempotent."""
+        """Remove every hook this scope added (and none of anyone else's) and write outstanding rows. Idempotent.
+
+        Under ``on_nonfinite="raise"`` a NaN/Inf found in the last open step raises :class:`NonFiniteError` after
+        the rows are written and the hooks removed (never while another exception is on its way out of a ``with``).
+        """
+        self._detach(raise_nonfinite=True)
+
+    def _detach(self, raise_nonfinite: bool) -> None:
         if not self._attached:
             return
+        pending: List[BaseException] = []
         try:
-            self._flush()
+            self._flush(pending.append)
             self._rec.write_part()
             if self._rec.write_files:
                 self._sinks.send(self._rec)
         finally:
+            _live.forget(self)
             self._probe.remove()
             self._rec.state.stop()
             while self._opt_handles:
@@ -183,7 +194,13 @@ class Scope:
                 self._sinks.close()
             finally:
                 if self.provenance is not None:
-                    self.provenance.finish(self._error, steps=self._rec.step, rows=len(self._rec.rows))
+                    try:
+                        self.provenance.finish(self._error, steps=self._rec.step, rows=self._rec.row_count)
+                    except OSError as exc:  # a full disk must not replace the user's exception or end the run
+                        warnings.warn(f"gradscope: could not complete {str(self.provenance.path)!r}: "
+                                      f"{exc.strerror or exc}", RuntimeWarning, stacklevel=3)
+        if pending and raise_nonfinite:
+            raise pending[0]
 
     close = detach
 
@@ -192,10 +209,13 @@ class Scope:
 
     def __exit__(self, *exc: Any) -> None:
         self._error = exc[1]  # the provenance record says how the run ended
-        self.detach()
+        self._detach(raise_nonfinite=exc[1] is None)  # never replace the exception leaving the with block
 
-    def __del__(self) -> None:  # a forgotten scope should not leave hooks that reference a dead recorder
+    def __del__(self) -> None:
+        """A scope collected while attached writes its rows and removes its hooks (they reference its recorder)."""
         try:
+            if self._attached:
+                self._rec.write_remaining()
             self._probe.remove()
             while self._opt_handles:
                 self._opt_handles.pop().remove()
@@ -211,18 +231,34 @@ class Scope:
         return dict(self._nonfinite.first)
 
     # ---- internals -----------------------------------------------------------------------------------------------
-    def _flush(self) -> None:
+    def _flush(self, on_error: Optional[Any] = None) -> None:
+        """Buffer to rows (a due part written); new rows go to the alert detectors and through the non-finite
+        policy, whose error is raised or, with ``on_error``, handed to it (detach writes everything first)."""
         self._probe.drain_traced()
+        rec, checked = self._rec, []
+
+        def check(rows: Any, start: int) -> None:
+            checked.append(start)
+            self._observe_alerts(rows, start)
+            try:
+                self._nonfinite.check(rows, start, rec.depth)
+            except NonFiniteError as exc:
+                if on_error is None:
+                    raise
+                on_error(exc)
+
+        rec.flush(check)
+        if not checked and self._alerts.enabled and len(rec.losses) > self._losses_seen:
+            self._observe_alerts(rec.rows, len(rec.rows))
+
+    def _observe_alerts(self, rows: Any, start: int) -> None:
+        """Host values the step's one transfer brought back (no device read here) to the alert detectors."""
+        if not self._alerts.enabled:
+            return
         rec = self._rec
-        start = len(rec.rows)
-        rec.flush()
-        if len(rec.rows) > start:
-            self._nonfinite.check(rec.rows, start, rec.depth)
-        if self._alerts.enabled and (len(rec.rows) > start or len(rec.losses) > self._losses_seen):
-            # host values the step's one transfer brought back: no device read here
-            losses = rec.losses[self._losses_seen:]
-            self._losses_seen = len(rec.losses)
-            self._alerts.observe(detector_rows(rec.rows, start, self.sites, rec.depth), losses)
+        losses = rec.losses[self._losses_seen:]
+        self._losses_seen = len(rec.losses)
+        self._alerts.observe(detector_rows(rows, start, self.sites, rec.depth), losses)
 
     def _record_params(self, step: int) -> None:
         """Parameter and parameter-gradient norms of every block: two foreach reductions, two buffer entries."""
@@ -346,18 +382,12 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
                   "model": type(inner).__name__, "sites": [site.name for site in sites]}
         scope.provenance = Provenance(out_path, "attach", config, device=device_of(inner))
         scope.provenance.start()
-    if out_path is not None:  # an exception that ends the program still leaves every recorded row on disk
-        atexit.register(_write_at_exit, weakref.ref(scope))
+    if out_path is not None and recorder.write_files:  # the end of the program or a SIGTERM writes every row
+        _live.add(scope)
     return scope
 
 
-def _write_at_exit(ref: "weakref.ReferenceType[Scope]") -> None:
-    scope = ref()
-    if scope is not None and scope._attached:
-        try:
-            scope.flush()
-        except Exception:  # never turn an exit into a second traceback
-            pass
+_live = LiveScopes()
 
 
 def _check_metrics(metrics: Optional[Iterable[str]]) -> Optional[Tuple[str, ...]]:

@@ -44,7 +44,7 @@ class SinkFeed:
 
     def send(self, recorder: Any) -> None:
         """Hand every row the recorder holds beyond those already sent to each sink (a frame built once)."""
-        total = len(recorder.rows)
+        total = recorder.row_count  # rows recorded so far (those on disk included)
         if not self.sinks or total <= self.sent:
             self.sent = total
             return

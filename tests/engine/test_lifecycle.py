@@ -185,14 +185,46 @@ def test_nonfinite_pinpoints_first_block_in_each_direction():
             scope.step()
     first = scope.first_nonfinite()
     assert first["forward"] == (0, "1")
-    # d loss / d output of blocks 3, 2, 1 only involves the finite weights of blocks 3 and 2; block 0's output
-    # gradient passes through the NaN weight of block 1, so it is the first (and only) non-finite one
-    assert first["backward"] == (0, "0")
+    # d loss / d output of blocks 3, 2, 1 only involves the finite weights of blocks 3 and 2; the gradient turns NaN
+    # inside block 1 (its NaN weight), at block 1's input, which is block 0's output: block 1 is where it arose
+    assert first["backward"] == (0, "1")
     frame = scope.frame()
     bad_grads = frame[(frame.metric == "grad_norm") & ~frame.value.map(math.isfinite)].block.tolist()
     assert bad_grads == ["0"]
     bad = frame[(frame.metric == "act_nonfinite") & (frame.value > 0)].block.tolist()
     assert bad == ["1", "2", "3"]
+
+
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward; backward returns NaN: a NaN that arises in the backward pass of a known block."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+class _Block(nn.Module):
+    def __init__(self, poison: bool = False):
+        super().__init__()
+        self.lin, self.poison = nn.Linear(4, 4), poison
+
+    def forward(self, x):
+        y = self.lin(x)
+        return _NaNGrad.apply(y) if self.poison else y
+
+
+@pytest.mark.parametrize("poisoned", [1, 2, 4])
+def test_backward_nonfinite_names_the_block_where_the_nan_arose(poisoned):
+    """Independent reference: which block's backward produced the NaN is known by construction."""
+    model = nn.Sequential(*[_Block(poison=(i == poisoned)) for i in range(6)])
+    with gradscope.attach(model, on_nonfinite="ignore") as scope:
+        model(torch.randn(2, 4, requires_grad=True)).sum().backward()
+        scope.step()
+    assert scope.first_nonfinite() == {"backward": (0, str(poisoned))}
 
 
 def test_raise_policy_keeps_records():

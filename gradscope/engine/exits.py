@@ -1,0 +1,70 @@
+"""The ends a training loop does not see coming: the interpreter exiting, and SIGTERM.
+
+Every scope that streams to disk (``attach(out=...)``) is registered here until it is detached:
+
+- **at exit** (``atexit``: an uncaught exception, ``sys.exit``) every registered scope still alive writes the rows it
+  holds; a scope collected earlier wrote its own rows then (``Scope.__del__``);
+- **SIGTERM** (what docker, Kubernetes and Slurm send before SIGKILL): a handler writes the rows of every live
+  scope and then does what the signal would have done without gradscope: it calls the handler that was installed
+  before (yours, or the CLI's, which stops the study and writes the report), or, where there was none, restores the
+  default action and sends the signal again, so the process still dies of SIGTERM (exit status 143 in a shell).
+  A handler set to ``SIG_IGN`` stays as it is, and so does any handler installed after ``attach()``.
+
+The registry holds scopes weakly: registering keeps nothing alive.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import threading
+import weakref
+from typing import Any, Callable, Optional, Union
+
+Handler = Union[Callable[[int, Any], Any], int, None]
+
+
+class LiveScopes:
+    """Scopes with rows that must reach disk however the process ends."""
+
+    def __init__(self) -> None:
+        self._scopes: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+        self._previous: Handler = None
+        self._registered_exit = False
+
+    def add(self, scope: Any) -> None:
+        """Watch ``scope`` (its recorder writes the rows) until :meth:`forget` or until it is collected."""
+        self._scopes[id(scope)] = scope
+        if not self._registered_exit:
+            atexit.register(self.write_all)
+            self._registered_exit = True
+        self._install_sigterm()
+
+    def forget(self, scope: Any) -> None:
+        self._scopes.pop(id(scope), None)
+
+    def write_all(self) -> None:
+        """Every live scope's buffered and in-memory rows to its folder (never raises)."""
+        for scope in list(self._scopes.values()):
+            rec = getattr(scope, "_rec", None)
+            if rec is not None and getattr(scope, "_attached", False):
+                rec.write_remaining()
+
+    # ---- SIGTERM ---------------------------------------------------------------------------------------------
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers; the exit writer still covers the rest
+        current = signal.getsignal(signal.SIGTERM)
+        if current == self._on_sigterm or current in (signal.SIG_IGN, None):
+            return  # ours already, ignored on purpose, or set outside Python: leave it
+        self._previous = current
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.write_all()
+        previous = self._previous
+        if callable(previous):
+            previous(signum, frame)
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what the signal would have done: die of it
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -151,3 +151,21 @@ def test_compact_scalars_are_min_and_max_over_blocks():
     assert got[1]["gradscope/grad_norm_min"] == gn.min() and got[1]["gradscope/grad_norm_max"] == gn.max()
     assert got[1]["gradscope/nonfinite"] == 0.0
     assert set(got) == set(range(STEPS))
+
+
+def test_sinks_without_a_run_or_with_a_bad_image_interval_say_what_to_do(monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    import mlflow
+    import wandb
+
+    from gradscope.integrations.mlflow import MlflowSink
+    from gradscope.integrations.tensorboard import TensorBoardSink
+    from gradscope.integrations.wandb import WandbSink
+
+    assert wandb.run is None and mlflow.active_run() is None
+    with pytest.raises(gradscope.GradscopeError, match=r"wandb.init"):
+        WandbSink()
+    with pytest.raises(gradscope.GradscopeError, match=r"mlflow.start_run"):
+        MlflowSink()
+    with pytest.raises(gradscope.GradscopeError, match="image_every=-1"):
+        TensorBoardSink(object(), image_every=-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -68,28 +69,45 @@ def test_tensorboard_event_files_hold_the_frame(tmp_path):
     assert acc.Images("gradscope/heatmap/grad_norm")[0].width > 100
 
 
-def _wandb_history(run_dir: Path) -> list[dict]:
-    """History records of an offline run, read from its .wandb file (a LevelDB-style log of protobuf records)."""
+def _wandb_history(run_dir: Path, timeout: float = 120.0) -> list[dict]:
+    """History records of an offline run, read from its .wandb file once its exit record is there (wandb's
+    service may still be writing after ``run.finish()`` returns on a busy machine)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, history = _wandb_records(run_dir)
+        if done or time.monotonic() > deadline:
+            assert done, f"no exit record in {run_dir} after {timeout} s"
+            return history
+        time.sleep(0.5)
+
+
+def _wandb_records(run_dir: Path) -> tuple[bool, list[dict]]:
+    """(whether the exit record is written, the history records) of a .wandb file: a LevelDB-style log of
+    protobuf records in 32 KiB blocks, each record a 7-byte header (crc, length, FULL/FIRST/MIDDLE/LAST)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(glob.glob(str(run_dir / "run-*.wandb"))[0]).read_bytes()
     assert data[:4] == b":W&B"
-    pos, block, records, pending = 7, 32768, [], b""
+    pos, block, records, pending, done = 7, 32768, [], b"", False
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a record header is padding
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # still being written
+            break
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):  # FULL or LAST
             rec = pb.Record()
             rec.ParseFromString(pending)
-            if rec.WhichOneof("record_type") == "history":
+            kind_of = rec.WhichOneof("record_type")
+            done = done or kind_of == "exit"
+            if kind_of == "history":
                 records.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
                                 for i in rec.history.item})
-    return records
+    return done, records
 
 
 def test_wandb_offline_run_holds_the_frame(tmp_path, monkeypatch):

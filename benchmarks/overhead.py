@@ -17,7 +17,9 @@ It prints the median ratio of each configuration's step time to the baseline's (
 the peak RSS of a 1,000-step recorded run of the MLP against an uninstrumented one, each in a fresh subprocess.
 Threads are pinned to one (``torch.set_num_threads(1)``) so that runs compare on a shared machine.
 
-    python benchmarks/overhead.py            # all models, 8 repeats per configuration
+    python benchmarks/overhead.py            # all models, 8 repeats per configuration (+ transformers rows:
+                                             # a TransformerEncoder LM, and HF GPT-2 / Llama if installed)
+    python benchmarks/overhead.py --models encoder,gpt2,llama   # the language models only
     python benchmarks/overhead.py --quick    # ResNet-56 (2 repeats) and the MLP (3), no forum snippet: < 2 minutes
 
 A repeat is 10 training steps of each configuration (20 for the MLP, whose steps are short), so ``every10``
@@ -26,6 +28,7 @@ records one step in ten within every repeat, as a long run would.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import resource
@@ -42,14 +45,63 @@ import gradscope
 from gradscope.models import build
 
 
+class TokenLM(nn.Module):
+    """A language model for the transformer rows: embedding, blocks, head; logits flattened to (tokens, vocab) so
+    the benchmark's cross-entropy applies. ``encoder``: a 6-layer ``nn.TransformerEncoder`` of width 128; ``gpt2`` and
+    ``llama``: Hugging Face configs (6 x 256 and 4 x 256) built without a download."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "encoder":
+            self.embed = nn.Embedding(VOCAB, 128)
+            layer = nn.TransformerEncoderLayer(128, 4, 512, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 6, enable_nested_tensor=False)
+            self.head = nn.Linear(128, VOCAB)
+            return
+        import transformers  # only for the Hugging Face rows
+
+        if kind == "gpt2":
+            config = transformers.GPT2Config(n_layer=6, n_embd=256, n_head=4, n_positions=128, vocab_size=VOCAB)
+            self.hf = transformers.GPT2LMHeadModel(config)
+        else:
+            config = transformers.LlamaConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=512,
+                                              num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
+                                              max_position_embeddings=128)
+            self.hf = transformers.LlamaForCausalLM(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "encoder":
+            return self.head(self.encoder(self.embed(x))).flatten(0, 1)
+        return self.hf(input_ids=x).logits.flatten(0, 1)
+
+
+VOCAB = 512
+LANGUAGE_MODELS = ("encoder", "gpt2", "llama")
+
+
+def has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def make_model(name: str) -> nn.Module:
     if name == "mlp50-bn":
         return build("mlp", depth=50, width=256, bn=True, seed=0)
+    if name in LANGUAGE_MODELS:
+        torch.manual_seed(0)
+        return TokenLM(name)
     return build(name, seed=0)
 
 
 def batch_for(name: str):
     g = torch.Generator().manual_seed(0)
+    if name in LANGUAGE_MODELS:  # 8 sequences of 128 tokens; the targets are the tokens themselves
+        tokens = torch.randint(0, VOCAB, (8, 128), generator=g)
+        return tokens, tokens.reshape(-1)
     return torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
 
 
@@ -154,6 +206,7 @@ def time_model(name: str, repeats: int, steps_per_repeat: int, configs: List[str
     def one_step(config: str) -> float:
         scope = instrument(config, model, opt, counts[config])
         counts[config] += 1
+        gc.collect()  # garbage of earlier steps' scopes is collected here, untimed, not inside another config's step
         start = time.perf_counter()
         loss_fn(model(x), y).backward()
         scope.step()
@@ -236,7 +289,8 @@ def main() -> None:
     torch.set_num_threads(1)
     random.seed(0)
     models = (args.models.split(",") if args.models else
-              (["resnet56", "mlp50-bn"] if args.quick else ["resnet56", "resnet110", "mlp50-bn"]))
+              (["resnet56", "mlp50-bn"] if args.quick else
+               ["resnet56", "resnet110", "mlp50-bn", "encoder"] + (["gpt2", "llama"] if has_transformers() else [])))
     configs = ["baseline", "floor", "every1", "every10"] + ([] if args.quick else ["naive"])
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "models": {}}
     print(f"torch {torch.__version__}, 1 thread; ratio = step time / baseline, configurations interleaved")

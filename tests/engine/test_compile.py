@@ -173,3 +173,22 @@ def test_detach_under_compile_leaves_a_graph_that_records_nothing(one_thread, dy
     for step in range(2):  # Dynamo does not guard on module hooks: the recorded-step flag sends it to a clean graph
         _loss(run, step).backward()
     assert scope._probe.events == [] and len(scope.frame()) == rows
+
+
+def test_a_hundred_and_twenty_compiled_steps_compile_twice_and_never_hit_the_recompile_limit(one_thread, dynamo, caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(4)], nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(4, 8), torch.randint(0, 2, (4,))
+    with gradscope.attach(model, blocks=[str(i) for i in range(4)], every=10) as scope:
+        run = torch.compile(model, backend="aot_eager")
+        for _ in range(120):  # 12 recorded steps: more than the recompile limit (8) if each recompiled
+            nn.functional.cross_entropy(run(x), y).backward()
+            scope.step()
+            opt.step()
+            opt.zero_grad()
+    frame = scope.frame()
+    assert sorted(frame.step.unique()) == list(range(0, 120, 10))
+    assert len(frame.query("metric == 'grad_norm'")) == 12 * 4
+    assert dynamo["stats"]["unique_graphs"] == 2 and sum(dynamo["graph_break"].values()) == 0
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]

@@ -256,8 +256,7 @@ class Probe:
             if state.active and T.compiling():
                 y = first_tensor(output)
                 if y is not None:
-                    self.events.append((site, "sub", group, activation_sums(y, extras=(), check_on_host=False)[:3],
-                                        y.numel()))
+                    self.events.append((site, "sub", group, T.traced_sums(y, ()), y.numel()))
                 return None
             if not state.active or not stack or stack[-1] == _SKIPPED or in_backward():
                 return None
@@ -295,7 +294,7 @@ class Probe:
         if y is None:
             self.events.append((site, "post", None, 0, False))
             return None
-        sums = activation_sums(y, extras=m.extras, check_on_host=False) if m.forward else None
+        sums = T.traced_sums(y, m.extras) if m.forward else None
         new, tapped = output, False
         if m.grad_out and y.requires_grad and self._leaf is not None:
             new, tapped = T.replace_first(output, y, self._tap(site, S.GRAD_NORM)(y))

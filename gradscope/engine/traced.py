@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from gradscope import schema as S
-from gradscope.engine.metrics import squared_norm
+from gradscope.engine.metrics import SLOT_REDUCTIONS, _work, squared_norm
 
 GRAD_METRICS = (S.GRAD_NORM, S.GRAD_IN_NORM)
 
@@ -91,6 +91,28 @@ class Tap(torch.autograd.Function):
         d_leaf = torch.zeros(ctx.n_slots, 2, dtype=torch.float32, device=ctx.leaf_device)
         d_leaf = d_leaf.index_copy(0, torch.tensor([ctx.slot], device=ctx.leaf_device), row.reshape(1, 2))
         return g, d_leaf, None, None
+
+
+def traced_sums(x: torch.Tensor, extras: Sequence[Tuple[str, ...]]) -> torch.Tensor:
+    """The raw ``moments`` vector of :func:`gradscope.engine.metrics.activation_sums` for traced hooks: one pass in
+    float64 (shift 0, ``sum(x)``, ``sum(x^2)`` accumulated in float64, whose 53 bits keep the one-pass variance exact
+    to ~1e-8 even for ``mean^2 / var = 1e8``), exact counts, nothing read back; inductor fuses it into one kernel."""
+    flat = _work(x)
+    n = flat.numel()
+    if n == 0:
+        return torch.full((3 + sum(len(k) for k in extras),), float("nan"), dtype=torch.float64, device=x.device)
+    d = flat.to(torch.float64)
+    parts = [torch.zeros((), dtype=torch.float64, device=x.device), d.sum(), (d * d).sum()]
+    for key in extras:
+        if key == ("zeros",):
+            parts.append((flat == 0).sum().to(torch.float64))
+        elif key == ("nonfinite",):
+            parts.append((~torch.isfinite(flat)).sum().to(torch.float64))
+        elif key == ("min", "max"):
+            parts.extend(p.to(torch.float64) for p in torch.aminmax(flat))
+        else:  # a slot this function does not know: the metric's own reduction
+            parts.extend(p.to(torch.float64) for p in SLOT_REDUCTIONS[key].centred(flat, flat.clone()))
+    return torch.stack(parts)
 
 
 def map_grad_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Tuple[Any, int]:

@@ -192,3 +192,66 @@ def test_a_hundred_and_twenty_compiled_steps_compile_twice_and_never_hit_the_rec
     assert len(frame.query("metric == 'grad_norm'")) == 12 * 4
     assert dynamo["stats"]["unique_graphs"] == 2 and sum(dynamo["graph_break"].values()) == 0
     assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+
+
+class _Lin(nn.Module):
+    gradscope_block = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x) * 1.0
+
+
+class _InPlaceAfterBlocks(nn.Module):
+    """Each block's output is modified in place after the block (``mul_``, then ``ReLU(inplace=True)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_Lin() for _ in range(3))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+            x.mul_(2.0)
+            x = self.act(x)
+        return x
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_outputs_modified_in_place_after_a_block_compile_and_match_eager(one_thread, dynamo, backend):
+    torch.manual_seed(0)
+    model, x = _InPlaceAfterBlocks(), torch.randn(4, 8)
+    frames = []
+    for compile_backend in (None, backend):
+        twin = copy.deepcopy(model)
+        scope = gradscope.attach(twin)
+        run = torch.compile(twin, backend=compile_backend) if compile_backend else twin
+        run(x).pow(2).sum().backward()
+        scope.step()
+        scope.detach()
+        frames.append(scope.frame())
+    assert len(frames[1]) == len(frames[0]) > 0
+    _compare(frames[0], frames[1], rel=1e-5)
+
+
+def test_traced_sums_keep_the_variance_of_a_large_mean(one_thread, dynamo):
+    from gradscope.engine import spec
+    from gradscope.engine.traced import traced_sums
+
+    x64 = 1.0e4 + torch.randn(256, 1024, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = x64.float()
+    group = ("act_mean", "act_var", "act_rms", "act_zero_frac", "act_nonfinite")
+    extras = (("zeros",), ("nonfinite",))
+    raw = torch.compile(lambda t: traced_sums(t, extras), backend="aot_eager")(x)
+    mean, var, rms, zero_frac, nonfinite = spec.finish(group, raw.tolist(), x.numel(), spec.MOMENTS)
+    ref = x.double()
+    assert var == pytest.approx(torch.var(ref, unbiased=False).item(), rel=1e-4)
+    assert mean == pytest.approx(ref.mean().item(), rel=1e-9) and zero_frac == 0 and nonfinite == 0
+    x[0, :3] = torch.tensor([0.0, float("inf"), float("nan")])
+    raw = torch.compile(lambda t: traced_sums(t, extras), backend="aot_eager")(x)
+    *_, zero_frac, nonfinite = spec.finish(group, raw.tolist(), x.numel(), spec.MOMENTS)
+    assert zero_frac * x.numel() == 1 and nonfinite == 2

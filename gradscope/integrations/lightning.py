@@ -16,7 +16,8 @@ Where it hooks (Lightning 2.x):
   (``report.html``, ``records.parquet``, ...; ``records/`` holds the parts streamed while training) and complete
   ``provenance.json``.
 
-One optimizer (automatic optimization, any gradient accumulation). Needs ``lightning``
+A step is one step of the (first) optimizer: any gradient accumulation; with several optimizers ``update_ratio``
+is not recorded. Needs ``lightning``
 (``pip install 'torch-gradscope[lightning]'``).
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ class GradscopeCallback(_pl.Callback):
         self.session = Session("lightning", blocks=blocks, every=every, out=out, metrics=metrics, sinks=sinks,
                                report=report, options=options)
         self._trainer: Any = None
+        self._first: Any = None
 
     # ---- results -------------------------------------------------------------------------------------------------
     @property
@@ -68,6 +70,7 @@ class GradscopeCallback(_pl.Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         optimizers = list(trainer.optimizers)
         self._trainer = trainer
+        self._first = optimizers[0] if optimizers else None
         extra = [self._log_compact] if self._log else []
         self.session.start(pl_module, optimizer=optimizers[0] if len(optimizers) == 1 else None,
                            scaler=getattr(trainer.precision_plugin, "scaler", None),
@@ -75,7 +78,9 @@ class GradscopeCallback(_pl.Callback):
                            seeds={"PL_GLOBAL_SEED": os.environ.get("PL_GLOBAL_SEED")})
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        self.session.step()
+        # with several optimizers (GANs, manual optimization) a step is the first optimizer's step
+        if getattr(optimizer, "_optimizer", optimizer) is self._first:
+            self.session.step()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.session.finish(writer=trainer.is_global_zero)

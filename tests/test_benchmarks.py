@@ -86,3 +86,13 @@ def test_compile_overhead_times_compiled_twins_and_counts_graphs(monkeypatch, on
     # each instrumented twin: no graph break; every1 one graph, every10 its recorded and unrecorded variants
     assert [r[c]["graph_breaks"] for c in bench.CONFIGS] == [0, 0, 0]
     assert [r[c]["graphs"] for c in bench.CONFIGS] == [1, 1, 2]
+
+
+def test_streaming_memory_records_every_step_and_fits_a_slope(one_thread):
+    module = _load("streaming_memory")
+    assert module.slope_per_1000([(0, 10.0), (1000, 23.0), (2000, 36.0)]) == pytest.approx(13.0)
+    points, after, rows = module.run(steps=30, report=10, flush_every=5)
+    assert [s for s, _ in points] == [10, 20, 30] and all(mb > 0 for _, mb in points) and after > 0
+    from gradscope import schema as S
+    metrics = len(S.DEFAULT_METRICS) - 1  # update_ratio needs optimizer=, which the benchmark does not pass
+    assert rows == 30 * (20 * metrics - 1)  # the first block's input does not require grad: no grad_in_norm

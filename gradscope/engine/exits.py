@@ -10,7 +10,8 @@ Every scope that streams to disk (``attach(out=...)``) is registered here until 
   default action and sends the signal again, so the process still dies of SIGTERM (exit status 143 in a shell).
   A handler set to ``SIG_IGN`` stays as it is, and so does any handler installed after ``attach()``.
 
-The registry holds scopes weakly: registering keeps nothing alive.
+The registry holds scopes weakly: registering keeps nothing alive. Only the process that attached writes: a forked
+child (a DataLoader worker, which Slurm signals too) holds copies of the scopes and leaves the folder alone.
 """
 from __future__ import annotations
 
@@ -31,9 +32,13 @@ class LiveScopes:
         self._scopes: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
         self._previous: Handler = None
         self._registered_exit = False
+        self._pid = os.getpid()
 
     def add(self, scope: Any) -> None:
         """Watch ``scope`` (its recorder writes the rows) until :meth:`forget` or until it is collected."""
+        if os.getpid() != self._pid:  # attached in a child process: that process owns the registry from now on
+            self._scopes.clear()
+            self._pid = os.getpid()
         self._scopes[id(scope)] = scope
         if not self._registered_exit:
             atexit.register(self.write_all)
@@ -45,6 +50,8 @@ class LiveScopes:
 
     def write_all(self) -> None:
         """Every live scope's buffered and in-memory rows to its folder (never raises)."""
+        if os.getpid() != self._pid:  # a forked copy of the scopes: the parent writes them
+            return
         for scope in list(self._scopes.values()):
             rec = getattr(scope, "_rec", None)
             if rec is not None and getattr(scope, "_attached", False):

@@ -216,3 +216,19 @@ def test_a_second_backward_through_one_graph_keeps_the_first_and_warns():
     model[4](model[3](model[2](model[1](h0)))).sum().backward()
     got = frame[(frame.block == "0") & (frame.metric == S.GRAD_NORM)].value.item()
     assert got == pytest.approx(h0.grad.norm().item(), rel=1e-6)
+
+
+def test_a_forked_child_never_writes_the_parents_rows(tmp_path):
+    """A DataLoader worker is a fork: its copies of the scopes must not write parts into the parent's folder."""
+    model = nets.mlp(width=8, depth=2)
+    with gradscope.attach(model, out=tmp_path, flush_every=100) as scope:
+        _step(model, scope)
+        pid = os.fork()
+        if pid == 0:  # the child: what SIGTERM or the exit writer would run there
+            from gradscope.engine import scope as scope_module
+
+            scope_module._live.write_all()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert not list(tmp_path.glob("part-*.parquet"))
+    assert [p.name for p in tmp_path.glob("part-*.parquet")] == ["part-000000.parquet"]

@@ -1,19 +1,28 @@
 """Theory beside measurement: fill the verdicts' theory columns and the depth profiles' dashed lines.
 
-Pure functions of frames (pandas, no torch). For each run whose config is known (``configs[run]``, else the
-frame's config columns ``model, bn, residual, shortcut, init``), :func:`gradscope.theory.predict` gives a
-predicted profile over the run's blocks, and both profiles are reduced the same way:
+Pure functions of frames (pandas, no torch), meant for frames at initialisation (the theory is about a freshly
+initialised net). For each run whose config is known (``configs[run]``, else the frame's config columns),
+:func:`gradscope.theory.predict` gives a predicted profile over the run's blocks, with the run's batch size and
+image size when the config carries them (``batch_size``, ``image_size``; or ``batch_size=`` here):
 
 * ``measured_factor`` / ``predicted_factor``: the per-block factor fitted in log space *within stages* (one
-  intercept per stage, one common slope; stages = the run's blocks grouped as the model groups them, e.g.
-  ``stage1.*``), of act_var for forward and of grad_norm (not squared) toward the input for backward. For
-  single-stage nets (MLPs) this is the verdict's ``factor``. Stage boundaries are compared separately and named
-  in ``theory_note`` where measurement and theory part there.
-* ``agrees``: ``|ln measured - ln predicted| <= tol`` with ``tol = agree_tol + 0.5/width + 2.5 SE``:
-  ``agree_tol`` (default :data:`AGREE_TOL` = 0.03 per block) for the mean-field approximations, ``0.5/width``
-  for O(1/width) finite-width corrections (width: the narrowest layer, 16 channels for the CIFAR nets), and
-  ``SE`` the noise of the difference, estimated from the block-to-block scatter of ``ln(measured/predicted)``
-  (a random-walk model: a narrow net with one seed is noisy and gets a wider band, a wide one a tight band).
+  intercept per stage, one slope), of act_var forward and of grad_norm (not squared) toward the input backward.
+* ``agreement`` (``agrees`` / ``disagrees`` / ``inconclusive``; ``agrees`` is the same as a nullable boolean), with
+  ``Δ = |ln measured - ln predicted|`` and the tolerance ``model + noise``:
+
+  - ``model`` = :data:`AGREE_TOL` (0.03 per block, the mean-field approximations) + ``0.5/width`` (O(1/width)
+    finite-width corrections; width: the narrowest layer);
+  - ``noise``, the measurement's own uncertainty: with several seeds of one configuration (runs ``x``, ``x-s1``,
+    ...), ``t(0.975, n-1) · SE`` of the seeds' ln factors, and the seeds are judged together (one answer for the
+    configuration, from the mean of their ln factors); with one seed, 2.5 SE from the block-to-block scatter of
+    ``ln(measured/predicted)`` (a random-walk model).
+  - ``disagrees`` when Δ > tolerance; ``inconclusive`` when Δ is within a tolerance wider than :data:`MAX_TOL`, or
+    from one seed of a net narrower than :data:`WIDE` channels, whose seed-to-seed spread is not estimated;
+    ``agrees`` otherwise.
+
+  The theory gives the *mean* over initialisations, the log-space fit the *typical* value; at 16 channels the two
+  differ (Hanin & Rolnick 2018): plain-56 without BN measures x0.805 ± 0.060 per block over 8 seeds against a
+  predicted x0.922. That gap is reported as a disagreement (it is real), not hidden in a wide single-seed band.
 """
 from __future__ import annotations
 
@@ -26,10 +35,18 @@ import pandas as pd
 from gradscope import analysis as A
 from gradscope import schema as S
 from gradscope import theory as T
+from gradscope.analysis import stats
+from gradscope.analysis.text import factor as _factor
+from gradscope.analysis.trajectory import run_group
 
 AGREE_TOL = 0.03
+#: Below this width (channels or units) one seed cannot show agreement: the seed-to-seed spread is too large.
+WIDE = 64
+#: A tolerance (in ln per block) wider than this cannot confirm agreement: the answer is "inconclusive".
+MAX_TOL = 0.15
 #: Jumps at stage boundaries that differ from theory by more than this (in ln) are named in the note.
 BOUNDARY_TOL = 0.15
+AGREES, DISAGREES, INCONCLUSIVE = "agrees", "disagrees", "inconclusive"
 
 
 def _clean(v: Any) -> Any:
@@ -45,8 +62,11 @@ def run_config(frame: pd.DataFrame, run: str, configs: Optional[Mapping[str, Map
     cols = [c for c in S.CONFIG_COLUMNS if c in frame.columns]
     if S.MODEL not in cols:
         return None
-    rows = A._with_run(frame)
-    row = rows[rows[S.RUN] == run].iloc[0]
+    rows = A.with_run(frame)
+    rows = rows[rows[S.RUN] == run]
+    if rows.empty:
+        return None
+    row = rows.iloc[0]
     return {c: _clean(row[c]) for c in cols}
 
 
@@ -57,27 +77,24 @@ def _stage_labels(blocks: list[str]) -> list[int]:
     return [order[p] for p in parents]
 
 
-def _prediction(frame: pd.DataFrame, run: str, configs, n_blocks: int) -> tuple[Optional[T.Prediction], str]:
-    cfg = run_config(frame, run, configs)
+def _prediction(cfg: Optional[dict], first: Optional[float], n_blocks: int
+                ) -> tuple[Optional[T.Prediction], str, dict]:
     if cfg is None:
-        return None, "no theory: the model's config is unknown (pass configs={run: model.gradscope_config})"
+        return None, "no theory: the model's config is unknown (pass configs={run: model.gradscope_config})", {}
     full = T.complete_config(cfg, n_blocks)
     if full is None:
-        return None, f"no theory for model {cfg.get('name') or cfg.get('model')!r}"
-    start = A.profile(frame[A._with_run(frame)[S.RUN] == run], S.ACT_VAR)
-    first = float(start[S.VALUE].iloc[0]) if len(start) else None
+        return None, f"no theory for model {cfg.get('name') or cfg.get('model')!r}", {}
     pred = T.predict(full, forward_start=first, n_blocks=n_blocks)
     if pred is None:
-        return None, f"no theory for {full.get('name') or full.get('model')} with this config"
+        return None, f"no theory for {full.get('name') or full.get('model')} with this config", full
     size = len(pred.forward or pred.backward or ())
     if size != n_blocks:
-        return None, f"no comparison: the frame has {n_blocks} blocks of this run, the theory's model {size}"
-    return pred, ""
+        return None, f"no comparison: the frame has {n_blocks} blocks of this run, the theory's model {size}", full
+    return pred, "", full
 
 
-def compare(measured: list[float], predicted: list[float], stages: list[int], *, backward: bool,
-            width: Optional[int], agree_tol: float) -> dict[str, Any]:
-    """Measured and predicted within-stage factors, the tolerance, and whether they agree."""
+def compare(measured: list[float], predicted: list[float], stages: list[int], *, backward: bool) -> dict[str, Any]:
+    """Measured and predicted within-stage factors, ``diff = |Δ ln|`` and the block-scatter SE of the difference."""
     mf = T.fit_factor(measured, stages, backward=backward)
     pf = T.fit_factor(predicted, stages, backward=backward)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -85,10 +102,19 @@ def compare(measured: list[float], predicted: list[float], stages: list[int], *,
     inc = [r[k + 1] - r[k] for k in range(len(r) - 1)
            if stages[k] == stages[k + 1] and np.isfinite(r[k]) and np.isfinite(r[k + 1])]
     se = float(np.std(inc, ddof=1) * math.sqrt(1.2 / len(inc))) if len(inc) > 2 else 0.0
-    tol = agree_tol + (0.5 / width if width else 0.0) + 2.5 * se
     diff = abs(math.log(mf) - math.log(pf)) if mf > 0 and pf > 0 else math.nan
-    return {"measured": mf, "predicted": pf, "diff": diff, "tol": tol, "agrees": bool(diff <= tol)
-            if not math.isnan(diff) else None, "r": r}
+    return {"measured": mf, "predicted": pf, "diff": diff, "se": se, "r": r}
+
+
+def decide(diff: float, model_tol: float, noise: float, can_agree: bool = True) -> str:
+    """``disagrees`` if ``diff > model_tol + noise``; ``inconclusive`` if the tolerance is wider than
+    :data:`MAX_TOL` or ``can_agree`` is False; else ``agrees``."""
+    if diff is None or math.isnan(diff):
+        return INCONCLUSIVE
+    tol = model_tol + noise
+    if diff > tol:
+        return DISAGREES
+    return AGREES if can_agree and tol <= MAX_TOL else INCONCLUSIVE
 
 
 def _boundaries(r: np.ndarray, stages: list[int], blocks: list[str], backward: bool) -> list[str]:
@@ -104,83 +130,145 @@ def _boundaries(r: np.ndarray, stages: list[int], blocks: list[str], backward: b
 
 def verdicts(frame: pd.DataFrame, *, step: A.StepArg = None, vanish: float = A.VANISH, explode: float = A.EXPLODE,
              configs: Optional[Mapping[str, Mapping[str, Any]]] = None, theory: bool = True,
-             agree_tol: Optional[float] = None) -> pd.DataFrame:
+             agree_tol: Optional[float] = None, batch_size: Optional[int] = None,
+             profiles: Optional[A.Profiles] = None) -> pd.DataFrame:
     """Measured verdicts (:func:`gradscope.analysis.verdicts`) with what theory predicts beside them.
 
-    ``configs``: ``{run: gradscope_config}`` for theory predictions; otherwise the frame's config columns are used
-    when present. ``theory=False`` gives the measurement alone. ``agree_tol``: see :data:`AGREE_TOL`.
+    ``configs``: ``{run: gradscope_config}`` (with ``batch_size``/``image_size`` where known); otherwise the frame's
+    config columns. ``batch_size``: the batch of the measurement, for configs that lack it (finite-batch BN rates,
+    Yang et al. 2019 Theorem 8). ``theory=False`` gives the measurement alone. ``profiles``: a shared
+    :class:`gradscope.analysis.Profiles` of ``frame``.
     """
-    out = A.verdicts(frame, step=step, vanish=vanish, explode=explode)
-    return annotate(out, frame, configs=configs, agree_tol=agree_tol) if theory else out
+    profiles = profiles if profiles is not None else A.Profiles(frame)
+    out = A.verdicts(frame, step=step, vanish=vanish, explode=explode, profiles=profiles)
+    if not theory:
+        return out
+    return annotate(out, frame, configs=configs, agree_tol=agree_tol, batch_size=batch_size, profiles=profiles)
 
 
-def annotate(verdicts: pd.DataFrame, frame: pd.DataFrame, *, configs=None,
-             agree_tol: Optional[float] = None) -> pd.DataFrame:
-    """Fill ``predicted_factor, measured_factor, agrees, reference, theory_note`` of a verdicts frame."""
+def _configs_with_batch(frame, configs, batch_size) -> dict[str, dict]:
+    out = {}
+    for run in A.run_names(frame):
+        cfg = run_config(frame, run, configs)
+        if cfg is not None and batch_size and not cfg.get("batch_size"):
+            cfg["batch_size"] = int(batch_size)
+        out[run] = cfg
+    return out
+
+
+def annotate(verdicts: pd.DataFrame, frame: pd.DataFrame, *, configs=None, agree_tol: Optional[float] = None,
+             batch_size: Optional[int] = None, profiles: Optional[A.Profiles] = None) -> pd.DataFrame:
+    """Fill ``predicted_factor, measured_factor, agreement, agrees, reference, theory_note`` of a verdicts frame."""
     out = verdicts.copy()
-    out[A.AGREES] = pd.array([pd.NA] * len(out), dtype="boolean")
-    for col in (A.REFERENCE, A.THEORY_NOTE):
+    for col in (A.REFERENCE, A.THEORY_NOTE, A.AGREEMENT):
         out[col] = out[col].astype(object)
     tol0 = AGREE_TOL if agree_tol is None else float(agree_tol)
-    cache: dict[str, tuple[Optional[T.Prediction], str]] = {}
-    profiles: dict[tuple[str, bool], pd.DataFrame] = {}
+    profiles = profiles if profiles is not None else A.Profiles(frame)
+    cfgs = _configs_with_batch(frame, configs, batch_size)
+    first_var = profiles.get(S.ACT_VAR, None)
+    preds: dict[str, tuple] = {}
+    found: list[dict[str, Any]] = []
     for i, row in out.iterrows():
         run, signal = row[S.RUN], row[A.SIGNAL]
         metric, backward = A.SIGNALS[signal][0], signal == A.BACKWARD
         per_step = not pd.isna(row[S.STEP])
-        if (metric, per_step) not in profiles:
-            profiles[(metric, per_step)] = A.profile(frame, metric, step="all" if per_step else None)
-        prof = profiles[(metric, per_step)]
+        prof = profiles.get(metric, "all" if per_step else None)
         prof = prof[(prof[S.RUN] == run) & ((prof[S.STEP] == row[S.STEP]) if per_step else True)]
-        prof = prof.sort_values(A.POSITION)
         n = int(prof[A.POSITION].max()) + 1 if len(prof) else 0
-        if run not in cache:
-            cache[run] = _prediction(frame, run, configs, n)
-        pred, why = cache[run]
-        profile = None if pred is None else (pred.backward if backward else pred.forward)
-        if profile is None:
-            reason = why or (pred.why_none if pred and pred.why_none else f"no {signal} theory for this model")
-            out.at[i, A.THEORY_NOTE] = reason
+        if run not in preds:
+            fv = first_var[first_var[S.RUN] == run][S.VALUE]
+            preds[run] = _prediction(cfgs.get(run), float(fv.iloc[0]) if len(fv) else None, n)
+        pred, why, full = preds[run]
+        predicted = None if pred is None else (pred.backward if backward else pred.forward)
+        if predicted is None:
+            out.at[i, A.THEORY_NOTE] = why or (pred.why_none if pred and pred.why_none else
+                                               f"no {signal} theory for this model")
             continue
         measured = [math.nan] * n
         for pos, val in zip(prof[A.POSITION], prof[S.VALUE]):
             measured[int(pos)] = float(val)
         blocks = list(prof[S.BLOCK])
         stages = _stage_labels(blocks) if len(blocks) == n else list(pred.stages)
-        cfg = T.complete_config(run_config(frame, run, configs) or {}, n) or {}
-        c = compare(measured, list(profile), stages, backward=backward, width=cfg.get("width"), agree_tol=tol0)
-        out.at[i, A.MEASURED_FACTOR], out.at[i, A.PREDICTED_FACTOR] = c["measured"], c["predicted"]
-        out.at[i, A.AGREES] = c["agrees"]
-        out.at[i, A.REFERENCE] = pred.reference
-        word = "agrees" if c["agrees"] else "PARTS"
-        where = " within stages" if len(set(stages)) > 1 else ""
-        note = (f"{word}: measured x{A._fmt_factor(c['measured'])} vs theory x{A._fmt_factor(c['predicted'])} "
-                f"per block{where} "
-                f"(|Δ ln| {c['diff']:.3f} {'<=' if c['agrees'] else '>'} tolerance {c['tol']:.3f})")
-        extra = _boundaries(c["r"], stages, blocks, backward) if len(blocks) == n else []
-        model_tol = tol0 + (0.5 / cfg["width"] if cfg.get("width") else 0.0)
-        if c["agrees"] and c["diff"] > model_tol:
-            extra.insert(0, f"agreement only within the noise band: |Δ ln| exceeds the model tolerance "
-                            f"{model_tol:.3f}; more seeds or steps would tell")
-        if not c["agrees"] or extra:
-            extra += list(pred.notes)
-        out.at[i, A.THEORY_NOTE] = "; ".join([note] + extra)
+        c = compare(measured, list(predicted), stages, backward=backward)
+        width = full.get("width")
+        c.update(i=i, run=run, signal=signal, width=width, pred=pred, per_step=per_step,
+                 model_tol=tol0 + (0.5 / width if width else 0.0),
+                 boundaries=_boundaries(c["r"], stages, blocks, backward) if len(blocks) == n else [],
+                 diverged=row[A.VERDICT] == A.DIVERGED)
+        found.append(c)
+    for group in _groups(found, S.SEED in verdicts.columns):
+        _judge(out, group)
+    out[A.AGREES] = pd.array([{AGREES: True, DISAGREES: False}.get(a, pd.NA) for a in out[A.AGREEMENT]],
+                             dtype="boolean")
     return out
 
 
-def predicted_profiles(frame: pd.DataFrame, metric: str, *, configs=None) -> Optional[dict[str, list[float]]]:
+def _groups(found: list[dict[str, Any]], has_seed: bool) -> list[list[dict[str, Any]]]:
+    """Comparisons judged together: seeds of one configuration and signal (init frames); per-step rows alone."""
+    groups: dict[tuple, list] = {}
+    for c in found:
+        key = (c["i"],) if c["per_step"] else (run_group(c["run"], has_seed), c["signal"])
+        groups.setdefault(key, []).append(c)
+    return list(groups.values())
+
+
+def _judge(out: pd.DataFrame, group: list[dict[str, Any]]) -> None:
+    ok = [c for c in group if not c["diverged"] and c["measured"] > 0 and math.isfinite(c["measured"])]
+    head = group[0]
+    pf, model_tol, width = head["predicted"], head["model_tol"], head["width"]
+    ln = [math.log(c["measured"]) for c in ok]
+    mean, sd, se, n = stats.mean_sd_se(ln)
+    if n >= 2:
+        noise = stats.band(se, n)
+        diff = abs(mean - math.log(pf))
+        word = decide(diff, model_tol, noise)
+        how = (f"pooled over {n} seeds: measured x{_factor(math.exp(mean))} (sd of ln {sd:.3f}, SE {se:.3f}) vs "
+               f"theory x{_factor(pf)} per block; |Δ ln| {diff:.3f} {'>' if word == DISAGREES else '<='} tolerance "
+               f"{model_tol + noise:.3f} (model {model_tol:.3f} + t·SE {noise:.3f})")
+    elif n == 1:
+        c = ok[0]
+        noise, diff = 2.5 * c["se"], c["diff"]
+        narrow = bool(width) and width < WIDE
+        word = decide(diff, model_tol, noise, can_agree=not narrow)
+        how = (f"one seed: measured x{_factor(c['measured'])} vs theory x{_factor(pf)} per block; |Δ ln| "
+               f"{diff:.3f} {'>' if word == DISAGREES else '<='} tolerance {model_tol + noise:.3f} (model "
+               f"{model_tol:.3f} + 2.5 SE of the block scatter {noise:.3f})")
+        if narrow and word == INCONCLUSIVE:
+            how += (f"; a single seed of a {width}-channel net cannot show agreement: seeds spread by more than "
+                    f"the tolerance (Hanin & Rolnick 2018); run several seeds")
+    else:
+        word, how = INCONCLUSIVE, "no finite measured factor (diverged or empty)"
+    notes = [f"{word}: {how}"]
+    if width and width < WIDE and n >= 2:
+        notes.append("theory gives the mean over initialisations, the log-space fit the typical value, lower at "
+                     f"{width} channels (Hanin & Rolnick 2018); a gap from that is counted, not absorbed")
+    for c in group:
+        i = c["i"]
+        out.at[i, A.MEASURED_FACTOR], out.at[i, A.PREDICTED_FACTOR] = c["measured"], c["predicted"]
+        out.at[i, A.AGREEMENT] = word
+        out.at[i, A.REFERENCE] = c["pred"].reference
+        extra = list(c["boundaries"]) + (list(c["pred"].notes) if word != AGREES else [])
+        out.at[i, A.THEORY_NOTE] = "; ".join(notes + extra)
+
+
+def predicted_profiles(frame: pd.DataFrame, metric: str, *, configs=None,
+                       profiles: Optional[A.Profiles] = None) -> Optional[dict[str, list[float]]]:
     """Predicted value per block travelled from the reference end (first block for act_var, last for grad_norm),
     relative to that end, per run with a prediction; None if no run has one. For the depth profiles' dashed line.
     """
     if metric not in (S.ACT_VAR, S.GRAD_NORM):
         return None
-    prof = A.profile(frame, metric)
+    profiles = profiles if profiles is not None else A.Profiles(frame)
+    prof = profiles.get(metric, None)
+    first_var = profiles.get(S.ACT_VAR, None)
     out: dict[str, list[float]] = {}
     for run in A.run_names(frame):
-        n = int((prof[prof[S.RUN] == run][A.POSITION].max() + 1) if (prof[S.RUN] == run).any() else 0)
+        mine = prof[prof[S.RUN] == run]
+        n = int(mine[A.POSITION].max() + 1) if len(mine) else 0
         if n == 0:
             continue
-        pred, _ = _prediction(frame, run, configs, n)
+        fv = first_var[first_var[S.RUN] == run][S.VALUE]
+        pred, _, _ = _prediction(run_config(frame, run, configs), float(fv.iloc[0]) if len(fv) else None, n)
         p = None if pred is None else (pred.forward if metric == S.ACT_VAR else pred.backward)
         if p is not None:
             out[run] = list(p) if metric == S.ACT_VAR else list(p)[::-1]

@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from gradscope.errors import GradscopeError, OutputError
 from gradscope.schema import __version__
@@ -33,6 +33,35 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"gradscope: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+def _verdicts_met(phase: str, verdict: str) -> Callable[[Any], List[str]]:
+    def check(results: Any) -> List[str]:
+        v = results.verdicts.get(phase)
+        if v is None:
+            return []
+        hit = v[v["verdict"] == verdict]
+        where = hit.groupby(["run", "signal"], sort=False)["step"].agg(lambda s: s.dropna().astype(int).tolist())
+        return [f"{run} {signal} {verdict} {'at initialisation' if phase == 'init' else f'at steps {steps[:5]}'}"
+                for (run, signal), steps in where.items()]
+    return check
+
+
+def _diverged(results: Any) -> List[str]:
+    out = [m for phase in ("init", "train") for m in _verdicts_met(phase, "diverged")(results)]
+    out += [f"{run} training loss NaN" for run, loss in results.final_losses.items() if loss != loss]
+    return out
+
+
+#: ``--fail-on`` kinds: name -> (help, check(results) -> what was met). Add a kind here and nowhere else.
+FAIL_ON: Dict[str, Tuple[str, Callable[[Any], List[str]]]] = {
+    "vanishing": ("a verdict at initialisation is vanishing", _verdicts_met("init", "vanishing")),
+    "exploding": ("a verdict at initialisation is exploding", _verdicts_met("init", "exploding")),
+    "unknown": ("a verdict at initialisation is unknown", _verdicts_met("init", "unknown")),
+    "train-vanishing": ("a recorded training step is vanishing", _verdicts_met("train", "vanishing")),
+    "train-exploding": ("a recorded training step is exploding", _verdicts_met("train", "exploding")),
+    "diverged": ("non-finite values in any phase, or a NaN training loss", _diverged),
+}
 
 
 def _csv(text: str) -> List[str]:
@@ -74,14 +103,18 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gradscope.study.runs import DEFAULT_SEEDS, DEFAULT_TRAIN, DEFAULT_TRAIN_SIZE, Settings
+
+    d = Settings()  # the training defaults live in one place (gradscope.study.runs.Settings)
     parser = _Parser(prog="gradscope", description=(
         "See how forward signals and backward gradients travel through every block of a network."))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("profile", help="measure models at initialisation and over a short training run",
-                       description=("With no options: plain20/resnet20/plain56/resnet56, with and without BN, on the "
-                                    "built-in synthetic data; answers He et al.'s BatchNorm and degradation claims."))
+                       description=("With no options: plain20/resnet20/plain56/resnet56 with BN (trained) and without "
+                                    "BN (measured at initialisation), two seeds, on the built-in synthetic data; "
+                                    "answers He et al.'s BatchNorm and degradation claims."))
     g = p.add_argument_group("models")
     g.add_argument("--models", type=_names, default=None, metavar="NAMES",
                    help="comma-separated zoo names (default plain20,resnet20,plain56,resnet56); "
@@ -97,15 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--blocks", default="auto", help="block selector: 'auto', a glob/regex on module names, "
                                                    "or a class name such as BatchNorm2d")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=40, help="SGD steps per run (default 40)")
-    g.add_argument("--batch-size", type=_positive, default=32)
-    g.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9, weight decay 1e-4)")
-    g.add_argument("--every", type=_positive, default=1, help="record one step in N (default 1)")
-    g.add_argument("--init-batches", type=_positive, default=2, help="batches averaged at initialisation")
-    g.add_argument("--seeds", type=_ints, default=[0], metavar="S,S", help="seeds (several give mean and spread)")
+    g.add_argument("--steps", type=int, default=d.steps, help=f"SGD steps per run (default {d.steps})")
+    g.add_argument("--batch-size", type=_positive, default=d.batch_size, help=f"default {d.batch_size}")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"SGD learning rate (default {d.lr:g}; momentum "
+                                                          f"{d.momentum:g}, weight decay {d.weight_decay:g})")
+    g.add_argument("--every", type=_positive, default=d.every, help=f"record one step in N (default {d.every})")
+    g.add_argument("--init-batches", type=_positive, default=d.init_batches,
+                   help=f"batches averaged at initialisation (default {d.init_batches})")
+    g.add_argument("--seeds", type=_ints, default=list(DEFAULT_SEEDS), metavar="S,S",
+                   help=f"seeds (default {','.join(map(str, DEFAULT_SEEDS))}): claims pool them as mean ± sd")
+    g.add_argument("--train", choices=("bn", "all"), default=DEFAULT_TRAIN,
+                   help="which runs train: 'bn' (default: nets without BN are measured at initialisation only, "
+                        "where their contrast is) or 'all'")
     g.add_argument("--data", default="synthetic", help="'synthetic' (built in) or a local CIFAR-10 folder "
                                                        "(cifar-10-batches-py)")
-    g.add_argument("--train-size", type=_positive, default=2048, help="synthetic training examples")
+    g.add_argument("--train-size", type=_positive, default=DEFAULT_TRAIN_SIZE, help="synthetic training examples")
+    g.add_argument("--image-size", type=_positive, default=d.image_size,
+                   help=f"synthetic image size in pixels (default {d.image_size})")
+    g.add_argument("--workers", type=int, default=d.workers,
+                   help="processes for the runs, one torch thread each (default 0: one per core)")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="report folder (default ./gradscope-report/<timestamp>)")
@@ -113,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full report (figures, HTML) or records and verdicts only")
     g.add_argument("--quiet", action="store_true", help="no progress display")
     g.add_argument("--json", action="store_true", help="print a JSON summary on stdout (implies --quiet)")
-    g.add_argument("--fail-on", type=_csv, default=[], metavar="VERDICTS",
-                   help="exit 3 when a run's verdict at initialisation is one of these (vanishing,exploding)")
+    g.add_argument("--fail-on", type=_csv, default=[], metavar="KINDS",
+                   help="exit 3 when one of these is met: " + "; ".join(f"{k}: {h}" for k, (h, _) in
+                                                                        FAIL_ON.items()))
 
     r = sub.add_parser("report", help="re-render the report of a saved run folder")
     r.add_argument("folder", help="a folder written by 'gradscope profile' or attach(out=...)")
@@ -296,7 +340,8 @@ def _specs(args: argparse.Namespace):
 
             build(name)  # raises the registry's error, with close matches
     bn = {"on": (True,), "off": (False,), "both": (True, False)}[args.bn]
-    specs = grid(names, bn=bn, seeds=args.seeds, shortcut=args.shortcut, init=args.init)
+    train = "all" if args.bn == "off" else args.train  # without BN runs at all, "bn" would train nothing
+    specs = grid(names, bn=bn, seeds=args.seeds, shortcut=args.shortcut, init=args.init, train=train)
     return [s if args.blocks == "auto" else _with_blocks(s, args.blocks) for s in specs]
 
 
@@ -322,6 +367,9 @@ def _data(args: argparse.Namespace, specs):
 
     if args.data == "synthetic":
         shape = specs[0].input_shape if specs and specs[0].factory is not None else (3, 32, 32)
+        if specs and specs[0].factory is None:
+            train, _ = synthetic(n_train=args.train_size, n_test=0, seed=0, image_size=args.image_size)
+            return train
         if tuple(shape) == (3, 32, 32):
             train, _ = synthetic(n_train=args.train_size, n_test=0, seed=0)
             return train
@@ -352,9 +400,9 @@ def _profile(args: argparse.Namespace) -> int:
         raise GradscopeError(f"--steps {args.steps} must be >= 0")
     if args.lr <= 0 or not math.isfinite(args.lr):
         raise GradscopeError(f"--lr {args.lr} must be a positive number")
-    unknown = [v for v in args.fail_on if v not in ("vanishing", "exploding", "unknown")]
+    unknown = [v for v in args.fail_on if v not in FAIL_ON]
     if unknown:
-        raise GradscopeError(f"--fail-on {','.join(unknown)}: choose from vanishing, exploding, unknown")
+        raise GradscopeError(f"--fail-on {','.join(unknown)}: choose from {', '.join(FAIL_ON)}")
     device = resolve_device(args.device)
     rank = _init_distributed(device)
     quiet = args.quiet or args.json or rank != 0
@@ -371,7 +419,8 @@ def _profile(args: argparse.Namespace) -> int:
     train_set = _data(args, specs)
     out = _out_dir(args) if rank == 0 else None
     settings = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, every=args.every,
-                        init_batches=args.init_batches, device=str(device))
+                        init_batches=args.init_batches, device=str(device), workers=args.workers,
+                        image_size=args.image_size if args.data == "synthetic" else 32)
     with _STOP.installed():
         result = _run_with_progress(specs, train_set, settings, out, quiet)
         result.interrupted = result.interrupted or _STOP.signal is not None
@@ -432,40 +481,19 @@ def _run_with_progress(specs, train_set, settings, out: Path, quiet: bool):
 
 
 def _finish(args: argparse.Namespace, result, settings, out: Path, quiet: bool) -> int:
-    from gradscope.render.report import write_report
-    from gradscope.agreement import verdicts
-    from gradscope.study.claims import all_claims
-    from gradscope.study.runs import INIT, TRAIN, final_loss
+    """Evaluate once, let the one writer write the folder, print from the same results, pick the exit status."""
+    from gradscope.render.report import write_folder
+    from gradscope.study.results import evaluate
 
     if result.frame.empty:
         why = "; ".join(f"{run}: {msg}" for run, msg in result.failed.items())
         raise GradscopeError("nothing was recorded: no run finished a single step" + (f" ({why})" if why else ""))
-    init = result.phase(INIT)
-    train = result.phase(TRAIN)
-    init_verdicts = verdicts(init, configs=result.configs)
-    losses = {run: final_loss(result.losses, run) for run in result.configs}
-    claims = all_claims(init_verdicts, losses, result.configs, settings.steps)
-    init.to_parquet(out / "init_records.parquet", index=False)
-    init_verdicts.to_csv(out / "init_verdicts.csv", index=False)
-    result.losses.to_csv(out / "losses.csv", index=False)
-    (out / "claims.md").write_text("# Claims checked\n\n" + "\n".join(f"- {c.line()}" for c in claims) + "\n")
-    summary = {"report": str(out), "interrupted": result.interrupted,
-               "claims": [c.__dict__ for c in claims],
-               "verdicts": json.loads(init_verdicts.to_json(orient="records")),
-               "final_loss": losses}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    report_frame = train if not train.empty else init
-    if args.format == "full":
-        write_report(report_frame, out, configs=result.configs,
-                     title="gradscope profile: " + ", ".join(result.configs))
-    else:
-        from gradscope.store import write_records
-
-        write_records(report_frame, out)
+    results = evaluate(result, settings)
+    write_folder(results, out, format=args.format)
     if args.json:
-        print(json.dumps(summary, default=str))
+        print(json.dumps({"report": str(out), **results.summary()}, default=str))
     else:
-        _print_results(init_verdicts, claims, out, quiet)
+        _print_results(results, out)
     if result.interrupted:
         print(f"gradscope: interrupted; records so far are in {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -473,24 +501,18 @@ def _finish(args: argparse.Namespace, result, settings, out: Path, quiet: bool) 
         for run, why in result.failed.items():
             print(f"gradscope: error: run {run} failed: {why}; its records so far are in {out}", file=sys.stderr)
         return EXIT_INTERNAL
-    failing = sorted({(r["run"], r["signal"], r["verdict"]) for r in init_verdicts.to_dict("records")
-                      if r["verdict"] in args.fail_on})
-    if failing:
-        print("gradscope: --fail-on met: " + "; ".join(f"{r} {s} {v}" for r, s, v in failing), file=sys.stderr)
+    met = [m for kind in args.fail_on for m in FAIL_ON[kind][1](results)]
+    if met:
+        print("gradscope: --fail-on met: " + "; ".join(met), file=sys.stderr)
         return EXIT_FAIL_ON
     return EXIT_OK
 
 
-def _print_results(init_verdicts, claims, out: Path, quiet: bool) -> None:
+def _print_results(results, out: Path) -> None:
     from rich.console import Console
 
-    from gradscope.render.terminal import verdict_table
+    from gradscope.render.terminal import print_results
 
     console = Console()
-    console.print(verdict_table(init_verdicts, title="verdicts at initialisation (act_var forward, grad_norm "
-                                "backward)", compact=console.width < 140))
-    for claim in claims:
-        colour = {"yes": "green", "no": "red"}.get(claim.answer, "yellow")
-        console.print(f"[bold]{claim.statement}[/bold]: [{colour}]{claim.answer}[/{colour}] — {claim.evidence}",
-                      highlight=False)
+    print_results(results, console)
     console.print(f"report: {out / 'report.html'}")

@@ -24,15 +24,16 @@ def test_default_models_end_to_end(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     for claim in ("BatchNorm keeps forward signals from vanishing", "BatchNorm keeps backward gradients",
-                  "Deeper plain nets train worse", "Deeper residual nets train at least as well"):
+                  "Deeper plain nets train worse", "Deeper residual nets do not train worse"):
         assert claim in out
     for name in ("report.html", "summary.md", "verdicts.csv", "records.parquet", "init_verdicts.csv", "claims.md",
                  "losses.csv", "heatmap_grad_norm.png"):
         assert (tmp_path / name).exists(), name
     verdicts = pd.read_csv(tmp_path / "init_verdicts.csv")
-    assert set(verdicts.run) == {f"{m}-{b}" for m in ("plain20", "resnet20", "plain56", "resnet56") for b in ("bn", "nobn")}
+    assert set(verdicts.run) == {f"{m}-{b}{s}" for m in ("plain20", "resnet20", "plain56", "resnet56")
+                                 for b in ("bn", "nobn") for s in ("", "-s1")}  # two seeds by default
     losses = pd.read_csv(tmp_path / "losses.csv")
-    assert len(losses) == 8 * 3
+    assert len(losses) == 4 * 2 * 3  # the BN nets train (2 seeds x 3 steps); the nets without BN: init only
 
 
 def test_json_output_and_user_model(tmp_path, capsys):
@@ -41,8 +42,9 @@ def test_json_output_and_user_model(tmp_path, capsys):
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["report"] == str(tmp_path)
-    runs = {v["run"] for v in summary["verdicts"]}
-    assert runs == {"tiny"}
+    runs = {v["run"] for v in summary["verdicts"]["init"]}
+    assert runs == {"tiny", "tiny-s1"}  # two seeds by default
+    assert {v["phase"] for v in summary["verdicts"]["train"]} == {"train"}
     frame = pd.read_parquet(tmp_path / "records.parquet")
     assert set(frame.block) == {"1", "3", "5"}  # the Linear layers: 'auto' falls back to leaves with parameters
 
@@ -185,7 +187,7 @@ def test_a_package_in_the_current_folder_imports_as_under_python_m(tmp_path):
 
 def test_a_model_that_crashes_mid_run_keeps_its_records(tmp_path, capsys):
     code = main(["profile", "--model", f"{FIXTURE}:crash_later", "--input-shape", "3,8,8", "--steps", "10",
-                 "--train-size", "64", "--batch-size", "16", "--init-batches", "1", "--quiet", "--out", str(tmp_path)])
+                 "--every", "1", "--seeds", "0", "--train-size", "64", "--batch-size", "16", "--init-batches", "1", "--quiet", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1
     assert "run crash_later failed: RuntimeError: CUDA error" in err and "Traceback" not in err

@@ -51,7 +51,7 @@ FORBIDDEN = {
 }
 #: optional integrations: only the integrations layer may import them.
 OPTIONAL = {"lightning", "pytorch_lightning", "transformers", "wandb", "mlflow", "tensorboard", "torchvision",
-            "timm", "plotly"}
+            "timm"}  # plotly is a required dependency (the report's interactive figures)
 
 
 def module_name(path: Path) -> str:

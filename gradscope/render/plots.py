@@ -212,7 +212,7 @@ def runs_heatmap(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepAr
 
 
 def profile_matrix(frame: pd.DataFrame, metric: str, *, step: A.StepArg = None,
-                   relative: Optional[str] = "auto") -> pd.DataFrame:
+                   relative: Optional[str] = "auto", profiles: Optional[A.Profiles] = None) -> pd.DataFrame:
     """What :func:`depth_profile` draws: columns ``run, depth, position, value, plotted``.
 
     ``value`` is :func:`gradscope.analysis.profile` (geometric mean over steps by default); ``plotted`` divides
@@ -220,7 +220,7 @@ def profile_matrix(frame: pd.DataFrame, metric: str, *, step: A.StepArg = None,
     :data:`REFERENCE_END`). Runs whose reference value is not finite and positive are dropped.
     """
     ref = REFERENCE_END.get(metric) if relative == "auto" else relative
-    p = A.profile(frame, metric, step=step)
+    p = profiles.get(metric, step) if profiles is not None else A.profile(frame, metric, step=step)
     if p[A.S.STEP].notna().any() and p[A.S.STEP].nunique() > 1:
         raise ValueError("depth_profile draws one value per block; pass step=None, 'first', 'last' or an int")
     parts = []
@@ -239,7 +239,8 @@ def profile_matrix(frame: pd.DataFrame, metric: str, *, step: A.StepArg = None,
 def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepArg = None,
                   relative: Optional[str] = "auto", vanish: float = A.VANISH, explode: float = A.EXPLODE,
                   colors: Optional[Mapping[str, tuple]] = None,
-                  predicted: Optional[Mapping[str, Sequence[float]]] = None) -> "Axes":
+                  predicted: Optional[Mapping[str, Sequence[float]]] = None,
+                  profiles: Optional[A.Profiles] = None) -> "Axes":
     """Metric vs depth on a log y-axis, one line per run; thresholds and theory when relative.
 
     ``predicted[run]``: the theory's relative value after 0, 1, 2 ... blocks travelled from the reference end,
@@ -247,7 +248,7 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
     far end of a curve can be read against them directly.
     """
     ref = REFERENCE_END.get(metric) if relative == "auto" else relative
-    pm = profile_matrix(frame, metric, step=step, relative=relative)
+    pm = profile_matrix(frame, metric, step=step, relative=relative, profiles=profiles)
     runs = A.run_names(frame)
     colors = colors or run_colors(runs)
     markers = "osD^v<>phX*"
@@ -268,15 +269,20 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
     if ref is not None:
         ax.set_ylabel(f"{metric} ÷ {metric} at {where}  (log scale)")
         ax.axhline(1.0, color="0.7", lw=0.8)
-        ax.axhline(explode, color="black", lw=1.0, ls=":", label=f"exploding threshold (x{explode:g})")
-        ax.axhline(vanish, color="black", lw=1.0, ls="-.", label=f"vanishing threshold (x{vanish:g})")
+        lo, hi = A.rate_thresholds(vanish, explode)
+        k = np.arange(0, int(pm[A.POSITION].max()) + 1 if len(pm) else 1)
+        depths = k if ref == "first" else (k.max() - k)
+        ax.plot(depths, hi ** (k.astype(float)), color="black", lw=1.0, ls=":",
+                label=f"exploding above x{hi:.3f} per block")
+        ax.plot(depths, lo ** (k.astype(float)), color="black", lw=1.0, ls="-.",
+                label=f"vanishing below x{lo:.3f} per block")
     else:
         ax.set_ylabel(f"{metric}  [{metric_label(metric)}]  (log scale)")
     if drew_theory:
         from matplotlib.lines import Line2D
 
         ax.add_line(Line2D([], [], color="0.3", ls="--", lw=1.2, label="theory (dashed, in the run's colour)"))
-    how = "geometric mean over steps" if step is None else f"step {step}"
+    how = "geometric mean over the recorded batches" if step is None else f"step {step}"
     direction = {S.ACT_VAR: "forward signal", S.GRAD_NORM: "backward gradient"}.get(metric, metric)
     names = ", ".join(runs[:4]) + (f" and {len(runs) - 4} more (legend)" if len(runs) > 4 else "")
     ax.set_title(f"{direction}: {metric} across depth ({how})\nruns: {names}", fontsize=10)
@@ -341,9 +347,10 @@ def runs_figure(frame: pd.DataFrame, metric: str, *, step: A.StepArg = "first",
 
 def profile_figure(frame: pd.DataFrame, metric: str, *, step: A.StepArg = None, vanish: float = A.VANISH,
                    explode: float = A.EXPLODE, colors: Optional[Mapping[str, tuple]] = None,
-                   predicted: Optional[Mapping[str, Sequence[float]]] = None):
+                   predicted: Optional[Mapping[str, Sequence[float]]] = None, profiles: Optional[A.Profiles] = None):
     """Depth profile of one metric, all runs in one axes."""
     fig = new_figure(figsize=(10, 5), layout="constrained")
     ax = fig.subplots()
-    depth_profile(frame, metric, ax, step=step, vanish=vanish, explode=explode, colors=colors, predicted=predicted)
+    depth_profile(frame, metric, ax, step=step, vanish=vanish, explode=explode, colors=colors, predicted=predicted,
+                  profiles=profiles)
     return fig

@@ -10,19 +10,19 @@ from typing import Any, Optional
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
+from rich.markup import escape
 from rich.text import Text
 
 from gradscope import analysis as A
 from gradscope import schema as S
+from gradscope.analysis.text import is_missing, num, times
 
 #: Style per verdict: colour plus a word, so the table reads the same without colour.
-STYLES = {A.EXPLODING: "bold red", A.VANISHING: "bold blue", A.HEALTHY: "green", A.UNKNOWN: "dim"}
-
-
-def _num(x: Any, fmt: str = ".3g") -> str:
-    if x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    return format(float(x), fmt)
+STYLES = {A.EXPLODING: "bold red", A.VANISHING: "bold blue", A.HEALTHY: "green", A.UNKNOWN: "dim",
+          A.DIVERGED: "bold magenta"}
+AGREEMENT_STYLES = {"agrees": "green", "disagrees": "bold yellow", "inconclusive": "dim"}
+ANSWER_STYLES = {"yes": "green", "no": "red", "unclear": "yellow"}
+_num = num
 
 
 def _where(value: Any, block: Any) -> str:
@@ -66,7 +66,7 @@ def verdict_table(verdicts: pd.DataFrame, *, title: Optional[str] = "gradscope v
         cells: list[Any] = [str(r[S.RUN])]
         if per_step:
             cells.append("" if pd.isna(r[S.STEP]) else str(int(r[S.STEP])))
-        factor = "—" if pd.isna(r[A.FACTOR]) else f"x{A._fmt_factor(float(r[A.FACTOR]))}"
+        factor = times(r[A.FACTOR])
         end_to_end = "—" if pd.isna(r[A.END_TO_END]) else f"{_num(r[A.END_TO_END])}x"
         signal = str(r[A.SIGNAL]) if compact else f"{r[A.SIGNAL]} ({r[S.METRIC]})"
         cells += [signal, Text(verdict, style=STYLES.get(verdict, "")), factor]
@@ -74,13 +74,16 @@ def verdict_table(verdicts: pd.DataFrame, *, title: Optional[str] = "gradscope v
                                                _where(r[A.MIN_VALUE], r[A.MIN_BLOCK]),
                                                _where(r[A.MAX_VALUE], r[A.MAX_BLOCK])]
         if theory:
-            pred, agrees = r.get(A.PREDICTED_FACTOR), r.get(A.AGREES)
+            pred, word = r.get(A.PREDICTED_FACTOR), r.get(A.AGREEMENT)
             meas = r.get(A.MEASURED_FACTOR)
-            cells.append("—" if pred is None or pd.isna(pred) else f"x{A._fmt_factor(float(pred))}")
+            cells.append(times(pred))
             if not compact:
-                cells.append("—" if meas is None or pd.isna(meas) else f"x{A._fmt_factor(float(meas))}")
-            cells.append("—" if agrees is None or pd.isna(agrees) else
-                         Text("yes", style="green") if bool(agrees) else Text("no", style="bold yellow"))
+                cells.append(times(meas))
+            if is_missing(pred) or not isinstance(word, str):
+                agrees = r.get(A.AGREES)
+                word = None if is_missing(agrees) else ("agrees" if bool(agrees) else "disagrees")
+            cells.append("—" if word is None else Text({"agrees": "yes", "disagrees": "no"}.get(word, word),
+                                                       style=AGREEMENT_STYLES.get(word, "")))
         table.add_row(*cells)
     return table
 
@@ -92,3 +95,43 @@ def print_verdicts(verdicts: pd.DataFrame, console: Optional[Console] = None, *,
     if sentences:
         for _, r in verdicts.iterrows():
             console.print(Text(A.sentence(r), style=STYLES.get(str(r[A.VERDICT]), "")))
+
+
+def rows_table(rows: list, title: str, style_col: int = -1, styles: Optional[dict] = None) -> Table:
+    """A rich table from text rows (header first), as :mod:`gradscope.render.tables` builds them."""
+    from rich import box
+
+    table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for c in rows[0]:
+        table.add_column(c)
+    for row in rows[1:]:
+        table.add_row(*[Text(c, style=(styles or STYLES).get(c, "")) if i == style_col else c
+                        for i, c in enumerate(row)])
+    return table
+
+
+def print_results(results: Any, console: Optional[Console] = None) -> None:
+    """What the terminal shows after a profile: the verdicts of both phases (labelled) and the claims, read from
+    the same Results as every file of the report folder."""
+    from gradscope.analysis.results import INIT, TRAIN
+    from gradscope.render import tables as T
+
+    console = console or Console()
+    if INIT in results.verdicts:
+        console.print(verdict_table(results.verdicts[INIT], title="verdicts at initialisation (act_var forward, "
+                                    "grad_norm backward; theory beside)", compact=console.width < 140))
+        if results.pooled is not None and len(results.pooled):
+            console.print(rows_table(T.pooled_rows(results.pooled), "at initialisation, pooled over seeds", 6))
+    if TRAIN in results.verdicts and results.trajectory is not None and len(results.trajectory):
+        console.print(rows_table(T.trajectory_rows(results.trajectory),
+                                 "over training: fraction of recorded steps in each class"))
+    if results.final_losses:
+        console.print(rows_table(T.loss_rows(results), "final training loss per configuration"))
+    for claim in results.claims:
+        colour = ANSWER_STYLES.get(claim.answer, "yellow")
+        console.print(f"[bold]{escape(claim.statement)}[/bold] ({claim.phase}): [{colour}]{claim.answer}[/{colour}]"
+                      f" — {escape(claim.evidence)}", highlight=False)
+        if claim.caveat:
+            console.print(f"  [dim]caveat: {escape(claim.caveat)}[/dim]", highlight=False)
+    for note in results.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)

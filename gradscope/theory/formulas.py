@@ -38,11 +38,14 @@ YANG2017 = "Yang & Schoenholz 2017 (Mean Field Residual Networks)"
 
 # --- plain nets without normalisation ---------------------------------------------------------------------------
 
-def weight_gain2(init: str, fan_in: int, fan_out: int, activation: str = "relu") -> float:
+def weight_gain2(init: str, fan_in: int, fan_out: int, activation: str = "relu", *, receptive: int = 1) -> float:
     """``fan_in * Var(w)``: the factor a layer applies to the second moment of its input, before the activation.
 
     kaiming (fan_in mode, gain g of the activation): g²; xavier (Glorot & Bengio 2010): 2 fan_in/(fan_in+fan_out);
-    orthogonal (Saxe et al. 2014, gain g): g² min(1, fan_in/fan_out) (exact in expectation over the rotation).
+    orthogonal (Saxe et al. 2014, gain g): the weight flattened to ``(rows, fan_in)`` with ``rows = out channels =
+    fan_out / receptive`` (``receptive``: kernel elements, 9 for a 3x3 conv) is semi-orthogonal, so each row has
+    squared norm ``g² min(1, fan_in/rows)``. Using ``fan_out`` (= rows x 9) in place of rows was off by 2x at the
+    widening convolutions (16 -> 32 channels: fan_in 144, 32 rows: g², not g²/2).
     """
     g2 = GAIN2[activation]
     if init == "kaiming":
@@ -50,7 +53,7 @@ def weight_gain2(init: str, fan_in: int, fan_out: int, activation: str = "relu")
     if init == "xavier":
         return 2.0 * fan_in / (fan_in + fan_out)
     if init == "orthogonal":
-        return g2 * min(1.0, fan_in / fan_out)
+        return g2 * min(1.0, fan_in / (fan_out / receptive))
     raise ValueError(f"init={init!r} has no theory here; use 'kaiming', 'xavier' or 'orthogonal'")
 
 
@@ -137,8 +140,9 @@ def bn_relu_rate(batch: Optional[float] = None) -> float:
 
     Large batch: π/(π-1) ≈ 1.467 (Yang et al. 2019): BN divides the backward signal by the batch std of the
     pre-activation, which for a ReLU input is the std of relu(ŷ), sqrt((π-1)/(2π)), while the weights and the
-    ReLU mask keep the squared norm otherwise (2 · 1/2). Finite batch, derived here under the same mean-field
-    assumptions (infinite width, gradient independence, permutation-symmetric batch kernel): with ŷ the
+    ReLU mask keep the squared norm otherwise (2 · 1/2). Finite batch: Yang et al. 2019, Theorem 8 (the
+    gradient explosion rate at batch size B under their mean-field assumptions: infinite width, gradient
+    independence, permutation-symmetric batch kernel), computed here in closed form: with ŷ the
     normalised pre-activation and P the projection BN's backward applies (orthogonal to 1 and ŷ),
     ``λ(B) = c(B)/a(B)`` from :func:`_batch_terms`; λ(8) ≈ 1.79, λ(32) ≈ 1.52, λ(128) ≈ 1.48 → π/(π-1).
     Checked against Monte Carlo in the tests (within 2% for B ≥ 8 at width 512). Limits: B ≥ 4; widths below

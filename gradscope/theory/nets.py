@@ -134,7 +134,7 @@ def _plain_nobn(c: dict[str, Any]) -> tuple[list[float], list[float]]:
     fwd, blocks = [], _layers(c)
     for blk in blocks:
         for c_in, c_out, st, _ in blk:
-            u, s = conv1d(u, st), s * T.weight_gain2(init, 9 * c_in, 9 * c_out) / 9 / 2
+            u, s = conv1d(u, st), s * T.weight_gain2(init, 9 * c_in, 9 * c_out, receptive=9) / 9 / 2
         mu, mr = sum(u) / len(u), sum(math.sqrt(x) for x in u) / len(u)
         fwd.append(s * (mu * mu - mr ** 4 / T.PI))
     w, t = [1.0] * len(u), 1.0  # gradient at the last block's output: uniform (global average pooling)
@@ -142,7 +142,7 @@ def _plain_nobn(c: dict[str, Any]) -> tuple[list[float], list[float]]:
     for k in range(len(blocks) - 1, -1, -1):
         back[k] = blocks[k][-1][1] * t * sum(w) ** 2
         for c_in, c_out, st, n_in in reversed(blocks[k]):
-            w, t = conv1d_t(w, st, n_in), t * 0.5 * T.weight_gain2(init, 9 * c_in, 9 * c_out) * c_out / (9 * c_in)
+            w, t = conv1d_t(w, st, n_in), t * 0.5 * T.weight_gain2(init, 9 * c_in, 9 * c_out, receptive=9) * c_out / (9 * c_in)
     return fwd, back
 
 
@@ -202,7 +202,7 @@ def _post_act_cached(key: tuple) -> tuple[list[float], float]:
         if bn:
             var_f = 0.0 if zero else 1.0
         else:
-            r = T.weight_gain2(init, 9 * c_in, 9 * c_out) * T.weight_gain2(init, 9 * c_out, 9 * c_out) / 2
+            r = T.weight_gain2(init, 9 * c_in, 9 * c_out, receptive=9) * T.weight_gain2(init, 9 * c_out, 9 * c_out, receptive=9) / 2
             var_f = 0.0 if zero else r * pad_fraction(size2, st) * pad_fraction(size2) * m2
         proj = short == "C" or (short == "B" and st == 2)
         if proj:  # 1x1 conv (+BN) shortcut: a fresh Gaussian of variance 1 (BN) or gain2 * E[x²]
@@ -222,7 +222,7 @@ def _preact_forward(c: dict[str, Any], start: Optional[float]) -> Optional[list[
         return None
     v, out = float(start), []
     for k, ((c_in, c_out, st, _), (_, _, _, size2)) in enumerate(_layers(c)):
-        g1, g2 = T.weight_gain2(c["init"], 9 * c_in, 9 * c_out), T.weight_gain2(c["init"], 9 * c_out, 9 * c_out)
+        g1, g2 = T.weight_gain2(c["init"], 9 * c_in, 9 * c_out, receptive=9), T.weight_gain2(c["init"], 9 * c_out, 9 * c_out, receptive=9)
         p1, p2 = pad_fraction(size2, st), pad_fraction(size2)
         branch = 0.0 if c["zero_init_last"] else (g2 * 0.5 * p2 if c["bn"] else g1 * g2 * p1 * p2 / 4 * v)
         if k > 0:

@@ -88,13 +88,32 @@ def test_fit_matches_numpy_polyfit_and_r2():
 
 
 def test_thresholds_are_parameters():
-    f = frame_with(1.5, 1.0, n_blocks=10)  # forward end to end 1.5**9 = 38
+    f = frame_with(1.15, 1.0, n_blocks=10)  # x1.15 per block: below the default x100**(1/27) = x1.186
     assert row(A.verdicts(f), A.FORWARD)[A.VERDICT] == "healthy"
-    assert row(A.verdicts(f, explode=10), A.FORWARD)[A.VERDICT] == "exploding"
-    g = frame_with(1 / 1.5, 1.0, n_blocks=10)
+    assert row(A.verdicts(f, explode=10), A.FORWARD)[A.VERDICT] == "exploding"  # 10**(1/27) = x1.089
+    g = frame_with(1 / 1.15, 1.0, n_blocks=10)
+    assert row(A.verdicts(g), A.FORWARD)[A.VERDICT] == "healthy"
     assert row(A.verdicts(g, vanish=0.1), A.FORWARD)[A.VERDICT] == "vanishing"
     with pytest.raises(DataError, match="vanish"):
         A.verdicts(f, vanish=2.0)
+
+
+@pytest.mark.parametrize("rate,cls", [(1.43, "exploding"), (0.77, "vanishing"), (1.05, "healthy"), (0.95, "healthy")])
+def test_the_same_rate_gives_the_same_class_at_20_and_56_layers(rate, cls):
+    """Issue 14 §4: x1.43 was healthy over 9 blocks and exploding over 27; by rate it is one class at both."""
+    for n in (9, 27):
+        v = A.verdicts(frame_with(rate, rate, n_blocks=n))
+        assert row(v, A.FORWARD)[A.VERDICT] == cls and row(v, A.BACKWARD)[A.VERDICT] == cls
+        assert row(v, A.FORWARD)[A.END_TO_END] == pytest.approx(rate ** (n - 1), rel=1e-9)
+
+
+def test_end_to_end_comes_from_the_fit_not_from_a_moving_end_block():
+    f = frame_with(1.0, 1.0, n_blocks=12, steps=(0,))
+    f.loc[(f[S.METRIC] == S.ACT_VAR) & (f[S.DEPTH] == 0), S.VALUE] = 0.02  # the first block alone moved
+    r = row(A.verdicts(f), A.FORWARD)
+    assert r[A.NEAR_VALUE] == pytest.approx(0.02) and r[A.FAR_VALUE] == pytest.approx(1.0)  # two points: 50x
+    assert r[A.VERDICT] == "healthy" and 1.0 < r[A.FACTOR] < 1.186
+    assert r[A.END_TO_END] == pytest.approx(r[A.FACTOR] ** 11, rel=1e-9) and r[A.END_TO_END] < 10
 
 
 def test_several_runs_keep_their_order_and_config():
@@ -152,20 +171,35 @@ def test_zeros():
     assert r[A.VERDICT] == "vanishing" and "zero at every" in A.sentence(r)
 
 
-def test_nan_rows_are_missing_and_keep_positions():
+def test_missing_rows_keep_positions():
     f = frame_with(2.0, 0.5, n_blocks=8)
-    f.loc[f[S.DEPTH] == 3, S.VALUE] = np.nan  # one block never measured
-    f.loc[(f[S.DEPTH] == 5) & (f[S.STEP] == 1), S.VALUE] = np.nan  # one block missing at one step
+    f = f[~((f[S.DEPTH] == 5) & (f[S.STEP] == 1))]  # one block missing at one step
     v = A.verdicts(f)
     assert row(v, A.FORWARD)[A.FACTOR] == pytest.approx(2.0, abs=1e-6)
     assert row(v, A.BACKWARD)[A.FACTOR] == pytest.approx(0.5, abs=1e-6)
-    assert row(v, A.FORWARD)[A.N_BLOCKS] == 7
+    assert row(v, A.FORWARD)[A.N_BLOCKS] == 8
 
 
-def test_inf_counts_as_explosion():
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_block_is_diverged_never_healthy(bad):
+    """Issue 15: NaN/Inf activations used to be dropped and the rest called healthy."""
     f = frame_with(1.0, 1.0, n_blocks=6)
-    f.loc[(f[S.METRIC] == S.ACT_VAR) & (f[S.DEPTH] == 2), S.VALUE] = np.inf
-    assert row(A.verdicts(f), A.FORWARD)[A.VERDICT] == "exploding"
+    f.loc[(f[S.METRIC] == S.ACT_VAR) & (f[S.DEPTH] >= 2) & (f[S.STEP] == 1), S.VALUE] = bad
+    v = A.verdicts(f)
+    r = row(v, A.FORWARD)
+    assert r[A.VERDICT] == "diverged" and r[A.NONFINITE_BLOCK] == "layer.2"
+    assert "diverged" in A.sentence(r) and "layer.2" in A.sentence(r)
+    per = A.verdicts(f, step="all")
+    fwd = per[per[A.SIGNAL] == A.FORWARD]
+    assert list(fwd[A.VERDICT]) == ["healthy", "diverged", "healthy"]
+
+
+def test_a_nonfinite_count_alone_gives_diverged():
+    f = frame_with(1.0, 1.0, n_blocks=4, steps=(0,))
+    extra = f[f[S.METRIC] == S.ACT_VAR].assign(**{S.METRIC: S.ACT_NONFINITE, S.VALUE: 0.0})
+    extra.loc[extra[S.DEPTH] == 3, S.VALUE] = 5.0
+    v = A.verdicts(pd.concat([f, extra], ignore_index=True))
+    assert set(v[A.VERDICT]) == {"diverged"} and set(v[A.NONFINITE_BLOCK]) == {"layer.3"}
 
 
 def test_only_call_zero_rows_count():

@@ -114,8 +114,13 @@ def test_profile_lines_are_relative_to_the_reference_end_with_thresholds():
         p = prof[prof[S.RUN] == run].sort_values(A.POSITION)[S.VALUE].to_numpy()
         np.testing.assert_allclose(lines[run].get_ydata(), p / p[-1], rtol=1e-12)  # backward: vs the last block
         assert matplotlib.colors.to_rgb(lines[run].get_color()) == pytest.approx(colors[run])
-    ys = sorted(ln.get_ydata()[0] for ln in ax.get_lines() if "threshold" in ln.get_label())
-    assert ys == [0.05, 50]
+    # the class thresholds are per-block rates: x(0.05 ** (1/27)) and x(50 ** (1/27)) per block travelled
+    lo, hi = A.rate_thresholds(0.05, 50)
+    rate = {ln.get_label().split()[0]: ln for ln in ax.get_lines() if "per block" in ln.get_label()}
+    for word, r in (("vanishing", lo), ("exploding", hi)):
+        line = rate[word]
+        travelled = 14 - np.asarray(line.get_xdata(), float)  # backward: counted from the last block
+        np.testing.assert_allclose(line.get_ydata(), r ** travelled, rtol=1e-12)
     assert "÷" in ax.get_ylabel() and "log" in ax.get_ylabel()
 
 

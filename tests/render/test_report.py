@@ -111,14 +111,15 @@ def test_report_of_a_110_block_200_step_frame(tmp_path):
     assert plt.get_fignums() == []  # every figure closed
     pd.testing.assert_frame_equal(store.read_records(out / store.PARQUET), f)
     v = pd.read_csv(out / R.VERDICTS_CSV)
-    direct = G.verdicts(f)
-    assert list(v[A.VERDICT]) == list(direct[A.VERDICT]) == ["exploding", "vanishing"]
+    direct = A.verdicts(f, step="all")  # a training frame: one verdict per recorded step, never one average
+    assert len(v) == len(direct) == 2 * 200 and set(v["phase"]) == {"train"}
+    assert list(v[A.VERDICT]) == list(direct[A.VERDICT])
     np.testing.assert_allclose(v[A.FACTOR], direct[A.FACTOR], rtol=1e-12)
     summary = (out / R.SUMMARY).read_text()
     for name in pngs:
         assert f"]({name})" in summary
-    for _, r in direct.iterrows():
-        assert A.sentence(r) in summary
+    for _, r in direct[direct[S.STEP] == 199].iterrows():  # the last step's sentences
+        assert A.sentence({**r, "phase": "train"}) in summary
 
 
 def test_report_of_several_runs_draws_the_run_comparison(tmp_path):
@@ -127,7 +128,7 @@ def test_report_of_several_runs_draws_the_run_comparison(tmp_path):
     for m in (S.GRAD_NORM, S.ACT_VAR, S.PARAM_GRAD_NORM):
         assert (out / f"runs_{m}.png").exists()
     text = (out / R.SUMMARY).read_text()
-    assert "plain20-bn:" in text and "resnet20:" in text
+    assert "plain20-bn (train at step 2):" in text and "resnet20 (train at step 2):" in text
 
 
 def test_missing_metrics_are_reported_not_fatal(tmp_path):
@@ -139,13 +140,16 @@ def test_missing_metrics_are_reported_not_fatal(tmp_path):
         text = doc.read_text()
         assert "act_var is not in the frame" in text and "param_grad_norm is not in the frame" in text
     v = pd.read_csv(out / R.VERDICTS_CSV)
-    assert list(v[A.SIGNAL]) == [A.BACKWARD]
+    assert list(v[A.SIGNAL]) == [A.BACKWARD] * 3  # one per recorded step
 
 
 def test_html_is_self_contained_and_embeds_every_figure(tmp_path):
     out = R.write_report(frame(n_blocks=8, n_steps=3, runs=("a", "b")), tmp_path)
     page = (out / R.HTML).read_text()
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", page)
+    markup = re.sub(r"<script>.*?</script>", "", page, flags=re.S)  # the inlined plotly.js names URLs in strings
+    assert "cdn.plot.ly" not in markup and len(markup) < len(page)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", markup)
+    assert "default-src 'none'" in page  # and the page's CSP forbids every fetch anyway
     assert "<script src" not in page and "<link" not in page and "@import" not in page
     srcs = re.findall(r'<img[^>]*src="([^"]+)"', page)
     pngs = sorted(out.glob("*.png"))
@@ -182,13 +186,15 @@ def test_report_draws_theory_dashed_and_says_where_it_parts(tmp_path):
     assert pred == {"mlp-xavier": pytest.approx([0.5 ** k for k in range(n)])}
     back = G.predicted_profiles(f, S.GRAD_NORM)["mlp-xavier"]  # by blocks travelled from the output end
     assert back == pytest.approx([math.sqrt(0.5) ** t for t in range(n)])
-    out = R.write_report(f, tmp_path)
+    out = R.write_report(f, tmp_path, phase="init")  # theory describes initialisation: init frames only
     v = pd.read_csv(out / R.VERDICTS_CSV).set_index(A.SIGNAL)
     assert v.loc["forward", A.AGREES] == True and v.loc["backward", A.AGREES] == False  # noqa: E712
     assert v.loc["backward", A.PREDICTED_FACTOR] == pytest.approx(T.relu_layer_factor("xavier", 1, 1) ** 0.5)
     text = (out / R.SUMMARY).read_text()
-    assert "## Theory beside measurement" in text and "PARTS: measured x1.30 vs theory x0.71" in text
-    assert "NOT agreeing" in text
+    assert "### Theory beside measurement" in text and "disagrees: one seed: measured x1.30 vs theory x0.71" in text
+    assert "theory: DISAGREES" in text
+    train = pd.read_csv(R.write_report(f, tmp_path / "train", phase="train") / R.VERDICTS_CSV)
+    assert train[A.PREDICTED_FACTOR].isna().all()  # no theory attached to training frames
 
 
 def test_unknown_models_get_no_theory_rather_than_a_guess():

@@ -83,7 +83,7 @@ def test_report_html_loads_offline_without_console_errors_and_shows_every_figure
 def test_the_browser_check_catches_a_broken_figure(report_dir, tmp_path):
     """Control: corrupt one embedded figure and the same check reports it (so the test above can fail)."""
     page = (report_dir / R.HTML).read_text()
-    broken = re.sub(r'src="data:image/png;base64,[^"]{0,40}', 'src="data:image/png;base64,AAAA', page, count=1)
+    broken = re.sub(r'(<img [^>]*src="data:image/png;base64,)[^"]{0,40}', r'\1AAAA', page, count=1)
     (tmp_path / "broken.html").write_text(broken + "<script>console.error('planted')</script>")
     dom, console = open_in_browser(tmp_path / "broken.html", tmp_path)
     images, loaded = check_counts(dom)

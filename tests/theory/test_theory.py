@@ -266,14 +266,17 @@ def zoo_frame(name: str, seeds, batch: int, **options):
     return f, {**config, "batch_size": batch}
 
 
-def check_agreement(name, seeds, batch, signals=("forward", "backward"), **options):
+def check_agreement(name, seeds, batch, signals=("forward", "backward"), narrow=False, **options):
+    """Theory and measurement agree; a narrow net measured as one run can at best be "inconclusive" (its seed
+    spread is not estimated), never "disagrees"."""
     from gradscope import agreement as G, analysis as A
 
     frame, config = zoo_frame(name, seeds, batch, **options)
     v = G.verdicts(frame, configs={name: config}).set_index(A.SIGNAL)
     for sig in signals:
         r = v.loc[sig]
-        assert r[A.AGREES] == True, (sig, r[A.THEORY_NOTE])  # noqa: E712  (pandas boolean)
+        expected = {"inconclusive"} if narrow else {"agrees"}
+        assert r[A.AGREEMENT] in expected, (sig, r[A.THEORY_NOTE])
     return v
 
 
@@ -305,7 +308,7 @@ def test_deep_residual_mlp_without_bn_parts_from_theory_and_says_so():
     frame, config = zoo_frame("mlp", (0, 1), 64, depth=24, width=512, residual=True)
     r = G.verdicts(frame, configs={"mlp": config}).set_index(A.SIGNAL).loc["backward"]
     assert r[A.AGREES] == False and r[A.MEASURED_FACTOR] > r[A.PREDICTED_FACTOR] * 1.05  # noqa: E712
-    assert "PARTS" in r[A.THEORY_NOTE] and "gradient independence fails" in r[A.THEORY_NOTE]
+    assert "disagrees" in r[A.THEORY_NOTE] and "gradient independence fails" in r[A.THEORY_NOTE]
 
 
 @pytest.mark.parametrize("name,options,signals", [
@@ -319,7 +322,7 @@ def test_deep_residual_mlp_without_bn_parts_from_theory_and_says_so():
 def test_cifar_nets_agree_with_theory_where_it_applies(name, options, signals):
     from gradscope import agreement as G, analysis as A
 
-    v = check_agreement(name, (0, 1), 16, signals=signals, **options)
+    v = check_agreement(name, (0, 1), 16, signals=signals, narrow=True, **options)
     for sig in signals:  # and closer than the (noise-widened) tolerance needs: within 7% per block
         assert abs(math.log(v.loc[sig][A.MEASURED_FACTOR] / v.loc[sig][A.PREDICTED_FACTOR])) < 0.07
     if "backward" not in signals:
@@ -337,4 +340,4 @@ def test_a_wrong_config_is_caught():
     frame, config = zoo_frame("mlp", (0, 1), 64, depth=10, width=256)
     v = G.verdicts(frame, configs={"mlp": {**config, "init": "xavier"}}).set_index(A.SIGNAL)
     assert v.loc["forward"][A.AGREES] == False and v.loc["backward"][A.AGREES] == False  # noqa: E712
-    assert "PARTS" in v.loc["forward"][A.THEORY_NOTE]
+    assert "disagrees" in v.loc["forward"][A.THEORY_NOTE]

@@ -1,0 +1,88 @@
+"""The ONE results object a report folder, the terminal and ``summary.json`` are all rendered from.
+
+Plain containers (pandas frames and dataclasses), filled by :func:`gradscope.study.results.evaluate` for a study and
+by :func:`gradscope.render.folder.results_of_frame` for a frame; read by :mod:`gradscope.render`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+INIT, TRAIN = "init", "train"
+PHASE = "phase"
+#: Words for the phases, as every renderer prints them.
+PHASE_WORDS = {INIT: "at initialisation", TRAIN: "over training"}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim: its statement, the answer (yes / no / unclear) and what decided it.
+
+    ``phase``: "init", "train" or "init+train"; ``how``: the rule and how sure; ``caveat``: the short-run caveat
+    that every training answer carries.
+    """
+
+    key: str
+    statement: str
+    answer: str
+    evidence: str
+    phase: str = INIT
+    how: str = ""
+    caveat: str = ""
+
+    def line(self) -> str:
+        """The claim as one line: statement [phase]: answer — evidence (rule) caveat."""
+        tail = f" [rule: {self.how}]" if self.how else ""
+        cav = f" Caveat: {self.caveat}." if self.caveat else ""
+        return f"{self.statement} [{self.phase}]: {self.answer} — {self.evidence}.{tail}{cav}"
+
+    def as_dict(self) -> Dict[str, str]:
+        return asdict(self)
+
+
+@dataclass
+class Results:
+    """Everything a report says, computed once.
+
+    ``frames``/``profiles``/``verdicts``: per phase ("init", "train"); init verdicts are one row per run with the
+    theory columns, train verdicts one row per run x recorded step (no theory: it describes initialisation).
+    ``pooled``: init verdicts pooled over seeds; ``trajectory``: the training summary per run; ``losses``: run,
+    step, loss, accuracy; ``final_losses``: run -> mean of the last steps; ``extra_files``: name -> writer
+    ``fn(path)`` for files others add to the folder (e.g. provenance), written atomically with the rest.
+    """
+
+    title: str
+    frames: Dict[str, Any]
+    profiles: Dict[str, Any]
+    verdicts: Dict[str, Any]
+    pooled: Any = None
+    trajectory: Any = None
+    losses: Any = None
+    final_losses: Dict[str, float] = field(default_factory=dict)
+    claims: List[Claim] = field(default_factory=list)
+    configs: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    settings: Dict[str, Any] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+    failed: Dict[str, str] = field(default_factory=dict)
+    interrupted: bool = False
+    extra_files: Dict[str, Callable[[Any], None]] = field(default_factory=dict)
+    thresholds: Dict[str, float] = field(default_factory=dict)
+
+    def phases(self) -> List[str]:
+        """Phases that hold records, in order."""
+        return [p for p in (INIT, TRAIN) if p in self.frames and self.frames[p] is not None
+                and len(self.frames[p])]
+
+    def summary(self) -> Dict[str, Any]:
+        """The JSON-able summary (``summary.json``, ``--json``): claims, verdicts per phase, losses."""
+        import json
+
+        def records(df: Any) -> Any:
+            return [] if df is None else json.loads(df.to_json(orient="records", default_handler=str))
+
+        return {"title": self.title, "interrupted": self.interrupted, "failed": dict(self.failed),
+                "settings": dict(self.settings), "claims": [c.as_dict() for c in self.claims],
+                "verdicts": {p: records(self.verdicts.get(p)) for p in self.phases()},
+                "pooled": records(self.pooled), "trajectory": records(self.trajectory),
+                "final_loss": {k: (None if v != v else v) for k, v in self.final_losses.items()},
+                "notes": list(self.notes)}

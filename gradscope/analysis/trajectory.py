@@ -1,0 +1,99 @@
+"""Verdicts over training and over seeds: a trajectory summary per run, a pooled verdict per configuration.
+
+* :func:`trajectory`: from per-step verdicts (``verdicts(frame, step="all")``), one row per run x signal with the
+  fraction of recorded steps in each class, the first and last step's class and rate, and which end of the net
+  moved between them. Never one average over steps.
+* :func:`pool_seeds`: runs that differ only by seed (``plain56-bn``, ``plain56-bn-s1``, ...) pooled per signal:
+  the per-block factor as a geometric mean with its spread (sd of ln factor, SE), n, and how many seeds landed in
+  each class. Diverged seeds are counted and named, never averaged in.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradscope import schema as S
+from gradscope import analysis as A
+
+SEED_SUFFIX = re.compile(r"-s\d+$")
+GROUP = "group"
+TRAJECTORY_COLUMNS = ("run", "signal", "n_steps", "frac_healthy", "frac_vanishing", "frac_exploding",
+                      "frac_diverged", "frac_unknown", "first_step", "first_verdict", "first_factor",
+                      "first_end_to_end", "last_step", "last_verdict", "last_factor", "last_end_to_end",
+                      "near_change", "far_change", "moved")
+POOLED_COLUMNS = ("group", "signal", "n", "runs", "factor", "ln_sd", "ln_se", "factor_min", "factor_max",
+                  "verdict", "counts", "diverged_runs", "n_blocks")
+
+
+def run_group(run: str, has_seed: bool = True) -> str:
+    """The configuration a run belongs to: its name without the ``-sN`` seed suffix (when runs carry seeds)."""
+    return SEED_SUFFIX.sub("", str(run)) if has_seed else str(run)
+
+
+def _moved(near: float, far: float) -> str:
+    """Which end's value changed more (in log) between the first and last step."""
+    ln = [abs(math.log(x)) if x > 0 and math.isfinite(x) else math.inf if x == 0 or math.isinf(x) else math.nan
+          for x in (near, far)]
+    if any(math.isnan(x) for x in ln):
+        return "n/a"
+    if abs(ln[0] - ln[1]) < 0.1 * max(ln[0], ln[1], 1e-12):
+        return "both ends"
+    return "near end" if ln[0] > ln[1] else "far end"
+
+
+def trajectory(per_step: pd.DataFrame) -> pd.DataFrame:
+    """One row per run x signal summarising per-step verdicts (columns :data:`TRAJECTORY_COLUMNS`).
+
+    ``near_change``/``far_change``: measured value at the near / far end, last step over first step;
+    ``moved``: which of them changed more ("near end", "far end" or "both ends").
+    """
+    rows: list[dict[str, Any]] = []
+    per_step = per_step[per_step[S.STEP].notna()]
+    for (run, signal), g in per_step.groupby([S.RUN, A.SIGNAL], sort=False):
+        g = g.sort_values(S.STEP)
+        counts = g[A.VERDICT].value_counts()
+        first, last = g.iloc[0], g.iloc[-1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            near = float(np.float64(last[A.NEAR_VALUE]) / np.float64(first[A.NEAR_VALUE]))
+            far = float(np.float64(last[A.FAR_VALUE]) / np.float64(first[A.FAR_VALUE]))
+        row = {"run": run, "signal": signal, "n_steps": len(g)}
+        row.update({f"frac_{c}": float(counts.get(c, 0)) / len(g) for c in A.CLASSES})
+        for tag, r in (("first", first), ("last", last)):
+            row.update({f"{tag}_step": int(r[S.STEP]), f"{tag}_verdict": r[A.VERDICT], f"{tag}_factor": r[A.FACTOR],
+                        f"{tag}_end_to_end": r[A.END_TO_END]})
+        row.update({"near_change": near, "far_change": far, "moved": _moved(near, far)})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(TRAJECTORY_COLUMNS))
+
+
+def pool_seeds(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """Runs that differ only by seed, pooled per signal (columns :data:`POOLED_COLUMNS`).
+
+    ``factor`` is the geometric mean of the finite per-seed factors, ``ln_sd`` the sd of their logs (ddof 1),
+    ``ln_se = ln_sd / sqrt(n)``; ``verdict`` the class of the pooled factor, or ``diverged`` when any seed
+    diverged (``diverged_runs`` names them); ``counts`` maps each class to its number of seeds.
+    """
+    has_seed = S.SEED in verdicts.columns
+    v = verdicts.assign(**{GROUP: [run_group(r, has_seed) for r in verdicts[S.RUN]]})
+    rows: list[dict[str, Any]] = []
+    for (group, signal), g in v.groupby([GROUP, A.SIGNAL], sort=False):
+        ok = g[(g[A.VERDICT] != A.DIVERGED) & np.isfinite(g[A.FACTOR].astype(float)) & (g[A.FACTOR] > 0)]
+        ln = np.log(ok[A.FACTOR].to_numpy(dtype=float))
+        n = int(ln.size)
+        sd = float(np.std(ln, ddof=1)) if n >= 2 else math.nan
+        factor = float(math.exp(ln.mean())) if n else math.nan
+        diverged = [str(r) for r in g[g[A.VERDICT] == A.DIVERGED][S.RUN]]
+        verdict = A.DIVERGED if diverged else (A.classify(factor) if n else A.UNKNOWN)
+        if not diverged and n and (ok[A.VERDICT].isin([A.VANISHING]) & (ok[A.MAX_VALUE] == 0)).all():
+            verdict = A.VANISHING
+        rows.append({"group": group, "signal": signal, "n": n, "runs": [str(r) for r in g[S.RUN]],
+                     "factor": factor, "ln_sd": sd, "ln_se": sd / math.sqrt(n) if n >= 2 else math.nan,
+                     "factor_min": float(np.exp(ln.min())) if n else math.nan,
+                     "factor_max": float(np.exp(ln.max())) if n else math.nan, "verdict": verdict,
+                     "counts": {str(k): int(c) for k, c in g[A.VERDICT].value_counts().items()},
+                     "diverged_runs": diverged, "n_blocks": int(g[A.N_BLOCKS].max() or 0)})
+    return pd.DataFrame(rows, columns=list(POOLED_COLUMNS))

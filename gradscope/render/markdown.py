@@ -1,0 +1,98 @@
+"""``summary.md`` and ``claims.md`` from the one :class:`~gradscope.analysis.results.Results`.
+
+Every string that comes from data (run and block names, notes) goes through :func:`md_escape`: HTML special
+characters become entities and Markdown's emphasis, link, code and table characters are backslash-escaped, so a
+block called ``<img src=x onerror=...>`` or ``a|b*c*`` reads as itself.
+"""
+from __future__ import annotations
+
+import html
+import re
+from typing import Any, Dict, List
+
+from gradscope.analysis.results import INIT, PHASE_WORDS, TRAIN
+from gradscope.analysis.text import sentence
+from gradscope.render import tables as T
+
+#: Characters that change the meaning of inline Markdown mid-line (emphasis, code, links, tables, math).
+_MD_SPECIAL = re.compile(r"([\\`*{}\[\]|~$])")
+
+
+def md_escape(text: Any) -> str:
+    """``text`` safe inside Markdown (and the HTML a Markdown renderer produces)."""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False))
+
+
+def md_table(rows: T.Rows) -> List[str]:
+    if len(rows) < 2:
+        return ["(none)"]
+    out = ["| " + " | ".join(md_escape(c) for c in rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in rows[1:]]
+    return out
+
+
+def claims_lines(results: Any) -> List[str]:
+    """The claims as Markdown list items: bold statement and answer, then evidence, rule and caveat."""
+    out = []
+    for c in results.claims:
+        out.append(f"- **{md_escape(c.statement)}** ({md_escape(c.phase)}): **{md_escape(c.answer)}** — "
+                   f"{md_escape(c.evidence)}.")
+        if c.how:
+            out.append(f"  - rule: {md_escape(c.how)}")
+        if c.caveat:
+            out.append(f"  - caveat: {md_escape(c.caveat)}")
+    return out or ["- No claim: the frame is not a study (claims need the built-in nets at two depths)."]
+
+
+def claims_markdown(results: Any) -> str:
+    """Text of ``claims.md``."""
+    return "# Claims checked\n\n" + "\n".join(claims_lines(results)) + "\n"
+
+
+def summary_markdown(results: Any, figures: List[Dict[str, str]], notes: List[str]) -> str:
+    """Text of ``summary.md``: claims, losses, verdicts at initialisation and over training, theory, figures."""
+    lines = [f"# {md_escape(results.title)}", ""]
+    lines += ["## Claims", ""] + claims_lines(results) + [""]
+    if results.final_losses:
+        lines += ["## Training losses", ""] + md_table(T.loss_rows(results)) + [""]
+    how = T.how_text(results.thresholds)
+    for phase in results.phases():
+        v = results.verdicts.get(phase)
+        if v is None:
+            continue
+        lines += [f"## Verdicts {PHASE_WORDS[phase]}", "", md_escape(T.overview(results.frames[phase])), "",
+                  md_escape(how), ""]
+        if phase == INIT:
+            if results.pooled is not None and len(results.pooled):
+                lines += ["Pooled over seeds:", ""] + md_table(T.pooled_rows(results.pooled)) + [""]
+            lines += [f"- {md_escape(sentence(r))}" for r in v.to_dict("records")]
+            lines += [""] + md_table(T.verdict_rows(v, theory=True)) + [""]
+            tn = T.theory_notes(v)
+            if tn:
+                lines += ["### Theory beside measurement (initialisation only)", ""] + [f"- {md_escape(t)}"
+                                                                                        for t in tn] + [""]
+        else:
+            if results.trajectory is not None and len(results.trajectory):
+                lines += ["Per recorded step, summarised per run (never one average over steps):", ""]
+                lines += md_table(T.trajectory_rows(results.trajectory)) + [""]
+            last = v[v["step"] == v.groupby("run")["step"].transform("max")]
+            lines += ["At the last recorded step of each run:", ""]
+            lines += [f"- {md_escape(sentence(r))}" for r in last.to_dict("records")]
+            lines += ["", "Every recorded step: `verdicts.csv` (phase = train).", ""]
+    lines += ["## Figures", ""]
+    for f in figures:
+        lines += [f"### {md_escape(f['file'])}", "", f"![{md_escape(f['caption'])}]({f['file']})", "",
+                  f"*{md_escape(f['caption'])}*", ""]
+    all_notes = list(results.notes) + list(notes)
+    if all_notes:
+        lines += ["## Notes", ""] + [f"- {md_escape(n)}" for n in all_notes] + [""]
+    lines += ["## Files", "", "- `records.parquet`, `records.csv` (+ `records.dtypes.json`): the records of the "
+              "main phase; `gradscope.store.read_records(path)` loads either with its dtypes.",
+              "- `verdicts.csv`: every verdict, with its `phase` (init: one row per run with theory; train: one "
+              "row per recorded step); `trajectory.csv`, `pooled.csv`, `losses.csv`, `claims.md`, `summary.json`.",
+              ""]
+    return "\n".join(lines)
+
+
+__all__ = ["claims_markdown", "md_escape", "summary_markdown"]
+_ = TRAIN

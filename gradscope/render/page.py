@@ -90,7 +90,10 @@ def _verdicts(results: Any, charts: Dict[str, List[str]]) -> List[str]:
             if results.trajectory is not None and len(results.trajectory):
                 parts += ["<h3>Per run: fraction of recorded steps in each class</h3>",
                           _table(T.trajectory_rows(results.trajectory))]
-            parts += charts.get("train", [])
+            last = v[v["step"] == v.groupby("run")["step"].transform("max")]
+            parts += ["<h3>At the last recorded step of each run</h3><ul>"]
+            parts += [f'<li class="{e(str(r["verdict"]))}">{e(sentence(r))}</li>' for r in last.to_dict("records")]
+            parts += ["</ul>"] + charts.get("train", [])
             parts.append('<p class="note">Every step\'s verdict is in verdicts.csv (phase = train).</p>')
         parts.append("</section>")
     return parts

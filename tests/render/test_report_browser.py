@@ -78,6 +78,10 @@ def test_report_html_loads_offline_without_console_errors_and_shows_every_figure
     assert check_counts(dom) == (n_png, n_png)
     assert "All 6 figures loaded." in dom
     assert "param_grad_norm is not in the frame" in dom
+    # the page opens with the claims section, and its interactive charts were drawn by the inlined plotly.js
+    assert 'id="claims"' in dom and dom.index('id="claims"') < dom.index('id="figures"')
+    charts = re.search(r'data-charts="(\d+)"', dom)
+    assert charts and int(charts.group(1)) == 2  # per-block factor over training, forward and backward
 
 
 def test_the_browser_check_catches_a_broken_figure(report_dir, tmp_path):

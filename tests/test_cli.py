@@ -84,7 +84,7 @@ def test_fail_on_exits_3_when_a_verdict_matches(tmp_path, capsys):
     (["profile", "--input-shape", "3,8,8"], "--input-shape 3,8,8 applies to --model only"),
     (["profile", "--model", f"{FIXTURE}:tiny", "--input-shape", "-1"], "'-1': every value must be a positive"),
     (["profile", "--models", "plain20", "--blocks", "layer("], "'layer\\(' is not a valid regular expression"),
-    (["profile", "--models", "plain20,plain20", "--bn", "on"], "run name\\(s\\) plain20-bn would repeat"),
+    (["profile", "--models", "plain20,plain20", "--bn", "on"], "run name\\(s\\) plain20-bn, plain20-bn-s1 would repeat"),
     (["profile", "--model", f"{FIXTURE}:tiny", "--input-shape", "3,8,8", "--seeds", "1,1"], "tiny-s1 would repeat"),
     (["profile", "--steps", "many"], "argument --steps: invalid int value: 'many' \\(see gradscope profile --help\\)"),
     (["profile", "--model", f"{FIXTURE.parent / 'exits_at_import.py'}:make"], "called sys.exit\\(7\\)"),

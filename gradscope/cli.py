@@ -53,6 +53,18 @@ def _diverged(results: Any) -> List[str]:
     return out
 
 
+def _alerts_met(kind: str) -> Callable[[Any], List[str]]:
+    def check(results: Any) -> List[str]:
+        a = results.alerts
+        if a is None or not len(a):
+            return []
+        hit = a[a["kind"] == kind]
+        return [f"{r['run']} {kind} at step {r['step']}" + (f", block {r['block']}" if isinstance(r["block"], str)
+                                                             and r["block"] else "")
+                for r in hit.to_dict("records")]
+    return check
+
+
 #: ``--fail-on`` kinds: name -> (help, check(results) -> what was met). Add a kind here and nowhere else.
 FAIL_ON: Dict[str, Tuple[str, Callable[[Any], List[str]]]] = {
     "vanishing": ("a verdict at initialisation is vanishing", _verdicts_met("init", "vanishing")),
@@ -61,6 +73,11 @@ FAIL_ON: Dict[str, Tuple[str, Callable[[Any], List[str]]]] = {
     "train-vanishing": ("a recorded training step is vanishing", _verdicts_met("train", "vanishing")),
     "train-exploding": ("a recorded training step is exploding", _verdicts_met("train", "exploding")),
     "diverged": ("non-finite values in any phase, or a NaN training loss", _diverged),
+    # the training alerts (gradscope.engine.alerts; alerts.csv): the same kinds as attach(on_anomaly=...)
+    "loss_spike": ("an alert: the training loss spiked (robust z-score over recent steps)", _alerts_met("loss_spike")),
+    "grad_spike": ("an alert: a block's gradient norm spiked", _alerts_met("grad_spike")),
+    "update_band": ("an alert: a block's update ratio left [1e-5, 1e-1]", _alerts_met("update_band")),
+    "divergence": ("an alert: NaN/Inf first seen during training (names the block)", _alerts_met("divergence")),
 }
 
 

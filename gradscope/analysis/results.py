@@ -47,7 +47,8 @@ class Results:
     ``frames``/``profiles``/``verdicts``: per phase ("init", "train"); init verdicts are one row per run with the
     theory columns, train verdicts one row per run x recorded step (no theory: it describes initialisation).
     ``pooled``: init verdicts pooled over seeds; ``trajectory``: the training summary per run; ``losses``: run,
-    step, loss, accuracy; ``final_losses``: run -> mean of the last steps; ``extra_files``: name -> writer
+    step, loss, accuracy; ``alerts``: the training alerts (run + :data:`gradscope.schema.ALERT_COLUMNS`; None when
+    nothing was trained); ``final_losses``: run -> mean of the last steps; ``extra_files``: name -> writer
     ``fn(path)`` for files others add to the folder (e.g. provenance), written atomically with the rest.
     """
 
@@ -67,6 +68,7 @@ class Results:
     interrupted: bool = False
     extra_files: Dict[str, Callable[[Any], None]] = field(default_factory=dict)
     thresholds: Dict[str, float] = field(default_factory=dict)
+    alerts: Any = None
 
     def phases(self) -> List[str]:
         """Phases that hold records, in order."""
@@ -85,4 +87,4 @@ class Results:
                 "verdicts": {p: records(self.verdicts.get(p)) for p in self.phases()},
                 "pooled": records(self.pooled), "trajectory": records(self.trajectory),
                 "final_loss": {k: (None if v != v else v) for k, v in self.final_losses.items()},
-                "notes": list(self.notes)}
+                "alerts": records(self.alerts), "notes": list(self.notes)}

@@ -55,6 +55,10 @@ def summary_markdown(results: Any, figures: List[Dict[str, str]], notes: List[st
     lines += ["## Claims", ""] + claims_lines(results) + [""]
     if results.final_losses:
         lines += ["## Training losses", ""] + md_table(T.loss_rows(results)) + [""]
+    if results.alerts is not None:
+        lines += ["## Alerts over training", "", md_escape(T.alerts_sentence(results.alerts)) + " (`alerts.csv`).", ""]
+        if len(results.alerts):
+            lines += md_table(T.alert_rows(results.alerts)) + [""]
     how = T.how_text(results.thresholds)
     for phase in results.phases():
         v = results.verdicts.get(phase)

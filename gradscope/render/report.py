@@ -30,13 +30,14 @@ from gradscope import schema as S
 from gradscope.analysis.results import INIT, PHASE, TRAIN, Results
 from gradscope.analysis.trajectory import pool_seeds, trajectory
 from gradscope.errors import DataError, OutputError
-from gradscope.store import CSV, DTYPES, PARQUET, atomic_write, write_records
+from gradscope.store import ALERTS_FILE, CSV, DTYPES, PARQUET, atomic_write, write_records
 
 VERDICTS_CSV, SUMMARY, HTML, CLAIMS, SUMMARY_JSON = "verdicts.csv", "summary.md", "report.html", "claims.md", \
     "summary.json"
 INIT_VERDICTS_CSV, TRAJECTORY_CSV, POOLED_CSV, LOSSES_CSV = "init_verdicts.csv", "trajectory.csv", "pooled.csv", \
     "losses.csv"
 INIT_RECORDS = "init_records.parquet"
+ALERTS_CSV = ALERTS_FILE  # the training alerts of every run: run + gradscope.schema.ALERT_COLUMNS
 __all__ = ["CSV", "DTYPES", "HTML", "PARQUET", "SUMMARY", "VERDICTS_CSV", "draw_figures", "results_of_frame",
            "write_folder", "write_report"]
 
@@ -150,6 +151,8 @@ def write_folder(results: Results, out: Union[str, Path], *, format: str = "full
                      (LOSSES_CSV, results.losses)):
         if df is not None and len(df):
             _write_csv(out / name, df)
+    if results.alerts is not None:  # written even when empty: "checked, none" is an answer
+        _write_csv(out / ALERTS_CSV, results.alerts)
     from gradscope.render.markdown import claims_markdown, summary_markdown
 
     figures: list[dict[str, str]] = []

@@ -105,3 +105,27 @@ def theory_notes(v: pd.DataFrame) -> List[str]:
         if isinstance(note, str) and note:
             out.append(f"{r[S.RUN]} ({r[A.SIGNAL]}): {note}")
     return out
+
+
+def alert_rows(alerts: pd.DataFrame, limit: int = 20) -> Rows:
+    """One row per training alert (the first ``limit``; a last row says how many more): run, step, kind, block
+    first affected, value against threshold. See :mod:`gradscope.engine.alerts`."""
+    rows = [["run", "step", "kind", "block", "value", "threshold", "also affected"]]
+    for r in alerts.head(limit).to_dict("records"):
+        block = r["block"] if isinstance(r["block"], str) and r["block"] else "(loss)"
+        others = r["others"].split() if isinstance(r["others"], str) else []
+        rows.append([str(r[S.RUN]), str(r[S.STEP]), str(r["kind"]), block, num(r["value"], ".4g"),
+                     num(r["threshold"], ".4g"), f"{len(others)} block(s)" if others else ""])
+    if len(alerts) > limit:
+        rows.append(["...", "", f"{len(alerts) - limit} more in alerts.csv", "", "", "", ""])
+    return rows
+
+
+def alerts_sentence(alerts: Any) -> str:
+    """One line on the training alerts: how many of each kind, or that there were none."""
+    if alerts is None:
+        return "no training run: no alerts checked"
+    if not len(alerts):
+        return "no alerts over training (loss and gradient spikes, update ratios out of band, divergence)"
+    counts = alerts["kind"].value_counts()
+    return f"{len(alerts)} alert(s) over training: " + ", ".join(f"{n} {k}" for k, n in counts.items())

@@ -127,6 +127,11 @@ def print_results(results: Any, console: Optional[Console] = None) -> None:
                                  "over training: fraction of recorded steps in each class"))
     if results.final_losses:
         console.print(rows_table(T.loss_rows(results), "final training loss per configuration"))
+    if results.alerts is not None:
+        if len(results.alerts):
+            console.print(rows_table(T.alert_rows(results.alerts), T.alerts_sentence(results.alerts)))
+        else:
+            console.print(f"[green]{escape(T.alerts_sentence(results.alerts))}[/green]", highlight=False)
     for claim in results.claims:
         colour = ANSWER_STYLES.get(claim.answer, "yellow")
         console.print(f"[bold]{escape(claim.statement)}[/bold] ({claim.phase}): [{colour}]{claim.answer}[/{colour}]"

@@ -13,6 +13,7 @@ from gradscope import agreement as G
 from gradscope import analysis as A
 from gradscope.analysis.results import INIT, PHASE, TRAIN, Results
 from gradscope.analysis.trajectory import pool_seeds, trajectory
+from gradscope.study.alerts import study_alerts
 from gradscope.study.claims import all_claims, final_losses
 from gradscope.study.runs import Settings, StudyResult
 
@@ -37,9 +38,10 @@ def evaluate(study: StudyResult, settings: Settings, title: Optional[str] = None
     notes = [f"run {run} failed: {why}; its records so far are kept" for run, why in study.failed.items()]
     if study.interrupted:
         notes.append("interrupted: the results cover the steps recorded before the interruption")
+    alerts = study_alerts(frames[TRAIN], study.losses) if frames[TRAIN] is not None else None
     return Results(title=title or "gradscope profile: " + ", ".join(study.configs), frames=frames, profiles=profiles,
                    verdicts=verdicts, pooled=pooled, trajectory=traj, losses=study.losses, final_losses=finals,
                    claims=claims, configs=study.configs, settings=asdict(settings), notes=notes,
                    failed=dict(study.failed), interrupted=study.interrupted,
                    thresholds={"vanish": A.VANISH, "explode": A.EXPLODE,
-                               "reference_blocks": A.REFERENCE_BLOCKS})
+                               "reference_blocks": A.REFERENCE_BLOCKS}, alerts=alerts)

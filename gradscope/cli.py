@@ -311,15 +311,14 @@ def _models() -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from gradscope.render.report import write_report
-    from gradscope.store import PHASE, load
+    from gradscope.store import load
 
     folder = Path(args.folder)
     if not folder.is_dir():
         raise GradscopeError(f"no run folder at {str(folder)!r}; pass a folder written by gradscope profile")
-    frame = load(folder)  # records.parquet, parts, or the records/<run>/ parts of a killed profile
-    if PHASE in frame.columns:  # a profile that never wrote its records: report training where it got that far
-        trained = frame[frame[PHASE] == "train"]
-        frame = (trained if not trained.empty else frame).drop(columns=PHASE).reset_index(drop=True)
+    # records.parquet, parts, or the records/<run>/<phase>/ parts of a killed profile (a "phase" column, which the
+    # report splits into its initialisation and training parts)
+    frame = load(folder)
     if frame.empty:
         raise GradscopeError(f"nothing was recorded in {str(folder)!r}; no report to write")
     out = Path(args.out or folder)

@@ -437,18 +437,38 @@ def _profile(args: argparse.Namespace) -> int:
     settings = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, every=args.every,
                         init_batches=args.init_batches, device=str(device), workers=args.workers,
                         image_size=args.image_size if args.data == "synthetic" else 32)
-    with _STOP.installed():
-        result = _run_with_progress(specs, train_set, settings, out, quiet)
-        result.interrupted = result.interrupted or _STOP.signal is not None
-        if rank != 0:  # every rank holds the global frame; rank 0 alone writes and prints
-            return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
-        try:
-            code = _finish(args, result, settings, out, quiet)
-        except OutputError:
-            raise
-        except OSError as exc:  # a full disk while writing the report: the records streamed so far stay
-            raise OutputError(f"cannot write the report to {str(out)!r}: {exc.strerror or exc}") from exc
+    provenance = _provenance(args, out, device)
+    try:
+        with _STOP.installed():
+            result = _run_with_progress(specs, train_set, settings, out, quiet)
+            result.interrupted = result.interrupted or _STOP.signal is not None
+            if rank != 0:  # every rank holds the global frame; rank 0 alone writes and prints
+                return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
+            try:
+                code = _finish(args, result, settings, out, quiet)
+            except OutputError:
+                raise
+            except OSError as exc:  # a full disk while writing the report: the records streamed so far stay
+                raise OutputError(f"cannot write the report to {str(out)!r}: {exc.strerror or exc}") from exc
+    except BaseException as exc:
+        if provenance is not None:
+            provenance.finish(exc)
+        raise
+    if provenance is not None:
+        provenance.finish(exit_status=code, interrupted=result.interrupted, runs=list(result.configs))
     return EXIT_TERMINATED if code == EXIT_INTERRUPTED and _STOP.signal == signal.SIGTERM else code
+
+
+def _provenance(args: argparse.Namespace, out: Optional[Path], device: Any) -> Any:
+    """``out/provenance.json``: the command line, every option, the seeds, versions, device (rank 0 only)."""
+    if out is None:
+        return None
+    from gradscope.engine.provenance import Provenance
+
+    config = {k: v for k, v in vars(args).items() if not callable(v)}
+    record = Provenance(out, "profile", config, seeds={"seeds": args.seeds}, device=str(device))
+    record.start()
+    return record
 
 
 def _check_unique(specs: Sequence[Any]) -> None:

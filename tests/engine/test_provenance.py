@@ -5,6 +5,7 @@ import json
 import platform
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +64,21 @@ def test_jsonable_keeps_data_and_names_the_rest():
     assert got == {"a": [1, 2.5], "b": "nan", "c": [3], "d": "torch.nn.modules.linear.Linear", "e": None}
     assert isinstance(provenance.jsonable(lambda n, m: True), str)
     json.dumps(got)
+
+
+def test_a_profile_folder_and_each_run_folder_say_how_they_were_made(tmp_path, capsys):
+    from gradscope.cli import main
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "user_models.py"
+    argv = ["profile", "--model", f"{fixture}:tiny", "--input-shape", "3,8,8", "--format", "records",
+            "--steps", "2", "--train-size", "64", "--batch-size", "16", "--init-batches", "1", "--quiet",
+            "--seeds", "4", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rec = provenance.read(tmp_path)
+    assert rec["made_by"] == "profile" and rec["status"] == "finished" and rec["exit_status"] == 0
+    assert rec["config"]["steps"] == 2 and rec["config"]["input_shape"] == [3, 8, 8]
+    assert rec["seeds"]["seeds"] == [4] and rec["runs"] == ["tiny-s4"]
+    assert rec["device"] == "cpu" and rec["versions"]["torch"] == torch.__version__ and rec["wall_s"] > 0
+    for phase in ("init", "train"):  # the records each run streamed: attach(out=...) folders
+        inner = provenance.read(tmp_path / "records" / "tiny-s4" / phase)
+        assert inner["made_by"] == "attach" and inner["status"] == "finished"

@@ -166,7 +166,7 @@ class Probe:
         if self.handles or not self.alive:
             return
         if self._leaf is None:
-            self._leaf = self.grad_leaf.on(_device_of(self.sites))
+            self._leaf = self.grad_leaf.on(T.device_of(site.module for site in self.sites))
         try:
             for index, site in enumerate(self.sites):
                 self.handles.append(site.module.register_forward_pre_hook(
@@ -305,35 +305,15 @@ class Probe:
         """Move what the traced hooks ran in this step into the recorder's buffer (called by the scope)."""
         if not self.events:
             return
-        state, rec = self.state, self.rec
+        state = self.state
         ran = T.drain(self.events, state.next_call)
         grads = self.grad_leaf.take()
         if grads and self.scale is not None:
             factor = self.scale()
             if factor is not None:
                 state.note_grad_scale(factor)
-        calls = T.calls_per_site(ran)
-        inputs_tapped = {}
-        for site, call, event in ran:
-            kind = event[1]
-            if kind == "pre":
-                inputs_tapped[(site, call)] = event[2]
-            elif kind == "sub":
-                rec.add(state.step, site, call, event[2], event[3], event[4], spec.MOMENTS)
-            elif event[2] is not None:
-                rec.add(state.step, site, call, self.m.forward, event[2], event[3], spec.MOMENTS)
-        if not grads:
-            return
-        grad = grads[0] if len(grads) == 1 else sum(g.to(grads[0].device) for g in grads[1:]) + grads[0]
-        for site, call, event in ran:
-            if event[1] != "post":
-                continue
-            if calls[site] > 1:  # a slot sums the taps of all calls: not a per-call norm
-                self._warn_calls(site)
-                continue
-            for metric, on in ((S.GRAD_NORM, event[4]), (S.GRAD_IN_NORM, inputs_tapped.get((site, call), False))):
-                if on:
-                    rec.add(state.step, site, call, (metric,), grad[T.slot_of(site, metric)], event[3], spec.SQNORM)
+        grad = None if not grads else sum(g.to(grads[0].device) for g in grads[1:]) + grads[0]
+        T.record(ran, grad, state.step, self.m.forward, self.rec.add, self._warn_calls)
 
     def _warn_calls(self, site: int) -> None:
         if not self._warned_calls:
@@ -416,12 +396,3 @@ class Probe:
 
         t.register_hook(grad_hook)
 
-
-def _device_of(sites: List[Site]) -> torch.device:
-    """The device of the first parameter or buffer of the sites (the CPU when they have none)."""
-    for site in sites:
-        for t in site.module.parameters():
-            return t.device
-        for t in site.module.buffers():
-            return t.device
-    return torch.device("cpu")

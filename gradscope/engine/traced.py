@@ -18,11 +18,12 @@ from a guard on a weak reference whose tensor had been freed).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from gradscope import schema as S
+from gradscope.engine import spec
 from gradscope.engine.metrics import SLOT_REDUCTIONS, _work, squared_norm
 
 GRAD_METRICS = (S.GRAD_NORM, S.GRAD_IN_NORM)
@@ -32,6 +33,16 @@ def compiling() -> bool:
     """True while Dynamo traces (``torch.compiler.is_compiling``; False on torch versions without it)."""
     fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     return bool(fn()) if fn is not None else False
+
+
+def device_of(modules: Iterable[torch.nn.Module]) -> torch.device:
+    """The device of the first parameter or buffer of ``modules`` (the CPU when they have none)."""
+    for module in modules:
+        for t in module.parameters():
+            return t.device
+        for t in module.buffers():
+            return t.device
+    return torch.device("cpu")
 
 
 def slot_of(site: int, metric: str) -> int:
@@ -178,3 +189,31 @@ def calls_per_site(ran: Sequence[Tuple[int, int, Tuple]]) -> Dict[int, int]:
         if event[1] == "post":
             calls[site] = calls.get(site, 0) + 1
     return calls
+
+
+def record(ran: Sequence[Tuple[int, int, Tuple]], grad: Optional[torch.Tensor], step: int, forward: Tuple[str, ...],
+           add: Callable[..., None], multi_call: Callable[[int], None]) -> None:
+    """Buffer entries (``add`` is the recorder's) for the drained events of one step: forward sums, and the gradient
+    slots of ``grad`` (the leaf's gradient, None without a backward) for sites called once (``multi_call(site)``
+    for the others)."""
+    calls = calls_per_site(ran)
+    inputs_tapped: Dict[Tuple[int, int], bool] = {}
+    for site, call, event in ran:
+        kind = event[1]
+        if kind == "pre":
+            inputs_tapped[(site, call)] = event[2]
+        elif kind == "sub":
+            add(step, site, call, event[2], event[3], event[4], spec.MOMENTS)
+        elif event[2] is not None:
+            add(step, site, call, forward, event[2], event[3], spec.MOMENTS)
+    if grad is None:
+        return
+    for site, call, event in ran:
+        if event[1] != "post":
+            continue
+        if calls[site] > 1:  # a slot sums the taps of all calls: not a per-call norm
+            multi_call(site)
+            continue
+        for metric, on in ((S.GRAD_NORM, event[4]), (S.GRAD_IN_NORM, inputs_tapped.get((site, call), False))):
+            if on:
+                add(step, site, call, (metric,), grad[slot_of(site, metric)], event[3], spec.SQNORM)

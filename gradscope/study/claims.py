@@ -64,7 +64,13 @@ def _trajectory_text(traj: Any, runs: Sequence[str], signal: str) -> str:
     rest = ", ".join(f"{c} {100 * f:.0f}%" for c, f in fracs.items() if c != main and f > 0)
     return (f"{main} in {100 * fracs[main]:.0f}% of recorded training steps" + (f" ({rest})" if rest else "")
             + f", step {int(t['first_step'].min())} -> {int(t['last_step'].max())}: {times(t['first_factor'].mean())}"
-              f" -> {times(t['last_factor'].mean())} per block ({', '.join(sorted(set(t['moved'])))} moved most)")
+              f" -> {times(t['last_factor'].mean())} per block ({_moved_most(t['moved'])})")
+
+
+def _moved_most(moved: Any) -> str:
+    """``far end moved most (2 of 2 runs)``: the commonest answer of the runs' "which end moved"."""
+    counts = moved.value_counts()
+    return f"{counts.index[0]} moved most in {int(counts.iloc[0])} of {len(moved)} runs"
 
 
 def forward_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: Any = None) -> Claim:

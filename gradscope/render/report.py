@@ -19,6 +19,7 @@ Every file is written atomically (:func:`gradscope.store.atomic_write`); files o
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
@@ -189,8 +190,12 @@ def write_report(frame: pd.DataFrame, out: Union[str, Path] = "gradscope-report"
     ``phase``: "init" for a frame measured at initialisation (verdicts per run, with theory from ``configs``),
     "train" for a training frame (verdicts per recorded step, a trajectory, no theory); None: "init" when the frame
     has a single recorded step and ``configs`` are given, else "train". A frame with a ``phase`` column (a study's)
-    is split into both. ``step`` is accepted for compatibility; verdicts are per step or per run as above.
+    is split into both. ``step`` is no longer used (verdicts are per step or per run as above); passing it warns.
     """
+    if step is not None:
+        warnings.warn("write_report(step=...) is ignored: a training frame gets one verdict per recorded step and a "
+                      "trajectory summary, an initialisation frame one verdict per run (phase=...)",
+                      DeprecationWarning, stacklevel=2)
     A.check_frame(frame)
     if frame.empty:
         raise DataError("the frame is empty: nothing to report. Record at least one step (scope.step()) first.")
@@ -209,5 +214,4 @@ def write_report(frame: pd.DataFrame, out: Union[str, Path] = "gradscope-report"
             phase = INIT if configs and A.steps_of(frame).size == 1 else TRAIN
         results = results_of_frame(frame, configs=configs, phase=phase, vanish=vanish, explode=explode,
                                    title=title, batch_size=batch_size)
-    _ = step
     return write_folder(results, out, dpi=dpi, runs_step=runs_step)

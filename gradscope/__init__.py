@@ -7,8 +7,7 @@ drawn, rich in the CLI.
 from __future__ import annotations
 
 import importlib
-import os
-from typing import Any, Union
+from typing import Any
 
 from gradscope.errors import GradscopeError
 from gradscope.engine.alerts import Alert, AlertRules, AnomalyError
@@ -20,40 +19,24 @@ from gradscope.schema import __version__
 _LAZY_MODULES = ("analysis", "data", "models", "schema", "theory")
 
 
-def load(path: Union[str, "os.PathLike[str]"]) -> Any:
-    """Read the records that ``attach(..., out=DIR)`` streamed to ``DIR`` back into one DataFrame.
-
-    See :func:`gradscope.store.load`.
-    """
-    from gradscope.store import load as _load
-
-    return _load(path)
-
-
-def report(frame: Any, out: Any, **options: Any) -> Any:
-    """Write a report folder (records, heatmaps, depth profiles, verdicts, summary.md, report.html) for ``frame``.
-
-    Returns the folder's path. See :func:`gradscope.render.report.write_report` for the options.
-    """
-    from gradscope.render.report import write_report
-
-    return write_report(frame, out, **options)
-
-
-def verdicts(frame: Any, **options: Any) -> Any:
-    """Classify the forward and backward signal of each run as vanishing, healthy or exploding.
-
-    See :func:`gradscope.agreement.verdicts` (measurement: :func:`gradscope.analysis.verdicts`) for the
-    columns, thresholds and options.
-    """
-    from gradscope.agreement import verdicts as _verdicts
-
-    return _verdicts(frame, **options)
+#: Public functions that live in the pandas/plotting layers, loaded on first use (PEP 562) so that
+#: ``import gradscope`` and ``attach()`` need torch only; the attribute IS the real function, so ``help()``, IDEs and
+#: ``inspect.signature`` show its real arguments.
+_LAZY_FUNCTIONS = {
+    "load": ("gradscope.store", "load"),                 # records streamed by attach(out=DIR) -> one DataFrame
+    "report": ("gradscope.render.report", "write_report"),  # a report folder for a frame
+    "verdicts": ("gradscope.agreement", "verdicts"),     # vanishing / healthy / exploding / diverged, with theory
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY_MODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_FUNCTIONS:
+        module, attr = _LAZY_FUNCTIONS[name]
+        function = getattr(importlib.import_module(module), attr)
+        globals()[name] = function  # later look-ups skip __getattr__
+        return function
     raise AttributeError(f"module 'gradscope' has no attribute {name!r}")
 
 
@@ -71,3 +54,7 @@ __all__ = sorted([
     "report",
     "verdicts",
 ])
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY_MODULES) | set(_LAZY_FUNCTIONS))

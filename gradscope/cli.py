@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="measure models at initialisation and over a short training run",
                        description=("With no options: plain20/resnet20/plain56/resnet56 with BN (trained) and without "
-                                    "BN (measured at initialisation), two seeds, on the built-in synthetic data; "
+                                    "BN (measured at initialisation), three seeds, on the built-in synthetic data; "
                                     "answers He et al.'s BatchNorm and degradation claims."))
     g = p.add_argument_group("models")
     g.add_argument("--models", type=_names, default=None, metavar="NAMES",

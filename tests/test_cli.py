@@ -31,9 +31,9 @@ def test_default_models_end_to_end(tmp_path, capsys):
         assert (tmp_path / name).exists(), name
     verdicts = pd.read_csv(tmp_path / "init_verdicts.csv")
     assert set(verdicts.run) == {f"{m}-{b}{s}" for m in ("plain20", "resnet20", "plain56", "resnet56")
-                                 for b in ("bn", "nobn") for s in ("", "-s1")}  # two seeds by default
+                                 for b in ("bn", "nobn") for s in ("", "-s1", "-s2")}  # three seeds by default
     losses = pd.read_csv(tmp_path / "losses.csv")
-    assert len(losses) == 4 * 2 * 3  # the BN nets train (2 seeds x 3 steps); the nets without BN: init only
+    assert len(losses) == 4 * 3 * 3  # the BN nets train (3 seeds x 3 steps); the nets without BN: init only
 
 
 def test_json_output_and_user_model(tmp_path, capsys):
@@ -43,7 +43,7 @@ def test_json_output_and_user_model(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["report"] == str(tmp_path)
     runs = {v["run"] for v in summary["verdicts"]["init"]}
-    assert runs == {"tiny", "tiny-s1"}  # two seeds by default
+    assert runs == {"tiny", "tiny-s1", "tiny-s2"}  # three seeds by default
     assert {v["phase"] for v in summary["verdicts"]["train"]} == {"train"}
     frame = pd.read_parquet(tmp_path / "records.parquet")
     assert set(frame.block) == {"1", "3", "5"}  # the Linear layers: 'auto' falls back to leaves with parameters
@@ -84,7 +84,7 @@ def test_fail_on_exits_3_when_a_verdict_matches(tmp_path, capsys):
     (["profile", "--input-shape", "3,8,8"], "--input-shape 3,8,8 applies to --model only"),
     (["profile", "--model", f"{FIXTURE}:tiny", "--input-shape", "-1"], "'-1': every value must be a positive"),
     (["profile", "--models", "plain20", "--blocks", "layer("], "'layer\\(' is not a valid regular expression"),
-    (["profile", "--models", "plain20,plain20", "--bn", "on"], "run name\\(s\\) plain20-bn, plain20-bn-s1 would repeat"),
+    (["profile", "--models", "plain20,plain20", "--bn", "on"], "run name\\(s\\) plain20-bn, plain20-bn-s1, plain20-bn-s2 would repeat"),
     (["profile", "--model", f"{FIXTURE}:tiny", "--input-shape", "3,8,8", "--seeds", "1,1"], "tiny-s1 would repeat"),
     (["profile", "--steps", "many"], "argument --steps: invalid int value: 'many' \\(see gradscope profile --help\\)"),
     (["profile", "--model", f"{FIXTURE.parent / 'exits_at_import.py'}:make"], "called sys.exit\\(7\\)"),

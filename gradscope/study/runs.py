@@ -31,7 +31,7 @@ INIT, TRAIN = "init", "train"
 #: The default study: the paper's shallow and deep plain/residual pairs, with and without BN, Kaiming init.
 DEFAULT_MODELS = ("plain20", "resnet20", "plain56", "resnet56")
 #: Seeds of the default study: two, so every claim has a spread (see the README for the measured design).
-DEFAULT_SEEDS = (0, 1)
+DEFAULT_SEEDS = (0, 1, 2)
 #: Which runs train by default: "bn" (BN nets train; nets without BN are measured at initialisation only, where
 #: their contrast lives) or "all".
 DEFAULT_TRAIN = "bn"

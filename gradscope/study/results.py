@@ -6,8 +6,9 @@ the claims from those and from the losses.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from gradscope import agreement as G
 from gradscope import analysis as A
@@ -39,9 +40,20 @@ def evaluate(study: StudyResult, settings: Settings, title: Optional[str] = None
     if study.interrupted:
         notes.append("interrupted: the results cover the steps recorded before the interruption")
     alerts = study_alerts(frames[TRAIN], study.losses) if frames[TRAIN] is not None else None
-    return Results(title=title or "gradscope profile: " + ", ".join(study.configs), frames=frames, profiles=profiles,
+    return Results(title=title or profile_title(study.configs), frames=frames, profiles=profiles,
                    verdicts=verdicts, pooled=pooled, trajectory=traj, losses=study.losses, final_losses=finals,
                    claims=claims, configs=study.configs, settings=asdict(settings), notes=notes,
                    failed=dict(study.failed), interrupted=study.interrupted,
                    thresholds={"vanish": A.VANISH, "explode": A.EXPLODE,
                                "reference_blocks": A.REFERENCE_BLOCKS}, alerts=alerts)
+
+
+def profile_title(configs: Mapping[str, Mapping[str, Any]]) -> str:
+    """The page title of a profile: its runs by name while they are few, else how many runs of which configurations
+    (run names less their seed suffix ``-sN``)."""
+    runs = list(configs)
+    if len(runs) <= 4:
+        return "gradscope profile: " + ", ".join(runs)
+    bases = list(dict.fromkeys(re.sub(r"-s\d+$", "", run) for run in runs))
+    shown = ", ".join(bases[:8]) + (f" and {len(bases) - 8} more" if len(bases) > 8 else "")
+    return f"gradscope profile: {len(runs)} runs of {shown}"

@@ -16,7 +16,7 @@ from gradscope.engine.sites import Site, find_blocks
 
 from gradscope.schema import __version__
 
-_LAZY_MODULES = ("analysis", "data", "models", "schema", "theory")
+_LAZY_MODULES = ("analysis", "data", "models", "schema", "testing", "theory")
 
 
 #: Public functions that live in the pandas/plotting layers, loaded on first use (PEP 562) so that

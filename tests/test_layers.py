@@ -30,9 +30,10 @@ ALLOWED = {
     "integrations": {"errors", "schema", "store", "engine", "analysis", "theory", "agreement", "render"},
     "cli": {"errors", "schema", "store", "engine", "analysis", "theory", "agreement", "models", "data", "render",
             "study"},
+    "testing": {"errors", "schema", "engine", "analysis"},
     "__main__": {"cli"},
     "__init__": {"errors", "schema", "store", "engine", "analysis", "theory", "agreement", "render", "models",
-                 "data", "study"},
+                 "data", "study", "testing"},
 }
 
 #: third-party packages a layer must never import (the stdlib and numpy are fine everywhere).
@@ -48,6 +49,7 @@ FORBIDDEN = {
     "data": {"pandas", "pyarrow", "matplotlib", "seaborn", "rich"},
     "render": {"torch"},
     "study": {"matplotlib", "seaborn", "rich"},
+    "testing": {"matplotlib", "seaborn", "rich"},
 }
 #: optional integrations: only the integrations layer may import them.
 OPTIONAL = {"lightning", "pytorch_lightning", "transformers", "wandb", "mlflow", "tensorboard", "torchvision",

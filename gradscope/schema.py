@@ -45,18 +45,24 @@ GRAD_IN_NORM = "grad_in_norm"
 PARAM_NORM = "param_norm"
 PARAM_GRAD_NORM = "param_grad_norm"
 UPDATE_RATIO = "update_ratio"
+#: Adam-family optimizer state over the block's parameters (gradscope.engine.optstate): ||exp_avg|| and
+#: ||sqrt(exp_avg_sq)||, read at ``scope.step()`` from ``optimizer.state``; need ``optimizer=``.
+ADAM_M_NORM = "adam_m_norm"
+ADAM_V_NORM = "adam_v_norm"
 
 FORWARD_METRICS = (ACT_MEAN, ACT_VAR, ACT_RMS, ACT_ZERO_FRAC, ACT_NONFINITE, ACT_MAX_ABS)
 BACKWARD_METRICS = (GRAD_NORM, GRAD_IN_NORM)
-PARAM_METRICS = (PARAM_NORM, PARAM_GRAD_NORM, UPDATE_RATIO)
+PARAM_METRICS = (PARAM_NORM, PARAM_GRAD_NORM, UPDATE_RATIO, ADAM_M_NORM, ADAM_V_NORM)
+#: Metrics recorded only when ``attach(optimizer=...)`` is given (and, for the Adam states, the optimizer keeps them).
+OPTIMIZER_METRICS = (UPDATE_RATIO, ADAM_M_NORM, ADAM_V_NORM)
 RESIDUAL_METRICS = (BRANCH_VAR, SHORTCUT_VAR)
 ALL_METRICS = FORWARD_METRICS + RESIDUAL_METRICS + BACKWARD_METRICS + PARAM_METRICS
 #: Metrics that cost a full extra pass over activations and that no verdict or report needs, so they are recorded
 #: only when asked for (``metrics=...`` naming them, or ``metrics="all"``): ``act_max_abs`` (hunting fp16
 #: overflow) and the residual decomposition ``branch_var``/``shortcut_var`` (one more pass over every branch output).
 OPT_IN_METRICS = (ACT_MAX_ABS, BRANCH_VAR, SHORTCUT_VAR)
-#: What ``attach()`` records unless ``metrics=`` says otherwise: all the others. ``update_ratio`` is among them but
-#: needs ``optimizer=``.
+#: What ``attach()`` records unless ``metrics=`` says otherwise: all the others. ``update_ratio`` and the Adam
+#: states (:data:`OPTIMIZER_METRICS`) are among them but need ``optimizer=``.
 DEFAULT_METRICS = tuple(m for m in ALL_METRICS if m not in OPT_IN_METRICS)
 
 # --- run/config columns (frames that combine several runs: studies, the CLI) ----------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["testing.md"]
+PAGES = ["testing.md", "optimizer-state.md"]
 
 
 def _examples(page: str) -> list:

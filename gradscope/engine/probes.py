@@ -128,6 +128,7 @@ class MetricSet:
         self.shortcut = S.SHORTCUT_VAR in wanted
         self.params = tuple(m for m in (S.PARAM_NORM, S.PARAM_GRAD_NORM) if m in wanted)
         self.update = S.UPDATE_RATIO in wanted
+        self.optstate = tuple(m for m in (S.ADAM_M_NORM, S.ADAM_V_NORM) if m in wanted)
 
 
 class Probe:

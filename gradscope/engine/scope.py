@@ -15,6 +15,7 @@ from gradscope.engine import params as P
 from gradscope.engine import spec
 from gradscope.engine.alerts import AlertLog, AlertRules, Handler, detector_rows
 from gradscope.engine.amp import ScalerState
+from gradscope.engine.optstate import record_optstate
 from gradscope.engine.nonfinite import NONFINITE_POLICIES, NonFiniteError, NonFinitePolicy
 from gradscope.engine.probes import MetricSet, Probe
 from gradscope.engine.provenance import Provenance, device_of
@@ -124,6 +125,8 @@ class Scope:
                     RuntimeWarning, stacklevel=2)
             if self._metrics.params:
                 self._record_params(rec.step)
+            if self._metrics.optstate and self._optimizer is not None:  # Adam-family state (engine/optstate.py)
+                record_optstate(rec, self._optimizer, self._param_index, len(self.sites), self._metrics.optstate)
             try:
                 self._flush()
             finally:

@@ -162,6 +162,9 @@ SPECS: Dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec(S.PARAM_NORM, VALUE, ("value",), _as_is, "first"),
     MetricSpec(S.PARAM_GRAD_NORM, VALUE, ("value",), _as_is, "first"),
     MetricSpec(S.UPDATE_RATIO, VALUE, ("value",), _as_is, "first"),
+    # optimizer state is the same on every DDP rank (it follows the all-reduced gradients): rank 0's value
+    MetricSpec(S.ADAM_M_NORM, VALUE, ("value",), _as_is, "first"),
+    MetricSpec(S.ADAM_V_NORM, VALUE, ("value",), _as_is, "first"),
 )}
 
 

@@ -204,9 +204,9 @@ def test_opt_in_metrics_are_recorded_only_when_asked_for():
             model(x).sum().backward()
             scope.step()
             recorded[str(metrics)] = set(scope.frame().metric)
-    assert recorded["None"] == set(S.DEFAULT_METRICS) - {S.UPDATE_RATIO}
+    assert recorded["None"] == set(S.DEFAULT_METRICS) - set(S.OPTIMIZER_METRICS)
     assert not recorded["None"] & set(S.OPT_IN_METRICS)
-    assert recorded["all"] == set(S.ALL_METRICS) - {S.UPDATE_RATIO}
+    assert recorded["all"] == set(S.ALL_METRICS) - set(S.OPTIMIZER_METRICS)
     assert recorded[str(["act_var", "branch_var"])] == {"act_var", "branch_var"}
 
 

@@ -56,3 +56,51 @@ def test_one_version_everywhere(capsys):
 def test_py_typed_is_package_data():
     assert (ROOT / "gradscope" / "py.typed").is_file()
     assert _pyproject()["tool"]["setuptools"]["package-data"]["gradscope"] == ["py.typed"]
+
+
+def test_licence_classifiers_and_project_urls():
+    project = _pyproject()["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    licence = (ROOT / "LICENSE").read_text()
+    assert licence.startswith("MIT License") and "WITHOUT WARRANTY OF ANY KIND" in licence
+    assert "Framework :: Pytest" not in project["classifiers"]  # marks pytest plugins; gradscope is not one
+    assert not any(c.startswith("License ::") for c in project["classifiers"])  # PEP 639: `license` says it
+    assert {"Homepage", "Documentation", "Source", "Issues", "Changelog"} <= set(project["urls"])
+    assert all(u.startswith("https://") for u in project["urls"].values())
+
+
+def test_changelog_and_citation_name_this_version():
+    yaml = pytest.importorskip("yaml")  # PyYAML comes with mkdocs, in the test extra
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert "## [Unreleased]" in changelog and f"## [{gradscope.__version__}]" in changelog
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert citation["cff-version"] == "1.2.0" and citation["version"] == gradscope.__version__
+    assert citation["license"] == "MIT" and citation["authors"] and citation["title"]
+
+
+def test_docs_extra_builds_the_site_and_the_tests_install_it():
+    extras = _pyproject()["project"]["optional-dependencies"]
+    assert extras["docs"] == ["mkdocs>=1.6", "mkdocstrings[python]>=0.26"]
+    assert set(extras["docs"]) <= set(extras["test"])
+    assert (ROOT / "mkdocs.yml").is_file()
+
+
+def test_the_wheel_carries_the_licence_and_metadata(tmp_path):
+    """Build the wheel from a copy of the sources (no dependencies, no network) and read its METADATA."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "gradscope", src / "gradscope", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.py", "setup.cfg", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, src / name)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                           str(tmp_path), str(src)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    wheel = next(tmp_path.glob("torch_gradscope-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "License-Expression: MIT" in meta and "Framework :: Pytest" not in meta
+    assert "Project-URL: Changelog, " in meta

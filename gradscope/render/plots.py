@@ -60,6 +60,48 @@ def run_colors(runs: Sequence[str]) -> dict[str, tuple]:
     return {r: tuple(palette[i]) for i, r in enumerate(runs)}
 
 
+def tex_escape(text: Any) -> str:
+    """A label from data (a run, configuration or block name) drawn as itself.
+
+    Matplotlib reads ``$...$`` as math text; ``\\$`` is a literal dollar. Escaping the labels that come from data,
+    instead of switching math text off, keeps matplotlib's own log-axis tick labels (``10^2``) rendered.
+    """
+    return str(text).replace("$", r"\$")
+
+
+#: The frame column naming each run's configuration (the same for all its seeds), where a study adds it.
+CONFIG_COLUMN = getattr(S, "CONFIG", "config")
+
+
+def run_configurations(frame: pd.DataFrame, groups: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """Run -> configuration, in run order: ``groups`` where given, else the frame's configuration column, else
+    each run its own configuration. Names are never parsed: seeds of one configuration share the column's value."""
+    runs = A.run_names(frame)
+    if groups is None and CONFIG_COLUMN in frame.columns:
+        f = A._with_run(frame)
+        first = f.dropna(subset=[CONFIG_COLUMN]).groupby(S.RUN, sort=False)[CONFIG_COLUMN].first()
+        groups = {str(r): str(c) for r, c in first.items()}
+    groups = groups or {}
+    return {r: str(groups.get(r, r)) for r in runs}
+
+
+def configurations_of(configs: Optional[Mapping[str, Mapping[str, Any]]]) -> Optional[dict[str, str]]:
+    """Run -> configuration from a study's run facts: a run's ``config`` where it has one; else runs whose facts
+    differ only by ``seed`` form one configuration, named after its first run. None without facts."""
+    if not configs:
+        return None
+    out: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    for run, facts in configs.items():
+        facts = dict(facts or {})
+        if facts.get(CONFIG_COLUMN):
+            out[str(run)] = str(facts[CONFIG_COLUMN])
+            continue
+        key = tuple(sorted((k, repr(v)) for k, v in facts.items() if k != S.SEED))
+        out[str(run)] = first.setdefault(key, str(run)) if S.SEED in facts else str(run)
+    return out
+
+
 def text_color(color: tuple) -> tuple:
     """A run's colour darkened for text (titles, tick labels) so light palette entries stay readable."""
     return tuple(0.7 * c for c in color[:3])
@@ -157,6 +199,7 @@ def _set_ticks(ax: "Axes", labels: Sequence[str], axis: str, fontsize: float = 7
     length = (box.height * fig.get_figheight() if axis == "y" else box.width * fig.get_figwidth()) * 72
     idx = thin_ticks(len(labels), length, fontsize, spacing=1.6 if axis == "y" else 4.0, nice=axis == "x")
     pos = [i + 0.5 for i in idx]
+    labels = [tex_escape(s) for s in labels]
     if axis == "y":
         ax.set_yticks(pos, [labels[i] for i in idx], fontsize=fontsize, rotation=0)
     else:
@@ -185,7 +228,7 @@ def heatmap(frame: pd.DataFrame, metric: str, ax: "Axes", *, run: Optional[str] 
     m = heatmap_matrix(frame, metric, run=run)
     _draw_log_heatmap(m, ax, vmin, vmax, cbar, _cbar_label(metric))
     name = run if run is not None else A.run_names(frame)[0]
-    ax.set_title(title or f"{metric} by block and step — {name}", fontsize=10)
+    ax.set_title(title or f"{metric} by block and step — {tex_escape(name)}", fontsize=10)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"block (depth order, {len(m)} blocks, input at top)")
     _set_ticks(ax, [str(b) for b in m.index], "y")
@@ -204,10 +247,11 @@ def runs_heatmap(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepAr
     ax.set_xlabel("run")
     ax.set_ylabel("block depth (0 = first block, input at top)")
     _set_ticks(ax, [str(d) for d in m.index], "y")
-    ax.set_xticks([i + 0.5 for i in range(m.shape[1])], list(m.columns), rotation=30, ha="right", fontsize=8)
+    ax.set_xticks([i + 0.5 for i in range(m.shape[1])], [tex_escape(c) for c in m.columns], rotation=30, ha="right",
+                  fontsize=8)
     colors = colors or run_colors(A.run_names(frame))
-    for lab in ax.get_xticklabels():
-        lab.set_color(text_color(colors.get(lab.get_text(), (0, 0, 0))))
+    for run, lab in zip(m.columns, ax.get_xticklabels()):
+        lab.set_color(text_color(colors.get(run, (0, 0, 0))))
     return ax
 
 
@@ -236,32 +280,54 @@ def profile_matrix(frame: pd.DataFrame, metric: str, *, step: A.StepArg = None,
     return pd.concat(parts)[cols].reset_index(drop=True) if parts else pd.DataFrame(columns=cols)
 
 
+def _seed_band(g: pd.DataFrame) -> pd.DataFrame:
+    """Per depth over the runs of one configuration: geometric mean (the line), min and max (the band), n."""
+    wide = g.pivot_table(index=S.DEPTH, columns=S.RUN, values="plotted", aggfunc="mean", dropna=False, sort=True)
+    logs = np.log(wide.where(wide > 0))
+    return pd.DataFrame({"centre": np.exp(logs.mean(axis=1)), "low": wide.min(axis=1), "high": wide.max(axis=1),
+                         "n": wide.notna().sum(axis=1)}, index=wide.index)
+
+
 def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepArg = None,
                   relative: Optional[str] = "auto", vanish: float = A.VANISH, explode: float = A.EXPLODE,
                   colors: Optional[Mapping[str, tuple]] = None,
                   predicted: Optional[Mapping[str, Sequence[float]]] = None,
-                  profiles: Optional[A.Profiles] = None) -> "Axes":
-    """Metric vs depth on a log y-axis, one line per run; thresholds and theory when relative.
+                  profiles: Optional[A.Profiles] = None, groups: Optional[Mapping[str, str]] = None) -> "Axes":
+    """Metric vs depth on a log y-axis: one line per configuration, its seeds as a band; thresholds and theory.
 
+    ``groups`` maps run -> configuration (default: :func:`run_configurations`). A configuration with several runs
+    (seeds) is drawn as the geometric mean over its runs at each depth (a line, labelled with the number of seeds)
+    and their range (a band in the same colour); a configuration with one run is that run's line.
+    ``colors`` is keyed by configuration (a run's colour is used for a configuration of one run).
     ``predicted[run]``: the theory's relative value after 0, 1, 2 ... blocks travelled from the reference end,
-    drawn dashed in the run's colour. Thresholds (dotted black) are drawn on relative profiles, where the
-    far end of a curve can be read against them directly.
+    drawn dashed in the configuration's colour (the first run of a configuration that has one). Thresholds (dotted
+    and dash-dotted black) are drawn on relative profiles, where the far end of a curve can be read against them.
     """
     ref = REFERENCE_END.get(metric) if relative == "auto" else relative
     pm = profile_matrix(frame, metric, step=step, relative=relative, profiles=profiles)
-    runs = A.run_names(frame)
-    colors = colors or run_colors(runs)
+    config_of = run_configurations(frame, groups)
+    drawn = set(pm[S.RUN])
+    configs = list(dict.fromkeys(c for r, c in config_of.items() if r in drawn))
+    colors = colors or run_colors(configs)
     markers = "osD^v<>phX*"
-    drew_theory = False
-    for i, run in enumerate([r for r in runs if r in set(pm[S.RUN])]):
-        g = pm[pm[S.RUN] == run]
-        ax.plot(g[S.DEPTH], g["plotted"], color=colors[run], lw=1.6, marker=markers[i % len(markers)], ms=3.5,
-                markevery=max(1, len(g) // 12), label=run)
-        pred = None if predicted is None else predicted.get(run)
+    drew_theory = drew_band = False
+    for i, config in enumerate(configs):
+        runs = [r for r, c in config_of.items() if c == config and r in drawn]
+        color = colors.get(config, colors.get(runs[0], (0.3, 0.3, 0.3)))
+        band = _seed_band(pm[pm[S.RUN].isin(runs)])
+        n = len(runs)
+        label = tex_escape(config) + (f" ({n} seeds: mean and range)" if n > 1 else "")
+        if n > 1:
+            ax.fill_between(band.index, band["low"], band["high"], color=color, alpha=0.2, lw=0,
+                            label=f"_{tex_escape(config)} (range over seeds)")
+            drew_band = True
+        ax.plot(band.index, band["centre"], color=color, lw=1.6, marker=markers[i % len(markers)], ms=3.5,
+                markevery=max(1, len(band) // 12), label=label)
+        pred = None if predicted is None else next((predicted[r] for r in runs if r in predicted), None)
         if ref is not None and pred is not None and len(pred):
-            depths = list(g[S.DEPTH]) if ref == "first" else list(g[S.DEPTH])[::-1]
+            depths = list(band.index) if ref == "first" else list(band.index)[::-1]
             k = min(len(depths), len(pred))
-            ax.plot(depths[:k], list(pred)[:k], color=colors[run], lw=1.2, ls="--", label=f"_{run} (theory)")
+            ax.plot(depths[:k], list(pred)[:k], color=color, lw=1.2, ls="--", label=f"_{tex_escape(config)} (theory)")
             drew_theory = True
     ax.set_yscale("log")
     ax.set_xlabel("block depth (0 = first block, input side)")
@@ -278,16 +344,24 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
                 label=f"vanishing below x{lo:.3f} per block")
     else:
         ax.set_ylabel(f"{metric}  [{metric_label(metric)}]  (log scale)")
-    if drew_theory:
-        from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-        ax.add_line(Line2D([], [], color="0.3", ls="--", lw=1.2, label="theory (dashed, in the run's colour)"))
+    handles, labels = ax.get_legend_handles_labels()
+    if drew_band:
+        handles.append(Patch(facecolor="0.5", alpha=0.2))
+        labels.append("band: range over the seeds of a configuration")
+    if drew_theory:
+        handles.append(Line2D([], [], color="0.3", ls="--", lw=1.2))
+        labels.append("theory (dashed, in the line's colour)")
     how = "geometric mean over the recorded batches" if step is None else f"step {step}"
     direction = {S.ACT_VAR: "forward signal", S.GRAD_NORM: "backward gradient"}.get(metric, metric)
-    names = ", ".join(runs[:4]) + (f" and {len(runs) - 4} more (legend)" if len(runs) > 4 else "")
-    ax.set_title(f"{direction}: {metric} across depth ({how})\nruns: {names}", fontsize=10)
+    names = ", ".join(tex_escape(c) for c in configs[:4]) + (f" and {len(configs) - 4} more (legend)"
+                                                            if len(configs) > 4 else "")
+    what = "configuration" if len(configs) < len(drawn) else "run"
+    ax.set_title(f"{direction}: {metric} across depth ({how})\n{what}s: {names}", fontsize=10)
     ax.grid(True, which="major", axis="both", color="0.9", lw=0.6)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return ax
 
 
@@ -347,10 +421,11 @@ def runs_figure(frame: pd.DataFrame, metric: str, *, step: A.StepArg = "first",
 
 def profile_figure(frame: pd.DataFrame, metric: str, *, step: A.StepArg = None, vanish: float = A.VANISH,
                    explode: float = A.EXPLODE, colors: Optional[Mapping[str, tuple]] = None,
-                   predicted: Optional[Mapping[str, Sequence[float]]] = None, profiles: Optional[A.Profiles] = None):
-    """Depth profile of one metric, all runs in one axes."""
+                   predicted: Optional[Mapping[str, Sequence[float]]] = None, profiles: Optional[A.Profiles] = None,
+                   groups: Optional[Mapping[str, str]] = None):
+    """Depth profile of one metric, every configuration (with its seed band) in one axes."""
     fig = new_figure(figsize=(10, 5), layout="constrained")
     ax = fig.subplots()
     depth_profile(frame, metric, ax, step=step, vanish=vanish, explode=explode, colors=colors, predicted=predicted,
-                  profiles=profiles)
+                  profiles=profiles, groups=groups)
     return fig

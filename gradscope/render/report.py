@@ -54,44 +54,46 @@ def draw_figures(frame: pd.DataFrame, out: Path, *, configs: Optional[Mapping[st
                  theory: bool = True) -> tuple[list[dict[str, str]], list[str]]:
     """Draw every figure the frame allows; return ``(figures, notes)``.
 
-    Labels from data never go through matplotlib's math text (a ``$`` in a block name is drawn as itself).
+    Labels from data are escaped for matplotlib's math text (a ``$`` in a block name is drawn as itself), which
+    stays on for matplotlib's own log-axis tick labels. Depth profiles draw one line per configuration (the
+    ``config`` of ``configs`` or of the frame) with its seeds as a band.
     """
-    import matplotlib
-
     from gradscope.render import plots as P
 
     profiles = profiles if profiles is not None else A.Profiles(frame)
     runs = A.run_names(frame)
     colors = P.run_colors(runs)
+    groups = P.run_configurations(frame, P.configurations_of(configs))
+    config_colors = P.run_colors(list(dict.fromkeys(groups.values())))
     present = set(pd.unique(frame[S.METRIC]))
     figures: list[dict[str, str]] = []
     notes: list[str] = []
-    with matplotlib.rc_context({"text.parse_math": False}):
-        for metric in P.REPORT_METRICS:
-            names = [f"heatmap_{metric}.png", f"profile_{metric}.png"] + ([f"runs_{metric}.png"] if len(runs) > 1
-                                                                          else [])
-            if metric not in present:
-                notes.append(f"{metric} is not in the frame, so {', '.join(names)} were not drawn.")
-                continue
-            what = P.metric_label(metric)
-            _save(P.heatmap_figure(frame, metric, colors=colors), out / names[0], dpi)
-            figures.append({"file": names[0], "metric": metric,
-                            "caption": f"log10 {metric} ({what}) per block (rows, depth order) and step, per run."})
-            if len(runs) > 1:
-                _save(P.runs_figure(frame, metric, step=runs_step, colors=colors), out / names[2], dpi)
-                figures.append({"file": names[2], "metric": metric,
-                                "caption": f"log10 {metric} by depth (rows) and run (columns) at step "
-                                           f"{P.chosen_step(frame, metric, runs_step)}."})
-            predicted = G.predicted_profiles(frame, metric, configs=configs, profiles=profiles) if theory else None
-            use_profiles = profiles if metric in profiles.metrics else None
-            _save(P.profile_figure(frame, metric, step=step, vanish=vanish, explode=explode, colors=colors,
-                                   predicted=predicted, profiles=use_profiles), out / names[1], dpi)
-            ref = P.REFERENCE_END.get(metric)
-            at = "geometric mean over the recorded batches" if step is None else f"step {step}"
-            cap = (f"{metric} across depth ({at}), relative to the {ref} block, one line per run; dotted/dash-dot: "
-                   f"the per-block rate thresholds" + ("; dashed: theory at initialisation." if predicted else ".")
-                   if ref else f"{metric} across depth (absolute, log scale, {at}), one line per run.")
-            figures.append({"file": names[1], "metric": metric, "caption": cap})
+    for metric in P.REPORT_METRICS:
+        names = [f"heatmap_{metric}.png", f"profile_{metric}.png"] + ([f"runs_{metric}.png"] if len(runs) > 1
+                                                                      else [])
+        if metric not in present:
+            notes.append(f"{metric} is not in the frame, so {', '.join(names)} were not drawn.")
+            continue
+        what = P.metric_label(metric)
+        _save(P.heatmap_figure(frame, metric, colors=colors), out / names[0], dpi)
+        figures.append({"file": names[0], "metric": metric,
+                        "caption": f"log10 {metric} ({what}) per block (rows, depth order) and step, per run."})
+        if len(runs) > 1:
+            _save(P.runs_figure(frame, metric, step=runs_step, colors=colors), out / names[2], dpi)
+            figures.append({"file": names[2], "metric": metric,
+                            "caption": f"log10 {metric} by depth (rows) and run (columns) at step "
+                                       f"{P.chosen_step(frame, metric, runs_step)}."})
+        predicted = G.predicted_profiles(frame, metric, configs=configs, profiles=profiles) if theory else None
+        use_profiles = profiles if metric in profiles.metrics else None
+        _save(P.profile_figure(frame, metric, step=step, vanish=vanish, explode=explode, colors=config_colors,
+                               predicted=predicted, profiles=use_profiles, groups=groups), out / names[1], dpi)
+        ref = P.REFERENCE_END.get(metric)
+        at = "geometric mean over the recorded batches" if step is None else f"step {step}"
+        each = "one line per configuration (seeds: geometric mean, band: their range)"
+        cap = (f"{metric} across depth ({at}), relative to the {ref} block, {each}; dotted/dash-dot: "
+               f"the per-block rate thresholds" + ("; dashed: theory at initialisation." if predicted else ".")
+               if ref else f"{metric} across depth (absolute, log scale, {at}), {each}.")
+        figures.append({"file": names[1], "metric": metric, "caption": cap})
     return figures, notes
 
 

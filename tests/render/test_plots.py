@@ -168,3 +168,76 @@ def test_importing_gradscope_modules_does_not_select_a_backend():
     code = ("import sys; sys.path.insert(0, '.'); import gradscope.render.plots, gradscope.render.report, gradscope.analysis;"
             "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported at import time'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_log_axis_tick_labels_are_rendered_and_dollar_names_stay_literal(tmp_path, monkeypatch):
+    """Through the report's own drawing path: render each profile figure, then read what its texts show.
+
+    A log axis labels its ticks with math text (``$\\mathdefault{10^{0}}$``); drawn as math it is a few characters
+    wide, drawn as raw text (math text switched off) it is the whole string. Names from data keep a literal ``$``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    from gradscope.render import report as R
+
+    frame = synthetic(12, 2, {"net$1$": (1.5, 0.7, None), "b": (1.0, 1.0, None)})
+    frame[S.BLOCK] = frame[S.BLOCK].str.replace("block", "$blk$")
+    captured = {}
+    real_save = R._save
+    monkeypatch.setattr(R, "_save", lambda fig, path, dpi: captured.setdefault(path.name, fig) and real_save(
+        fig, path, dpi))
+    R.draw_figures(frame, tmp_path)
+    assert {"profile_act_var.png", "profile_grad_norm.png", "heatmap_act_var.png"} <= set(captured)
+    for name in ("profile_act_var.png", "profile_grad_norm.png"):
+        fig = captured[name]
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        ax = fig.axes[0]
+        ticks = [t for t in ax.get_yticklabels() if "10^" in t.get_text() and t.get_visible()]
+        assert ticks, [t.get_text() for t in ax.get_yticklabels()]
+        for tick in ticks:
+            shown, is_math = tick._preprocess_math(tick.get_text())
+            assert is_math, f"{name}: tick label {tick.get_text()!r} would be drawn as raw text"
+            raw = Text(0, 0, tick.get_text(), fontproperties=tick.get_fontproperties(), parse_math=False)
+            raw.set_figure(fig)
+            assert tick.get_window_extent(renderer).width < 0.5 * raw.get_window_extent(renderer).width
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        shown = [t._preprocess_math(t.get_text()) for t in ax.get_legend().get_texts()]
+        assert ("net$1$", False) in shown, legend  # the run name, drawn as itself
+    heat = captured["heatmap_act_var.png"]
+    heat.draw(FigureCanvasAgg(heat).get_renderer())
+    blocks = [t._preprocess_math(t.get_text()) for t in heat.axes[0].get_yticklabels()]
+    assert blocks and all(not math and "$blk$" in s for s, math in blocks)
+
+
+def test_profile_draws_each_configuration_with_its_seed_band():
+    seeds = {f"cfg-{s}": (1.0, 0.8 + 0.05 * s, None) for s in range(3)}
+    frame = synthetic(10, 3, {**seeds, "other": (1.0, 1.0, None)}, seed=3)
+    groups = {**{r: "cfg" for r in seeds}, "other": "other"}
+    fig, ax = plt.subplots()
+    P.depth_profile(frame, S.GRAD_NORM, ax, groups=groups)
+    lines = {ln.get_label(): ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+    assert "cfg (3 seeds: mean and range)" in lines and "other" in lines
+    assert not any(label.startswith("cfg-") for label in lines)  # no per-seed lines
+    prof = A.profile(frame, S.GRAD_NORM)
+    rel = []
+    for run in seeds:
+        p = prof[prof[S.RUN] == run].sort_values(A.POSITION)[S.VALUE].to_numpy()
+        rel.append(p / p[-1])
+    rel = np.array(rel)
+    np.testing.assert_allclose(lines["cfg (3 seeds: mean and range)"].get_ydata(), np.exp(np.log(rel).mean(0)),
+                               rtol=1e-10)
+    bands = [c for c in ax.collections if c.get_label() == "_cfg (range over seeds)"]
+    assert len(bands) == 1
+    ys = bands[0].get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(rel.min()) and ys.max() == pytest.approx(rel.max())
+    assert any("range over the seeds" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_configurations_come_from_run_facts_not_names():
+    facts = {"a": {"model": "plain20", "bn": True, "seed": 0}, "zz": {"model": "plain20", "bn": True, "seed": 1},
+             "c": {"model": "plain20", "bn": False, "seed": 0}, "d": {"model": "x", "config": "mine", "seed": 4},
+             "e": {"model": "y"}}
+    assert P.configurations_of(facts) == {"a": "a", "zz": "a", "c": "c", "d": "mine", "e": "e"}
+    assert P.configurations_of(None) is None

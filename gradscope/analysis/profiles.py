@@ -150,7 +150,7 @@ def profile_pass(frame: pd.DataFrame, metrics: Iterable[str]) -> pd.DataFrame:
     f = f.astype({S.VALUE: float})
     v = f[S.VALUE].to_numpy(dtype=float)
     m = f[S.METRIC].to_numpy()
-    signal = np.isin(m, [S.ACT_VAR, S.GRAD_NORM])
+    signal = np.isin(m, [S.ACT_VAR, S.GRAD_NORM, S.PARAM_GRAD_NORM])  # an fp16 weight gradient may overflow alone
     f = f.assign(**{NONFINITE: np.where(m == S.ACT_NONFINITE, v > 0, signal & ~np.isfinite(v))})
     g = f.groupby([S.RUN, S.STEP, S.BLOCK, S.METRIC], sort=False).agg(
         depth=(S.DEPTH, "min"), value=(S.VALUE, "mean"), nonfinite=(NONFINITE, "max")).reset_index()

@@ -244,12 +244,21 @@ _METRIC_OF = {GRAD_SPIKE: S.GRAD_NORM, UPDATE_BAND: S.UPDATE_RATIO}
 
 
 def update_band(step: int, rows: List[Row], band: Optional[Tuple[float, float]]) -> Optional[Alert]:
-    """The earliest block (forward order) whose ``update_ratio`` lies outside ``band``; the others in ``others``."""
+    """The earliest block (forward order) whose ``update_ratio`` lies outside ``band``; the others in ``others``.
+
+    A ratio of exactly 0 is a block the optimizer did not move at all (no gradient reached it: an expert that got no
+    token, the layer in front of a zero-initialised one at the first step, a frozen layer), not one that learns too
+    slowly: it is out of band only when no block moved in that step (a learning rate of 0). A block whose parameters
+    were all zero before the step has no ratio (see ``gradscope.engine.spec.ratios``).
+    """
     if band is None:
         return None
     low, high = band
-    out = sorted((depth, block, value) for _, block, depth, _, metric, value in rows
-                 if metric == S.UPDATE_RATIO and math.isfinite(value) and not (low <= value <= high))
+    ratios = [(depth, block, value) for _, block, depth, _, metric, value in rows
+              if metric == S.UPDATE_RATIO and math.isfinite(value)]
+    moved = any(value > 0 for _, _, value in ratios)
+    out = sorted((depth, block, value) for depth, block, value in ratios
+                 if not (low <= value <= high) and (value != 0 or not moved))
     if not out:
         return None
     _, block, value = out[0]

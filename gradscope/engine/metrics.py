@@ -30,6 +30,14 @@ Accuracy details:
   cast on the centred path, so small counts stay exact in any tensor size. The centred path keeps float64 raw sums
   for float64 inputs (their squares need float64's range).
 * A NaN is not a zero: the zero fraction stays defined when NaN/Inf are present (they are counted apart).
+* An empty tensor (0 elements) gives no value: see :func:`gradscope.engine.spec.finish`.
+
+Complex tensors (``torch.cfloat`` layers) are measured as complex numbers, never by a cast that drops the imaginary
+part: every norm is ``sqrt(sum |z|^2)`` (what ``torch.linalg.vector_norm`` gives), and a block output ``z`` of ``N``
+elements has ``act_mean = |mean(z)|``, ``act_var = mean(|z - mean(z)|^2)`` (the variance of a complex random
+variable, ``var(Re z) + var(Im z)``), ``act_rms = sqrt(mean(|z|^2))``, so ``var = rms^2 - mean^2`` and
+``rms = ||z|| / sqrt(N)`` hold as for real tensors; ``act_max_abs = max |z|``; ``act_zero_frac`` counts elements
+equal to ``0 + 0j``; ``act_nonfinite`` counts elements with a NaN/Inf part.
 """
 from __future__ import annotations
 
@@ -53,9 +61,19 @@ CHECK_ON_CPU = True
 _TRUST = 16.0
 
 
+def is_signal(t: torch.Tensor) -> bool:
+    """Whether gradscope measures ``t``: a floating-point or complex tensor (integer ids and masks carry no signal)."""
+    return t.is_floating_point() or t.is_complex()
+
+
 def _work(t: torch.Tensor) -> torch.Tensor:
-    """``t`` detached and flattened (a view where its memory allows it), in float32 unless it is float64."""
-    flat = _flat_view(t.detach())
+    """``t`` detached and flattened (a view where its memory allows it), in float32 unless it is float64.
+
+    A complex tensor becomes its real view (``re, im`` pairs), so ``sum_of_squares`` of it is ``sum |z|^2``."""
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t.resolve_conj())
+    flat = _flat_view(t)
     if flat.dtype in (torch.float32, torch.float64):
         return flat
     return flat.to(torch.float32)
@@ -94,7 +112,10 @@ def sum_of_squares(flat: torch.Tensor) -> torch.Tensor:
 
 
 def l2_norm(flat: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """L2 norm of a 1-D tensor (in ``dtype`` if given), accurate to float32 rounding at any length."""
+    """L2 norm of a 1-D tensor (in ``dtype`` if given), accurate to float32 rounding at any length; a complex tensor's
+    is ``sqrt(sum |z|^2)`` (``dtype`` then names the real precision)."""
+    if flat.is_complex():
+        flat = torch.view_as_real(flat.resolve_conj()).reshape(-1)
     if dtype is not None and flat.dtype != dtype:
         flat = flat.to(dtype)
     return sum_of_squares(flat).sqrt()
@@ -215,15 +236,44 @@ def activation_sums(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = Tr
     GPUs take (see the module doc).
     """
     extras = extra_slots(zeros, nonfinite, max_abs) if extras is None else tuple(extras)
+    if x.numel() == 0:  # nothing to measure: finishes to no value (spec.finish), never NaN
+        return torch.zeros(3 + sum(len(k) for k in extras), dtype=torch.float32, device=x.device)
+    if x.is_complex():
+        raw = complex_sums(x, extras)
+        return tuple(raw.tolist()) if (check_on_host if check_on_host is not None else readable(raw)) else raw
     flat = _work(x)
-    n = flat.numel()
-    if n == 0:
-        return torch.full((3 + sum(len(k) for k in extras),), float("nan"), dtype=torch.float32, device=x.device)
     if check_on_host if check_on_host is not None else readable(flat):
         raw = _checked_sums(flat, extras)
         if raw is not None:
             return raw
     return _centred_sums(flat, extras, scratch)
+
+
+def complex_sums(x: torch.Tensor, extras: Sequence[Tuple[str, ...]]) -> torch.Tensor:
+    """The raw ``moments`` vector of a complex tensor, laid out so the real finishing gives the complex moments of the
+    module doc: shift ``|mean(z)|``, sum 0, sum of squares ``sum |z - mean(z)|^2``; zero and non-finite counts per
+    complex element; ``min, max`` as ``-max|z|, max|z|``. A slot of another metric reduces ``|z|``. Nothing is read
+    back (a 1-D float32 tensor, float64 for complex128)."""
+    z = x.detach().resolve_conj().reshape(-1)
+    if z.dtype not in (torch.complex64, torch.complex128):
+        z = z.to(torch.complex64)
+    real = torch.float64 if z.dtype == torch.complex128 else torch.float32
+    n = z.numel()
+    mean = z.sum() / n
+    parts: List[torch.Tensor] = [mean.abs(), torch.zeros((), dtype=real, device=z.device),
+                                 sum_of_squares(torch.view_as_real(z - mean).reshape(-1))]
+    for key in extras:
+        if key == ("zeros",):
+            parts.append(n - (z != 0).sum(dtype=torch.float64))
+        elif key == ("nonfinite",):
+            parts.append(n - torch.isfinite(z).sum(dtype=torch.float64))
+        elif key == ("min", "max"):
+            top = z.abs().max()
+            parts.extend([-top, top])
+        else:
+            size = z.abs()
+            parts.extend(SLOT_REDUCTIONS[key].centred(size, size.clone()))
+    return torch.stack([p.to(real) for p in parts])
 
 
 def _checked_sums(flat: torch.Tensor, extras: Sequence[Tuple[str, ...]]) -> Optional[Tuple[float, ...]]:
@@ -326,6 +376,6 @@ def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             out[i] = norm
     for i, t in enumerate(detached):
         if out[i] is None:
-            dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+            dtype = torch.float64 if t.dtype in (torch.float64, torch.complex128) else torch.float32
             out[i] = l2_norm(t.reshape(-1), dtype=dtype).to(torch.float32)
     return torch.stack(out)

@@ -44,9 +44,15 @@ class NonFinitePolicy:
 
 def first_nonfinite_rows(rows: Any, start: int, depth: Dict[int, int],
                          sites: List[Site]) -> Dict[str, Tuple[int, str]]:
-    """``{"forward": (step, block), "backward": (step, block)}`` of the first NaN/Inf among ``rows[start:]``."""
+    """``{"forward": (step, block), "backward": (step, block)}`` of the first NaN/Inf among ``rows[start:]``.
+
+    The backward pass counts activation gradients (``grad_norm``, ``grad_in_norm``) and parameter gradients
+    (``param_grad_norm``: an fp16 weight gradient overflows while the activation gradients stay finite). Within a
+    step, a non-finite activation gradient names the block before any parameter gradient does: a parameter gradient
+    is also non-finite wherever the block's forward input was, so it pinpoints less well.
+    """
     fwd: Optional[Tuple[int, int, int]] = None
-    bwd: Optional[Tuple[int, int, int, int]] = None
+    bwd: Optional[Tuple[int, int, int, int, int]] = None
     for i in range(start, len(rows)):
         metric, value = rows.metric[i], rows.value[i]
         site, step = rows.site[i], rows.step[i]
@@ -58,13 +64,16 @@ def first_nonfinite_rows(rows: Any, start: int, depth: Dict[int, int],
             # backward runs from the last block to the first: the deepest block whose gradient is non-finite at its
             # input (grad_in_norm) or output (grad_norm) is where it arose; at the input first, since a NaN born
             # inside block k reaches k's input and block k-1's output, never k's own output
-            key = (step, -d, 0 if metric == S.GRAD_IN_NORM else 1, site)
+            key = (step, 0, -d, 0 if metric == S.GRAD_IN_NORM else 1, site)
+            bwd = key if bwd is None or key < bwd else bwd
+        elif metric == S.PARAM_GRAD_NORM and not math.isfinite(value):
+            key = (step, 1, -d, 0, site)
             bwd = key if bwd is None or key < bwd else bwd
     found = {}
     if fwd is not None:
         found["forward"] = (fwd[0], sites[fwd[2]].name)
     if bwd is not None:
-        found["backward"] = (bwd[0], sites[bwd[3]].name)
+        found["backward"] = (bwd[0], sites[bwd[4]].name)
     return found
 
 

@@ -101,12 +101,6 @@ def update_norms(index: ParamIndex, before: List[torch.Tensor], n_sites: int) ->
     return delta[sites], base[sites]
 
 
-def update_ratios(index: ParamIndex, before: List[torch.Tensor], n_sites: int) -> torch.Tensor:
-    """||theta_after - theta_before|| / ||theta_before|| of each site in ``index.sites_with_params``."""
-    delta, base = update_norms(index, before, n_sites)
-    return delta / base.clamp_min(torch.finfo(torch.float32).tiny)
-
-
 def passes_closure(optimizer: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
     """Whether an ``optimizer.step`` call (as its step pre-hook sees it) was given a closure.
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from gradscope import schema as S
 from gradscope.engine import spec
-from gradscope.engine.metrics import Raw, Scratch, activation_sums, readable, squared_norm
+from gradscope.engine.metrics import Raw, Scratch, activation_sums, is_signal, readable, squared_norm
 from gradscope.engine.recorder import Recorder
 from gradscope.engine.sites import Site
 from gradscope.engine import traced as T
@@ -55,7 +55,7 @@ def first_tensor(value: Any) -> Optional[torch.Tensor]:
     indices) are skipped: they carry no signal and no gradient.
     """
     if isinstance(value, torch.Tensor):
-        return value if value.is_floating_point() else None
+        return value if is_signal(value) else None
     if isinstance(value, (tuple, list)):
         items = value
     elif isinstance(value, dict):
@@ -89,7 +89,7 @@ def grad_inputs(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[torch.Ten
 
     def visit(value: Any) -> None:
         if isinstance(value, torch.Tensor):
-            if value.is_floating_point() and value.requires_grad and id(value) not in seen:
+            if is_signal(value) and value.requires_grad and id(value) not in seen:
                 seen.add(id(value))
                 found.append(value)
         elif isinstance(value, (tuple, list)):
@@ -328,7 +328,8 @@ class Probe:
         state, rec = self.state, self.rec
         if not state.claim_grad_slot((site, call, metric)):
             return
-        step, scale, pending = state.step, self.scale, {"left": len(tensors), "total": None}
+        step, scale = state.step, self.scale
+        pending = {"left": len(tensors), "total": None, "count": sum(t.numel() for t in tensors)}
 
         def part_hook(grad: torch.Tensor) -> None:
             if grad is None or not self.alive:
@@ -345,7 +346,7 @@ class Probe:
             if pending["left"] == 0:
                 value = pending["total"]
                 rec.add(step, site, call, (metric,), (value.item(),) if readable(value) else value,
-                        grad.numel(), spec.SQNORM)
+                        pending["count"], spec.SQNORM)
             return None
 
         for t in tensors:

@@ -75,9 +75,14 @@ class Rows:
 
     def extend(self, entry: Entry, values: Sequence[float]) -> None:
         if entry.sites is not None:
-            k = len(entry.sites)
+            if any(v is None for v in values):  # an undefined value (an update ratio from a zero norm): no row
+                pairs = [(s, v) for s, v in zip(entry.sites, values) if v is not None]
+                sites, values = [s for s, _ in pairs], [v for _, v in pairs]
+            else:
+                sites = entry.sites
+            k = len(sites)
             self.step.extend([entry.step] * k)
-            self.site.extend(entry.sites)
+            self.site.extend(sites)
             self.call.extend([entry.call] * k)
             self.metric.extend([entry.group[0]] * k)
             self.value.extend(values)
@@ -161,7 +166,8 @@ class Recorder:
         """One metric for several sites at once: ``values[i]`` (a 1-D tensor) belongs to ``sites[i]``.
 
         ``layout``: :data:`gradscope.engine.spec.SHARD` for norms over this rank's parameter shards (FSDP2),
-        :data:`~gradscope.engine.spec.SHARD_RATIO` for ``[numerators..., denominators...]`` of such norms.
+        :data:`~gradscope.engine.spec.SHARD_RATIO` for ``[numerators..., denominators...]`` of such norms,
+        :data:`~gradscope.engine.spec.RATIO` for the same of global norms (a site whose denominator is 0 gets no row).
         """
         self.buffer.append(Entry(step, -1, 0, (metric,), values, 0, layout, list(sites)))
 

@@ -300,12 +300,11 @@ class Scope:
                 return
             step, before = self._snapshot
             self._snapshot = None
-            if index.sharded:  # numerators and denominators travel apart: ranks sum their squares first
-                self._rec.add_per_site(step, index.sites_with_params, S.UPDATE_RATIO,
-                                       torch.cat(P.update_norms(index, before, len(self.sites))), spec.SHARD_RATIO)
-            else:
-                self._rec.add_per_site(step, index.sites_with_params, S.UPDATE_RATIO,
-                                       P.update_ratios(index, before, len(self.sites)))
+            # numerators and denominators travel apart: sharded ranks sum their squares first, and a block whose
+            # parameters were exactly zero before the step gets no ratio (undefined), never a clamped 1e35
+            layout = spec.SHARD_RATIO if index.sharded else spec.RATIO
+            self._rec.add_per_site(step, index.sites_with_params, S.UPDATE_RATIO,
+                                   torch.cat(P.update_norms(index, before, len(self.sites))), layout)
 
         self._opt_handles.append(optimizer.register_step_pre_hook(pre))
         self._opt_handles.append(optimizer.register_step_post_hook(post))

@@ -11,6 +11,11 @@ default. Three layouts exist:
   the number of taps that ran: 0 means no gradient reached the tensor, and no row is made);
 * ``value`` (parameter statistics): finished on the device already, one value per site.
 
+Entries that measured nothing make no row: a ``moments`` or ``sqnorm`` entry over 0 elements (a mixture-of-experts
+expert that received no token this step) finishes to no value at all, so a block that ran empty is absent from that
+step's rows instead of holding NaN that would read as a divergence. An update ratio whose ``||theta||`` before the
+step was exactly 0 (a zero-initialised branch) is undefined and makes no row either (layout :data:`RATIO`).
+
 Adding a forward metric touches three files: its name in ``schema.FORWARD_METRICS``, its spec here, and the device
 reduction of any new raw slot in :data:`gradscope.engine.metrics.SLOT_REDUCTIONS`.
 """
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gradscope import schema as S
 from gradscope.errors import GradscopeError
@@ -30,7 +35,9 @@ LAYOUTS = (MOMENTS, SQNORM, VALUE)
 #: combine them from the raw norms (:func:`combine_shards`), not by the metric's rule
 SHARD, SHARD_RATIO = "shard", "shard_ratio"
 SHARDED_LAYOUTS = (SHARD, SHARD_RATIO)
-_TINY = 1.1754943508222875e-38  # float32's smallest normal: the update ratio's floor under ||theta||
+#: entry layout of the update ratio of an unsharded model: ``[numerators..., denominators...]`` (global norms, equal on
+#: every rank), finished to ``numerator / denominator`` per site, with no value where the denominator is exactly 0
+RATIO = "ratio"
 #: the raw slots every ``moments`` vector starts with
 CORE_SLOTS = ("shift", "sum", "sumsq")
 
@@ -210,15 +217,18 @@ def raw_slots(group: Sequence[str]) -> Tuple[str, ...]:
 
 def finish(group: Sequence[str], raw: Sequence[float], n: int, layout: str) -> List[float]:
     """The finished values of ``group`` from its raw values (``layout`` of the buffer entry)."""
+    if layout in (MOMENTS, SQNORM) and n == 0:  # nothing was measured (an empty output): no row, never NaN
+        return []
     if layout == MOMENTS:
-        if n == 0:
-            return [math.nan] * len(group)
         slots = dict(zip(raw_slots(group), (float(v) for v in raw)))
         return [spec_of(name).finish(slots, n) for name in group]
     if layout == SQNORM and len(raw) == 2:  # [||g||^2, taps that ran] from a traced hook: no tap ran, no row
         return [] if float(raw[1]) == 0 else [_sqrt({"value": float(raw[0])}, n)]
     if layout in SHARDED_LAYOUTS:  # one process holds every shard: its norms are the global ones
         return combine_shards([list(raw)], layout, 1)
+    if layout == RATIO:
+        half = len(raw) // 2
+        return ratios([float(v) for v in raw[:half]], [float(v) for v in raw[half:]])
     fn = spec_of(group[0]).finish
     return [fn({"value": float(v)}, n) for v in raw]
 
@@ -231,7 +241,23 @@ def combine_shards(raw: List[List[float]], layout: str, replicas: int) -> List[f
     if layout == SHARD:
         return norms
     half = len(norms) // 2
-    return [d / max(b, _TINY) for d, b in zip(norms[:half], norms[half:])]
+    return ratios(norms[:half], norms[half:])
+
+
+def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> List[Optional[float]]:
+    """``n / d`` per site; ``None`` (no row) where ``d`` is exactly 0 and ``n`` finite.
+
+    Why: the relative update ``||delta theta|| / ||theta||`` of parameters that were all zero before the step
+    (zero-initialised residual branches, timm's ``zero_init_last``) is undefined; a clamped denominator would turn it
+    into ~1e35 and fire ``update_band``. A non-finite numerator over a zero norm stays NaN/Inf: that is a divergence.
+    """
+    out: List[Optional[float]] = []
+    for n, d in zip(numerators, denominators):
+        if d == 0:
+            out.append(None if math.isfinite(n) else n)
+        else:
+            out.append(n / d)
+    return out
 
 
 def combine(group: Sequence[str], values: List[List[float]], n: List[float], world: int,

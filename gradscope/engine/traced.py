@@ -24,7 +24,7 @@ import torch
 
 from gradscope import schema as S
 from gradscope.engine import spec
-from gradscope.engine.metrics import SLOT_REDUCTIONS, _work, squared_norm
+from gradscope.engine.metrics import SLOT_REDUCTIONS, _work, complex_sums, is_signal, squared_norm
 
 GRAD_METRICS = (S.GRAD_NORM, S.GRAD_IN_NORM)
 
@@ -108,10 +108,11 @@ def traced_sums(x: torch.Tensor, extras: Sequence[Tuple[str, ...]]) -> torch.Ten
     """The raw ``moments`` vector of :func:`gradscope.engine.metrics.activation_sums` for traced hooks: one pass in
     float64 (shift 0, ``sum(x)``, ``sum(x^2)`` accumulated in float64, whose 53 bits keep the one-pass variance exact
     to ~1e-8 even for ``mean^2 / var = 1e8``), exact counts, nothing read back; inductor fuses it into one kernel."""
+    if x.numel() == 0:  # finishes to no value (spec.finish)
+        return torch.zeros(3 + sum(len(k) for k in extras), dtype=torch.float64, device=x.device)
+    if x.is_complex():
+        return complex_sums(x, extras).to(torch.float64)
     flat = _work(x)
-    n = flat.numel()
-    if n == 0:
-        return torch.full((3 + sum(len(k) for k in extras),), float("nan"), dtype=torch.float64, device=x.device)
     d = flat.to(torch.float64)
     parts = [torch.zeros((), dtype=torch.float64, device=x.device), d.sum(), (d * d).sum()]
     for key in extras:
@@ -130,7 +131,7 @@ def map_grad_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> 
     """``value`` with every floating tensor that requires grad replaced by ``fn(tensor)`` (inside tuples and lists,
     depth-first), and how many were replaced. Other values are returned as they are."""
     if isinstance(value, torch.Tensor):
-        if value.is_floating_point() and value.requires_grad:
+        if is_signal(value) and value.requires_grad:
             return fn(value), 1
         return value, 0
     if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
@@ -154,7 +155,7 @@ def replace_first(value: Any, old: torch.Tensor, new: torch.Tensor) -> Tuple[Any
             if done:
                 items[i] = replaced
                 return (tuple(items) if isinstance(value, tuple) else items), True
-            if isinstance(item, torch.Tensor) and item.is_floating_point():
+            if isinstance(item, torch.Tensor) and is_signal(item):
                 break  # the primary tensor is the first floating one: nothing further to look at
     return value, False
 

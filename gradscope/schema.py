@@ -86,4 +86,5 @@ DIVERGENCE = "divergence"
 ALERT_KINDS = (LOSS_SPIKE, GRAD_SPIKE, UPDATE_BAND, DIVERGENCE)
 #: Columns of an alerts table: where (step, block), what (kind, metric), how much (value against threshold), and
 #: the other blocks affected at that step (space-separated; empty for the loss).
-ALERT_COLUMNS = ("step", "kind", "block", "metric", "value", "threshold", "others")
+#: ``origin``: for a divergence, the aten operator and module that made the first NaN/Inf (empty when not traced).
+ALERT_COLUMNS = ("step", "kind", "block", "metric", "value", "threshold", "others", "origin")

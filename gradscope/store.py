@@ -373,7 +373,8 @@ def read_alerts(folder: Union[str, Path]) -> pd.DataFrame:
     path = Path(folder) / ALERTS_FILE
     if not path.exists():
         return alerts_frame([])
-    frame = pd.read_csv(path, dtype={"kind": str, "block": str, "metric": str, "others": str},
+    frame = pd.read_csv(path, dtype={"kind": str, "block": str, "metric": str, "others": str, "origin": str},
                         keep_default_na=False, na_values={"block": [""], "value": [""], "threshold": [""]})
     frame["others"] = frame["others"].fillna("")
+    frame["origin"] = frame["origin"].fillna("") if "origin" in frame else ""  # files from before the column
     return alerts_frame(frame.to_dict("records"))

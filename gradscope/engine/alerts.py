@@ -30,7 +30,7 @@ import math
 import warnings
 from collections import deque
 from pathlib import Path
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from statistics import median
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -68,13 +68,16 @@ class Alert:
     value: float
     threshold: float
     others: Tuple[str, ...] = ()
+    #: a divergence: the operator and module that made the first NaN/Inf (``"aten.log in '3.act'"``), when traced
+    origin: str = ""
 
     def __str__(self) -> str:
         where = "the loss" if self.block is None else f"block {self.block!r}"
         more = f" (and {len(self.others)} more: {', '.join(self.others[:3])}{', ...' if len(self.others) > 3 else ''})" \
             if self.others else ""
+        made = f"; made by {self.origin}" if self.origin else ""
         return (f"gradscope alert: {self.kind} at step {self.step}, {where}{more}: {self.metric} = {self.value:.4g} "
-                f"{_relation(self)} {self.threshold:.4g}")
+                f"{_relation(self)} {self.threshold:.4g}{made}")
 
     def as_dict(self) -> Dict[str, object]:
         """A flat dict (``others`` joined by spaces) for a table row."""
@@ -340,12 +343,15 @@ class AlertLog:
         self.alerts: List[Alert] = []
         self._pending: List[Alert] = []
         self.enabled = bool(self.detector.rules.kinds)  # AlertRules(kinds=()) turns detection off
+        #: the traced origin of the first forward NaN (an ``OpOrigin``), set by the scope before each observe
+        self.origin: Any = None
 
     def observe(self, rows: Iterable[Row], losses: Iterable[Tuple[int, float]] = ()) -> List[Alert]:
         """Detect on newly transferred rows and losses; write, tell and remember what is new."""
         new = self.detector.observe(rows, losses)
         if not new:
             return new
+        new = [with_origin(a, self.origin) for a in new]
         self.alerts.extend(new)
         if self.out is not None:
             self.write()
@@ -373,6 +379,14 @@ class AlertLog:
         from gradscope import store  # pandas loads only when an alert is written
 
         store.write_alerts(self.rows(), self.out)
+
+
+def with_origin(alert: Alert, origin: Any) -> Alert:
+    """A divergence alert at the step of a traced first NaN names its operator and module."""
+    if alert.kind != DIVERGENCE or origin is None or getattr(origin, "op", None) is None \
+            or origin.step != alert.step:
+        return alert
+    return replace(alert, origin=f"{origin.op} in {origin.module!r}")
 
 
 def detector_rows(rows: Any, start: int, sites: Sequence[Any], depth: Dict[int, int]) -> List[Row]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from gradscope import schema as S
 from gradscope.errors import GradscopeError
@@ -24,8 +24,11 @@ class NonFinitePolicy:
             raise GradscopeError(f"on_nonfinite={policy!r} is not one of {NONFINITE_POLICIES}")
         self.policy = policy
         self.sites = sites
-        self.first: Dict[str, Tuple[int, str]] = {}
+        self.first: Dict[str, Tuple[Any, ...]] = {}
         self._warned = False
+        #: ``trace(step, block) -> OpOrigin``: names the operator of the first forward NaN/Inf (engine/oporigin.py)
+        self.trace: Optional[Callable[[int, str], Any]] = None
+        self.origin: Any = None
 
     def check(self, rows: Any, start: int, depth: Dict[int, int]) -> None:
         """Look at the rows from ``start`` on; raise :class:`NonFiniteError` or warn once for new findings."""
@@ -34,12 +37,20 @@ class NonFinitePolicy:
         if not new:
             return
         self.first.update(new)
+        if "forward" in new and self.trace is not None and self.origin is None:
+            self.origin = self.trace(*new["forward"])
+            if self.origin.op is not None:
+                self.first["operator"] = (self.origin.step, self.origin.op, self.origin.module)
+        where = {k: v for k, v in self.first.items() if k in ("forward", "backward")}
         if self.policy == "raise":
             raise NonFiniteError("gradscope: non-finite values: " + "; ".join(
-                f"{d} pass first at block {b!r}, step {s}" for d, (s, b) in self.first.items()))
+                f"{d} pass first at block {b!r}, step {s}" for d, (s, b) in where.items()) + self._made_by())
         if self.policy == "warn" and not self._warned:
             self._warned = True
-            warn_nonfinite(new)
+            warn_nonfinite({k: v for k, v in new.items() if k in where}, self._made_by())
+
+    def _made_by(self) -> str:
+        return "" if self.origin is None else f"; made by {self.origin}"
 
 
 def first_nonfinite_rows(rows: Any, start: int, depth: Dict[int, int],
@@ -77,7 +88,7 @@ def first_nonfinite_rows(rows: Any, start: int, depth: Dict[int, int],
     return found
 
 
-def warn_nonfinite(first: Dict[str, Tuple[int, str]]) -> None:
-    """Tell the user, once, where the first NaN/Inf appeared."""
+def warn_nonfinite(first: Dict[str, Tuple[int, str]], made_by: str = "") -> None:
+    """Tell the user, once, where the first NaN/Inf appeared (``made_by``: the operator, when traced)."""
     parts = [f"{direction} pass: block {block!r} at step {step}" for direction, (step, block) in first.items()]
-    warnings.warn("gradscope: first NaN/Inf seen in the " + "; ".join(parts), RuntimeWarning, stacklevel=3)
+    warnings.warn("gradscope: first NaN/Inf seen in the " + "; ".join(parts) + made_by, RuntimeWarning, stacklevel=3)

@@ -159,6 +159,8 @@ class Probe:
         self.events: List[Tuple] = []
         self.compiled = False  # set by a traced hook: module hooks then stay installed (no recompile per install)
         self.grad_leaf = T.GradLeaf(len(sites))
+        #: ``keep(site, args, kwargs)``: called with each block call's inputs when set (the NaN operator tracer)
+        self.keep: Optional[Callable[[int, Tuple[Any, ...], Dict[str, Any]], None]] = None
         self._leaf: Optional[torch.Tensor] = None
         self._warned_calls = False
 
@@ -213,6 +215,8 @@ class Probe:
             recompute = in_backward()
             call = state.next_recompute_call(site) if recompute else state.next_call(site)
             stack.append(call)
+            if self.keep is not None and not recompute:  # inputs kept for a NaN's operator (engine/oporigin.py)
+                self.keep(site, args, kwargs)
             if m.grad_in and x is not None:
                 inputs = grad_inputs(args, kwargs)
                 if len(inputs) == 1:

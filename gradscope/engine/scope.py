@@ -15,6 +15,7 @@ from gradscope.engine import params as P
 from gradscope.engine import spec
 from gradscope.engine.alerts import AlertLog, AlertRules, Handler, detector_rows
 from gradscope.engine.amp import ScalerState
+from gradscope.engine.oporigin import OpTracer
 from gradscope.engine.optstate import record_optstate
 from gradscope.engine.nonfinite import NONFINITE_POLICIES, NonFiniteError, NonFinitePolicy
 from gradscope.engine.probes import MetricSet, Probe
@@ -51,6 +52,9 @@ class Scope:
         self._metrics = metrics
         self._probe = Probe(sites, recorder, metrics)
         self._nonfinite = NonFinitePolicy(on_nonfinite, sites)
+        self._tracer = OpTracer(sites, recorder.state) if on_nonfinite != "ignore" else None  # a NaN's operator
+        if self._tracer is not None:
+            self._probe.keep, self._nonfinite.trace = self._tracer.keep, self._tracer.trace
         self._warned_silent = False
         self._attached = False
         self._opt_handles: List[Any] = []
@@ -70,6 +74,8 @@ class Scope:
         try:
             if optimizer is not None:
                 self._opt_handles.append(optimizer.register_step_pre_hook(self._amp.note_optimizer_step))
+            if optimizer is not None and self._tracer is not None:  # a NaN's replay: were the weights updated?
+                self._opt_handles.append(optimizer.register_step_post_hook(self._tracer.optimizer_stepped))
             if optimizer is not None and metrics.update:
                 self._watch_optimizer(optimizer)
         except BaseException:
@@ -105,6 +111,8 @@ class Scope:
             rec.advance()
             for stack in self._probe.stacks:
                 stack.clear()
+            if self._tracer is not None:
+                self._tracer.clear()
             if self._attached:  # hooks only while a step is recorded: an unrecorded step runs hook-free
                 if rec.active or self._probe.compiled:  # compiled: the traced hooks read rec.active instead
                     self._probe.install()
@@ -226,9 +234,12 @@ class Scope:
             pass
 
     # ---- non-finite values ---------------------------------------------------------------------------------------
-    def first_nonfinite(self) -> Dict[str, Tuple[int, str]]:
+    def first_nonfinite(self) -> Dict[str, Tuple[Any, ...]]:
         """Where NaN/Inf first appeared: ``{"forward": (step, block), "backward": (step, block)}`` (keys present only
         where one was seen). Forward order is execution order; backward order runs from the last block to the first.
+        ``"operator": (step, op, module)`` names the aten operator (``"aten.log"``) and the module inside the first
+        forward block that made it (replayed once, see :mod:`gradscope.engine.oporigin`; not under
+        ``on_nonfinite="ignore"``).
         """
         self._flush()
         return dict(self._nonfinite.first)
@@ -242,13 +253,17 @@ class Scope:
 
         def check(rows: Any, start: int) -> None:
             checked.append(start)
-            self._observe_alerts(rows, start)
-            try:
+            error = None
+            try:  # first: a divergence alert then names the operator the policy traced
                 self._nonfinite.check(rows, start, rec.depth)
             except NonFiniteError as exc:
+                error = exc
+            self._alerts.origin = self._nonfinite.origin
+            self._observe_alerts(rows, start)
+            if error is not None:
                 if on_error is None:
-                    raise
-                on_error(exc)
+                    raise error
+                on_error(error)
 
         rec.flush(check)
         if not checked and self._alerts.enabled and len(rec.losses) > self._losses_seen:
@@ -300,6 +315,8 @@ class Scope:
                 return
             step, before = self._snapshot
             self._snapshot = None
+            if self._tracer is not None:  # a NaN's replay needs the weights its forward saw
+                self._tracer.weights_before(index.params, index.order, before)
             # numerators and denominators travel apart: sharded ranks sum their squares first, and a block whose
             # parameters were exactly zero before the step gets no ratio (undefined), never a clamped 1e35
             layout = spec.SHARD_RATIO if index.sharded else spec.RATIO

@@ -113,6 +113,9 @@ def alert_rows(alerts: pd.DataFrame, limit: int = 20) -> Rows:
     rows = [["run", "step", "kind", "block", "value", "threshold", "also affected"]]
     for r in alerts.head(limit).to_dict("records"):
         block = r["block"] if isinstance(r["block"], str) and r["block"] else "(loss)"
+        origin = r.get("origin")
+        if isinstance(origin, str) and origin:  # a divergence traced to its operator (gradscope.engine.oporigin)
+            block += f" (made by {origin})"
         others = r["others"].split() if isinstance(r["others"], str) else []
         rows.append([str(r[S.RUN]), str(r[S.STEP]), str(r["kind"]), block, num(r["value"], ".4g"),
                      num(r["threshold"], ".4g"), f"{len(others)} block(s)" if others else ""])

@@ -1,0 +1,241 @@
+"""A NaN traced to its operator: which aten operator, in which module inside the first bad block, made the first
+non-finite value of a run.
+
+The block hooks already find the *block* (``act_nonfinite > 0``, read at ``scope.step()`` with the step's other
+statistics). To name the operator, :class:`OpTracer` keeps a reference to each block's inputs during a recorded
+training forward (no copy, no computation: the inputs of a training step are alive for its backward anyway) and
+drops them at ``scope.step()``. Only when a step's rows show a block's output non-finite for the first time does it
+*replay* that block's forward on the kept inputs, under ``torch.no_grad()`` and a ``TorchDispatchMode`` that checks
+every operator's outputs, and reports the first operator whose output holds a NaN/Inf though its inputs were
+finite, with the module that called it (temporary hooks on the block's submodules keep the module path). Healthy
+steps pay a list append per block call; the replay runs once per scope.
+
+The replay recomputes, so it cannot reproduce everything: randomness (dropout draws again), inputs modified in
+place after the block ran, and parameters changed by an ``optimizer.step()`` between the forward and
+``scope.step()`` are detected from version counters and said in the finding's ``note``; a NaN that does not come
+back on replay is reported as such, never guessed. Buffers (BatchNorm running statistics) are restored after the
+replay.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from gradscope.engine.sites import Site
+
+__all__ = ["OpOrigin", "OpTracer", "find_origin"]
+
+
+@dataclass(frozen=True)
+class OpOrigin:
+    """Where the first non-finite value was made.
+
+    Attributes:
+        step: the recorded step.
+        block: the block whose output was first non-finite (as ``first_nonfinite()["forward"]`` names it).
+        op: the aten operator, e.g. ``"aten.log"`` (``None`` when the replay did not find one).
+        module: the qualified name of the module that called it (the block, or a submodule inside it).
+        note: how it was found, or why the replay could not say.
+    """
+
+    step: int
+    block: str
+    op: Optional[str]
+    module: Optional[str]
+    note: str = ""
+
+    def __str__(self) -> str:
+        if self.op is None:
+            return f"operator not found in block {self.block!r} at step {self.step}: {self.note}"
+        extra = f" ({self.note})" if self.note else ""
+        return f"{self.op} in module {self.module!r} (block {self.block!r}, step {self.step}){extra}"
+
+
+def _floats(tree: Any) -> List[torch.Tensor]:
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)
+            and (t.is_floating_point() or t.is_complex()) and t.numel() > 0]
+
+
+def _finite(tensors: List[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class _FirstBadOp(TorchDispatchMode):
+    """Runs every operator; remembers the first whose output is non-finite while its inputs were all finite."""
+
+    def __init__(self, where: Callable[[], str]) -> None:
+        super().__init__()
+        self.where = where
+        self.found: Optional[Tuple[str, str]] = None
+        self.first_bad_input: Optional[Tuple[str, str]] = None
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.found is not None:
+            return func(*args, **kwargs)
+        inputs_finite = _finite(_floats((args, kwargs)))  # before the call: an in-place op overwrites its input
+        out = func(*args, **kwargs)
+        if not _finite(_floats(out)):
+            name = str(getattr(func, "overloadpacket", func))
+            if inputs_finite:
+                self.found = (name, self.where())
+            elif self.first_bad_input is None:
+                self.first_bad_input = (name, self.where())
+        return out
+
+
+def _versions(tensors: List[torch.Tensor]) -> Tuple[int, ...]:
+    return tuple(t._version for t in tensors)
+
+
+@contextmanager
+def _reparametrized(module: nn.Module, weights: Optional[Dict[str, torch.Tensor]]) -> Iterator[None]:
+    """Within the block, its parameters are ``weights`` (torch.func's reparametrisation; nothing when None)."""
+    if weights is None:
+        yield
+        return
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    with _reparametrize_module(module, weights):
+        yield
+
+
+def _enter(stack: List[str], name: str) -> Callable[..., None]:
+    def pre(module: nn.Module, args: Any) -> None:
+        stack.append(name)
+    return pre
+
+
+def _leave(stack: List[str]) -> Callable[..., None]:
+    def post(module: nn.Module, args: Any, output: Any) -> None:
+        stack.pop()
+    return post
+
+
+def _weights(module: nn.Module, before: Optional[Dict[int, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """The parameters to replay with, by name: the pre-update copies where ``before`` holds one."""
+    return {n: (before.get(id(p), p) if before else p).detach() for n, p in module.named_parameters()}
+
+
+def find_origin(module: nn.Module, name: str, args: Tuple[Any, ...], kwargs: Dict[str, Any],
+                before: Optional[Dict[int, torch.Tensor]] = None) -> Tuple[Optional[str], Optional[str], str]:
+    """Replay ``module.forward(*args, **kwargs)`` (the module's own hooks skipped) and return ``(op, module path,
+    note)`` of the first operator that turned finite inputs into a non-finite output. ``before``: copies of
+    parameters from before an optimizer step (``id(param) -> tensor``) to replay with. Buffers are restored."""
+    weights = _weights(module, before)
+    bad_params = [n for n, p in weights.items() if not _finite(_floats(p))]
+    if bad_params:
+        return None, None, (f"parameter {name + '.' + bad_params[0] if name else bad_params[0]!r} is already "
+                            f"non-finite: the NaN came in through the weights")
+    if not _finite(_floats((args, kwargs))):
+        return None, None, "the block's input was already non-finite"
+    stack = [name]
+    handles = []
+    for sub_name, sub in module.named_modules():
+        if sub is module:
+            continue
+        full = f"{name}.{sub_name}" if name else sub_name
+        handles.append(sub.register_forward_pre_hook(_enter(stack, full)))
+        handles.append(sub.register_forward_hook(_leave(stack)))
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    mode = _FirstBadOp(lambda: stack[-1])
+    try:
+        with torch.no_grad(), _reparametrized(module, weights if before else None), mode:
+            module.forward(*args, **kwargs)
+    except Exception as exc:  # the replay must never break the user's run
+        return None, None, f"the replay raised {type(exc).__name__}: {exc}"
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    if mode.found is not None:
+        return mode.found[0], mode.found[1], ""
+    if mode.first_bad_input is not None:
+        op, where = mode.first_bad_input
+        return op, where, "its inputs were already non-finite"
+    return None, None, "the replay gave finite values (randomness such as dropout, or inputs changed since)"
+
+
+class OpTracer:
+    """Keeps each block's inputs for the current recorded step and finds the operator of the first non-finite one.
+
+    ``keep`` is called by the block pre-hook (training forwards of recorded steps); ``clear`` at ``scope.step()``;
+    ``trace(step, block)`` when the non-finite policy first sees a block's output non-finite.
+    """
+
+    def __init__(self, sites: List[Site], state: Any = None) -> None:
+        self.sites = sites
+        self.state = state  # the recorder's state: inactive during the replay, so no hook records it
+        self.before: Optional[Dict[int, torch.Tensor]] = None
+        self.stepped = False  # an optimizer.step() since the kept forward (when attach() was given the optimizer)
+        self.any_kept = False
+        self._index = {site.name: i for i, site in enumerate(sites)}
+        self.kept: List[List[Tuple[Any, ...]]] = [[] for _ in sites]
+        self.done = False
+
+    def keep(self, site: int, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        """Remember a block call's inputs (references, and the version counters of its positional tensors: an
+        in-place change after the call is seen at replay). A list append: healthy steps pay nothing more."""
+        if self.done or not torch.is_grad_enabled():
+            return
+        self.any_kept = True
+        self.kept[site].append((args, kwargs, _versions([a for a in args if isinstance(a, torch.Tensor)])))
+
+    def optimizer_stepped(self, *args: Any) -> None:
+        """An ``optimizer.step()`` post-hook: the weights changed since this step's forward (if one was kept: an
+        update between ``scope.step()`` and the next forward precedes what is kept)."""
+        self.stepped = self.any_kept
+
+    def clear(self) -> None:
+        """Drop every kept input and weight copy (the end of a step)."""
+        for calls in self.kept:
+            calls.clear()
+        self.before = None
+        self.stepped = self.any_kept = False
+
+    def weights_before(self, params: List[torch.Tensor], order: List[int], copies: List[torch.Tensor]) -> None:
+        """Keep (until ``clear``) the parameter copies taken before this step's ``optimizer.step()`` (the update
+        ratio's snapshot, already made): a replay after the update then runs on the weights the forward saw."""
+        if not self.done and self.any_kept:
+            self.before = {id(params[i]): t for i, t in zip(order, copies)}
+
+    def trace(self, step: int, block: str) -> OpOrigin:
+        """Replay the kept calls of ``block`` (in call order) until one reproduces the non-finite output."""
+        self.done = True
+        site = self._index.get(block)
+        calls = list(self.kept[site]) if site is not None else []
+        saved, stepped = self.before, self.stepped
+        self.clear()
+        if not calls:
+            return OpOrigin(step, block, None, None, "no inputs of this block were kept (a forward without grad, "
+                                                     "or a step that was closed before it was checked)")
+        module = self.sites[site].module
+        result: Tuple[Optional[str], Optional[str], str] = (None, None, "")
+        for args, kwargs, versions in calls:
+            changed = []
+            if _versions([a for a in args if isinstance(a, torch.Tensor)]) != versions:
+                changed.append("the block's input was modified in place after the block ran")
+            before = saved
+            if stepped and before is None:
+                changed.append("its parameters changed since the forward (optimizer.step() before scope.step() "
+                               "without the update_ratio metric's copy); the replay used the new ones")
+            active = getattr(self.state, "active", False)
+            if self.state is not None:
+                self.state.active = False
+            try:
+                op, where, note = find_origin(module, block, args, kwargs, before)
+            finally:
+                if self.state is not None:
+                    self.state.active = active
+            result = (op, where, "; ".join([note] * bool(note) + changed))
+            if op is not None:
+                break
+        return OpOrigin(step, block, *result)

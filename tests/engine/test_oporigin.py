@@ -1,0 +1,170 @@
+"""A NaN traced to its operator: a NaN/Inf injected into one operator of one block is named (aten op and module
+path) in first_nonfinite(), the warning, NonFiniteError, the divergence alert and alerts.csv; healthy steps keep
+no inputs past scope.step(); the replay restores buffers and says when it cannot reproduce."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+from gradscope import store
+from gradscope.engine.nonfinite import NonFiniteError
+
+
+class Poison(nn.Module):
+    """One operator of one block can be made to produce a non-finite value: ``op`` applied when ``on``."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.on = False
+
+    def forward(self, x):
+        if not self.on:
+            return x
+        if self.op == "sqrt":
+            return torch.sqrt(x - 10.0)              # negative: NaN
+        if self.op == "exp":
+            return torch.exp(x * 1000.0)             # overflow: Inf
+        if self.op == "log_":
+            return (x - 10.0).log_()                 # in place
+        raise AssertionError(self.op)
+
+
+class Block(nn.Module):
+    def __init__(self, op: str = "sqrt") -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+        self.inner = nn.Sequential(nn.Linear(16, 16), Poison(op))
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return x + self.act(self.inner(self.norm(self.lin(x))))
+
+
+def net(op: str = "sqrt") -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[Block(op) for _ in range(4)], nn.Linear(16, 3))
+
+
+def _train(model, steps, poison_at, scope_kwargs=None, optimizer_first=True):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradscope.attach(model, blocks=[f"{i}" for i in range(4)], optimizer=opt,
+                              **(scope_kwargs or {})) as scope:
+            for step in range(steps):
+                model[2].inner[1].on = step == poison_at
+                loss = model(torch.randn(8, 16)).pow(2).mean()
+                loss.backward()
+                if optimizer_first:
+                    opt.step()
+                scope.step(loss)
+                if not optimizer_first:
+                    opt.step()
+                opt.zero_grad()
+    return scope, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("op, name", [("sqrt", "aten.sqrt"), ("exp", "aten.exp"), ("log_", "aten.log_")])
+def test_the_operator_and_module_of_an_injected_nan_are_named(op, name, one_thread):
+    scope, messages = _train(net(op), 4, poison_at=2, optimizer_first=False)
+    first = scope.first_nonfinite()
+    assert first["forward"] == (2, "2")
+    assert first["operator"] == (2, name, "2.inner.1")
+    assert any(f"made by {name} in module '2.inner.1'" in m for m in messages), messages
+    alerts = scope.alerts()
+    div = alerts[alerts.kind == "divergence"].iloc[0]
+    assert div.step == 2 and div.block == "2" and div.origin == f"{name} in '2.inner.1'"
+
+
+def test_an_update_between_forward_and_step_replays_on_the_weights_the_forward_saw(one_thread, tmp_path):
+    """optimizer.step() before scope.step(): the NaN gradients made the weights NaN; the replay uses the copies the
+    update ratio took before the step, so the operator is still found."""
+    scope, messages = _train(net(), 3, poison_at=1, scope_kwargs={"out": tmp_path, "on_anomaly": None})
+    assert scope.first_nonfinite()["operator"] == (1, "aten.sqrt", "2.inner.1")
+    assert not torch.isfinite(scope.model[2].lin.weight).all()  # what a replay on the new weights would see
+    saved = store.read_alerts(tmp_path)  # alerts.csv keeps the origin
+    assert list(saved[saved.kind == "divergence"].origin)[:1] == ["aten.sqrt in '2.inner.1'"]
+    # without the update ratio's copy, the replay runs on the updated (NaN) weights and says so
+    scope, messages = _train(net(), 3, poison_at=1, scope_kwargs={"metrics": ["act_nonfinite", "grad_norm"]})
+    assert "operator" not in scope.first_nonfinite()
+    assert any("parameters changed since the forward" in m for m in messages), messages
+
+
+def test_raise_names_the_operator(one_thread):
+    model = net()
+    model[1].inner[1].op, model[1].inner[1].on = "exp", True
+    with pytest.raises(NonFiniteError, match=r"made by aten.exp in module '1.inner.1'"):
+        with gradscope.attach(model, blocks=[f"{i}" for i in range(4)], on_nonfinite="raise") as scope:
+            model(torch.randn(8, 16)).sum().backward()
+            scope.step()
+
+
+def test_a_non_finite_weight_is_named_as_the_origin_not_an_operator(one_thread):
+    model = net()
+    with torch.no_grad():
+        model[3].norm.weight[5] = float("nan")
+    scope, messages = _train(model, 1, poison_at=-1)
+    assert scope.first_nonfinite()["forward"] == (0, "3")
+    assert "operator" not in scope.first_nonfinite()
+    assert any("parameter '3.norm.weight' is already non-finite" in m for m in messages), messages
+
+
+def test_healthy_steps_keep_nothing_past_the_step_and_ignore_turns_it_off(one_thread):
+    model = net()
+    scope, messages = _train(model, 3, poison_at=-1)
+    assert "operator" not in scope.first_nonfinite() and not messages
+    assert all(calls == [] for calls in scope._tracer.kept)
+    with gradscope.attach(model, on_nonfinite="ignore") as quiet:
+        assert quiet._tracer is None and quiet._probe.keep is None
+
+
+def test_the_replay_restores_buffers_and_hooks(one_thread):
+    torch.manual_seed(0)
+
+    class BNBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(16)
+            self.poison = Poison("sqrt")
+
+        def forward(self, x):
+            return self.poison(self.bn(x))
+
+    model = nn.Sequential(nn.Linear(16, 16), BNBlock(), nn.Linear(16, 3))
+    model[1].poison.on = True
+    with gradscope.attach(model, blocks=["0", "1", "2"], on_nonfinite="ignore") as _:
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gradscope.attach(model, blocks=["0", "1", "2"]) as scope:
+            model(torch.randn(8, 16)).sum().backward()
+            mean, count = model[1].bn.running_mean.clone(), model[1].bn.num_batches_tracked.clone()
+            scope.step()
+    assert scope.first_nonfinite()["operator"] == (0, "aten.sqrt", "1.poison")
+    assert torch.equal(model[1].bn.running_mean, mean) and torch.equal(model[1].bn.num_batches_tracked, count)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_nan_that_does_not_come_back_on_replay_is_said(one_thread):
+    class Flaky(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            Flaky.calls += 1
+            return x * float("nan") if Flaky.calls == 1 else x  # a NaN once, like a dropout draw
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Sequential(nn.Linear(16, 16), Flaky()), nn.Linear(16, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradscope.attach(model, blocks=["0", "1", "2"]) as scope:
+            model(torch.randn(8, 16)).sum().backward()
+            scope.step()
+    assert "operator" not in scope.first_nonfinite()
+    assert any("the replay gave finite values" in str(w.message) for w in caught)

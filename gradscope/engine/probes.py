@@ -155,34 +155,43 @@ class Probe:
         self._last_grad: Optional[Tuple[Any, int, List[Tuple[int, int, int, str]]]] = None  # latest hooked tensor
         #: returns a GradScaler's current scale as a device tensor (or None): gradients are divided by it
         self.scale: Optional[Callable[[], Optional[torch.Tensor]]] = None
-        #: under torch.compile (see gradscope.engine.traced): what the traced hooks ran, drained at scope.step()
-        self.events: List[Tuple] = []
-        self.compiled = False  # set by a traced hook: module hooks then stay installed (no recompile per install)
-        self.grad_leaf = T.GradLeaf(len(sites))
+        #: under torch.compile (see gradscope.engine.traced): device buffers the traced hooks write, drained at
+        #: scope.step(); made at the first install, before any tracing
+        self.traced: List[T.SiteBuffers] = []
+        self._order: Dict[torch.device, torch.Tensor] = {}
+        self.compiled = False  # traced hooks ran: module hooks then stay installed (no recompile per install)
+        self._watch: Optional[T.CompileWatch] = None  # did Dynamo compile anything since attach (else: nothing to drain)
         #: ``keep(site, args, kwargs)``: called with each block call's inputs when set (the NaN operator tracer)
         self.keep: Optional[Callable[[int, Tuple[Any, ...], Dict[str, Any]], None]] = None
-        self._leaf: Optional[torch.Tensor] = None
         self._warned_calls = False
 
     def install(self) -> None:
         """Register the module hooks (idempotent)."""
         if self.handles or not self.alive:
             return
-        if self._leaf is None:
-            self._leaf = self.grad_leaf.on(T.device_of(site.module for site in self.sites))
+        if self._watch is None and self.alive:
+            self._watch = T.CompileWatch()
+        if not self.traced:
+            width = 3 + sum(len(key) for key in self.m.extras) if self.m.forward else 0
+            for site in self.sites:
+                device = T.device_of([site.module])
+                self.traced.append(T.SiteBuffers(device, width))
+                if device not in self._order:
+                    self._order[device] = torch.zeros((), dtype=torch.float64, device=device)
         try:
             for index, site in enumerate(self.sites):
                 self.handles.append(site.module.register_forward_pre_hook(
-                    self._pre_hook(index), with_kwargs=True, prepend=True))
+                    T.eager_at_top_level(self._pre_hook(index)), with_kwargs=True, prepend=True))
                 self.handles.append(site.module.register_forward_hook(
-                    self._post_hook(index), with_kwargs=True, prepend=True))
+                    T.eager_at_top_level(self._post_hook(index)), with_kwargs=True, prepend=True))
                 if not is_residual(site.module):
                     continue
                 for attr, metric, on in (("branch", S.BRANCH_VAR, self.m.branch),
                                          ("shortcut", S.SHORTCUT_VAR, self.m.shortcut)):
                     if on:
                         sub = getattr(site.module, attr)
-                        self.handles.append(sub.register_forward_hook(self._sub_hook(index, (metric,)), prepend=True))
+                        self.handles.append(sub.register_forward_hook(
+                            T.eager_at_top_level(self._sub_hook(index, (metric,))), prepend=True))
         except BaseException:
             self.uninstall()
             raise
@@ -198,6 +207,8 @@ class Probe:
         """Remove every hook for good: module hooks now, pending gradient hooks record nothing any more."""
         self.alive = False
         self.uninstall()
+        if self._watch is not None:
+            self._watch.close()
 
     # ---- hook factories ------------------------------------------------------------------------------------------
     def _pre_hook(self, site: int) -> Callable:
@@ -261,7 +272,7 @@ class Probe:
             if state.active and T.compiling():
                 y = first_tensor(output)
                 if y is not None:
-                    self.events.append((site, "sub", group, T.traced_sums(y, ()), y.numel()))
+                    T.note_sub(self.traced[site], int(group[1] == S.SHORTCUT_VAR), y)
                 return None
             if not state.active or not stack or stack[-1] == _SKIPPED or in_backward():
                 return None
@@ -277,54 +288,56 @@ class Probe:
 
     # ---- under torch.compile (traced by Dynamo: tensors and constants only, see gradscope.engine.traced) ----------
     def _tap(self, site: int, metric: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        leaf, slot = self._leaf, T.slot_of(site, metric)
+        leaf, slot = self.traced[site].leaf, T.GRAD_METRICS.index(metric)
         scale = self.scale() if self.scale is not None else None
         return lambda t: T.Tap.apply(t, leaf, slot, scale)
 
     def _traced_pre(self, site: int, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        self.compiled = True
+        buf = self.traced[site]
         tapped, new_args, new_kwargs = 0, args, kwargs
-        if self.m.grad_in and self._leaf is not None:
+        if self.m.grad_in:
             tap = self._tap(site, S.GRAD_IN_NORM)
             new_args, tapped = T.map_grad_tensors(args, tap)
             if not tapped and kwargs and "hidden_states" in kwargs:
                 hidden, tapped = T.map_grad_tensors(kwargs["hidden_states"], tap)
                 new_kwargs = dict(kwargs, hidden_states=hidden)
-        self.events.append((site, "pre", tapped > 0))
+        T.note_pre(buf, self._order[buf.count.device], tapped > 0)
         return (new_args, new_kwargs) if tapped else None
 
     def _traced_post(self, site: int, output: Any) -> Any:
         m = self.m
         y = first_tensor(output)
         if y is None:
-            self.events.append((site, "post", None, 0, False))
             return None
-        sums = T.traced_sums(y, m.extras) if m.forward else None
         new, tapped = output, False
-        if m.grad_out and y.requires_grad and self._leaf is not None:
+        if m.grad_out and y.requires_grad:
             new, tapped = T.replace_first(output, y, self._tap(site, S.GRAD_NORM)(y))
-        self.events.append((site, "post", sums, y.numel(), tapped))
+        T.note_post(self.traced[site], y, m.extras, bool(m.forward), tapped)
         return new if tapped else None
 
     def drain_traced(self) -> None:
-        """Move what the traced hooks ran in this step into the recorder's buffer (called by the scope)."""
-        if not self.events:
+        """Move what the traced hooks wrote in this step into the recorder's buffer (called by the scope)."""
+        if not self.traced or self._watch is None or not self._watch.seen:
             return
+        self._watch.close()  # seen: no need to listen any more
         state = self.state
-        ran = T.drain(self.events, state.next_call)
-        grads = self.grad_leaf.take()
-        if grads and self.scale is not None:
+        if self.scale is not None and any(buf.leaf.grad is not None for buf in self.traced):
             factor = self.scale()
             if factor is not None:
                 state.note_grad_scale(factor)
-        grad = None if not grads else sum(g.to(grads[0].device) for g in grads[1:]) + grads[0]
-        T.record(ran, grad, state.step, self.m.forward, self.rec.add, self._warn_calls)
+        subs = tuple(("_" + S.ACT_MEAN, metric, "_" + S.ACT_RMS) if on else ()
+                     for metric, on in ((S.BRANCH_VAR, self.m.branch), (S.SHORTCUT_VAR, self.m.shortcut)))
+        if T.drain(self.traced, state.next_call, state.step, self.m.forward, subs, self.rec.add, self._warn_calls):
+            self.compiled = True
+        for order in self._order.values():
+            order.zero_()
 
-    def _warn_calls(self, site: int) -> None:
+    def _warn_calls(self, site: int, calls: int) -> None:
         if not self._warned_calls:
             self._warned_calls = True
-            warnings.warn(f"gradscope: under torch.compile, block {self.sites[site].name!r} ran more than once in a "
-                          f"step; its gradient norms are recorded only for blocks called once per step",
+            many = f"; calls after the first {T.MAX_CALLS} share the last call's row" if calls > T.MAX_CALLS else ""
+            warnings.warn(f"gradscope: under torch.compile, block {self.sites[site].name!r} ran {calls} times in a "
+                          f"step; its gradient norms are recorded only for blocks called once per step{many}",
                           RuntimeWarning, stacklevel=3)
 
     def _watch_grads(self, tensors: List[torch.Tensor], site: int, call: int, metric: str) -> None:

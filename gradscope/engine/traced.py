@@ -1,24 +1,29 @@
 """The hooks' path under ``torch.compile``: pure tensor code that Dynamo traces into the graph, no Python state.
 
 When Dynamo traces a block's hooks (``torch.compiler.is_compiling()``), they must not read or change Python state
-that varies per step: every such read becomes a guard (a recompile when it changes, the limit of 8 soon hit) and
-every ``.item()`` a graph break. So under compile the hooks:
+that varies per step: every such read becomes a guard (a recompile when it changes, the limit of 8 soon hit), every
+``.item()`` a graph break, and any Python side effect inside ``torch.utils.checkpoint`` makes Dynamo give up on the
+whole frame. So under compile the hooks only write into device tensors made before tracing (:class:`SiteBuffers`):
 
-* compute the forward raw sums on the read-free centred path (the device path of :mod:`gradscope.engine.metrics`)
-  and append ``(site, sums)`` to a list that the scope drains at ``scope.step()``; call indices and depths are
-  assigned there, in the order the calls ran, exactly as the eager hooks assign them;
-* measure gradients with :class:`Tap`, an identity autograd function whose backward adds ``||g||^2`` (and a count)
-  into row ``slot`` of the gradient of a leaf tensor (:class:`GradLeaf`): autograd itself accumulates the
-  measurement, so the backward needs no Python hook and AOTAutograd compiles it with the rest of the backward;
-* read one Python flag only, whether the step is recorded, so a compiled model has two variants, recorded and
-  unrecorded, and an unrecorded step runs a graph without any gradscope operation.
+* the forward raw sums (one fused float64 pass, :func:`traced_sums`), the element count and the call's order in
+  the step go into rows indexed by a call counter that lives on the device; :func:`drain` numbers the calls and
+  fixes depths at ``scope.step()``, in the order the calls ran, exactly as the eager hooks do;
+* gradients are measured by :class:`Tap`, an identity autograd function whose backward adds ``||g||^2`` (and a
+  count) into a row of the gradient of a per-site leaf tensor: autograd itself accumulates the measurement, so the
+  backward needs no Python hook and AOTAutograd compiles it with the rest of the backward;
+* the one Python value they read is whether the step is recorded, so a compiled model has two variants, recorded
+  and unrecorded, and an unrecorded step runs a graph without any gradscope operation.
 
-No weak reference, no set of watched slots and no step counter is read while tracing (the crash of issue 15 came
-from a guard on a weak reference whose tensor had been freed).
+A hook whose frame Dynamo would compile on its own (the model broke its graph around a block: data-dependent routing
+in a hand-written MoE) is not compiled at all (:func:`eager_at_top_level`): it runs the eager hooks, which cost less
+than compiling one variant per block.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import sys
+import weakref
 
 import torch
 
@@ -26,7 +31,7 @@ from gradscope import schema as S
 from gradscope.engine import spec
 from gradscope.engine.metrics import SLOT_REDUCTIONS, _work, complex_sums, is_signal, squared_norm
 
-GRAD_METRICS = (S.GRAD_NORM, S.GRAD_IN_NORM)
+GRAD_METRICS = (S.GRAD_NORM, S.GRAD_IN_NORM)  # rows of a site's gradient leaf
 
 
 def compiling() -> bool:
@@ -45,46 +50,148 @@ def device_of(modules: Iterable[torch.nn.Module]) -> torch.device:
     return torch.device("cpu")
 
 
-def slot_of(site: int, metric: str) -> int:
-    """Row of (site, gradient metric) in the :class:`GradLeaf`."""
-    return 2 * site + GRAD_METRICS.index(metric)
+MAX_CALLS = 16  # calls of one site per step kept apart under compile (a later call overwrites the last row)
+_PRE, _POST_META, _SUB = 2, 3, 5  # widths: [order, input tapped]; [ran, numel, output tapped]; [ran, numel, 3 sums]
 
 
-class GradLeaf:
-    """A leaf tensor of shape ``(2 * n_sites, 2)`` that no optimizer sees; its ``.grad`` row ``slot`` holds
-    ``[sum of ||g||^2 over the taps of that slot, number of taps whose backward ran]`` after a backward."""
+class CompileWatch:
+    """Whether Dynamo may have compiled anything since this watch was made (a host flag, set by Dynamo's
+    compile-start callback). Until then no traced hook can have run, so there is nothing to :func:`drain` and nothing
+    is read back: an eager run keeps its one transfer per recorded step.
 
-    def __init__(self, n_sites: int) -> None:
-        self.n_slots = 2 * n_sites
-        self._leaf: Dict[torch.device, torch.Tensor] = {}
+    ``torch._dynamo`` is not imported here (``import gradscope`` and ``attach()`` stay light): when it was not loaded
+    at attach time, nothing can have been compiled before it is loaded, and once it is, the watch says yes.
+    """
 
-    def on(self, device: torch.device) -> torch.Tensor:
-        """The leaf on ``device`` (made at install time, before tracing, so tracing never creates one)."""
-        leaf = self._leaf.get(device)
-        if leaf is None:
-            leaf = torch.zeros(self.n_slots, 2, dtype=torch.float32, device=device, requires_grad=True)
-            self._leaf[device] = leaf
-        return leaf
+    def __init__(self) -> None:
+        self._seen = False
+        self._callback: Optional[Callable[[Any], None]] = None
+        handler = _callbacks()
+        if handler is None:
+            return
+        ref = weakref.ref(self)
 
-    def take(self) -> List[Tuple[torch.Tensor]]:
-        """The gradients accumulated since the last call (one per device), reset for the next step."""
-        grads = []
-        for leaf in self._leaf.values():
-            if leaf.grad is not None:
-                grads.append(leaf.grad)
-                leaf.grad = None
-        return grads
+        def started(_: Any) -> None:
+            watch = ref()
+            if watch is not None:
+                watch._seen = True
+
+        self._callback = handler.register_start_callback(started)
+
+    @property
+    def seen(self) -> bool:
+        """True once a compilation started (or Dynamo was loaded after the watch was made)."""
+        if not self._seen and self._callback is None and "torch._dynamo" in sys.modules:
+            self._seen = True
+        return self._seen
+
+    def close(self) -> None:
+        """Stop listening (outside a compilation: the handler's list is not being iterated then)."""
+        handler, callback, self._callback = _callbacks(), self._callback, None
+        if handler is not None and callback is not None and callback in handler.start_callbacks:
+            handler.remove_start_callback(callback)
+
+
+def _callbacks() -> Any:
+    """Dynamo's compile callback handler if Dynamo is loaded (never imports it)."""
+    module = sys.modules.get("torch._dynamo.callback")
+    handler = getattr(module, "callback_handler", None)
+    return handler if hasattr(handler, "register_start_callback") else None
+
+
+def eager_at_top_level(fn: Callable) -> Callable:
+    """Let Dynamo inline ``fn`` into a graph it traces, but never compile a frame of it on its own (nor anything
+    it calls then): there the eager hooks run, as in a model that is not compiled. Returns ``fn``.
+
+    Without this, a hook that runs after a graph break (a hand-written MoE breaks its graph on data-dependent
+    routing) is compiled as a frame of its own, once per block and per variant, until Dynamo's recompile limit.
+    Uses Dynamo's per-code frame strategy (torch >= 2.6); on torch versions without it, ``fn`` is left as it is.
+    """
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    try:
+        from torch._C._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:
+        return fn
+    if code is not None:
+        set_code_exec_strategy(code, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+    return fn
+
+
+class SiteBuffers:
+    """The device tensors the traced hooks of one site write into (made at install time, before any tracing).
+
+    Dynamo lifts them into the graph as inputs that the graph mutates in place (like BatchNorm's running statistics),
+    so the traced hooks change no Python object: no guard on a list's length (the recompiles of a routed MoE), and
+    nothing that ``torch.utils.checkpoint``'s higher-order op refuses (a Python side effect makes Dynamo give up on
+    the whole frame). Rows are indexed by ``count`` read on the device: a call index costs no guard either.
+
+    * ``pre[k]``  = ``[order of the call in the step (1, 2, ...), 1 if the input gradient is tapped]``
+    * ``post[k]`` = ``[1, numel, 1 if the output gradient is tapped, forward raw sums...]``
+    * ``sub[g, k]`` = ``[1, numel, shift, sum, sum of squares]`` of the residual branch (g=0) / shortcut (g=1)
+    * ``leaf``: its ``.grad`` row 0 (output) / 1 (input) is ``[sum of ||g||^2 over the taps, taps that ran]``
+    """
+
+    def __init__(self, device: torch.device, width: int) -> None:
+        kw = dict(dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.pre = torch.zeros(MAX_CALLS, _PRE, **kw)
+        self.post = torch.zeros(MAX_CALLS, _POST_META + width, **kw)
+        self.sub = torch.zeros(2, MAX_CALLS, _SUB, **kw)
+        self.leaf = torch.zeros(2, 2, dtype=torch.float32, device=device, requires_grad=True)
+
+    def reset(self) -> None:
+        """Clear for the next step (host side, outside any graph)."""
+        for t in (self.count, self.pre, self.post, self.sub):
+            t.zero_()
+        self.leaf.grad = None
+
+
+def _row(*parts: torch.Tensor) -> torch.Tensor:
+    return torch.cat([p.reshape(-1).to(torch.float64) for p in parts]).reshape(1, -1)
+
+
+def _const(ref: torch.Tensor, *values: Any) -> torch.Tensor:
+    return torch.stack([torch.ones((), dtype=torch.float64, device=ref.device) * v for v in values])
+
+
+def note_pre(buf: SiteBuffers, order: torch.Tensor, tapped: bool) -> None:
+    """Traced pre-hook: the call's order in the step and whether its input gradient is tapped."""
+    order.add_(1)
+    k = buf.count.clamp(max=MAX_CALLS - 1).reshape(1)
+    buf.pre.index_copy_(0, k, _row(order, _const(order, float(tapped))))
+    buf.count.add_(1)
+
+
+def _open_call(buf: SiteBuffers) -> torch.Tensor:
+    return (buf.count - 1).clamp(0, MAX_CALLS - 1).reshape(1)
+
+
+def note_post(buf: SiteBuffers, y: torch.Tensor, extras: Sequence[Tuple[str, ...]], forward: bool,
+              tapped: bool) -> None:
+    """Traced forward hook: the output's element count, whether its gradient is tapped, and its raw sums."""
+    y = y.detach()
+    meta = _const(buf.post, 1.0, y.numel(), float(tapped))
+    parts = [meta, traced_sums(y, extras)] if forward else [meta]
+    buf.post.index_copy_(0, _open_call(buf), _row(*parts))
+
+
+def note_sub(buf: SiteBuffers, which: int, y: torch.Tensor) -> None:
+    """Traced hook on a residual block's branch (``which`` 0) or shortcut (1): raw sums of the open call."""
+    y = y.detach()
+    row = _row(_const(buf.sub, 1.0, y.numel()), traced_sums(y, ())[:3])
+    buf.sub[which].index_copy_(0, _open_call(buf), row)
 
 
 class Tap(torch.autograd.Function):
     """Identity in forward (a copy, so later in-place changes of the output are legal); in backward the incoming
-    gradient passes through unchanged and ``[||g||^2 / scale^2, 1]`` goes to row ``slot`` of the leaf's gradient."""
+    gradient passes through unchanged and ``[||g||^2 / scale^2, 1]`` goes to row ``slot`` (0 output, 1 input) of the
+    site leaf's gradient."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, leaf: torch.Tensor, slot: int,
                 scale: Optional[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         ctx.slot = slot
-        ctx.n_slots = leaf.shape[0]
         ctx.leaf_device = leaf.device
         ctx.scaled = scale is not None
         if scale is not None:
@@ -99,8 +206,8 @@ class Tap(torch.autograd.Function):
             factor = scale.detach().to(sq.device, sq.dtype).reshape(())
             sq = sq / (factor * factor)
         row = torch.stack([sq, torch.ones_like(sq)]).to(ctx.leaf_device)
-        d_leaf = torch.zeros(ctx.n_slots, 2, dtype=torch.float32, device=ctx.leaf_device)
-        d_leaf = d_leaf.index_copy(0, torch.tensor([ctx.slot], device=ctx.leaf_device), row.reshape(1, 2))
+        zero = torch.zeros_like(row)
+        d_leaf = torch.stack([row, zero] if ctx.slot == 0 else [zero, row])
         return g, d_leaf, None, None
 
 
@@ -160,61 +267,74 @@ def replace_first(value: Any, old: torch.Tensor, new: torch.Tensor) -> Tuple[Any
     return value, False
 
 
-def drain(events: List[Tuple], next_call: Callable[[int], int]) -> List[Tuple[int, int, Tuple]]:
-    """Turn the traced hooks' events into ``(site, call, event)`` in the order they ran (``next_call`` assigns call
-    indices and depths as the eager hooks do). ``events`` is emptied in place (the traced code appends to it)."""
-    out: List[Tuple[int, int, Tuple]] = []
-    open_calls: Dict[int, List[int]] = {}
-    for event in events:
-        site, kind = event[0], event[1]
-        if kind == "pre":
-            call = next_call(site)
-            open_calls.setdefault(site, []).append(call)
-            out.append((site, call, event))
-        elif kind == "sub":
-            stack = open_calls.get(site)
-            if stack:
-                out.append((site, stack[-1], event))
-        else:
-            stack = open_calls.get(site)
-            call = stack.pop() if stack else next_call(site)
-            out.append((site, call, event))
-    del events[:]
+def _read_meta(buffers: Sequence[SiteBuffers]) -> List[List[float]]:
+    """Per site ``[count, pre rows..., post meta..., sub meta...]`` on the host: one transfer per device."""
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, buf in enumerate(buffers):
+        by_device.setdefault(buf.count.device, []).append(i)
+    out: List[List[float]] = [[] for _ in buffers]
+    for indices in by_device.values():
+        parts = [torch.cat([buffers[i].count.reshape(1).to(torch.float64), buffers[i].pre.reshape(-1),
+                            buffers[i].post[:, :_POST_META].reshape(-1), buffers[i].sub[:, :, :2].reshape(-1)])
+                 for i in indices]
+        flat = torch.cat(parts).tolist()
+        width = len(flat) // len(indices)
+        for j, i in enumerate(indices):
+            out[i] = flat[j * width:(j + 1) * width]
     return out
 
 
-def calls_per_site(ran: Sequence[Tuple[int, int, Tuple]]) -> Dict[int, int]:
-    """Site -> how many calls of it ran (a gradient slot sums over calls, so it is a norm for a single call)."""
-    calls: Dict[int, int] = {}
-    for site, _, event in ran:
-        if event[1] == "post":
-            calls[site] = calls.get(site, 0) + 1
-    return calls
+def drain(buffers: Sequence[SiteBuffers], next_call: Callable[[int], int], step: int, forward: Tuple[str, ...],
+          sub_groups: Sequence[Tuple[str, ...]], add: Callable[..., None],
+          multi_call: Callable[[int, int], None]) -> bool:
+    """Buffer entries (``add`` is the recorder's) for what the traced hooks wrote in one step, then reset the buffers.
 
-
-def record(ran: Sequence[Tuple[int, int, Tuple]], grad: Optional[torch.Tensor], step: int, forward: Tuple[str, ...],
-           add: Callable[..., None], multi_call: Callable[[int], None]) -> None:
-    """Buffer entries (``add`` is the recorder's) for the drained events of one step: forward sums, and the gradient
-    slots of ``grad`` (the leaf's gradient, None without a backward) for sites called once (``multi_call(site)``
-    for the others)."""
-    calls = calls_per_site(ran)
-    inputs_tapped: Dict[Tuple[int, int], bool] = {}
-    for site, call, event in ran:
-        kind = event[1]
-        if kind == "pre":
-            inputs_tapped[(site, call)] = event[2]
-        elif kind == "sub":
-            add(step, site, call, event[2], event[3], event[4], spec.MOMENTS)
-        elif event[2] is not None:
-            add(step, site, call, forward, event[2], event[3], spec.MOMENTS)
-    if grad is None:
-        return
-    for site, call, event in ran:
-        if event[1] != "post":
+    Calls are numbered per site in the order they ran (``next_call`` assigns call indices and fixes depths, as the
+    eager hooks do); gradient norms are recorded for sites called once (``multi_call(site, calls)`` for the others: a
+    tap's row sums over calls). Values stay on their device (read back at the flush, combined across ranks there);
+    only the counts and flags come to the host here. Returns whether any traced hook ran.
+    """
+    metas = _read_meta(buffers)
+    order: List[Tuple[float, int, int]] = []
+    for site, meta in enumerate(metas):
+        count = int(meta[0])
+        if count > MAX_CALLS:
+            multi_call(site, count)
+        for k in range(min(count, MAX_CALLS)):
+            order.append((meta[1 + _PRE * k], site, k))
+    if not order:
+        return False
+    order.sort()
+    calls: Dict[Tuple[int, int], int] = {}
+    for _, site, k in order:
+        calls[(site, k)] = next_call(site)
+    for site, (buf, meta) in enumerate(zip(buffers, metas)):
+        count = min(int(meta[0]), MAX_CALLS)
+        if not count:
             continue
-        if calls[site] > 1:  # a slot sums the taps of all calls: not a per-call norm
-            multi_call(site)
-            continue
-        for metric, on in ((S.GRAD_NORM, event[4]), (S.GRAD_IN_NORM, inputs_tapped.get((site, call), False))):
-            if on:
-                add(step, site, call, (metric,), grad[slot_of(site, metric)], event[3], spec.SQNORM)
+        post_meta = 1 + _PRE * MAX_CALLS
+        sub_meta = post_meta + _POST_META * MAX_CALLS
+        post, sub = buf.post[:count, _POST_META:].clone(), buf.sub[:, :count, 2:].clone()
+        for k in range(count):
+            call = calls[(site, k)]
+            ran, numel, _ = meta[post_meta + _POST_META * k: post_meta + _POST_META * (k + 1)]
+            if ran and forward:
+                add(step, site, call, forward, post[k], int(numel), spec.MOMENTS)
+            for g, group in enumerate(sub_groups):
+                sub_ran, sub_numel = meta[sub_meta + 2 * (g * MAX_CALLS + k): sub_meta + 2 * (g * MAX_CALLS + k) + 2]
+                if group and sub_ran:
+                    add(step, site, call, group, sub[g, k], int(sub_numel), spec.MOMENTS)
+        grad = buf.leaf.grad
+        if grad is not None:
+            if int(meta[0]) > 1:  # a tap's row sums over the calls: not a per-call norm
+                multi_call(site, int(meta[0]))
+            else:
+                call = calls[(site, 0)]
+                tapped_in = meta[2]
+                numel, tapped_out = meta[post_meta + 1], meta[post_meta + 2]
+                if tapped_out:
+                    add(step, site, call, (S.GRAD_NORM,), grad[0], int(numel), spec.SQNORM)
+                if tapped_in:
+                    add(step, site, call, (S.GRAD_IN_NORM,), grad[1], int(numel), spec.SQNORM)
+        buf.reset()
+    return True

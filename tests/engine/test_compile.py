@@ -172,7 +172,7 @@ def test_detach_under_compile_leaves_a_graph_that_records_nothing(one_thread, dy
     rows = len(scope.frame())
     for step in range(2):  # Dynamo does not guard on module hooks: the recorded-step flag sends it to a clean graph
         _loss(run, step).backward()
-    assert scope._probe.events == [] and len(scope.frame()) == rows
+    assert not any(int(b.count) for b in scope._probe.traced) and len(scope.frame()) == rows
 
 
 def test_a_hundred_and_twenty_compiled_steps_compile_twice_and_never_hit_the_recompile_limit(one_thread, dynamo, caplog):

@@ -253,16 +253,18 @@ def _one_line_warnings() -> Iterator[None]:
 
 
 class _Stop:
-    """Which signal stopped the profile (SIGINT or SIGTERM), kept even if its KeyboardInterrupt is swallowed."""
+    """Which signal stopped the profile (SIGINT or SIGTERM). The handler only sets it: the study stops at its next
+    safe point (:meth:`check`, after a step), never inside the writing of a part. A second signal stops at once."""
 
     signal: Optional[int] = None
 
     def handler(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-        raise KeyboardInterrupt
+        first, self.signal = self.signal is None, signum
+        if not first:  # asked twice (a step that hangs): stop now
+            raise KeyboardInterrupt
 
     def check(self, *args: Any) -> None:
-        """Called at every step: re-raise a stop whose first KeyboardInterrupt landed where it was lost."""
+        """Called after every step, a safe point: stop the study if a signal asked for it."""
         if self.signal is not None:
             raise KeyboardInterrupt
 

@@ -84,6 +84,24 @@ def prepare_out(out: Path, blocks: Sequence[Mapping[str, str]]) -> None:
                           f"pass a folder you can write to") from exc
 
 
+def recreate_out(out: Path, blocks: Sequence[Mapping[str, str]], lost: Sequence[Path], rows: int) -> None:
+    """``out`` vanished while a run streamed into it (moved or deleted): make it again and say so, once.
+
+    The rows not yet written (in memory) and every later row go to the new folder; the ``rows`` rows of the
+    parts ``lost`` (already released from memory) are wherever the old folder went. Raises ``OSError`` when the
+    folder cannot be made (the caller keeps the rows in memory and retries).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "gradscope-records", "version": 1, "blocks": [dict(b) for b in blocks],
+            "recreated": True}
+    atomic_write(out / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    where = (f"the {rows} rows of its parts {', '.join(p.name for p in lost)} were in the folder that went "
+             f"(they are wherever it was moved; deleted, they are gone); " if lost else "")
+    warnings.warn(f"gradscope: the out= folder {str(out)!r} was moved or deleted during the run: recreated it; "
+                  f"{where}the rows from now on are written to {str(out)!r}, and scope.frame() returns the rows "
+                  f"it can still read", RuntimeWarning, stacklevel=4)
+
+
 def atomic_write(path: Union[str, Path], write: Callable[[str], object]) -> None:
     """Run ``write(tmp)`` on a temporary file beside ``path``, then move it over ``path`` in one step.
 
@@ -121,12 +139,21 @@ def load(path: Union[str, os.PathLike]) -> pd.DataFrame:
     if not folder.is_dir():
         raise GradscopeError(f"no gradscope records at {str(folder)!r}: not a folder; pass the out= folder of a run "
                              f"or a gradscope profile folder")
-    if _readable(folder / PARQUET):
-        return _dedupe(read_records(folder / PARQUET), [folder / PARQUET])
     parts = sorted(folder.glob(PART_GLOB))
-    if parts:
+    if parts:  # a run's own folder: its parts are the records (a report written into it never shadows them)
         return _dedupe(*_read_parts_of(parts))
     nested = sorted((folder / "records").glob("**/" + PART_GLOB)) if (folder / "records").is_dir() else []
+    if _readable(folder / PARQUET):
+        consolidated = read_records(folder / PARQUET)
+        if not nested:
+            return _dedupe(consolidated, [folder / PARQUET])
+        frame, files = _read_nested(folder / "records", nested)
+        if _covers(consolidated, frame):
+            return _dedupe(consolidated, [folder / PARQUET])
+        warnings.warn(f"gradscope: {str(folder / PARQUET)!r} holds fewer steps than the parts under "
+                      f"{str(folder / 'records')!r} (a report written while the run was still streaming): "
+                      f"reading the parts", RuntimeWarning, stacklevel=2)
+        return _dedupe(frame, files)
     if nested:
         return _dedupe(*_read_nested(folder / "records", nested))
     if (folder / CSV).exists():
@@ -137,9 +164,32 @@ def load(path: Union[str, os.PathLike]) -> pd.DataFrame:
                          f"written by attach(..., out=...), or records/<run>/ of a gradscope profile folder")
 
 
+def _covers(consolidated: pd.DataFrame, parts: pd.DataFrame) -> bool:
+    """True when a report's records hold every recorded step of the parts of the phase(s) they hold.
+
+    A profile folder's ``records.parquet`` holds its main phase (training when there is one; no ``phase``
+    column) and is written when the run ends; written earlier (``gradscope report`` on a live folder), later parts
+    hold steps it lacks. Compared per run where both name runs.
+    """
+    if PHASE in parts.columns and PHASE not in consolidated.columns:
+        phases = set(parts[PHASE])
+        main = "train" if "train" in phases else sorted(phases)[0]
+        parts = parts[parts[PHASE] == main]
+    key = [c for c in (S.RUN, S.STEP) if c in consolidated.columns and c in parts.columns]
+    have = set(map(tuple, consolidated[key].drop_duplicates().itertuples(index=False, name=None)))
+    need = set(map(tuple, parts[key].drop_duplicates().itertuples(index=False, name=None)))
+    return need <= have
+
+
 def read_parts(paths: Sequence[Path], tail: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """The rows of a run's own parts (none skipped, each checked), then ``tail`` (rows still in memory), sorted."""
-    frames = [_table_frame(read_table(p), p) for p in paths] + ([tail] if tail is not None else [])
+    gone = [p for p in paths if not p.exists()]
+    if gone:
+        warnings.warn(f"gradscope: {len(gone)} records part(s) of this run are no longer on disk "
+                      f"({', '.join(str(p) for p in gone[:3])}{', ...' if len(gone) > 3 else ''}: the out= folder "
+                      f"was moved or deleted during the run); this frame holds every other row, the rows of those "
+                      f"parts are wherever they went", RuntimeWarning, stacklevel=3)
+    frames = [_table_frame(read_table(p), p) for p in paths if p.exists()] + ([tail] if tail is not None else [])
     if not frames:
         return frame_from_columns([], [], [], [], [], [], [])
     return sort_frame(pd.concat(frames, ignore_index=True))
@@ -169,14 +219,33 @@ def _readable(path: Path) -> bool:
     return False
 
 
+#: What a file's metadata may promise before it is read: bytes in memory per byte on disk, and a floor.
+EXPANSION, MIN_BUDGET = 200, 256 * 2**20
+#: Longest text value (a block, kind, metric or run name) a records file may hold.
+MAX_TEXT = 64 * 2**10
+_ROW_BYTES = 64  # a frame row in memory, before its text: four 8-byte numbers, three pointers, pandas' copies
+
+
 def read_table(path: Path) -> Any:
-    """A pyarrow Table of ``path``; its pandas and gradscope metadata must be JSON (read as data, never run)."""
+    """A pyarrow Table of ``path``; its pandas and gradscope metadata must be JSON (read as data, never run).
+
+    A file whose metadata promises more memory than :func:`check_promises` allows is refused before its data is
+    read; text columns are read dictionary-encoded (a value repeated a million times is stored once) and decoded
+    only after their decoded size is checked, so a small crafted file cannot exhaust memory.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        meta = pq.ParquetFile(path)
+        budget = check_promises(meta.metadata, path)
+        text = [f.name for f in meta.schema_arrow if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+        table = pq.read_table(path, read_dictionary=text)
+    except GradscopeError:
+        raise
     except Exception as exc:  # a damaged file, or a pickled extension type that pyarrow>=14.0.1 refuses
         raise DataError(f"cannot read {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+    table = _decode_text(table, path, budget)
     for key, raw in (table.schema.metadata or {}).items():
         if key in (b"pandas", _META_KEY):
             try:
@@ -184,6 +253,47 @@ def read_table(path: Path) -> Any:
             except ValueError:
                 raise DataError(f"refusing {str(path)!r}: its {key.decode()!r} metadata is not valid JSON; "
                                 f"this file was not written by gradscope") from None
+    return table
+
+
+def check_promises(metadata: Any, path: Path) -> int:
+    """The memory budget of a Parquet file (bytes), after refusing one whose metadata promises more.
+
+    What reading allocates grows with the rows and the uncompressed column chunks the footer declares; what a
+    gradscope file needs is at most :data:`EXPANSION` times its size on disk (a floor of :data:`MIN_BUDGET` for
+    small files). A crafted file (20 million constant rows compress to 0.5 MB) promises far more.
+    """
+    size = Path(path).stat().st_size
+    budget = max(MIN_BUDGET, EXPANSION * size)
+    chunks = sum(metadata.row_group(g).column(c).total_uncompressed_size
+                 for g in range(metadata.num_row_groups) for c in range(metadata.num_columns))
+    promised = metadata.num_rows * _ROW_BYTES + chunks
+    if promised > budget:
+        raise DataError(f"refusing {str(path)!r}: its metadata promises {metadata.num_rows} rows and "
+                        f"{chunks / 2**20:.0f} MiB of columns ({promised / 2**20:.0f} MiB in memory) from "
+                        f"{size / 2**10:.0f} KiB on disk, more than gradscope records need (at most "
+                        f"{budget / 2**20:.0f} MiB); not a gradscope records file")
+    return budget
+
+
+def _decode_text(table: Any, path: Path, budget: int) -> Any:
+    """Dictionary-encoded text columns decoded, after checking the longest value and the decoded size."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for i, field in enumerate(table.schema):
+        if not pa.types.is_dictionary(field.type):
+            continue
+        column = table.column(i)
+        decoded = longest = 0
+        for chunk in column.chunks:
+            lengths = pc.binary_length(chunk.dictionary)
+            longest = max(longest, pc.max(lengths).as_py() or 0)
+            decoded += pc.sum(pc.take(lengths, chunk.indices)).as_py() or 0
+        if longest > MAX_TEXT or decoded > budget:
+            raise DataError(f"refusing {str(path)!r}: column {field.name!r} decodes to {decoded / 2**20:.0f} MiB "
+                            f"of text (longest value {longest} characters); gradscope names are short")
+        table = table.set_column(i, field.name, column.cast(field.type.value_type))
     return table
 
 
@@ -364,7 +474,12 @@ def write_alerts(rows: Sequence[Mapping[str, Any]], out: Union[str, Path]) -> Pa
     """Write ``out/alerts.csv`` atomically (a kill mid-write leaves the previous file)."""
     path = Path(out) / ALERTS_FILE
     frame = alerts_frame(rows)
-    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # the folder moved or deleted mid-run: the records recreate it
+        atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+    except OSError as exc:  # a full disk: the alerts stay in memory (scope.alerts()) and the next alert retries
+        warnings.warn(f"gradscope: could not write {str(path)!r}: {exc.strerror or exc}; scope.alerts() still "
+                      f"returns every alert", RuntimeWarning, stacklevel=3)
     return path
 
 
@@ -373,8 +488,25 @@ def read_alerts(folder: Union[str, Path]) -> pd.DataFrame:
     path = Path(folder) / ALERTS_FILE
     if not path.exists():
         return alerts_frame([])
-    frame = pd.read_csv(path, dtype={"kind": str, "block": str, "metric": str, "others": str, "origin": str},
-                        keep_default_na=False, na_values={"block": [""], "value": [""], "threshold": [""]})
+    try:
+        frame = pd.read_csv(path, dtype={"kind": str, "block": str, "metric": str, "others": str,
+                                                "origin": str},
+                            keep_default_na=False, na_values={"block": [""], "value": [""], "threshold": [""]})
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {str(path)!r}: {_first_line(exc)}; an alerts.csv written by gradscope has "
+                        f"the columns {', '.join(S.ALERT_COLUMNS)}") from None
+    missing = [c for c in S.ALERT_COLUMNS if c not in frame.columns and c != "origin"]  # origin: newer column
+    if missing:
+        raise DataError(f"cannot read {str(path)!r}: no column(s) {', '.join(missing)} (it has "
+                        f"{', '.join(map(str, frame.columns[:8]))}); not an alerts.csv written by gradscope")
     frame["others"] = frame["others"].fillna("")
     frame["origin"] = frame["origin"].fillna("") if "origin" in frame else ""  # files from before the column
-    return alerts_frame(frame.to_dict("records"))
+    try:
+        return alerts_frame(frame.to_dict("records"))
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"cannot read {str(path)!r}: {_first_line(exc)} (step must be a whole number, value and "
+                        f"threshold numbers)") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -116,6 +116,7 @@ class Recorder:
         self._written = 0  # rows of ``rows`` already in parts on disk (dropped from memory at release())
         self._dropped = 0  # rows recorded before ``rows[0]``: in ``_part_paths`` on disk
         self._part_paths: List[Path] = []
+        self._part_starts: List[int] = []  # the first row (counted from the run's first) of each part
         self._released_parts = 0  # parts whose rows left memory (frame() reads those back)
         self._recorded_since_write = 0
         self._write_failed = False
@@ -238,6 +239,12 @@ class Recorder:
 
         An ``OSError`` (a full disk, a folder removed) does not propagate: the rows stay in memory, a warning says
         what failed and where (once until a write succeeds again), and the next flush retries.
+
+        Idempotent under interruption: a signal handler that raises (Ctrl-C) or writes itself (SIGTERM) may land
+        on any line here. A part is named by its position among the parts *that start at a new row*: writing
+        rows that start where the last part started (its bookkeeping was cut short) overwrites that part with a
+        superset instead of adding a second copy, and the bookkeeping changes in one statement, which no Python
+        signal handler can split. So no row is ever in two parts, and none is skipped.
         """
         if self.out is None or not self.write_files or self._written >= len(self.rows):
             self._recorded_since_write = 0
@@ -245,32 +252,42 @@ class Recorder:
         from gradscope import store  # pandas/pyarrow load only when rows go to disk
 
         rows = self.rows.trimmed() if len(self.rows.step) != len(self.rows) else self.rows
+        written, count = self._written, len(rows)
+        start = self._dropped + written
+        starts, paths = self._part_starts, self._part_paths
+        index = len(starts) - 1 if starts and starts[-1] == start else len(starts)
         try:
-            path = store.write_part(self._frame_of(rows, self._written), self.out, len(self._part_paths))
+            path = self._write_frame(store, self._frame_of(rows, written, count), index)
         except OSError as exc:
             if not self._write_failed:
-                warnings.warn(f"gradscope: could not write records part {len(self._part_paths)} to "
-                              f"{str(self.out)!r}: {exc.strerror or exc}; its {len(rows) - self._written} rows "
-                              f"stay in memory and the next flush retries", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"gradscope: could not write records part {index} to {str(self.out)!r}: "
+                              f"{exc.strerror or exc}; its {count - written} rows stay in memory and the next "
+                              f"flush retries", RuntimeWarning, stacklevel=3)
             self._write_failed = True
             return None
         if self._write_failed:
             warnings.warn(f"gradscope: records written to {str(self.out)!r} again", RuntimeWarning, stacklevel=3)
-        self._write_failed = False
-        self._recorded_since_write = 0
-        self._part_paths.append(path)
-        self._written = len(rows)
+        # one statement: the new lists are built first, then bound without a call in between
+        self._part_starts, self._part_paths, self._written, self._write_failed, self._recorded_since_write = \
+            starts[:index] + [start], paths[:index] + [path], count, False, 0
         return path
+
+    def _write_frame(self, store, frame, index: int) -> Path:
+        """``store.write_part``, recreating ``out`` when it was moved or deleted during the run (see
+        :func:`gradscope.store.recreate_out`)."""
+        if not self.out.is_dir():
+            store.recreate_out(self.out, [{"name": s.name, "kind": s.kind} for s in self.sites],
+                               lost=self._part_paths[:self._released_parts], rows=self._dropped)
+        return store.write_part(frame, self.out, index)
 
     def release(self) -> None:
         """Drop from memory the rows already written to parts (call once every reader of new rows had them)."""
         if self._written:
-            n = self._written
-            self.rows = Rows(self.rows.step[n:], self.rows.site[n:], self.rows.call[n:], self.rows.metric[n:],
-                             self.rows.value[n:])
-            self._dropped += n
-            self._written = 0
-            self._released_parts = len(self._part_paths)
+            n, rows = self._written, self.rows
+            kept = Rows(rows.step[n:], rows.site[n:], rows.call[n:], rows.metric[n:], rows.value[n:])
+            # one statement (see write_part): an interruption leaves the rows either released or not
+            self.rows, self._dropped, self._written, self._released_parts = \
+                kept, self._dropped + n, 0, len(self._part_paths)
 
     @property
     def row_count(self) -> int:
@@ -302,14 +319,15 @@ class Recorder:
             raise ValueError(f"rows before {self._dropped} are on disk only; frame(start={start}) cannot slice them")
         return store.read_parts(self._part_paths[:self._released_parts], tail=self._frame_of(self.rows, 0))
 
-    def _frame_of(self, rows: Rows, start: int):
+    def _frame_of(self, rows: Rows, start: int, stop: Optional[int] = None):
         from gradscope import store
 
-        sites = [self.sites[i] for i in rows.site[start:]]
+        cut = slice(start, stop)
+        sites = [self.sites[i] for i in rows.site[cut]]
         depth_of = self.depth
         return store.frame_from_columns(
-            rows.step[start:], [s.name for s in sites], [depth_of.get(i, -1) for i in rows.site[start:]],
-            [s.kind for s in sites], rows.metric[start:], rows.value[start:], rows.call[start:])
+            rows.step[cut], [s.name for s in sites], [depth_of.get(i, -1) for i in rows.site[cut]],
+            [s.kind for s in sites], rows.metric[cut], rows.value[cut], rows.call[cut])
 
 
 def finish_entries(entries: List[Entry], values: List[float]) -> List[List[float]]:

@@ -2,7 +2,7 @@
 
 Every string that comes from data (run and block names, notes) goes through :func:`md_escape`: HTML special
 characters become entities and Markdown's emphasis, link, code and table characters are backslash-escaped, so a
-block called ``<img src=x onerror=...>`` or ``a|b*c*`` reads as itself.
+block called ``<img src=x onerror=...>``, ``a|b*c*`` or ``a<newline>b`` reads as itself, on one line.
 """
 from __future__ import annotations
 
@@ -18,9 +18,15 @@ from gradscope.render import tables as T
 _MD_SPECIAL = re.compile(r"([\\`*{}\[\]|~$])")
 
 
+#: Line breaks (and the other characters that end a line) that would end a table row, a list item or a heading.
+_LINE_BREAK = re.compile(r"\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
+
+
 def md_escape(text: Any) -> str:
-    """``text`` safe inside Markdown (and the HTML a Markdown renderer produces)."""
-    return _MD_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False))
+    """``text`` safe inside Markdown (and the HTML a Markdown renderer produces), on one line: a line break in a
+    name is shown as ``\\n`` (as Python writes it), so a table row or a list item never ends inside a name."""
+    one_line = _LINE_BREAK.sub(lambda m: repr(m.group())[1:-1], str(text))
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(one_line, quote=False))
 
 
 def md_table(rows: T.Rows) -> List[str]:

@@ -23,6 +23,7 @@ _LAZY_MODULES = ("analysis", "data", "models", "schema", "testing", "theory")
 #: ``import gradscope`` and ``attach()`` need torch only; the attribute IS the real function, so ``help()``, IDEs and
 #: ``inspect.signature`` show its real arguments.
 _LAZY_FUNCTIONS = {
+    "compare": ("gradscope.analysis.compare", "compare"),  # two configurations, block by block, against seed noise
     "load": ("gradscope.store", "load"),                 # records streamed by attach(out=DIR) -> one DataFrame
     "report": ("gradscope.render.report", "write_report"),  # a report folder for a frame
     "verdicts": ("gradscope.agreement", "verdicts"),     # vanishing / healthy / exploding / diverged, with theory
@@ -49,6 +50,7 @@ __all__ = sorted([
     "Scope",
     "Site",
     "attach",
+    "compare",
     "find_blocks",
     "load",
     "report",

@@ -1,0 +1,391 @@
+"""Compare two runs against their own noise: did a change (init, norm, lr, architecture) change how signals travel?
+
+Pure functions of frames (pandas and numpy; no torch, no plotting). :func:`compare` takes two sides, A and B, each a
+frame, a records folder (``attach(out=)``, a report folder, a ``gradscope profile`` folder) or a list of those, and
+treats every run on one side as a seed of one configuration.
+
+For each block and metric (default: ``act_var`` and ``grad_norm``, the two verdict signals):
+
+* **The value of a run** is the mean over the compared steps (the steps both sides recorded) of ``ln value`` for
+  positive metrics (variances, norms, ratios: their changes are multiplicative), of the value itself for the others
+  (``act_mean``, ``act_zero_frac``, ...). Only ``call == 0`` rows are read.
+* **The difference** ``diff = mean(B) - mean(A)`` (for log metrics ``ratio = exp(diff)``: B is ``ratio`` times A).
+* **Its noise** comes from the seed spread when both sides have two or more runs (Welch: ``SE = sqrt(sA^2/nA +
+  sB^2/nB)``, Welch-Satterthwaite degrees of freedom); when one side has a single run, from the other side's seed
+  spread (``SE = s * sqrt(1/nA + 1/nB)``, ``n - 1`` degrees of freedom); when both sides are single runs, from the
+  step-to-step spread of each run over the compared steps (``spread = "steps"``: consecutive training steps are
+  correlated, so this interval is narrower than a seed interval would be: use seeds for a decision that matters).
+  With neither (one run, one step) there is no interval and the answer is ``unclear``.
+* **Many comparisons at once.** Each (block, metric) gets a two-sided Welch t-test p-value; p-values are adjusted
+  for the number of comparisons ``m`` (blocks x metrics) by Holm's step-down method (default; controls the chance
+  of *any* false "differs" at ``alpha``) or Bonferroni, and the interval printed is the Bonferroni-corrected one,
+  ``diff +- t(1 - alpha/(2m), df) SE``, so that an interval excluding 0 and a "differs" agree (Holm can only decide
+  more, never fewer, than that interval).
+* **Verdicts.** Per (block, metric): ``differs`` (adjusted p < alpha), ``same`` (no evidence of a difference:
+  not proof of equality; the interval says how large a difference the data still allow) or ``unclear`` (no
+  interval). Per block: ``differs`` if any of its metrics differs, ``same`` if all are ``same``, else ``unclear``.
+  A block present on only one side is ``only in A`` / ``only in B``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+
+from gradscope import schema as S
+from gradscope.errors import DataError
+
+__all__ = ["Comparison", "DIFFERS", "SAME", "UNCLEAR", "compare", "holm", "t_cdf", "t_quantile"]
+
+DIFFERS, SAME, UNCLEAR = "differs", "same", "unclear"
+ONLY_A, ONLY_B = "only in A", "only in B"
+#: metrics compared on a log scale (positive quantities whose changes are multiplicative)
+LOG_METRICS = frozenset((S.ACT_VAR, S.ACT_RMS, S.ACT_MAX_ABS, S.BRANCH_VAR, S.SHORTCUT_VAR, S.GRAD_NORM,
+                         S.GRAD_IN_NORM, S.PARAM_NORM, S.PARAM_GRAD_NORM, S.UPDATE_RATIO, S.ADAM_M_NORM,
+                         S.ADAM_V_NORM))
+DEFAULT_COMPARED = (S.ACT_VAR, S.GRAD_NORM)
+PHASE = "phase"
+#: columns of :attr:`Comparison.table`
+COLUMNS = ("block", "depth", "metric", "scale", "n_a", "n_b", "spread", "mean_a", "mean_b", "diff", "ratio", "low",
+           "high", "se", "df", "p", "p_adjusted", "verdict")
+Side = Union[pd.DataFrame, str, Path, Sequence[Union[pd.DataFrame, str, Path]]]
+
+
+# ---- Student's t (no scipy: the regularised incomplete beta by its continued fraction) ------------------------
+def _betacf(a: float, b: float, x: float) -> float:
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-14:
+            break
+    return h
+
+
+def _betai(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with ``df`` (> 0, not necessarily whole) degrees of freedom."""
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    tail = 0.5 * _betai(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(q: float, df: float) -> float:
+    """The ``q`` quantile of Student's t (bisection on :func:`t_cdf`; 1e-10 accurate)."""
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q={q} is not in (0, 1)")
+    lo, hi = -1.0, 1.0
+    while t_cdf(lo, df) > q:
+        lo *= 2.0
+    while t_cdf(hi, df) < q:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < q:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-10:
+            break
+    return 0.5 * (lo + hi)
+
+
+def holm(p: Sequence[float]) -> List[float]:
+    """Holm's step-down adjusted p-values (NaN stays NaN and is not counted): controls the family-wise error."""
+    idx = [i for i, v in enumerate(p) if v is not None and not math.isnan(v)]
+    m = len(idx)
+    out = [math.nan] * len(p)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: p[i])):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+# ---- inputs -----------------------------------------------------------------------------------------------------
+def _one_frame(item: Union[pd.DataFrame, str, Path], label: str) -> pd.DataFrame:
+    if isinstance(item, pd.DataFrame):
+        frame = item.copy()
+    elif isinstance(item, (str, Path)):
+        label = Path(item).name if label in ("A", "B") else label
+        from gradscope.store import load
+
+        frame = load(item)
+    else:
+        raise DataError(f"compare: {label} is a {type(item).__name__}; pass a frame, a records folder, or a list of "
+                        f"those (one per seed)")
+    missing = [c for c in (S.STEP, S.BLOCK, S.METRIC, S.VALUE) if c not in frame.columns]
+    if missing:
+        raise DataError(f"compare: {label} has no column(s) {missing}: it is not a gradscope frame")
+    if S.RUN not in frame.columns:
+        frame[S.RUN] = label
+    frame[S.RUN] = frame[S.RUN].astype(str)
+    return frame
+
+
+def side_frame(side: Side, name: str) -> pd.DataFrame:
+    """One frame of a side: a list's items become runs (seeds) ``<i>:<run>`` (``<i>:<folder name>`` for folders)."""
+    if isinstance(side, (list, tuple)):
+        if not side:
+            raise DataError(f"compare: side {name} is an empty list")
+        frames = []
+        for i, item in enumerate(side):
+            f = _one_frame(item, Path(item).name if isinstance(item, (str, Path)) else f"{name}{i}")
+            f[S.RUN] = f"{i}:" + f[S.RUN]
+            frames.append(f)
+        return pd.concat(frames, ignore_index=True)
+    return _one_frame(side, name)
+
+
+def _run_values(frame: pd.DataFrame, metrics: Sequence[str], steps: Optional[Sequence[int]]) -> pd.DataFrame:
+    """Per (run, block, metric, step): the value on the comparison's scale (ln for :data:`LOG_METRICS`)."""
+    rows = frame[frame[S.METRIC].isin(list(metrics))]
+    if S.CALL in rows.columns:
+        rows = rows[rows[S.CALL].fillna(0) == 0]
+    if steps is not None:
+        rows = rows[rows[S.STEP].isin(list(steps))]
+    cols = [S.RUN, S.BLOCK, S.METRIC, S.STEP, S.VALUE] + ([S.DEPTH] if S.DEPTH in rows.columns else [])
+    rows = rows[cols].copy()
+    value = rows[S.VALUE].astype(float)
+    logs = rows[S.METRIC].isin(list(LOG_METRICS))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rows[S.VALUE] = np.where(logs, np.log(value.where(value > 0)), value)
+    return rows[np.isfinite(rows[S.VALUE])]
+
+
+# ---- one comparison -----------------------------------------------------------------------------------------------
+def _welch(a: np.ndarray, b: np.ndarray) -> Tuple[float, float]:
+    """``(se, df)`` of mean(b) - mean(a) from two samples of two or more values each."""
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return 0.0, float(a.size + b.size - 2)
+    df = (va + vb) ** 2 / ((va ** 2 / (a.size - 1) if va else 0.0) + (vb ** 2 / (b.size - 1) if vb else 0.0))
+    return se, df
+
+
+def _noise(a_runs: np.ndarray, b_runs: np.ndarray, a_steps: np.ndarray, b_steps: np.ndarray
+           ) -> Tuple[float, float, str]:
+    """``(se, df, spread)`` of the difference of the two sides' means (see the module doc)."""
+    if a_runs.size >= 2 and b_runs.size >= 2:
+        se, df = _welch(a_runs, b_runs)
+        return se, df, "seeds"
+    if a_runs.size >= 2 or b_runs.size >= 2:
+        many = a_runs if a_runs.size >= 2 else b_runs
+        s = many.std(ddof=1)
+        return s * math.sqrt(1.0 / a_runs.size + 1.0 / b_runs.size), float(many.size - 1), "seeds (one side)"
+    if a_steps.size >= 2 and b_steps.size >= 2:
+        se, df = _welch(a_steps, b_steps)
+        return se, df, "steps"
+    return math.nan, math.nan, "none"
+
+
+def _p_value(diff: float, se: float, df: float) -> float:
+    if not (math.isfinite(se) and math.isfinite(df)) or df <= 0:
+        return math.nan
+    if se == 0:
+        return 0.0 if diff != 0 else 1.0
+    return 2.0 * (1.0 - t_cdf(abs(diff) / se, df))
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare` found.
+
+    Attributes:
+        table: one row per (phase,) block and metric, columns :data:`COLUMNS` (``phase`` first when the sides have
+            phases); ``diff``/``low``/``high`` on the comparison scale (ln for log metrics), ``ratio`` = B/A.
+        blocks: one row per (phase,) block: ``block, depth, verdict, metrics_differing``.
+        alpha, correction, m: the error rate, the correction (``holm``/``bonferroni``) and the number of
+            comparisons it was corrected for.
+        runs_a, runs_b: the runs (seeds) of each side; steps: the steps compared.
+    """
+
+    table: pd.DataFrame
+    blocks: pd.DataFrame
+    alpha: float
+    correction: str
+    m: int
+    runs_a: List[str] = field(default_factory=list)
+    runs_b: List[str] = field(default_factory=list)
+    steps: List[int] = field(default_factory=list)
+    labels: Tuple[str, str] = ("A", "B")
+
+    @property
+    def differs(self) -> bool:
+        """Whether any block differs."""
+        return bool((self.blocks["verdict"] == DIFFERS).any())
+
+    def summary(self) -> str:
+        """One paragraph: how many blocks differ, which, and by how much at most."""
+        a, b = self.labels
+        n_diff = int((self.blocks["verdict"] == DIFFERS).sum())
+        head = (f"{b} vs {a}: {n_diff} of {len(self.blocks)} blocks differ ({len(self.runs_a)} vs {len(self.runs_b)} "
+                f"run(s), {len(self.steps)} step(s); {self.m} comparisons, {self.correction}-corrected at alpha "
+                f"{self.alpha:g})")
+        hits = self.table[self.table["verdict"] == DIFFERS]
+        if hits.empty:
+            unclear = int((self.blocks["verdict"] == UNCLEAR).sum())
+            return head + (f"; {unclear} block(s) unclear (no interval: one run and one step per side)" if unclear
+                           else ": no difference beyond the noise")
+        worst = hits.loc[hits["diff"].abs().idxmax()]
+        size = (f"x{worst['ratio']:.3g} [{math.exp(worst['low']):.3g}, {math.exp(worst['high']):.3g}]"
+                if worst["scale"] == "log" else f"{worst['diff']:+.3g} [{worst['low']:+.3g}, {worst['high']:+.3g}]")
+        return head + f"; largest: {worst['metric']} at block {worst['block']!r}, {b}/{a} {size}"
+
+
+def _phases(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    return PHASE in a.columns and PHASE in b.columns
+
+
+def compare(a: Side, b: Side, *, metrics: Union[str, Sequence[str]] = DEFAULT_COMPARED,
+            steps: Union[None, str, Sequence[int]] = None, alpha: float = 0.05, correction: str = "holm",
+            labels: Tuple[str, str] = ("A", "B")) -> Comparison:
+    """Compare the signals of two configurations, block by block, against seed (or step-to-step) noise.
+
+    Args:
+        a: side A: a frame, a records folder, or a list of them (each item a seed); every run in a side counts as
+            a seed of that side's configuration.
+        b: side B, the same kinds.
+        metrics: the metrics compared (default ``act_var`` and ``grad_norm``), or ``"all"`` (every metric both
+            sides recorded).
+        steps: the steps compared (default: every step both sides recorded; ``"first"``/``"last"``: that one).
+        alpha: the family-wise error rate.
+        correction: ``"holm"`` (default) or ``"bonferroni"``.
+        labels: names of the two sides in the summary and figure.
+
+    Returns:
+        a :class:`Comparison` (``.table``, ``.blocks``, ``.differs``, ``.summary()``).
+    """
+    if correction not in ("holm", "bonferroni"):
+        raise DataError(f"correction={correction!r}: use 'holm' or 'bonferroni'")
+    if not 0 < alpha < 1:
+        raise DataError(f"alpha={alpha!r} is not in (0, 1)")
+    fa, fb = side_frame(a, labels[0]), side_frame(b, labels[1])
+    common = sorted(set(fa[S.METRIC]) & set(fb[S.METRIC]))
+    if metrics == "all":
+        chosen = [m for m in S.ALL_METRICS if m in common]
+    else:
+        chosen = [metrics] if isinstance(metrics, str) else list(metrics)
+        absent = [m for m in chosen if m not in common]
+        if absent:
+            raise DataError(f"compare: metric(s) {absent} are not recorded on both sides; both have {common}")
+    step_list = _steps(fa, fb, steps)
+    va, vb = _run_values(fa, chosen, step_list), _run_values(fb, chosen, step_list)
+    keys = ([PHASE] if _phases(fa, fb) else [])
+    if keys:
+        va, vb = va.join(fa[PHASE]), vb.join(fb[PHASE])
+    table = _table(va, vb, keys, alpha, correction)
+    blocks = _block_verdicts(table, keys)
+    return Comparison(table, blocks, alpha, correction, int(table["p"].notna().sum()),
+                      sorted(set(fa[S.RUN])), sorted(set(fb[S.RUN])), step_list, tuple(labels))
+
+
+def _steps(fa: pd.DataFrame, fb: pd.DataFrame, steps: Union[None, str, Sequence[int]]) -> List[int]:
+    common = sorted(set(int(s) for s in fa[S.STEP].dropna()) & set(int(s) for s in fb[S.STEP].dropna()))
+    if not common:
+        raise DataError(f"compare: the two sides share no recorded step (A: {sorted(set(fa[S.STEP]))[:5]}..., "
+                        f"B: {sorted(set(fb[S.STEP]))[:5]}...)")
+    if steps is None:
+        return common
+    if steps in ("first", "last"):
+        return [common[0] if steps == "first" else common[-1]]
+    if isinstance(steps, int):
+        steps = [steps]
+    chosen = [int(s) for s in steps]
+    missing = [s for s in chosen if s not in common]
+    if missing:
+        raise DataError(f"compare: step(s) {missing} are not recorded on both sides; common steps: {common[:10]}")
+    return chosen
+
+
+def _table(va: pd.DataFrame, vb: pd.DataFrame, keys: List[str], alpha: float, correction: str) -> pd.DataFrame:
+    group = keys + [S.BLOCK, S.METRIC]
+    rows: List[dict] = []
+    ga, gb = dict(tuple(va.groupby(group, sort=False))), dict(tuple(vb.groupby(group, sort=False)))
+    for key in list(dict.fromkeys(list(ga) + list(gb))):
+        key_t = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(group, key_t))
+        metric = row[S.METRIC]
+        row["scale"] = "log" if metric in LOG_METRICS else "linear"
+        da, db = ga.get(key), gb.get(key)
+        both = [d for d in (da, db) if d is not None]
+        row["depth"] = int(min(d[S.DEPTH].min() for d in both)) if S.DEPTH in both[0].columns else -1
+        if da is None or db is None:
+            row.update(verdict=ONLY_B if da is None else ONLY_A, p=math.nan)
+            rows.append(row)
+            continue
+        a_runs = da.groupby(S.RUN)[S.VALUE].mean().to_numpy()
+        b_runs = db.groupby(S.RUN)[S.VALUE].mean().to_numpy()
+        a_steps, b_steps = da[S.VALUE].to_numpy(), db[S.VALUE].to_numpy()
+        diff = float(b_runs.mean() - a_runs.mean())
+        se, df, spread = _noise(a_runs, b_runs, a_steps, b_steps)
+        row.update(n_a=int(a_runs.size), n_b=int(b_runs.size), spread=spread, mean_a=float(a_runs.mean()),
+                   mean_b=float(b_runs.mean()), diff=diff, se=se, df=df, p=_p_value(diff, se, df))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    for col in COLUMNS:
+        if col not in table.columns:
+            table[col] = math.nan
+    m = int(table["p"].notna().sum())
+    adjusted = holm(list(table["p"])) if correction == "holm" else \
+        [min(1.0, p * m) if not math.isnan(p) else math.nan for p in table["p"]]
+    table["p_adjusted"] = adjusted
+    half = [t_quantile(1 - alpha / (2 * max(m, 1)), df) * se if math.isfinite(df) and math.isfinite(se) and df > 0
+            else math.nan for df, se in zip(table["df"], table["se"])]
+    table["low"], table["high"] = table["diff"] - half, table["diff"] + half
+    table["ratio"] = np.where(table["scale"] == "log", np.exp(table["diff"].astype(float)), math.nan)
+    verdict = [v if isinstance(v, str) else (UNCLEAR if math.isnan(pa) else (DIFFERS if pa < alpha else SAME))
+               for v, pa in zip(table["verdict"], table["p_adjusted"])]
+    table["verdict"] = verdict
+    table = table.sort_values(keys + ["depth", S.BLOCK, S.METRIC], kind="stable").reset_index(drop=True)
+    return table[keys + list(COLUMNS)]
+
+
+def _block_verdicts(table: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
+    rows = []
+    for key, g in table.groupby(keys + [S.BLOCK], sort=False):
+        key_t = key if isinstance(key, tuple) else (key,)
+        words = set(g["verdict"])
+        if DIFFERS in words:
+            verdict = DIFFERS
+        elif words <= {SAME}:
+            verdict = SAME
+        elif words <= {ONLY_A} or words <= {ONLY_B}:
+            verdict = words.pop()
+        else:
+            verdict = UNCLEAR
+        row = dict(zip(keys + [S.BLOCK], key_t))
+        row.update(depth=int(g["depth"].min()), verdict=verdict,
+                   metrics_differing=" ".join(g.loc[g["verdict"] == DIFFERS, S.METRIC]))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=keys + [S.BLOCK, "depth", "verdict", "metrics_differing"])

@@ -1,0 +1,123 @@
+"""gradscope.compare: two seed sets of one configuration do not differ; Kaiming vs Xavier without BN do, by the
+factor theory gives (Xavier halves the ReLU forward variance per block); folders, lists and frames as sides; the
+corrected statistics against tables and hand computations; the figure, page and files."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+import gradscope
+from gradscope.analysis import stats
+from gradscope.analysis.compare import DIFFERS, SAME, UNCLEAR, compare, holm, t_cdf, t_quantile
+from gradscope.errors import DataError
+from gradscope.models import build
+
+
+def _run(init: str, seed: int, steps: int = 3, out=None) -> pd.DataFrame:
+    model = build("mlp", seed=seed, depth=8, width=64, in_features=32, init=init, bn=False)
+    g = torch.Generator().manual_seed(100 + seed)
+    with gradscope.attach(model, out=out) as scope:
+        for _ in range(steps):
+            x, y = torch.randn(64, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            model.zero_grad()
+            scope.step()
+    frame = scope.frame()
+    frame["run"] = f"{init}-s{seed}"
+    return frame
+
+
+@pytest.fixture(scope="module")
+def sides(one_thread):
+    kaiming = pd.concat([_run("kaiming", s) for s in (0, 1, 2, 3)], ignore_index=True)
+    kaiming_again = pd.concat([_run("kaiming", s) for s in (4, 5, 6, 7)], ignore_index=True)
+    xavier = pd.concat([_run("xavier", s) for s in (0, 1, 2, 3)], ignore_index=True)
+    return kaiming, kaiming_again, xavier
+
+
+def test_two_seed_sets_of_one_configuration_do_not_differ(sides):
+    kaiming, kaiming_again, _ = sides
+    result = gradscope.compare(kaiming, kaiming_again)
+    assert not result.differs, result.summary()
+    assert set(result.blocks["verdict"]) == {SAME}
+    assert set(result.table["spread"]) == {"seeds"} and result.m == 16  # 8 blocks x 2 metrics
+    assert (result.table["low"] < 0).all() and (result.table["high"] > 0).all()  # every interval holds 0
+
+
+def test_kaiming_vs_xavier_without_bn_differs_by_the_factor_theory_gives(sides):
+    kaiming, _, xavier = sides
+    result = compare(kaiming, xavier, labels=("kaiming", "xavier"))
+    assert result.differs
+    fwd = result.table[result.table["metric"] == "act_var"].sort_values("depth")
+    assert (fwd["verdict"] == DIFFERS).sum() >= 6  # the first blocks are close; the ratio compounds with depth
+    # He et al. 2015: with ReLU, Xavier's weight variance 1/fan_in (vs 2/fan_in) halves the variance per block
+    per_block = fwd["diff"].diff().dropna()
+    assert math.exp(per_block.mean()) == pytest.approx(0.5, abs=0.08)
+    assert (fwd["ratio"].iloc[-1] < 0.01) and "xavier vs kaiming" in result.summary()
+
+
+def test_folders_and_lists_of_folders_are_sides(tmp_path, one_thread):
+    folders = []
+    for seed in (0, 1):
+        _run("kaiming", seed, out=tmp_path / f"k{seed}")
+        folders.append(tmp_path / f"k{seed}")
+    x_folders = []
+    for seed in (0, 1):
+        _run("xavier", seed, out=tmp_path / f"x{seed}")
+        x_folders.append(str(tmp_path / f"x{seed}"))
+    result = compare(folders, x_folders)
+    assert result.differs and result.runs_a == ["0:k0", "1:k1"] and set(result.table["n_a"]) == {2}
+    single = compare(folders[0], x_folders[0])  # one run each: the step-to-step spread
+    assert set(single.table["spread"]) == {"steps"}
+
+
+def test_one_run_and_one_step_per_side_is_unclear(sides):
+    kaiming, kaiming_again, _ = sides
+    a = kaiming[(kaiming.run == "kaiming-s0")]
+    b = kaiming_again[(kaiming_again.run == "kaiming-s4")]
+    result = compare(a, b, steps="first")
+    assert set(result.blocks["verdict"]) == {UNCLEAR} and result.m == 0
+    assert "unclear" in result.summary()
+
+
+def test_students_t_and_holm_against_tables_and_hand_computation():
+    for df in (1, 2, 4, 10, 30):
+        assert t_quantile(0.975, df) == pytest.approx(stats.t975(df), abs=2e-3)
+        assert t_cdf(stats.t975(df), df) == pytest.approx(0.975, abs=2e-4)
+    assert t_cdf(0.0, 3.5) == pytest.approx(0.5)
+    assert t_quantile(0.995, 1000) == pytest.approx(2.581, abs=2e-3)  # ~ the normal's 2.576
+    # Holm: sorted p (0.01, 0.02, 0.04) x (3, 2, 1) = (0.03, 0.04, 0.04), monotone
+    assert holm([0.04, 0.01, float("nan"), 0.02]) == pytest.approx([0.04, 0.03, float("nan"), 0.04], nan_ok=True)
+
+
+def test_bad_input_is_one_clear_error(sides):
+    kaiming, kaiming_again, _ = sides
+    with pytest.raises(DataError, match="not recorded on both sides"):
+        compare(kaiming, kaiming_again, metrics=["adam_m_norm"])
+    with pytest.raises(DataError, match="share no recorded step"):
+        compare(kaiming, kaiming_again.assign(step=kaiming_again.step + 100))
+    with pytest.raises(DataError, match="correction"):
+        compare(kaiming, kaiming_again, correction="fdr")
+    with pytest.raises(DataError, match="not a gradscope frame"):
+        compare(pd.DataFrame({"x": [1]}), kaiming)
+    with pytest.raises(gradscope.GradscopeError, match="no gradscope records"):
+        compare("/nonexistent/folder", kaiming)
+
+
+def test_the_page_figure_and_files(sides, tmp_path, monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    from gradscope.render.compare import compare_figure, write_compare
+
+    kaiming, _, xavier = sides
+    result = compare(kaiming, xavier, metrics="all")
+    assert {"act_var", "grad_norm", "act_mean", "param_norm"} <= set(result.table["metric"])
+    fig = compare_figure(compare(kaiming, xavier))
+    assert len(fig.axes) == 2
+    page = write_compare(result, tmp_path)
+    text = page.read_text()
+    assert '<section id="compare">' in text and "data:image/png;base64," in text and "differs" in text
+    saved = pd.read_csv(tmp_path / "compare.csv")
+    assert len(saved) == len(result.table) and (tmp_path / "compare_blocks.csv").exists()

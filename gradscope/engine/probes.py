@@ -25,6 +25,7 @@ from gradscope.engine import spec
 from gradscope.engine.metrics import Raw, Scratch, activation_sums, is_signal, readable, squared_norm
 from gradscope.engine.recorder import Recorder
 from gradscope.engine.sites import Site
+from gradscope.engine.state import TRAIN, grad_modes
 from gradscope.engine import traced as T
 
 _current_graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
@@ -38,6 +39,12 @@ def in_backward() -> bool:
 _is_wrapped: Callable[[torch.Tensor], bool] = getattr(getattr(torch._C, "_functorch", None),
                                                      "is_functorch_wrapped_tensor", lambda t: False)
 _SKIPPED = -1  # pushed by a pre-hook that records nothing, so its post-hook knows
+
+
+def _recomputed(call: int) -> int:
+    """The stack entry of a forward that activation checkpointing recomputes inside backward (its statistics are
+    the original forward's; only its gradient hooks are new): negative, so post- and sub-hooks tell it apart."""
+    return -2 - call
 
 
 def transformed(t: Optional[torch.Tensor]) -> bool:
@@ -142,8 +149,10 @@ class Probe:
     else, and stops gradient hooks still pending in a graph from recording.
     """
 
-    def __init__(self, sites: List[Site], recorder: Recorder, metrics: MetricSet) -> None:
+    def __init__(self, sites: List[Site], recorder: Recorder, metrics: MetricSet, forwards: str = TRAIN) -> None:
         self.sites = sites
+        #: ``torch.is_grad_enabled()`` values of the forwards recorded (``attach(forwards=...)``, engine/state.py)
+        self.modes = grad_modes(forwards)
         self.rec = recorder
         self.state = recorder.state
         self.m = metrics
@@ -212,22 +221,34 @@ class Probe:
 
     # ---- hook factories ------------------------------------------------------------------------------------------
     def _pre_hook(self, site: int) -> Callable:
-        state, m, stack = self.state, self.m, self.stacks[site]
+        state, m, stack, modes = self.state, self.m, self.stacks[site], self.modes
 
         def pre_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
             if not state.active:
                 return None
+            recorded = torch.is_grad_enabled() in modes  # a training forward builds a graph (engine/state.py)
             if T.compiling():
-                return self._traced_pre(site, args, kwargs)
+                return self._traced_pre(site, args, kwargs) if recorded else None
+            if not recorded:  # a validation forward between training steps: not this step's record
+                state.skip_call(site)
+                stack.append(_SKIPPED)
+                return None
             x = block_input(args, kwargs)
             if transformed(x):
                 stack.append(_SKIPPED)
                 return None
-            recompute = in_backward()
-            call = state.next_recompute_call(site) if recompute else state.next_call(site)
-            stack.append(call)
-            if self.keep is not None and not recompute:  # inputs kept for a NaN's operator (engine/oporigin.py)
-                self.keep(site, args, kwargs)
+            call = -1
+            if in_backward():  # activation checkpointing recomputes the forward
+                call = state.next_recompute_call(site)
+                if call < state.calls[site]:
+                    stack.append(_recomputed(call))
+                else:  # reentrant checkpointing ran the forward without grad: the recomputation is the training one
+                    call = -1
+            if call < 0:
+                call = state.next_call(site)
+                stack.append(call)
+                if self.keep is not None:  # inputs kept for a NaN's operator (engine/oporigin.py)
+                    self.keep(site, args, kwargs)
             if m.grad_in and x is not None:
                 inputs = grad_inputs(args, kwargs)
                 if len(inputs) == 1:
@@ -239,20 +260,23 @@ class Probe:
         return pre_hook
 
     def _post_hook(self, site: int) -> Callable:
-        rec, state, m, stack = self.rec, self.state, self.m, self.stacks[site]
+        rec, state, m, stack, modes = self.rec, self.state, self.m, self.stacks[site], self.modes
 
         def post_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> Any:
             if not state.active:
                 return None
             if T.compiling():
-                return self._traced_post(site, output)
+                return self._traced_post(site, output) if torch.is_grad_enabled() in modes else None
             if not stack:
                 return None
             call = stack.pop()
             y = first_tensor(output)
             if y is None or call == _SKIPPED or transformed(y):
                 return None
-            if m.forward and not in_backward():
+            fresh = call >= 0
+            if not fresh:
+                call = _recomputed(call)  # its own inverse
+            if m.forward and fresh:
                 sums = activation_sums(y, extras=m.extras, scratch=self.scratch)
                 rec.add(state.step, site, call, m.forward, sums, y.numel(), spec.MOMENTS)
                 if m.shortcut:  # only a shortcut hook ever recalls it
@@ -271,10 +295,10 @@ class Probe:
         def sub_hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
             if state.active and T.compiling():
                 y = first_tensor(output)
-                if y is not None:
+                if y is not None and torch.is_grad_enabled() in self.modes:
                     T.note_sub(self.traced[site], int(group[1] == S.SHORTCUT_VAR), y)
                 return None
-            if not state.active or not stack or stack[-1] == _SKIPPED or in_backward():
+            if not state.active or not stack or stack[-1] < 0:  # skipped, or recomputed by checkpointing
                 return None
             y = first_tensor(output)
             if y is not None and not transformed(y):

@@ -24,6 +24,7 @@ from gradscope.engine.exits import LiveScopes
 from gradscope.engine.recorder import Recorder, Schedule, make_schedule
 from gradscope.engine.sinks import SinkFeed
 from gradscope.engine.sites import BlockSelector, Site, find_blocks, unwrap_model
+from gradscope.engine.state import EVAL, FORWARDS, TRAIN
 
 __all__ = ["NONFINITE_POLICIES", "NonFiniteError", "Scope", "attach"]
 
@@ -40,8 +41,9 @@ class Scope:
     def __init__(self, model: nn.Module, sites: List[Site], recorder: Recorder, metrics: MetricSet,
                  optimizer: Optional[torch.optim.Optimizer] = None, scaler: Any = None,
                  on_nonfinite: str = "warn", distributed: Any = None, sinks: Iterable[Any] = (),
-                 sharded: bool = False, alerts: Optional[AlertLog] = None) -> None:
+                 sharded: bool = False, alerts: Optional[AlertLog] = None, forwards: str = TRAIN) -> None:
         self.model = model
+        self.forwards = forwards
         self._alerts = alerts if alerts is not None else AlertLog(None, None)
         self._losses_seen = 0
         self._sinks = SinkFeed(sinks)
@@ -50,7 +52,7 @@ class Scope:
         self.sites = sites
         self._rec = recorder
         self._metrics = metrics
-        self._probe = Probe(sites, recorder, metrics)
+        self._probe = Probe(sites, recorder, metrics, forwards)
         self._nonfinite = NonFinitePolicy(on_nonfinite, sites)
         self._tracer = OpTracer(sites, recorder.state) if on_nonfinite != "ignore" else None  # a NaN's operator
         if self._tracer is not None:
@@ -124,7 +126,15 @@ class Scope:
         rec = self._rec
         if rec.active:
             self._probe.drain_traced()  # under torch.compile: call indices, depths and the scale the backward saw
-            if not rec.state.any_block_ran() and not self._warned_silent:
+            if not rec.state.any_block_ran() and rec.state.skipped and not self._warned_silent:
+                self._warned_silent = True
+                warnings.warn(
+                    f"gradscope: recorded step {rec.step} holds no forward: only forwards under torch.no_grad() or "
+                    f"torch.inference_mode() ran, and a scope with forwards={self.forwards!r} records "
+                    f"{'those with grad enabled (training)' if self.forwards == TRAIN else 'other ones'}. Call "
+                    f"scope.step() once per training step, after backward; to record validation forwards, attach "
+                    f"a second scope with forwards='eval'.", RuntimeWarning, stacklevel=2)
+            elif not rec.state.any_block_ran() and not self._warned_silent:
                 self._warned_silent = True
                 warnings.warn(
                     f"gradscope: no hooked block ran during recorded step {rec.step}. If the model was "
@@ -330,14 +340,16 @@ class Scope:
         self._opt_handles.append(self.model.register_forward_pre_hook(self._mark_forward))
 
     def _mark_forward(self, *args: Any) -> None:
-        self._rec.state.mark_forward()
+        if torch.is_grad_enabled():  # a validation forward opens no step (engine/state.py)
+            self._rec.state.mark_forward()
 
 
 def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, Schedule] = 1,
            out: Union[str, os.PathLike, None] = None, *, metrics: Optional[Sequence[str]] = None,
            optimizer: Optional[torch.optim.Optimizer] = None, scaler: Any = None, flush_every: int = 10,
            on_nonfinite: str = "warn", distributed: Union[bool, str] = "auto",
-           sinks: Iterable[Any] = (), on_anomaly: Handler = None, alert_rules: Optional[AlertRules] = None) -> Scope:
+           sinks: Iterable[Any] = (), on_anomaly: Handler = None, alert_rules: Optional[AlertRules] = None,
+           forwards: str = TRAIN) -> Scope:
     """Hook every block of ``model`` and record activation and gradient statistics per recorded step.
 
     Args:
@@ -361,6 +373,12 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
             ``out/alerts.csv``), ``"warn"``, ``"raise"`` (``AnomalyError`` from ``step()``, records kept), or a
             callable receiving each :class:`~gradscope.engine.alerts.Alert`. Pass the loss as ``step(loss=...)``.
         alert_rules: thresholds (:class:`~gradscope.engine.alerts.AlertRules`: window, z, update band...).
+        forwards: which forwards make a step's record. ``"train"`` (default): only training forwards, those run
+            with grad enabled; a forward under ``torch.no_grad()``/``torch.inference_mode()`` (validation, a
+            trainer's sanity check) takes no call index and leaves the record as it would be without it (eval
+            mode alone does not matter: frozen-BatchNorm fine-tuning trains in eval mode). ``"eval"``: only those
+            no-grad forwards, for a second scope that records validation apart (its ``step()`` closes an
+            evaluation pass; no gradient or update metrics). ``"all"``: every forward, in call order.
 
     With ``out``, the folder also gets ``provenance.json`` (command line, these options, seeds, versions, device,
     wall time), written at attach and completed at detach.
@@ -374,11 +392,17 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
     sharding = check_sharding(inner)
     sites = find_blocks(inner, blocks)
     schedule = make_schedule(every)
+    if forwards not in FORWARDS:
+        raise GradscopeError(f"forwards={forwards!r} is not one of {FORWARDS}: 'train' records the forwards that "
+                             f"build a graph, 'eval' those under no_grad/inference_mode, 'all' both")
     if on_nonfinite not in NONFINITE_POLICIES:  # checked before any hook exists
         raise GradscopeError(f"on_nonfinite={on_nonfinite!r} is not one of {NONFINITE_POLICIES}")
     if not isinstance(flush_every, int) or flush_every < 1:
         raise GradscopeError(f"flush_every={flush_every!r} is not a positive integer")
     chosen = _check_metrics(metrics)
+    if forwards == EVAL:  # evaluation forwards run no backward and no optimizer step of their own
+        gradients = S.BACKWARD_METRICS + (S.PARAM_GRAD_NORM, S.UPDATE_RATIO)
+        chosen = tuple(m for m in (chosen or S.DEFAULT_METRICS) if m not in gradients)
     combiner = DistributedCombiner.create(distributed, sharding)
     out_path = None if out is None else Path(out)
     writer = combiner is None or combiner.is_writer
@@ -389,10 +413,10 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
     feed = SinkFeed(sinks)  # checked before any hook exists
     scope = Scope(inner, sites, recorder, MetricSet(chosen), optimizer=optimizer, scaler=scaler,
                   on_nonfinite=on_nonfinite, distributed=combiner, sinks=feed.sinks,
-                  sharded=sharding is not None, alerts=alerts)
+                  sharded=sharding is not None, alerts=alerts, forwards=forwards)
     if out_path is not None and recorder.write_files:
         config = {"blocks": blocks, "every": every, "metrics": metrics, "flush_every": flush_every,
-                  "on_nonfinite": on_nonfinite, "on_anomaly": on_anomaly if isinstance(on_anomaly, str) or
+                  "on_nonfinite": on_nonfinite, "forwards": forwards, "on_anomaly": on_anomaly if isinstance(on_anomaly, str) or
                   on_anomaly is None else getattr(on_anomaly, "__name__", type(on_anomaly).__name__),
                   "alert_rules": repr(alert_rules or AlertRules()), "optimizer": type(optimizer).__name__ if optimizer else None,
                   "scaler": type(scaler).__name__ if scaler is not None else None,

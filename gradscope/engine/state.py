@@ -15,6 +15,18 @@ import torch
 Schedule = Callable[[int], bool]
 GradSlot = Tuple[int, int, str]  # (site, call, metric)
 
+#: ``attach(forwards=...)``: which forwards make a step's record. A *training* forward is one run with gradient
+#: recording on (``torch.is_grad_enabled()``): it builds the graph a backward follows. One under ``torch.no_grad()``
+#: or ``torch.inference_mode()`` (validation, a trainer's sanity check, generation) is an *evaluation* forward; eval
+#: mode alone decides nothing (frozen-BatchNorm fine-tuning trains in eval mode).
+TRAIN, EVAL, ALL = "train", "eval", "all"
+FORWARDS = (TRAIN, EVAL, ALL)
+
+
+def grad_modes(forwards: str) -> Tuple[bool, ...]:
+    """The values of ``torch.is_grad_enabled()`` under which a scope with ``forwards=`` records a forward."""
+    return {TRAIN: (True,), EVAL: (False,), ALL: (True, False)}[forwards]
+
 
 class StepState:
     """Step counter and per-step bookkeeping of one scope."""
@@ -31,6 +43,7 @@ class StepState:
         self.calls: List[int] = [0] * self.n_sites
         self.recompute_calls: List[int] = [0] * self.n_sites
         self.grad_slots: Set[GradSlot] = set()
+        self.skipped = 0  # block calls of forwards this scope does not record (see FORWARDS), in this step
         self.forward_seen = False  # a forward ran in this step (recorded or not; see Scope._watch_optimizer)
         self.grad_scale: Optional[torch.Tensor] = None  # GradScaler scale seen by this step's backward
 
@@ -42,6 +55,13 @@ class StepState:
         call = self.calls[site]
         self.calls[site] = call + 1
         return call
+
+    def skip_call(self, site: int) -> None:
+        """A call of ``site`` in a forward this scope does not record: counted apart, it still fixes the site's depth
+        (the order of its first call; reentrant checkpointing runs the training forward itself without grad)."""
+        if site not in self.depth:
+            self.depth[site] = len(self.depth)
+        self.skipped += 1
 
     def next_recompute_call(self, site: int) -> int:
         """Call index during an activation-checkpointing recomputation (inside backward)."""

@@ -92,10 +92,11 @@ def test_depth_is_forward_execution_order():
 
 
 def test_no_grad_and_eval_record_forward_only():
+    """Asked for (forwards="eval"), no-grad forwards are recorded: forward rows only."""
     torch.manual_seed(0)
     model = nets.conv_bn_net().eval()
     x = torch.randn(4, 3, 8, 8)
-    with gradscope.attach(model) as scope:
+    with gradscope.attach(model, forwards="eval") as scope:
         with torch.no_grad():
             model(x)
         scope.step()

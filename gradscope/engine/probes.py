@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gradscope import schema as S
-from gradscope.engine import spec
+from gradscope.engine import portable, spec
 from gradscope.engine.metrics import Raw, Scratch, activation_sums, is_signal, readable, squared_norm
 from gradscope.engine.recorder import Recorder
 from gradscope.engine.sites import Site
@@ -157,6 +157,8 @@ class Probe:
         self.state = recorder.state
         self.m = metrics
         self.handles: List[Any] = []
+        self.guarded: List[nn.Module] = []  # modules given the copy-and-pickle guard (released at remove())
+        self._guarded_ids: set = set()
         self.stacks: List[List[int]] = [[] for _ in sites]
         self.alive = True
         self.scratch = Scratch()  # one reused work buffer: no page-faulted allocation per hook call
@@ -187,20 +189,23 @@ class Probe:
                 self.traced.append(T.SiteBuffers(device, width))
                 if device not in self._order:
                     self._order[device] = torch.zeros((), dtype=torch.float64, device=device)
+        mark = portable.mark  # copies and pickles of the model leave marked hooks out (engine/portable.py)
         try:
             for index, site in enumerate(self.sites):
+                self._guard(site.module)
                 self.handles.append(site.module.register_forward_pre_hook(
-                    T.eager_at_top_level(self._pre_hook(index)), with_kwargs=True, prepend=True))
+                    mark(T.eager_at_top_level(self._pre_hook(index))), with_kwargs=True, prepend=True))
                 self.handles.append(site.module.register_forward_hook(
-                    T.eager_at_top_level(self._post_hook(index)), with_kwargs=True, prepend=True))
+                    mark(T.eager_at_top_level(self._post_hook(index))), with_kwargs=True, prepend=True))
                 if not is_residual(site.module):
                     continue
                 for attr, metric, on in (("branch", S.BRANCH_VAR, self.m.branch),
                                          ("shortcut", S.SHORTCUT_VAR, self.m.shortcut)):
                     if on:
                         sub = getattr(site.module, attr)
+                        self._guard(sub)
                         self.handles.append(sub.register_forward_hook(
-                            T.eager_at_top_level(self._sub_hook(index, (metric,))), prepend=True))
+                            mark(T.eager_at_top_level(self._sub_hook(index, (metric,)))), prepend=True))
         except BaseException:
             self.uninstall()
             raise
@@ -218,6 +223,16 @@ class Probe:
         self.uninstall()
         if self._watch is not None:
             self._watch.close()
+        while self.guarded:
+            portable.release(self.guarded.pop())
+        self._guarded_ids.clear()
+
+    def _guard(self, module: nn.Module) -> None:
+        """Keep this module's gradscope hooks out of its copies and pickles (engine/portable.py)."""
+        portable.guard(module)
+        if id(module) not in self._guarded_ids:
+            self._guarded_ids.add(id(module))
+            self.guarded.append(module)
 
     # ---- hook factories ------------------------------------------------------------------------------------------
     def _pre_hook(self, site: int) -> Callable:

@@ -12,6 +12,7 @@ from torch import nn
 from gradscope import schema as S
 from gradscope.errors import GradscopeError
 from gradscope.engine import params as P
+from gradscope.engine import portable
 from gradscope.engine import spec
 from gradscope.engine.alerts import AlertLog, AlertRules, Handler, detector_rows
 from gradscope.engine.amp import ScalerState
@@ -60,6 +61,7 @@ class Scope:
         self._warned_silent = False
         self._attached = False
         self._opt_handles: List[Any] = []
+        self._guarded = False
         self._snapshot: Optional[Tuple[int, List[torch.Tensor]]] = None
         self._dist = distributed
         self._optimizer = optimizer
@@ -210,6 +212,8 @@ class Scope:
             self._rec.state.stop()
             while self._opt_handles:
                 self._opt_handles.pop().remove()
+            if self._guarded:
+                portable.release(self.model)
             self._attached = False
             try:
                 self._sinks.close()
@@ -337,11 +341,15 @@ class Scope:
         self._opt_handles.append(optimizer.register_step_post_hook(post))
         # whether a forward ran since scope.step() tells which step an optimizer step belongs to; the block hooks are
         # absent in unrecorded steps, so one flag-setting hook on the model itself says it (one call per forward)
-        self._opt_handles.append(self.model.register_forward_pre_hook(self._mark_forward))
+        state = self._rec.state
 
-    def _mark_forward(self, *args: Any) -> None:
-        if torch.is_grad_enabled():  # a validation forward opens no step (engine/state.py)
-            self._rec.state.mark_forward()
+        def mark_forward(*args: Any) -> None:
+            if torch.is_grad_enabled():  # a validation forward opens no step (engine/state.py)
+                state.mark_forward()
+
+        portable.guard(self.model)  # copies and pickles of the model leave this hook out
+        self._opt_handles.append(self.model.register_forward_pre_hook(portable.mark(mark_forward)))
+        self._guarded = True
 
 
 def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, Schedule] = 1,

@@ -409,7 +409,7 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
         raise GradscopeError(f"flush_every={flush_every!r} is not a positive integer")
     chosen = _check_metrics(metrics)
     if forwards == EVAL:  # evaluation forwards run no backward and no optimizer step of their own
-        gradients = S.BACKWARD_METRICS + (S.PARAM_GRAD_NORM, S.UPDATE_RATIO)
+        gradients = S.BACKWARD_METRICS + (S.PARAM_GRAD_NORM,) + S.OPTIMIZER_METRICS
         chosen = tuple(m for m in (chosen or S.DEFAULT_METRICS) if m not in gradients)
     combiner = DistributedCombiner.create(distributed, sharding)
     out_path = None if out is None else Path(out)

@@ -22,6 +22,8 @@ Needs ``transformers`` (``pip install 'torch-gradscope[transformers]'``).
 """
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -40,8 +42,10 @@ class GradscopeCallback(_hf.TrainerCallback):
             rows in memory only (:meth:`frame`).
         log: also put a compact set of scalars (min and max over blocks of ``act_var``, ``grad_norm``,
             ``param_grad_norm``, ``update_ratio``; the non-finite count) into the Trainer's next log entry:
-            ``state.log_history``, the printed logs and callbacks after this one see them (the ``report_to``
-            trackers are called before user callbacks: for those, pass a sink instead).
+            ``state.log_history``, the printed logs and the ``report_to`` trackers (TensorBoard, wandb, MLflow,
+            ...) see them. The Trainer calls its trackers before user callbacks, so this callback moves itself
+            ahead of them when the Trainer is built (or when training starts, for one added with
+            ``trainer.add_callback``); :meth:`attach_to` does the same for a Trainer built without it.
         sinks: tracker sinks (:mod:`gradscope.integrations`) fed each recorded step's rows.
         report: write the report to ``out`` when training ends (default True).
         **options: further :func:`gradscope.attach` options (``on_nonfinite``, ``flush_every``, ...).
@@ -69,9 +73,24 @@ class GradscopeCallback(_hf.TrainerCallback):
         """End the recording now (rows kept, report written): for a ``finally`` around ``trainer.train()``."""
         return self.session.finish(error, writer=self._writer)
 
+    def attach_to(self, trainer: Any) -> "GradscopeCallback":
+        """Add this callback to ``trainer`` ahead of its ``report_to`` trackers; returns the callback.
+
+        ``GradscopeCallback(log=True).attach_to(trainer)`` is the one line for a Trainer built without it.
+        """
+        handler = trainer.callback_handler
+        if self not in handler.callbacks:
+            handler.callbacks.append(self)
+        _ahead_of_trackers(self, handler.callbacks)
+        return self
+
     # ---- Trainer events ------------------------------------------------------------------------------------------
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._go_first(sys._getframe(1))
+
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        **kwargs: Any) -> None:
+        self._go_first(sys._getframe(1))
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
         self._writer = bool(state.is_world_process_zero)
         extra = [self._collect] if self._log else []
@@ -92,9 +111,37 @@ class GradscopeCallback(_hf.TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.close()
 
+    def _go_first(self, caller: Any) -> None:
+        """Move ahead of the tracker callbacks in the list of the ``CallbackHandler`` calling this event.
+
+        The handler is the caller's ``self`` (``CallbackHandler.call_event``); moving within the list it is
+        iterating is safe: this callback goes to an earlier index, every later callback keeps its index.
+        """
+        handler = caller.f_locals.get("self") if caller is not None else None
+        callbacks = getattr(handler, "callbacks", None)
+        if isinstance(callbacks, list) and self in callbacks:
+            _ahead_of_trackers(self, callbacks)
+        elif self._log:
+            warnings.warn("gradscope: could not find the Trainer's callback list; the report_to trackers may not "
+                          "see the log=True scalars: use GradscopeCallback(...).attach_to(trainer)",
+                          RuntimeWarning, stacklevel=3)
+
     def _collect(self, rows: Any) -> None:
         for _, values in sorted(compact_scalars(rows).items()):
             self._pending.update(values)
+
+
+def _is_tracker(callback: Any) -> bool:
+    """A ``report_to`` callback: one of the Trainer's integrations (TensorBoard, wandb, MLflow, Comet, ...)."""
+    return type(callback).__module__.startswith("transformers.integrations")
+
+
+def _ahead_of_trackers(callback: Any, callbacks: list) -> None:
+    """Move ``callback`` (in ``callbacks``) to just before the first tracker, if a tracker comes before it."""
+    first = next((i for i, c in enumerate(callbacks) if _is_tracker(c)), None)
+    if first is not None and callbacks.index(callback) > first:
+        callbacks.remove(callback)
+        callbacks.insert(first, callback)
 
 
 def _args_config(args: Any) -> dict:

@@ -26,8 +26,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
+from gradscope import schema as S
+from gradscope.errors import GradscopeError
 from gradscope.integrations import require
-from gradscope.integrations.common import Session, compact_scalars
+from gradscope.integrations.common import Session, by_step, compact_scalars
 
 _pl = require("lightning.pytorch", "lightning")
 
@@ -39,18 +41,22 @@ class GradscopeCallback(_pl.Callback):
         blocks, every, metrics: as for :func:`gradscope.attach`.
         out: a folder for the records (``out/records/``), the report and ``provenance.json``; None keeps the
             rows in memory only (:meth:`frame`).
-        log: also log a compact set of scalars (min and max over blocks of ``act_var``, ``grad_norm``,
-            ``param_grad_norm``, ``update_ratio``; the count of non-finite outputs) to the trainer's loggers.
+        log: what goes to the trainer's loggers (CSV, TensorBoard, wandb, ...) at each recorded step:
+            ``False`` nothing; ``True`` (or ``"compact"``) a few scalars (min and max over blocks of ``act_var``,
+            ``grad_norm``, ``param_grad_norm``, ``update_ratio``; the count of non-finite outputs);
+            ``"blocks"`` one series per block and metric, ``gradscope/<metric>/<block>`` (``:callN`` for a
+            module's later calls), as Lightning's ``grad_norm`` logs one per layer; a list of metric names: the
+            per-block series of those metrics only (e.g. ``log=["grad_norm", "act_var"]``).
         sinks: tracker sinks (:mod:`gradscope.integrations`) fed each recorded step's rows.
         report: write the report to ``out`` when fitting ends (default True).
         **options: further :func:`gradscope.attach` options (``on_nonfinite``, ``flush_every``, ...).
     """
 
     def __init__(self, blocks: Any = "auto", every: Any = 1, out: Union[str, Path, None] = None, *,
-                 log: bool = False, metrics: Optional[Sequence[str]] = None, sinks: Iterable[Any] = (),
+                 log: Union[bool, str, Sequence[str]] = False, metrics: Optional[Sequence[str]] = None, sinks: Iterable[Any] = (),
                  report: bool = True, **options: Any) -> None:
         super().__init__()
-        self._log = log
+        self._log = log_mode(log)
         self.session = Session("lightning", blocks=blocks, every=every, out=out, metrics=metrics, sinks=sinks,
                                report=report, options=options)
         self._trainer: Any = None
@@ -71,7 +77,7 @@ class GradscopeCallback(_pl.Callback):
         optimizers = list(trainer.optimizers)
         self._trainer = trainer
         self._first = optimizers[0] if optimizers else None
-        extra = [self._log_compact] if self._log else []
+        extra = [self._log_rows] if self._log else []
         self.session.start(pl_module, optimizer=optimizers[0] if len(optimizers) == 1 else None,
                            scaler=getattr(trainer.precision_plugin, "scaler", None),
                            writer=trainer.is_global_zero, config=_trainer_config(trainer), extra_sinks=extra,
@@ -88,13 +94,33 @@ class GradscopeCallback(_pl.Callback):
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self.session.finish(exception, writer=trainer.is_global_zero)
 
-    def _log_compact(self, rows: Any) -> None:
+    def _log_rows(self, rows: Any) -> None:
         trainer = self._trainer
         if trainer is None or not trainer.loggers:
             return
-        for step, values in compact_scalars(rows).items():
+        if self._log == "compact":
+            series = compact_scalars(rows)
+        else:
+            series = by_step(rows if self._log == "blocks" else rows[rows[S.METRIC].isin(self._log)])
+        for step, values in series.items():
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=step)
+
+
+def log_mode(log: Any) -> Any:
+    """``log=`` checked: False, ``"compact"``, ``"blocks"`` or a tuple of metric names (GradscopeError otherwise)."""
+    if log is True or log == "compact":
+        return "compact"
+    if log is False or log is None:
+        return False
+    if log == "blocks":
+        return "blocks"
+    names = [log] if isinstance(log, str) else list(log) if isinstance(log, (list, tuple, set)) else None
+    unknown = [m for m in names or [log] if m not in S.ALL_METRICS]
+    if names is None or unknown or not names:
+        raise GradscopeError(f"log={log!r}: pass True (a few min/max scalars), 'blocks' (every block's series) or "
+                             f"a list of metrics from {', '.join(S.ALL_METRICS)}")
+    return tuple(names)
 
 
 def _trainer_config(trainer: Any) -> dict:

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from gradscope import commands
 from gradscope.errors import GradscopeError, OutputError
 from gradscope.schema import __version__
 
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="where to write the report (default: the folder itself)")
 
     sub.add_parser("models", help="list the built-in networks")
+    commands.add_parsers(sub)  # compare, sweep (gradscope/commands.py)
     return parser
 
 
@@ -205,6 +207,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _models()
         if args.command == "report":
             return _report(args)
+        if args.command in commands.COMMANDS:
+            return commands.run(args)
         return _profile(args)
     except GradscopeError as exc:
         print(f"gradscope: error: {exc}", file=sys.stderr)

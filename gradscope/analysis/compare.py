@@ -137,9 +137,9 @@ def _one_frame(item: Union[pd.DataFrame, str, Path], label: str) -> pd.DataFrame
         frame = item.copy()
     elif isinstance(item, (str, Path)):
         label = Path(item).name if label in ("A", "B") else label
-        from gradscope.store import load
+        from gradscope.store import load, read_records
 
-        frame = load(item)
+        frame = read_records(item) if Path(item).is_file() else load(item)
     else:
         raise DataError(f"compare: {label} is a {type(item).__name__}; pass a frame, a records folder, or a list of "
                         f"those (one per seed)")
@@ -273,7 +273,7 @@ def compare(a: Side, b: Side, *, metrics: Union[str, Sequence[str]] = DEFAULT_CO
     """Compare the signals of two configurations, block by block, against seed (or step-to-step) noise.
 
     Args:
-        a: side A: a frame, a records folder, or a list of them (each item a seed); every run in a side counts as
+        a: side A: a frame, a records folder or file (``records.parquet``/``.csv``), or a list of them (each item a seed); every run in a side counts as
             a seed of that side's configuration.
         b: side B, the same kinds.
         metrics: the metrics compared (default ``act_var`` and ``grad_norm``), or ``"all"`` (every metric both

@@ -207,6 +207,23 @@ def _to_dataset(parts: list[tuple[np.ndarray, np.ndarray]]) -> TensorDataset:
     return TensorDataset((data.float() / 255 - mean) / std, labels)
 
 
+def read_cifar10_pixels(root: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The raw CIFAR-10 images of a local copy: ``(train_x, train_y, test_x, test_y)``.
+
+    Images are uint8 ``(N, 3, 32, 32)`` exactly as stored (50,000 training and 10,000 test images, 150 MB in
+    all), labels int64. For recipes that normalise their own way, e.g. He et al.'s per-pixel mean subtraction;
+    :func:`load_cifar10` gives the usual per-channel normalised floats instead.
+    """
+    folder = cifar10_dir(root)
+    parts = [read_batch(folder / name) for name in (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)]
+
+    def stack(chosen: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+        data = torch.from_numpy(np.concatenate([d for d, _ in chosen])).view(-1, 3, 32, 32)
+        return data, torch.from_numpy(np.concatenate([y for _, y in chosen]))
+
+    return (*stack(parts[:-1]), *stack(parts[-1:]))
+
+
 def load_cifar10(root: str | Path) -> tuple[TensorDataset, TensorDataset]:
     """``(train, test)`` TensorDatasets from a local CIFAR-10 copy in the standard python format.
 

@@ -19,7 +19,8 @@ class Claim:
     """One claim: its statement, the answer (yes / no / unclear) and what decided it.
 
     ``phase``: "init", "train" or "init+train"; ``how``: the rule and how sure; ``caveat``: the short-run caveat
-    that every training answer carries.
+    that every training answer carries. ``estimate`` (in ``unit``) and its 95% interval ``low``..``high``: the one
+    number that decided the answer, for the dashboards' claim tables (None where a claim has no such number).
     """
 
     key: str
@@ -29,6 +30,10 @@ class Claim:
     phase: str = INIT
     how: str = ""
     caveat: str = ""
+    estimate: Optional[float] = None
+    low: Optional[float] = None
+    high: Optional[float] = None
+    unit: str = ""
 
     def line(self) -> str:
         """The claim as one line: statement [phase]: answer — evidence (rule) caveat."""

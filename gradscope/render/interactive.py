@@ -67,8 +67,32 @@ def loss_figure(losses: pd.DataFrame) -> Optional[str]:
     return _html(fig, "fig-losses")
 
 
-def factor_figure(train_verdicts: pd.DataFrame, signal: str, thresholds: Dict[str, float]) -> Optional[str]:
-    """Per-block factor at every recorded training step, one line per run, with the class thresholds."""
+def _band_traces(fig: Any, wide: pd.DataFrame, name: str, color: str, hover: str) -> None:
+    """A configuration's runs (columns of ``wide``, x in the index) as a line, the geometric mean, and a band,
+    their range; one run is its own line."""
+    import plotly.graph_objects as go
+
+    x = wide.index.to_numpy(dtype=float)
+    vals = wide.to_numpy(dtype=float)
+    ok = np.where(np.isfinite(vals) & (vals > 0), vals, np.nan)
+    with np.errstate(all="ignore"):
+        centre = np.exp(np.nanmean(np.log(ok), axis=1))
+        lo, hi = np.nanmin(ok, axis=1), np.nanmax(ok, axis=1)
+    n = wide.shape[1]
+    if n > 1:
+        fig.add_trace(go.Scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([hi, lo[::-1]]), fill="toself",
+                                 fillcolor=_rgba(color, 0.18), line={"width": 0}, hoverinfo="skip",
+                                 legendgroup=name, showlegend=False, name=f"{name} range"))
+    label = f"{name} ({n} seeds: mean, range)" if n > 1 else name
+    fig.add_trace(go.Scatter(x=x, y=centre, mode="lines+markers", line={"color": color, "width": 2},
+                             marker={"size": 4}, legendgroup=name, name=label,
+                             hovertemplate=hover + "<extra>" + label + "</extra>"))
+
+
+def factor_figure(train_verdicts: pd.DataFrame, signal: str, thresholds: Dict[str, float],
+                  config_of: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """Per-block factor at every recorded training step: one line per configuration (geometric mean over its
+    seeds) with the seeds' range as a band, and the class thresholds."""
     import plotly.graph_objects as go
 
     if train_verdicts is None or train_verdicts.empty:
@@ -76,14 +100,12 @@ def factor_figure(train_verdicts: pd.DataFrame, signal: str, thresholds: Dict[st
     v = train_verdicts[train_verdicts[A.SIGNAL] == signal]
     if v.empty:
         return None
+    config_of = config_of or {}
+    v = v.assign(_config=[config_of.get(str(r), str(r)) for r in v[S.RUN]])
     fig = go.Figure()
-    for i, (run, g) in enumerate(v.groupby(S.RUN, sort=False)):
-        g = g.sort_values(S.STEP)
-        fig.add_trace(go.Scatter(x=g[S.STEP].astype(float), y=g[A.FACTOR].astype(float), mode="lines+markers",
-                                 name=str(run), line={"color": _PALETTE[i % len(_PALETTE)]},
-                                 customdata=g[A.VERDICT].astype(str),
-                                 hovertemplate="step %{x}<br>x%{y:.3f} per block<br>%{customdata}<extra>"
-                                               + str(run) + "</extra>"))
+    for i, (config, g) in enumerate(v.groupby("_config", sort=False)):
+        wide = g.pivot_table(index=S.STEP, columns=S.RUN, values=A.FACTOR, aggfunc="mean", sort=True)
+        _band_traces(fig, wide, str(config), _PALETTE[i % len(_PALETTE)], "step %{x}<br>x%{y:.3f} per block")
     lo, hi = A.rate_thresholds(thresholds.get("vanish", A.VANISH), thresholds.get("explode", A.EXPLODE))
     for y, word in ((lo, "vanishing below"), (hi, "exploding above")):
         fig.add_hline(y=y, line_dash="dash", line_color="#999", annotation_text=f"{word} x{y:.3f}")
@@ -93,8 +115,9 @@ def factor_figure(train_verdicts: pd.DataFrame, signal: str, thresholds: Dict[st
     return _html(fig, f"fig-train-{signal}")
 
 
-def init_profile_figure(results: Any, metric: str) -> Optional[str]:
-    """Depth profile at initialisation relative to the reference end, one line per run, theory dashed."""
+def init_profile_figure(results: Any, metric: str, config_of: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """Depth profile at initialisation relative to the reference end: one line per configuration with its seeds'
+    range as a band, theory dashed."""
     import plotly.graph_objects as go
     from gradscope.agreement import predicted_profiles
 
@@ -105,19 +128,24 @@ def init_profile_figure(results: Any, metric: str) -> Optional[str]:
         return None
     predicted = predicted_profiles(results.frames[INIT], metric, configs=results.configs,
                                    profiles=results.profiles[INIT]) or {}
-    fig = go.Figure()
-    for i, (run, g) in enumerate(prof.groupby(S.RUN, sort=False)):
+    config_of = config_of or {}
+    rel = []
+    for run, g in prof.groupby(S.RUN, sort=False):
         g = g.sort_values(A.POSITION)
         vals = g[S.VALUE].to_numpy(dtype=float)
         ref = vals[0] if metric == S.ACT_VAR else vals[-1]
         x = g[A.POSITION].to_numpy() if metric == S.ACT_VAR else (g[A.POSITION].max() - g[A.POSITION]).to_numpy()
+        rel.append(pd.DataFrame({"x": x, "value": vals / ref, S.RUN: run, "_config": config_of.get(str(run), run)}))
+    data = pd.concat(rel, ignore_index=True)
+    fig = go.Figure()
+    for i, (config, g) in enumerate(data.groupby("_config", sort=False)):
         color = _PALETTE[i % len(_PALETTE)]
-        fig.add_trace(go.Scatter(x=x, y=vals / ref, mode="lines+markers", name=str(run), legendgroup=str(run),
-                                 line={"color": color}, text=list(g[S.BLOCK].astype(str)),
-                                 hovertemplate="%{text}<br>%{y:.3g}<extra>" + str(run) + "</extra>"))
-        if run in predicted:
-            fig.add_trace(go.Scatter(x=list(range(len(predicted[run]))), y=predicted[run], mode="lines",
-                                     name=f"{run} theory", legendgroup=str(run), showlegend=False,
+        wide = g.pivot_table(index="x", columns=S.RUN, values="value", aggfunc="mean", sort=True)
+        _band_traces(fig, wide, str(config), color, "%{x} blocks travelled<br>%{y:.3g}")
+        pred = next((predicted[r] for r in wide.columns if r in predicted), None)
+        if pred is not None:
+            fig.add_trace(go.Scatter(x=list(range(len(pred))), y=pred, mode="lines", name=f"{config} theory",
+                                     legendgroup=str(config), showlegend=False,
                                      line={"color": color, "dash": "dash"}, hoverinfo="skip"))
     end = "first block" if metric == S.ACT_VAR else "last block"
     fig.update_layout(title=f"{metric} at initialisation, relative to the {end} (dashed: theory)",
@@ -128,17 +156,20 @@ def init_profile_figure(results: Any, metric: str) -> Optional[str]:
 
 def figures(results: Any) -> Dict[str, List[str]]:
     """The page's interactive figures by section: ``losses``, ``init``, ``train`` (HTML fragments)."""
+    from gradscope.render.groups import results_configurations
+
     out: Dict[str, List[str]] = {"losses": [], "init": [], "train": []}
+    config_of = results_configurations(results)
     fig = loss_figure(results.losses) if results.final_losses else None
     if fig:
         out["losses"].append(fig)
     for metric in (S.ACT_VAR, S.GRAD_NORM):
-        f = init_profile_figure(results, metric)
+        f = init_profile_figure(results, metric, config_of)
         if f:
             out["init"].append(f)
     train = results.verdicts.get(TRAIN)
     for signal in (A.FORWARD, A.BACKWARD):
-        f = factor_figure(train, signal, results.thresholds)
+        f = factor_figure(train, signal, results.thresholds, config_of)
         if f:
             out["train"].append(f)
     return out

@@ -38,8 +38,11 @@ def md_table(rows: T.Rows) -> List[str]:
 
 
 def claims_lines(results: Any) -> List[str]:
-    """The claims as Markdown list items: bold statement and answer, then evidence, rule and caveat."""
-    out = []
+    """The claims as a Markdown table (answer, key number, 95% interval), then each claim's evidence, rule and
+    caveat as list items."""
+    if not results.claims:
+        return ["- No claim: the frame is not a study (claims need the built-in nets at two depths)."]
+    out = md_table(T.claim_rows(results.claims)) + [""]
     for c in results.claims:
         out.append(f"- **{md_escape(c.statement)}** ({md_escape(c.phase)}): **{md_escape(c.answer)}** — "
                    f"{md_escape(c.evidence)}.")
@@ -47,7 +50,7 @@ def claims_lines(results: Any) -> List[str]:
             out.append(f"  - rule: {md_escape(c.how)}")
         if c.caveat:
             out.append(f"  - caveat: {md_escape(c.caveat)}")
-    return out or ["- No claim: the frame is not a study (claims need the built-in nets at two depths)."]
+    return out
 
 
 def claims_markdown(results: Any) -> str:
@@ -55,9 +58,49 @@ def claims_markdown(results: Any) -> str:
     return "# Claims checked\n\n" + "\n".join(claims_lines(results)) + "\n"
 
 
+def _details(summary: str, lines: List[str]) -> List[str]:
+    """A collapsed block (GitHub and most Markdown viewers render ``<details>``); blank lines keep Markdown inside."""
+    return [f"<details><summary>{md_escape(summary)}</summary>", ""] + lines + ["", "</details>", ""]
+
+
+def _init_lines(results: Any, config_of: Dict[str, str]) -> List[str]:
+    v = results.verdicts[INIT]
+    lines: List[str] = []
+    if results.pooled is not None and len(results.pooled):
+        lines += ["Per configuration (seeds pooled):", ""] + md_table(T.pooled_rows(results.pooled)) + [""]
+    theory = T.theory_rows(v, config_of)
+    if len(theory) > 1:
+        lines += ["### Theory beside measurement (initialisation only)", ""] + md_table(theory) + [""]
+        notes = T.theory_notes_by_configuration(v, config_of)
+        if notes:
+            lines += _details(f"Where theory and measurement part ({len(notes)})",
+                              [f"- {md_escape(n)}" for n in notes])
+    per_run = md_table(T.verdict_rows(v, theory=True)) + [""] + [f"- {md_escape(sentence(r))}"
+                                                                for r in v.to_dict("records")]
+    return lines + _details(f"Every run ({v['run'].nunique()} runs)", per_run)
+
+
+def _train_lines(results: Any, config_of: Dict[str, str]) -> List[str]:
+    v = results.verdicts[TRAIN]
+    lines: List[str] = []
+    traj = results.trajectory
+    if traj is not None and len(traj):
+        lines += ["Per configuration, share of recorded steps in each class (never one average over steps):", ""]
+        lines += md_table(T.trajectory_config_rows(traj, config_of)) + [""]
+        lines += _details(f"Every run ({traj['run'].nunique()} runs)", md_table(T.trajectory_rows(traj)))
+    last = v[v["step"] == v.groupby("run")["step"].transform("max")]
+    lines += _details("At the last recorded step of each run",
+                      [f"- {md_escape(sentence(r))}" for r in last.to_dict("records")])
+    return lines + ["Every recorded step: `verdicts.csv` (phase = train).", ""]
+
+
 def summary_markdown(results: Any, figures: List[Dict[str, str]], notes: List[str]) -> str:
-    """Text of ``summary.md``: claims, losses, verdicts at initialisation and over training, theory, figures."""
-    lines = [f"# {md_escape(results.title)}", ""]
+    """Text of ``summary.md``, in the order of ``report.html``: claims, losses, alerts, verdicts per configuration
+    at initialisation (with theory) and over training, figures; per-run detail collapsed."""
+    from gradscope.render.groups import results_configurations
+
+    config_of = results_configurations(results)
+    lines = [f"# {md_escape(results.title)}", "", md_escape(T.config_overview(results, config_of)), ""]
     lines += ["## Claims", ""] + claims_lines(results) + [""]
     if results.final_losses:
         lines += ["## Training losses", ""] + md_table(T.loss_rows(results)) + [""]
@@ -67,28 +110,11 @@ def summary_markdown(results: Any, figures: List[Dict[str, str]], notes: List[st
             lines += md_table(T.alert_rows(results.alerts)) + [""]
     how = T.how_text(results.thresholds)
     for phase in results.phases():
-        v = results.verdicts.get(phase)
-        if v is None:
+        if phase not in results.verdicts:
             continue
-        lines += [f"## Verdicts {PHASE_WORDS[phase]}", "", md_escape(T.overview(results.frames[phase])), "",
-                  md_escape(how), ""]
-        if phase == INIT:
-            if results.pooled is not None and len(results.pooled):
-                lines += ["Pooled over seeds:", ""] + md_table(T.pooled_rows(results.pooled)) + [""]
-            lines += [f"- {md_escape(sentence(r))}" for r in v.to_dict("records")]
-            lines += [""] + md_table(T.verdict_rows(v, theory=True)) + [""]
-            tn = T.theory_notes(v)
-            if tn:
-                lines += ["### Theory beside measurement (initialisation only)", ""] + [f"- {md_escape(t)}"
-                                                                                        for t in tn] + [""]
-        else:
-            if results.trajectory is not None and len(results.trajectory):
-                lines += ["Per recorded step, summarised per run (never one average over steps):", ""]
-                lines += md_table(T.trajectory_rows(results.trajectory)) + [""]
-            last = v[v["step"] == v.groupby("run")["step"].transform("max")]
-            lines += ["At the last recorded step of each run:", ""]
-            lines += [f"- {md_escape(sentence(r))}" for r in last.to_dict("records")]
-            lines += ["", "Every recorded step: `verdicts.csv` (phase = train).", ""]
+        lines += [f"## Verdicts {PHASE_WORDS[phase]}", "", md_escape(T.overview(results.frames[phase])), ""]
+        lines += _details("How a verdict is decided", [md_escape(how)])
+        lines += _init_lines(results, config_of) if phase == INIT else _train_lines(results, config_of)
     lines += ["## Figures", ""]
     for f in figures:
         lines += [f"### {md_escape(f['file'])}", "", f"![{md_escape(f['caption'])}]({f['file']})", "",

@@ -1,9 +1,10 @@
-"""``report.html``: one self-contained page from the one Results, in the order a reader judges the claims.
+"""``report.html``: one self-contained page from the one Results, laid out as a dashboard.
 
-1. the claims, each with its answer, evidence, rule and caveat; 2. training loss curves (seeds as mean and band);
-3. verdicts at initialisation (pooled over seeds, per run, theory); 4. verdicts over training (trajectory per run,
-per-step factor curves); 5. the static figures (heatmaps, depth profiles). CSS, PNGs (data URIs) and plotly.js are
-inline, so the page opens offline; every string from data is HTML-escaped.
+Top to bottom: the claims as a short table (answer, key number, 95% interval) with each claim's evidence one click
+away; training losses per configuration; verdicts at initialisation per configuration (seeds pooled) and theory
+beside measurement as one table; verdicts over training per configuration; alerts; the figures. Per-run tables,
+per-seed sentences and long explanations sit in ``<details>`` elements, closed until clicked. CSS, PNGs (data URIs)
+and plotly.js are inline, so the page opens offline; every string from data is HTML-escaped.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Dict, List
 from gradscope.analysis.results import INIT, PHASE_WORDS, TRAIN
 from gradscope.analysis.text import sentence
 from gradscope.render import tables as T
+from gradscope.render.groups import results_configurations
 
 _CHECK_SCRIPT = """
 window.addEventListener('load', function () {
@@ -28,26 +30,48 @@ window.addEventListener('load', function () {
                                       : (imgs.length - ok) + ' of ' + imgs.length + ' figures failed to load.';
 });
 """
-_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1400px;margin:2em auto;
-padding:0 1em;color:#222}table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ccc;
-padding:.25em .5em;text-align:left}th{background:#f0f0f0}figure{margin:1.5em 0}img{max-width:100%;height:auto;
-border:1px solid #eee}figcaption{font-size:.9em;color:#444}.exploding{color:#b2182b;font-weight:600}
-.vanishing{color:#2166ac;font-weight:600}.diverged{color:#762a83;font-weight:700}.healthy{color:#1b7837}
-.note{color:#555}#gradscope-check{font-size:.8em;color:#777}.claim{border-left:4px solid #999;padding:.3em .8em;
-margin:.8em 0}.claim.yes{border-color:#1b7837}.claim.no{border-color:#b2182b}.claim.unclear{border-color:#e0a800}
-.answer{font-weight:700;text-transform:uppercase}.rule,.caveat{font-size:.85em;color:#555}"""
-_CLASS_COLUMN = 3  # the verdict column of verdict_rows
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1400px;margin:0 auto;
+padding:0 1.2em 2em;color:#222;line-height:1.4}h1{margin:.6em 0 .1em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;
+padding-bottom:.2em}nav{position:sticky;top:0;background:#fff;padding:.4em 0;border-bottom:1px solid #eee;z-index:9;
+font-size:.9em}nav a{margin-right:1em;color:#2166ac;text-decoration:none}.lead{color:#444;margin:.2em 0 .8em}
+table{border-collapse:collapse;font-size:.88em;margin:.5em 0}td,th{border:1px solid #d8d8d8;padding:.3em .6em;
+text-align:left;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
+figure{margin:1em 0}img{max-width:100%;height:auto;border:1px solid #eee}figcaption{font-size:.88em;color:#444}
+.exploding{color:#b2182b;font-weight:600}.vanishing{color:#2166ac;font-weight:600}.diverged{color:#762a83;
+font-weight:700}.healthy{color:#1b7837}.note{color:#555;font-size:.9em}#gradscope-check{font-size:.8em;color:#777}
+.answer{display:inline-block;min-width:4.5em;text-align:center;font-weight:700;text-transform:uppercase;
+border-radius:3px;padding:.05em .4em;color:#fff;background:#888}.answer.yes{background:#1b7837}
+.answer.no{background:#b2182b}.answer.unclear{background:#b8860b}table.claims td:first-child{max-width:30em}
+details{margin:.4em 0}details>summary{cursor:pointer;color:#2166ac}details[open]>summary{margin-bottom:.3em}
+details.evidence>summary{font-size:.9em}details.evidence p{margin:.3em 0;max-width:60em}
+.agrees{color:#1b7837;font-weight:600}.disagrees{color:#b2182b;font-weight:600}.inconclusive{color:#777}"""
+_CLASS_WORDS = {"healthy", "vanishing", "exploding", "diverged", "unknown", "agrees", "disagrees", "inconclusive"}
 
 
-def _table(rows: T.Rows, class_col: int = -1) -> str:
+def _cell(text: str, numeric: bool = False) -> str:
+    e = html.escape
+    word = text.split()[0].lower() if text else ""
+    cls = f' class="{e(word)}"' if word in _CLASS_WORDS else (' class="num"' if numeric else "")
+    return f"<td{cls}>{e(text)}</td>"
+
+
+def _table(rows: T.Rows, css: str = "") -> str:
+    """A table from text rows (header first); class words (healthy, agrees...) get their colour."""
     e = html.escape
     if len(rows) < 2:
-        return "<p>(none)</p>"
-    out = ["<table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"]
+        return '<p class="note">(none)</p>'
+    out = [f'<table class="{e(css)}"><thead><tr>' + "".join(f"<th>{e(c)}</th>" for c in rows[0])
+           + "</tr></thead><tbody>"]
     for row in rows[1:]:
-        out.append("<tr>" + "".join(f'<td class="{e(c)}">{e(c)}</td>' if i == class_col else f"<td>{e(c)}</td>"
-                                    for i, c in enumerate(row)) + "</tr>")
+        out.append("<tr>" + "".join(_cell(c, numeric=c[:1] in "x+-0123456789" and " " not in c.strip())
+                                    for c in row) + "</tr>")
     return "".join(out) + "</tbody></table>"
+
+
+def _details(summary: str, body: str, css: str = "", open_: bool = False) -> str:
+    e = html.escape
+    cls = f' class="{e(css)}"' if css else ""
+    return f"<details{cls}{' open' if open_ else ''}><summary>{e(summary)}</summary>{body}</details>"
 
 
 def _claims(results: Any) -> List[str]:
@@ -55,75 +79,121 @@ def _claims(results: Any) -> List[str]:
     parts = ['<section id="claims"><h2>Claims</h2>']
     if not results.claims:
         parts.append("<p>No claim: the frame is not a study (claims need the built-in nets at two depths).</p>")
+        return parts + ["</section>"]
+    head = T.claim_rows([])[0]
+    parts.append('<table class="claims"><thead><tr>' + "".join(f"<th>{e(h)}</th>" for h in head)
+                 + "<th>evidence</th></tr></thead><tbody>")
     for c in results.claims:
-        parts.append(f'<div class="claim {e(c.answer)}" data-claim="{e(c.key)}"><p><b>{e(c.statement)}</b> '
-                     f'<span class="note">({e(c.phase)})</span>: <span class="answer">{e(c.answer)}</span></p>'
-                     f"<p>{e(c.evidence)}.</p>"
-                     + (f'<p class="rule">Rule: {e(c.how)}.</p>' if c.how else "")
-                     + (f'<p class="caveat">Caveat: {e(c.caveat)}.</p>' if c.caveat else "") + "</div>")
-    parts.append("</section>")
+        number, interval = T.claim_number(c)
+        body = (f"<p>{e(c.evidence)}.</p>" + (f'<p class="note">Rule: {e(c.how)}.</p>' if c.how else "")
+                + (f'<p class="note">Caveat: {e(c.caveat)}.</p>' if c.caveat else ""))
+        parts.append(f'<tr data-claim="{e(c.key)}"><td><b>{e(c.statement)}</b></td>'
+                     f'<td><span class="answer {e(c.answer)}">{e(c.answer)}</span></td>'
+                     f'<td class="num">{e(number)}</td><td class="num">{e(interval)}</td><td>{e(c.phase)}</td>'
+                     f"<td>{_details('why', body, 'evidence')}</td></tr>")
+    parts.append("</tbody></table></section>")
     return parts
 
 
-def _verdicts(results: Any, charts: Dict[str, List[str]]) -> List[str]:
+def _init_section(results: Any, config_of: Dict[str, str], charts: Dict[str, List[str]]) -> List[str]:
     e = html.escape
-    how = T.how_text(results.thresholds)
-    parts: List[str] = []
-    for phase in results.phases():
-        v = results.verdicts.get(phase)
-        if v is None:
-            continue
-        parts += [f'<section id="verdicts-{phase}"><h2>Verdicts {e(PHASE_WORDS[phase])}</h2>',
-                  f"<p>{e(T.overview(results.frames[phase]))}</p>", f'<p class="note">{e(how)}</p>']
-        if phase == INIT:
-            if results.pooled is not None and len(results.pooled):
-                parts += ["<h3>Pooled over seeds</h3>", _table(T.pooled_rows(results.pooled), 6)]
-            parts += ["<h3>Per run</h3><ul>"] + [f'<li class="{e(str(r["verdict"]))}">{e(sentence(r))}</li>'
-                                                for r in v.to_dict("records")] + ["</ul>"]
-            parts.append(_table(T.verdict_rows(v, theory=True), _CLASS_COLUMN))
-            tn = T.theory_notes(v)
-            if tn:
-                parts += ["<h3>Theory beside measurement (initialisation only)</h3><ul>"]
-                parts += [f"<li>{e(t)}</li>" for t in tn] + ["</ul>"]
-            parts += charts.get("init", [])
-        else:
-            if results.trajectory is not None and len(results.trajectory):
-                parts += ["<h3>Per run: fraction of recorded steps in each class</h3>",
-                          _table(T.trajectory_rows(results.trajectory))]
-            last = v[v["step"] == v.groupby("run")["step"].transform("max")]
-            parts += ["<h3>At the last recorded step of each run</h3><ul>"]
-            parts += [f'<li class="{e(str(r["verdict"]))}">{e(sentence(r))}</li>' for r in last.to_dict("records")]
-            parts += ["</ul>"] + charts.get("train", [])
-            parts.append('<p class="note">Every step\'s verdict is in verdicts.csv (phase = train).</p>')
-        parts.append("</section>")
-    return parts
+    v = results.verdicts[INIT]
+    parts = [f'<section id="verdicts-{INIT}"><h2>Verdicts {e(PHASE_WORDS[INIT])}</h2>',
+             f'<p class="lead">{e(T.overview(results.frames[INIT]))}</p>',
+             _details("How a verdict is decided", f'<p class="note">{e(T.how_text(results.thresholds))}</p>')]
+    if results.pooled is not None and len(results.pooled):
+        parts += ["<h3>Per configuration (seeds pooled)</h3>", _table(T.pooled_rows(results.pooled))]
+    theory = T.theory_rows(v, config_of)
+    if len(theory) > 1:
+        parts += ["<h3>Theory beside measurement</h3>", _table(theory)]
+        notes = T.theory_notes_by_configuration(v, config_of)
+        if notes:
+            parts.append(_details(f"Where theory and measurement part ({len(notes)})",
+                                  "<ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>"))
+    parts += charts.get("init", [])
+    runs = "".join(f'<li class="{e(str(r["verdict"]))}">{e(sentence(r))}</li>' for r in v.to_dict("records"))
+    parts.append(_details(f"Every run ({v['run'].nunique()} runs, {len(v)} verdicts)",
+                          _table(T.verdict_rows(v, theory=True)) + f"<ul>{runs}</ul>"))
+    return parts + ["</section>"]
+
+
+def _train_section(results: Any, config_of: Dict[str, str], charts: Dict[str, List[str]]) -> List[str]:
+    e = html.escape
+    v = results.verdicts[TRAIN]
+    parts = [f'<section id="verdicts-{TRAIN}"><h2>Verdicts {e(PHASE_WORDS[TRAIN])}</h2>',
+             f'<p class="lead">{e(T.overview(results.frames[TRAIN]))}</p>',
+             _details("How a verdict is decided", f'<p class="note">{e(T.how_text(results.thresholds))}</p>')]
+    traj = results.trajectory
+    if traj is not None and len(traj):
+        parts += ["<h3>Per configuration: share of recorded steps in each class</h3>",
+                  _table(T.trajectory_config_rows(traj, config_of))]
+    parts += charts.get("train", [])
+    if traj is not None and len(traj):
+        parts.append(_details(f"Every run ({traj['run'].nunique()} runs)", _table(T.trajectory_rows(traj))))
+    last = v[v["step"] == v.groupby("run")["step"].transform("max")]
+    items = "".join(f'<li class="{e(str(r["verdict"]))}">{e(sentence(r))}</li>' for r in last.to_dict("records"))
+    parts.append(_details("At the last recorded step of each run", f"<ul>{items}</ul>"
+                          '<p class="note">Every step\'s verdict is in verdicts.csv (phase = train).</p>'))
+    return parts + ["</section>"]
+
+
+def _alerts(results: Any) -> List[str]:
+    e = html.escape
+    if results.alerts is None:
+        return []
+    parts = ['<section id="alerts"><h2>Alerts over training</h2>',
+             f"<p>{e(T.alerts_sentence(results.alerts))} (alerts.csv).</p>"]
+    if len(results.alerts):
+        parts.append(_details(f"The alerts ({len(results.alerts)})", _table(T.alert_rows(results.alerts)),
+                              open_=len(results.alerts) <= 5))
+    return parts + ["</section>"]
+
+
+def _figures(figures: List[Dict[str, str]], folder: Path) -> List[str]:
+    e = html.escape
+    parts = ['<section id="figures"><h2>Figures</h2>',
+             '<p class="note">Depth profiles first (one line per configuration, its seeds as a band); the '
+             "heatmaps (one panel per run) below, closed.</p>"]
+    ordered = sorted(figures, key=lambda f: not f["file"].startswith("profile_"))
+    for f in ordered:
+        data = base64.b64encode((folder / f["file"]).read_bytes()).decode("ascii")
+        fig = (f'<figure id="{e(f["file"])}"><img alt="{e(f["caption"])}" src="data:image/png;base64,{data}">'
+               f"<figcaption>{e(f['file'])}: {e(f['caption'])}</figcaption></figure>")
+        parts.append(fig if f["file"].startswith("profile_") else _details(f["file"], fig))
+    return parts + ["</section>"]
+
+
+def _nav(results: Any, has_alerts: bool) -> str:
+    links = [("claims", "Claims")] + ([("losses", "Losses")] if results.final_losses else [])
+    links += [(f"verdicts-{p}", PHASE_WORDS[p].capitalize()) for p in results.phases() if p in results.verdicts]
+    links += ([("alerts", "Alerts")] if has_alerts else []) + [("figures", "Figures")]
+    return "<nav>" + "".join(f'<a href="#{i}">{html.escape(w)}</a>' for i, w in links) + "</nav>"
 
 
 def report_html(results: Any, figures: List[Dict[str, str]], notes: List[str], folder: Path,
                 charts: Dict[str, List[str]], plotly_js: str) -> str:
     """The page; ``charts``: interactive HTML fragments by section; ``plotly_js``: the bundle ('' for none)."""
     e = html.escape
-    parts = [f"<h1>{e(results.title)}</h1>"] + _claims(results)
+    config_of = results_configurations(results)
+    parts = [_nav(results, results.alerts is not None), f"<h1>{e(results.title)}</h1>",
+             f'<p class="lead">{e(T.config_overview(results, config_of))}</p>'] + _claims(results)
     if results.final_losses:
         parts += ['<section id="losses"><h2>Training losses</h2>', _table(T.loss_rows(results))]
         parts += charts.get("losses", []) + ["</section>"]
-    parts += _verdicts(results, charts)
-    parts.append('<section id="figures"><h2>Figures</h2>')
-    for f in figures:
-        data = base64.b64encode((folder / f["file"]).read_bytes()).decode("ascii")
-        parts.append(f'<figure id="{e(f["file"])}"><img alt="{e(f["caption"])}" src="data:image/png;base64,{data}">'
-                     f"<figcaption>{e(f['file'])}: {e(f['caption'])}</figcaption></figure>")
-    parts.append("</section>")
+    if INIT in results.verdicts:
+        parts += _init_section(results, config_of, charts)
+    if TRAIN in results.verdicts:
+        parts += _train_section(results, config_of, charts)
+    parts += _alerts(results) + _figures(figures, folder)
     all_notes = list(results.notes) + list(notes)
     if all_notes:
-        parts += ["<h2>Notes</h2>", '<ul class="note">'] + [f"<li>{e(n)}</li>" for n in all_notes] + ["</ul>"]
+        parts += ['<section id="notes"><h2>Notes</h2><ul class="note">'] + [f"<li>{e(n)}</li>" for n in all_notes]
+        parts.append("</ul></section>")
     parts.append('<p id="gradscope-check" data-images="" data-loaded="" data-charts="">Checking figures…</p>')
     csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline' 'unsafe-eval'"
     js = f"<script>{plotly_js}</script>\n" if plotly_js else ""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{e(results.title)}</title><style>{_CSS}</style>{js}</head><body>\n" + "\n".join(parts)
             + f"\n<script>{_CHECK_SCRIPT}</script>\n</body></html>\n")
-
-
-_ = TRAIN

@@ -17,6 +17,7 @@ import pandas as pd
 
 from gradscope import analysis as A
 from gradscope import schema as S
+from gradscope.render.groups import CONFIG_COLUMN, configurations_of, run_configurations
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -67,39 +68,6 @@ def tex_escape(text: Any) -> str:
     instead of switching math text off, keeps matplotlib's own log-axis tick labels (``10^2``) rendered.
     """
     return str(text).replace("$", r"\$")
-
-
-#: The frame column naming each run's configuration (the same for all its seeds), where a study adds it.
-CONFIG_COLUMN = getattr(S, "CONFIG", "config")
-
-
-def run_configurations(frame: pd.DataFrame, groups: Optional[Mapping[str, str]] = None) -> dict[str, str]:
-    """Run -> configuration, in run order: ``groups`` where given, else the frame's configuration column, else
-    each run its own configuration. Names are never parsed: seeds of one configuration share the column's value."""
-    runs = A.run_names(frame)
-    if groups is None and CONFIG_COLUMN in frame.columns:
-        f = A._with_run(frame)
-        first = f.dropna(subset=[CONFIG_COLUMN]).groupby(S.RUN, sort=False)[CONFIG_COLUMN].first()
-        groups = {str(r): str(c) for r, c in first.items()}
-    groups = groups or {}
-    return {r: str(groups.get(r, r)) for r in runs}
-
-
-def configurations_of(configs: Optional[Mapping[str, Mapping[str, Any]]]) -> Optional[dict[str, str]]:
-    """Run -> configuration from a study's run facts: a run's ``config`` where it has one; else runs whose facts
-    differ only by ``seed`` form one configuration, named after its first run. None without facts."""
-    if not configs:
-        return None
-    out: dict[str, str] = {}
-    first: dict[tuple, str] = {}
-    for run, facts in configs.items():
-        facts = dict(facts or {})
-        if facts.get(CONFIG_COLUMN):
-            out[str(run)] = str(facts[CONFIG_COLUMN])
-            continue
-        key = tuple(sorted((k, repr(v)) for k, v in facts.items() if k != S.SEED))
-        out[str(run)] = first.setdefault(key, str(run)) if S.SEED in facts else str(run)
-    return out
 
 
 def text_color(color: tuple) -> tuple:

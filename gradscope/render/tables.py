@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
+import numpy as np
 import pandas as pd
 
 from gradscope import analysis as A
 from gradscope import schema as S
 from gradscope.analysis import stats
 from gradscope.analysis.text import agreement_word, factor, is_missing, num, pm, times
+from gradscope.render.groups import by_configuration
 
 Rows = List[List[str]]
 
@@ -132,3 +134,100 @@ def alerts_sentence(alerts: Any) -> str:
         return "no alerts over training (loss and gradient spikes, update ratios out of band, divergence)"
     counts = alerts["kind"].value_counts()
     return f"{len(alerts)} alert(s) over training: " + ", ".join(f"{n} {k}" for k, n in counts.items())
+
+
+# --- per configuration (the seeds of a configuration as one row) -----------------------------------------------
+
+def claim_number(claim: Any) -> tuple[str, str]:
+    """``(key number, 95% interval)`` of a claim as text, or dashes when the claim carries no number."""
+    est = getattr(claim, "estimate", None)
+    if is_missing(est):
+        return "—", "—"
+    unit = f" {claim.unit}" if getattr(claim, "unit", "") else ""
+    lo, hi = getattr(claim, "low", None), getattr(claim, "high", None)
+    interval = "—" if is_missing(lo) or is_missing(hi) else f"{float(lo):+.3g} .. {float(hi):+.3g}{unit}"
+    return f"{float(est):+.3g}{unit}", interval
+
+
+def claim_rows(claims: List[Any]) -> Rows:
+    """One row per claim: the claim, its answer, the key number and its 95% interval, the phase."""
+    rows = [["claim", "answer", "key number", "95% interval", "phase"]]
+    for c in claims:
+        rows.append([str(c.statement), str(c.answer), *claim_number(c), str(c.phase)])
+    return rows
+
+
+def _geo(values: Any) -> float:
+    v = pd.to_numeric(pd.Series(values), errors="coerce").astype(float)
+    v = v[(v > 0) & np.isfinite(v)]
+    return float(np.exp(np.log(v).mean())) if len(v) else float("nan")
+
+
+def theory_rows(v: pd.DataFrame, config_of: Dict[str, str]) -> Rows:
+    """Theory beside measurement at initialisation, one row per configuration and signal (its seeds judged
+    together): seeds, the predicted per-block factor, the measured one fitted the same way (geometric mean over
+    seeds), the agreement word and the reference. Configurations without a prediction are left out."""
+    rows = [["configuration", "signal", "seeds", "theory (per block)", "measured* (geo. mean)", "agreement",
+             "reference"]]
+    if A.PREDICTED_FACTOR not in v.columns:
+        return rows
+    v = v.assign(_config=[config_of.get(str(r), str(r)) for r in v[S.RUN]])
+    for (config, signal), g in v.groupby(["_config", A.SIGNAL], sort=False):
+        g = g[g[A.PREDICTED_FACTOR].notna()]
+        if g.empty:
+            continue
+        words = [w for w in g.get(A.AGREEMENT, pd.Series(dtype=object)) if isinstance(w, str)]
+        word = max(set(words), key=words.count) if words else "—"
+        ref = next((r for r in g.get(A.REFERENCE, pd.Series(dtype=object)) if isinstance(r, str) and r), "—")
+        measured = g[A.MEASURED_FACTOR] if A.MEASURED_FACTOR in g.columns else g[A.FACTOR]
+        rows.append([str(config), str(signal), str(len(g)), times(_geo(g[A.PREDICTED_FACTOR])),
+                     times(_geo(measured)), agreement_word(word), ref])
+    return rows
+
+
+def theory_notes_by_configuration(v: pd.DataFrame, config_of: Dict[str, str]) -> List[str]:
+    """Where measurement and theory part, once per configuration and signal (the seeds are judged together, so the
+    pooled sentence is said once); a clause that only some seeds add follows, naming those runs."""
+    out: List[str] = []
+    seen: Dict[tuple, set] = {}
+    for _, r in v.iterrows():
+        note = r.get(A.THEORY_NOTE)
+        if not (isinstance(note, str) and note):
+            continue
+        run = str(r[S.RUN])
+        key = (config_of.get(run, run), str(r[A.SIGNAL]))
+        clauses = [c.strip() for c in note.split("; ") if c.strip()]
+        if key not in seen:
+            seen[key] = set(clauses)
+            out.append(f"{key[0]} ({key[1]}): {note}")
+            continue
+        extra = [c for c in clauses if c not in seen[key]]
+        seen[key].update(extra)
+        if extra:
+            out.append(f"{key[0]} ({key[1]}), {run} also: {'; '.join(extra)}")
+    return out
+
+
+def trajectory_config_rows(traj: pd.DataFrame, config_of: Dict[str, str]) -> Rows:
+    """Over training, one row per configuration and signal: seeds, recorded steps per seed, the share of steps in
+    each class (mean over seeds) and the class of each seed at its last recorded step."""
+    rows = [["configuration", "signal", "seeds", "steps", "healthy", "vanishing", "exploding", "diverged",
+             "at the last step"]]
+    t = traj.assign(_config=[config_of.get(str(r), str(r)) for r in traj["run"]])
+    for (config, signal), g in t.groupby(["_config", "signal"], sort=False):
+        pct = [f"{100 * g[f'frac_{c}'].mean():.0f}%" for c in ("healthy", "vanishing", "exploding", "diverged")]
+        last = g["last_verdict"].astype(str).value_counts()
+        rows.append([str(config), str(signal), str(len(g)), str(int(g["n_steps"].max()))] + pct
+                    + [", ".join(f"{k} {n}" for k, n in last.items())])
+    return rows
+
+
+def config_overview(results: Any, config_of: Dict[str, str]) -> str:
+    """``24 runs in 8 configurations (3 seeds each); initialisation and training`` for a report's header."""
+    groups = by_configuration(config_of)
+    sizes = sorted({len(r) for r in groups.values()})
+    seeds = "" if sizes == [1] else (f" ({sizes[0]} seeds each)" if len(sizes) == 1 else
+                                     f" ({sizes[0]}-{sizes[-1]} seeds each)")
+    phases = " and ".join({"init": "at initialisation", "train": "over training"}[p] for p in results.phases())
+    return (f"{len(config_of)} run{'s' if len(config_of) != 1 else ''} in {len(groups)} configuration"
+            f"{'s' if len(groups) != 1 else ''}{seeds}; measured {phases}.")

@@ -110,33 +110,89 @@ def rows_table(rows: list, title: str, style_col: int = -1, styles: Optional[dic
     return table
 
 
+def _pick(rows: list, columns: dict) -> list:
+    """The named columns of text rows (header first), in the order given, headed by the short names given."""
+    idx = [rows[0].index(c) for c in columns if c in rows[0]]
+    short = [columns[rows[0][i]] for i in idx]
+    return [short] + [[row[i] for i in idx] for row in rows[1:]]
+
+
+def fit_table(rows: list, title: str, style_col: int = -1, styles: Optional[dict] = None) -> Table:
+    """Like :func:`rows_table`, but a cell too wide for the console folds onto a second line instead of being cut
+    with an ellipsis, so every number stays readable at 80 columns; the first column (a name) keeps its width."""
+    table = rows_table(rows, title, style_col, styles)
+    for column in table.columns:
+        column.overflow = "fold"
+    if len(rows) > 1:
+        table.columns[0].min_width = min(28, max(len(r[0]) for r in rows))
+    return table
+
+
+def claim_lines(claim: Any) -> list:
+    """A claim for the terminal: the answer first, then the statement; the evidence, key number and caveat indented
+    below (rich wraps them at the console's width)."""
+    from gradscope.render.tables import claim_number
+
+    colour = ANSWER_STYLES.get(claim.answer, "yellow")
+    head = Text.assemble((f"{claim.answer.upper():>7} ", f"bold {colour}"), (claim.statement, "bold"),
+                         (f" ({claim.phase})", "dim"))
+    from rich.padding import Padding
+
+    lines: list = [head]
+    number, interval = claim_number(claim)
+    if number != "—":
+        lines.append(Padding(Text(f"key number {number}, 95% interval {interval}"), (0, 0, 0, 8)))
+    lines.append(Padding(Text(claim.evidence), (0, 0, 0, 8)))
+    if claim.caveat:
+        lines.append(Padding(Text(f"caveat: {claim.caveat}", style="dim"), (0, 0, 0, 8)))
+    return lines
+
+
 def print_results(results: Any, console: Optional[Console] = None) -> None:
-    """What the terminal shows after a profile: the verdicts of both phases (labelled) and the claims, read from
-    the same Results as every file of the report folder."""
+    """What the terminal shows after a profile, readable at 80 columns: the claims first, then one row per
+    configuration (seeds pooled) for losses, verdicts at initialisation, theory and training, then the alerts.
+    Per-run tables are in the report folder (verdicts.csv, report.html). Read from the same Results as every file."""
     from gradscope.analysis.results import INIT, TRAIN
     from gradscope.render import tables as T
+    from gradscope.render.groups import results_configurations
 
     console = console or Console()
-    if INIT in results.verdicts:
-        console.print(verdict_table(results.verdicts[INIT], title="verdicts at initialisation (act_var forward, "
-                                    "grad_norm backward; theory beside)", compact=console.width < 140))
-        if results.pooled is not None and len(results.pooled):
-            console.print(rows_table(T.pooled_rows(results.pooled), "at initialisation, pooled over seeds", 6))
-    if TRAIN in results.verdicts and results.trajectory is not None and len(results.trajectory):
-        console.print(rows_table(T.trajectory_rows(results.trajectory),
-                                 "over training: fraction of recorded steps in each class"))
+    config_of = results_configurations(results)
+    console.print(Text(results.title, style="bold"))
+    console.print(T.config_overview(results, config_of), highlight=False)
+    if results.claims:
+        console.print(Text("\nClaims", style="bold underline"))
+        for claim in results.claims:
+            for line in claim_lines(claim):
+                console.print(line)
     if results.final_losses:
-        console.print(rows_table(T.loss_rows(results), "final training loss per configuration"))
+        console.print(fit_table(_pick(T.loss_rows(results), {"configuration": "configuration",
+                                                             "final loss (mean ± sd, n)": "final loss (mean ± sd, n)",
+                                                             "diverged": "diverged"}), "final training loss"))
+    if INIT in results.verdicts:
+        if results.pooled is not None and len(results.pooled):
+            rows = _pick(T.pooled_rows(results.pooled), {"configuration": "configuration", "signal": "signal",
+                                                         "seeds": "seeds", "per block (geo. mean)": "per block",
+                                                         "verdict": "verdict"})
+            console.print(fit_table(rows, "at initialisation, per configuration", 4))
+        theory = T.theory_rows(results.verdicts[INIT], config_of)
+        if len(theory) > 1:
+            rows = _pick(theory, {"configuration": "configuration", "signal": "signal",
+                                  "theory (per block)": "theory", "measured* (geo. mean)": "measured*",
+                                  "agreement": "agreement"})
+            console.print(fit_table(rows, "theory beside measurement (initialisation)", 4, AGREEMENT_STYLES))
+    if TRAIN in results.verdicts and results.trajectory is not None and len(results.trajectory):
+        rows = _pick(T.trajectory_config_rows(results.trajectory, config_of),
+                     {"configuration": "configuration", "signal": "signal", "healthy": "healthy",
+                      "vanishing": "vanish.", "exploding": "explod.", "diverged": "diverged",
+                      "at the last step": "last step (seeds)"})
+        console.print(fit_table(rows, "over training: share of recorded steps in each class"))
     if results.alerts is not None:
         if len(results.alerts):
-            console.print(rows_table(T.alert_rows(results.alerts), T.alerts_sentence(results.alerts)))
+            rows = _pick(T.alert_rows(results.alerts, limit=10), {"run": "run", "step": "step", "kind": "kind",
+                                                                 "block": "block", "value": "value"})
+            console.print(fit_table(rows, T.alerts_sentence(results.alerts)))
         else:
             console.print(f"[green]{escape(T.alerts_sentence(results.alerts))}[/green]", highlight=False)
-    for claim in results.claims:
-        colour = ANSWER_STYLES.get(claim.answer, "yellow")
-        console.print(f"[bold]{escape(claim.statement)}[/bold] ({claim.phase}): [{colour}]{claim.answer}[/{colour}]"
-                      f" — {escape(claim.evidence)}", highlight=False)
-        if claim.caveat:
-            console.print(f"  [dim]caveat: {escape(claim.caveat)}[/dim]", highlight=False)
     for note in results.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)

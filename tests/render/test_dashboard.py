@@ -1,0 +1,106 @@
+"""report.html as a dashboard and the terminal at 80 columns, from one Results: claims first, one row per
+configuration with its seeds pooled, theory agreement as one table, per-run detail one click away."""
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from gradscope import analysis as A
+from gradscope import schema as S
+from gradscope.analysis.results import Claim
+from gradscope.render import report as R
+from gradscope.render import tables as T
+from gradscope.render.terminal import print_results
+
+SEEDS = (0, 1, 2)
+LONG = "an-unusually-long-configuration-name-that-would-not-fit"
+
+
+def xavier_mlp_frame() -> tuple[pd.DataFrame, dict]:
+    """Three seeds of a Xavier ReLU MLP (theory: forward x0.5 per block) and three of a long-named copy; each
+    seed measured with a little noise, backward far from theory so that theory 'disagrees' there."""
+    rng = np.random.default_rng(0)
+    rows, configs = [], {}
+    for name in ("mlp-xavier", LONG):
+        for seed in SEEDS:
+            run = name + (f"-s{seed}" if seed else "")  # the study's run names; the configuration is a fact
+            configs[run] = {S.MODEL: "mlp", S.BN: False, S.RESIDUAL: False, S.SHORTCUT: None, S.INIT: "xavier",
+                            S.SEED: seed, "width": 64, "config": name}
+            for k in range(10):
+                noise = float(np.exp(rng.normal(0, 0.01)))
+                rows.append((0, f"blocks.{k}", k, S.ACT_VAR, 0.5 ** k * noise, run, seed, name))
+                rows.append((0, f"blocks.{k}", k, S.GRAD_NORM, 1.3 ** (9 - k) * noise, run, seed, name))
+    f = pd.DataFrame(rows, columns=[S.STEP, S.BLOCK, S.DEPTH, S.METRIC, S.VALUE, S.RUN, S.SEED, "config"]).assign(
+        **{S.KIND: "PlainBlock", S.CALL: 0, S.MODEL: "mlp", S.BN: False, S.RESIDUAL: False, S.SHORTCUT: None,
+           S.INIT: "xavier"})
+    return f, configs
+
+
+@pytest.fixture(scope="module")
+def results():
+    f, configs = xavier_mlp_frame()
+    res = R.results_of_frame(f, configs=configs, phase="init", title="dashboard test")
+    res.claims = [
+        Claim("deg", "Deeper plain nets train worse (degradation)", "yes", "plain56 - plain20 = +1.19 ± 0.20 nats",
+              "train", how="a 95% interval over seeds", caveat="300 SGD steps", estimate=1.19, low=0.69, high=1.69,
+              unit="nats"),
+        Claim("bn", "BatchNorm keeps forward signals from vanishing", "unclear", "no run with BatchNorm", "init"),
+    ]
+    return res
+
+
+def test_configurations_group_seeds_by_facts(results):
+    from gradscope.render.groups import results_configurations
+
+    config_of = results_configurations(results)
+    assert config_of == {"mlp-xavier": "mlp-xavier", "mlp-xavier-s1": "mlp-xavier", "mlp-xavier-s2": "mlp-xavier",
+                         LONG: LONG, f"{LONG}-s1": LONG, f"{LONG}-s2": LONG}
+    assert T.config_overview(results, config_of).startswith("6 runs in 2 configurations (3 seeds each)")
+
+
+def test_theory_is_one_row_per_configuration_and_signal(results):
+    from gradscope.render.groups import results_configurations
+
+    rows = T.theory_rows(results.verdicts["init"], results_configurations(results))
+    assert len(rows) == 1 + 2 * 2  # two configurations x two signals, not one row per seed
+    forward = [r for r in rows[1:] if r[1] == "forward"]
+    assert all(r[2] == "3" and r[3] == "x0.50" and r[5] == "agrees" for r in forward), forward
+    backward = [r for r in rows[1:] if r[1] == "backward"]
+    assert all(r[5] != "agrees" for r in backward), backward  # the honest answer here is no
+
+
+def test_html_opens_with_the_claims_table_and_keeps_detail_one_click_away(results, tmp_path):
+    out = R.write_folder(results, tmp_path / "rep")
+    page = (out / R.HTML).read_text()
+    claims = page.index('id="claims"')
+    assert claims < page.index('id="verdicts-init"') < page.index('id="figures"')
+    table = page[claims:page.index("</table>", claims)]
+    assert "+1.19 nats" in table and "+0.69 .. +1.69 nats" in table  # key number and interval
+    assert table.count("<details") == 2 and "a 95% interval over seeds" in table  # evidence, one click away
+    assert re.search(r'<td><span class="answer unclear">unclear</span></td><td class="num">—</td>', table)
+    init = page[page.index('id="verdicts-init"'):page.index('id="figures"')]
+    assert init.index("Theory beside measurement") < init.index("Every run (6 runs")  # per-run: in details
+    assert re.search(r"<details><summary>Every run \(6 runs, 12 verdicts\)</summary><table", init)
+    assert "<details><summary>How a verdict is decided</summary>" in init  # long explanation collapsed
+    # the disagreement note appears once per configuration and signal, never once per seed
+    notes = re.findall(r"<li>([^<]*)\(backward\): ", init)
+    assert len(notes) == len(set(notes)) == 2
+
+
+def test_terminal_is_readable_at_80_columns_with_the_claims_first(results):
+    buf = io.StringIO()
+    print_results(results, Console(file=buf, width=80, color_system=None))
+    text = buf.getvalue()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in text and "..." not in text  # nothing cut off
+    assert text.index("Deeper plain nets train worse") < text.index("at initialisation, per configuration")
+    assert "YES" in text and "key number +1.19 nats, 95% interval +0.69 .. +1.69 nats" in text
+    assert "UNCLEAR" in text and text.count("key number") == 1  # a claim without a number says none
+    assert "an-unusually" in text and "would-not-fit" in text  # a long name folds onto the next line
+    assert not any("mlp-xavier-s1" in line for line in lines)  # one row per configuration, not per seed

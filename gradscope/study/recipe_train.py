@@ -21,19 +21,25 @@ from gradscope import schema as S
 from gradscope.engine.scope import attach
 from gradscope.study.recipe import Recipe, RecipeData, WarmUp, batches, error_rate
 
-#: Columns of a recipe's error curves (one row per evaluation point of one run).
+#: Columns of a recipe run's per-iteration table: the study's loss columns, then the learning rate, and the
+#: validation and test error measured after that iteration (NaN where no evaluation ran).
+LOSS_COLUMNS = (S.RUN, S.STEP, "loss", "accuracy", "lr", "val_error", "test_error")
+#: Columns of the error curves (one row per evaluation point of one run), derived by :func:`curves`.
 CURVE_COLUMNS = (S.RUN, "model", "seed", "iteration", "lr", "train_loss", "train_error", "val_error", "test_error")
 
 
 @dataclass
 class RecipeRun:
-    """What one recipe run measured: signals (``frame``), error ``curves``, per-iteration ``losses``, ``config``."""
+    """What one recipe run measured: signals (``frame``), per-iteration ``losses`` with the evaluations, ``config``."""
 
     frame: Any
-    curves: Any
     losses: Any
     config: Dict[str, Any]
     warmup_ended_at: Optional[int] = None
+
+    @property
+    def curves(self) -> Any:
+        return curves(self.losses, {self.losses[S.RUN].iloc[0]: self.config} if len(self.losses) else {})
 
 
 def build_net(model: str, recipe: Recipe, seed: int) -> nn.Module:
@@ -72,11 +78,8 @@ def train_run(model: str, recipe: Recipe, data: RecipeData, *, seed: int = 0, de
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if amp and torch_device.type == "cuda"
                 else nullcontext())
     stream = batches(data, recipe, seed)
-    losses: List[tuple] = []
-    curves: List[tuple] = []
-    interval_loss = interval_wrong = 0.0
-    interval_seen = 0
-    name = f"{model}-s{seed}"
+    rows: List[tuple] = []
+    name = run_name(model, seed)
     net.train()
     scope = attach(net, blocks=blocks, every=recipe.record_every, optimizer=optimizer, on_nonfinite="ignore",
                    out=None if out is None else Path(out) / "train")
@@ -98,31 +101,52 @@ def train_run(model: str, recipe: Recipe, data: RecipeData, *, seed: int = 0, de
             loss_value = float(loss.detach())
             batch_error = float((logits.detach().argmax(1) != y).float().mean())
             warm.update(iteration, batch_error)
-            losses.append((name, iteration, loss_value, 1.0 - batch_error))
-            interval_loss += loss_value * len(y)
-            interval_wrong += batch_error * len(y)
-            interval_seen += len(y)
-            last = iteration + 1 == recipe.iterations
-            if (iteration + 1) % recipe.eval_every == 0 or last:
+            val = test = math.nan
+            if (iteration + 1) % recipe.eval_every == 0 or iteration + 1 == recipe.iterations:
                 val = error_rate(net, data.val_x, data.val_y, torch_device, channels_last=channels_last)
                 test = error_rate(net, data.test_x, data.test_y, torch_device, channels_last=channels_last)
-                curves.append((name, model, seed, iteration + 1, lr, interval_loss / interval_seen,
-                               interval_wrong / interval_seen, val, test))
-                interval_loss = interval_wrong = 0.0
-                interval_seen = 0
+            rows.append((name, iteration, loss_value, 1.0 - batch_error, lr, val, test))
             if on_iteration is not None:
                 on_iteration(iteration)
             if not math.isfinite(loss_value):
-                break  # a diverged run: keep what it recorded, the curves say where it stopped
+                break  # a diverged run: keep what it recorded; its curves end where it stopped
     finally:
         scope.detach()
     frame = scope.frame()
     frame[S.RUN], frame[S.MODEL], frame[S.SEED] = name, model, seed
     frame[S.BN], frame[S.RESIDUAL] = config.get("bn"), config.get("residual")
     frame[S.SHORTCUT], frame[S.INIT] = config.get("shortcut"), config.get("init")
-    return RecipeRun(frame=frame, curves=pd.DataFrame(curves, columns=list(CURVE_COLUMNS)),
-                     losses=pd.DataFrame(losses, columns=[S.RUN, S.STEP, "loss", "accuracy"]), config=config,
+    return RecipeRun(frame=frame, losses=pd.DataFrame(rows, columns=list(LOSS_COLUMNS)), config=config,
                      warmup_ended_at=warm.ended_at)
+
+
+def run_name(model: str, seed: int) -> str:
+    return f"{model}-s{seed}"
+
+
+def curves(losses: Any, configs: Dict[str, Dict[str, Any]]) -> Any:
+    """Fig. 6's curves from per-iteration losses: one row per evaluation point of each run.
+
+    ``train_error``/``train_loss`` are the means over the iterations since the previous point (1 - accuracy of
+    each mini-batch); ``val_error``/``test_error`` are the evaluation after the point's iteration. ``configs``
+    gives each run's model and seed.
+    """
+    import pandas as pd
+
+    out = []
+    for run, rows in losses.groupby(S.RUN, sort=False):
+        rows = rows.sort_values(S.STEP)
+        points = rows["test_error"].notna().to_numpy()
+        interval = points[::-1].cumsum()[::-1]  # rows up to and including a point share its interval number
+        for _, group in rows.groupby(-interval, sort=True):
+            last = group.iloc[-1]
+            if not math.isfinite(float(last["test_error"])):
+                continue  # iterations after the last evaluation (a run stopped early)
+            config = configs.get(run, {})
+            out.append((run, config.get("name", run), config.get("seed"), int(last[S.STEP]) + 1, float(last["lr"]),
+                        float(group["loss"].mean()), float(1 - group["accuracy"].mean()), float(last["val_error"]),
+                        float(last["test_error"])))
+    return pd.DataFrame(out, columns=list(CURVE_COLUMNS))
 
 
 def table6(curves: Any) -> Any:

@@ -139,6 +139,10 @@ def test_a_short_run_on_a_cifar_folder(tmp_path, one_thread):
     for column in ("train_error", "val_error", "test_error"):
         assert curves[column].between(0, 1).all()
     assert len(run.losses) == 12
+    errors = 1 - run.losses["accuracy"].to_numpy()
+    assert curves["train_error"].tolist() == pytest.approx([errors[0:4].mean(), errors[4:8].mean(),
+                                                            errors[8:12].mean()])
+    assert run.losses["test_error"].notna().tolist() == [i in (3, 7, 11) for i in range(12)]
     # a recorded step every 3rd iteration (0, 3, 6, 9), each holding the training forward only (call 0):
     # the evaluation forwards under no_grad are not training forwards
     assert sorted(run.frame["step"].unique()) == [0, 3, 6, 9]

@@ -3,20 +3,10 @@
 A *site* is a module whose output (and input) gradscope measures. :func:`find_blocks` resolves the selector that
 ``attach(model, blocks=...)`` takes:
 
-``"auto"`` (the default) tries three rules, first match wins:
-
-1. modules that declare themselves blocks (class or instance attribute ``gradscope_block = True``; every block of
-   gradscope's own model zoo does, and your own classes may too);
-2. the blocks held by ``nn.Sequential`` / ``nn.ModuleList`` / ``nn.ModuleDict`` containers (a torchvision
-   ``layer1.0``, a Hugging Face ``transformer.h.3``): children of a container that are neither containers nor leaf
-   layers and whose class occurs at least twice among the children of the model's containers, or that sit in a
-   *stage* (a container inside a container of several containers: EfficientNet-style ``blocks.0.0``, so a block
-   alone in its stage is kept). A picked module that itself wraps repeated blocks (a library's stage class, not a
-   container: timm's ``stages.1`` holding ``stages.1.blocks.0..2``) gives way to those blocks; otherwise nothing
-   inside a picked module is picked;
-3. the smallest modules that own parameters: each module with parameters of its own and none in its submodules
-   (every ``Linear``, ``Conv2d``, ``BatchNorm``, and a norm layer with an activation child such as timm's
-   ``BatchNormAct2d``).
+``"auto"`` (the default) picks what a practitioner calls the blocks, from the module tree alone; its rules and their
+order are in :mod:`gradscope.engine.autoblocks` (declared blocks; repeated units, with stages giving way to their
+blocks, a mixture of experts kept whole, sub-units and auxiliary heads left out, and the units beside the blocks;
+else the smallest modules owning parameters). ``find_blocks(model, explain=True)`` says which rule chose each block.
 
 Other selectors: a module class or tuple of classes (``nn.BatchNorm2d``), a string matched against qualified
 module names both as a glob (``layer1.*``) and as a full regular expression (``layer\\d+\\.\\d+``), a compiled
@@ -32,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Sequence, Tuple, Uni
 
 from torch import nn
 
+from gradscope.engine.autoblocks import RULES, auto_blocks
 from gradscope.errors import GradscopeError, SelectorError
 
 Predicate = Callable[[str, nn.Module], bool]
@@ -42,24 +33,51 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 @dataclass(frozen=True)
 class Site:
-    """One hooked module: its qualified name in ``model.named_modules()``, the module, and its class name."""
+    """One hooked module: its qualified name in ``model.named_modules()``, the module, and its class name.
+
+    ``rule`` and ``reason`` say why it was picked: a rule of :data:`gradscope.engine.autoblocks.RULES` under
+    ``"auto"``, ``"selector"`` for an explicit selector.
+    """
 
     name: str
     module: nn.Module
     kind: str
+    rule: str = "selector"
+    reason: str = ""
 
 
-def find_blocks(model: nn.Module, blocks: BlockSelector = "auto") -> List[Site]:
+class BlockChoice(list):
+    """The list of :class:`Site` that ``find_blocks(model, explain=True)`` returns; printed, a table of each block's
+    name, class, rule and reason, then what each rule means."""
+
+    def __str__(self) -> str:
+        rows = [("block", "class", "rule", "why")] + [(s.name, s.kind, s.rule, s.reason) for s in self]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+        used = [r for r in RULES if any(s.rule == r for s in self)]
+        lines += [""] + [f"{r}: {RULES[r]}" for r in used]
+        return "\n".join(line.rstrip() for line in lines)
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def find_blocks(model: nn.Module, blocks: BlockSelector = "auto", explain: bool = False) -> List[Site]:
     """Return the sites that ``attach(model, blocks=blocks)`` would hook, in ``named_modules()`` order.
 
     The frame's ``depth`` column is assigned later, in forward execution order; this order is the static one.
+    ``explain=True`` returns a :class:`BlockChoice`, the same sites that print as a table saying which rule of
+    ``"auto"`` chose each one and why (``print(gradscope.find_blocks(model, explain=True))``).
     Raises :class:`~gradscope.errors.SelectorError` when the selector is malformed or matches nothing.
     """
     model = unwrap_model(model)
     named = list(model.named_modules())
+    why = {}
     if isinstance(blocks, str) and blocks == "auto":
-        picked = _auto(named)
-        how = "'auto' (gradscope blocks, repeated container children, then leaf modules with parameters)"
+        chosen = auto_blocks(named)
+        picked = [(p.name, p.module) for p in chosen]
+        why = {id(p.module): (p.rule, p.reason) for p in chosen}
+        how = "'auto' (declared blocks, repeated units, then modules owning parameters)"
     else:
         matcher, how = _matcher(blocks, named)
         picked = [(n, m) for n, m in named if matcher(n, m)]
@@ -73,7 +91,8 @@ def find_blocks(model: nn.Module, blocks: BlockSelector = "auto") -> List[Site]:
             f"some module names are: {_sample_names(named)}. Pass a class, a glob/regex on these names, "
             f"a list of names, or a predicate (name, module) -> bool."
         )
-    return [Site(name=n, module=m, kind=kind_of(m)) for n, m in _dedupe(picked)]
+    sites = [Site(n, m, kind_of(m), *why.get(id(m), ("selector", f"matched {how}"))) for n, m in _dedupe(picked)]
+    return BlockChoice(sites) if explain else sites
 
 
 def kind_of(module: nn.Module) -> str:
@@ -106,68 +125,6 @@ def unwrap_model(model: Any) -> nn.Module:
 def is_declared_block(module: nn.Module) -> bool:
     """True for modules that declare ``gradscope_block = True`` (gradscope's zoo, or a user's own classes)."""
     return bool(getattr(module, "gradscope_block", False))
-
-
-# ---- "auto" ---------------------------------------------------------------------------------------------------
-
-def _auto(named: List[Tuple[str, nn.Module]]) -> List[Tuple[str, nn.Module]]:
-    declared = _outermost((n, m) for n, m in named if n and is_declared_block(m))
-    if declared:
-        return declared
-    candidates = _container_blocks(named)
-    if candidates:
-        stages = _stage_classes(candidates)
-        return _outermost((n, m) for n, m in candidates if type(m) not in stages)
-    return [(n, m) for n, m in named if n and _owns_parameters(m)
-            and not any(True for c in m.children() for _ in c.parameters())]
-
-
-def _owns_parameters(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False))
-
-
-def _container_blocks(named: List[Tuple[str, nn.Module]]) -> List[Tuple[str, nn.Module]]:
-    """Children of containers that are neither containers nor leaves, repeated model-wide or held by a stage."""
-    held = [(name, module, child_name, child) for name, module in named if isinstance(module, _CONTAINERS)
-            for child_name, child in module.named_children()]
-    counts: dict = {}
-    for _, _, _, child in held:
-        counts[type(child)] = counts.get(type(child), 0) + 1
-    stage_ids = {id(child) for _, module, _, child in held if isinstance(child, _CONTAINERS)
-                 and sum(isinstance(c, _CONTAINERS) for c in module.children()) >= 2}
-    picked = []
-    for name, module, child_name, child in held:
-        if isinstance(child, _CONTAINERS) or not list(child.children()):
-            continue
-        if counts[type(child)] >= 2 or id(module) in stage_ids:
-            picked.append(((f"{name}.{child_name}" if name else child_name), child))
-    order = {n: i for i, (n, _) in enumerate(named)}
-    return sorted(picked, key=lambda pair: order.get(pair[0], len(order)))
-
-
-def _stage_classes(candidates: List[Tuple[str, nn.Module]]) -> set:
-    """Classes of candidates that wrap repeated blocks: one holds a container of >= 2 same-class candidates."""
-    ids = {id(m): type(m) for _, m in candidates}
-    stages = set()
-    for _, module in candidates:
-        for inner in module.modules():
-            if inner is module or not isinstance(inner, _CONTAINERS):
-                continue
-            kinds = [ids[id(c)] for c in inner.children() if id(c) in ids]
-            if any(kinds.count(k) >= 2 for k in set(kinds)):
-                stages.add(type(module))
-                break
-    return stages
-
-
-def _outermost(pairs: Iterable[Tuple[str, nn.Module]]) -> List[Tuple[str, nn.Module]]:
-    """Drop every pair nested inside an earlier one (by qualified-name prefix)."""
-    kept: List[Tuple[str, nn.Module]] = []
-    for name, module in pairs:
-        if any(name.startswith(k + ".") for k, _ in kept):
-            continue
-        kept.append((name, module))
-    return kept
 
 
 # ---- explicit selectors ---------------------------------------------------------------------------------------

@@ -87,10 +87,28 @@ def block_input(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[torch
     return found
 
 
+def primary_input(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    """What "the block's input" is for ``grad_in_norm``: the residual stream a block transforms.
+
+    The first positional argument (a tensor, or a list/tuple of tensors: a dense block's earlier outputs), else the
+    keyword ``hidden_states`` (Hugging Face's name), else the first keyword argument holding a floating tensor.
+    Further arguments (a decoder layer's encoder output, a U-Net decoder stage's skip connection, masks) are not the
+    block's input: their gradients flow elsewhere too, and counting them would mix two signals.
+    """
+    if args and first_tensor(args[0]) is not None:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    for value in kwargs.values():
+        if first_tensor(value) is not None:
+            return value
+    return args
+
+
 def grad_inputs(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[torch.Tensor]:
-    """The tensors whose gradient makes a block's ``grad_in_norm``: every floating tensor that requires grad among
-    the positional arguments (inside tuples and lists too: a dense block receives a list of earlier outputs), each
-    once; without one, the keyword input :func:`block_input` picks, if it requires grad."""
+    """The tensors whose gradient makes a block's ``grad_in_norm``: those of :func:`primary_input` that require grad,
+    each once (every tensor of a list or tuple; of a dict, its ``hidden_states`` entry, else its first floating
+    tensor)."""
     found: List[torch.Tensor] = []
     seen: set = set()
 
@@ -102,12 +120,10 @@ def grad_inputs(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[torch.Ten
         elif isinstance(value, (tuple, list)):
             for item in value:
                 visit(item)
+        elif isinstance(value, dict):
+            visit(value["hidden_states"] if "hidden_states" in value else first_tensor(value))
 
-    visit(args)
-    if not found and kwargs:
-        x = block_input((), kwargs)
-        if x is not None and x.requires_grad:
-            found.append(x)
+    visit(primary_input(args, kwargs))
     return found
 
 
@@ -336,7 +352,9 @@ class Probe:
         tapped, new_args, new_kwargs = 0, args, kwargs
         if self.m.grad_in:
             tap = self._tap(site, S.GRAD_IN_NORM)
-            new_args, tapped = T.map_grad_tensors(args, tap)
+            if args:  # the primary input only (see primary_input); a dict input is measured in eager mode only
+                first, tapped = T.map_grad_tensors(args[0], tap)
+                new_args = (first,) + tuple(args[1:])
             if not tapped and kwargs and "hidden_states" in kwargs:
                 hidden, tapped = T.map_grad_tensors(kwargs["hidden_states"], tap)
                 new_kwargs = dict(kwargs, hidden_states=hidden)

@@ -24,7 +24,7 @@ from gradscope.engine.provenance import Provenance, device_of
 from gradscope.engine.exits import LiveScopes
 from gradscope.engine.recorder import Recorder, Schedule, make_schedule
 from gradscope.engine.sinks import SinkFeed
-from gradscope.engine.sites import BlockSelector, Site, find_blocks, unwrap_model
+from gradscope.engine.sites import BlockSelector, Site, find_blocks, idle_message, unwrap_model
 from gradscope.engine.state import EVAL, FORWARDS, TRAIN
 
 __all__ = ["NONFINITE_POLICIES", "NonFiniteError", "Scope", "attach"]
@@ -59,6 +59,7 @@ class Scope:
         if self._tracer is not None:
             self._probe.keep, self._nonfinite.trace = self._tracer.keep, self._tracer.trace
         self._warned_silent = False
+        self._warned_idle = False
         self._attached = False
         self._opt_handles: List[Any] = []
         self._guarded = False
@@ -143,6 +144,7 @@ class Scope:
                     f"torch.compile-d before attach(), its hooks are ignored: attach first, then compile; "
                     f"otherwise check that this scope is attached to the model you train.",
                     RuntimeWarning, stacklevel=2)
+            self._warn_idle(rec)
             if self._metrics.params:
                 self._record_params(rec.step)
             if self._metrics.optstate and self._optimizer is not None:  # Adam-family state (engine/optstate.py)
@@ -153,6 +155,16 @@ class Scope:
                 if rec.write_files:  # host side, after the step's one transfer; under DDP rank 0 only
                     self._sinks.send(rec)
                 rec.release()  # rows on disk and handed to the sinks leave memory
+
+    def _warn_idle(self, rec: Recorder) -> None:
+        """Once per scope: name the picked blocks that did not run in a recorded step where others did, and why."""
+        if self._warned_idle or not rec.state.any_block_ran():
+            return
+        state = rec.state  # a reentrant-checkpointed block runs its recorded forward at recomputation
+        idle = [i for i, calls in enumerate(state.calls) if calls == 0 and state.recompute_calls[i] == 0]
+        if idle:
+            self._warned_idle = True
+            warnings.warn(idle_message(self.sites, idle, rec.step, self.model), RuntimeWarning, stacklevel=3)
 
     def log_to(self, sink: Any) -> "Scope":
         """Also hand each recorded step's rows to ``sink`` (a callable ``rows -> None``, see

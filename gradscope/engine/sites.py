@@ -95,6 +95,27 @@ def find_blocks(model: nn.Module, blocks: BlockSelector = "auto", explain: bool 
     return BlockChoice(sites) if explain else sites
 
 
+def idle_message(sites: List[Site], idle: List[int], step: int, model: nn.Module) -> str:
+    """The one-time warning for picked blocks that did not run in recorded step ``step`` (indices ``idle``): names
+    them and says why that happens, so that a block that gives no rows is never silent."""
+    parents = {id(child): (name, module) for name, module in model.named_modules() for child in module.children()}
+    parts = []
+    for i in idle[:8]:
+        site = sites[i]
+        parent = parents.get(id(site.module))
+        if parent is not None and any(True for _ in parent[1].parameters(recurse=False)):
+            why = (f"its parent {parent[0] or 'the model'!r} ({type(parent[1]).__name__}) owns parameters and uses "
+                   f"this module's weights itself without calling it (as nn.MultiheadAttention does with out_proj); "
+                   f"pick {parent[0] or 'the model'!r} instead")
+        else:
+            why = ("the forward did not call it (a branch it skipped, a head used only in training or evaluation, "
+                   "an expert that received no token)")
+        parts.append(f"{site.name!r} ({site.kind}): {why}")
+    more = f"; and {len(idle) - 8} more" if len(idle) > 8 else ""
+    return (f"gradscope: {len(idle)} picked block(s) did not run in recorded step {step} and have no rows there: "
+            + "; ".join(parts) + more)
+
+
 def kind_of(module: nn.Module) -> str:
     """The block's class name; for a module that FSDP2's ``fully_shard`` turned into its generated ``FSDP<Class>``
     (bases ``(FSDPModule, Class)``), the original ``Class``, so a sharded run's frame matches an unsharded one."""

@@ -138,3 +138,102 @@ def test_transformer_families_keep_their_blocks():
     torch_transformer = nn.Transformer(16, 2, 2, 2, 32)
     assert names(torch_transformer) == ["encoder.layers.0", "encoder.layers.1", "decoder.layers.0",
                                         "decoder.layers.1"]
+
+
+def test_a_picked_module_that_never_runs_is_named_once_with_the_reason():
+    model = B.AttentionNet()
+    with pytest.warns(RuntimeWarning, match=r"'attn.out_proj' \(NonDynamicallyQuantizableLinear\): its parent "
+                                            r"'attn' \(MultiheadAttention\) owns parameters .* pick 'attn' instead"):
+        with gradscope.attach(model, blocks=nn.Linear) as scope:
+            for _ in range(2):
+                model(torch.randn(2, 5, 4)).sum().backward()
+                scope.step()
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # once per scope, not every step
+        warnings.simplefilter("always")
+        with gradscope.attach(model, blocks=nn.Linear) as scope:
+            for _ in range(3):
+                model(torch.randn(2, 5, 4)).sum().backward()
+                scope.step()
+    assert sum("did not run" in str(w.message) for w in caught) == 1
+    frame = scope.frame()
+    assert "attn.out_proj" not in set(frame[frame.metric.isin(["act_var", "grad_norm"])].block)
+
+
+def test_a_skipped_branch_is_named_with_the_other_reason_and_auto_blocks_all_run():
+    model = B.GoogLeNet().eval()  # the auxiliary heads run only in training
+    with pytest.warns(RuntimeWarning, match=r"2 picked block\(s\) did not run in recorded step 0 .*'aux1' "
+                                            r"\(InceptionAux\): the forward did not call it"):
+        with gradscope.attach(model, blocks=["inception3a", "aux1", "aux2"]) as scope:
+            model(torch.randn(1, 3, 16, 16)).sum().backward()
+            scope.step()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto's picks all run in eval mode too
+        with gradscope.attach(model) as scope:
+            model(torch.randn(1, 3, 16, 16)).sum().backward()
+            scope.step()
+
+
+# ---- what "the block's input" is for grad_in_norm ------------------------------------------------------------
+
+class CrossBlock(nn.Module):
+    """A decoder-style block: the residual stream x, and an encoder output it attends to."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.fc, self.mix = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x, memory):
+        return x + torch.tanh(self.fc(x) + self.mix(memory).mean(1, keepdim=True))
+
+
+class DictBlock(nn.Module):
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, inputs):
+        return inputs["hidden_states"] + torch.tanh(self.fc(inputs["hidden_states"])) * inputs["scale"]
+
+
+class Decoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(6, 6)
+        self.layers = nn.ModuleList([CrossBlock(), CrossBlock()])
+        self.dicts = nn.ModuleList([DictBlock(), DictBlock()])
+
+    def forward(self, x, src):
+        memory = self.encoder(src)
+        for layer in self.layers:
+            x = layer(x, memory)
+        for block in self.dicts:
+            x = block({"scale": torch.ones(()), "hidden_states": x})
+        return x
+
+
+def test_grad_in_norm_is_the_residual_stream_not_the_encoder_output_and_dict_inputs_work():
+    torch.manual_seed(0)
+    model = Decoder()
+    x, src = torch.randn(2, 3, 6, requires_grad=True), torch.randn(2, 3, 6)
+    inputs = {}
+
+    def keep(name):
+        def pre(module, args):
+            first = args[0]["hidden_states"] if isinstance(args[0], dict) else args[0]
+            first.retain_grad()
+            inputs[name] = first
+        return pre
+
+    for name in ("layers.0", "layers.1", "dicts.0", "dicts.1"):
+        model.get_submodule(name).register_forward_pre_hook(keep(name))
+    with gradscope.attach(model, blocks=["layers.0", "layers.1", "dicts.0", "dicts.1"]) as scope:
+        model(x, src).pow(2).sum().backward()
+        scope.step()
+    got = scope.frame().query("metric == 'grad_in_norm'").set_index("block").value
+    assert sorted(got.index) == ["dicts.0", "dicts.1", "layers.0", "layers.1"]  # a dict input has a row
+    for name, t in inputs.items():
+        assert got[name] == pytest.approx(t.grad.norm().item(), rel=1e-5)  # the stream alone, not + memory

@@ -140,7 +140,7 @@ def verdicts(frame: pd.DataFrame, *, step: A.StepArg = None, vanish: float = A.V
     :class:`gradscope.analysis.Profiles` of ``frame``.
     """
     profiles = profiles if profiles is not None else A.Profiles(frame)
-    out = A.verdicts(frame, step=step, vanish=vanish, explode=explode, profiles=profiles)
+    out = A.verdicts(frame, step=step, vanish=vanish, explode=explode, profiles=profiles, configs=configs)
     if not theory:
         return out
     return annotate(out, frame, configs=configs, agree_tol=agree_tol, batch_size=batch_size, profiles=profiles)

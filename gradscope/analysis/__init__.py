@@ -24,16 +24,35 @@ backward   grad_norm  last block -> first block        growth toward the input
   block does not decide it; ``near_value``/``far_value`` are the measured values at the two ends.
 * **Units.** Ratios of the metric itself: of a *variance* forward, of a gradient *norm* (not squared) backward.
 
-Verdict (column ``verdict``): by rate, so the same rate gives the same class at any depth
--------------------------------------------------------------------------------------------
-``vanish``/``explode`` (defaults :data:`VANISH` = 0.01, :data:`EXPLODE` = 100) are the change over
-:data:`REFERENCE_BLOCKS` = 27 blocks (the paper's 56-layer nets); the per-block thresholds are their 27th roots,
-x0.843 and x1.186 (:func:`rate_thresholds`):
+Verdict (column ``verdict``): one unit, per layer, whatever is called a block
+----------------------------------------------------------------------------
+A class describes the *amplitude* of a signal per *layer* (one weight layer: a Linear or a convolution, with its
+normalisation and activation), so that the same net gets the same class whether its blocks are two-layer residual
+blocks or its ``BatchNorm2d`` layers, and the forward variance and the backward norm, which differ by a square,
+are judged by one cut:
+
+* ``layer_factor`` = ``factor ** (1 / layers_per_block)`` backward (a norm already) and
+  ``factor ** (1 / (2 layers_per_block))`` forward (the square root of a variance ratio);
+* ``layers_per_block`` comes from ``layers_per_block=`` (a number, or ``{run: number}``), else from the block kind:
+  single layers (``Linear``, ``Conv*d``, ``BatchNorm*``, ``LayerNorm``, ...) count 1, the built-in blocks 2 (CIFAR
+  nets) or 1 (MLPs), read from the run's config (``configs=`` or the frame's ``model`` column); when it cannot be
+  told, 1 (column ``unit`` says "per block", and the class is per block);
+* thresholds (:func:`layer_thresholds`): vanishing below ``vanish ** (1/54)`` = x0.958, exploding above
+  ``explode ** (1/54)`` = x1.044 per layer, i.e. an amplitude change of :data:`VANISH` = 0.1 or :data:`EXPLODE` =
+  10 (100x in variance) over :data:`REFERENCE_LAYERS` = 54 layers, the weight layers between the stem and the
+  classifier of the paper's 56-layer nets. Why an order of magnitude: with one learning rate for every layer, a
+  10x difference in gradient norm between the first and the last layer is a 10x (100x in squared norm) difference
+  in how fast they move, the scale at which He et al. call plain nets' norms "healthy" or not. Examples (CIFAR, 16
+  channels, 16x16 images): plain-56 with BN explodes toward the input at x1.38 per block = x1.175 per layer (Yang
+  et al. 2019); without BN it loses x0.88 per block = x0.94 per layer (a 23-53x loss end to end): vanishing;
+  residual nets with BN stay within both cuts.
+
+Then:
 
 * ``diverged`` if a block held a non-finite value (``act_nonfinite > 0``, or a NaN/Inf ``act_var`` or
   ``grad_norm``) at that step (at any step for ``step=None``); such a signal is never ``healthy``;
-* ``vanishing`` if ``factor`` < the lower threshold, or the signal is zero at every block or at the far end;
-* ``exploding`` if ``factor`` > the upper threshold, or the near end is zero while the far end is not;
+* ``vanishing`` if ``layer_factor`` < the lower threshold, or the signal is zero at every block or at the far end;
+* ``exploding`` if ``layer_factor`` > the upper threshold, or the near end is zero while the far end is not;
 * ``healthy`` otherwise; ``unknown`` with fewer than two blocks holding a value.
 
 Layout (long format)
@@ -46,6 +65,7 @@ has them. Frames without a ``run`` column are one run named :data:`DEFAULT_RUN`.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -58,11 +78,23 @@ from gradscope.analysis.profiles import (DEFAULT_RUN, POSITION, Fit, Profiles, S
                                          select_step, steps_of, with_run)
 from gradscope.errors import DataError
 
-#: Default thresholds: the change over :data:`REFERENCE_BLOCKS` blocks that counts as vanishing / exploding.
-VANISH = 0.01
-EXPLODE = 100.0
-#: Blocks over which ``vanish``/``explode`` are defined: 27, the blocks of the paper's 56-layer nets.
-REFERENCE_BLOCKS = 27
+#: Default thresholds: the change of a signal's *amplitude* (a norm; the square root of a variance) over
+#: :data:`REFERENCE_LAYERS` layers that counts as vanishing / exploding (100x and 1/100 in variance).
+VANISH = 0.1
+EXPLODE = 10.0
+#: Layers over which ``vanish``/``explode`` are defined: 54, the weight layers between the stem and the classifier
+#: of the paper's 56-layer nets.
+REFERENCE_LAYERS = 54
+#: Older name, kept for renderers: thresholds are now defined over layers.
+REFERENCE_BLOCKS = REFERENCE_LAYERS
+#: Block kinds that are one layer each (a weight layer, or a norm/activation that follows exactly one).
+LAYER_KINDS = frozenset({"Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+                         "ConvTranspose3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
+                         "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm",
+                         "LazyLinear", "LazyConv2d", "BatchNormAct2d"})
+#: The built-in blocks (:mod:`gradscope.models.blocks`): layers per block by model family.
+ZOO_BLOCK_LAYERS = {"cifar": 2, "mlp": 1}
+ZOO_KINDS = frozenset({"PlainBlock", "ResidualBlock"})
 
 FORWARD, BACKWARD = "forward", "backward"
 #: signal -> (metric, direction word used in sentences)
@@ -75,13 +107,14 @@ CLASSES = (HEALTHY, VANISHING, EXPLODING, DIVERGED, UNKNOWN)
 SIGNAL, N_STEPS, N_BLOCKS = "signal", "n_steps", "n_blocks"
 FIRST_BLOCK, LAST_BLOCK = "first_block", "last_block"
 END_TO_END, FACTOR, R2 = "end_to_end", "factor", "r2"
+LAYERS, LAYER_FACTOR, UNIT = "layers_per_block", "layer_factor", "unit"
 NEAR_VALUE, FAR_VALUE = "near_value", "far_value"
 MIN_VALUE, MIN_BLOCK, MAX_VALUE, MAX_BLOCK = "min_value", "min_block", "max_value", "max_block"
 VERDICT, RATE_TEXT, NONFINITE_BLOCK = "verdict", "rate_text", "nonfinite_block"
 PREDICTED_FACTOR, MEASURED_FACTOR, AGREES, AGREEMENT = "predicted_factor", "measured_factor", "agrees", "agreement"
 REFERENCE, THEORY_NOTE = "reference", "theory_note"
 VERDICT_COLUMNS = (S.RUN, S.STEP, N_STEPS, SIGNAL, S.METRIC, N_BLOCKS, FIRST_BLOCK, LAST_BLOCK, END_TO_END, FACTOR,
-                   R2, NEAR_VALUE, FAR_VALUE, MIN_VALUE, MIN_BLOCK, MAX_VALUE, MAX_BLOCK, VERDICT, NONFINITE_BLOCK,
+                   R2, LAYERS, LAYER_FACTOR, UNIT, NEAR_VALUE, FAR_VALUE, MIN_VALUE, MIN_BLOCK, MAX_VALUE, MAX_BLOCK, VERDICT, NONFINITE_BLOCK,
                    RATE_TEXT, PREDICTED_FACTOR, MEASURED_FACTOR, AGREEMENT, AGREES, REFERENCE, THEORY_NOTE)
 
 sentence = _text.sentence
@@ -91,35 +124,53 @@ _fmt_factor = _text.factor
 _with_run, _steps_of, _check_frame, _select_step = with_run, steps_of, check_frame, select_step
 
 
-def rate_thresholds(vanish: float = VANISH, explode: float = EXPLODE,
-                    reference_blocks: int = REFERENCE_BLOCKS) -> tuple[float, float]:
-    """Per-block factors below / above which a signal is vanishing / exploding: ``vanish**(1/27)`` etc."""
-    return vanish ** (1.0 / reference_blocks), explode ** (1.0 / reference_blocks)
+def layer_thresholds(vanish: float = VANISH, explode: float = EXPLODE,
+                     reference_layers: int = REFERENCE_LAYERS) -> tuple[float, float]:
+    """Per-layer amplitude factors below / above which a signal is vanishing / exploding: ``vanish**(1/54)`` etc."""
+    return vanish ** (1.0 / reference_layers), explode ** (1.0 / reference_layers)
 
 
-def classify(factor: float, *, vanish: float = VANISH, explode: float = EXPLODE,
-             reference_blocks: int = REFERENCE_BLOCKS, all_zero: bool = False) -> str:
-    """Class of one signal from its fitted per-block ``factor`` (the same rate gives the same class at any depth)."""
+def rate_thresholds(vanish: float = VANISH, explode: float = EXPLODE, reference_blocks: int = REFERENCE_LAYERS, *,
+                    signal: str = "backward", layers: float = 1.0) -> tuple[float, float]:
+    """The same cut as :func:`layer_thresholds`, as per-block factors of the signal's own metric: raised to the
+    power ``layers`` (layers per block), and squared for the forward signal (a variance ratio)."""
+    lo, hi = layer_thresholds(vanish, explode, reference_blocks)
+    power = layers * (2.0 if signal == FORWARD else 1.0)
+    return lo ** power, hi ** power
+
+
+def layer_factor(factor: float, signal: str, layers: float = 1.0) -> float:
+    """A per-block factor of ``signal``'s metric as a per-layer amplitude factor (NaN stays NaN)."""
+    if factor is None or math.isnan(factor) or factor <= 0 or not layers or math.isnan(layers):
+        return math.nan if factor is None or math.isnan(factor) or factor < 0 else factor
+    return factor ** (1.0 / (layers * (2.0 if signal == FORWARD else 1.0)))
+
+
+def classify(factor: float, *, signal: str = "backward", layers: float = 1.0, vanish: float = VANISH,
+             explode: float = EXPLODE, all_zero: bool = False) -> str:
+    """Class of one signal from its fitted per-block ``factor``, judged per layer in amplitude units (the same
+    per-layer rate gives the same class at any depth and at any granularity)."""
     if all_zero:
         return VANISHING
-    if factor is None or math.isnan(factor):
+    f = layer_factor(factor, signal, layers)
+    if f is None or math.isnan(f):
         return UNKNOWN
-    lo, hi = rate_thresholds(vanish, explode, reference_blocks)
-    if factor < lo:
+    lo, hi = layer_thresholds(vanish, explode)
+    if f < lo:
         return VANISHING
-    if factor > hi:
+    if f > hi:
         return EXPLODING
     return HEALTHY
 
 
 def _summarise(values: np.ndarray, blocks: Sequence[str], position: np.ndarray, signal: str,
-               vanish: float, explode: float, nonfinite_block: Optional[str]) -> dict[str, Any]:
+               vanish: float, explode: float, nonfinite_block: Optional[str], layers: float = 1.0) -> dict[str, Any]:
     """The verdict fields of one signal given per-block values in depth order."""
     present = ~np.isnan(values)
     v, b, x = values[present], [bl for bl, p in zip(blocks, present) if p], position[present]
     out: dict[str, Any] = {N_BLOCKS: int(v.size), FIRST_BLOCK: b[0] if b else None, LAST_BLOCK: b[-1] if b else None,
                            NONFINITE_BLOCK: nonfinite_block}
-    empty = {END_TO_END: math.nan, FACTOR: math.nan, R2: math.nan, NEAR_VALUE: math.nan, FAR_VALUE: math.nan,
+    empty = {END_TO_END: math.nan, FACTOR: math.nan, R2: math.nan, LAYER_FACTOR: math.nan, NEAR_VALUE: math.nan, FAR_VALUE: math.nan,
              MIN_VALUE: math.nan, MIN_BLOCK: None, MAX_VALUE: math.nan, MAX_BLOCK: None}
     if v.size == 0:
         out.update(empty, **{VERDICT: DIVERGED if nonfinite_block else UNKNOWN})
@@ -146,21 +197,68 @@ def _summarise(values: np.ndarray, blocks: Sequence[str], position: np.ndarray, 
     elif math.isinf(e2e):
         verdict = EXPLODING
     else:
-        verdict = classify(factor, vanish=vanish, explode=explode, all_zero=all_zero)
-    out.update({END_TO_END: e2e, FACTOR: factor, R2: fit.r2, NEAR_VALUE: float(near), FAR_VALUE: float(far),
+        verdict = classify(factor, signal=signal, layers=layers, vanish=vanish, explode=explode, all_zero=all_zero)
+    out.update({END_TO_END: e2e, FACTOR: factor, R2: fit.r2, LAYER_FACTOR: layer_factor(factor, signal, layers), NEAR_VALUE: float(near), FAR_VALUE: float(far),
                 MIN_VALUE: float(v[imin]), MIN_BLOCK: b[imin], MAX_VALUE: float(v[imax]), MAX_BLOCK: b[imax],
                 VERDICT: verdict})
     return out
 
 
+_ZOO_NAME = re.compile(r"^(plain|resnet)\d+")
+
+
+def _family(config: Optional[Mapping[str, Any]]) -> Optional[str]:
+    if not config:
+        return None
+    if config.get("family"):
+        return str(config["family"])
+    name = str(config.get("name") or config.get("model") or "").lower()
+    return "cifar" if _ZOO_NAME.match(name) else "mlp" if name.startswith("mlp") else None
+
+
+def block_layers(frame: pd.DataFrame, configs: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                 layers_per_block: Union[None, float, Mapping[str, float]] = None) -> dict[str, tuple[float, str]]:
+    """``{run: (layers per block, unit words)}``: how many weight layers one step between blocks spans.
+
+    ``layers_per_block`` (a number, or ``{run: number}``) wins; else every block kind of the run is a single layer
+    (:data:`LAYER_KINDS`: 1), or a built-in block (:data:`ZOO_KINDS`) of a family known from ``configs[run]`` or
+    the frame's ``model`` column (:data:`ZOO_BLOCK_LAYERS`); else 1 with the unit "per block (layers unknown)".
+    """
+    out: dict[str, tuple[float, str]] = {}
+    cols = [c for c in (S.RUN, S.KIND, S.MODEL) if c in frame.columns]
+    meta = frame[cols].drop_duplicates()
+    meta = meta.assign(**{S.RUN: meta[S.RUN].astype(str) if S.RUN in meta.columns else DEFAULT_RUN})
+    for run in run_names(frame):
+        if isinstance(layers_per_block, Mapping) and run in layers_per_block:
+            out[run] = (float(layers_per_block[run]), "per layer (layers per block given)")
+            continue
+        if isinstance(layers_per_block, (int, float)) and not isinstance(layers_per_block, bool):
+            out[run] = (float(layers_per_block), "per layer (layers per block given)")
+            continue
+        mine = meta[meta[S.RUN] == run]
+        kinds = set(mine[S.KIND].astype(str)) if S.KIND in mine.columns else set()
+        cfg = dict(configs[run]) if configs and run in configs else (
+            {S.MODEL: mine[S.MODEL].iloc[0]} if S.MODEL in mine.columns and len(mine) else None)
+        fam = _family(cfg)
+        if kinds and kinds <= LAYER_KINDS:
+            out[run] = (1.0, "per layer")
+        elif kinds and kinds <= ZOO_KINDS and fam in ZOO_BLOCK_LAYERS:
+            out[run] = (float(ZOO_BLOCK_LAYERS[fam]), "per layer")
+        else:
+            out[run] = (1.0, "per block (layers per block unknown: pass layers_per_block=)")
+    return out
+
+
 def verdicts(frame: pd.DataFrame, *, step: StepArg = None, vanish: float = VANISH, explode: float = EXPLODE,
-             profiles: Optional[Profiles] = None) -> pd.DataFrame:
+             profiles: Optional[Profiles] = None, configs: Optional[Mapping[str, Mapping[str, Any]]] = None,
+             layers_per_block: Union[None, float, Mapping[str, float]] = None) -> pd.DataFrame:
     """One row per run x signal (x step when asked) saying whether the signal vanishes, explodes, stays healthy
     or diverged.
 
     ``step``: None (geometric mean per block over all steps), "all", "first", "last" or a recorded step.
-    ``vanish``/``explode``: the change over :data:`REFERENCE_BLOCKS` blocks that counts (per-block thresholds are
-    their 27th roots). ``profiles``: a :class:`Profiles` of ``frame`` to share (else one is computed).
+    ``vanish``/``explode``: the amplitude change over :data:`REFERENCE_LAYERS` layers that counts (per-layer
+    thresholds are their 54th roots). ``profiles``: a :class:`Profiles` of ``frame`` to share (else one is
+    computed). ``configs``/``layers_per_block``: how many layers a block spans (:func:`block_layers`).
     Columns: :data:`VERDICT_COLUMNS`; the theory columns stay empty here (:func:`gradscope.agreement.verdicts`).
     """
     if not (0 < vanish < 1 < explode):
@@ -168,6 +266,7 @@ def verdicts(frame: pd.DataFrame, *, step: StepArg = None, vanish: float = VANIS
     check_frame(frame)
     prof_set = profiles if profiles is not None else Profiles(frame)
     rows: list[dict[str, Any]] = []
+    layers = block_layers(frame, configs, layers_per_block)
     for signal, (metric, _) in SIGNALS.items():
         prof = prof_set.get(metric, step)
         for key, g in prof.groupby([S.RUN, S.STEP], sort=False, dropna=False):
@@ -175,9 +274,11 @@ def verdicts(frame: pd.DataFrame, *, step: StepArg = None, vanish: float = VANIS
             g = g.sort_values(POSITION)
             n_steps = len(prof_set.steps(run)) if step is None else 1
             bad = prof_set.diverged(run, None if pd.isna(st) else int(st))
-            row = {S.RUN: run, S.STEP: st, N_STEPS: n_steps, SIGNAL: signal, S.METRIC: metric}
+            n_layers, unit = layers.get(str(run), (1.0, "per block"))
+            row = {S.RUN: run, S.STEP: st, N_STEPS: n_steps, SIGNAL: signal, S.METRIC: metric, LAYERS: n_layers,
+                   UNIT: unit}
             row.update(_summarise(g[S.VALUE].to_numpy(dtype=float), list(g[S.BLOCK]),
-                                  g[POSITION].to_numpy(dtype=float), signal, vanish, explode, bad))
+                                  g[POSITION].to_numpy(dtype=float), signal, vanish, explode, bad, n_layers))
             row[RATE_TEXT] = rate_text(row[FACTOR], row[R2])
             rows.append(row)
     out = pd.DataFrame(rows, columns=list(VERDICT_COLUMNS))
@@ -198,6 +299,6 @@ def _attach_config(out: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
 
 
 __all__ = ["BACKWARD", "CLASSES", "DEFAULT_RUN", "DIVERGED", "EXPLODE", "EXPLODING", "FORWARD", "Fit", "HEALTHY",
-           "POSITION", "Profiles", "REFERENCE_BLOCKS", "SIGNALS", "UNKNOWN", "VANISH", "VANISHING",
-           "VERDICT_COLUMNS", "classify", "combine_steps", "fit_log_slope", "profile", "profile_pass",
+           "LAYER_KINDS", "POSITION", "Profiles", "REFERENCE_BLOCKS", "REFERENCE_LAYERS", "SIGNALS", "UNKNOWN", "VANISH", "VANISHING",
+           "VERDICT_COLUMNS", "block_layers", "classify", "combine_steps", "fit_log_slope", "layer_factor", "layer_thresholds", "profile", "profile_pass",
            "rate_text", "rate_thresholds", "run_names", "sentence", "verdicts"]

@@ -26,7 +26,7 @@ TRAJECTORY_COLUMNS = ("run", "signal", "n_steps", "frac_healthy", "frac_vanishin
                       "first_end_to_end", "last_step", "last_verdict", "last_factor", "last_end_to_end",
                       "near_change", "far_change", "moved")
 POOLED_COLUMNS = ("group", "signal", "n", "runs", "factor", "ln_sd", "ln_se", "factor_min", "factor_max",
-                  "verdict", "counts", "diverged_runs", "n_blocks")
+                  "verdict", "counts", "diverged_runs", "n_blocks", "layers", "layer_factor", "unit")
 
 
 def run_group(run: str, has_seed: bool = True) -> str:
@@ -74,7 +74,8 @@ def pool_seeds(verdicts: pd.DataFrame) -> pd.DataFrame:
     """Runs that differ only by seed, pooled per signal (columns :data:`POOLED_COLUMNS`).
 
     ``factor`` is the geometric mean of the finite per-seed factors, ``ln_sd`` the sd of their logs (ddof 1),
-    ``ln_se = ln_sd / sqrt(n)``; ``verdict`` the class of the pooled factor, or ``diverged`` when any seed
+    ``ln_se = ln_sd / sqrt(n)``; ``verdict`` the class of the pooled factor (per layer, :func:`gradscope.analysis.classify`;
+    ``layer_factor``: the pooled factor per layer in amplitude units), or ``diverged`` when any seed
     diverged (``diverged_runs`` names them); ``counts`` maps each class to its number of seeds.
     """
     has_seed = S.SEED in verdicts.columns
@@ -87,7 +88,8 @@ def pool_seeds(verdicts: pd.DataFrame) -> pd.DataFrame:
         sd = float(np.std(ln, ddof=1)) if n >= 2 else math.nan
         factor = float(math.exp(ln.mean())) if n else math.nan
         diverged = [str(r) for r in g[g[A.VERDICT] == A.DIVERGED][S.RUN]]
-        verdict = A.DIVERGED if diverged else (A.classify(factor) if n else A.UNKNOWN)
+        layers = float(g[A.LAYERS].iloc[0]) if A.LAYERS in g.columns and len(g) else 1.0
+        verdict = A.DIVERGED if diverged else (A.classify(factor, signal=signal, layers=layers) if n else A.UNKNOWN)
         if not diverged and n and (ok[A.VERDICT].isin([A.VANISHING]) & (ok[A.MAX_VALUE] == 0)).all():
             verdict = A.VANISHING
         rows.append({"group": group, "signal": signal, "n": n, "runs": [str(r) for r in g[S.RUN]],
@@ -95,5 +97,7 @@ def pool_seeds(verdicts: pd.DataFrame) -> pd.DataFrame:
                      "factor_min": float(np.exp(ln.min())) if n else math.nan,
                      "factor_max": float(np.exp(ln.max())) if n else math.nan, "verdict": verdict,
                      "counts": {str(k): int(c) for k, c in g[A.VERDICT].value_counts().items()},
-                     "diverged_runs": diverged, "n_blocks": int(g[A.N_BLOCKS].max() or 0)})
+                     "diverged_runs": diverged, "n_blocks": int(g[A.N_BLOCKS].max() or 0), "layers": layers,
+                     "layer_factor": A.layer_factor(factor, signal, layers),
+                     "unit": str(g[A.UNIT].iloc[0]) if A.UNIT in g.columns and len(g) else "per block"})
     return pd.DataFrame(rows, columns=list(POOLED_COLUMNS))

@@ -11,8 +11,16 @@ Every claim is decided the same way and says what it compared, at which steps, a
 * **The noise rule** (:mod:`gradscope.analysis.stats`): a mean difference ``m`` over ``n`` seeds is outside the
   noise when the 95% interval ``m ± t(0.975, n-1)·SE`` excludes the boundary; otherwise the answer is
   ``unclear``. One seed gives no spread, so a training claim from one seed is ``unclear``.
-* **Training answers** carry the same short-run caveat (``Settings.describe()``), and every run that diverged
-  (NaN loss or non-finite values) is named in each claim it touches, never silently dropped.
+* **BatchNorm claims are decided against their contrast**: each plain BN configuration beside its no-BN twin
+  (same model, init, shortcut). "Yes" needs the BN nets healthy *and* a twin that is not, so the answer can tell
+  BN from no BN; both healthy is "unclear" (the measurement does not show that BN is what does it). The paper's
+  words are "healthy norms", so exploding gradients (Yang et al. 2019: BN plain nets at initialisation) are a "no"
+  as much as vanishing ones. The backward claim is answered per phase: at initialisation and over training.
+* **Classes are per layer** (:mod:`gradscope.analysis`): the same net gets the same class whatever is called a
+  block, and forward variance and backward norm are judged in one amplitude unit.
+* **Training claims** (:mod:`gradscope.study.training_claims`): a learning check first, then one equivalence
+  margin for "worse" and "not worse", and words that say how far training got. Every run that diverged (NaN loss
+  or non-finite values) is named in each claim it touches, never silently dropped.
 """
 from __future__ import annotations
 
@@ -22,12 +30,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from gradscope import schema as S
 from gradscope.analysis import stats
 from gradscope.analysis.results import Claim
-from gradscope.analysis.text import num, pm, times
-from gradscope.analysis.trajectory import run_group
+from gradscope.analysis.text import times
+from gradscope.study.training_claims import (LOSS_MARGIN, NO, UNCLEAR, YES, degradation_claim,  # noqa: F401
+                                             depth_gap, final_accuracy, residual_claim)
 
-YES, NO, UNCLEAR = "yes", "no", "unclear"
-#: Final losses within this many nats count as "the same" (the equivalence margin of the training claims).
-LOSS_MARGIN = 0.1
 #: The variance of relu(BN(z)) in train mode, whatever z: the forward claim holds by construction there.
 BN_RELU_VAR = 0.341
 
@@ -49,7 +55,11 @@ def _rate(row: dict) -> str:
     sd = row["ln_sd"]
     spread = "" if row["n"] < 2 or math.isnan(sd) else f" (sd of ln {sd:.3f})"
     div = f"; diverged: {', '.join(row['diverged_runs'])}" if row["diverged_runs"] else ""
-    return f"{times(row['factor'])} per block{spread}, n={row['n']}, {row['verdict']}{div}"
+    per_layer = ""
+    if str(row.get("unit", "")).startswith("per layer"):
+        unit = "amplitude " if row["signal"] == "forward" else ""
+        per_layer = f" = {times(row.get('layer_factor'))} {unit}per layer"
+    return f"{times(row['factor'])} per block{per_layer}{spread}, n={row['n']}, {row['verdict']}{div}"
 
 
 def _trajectory_text(traj: Any, runs: Sequence[str], signal: str) -> str:
@@ -73,152 +83,130 @@ def _moved_most(moved: Any) -> str:
     return f"{counts.index[0]} moved most in {int(counts.iloc[0])} of {len(moved)} runs"
 
 
+def _twin_key(cfg: Dict[str, Any]) -> Tuple[Any, ...]:
+    """What a BN configuration and its no-BN twin share: model, residual, shortcut, init."""
+    return (cfg.get("name") or cfg.get("model"), cfg.get("depth"), bool(cfg.get("residual")),
+            cfg.get("shortcut") if cfg.get("residual") else None, cfg.get("init") or "kaiming")
+
+
+def _pairs(pooled: Any, signal: str, configs: Dict[str, Dict[str, Any]]) -> List[Tuple[dict, Optional[dict]]]:
+    """(BN configuration, its no-BN twin or None) for the plain BN configurations (all BN ones if none is plain):
+    the paper's BN claims are about its plain nets."""
+    with_bn = _pooled_rows(pooled, signal, True, configs)
+    plain = [r for r in with_bn if not r["residual"]]
+    twins = {_twin_key(configs.get(r["runs"][0], {})): r for r in _pooled_rows(pooled, signal, False, configs)}
+    return [(r, twins.get(_twin_key(configs.get(r["runs"][0], {})))) for r in (plain or with_bn)]
+
+
+def _pair_text(pairs: List[Tuple[dict, Optional[dict]]]) -> str:
+    out = []
+    for bn, twin in sorted(pairs, key=lambda p: p[0]["group"]):
+        t = f"{bn['group']} {_rate(bn)}"
+        t += f" against its no-BN twin {twin['group']} {_rate(twin)}" if twin else " (no no-BN twin measured)"
+        out.append(t)
+    return "; ".join(out)
+
+
+def _contrast_answer(pairs: List[Tuple[dict, Optional[dict]]], bad: List[str], what: str,
+                     unclear_fix: str) -> Tuple[str, str]:
+    """The shared contrast rule: no if a BN configuration is bad; yes if all are fine and some twin is not (the
+    measurement tells BN from no BN); unclear when every twin is fine too, or none was measured."""
+    if bad:
+        return NO, f"not {what} with BN in {', '.join(bad)}"
+    differ = [bn["group"] for bn, twin in pairs if twin is not None and twin["verdict"] != "healthy"]
+    if differ:
+        return YES, f"{what} with BN while the no-BN twin is not, for {', '.join(differ)}"
+    if all(twin is None for _, twin in pairs):
+        return UNCLEAR, f"{what} with BN, but no no-BN twin was measured to contrast; {unclear_fix}"
+    return UNCLEAR, (f"{what} with BN, but the no-BN twins are healthy too, so the measurement cannot tell BN from no "
+                     f"BN; {unclear_fix}")
+
+
 def forward_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: Any = None) -> Claim:
-    """BatchNorm keeps forward signals from vanishing: no BN configuration's pooled forward rate is vanishing."""
+    """BatchNorm keeps forward signals at non-zero variance, decided against the no-BN twins at initialisation."""
     statement = "BatchNorm keeps forward signals from vanishing"
-    with_bn = _pooled_rows(pooled, "forward", True, configs)
-    if not with_bn:
+    pairs = _pairs(pooled, "forward", configs)
+    if not pairs:
         return Claim("bn_forward", statement, UNCLEAR, "no run with BatchNorm was measured", "init")
-    bad = [r["group"] for r in with_bn if r["verdict"] in ("vanishing", "diverged")]
-    deepest = max(with_bn, key=lambda r: (r["n_blocks"], not r["residual"]))
-    text = (f"at initialisation, with BN: {deepest['group']} {_rate(deepest)}"
-            + "".join(f"; {r['group']} {_rate(r)}" for r in with_bn if r is not deepest and r["group"] in bad))
-    text += (f" (in train mode relu(BN(z)) has variance {BN_RELU_VAR} for any z, so this holds by construction; "
-             f"the contrast without BN is what the claim adds)")
-    without = _pooled_rows(pooled, "forward", False, configs)
-    if without:  # the plain net shows the point (a residual net keeps its variance through the skip path)
-        contrast = max(without, key=lambda r: (not r["residual"], r["n_blocks"]))
-        text += f"; without BN, {contrast['group']}: {_rate(contrast)}"
-    trained = [r for row in with_bn for r in row["runs"]]
+    bad = [bn["group"] for bn, _ in pairs if bn["verdict"] in ("vanishing", "diverged", "unknown")]
+    answer, why = _contrast_answer(pairs, bad, "the forward variance is kept",
+                                   "measure a net whose no-BN twin loses its variance (e.g. a deeper plain net, or "
+                                   "--init xavier)")
+    text = "at initialisation: " + _pair_text(pairs)
+    if not bad:
+        text += (f" (in train mode relu(BN(z)) has variance {BN_RELU_VAR} for any z, so BN nets keep it by "
+                 f"construction; the no-BN contrast is what makes the answer informative)")
+    trained = [r for bn, _ in pairs for r in bn["runs"]]
     tt = _trajectory_text(traj, trained, "forward")
     if tt:
         text += f"; over training (BN runs): {tt}"
-    how = f"decided from the pooled per-block rate of {len(with_bn)} BN configuration(s) at initialisation"
-    return Claim("bn_forward", statement, NO if bad else YES, text, "init", how=how)
+    how = ("plain BN configurations at initialisation, pooled over seeds, each beside its no-BN twin; " + why)
+    return Claim("bn_forward", statement, answer, text, "init", how=how)
+
+
+BACKWARD_STATEMENT = "With BatchNorm, backward gradients keep healthy norms (neither vanish nor explode)"
 
 
 def backward_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: Any = None) -> Claim:
-    """BatchNorm keeps backward gradients from vanishing, at initialisation and over training (the paper's
-    sentence is about training); says where they explode instead."""
-    statement = "BatchNorm keeps backward gradients from vanishing"
-    with_bn = _pooled_rows(pooled, "backward", True, configs)
-    if not with_bn:
-        return Claim("bn_backward", statement, UNCLEAR, "no run with BatchNorm was measured", "init+train")
-    parts = [f"{r['group']} {_rate(r)}" for r in sorted(with_bn, key=lambda r: r["group"])]
-    text = "at initialisation, with BN, toward the input: " + "; ".join(parts)
-    exploding = [r["group"] for r in with_bn if r["verdict"] == "exploding"]
+    """He et al. §4.1, "the backward propagated gradients exhibit healthy norms with BN", at initialisation:
+    decided per layer against the no-BN twins; exploding counts against it as much as vanishing."""
+    pairs = _pairs(pooled, "backward", configs)
+    if not pairs:
+        return Claim("bn_backward", BACKWARD_STATEMENT, UNCLEAR, "no run with BatchNorm was measured", "init")
+    bad = [bn["group"] for bn, _ in pairs if bn["verdict"] != "healthy"]
+    answer, why = _contrast_answer(pairs, bad, "healthy",
+                                   "measure a deeper plain net, where the no-BN twin's gradients vanish")
+    text = "at initialisation, toward the input: " + _pair_text(pairs)
+    exploding = [bn["group"] for bn, _ in pairs if bn["verdict"] == "exploding"]
     if exploding:
-        text += (f" — gradients grow rather than vanish (Yang et al. 2019: BN's gradient explosion), "
-                 f"exploding in {', '.join(exploding)}")
-    bad_init = [r["group"] for r in with_bn if r["verdict"] in ("vanishing", "diverged")]
-    bad_train: List[str] = []
-    if traj is not None and len(traj):
-        for r in with_bn:
-            t = traj[(traj["signal"] == "backward") & traj["run"].isin(r["runs"])]
-            if len(t):
-                frac = float(t["frac_vanishing"].mean() + t["frac_diverged"].mean())
-                text += f"; {r['group']} over training: {_trajectory_text(traj, r['runs'], 'backward')}"
-                if frac > 0.5:
-                    bad_train.append(r["group"])
-    without = _pooled_rows(pooled, "backward", False, configs)
-    if without:
-        contrast = max(without, key=lambda r: (not r["residual"], r["n_blocks"]))
-        text += f"; without BN at initialisation, {contrast['group']}: {_rate(contrast)}"
-    how = ("no: a BN configuration vanishes (or diverges) at initialisation or in more than half of its recorded "
-           "training steps, pooled over seeds; raw gradient norms of BN nets also shrink as weights grow (scale "
-           "invariance): update_ratio in the records is the scale-free view")
-    return Claim("bn_backward", statement, NO if bad_init or bad_train else YES, text, "init+train", how=how)
+        text += (f" — with BN the gradients grow toward the input rather than vanish, in {', '.join(exploding)} "
+                 f"(Yang et al. 2019: BatchNorm's gradient explosion at initialisation)")
+    how = ("per-layer classes of the plain BN configurations at initialisation, pooled over seeds, each beside its "
+           "no-BN twin; " + why)
+    return Claim("bn_backward", BACKWARD_STATEMENT, answer, text, "init", how=how)
 
 
-# --- training claims -----------------------------------------------------------------------------------------
-
-def _family_runs(configs: Dict[str, Dict[str, Any]], residual: bool, bn: bool,
-                 losses: Dict[str, float]) -> Dict[int, Dict[int, str]]:
-    """depth -> seed -> run, for trained runs of one family."""
-    out: Dict[int, Dict[int, str]] = {}
-    for run, c in configs.items():
-        if run not in losses or "depth" not in c or bool(c.get("residual")) != residual or bool(c.get("bn")) != bn:
-            continue
-        out.setdefault(int(c["depth"]), {})[int(c.get("seed") or 0)] = run
-    return out
+def _healthy_share(traj: Any, runs: Sequence[str]) -> Optional[float]:
+    t = traj[(traj["signal"] == "backward") & traj["run"].isin(list(runs))] if traj is not None and len(traj) else None
+    return None if t is None or t.empty else float(t["frac_healthy"].mean())
 
 
-def depth_gap(configs: Dict[str, Dict[str, Any]], losses: Dict[str, float], residual: bool
-              ) -> Optional[dict]:
-    """Deep-minus-shallow final loss per seed for one family (BN preferred), with what was dropped and why."""
-    for bn in (True, False):
-        fam = _family_runs(configs, residual, bn, losses)
-        if len(fam) < 2:
-            continue
-        shallow, deep = min(fam), max(fam)
-        seeds = sorted(set(fam[shallow]) & set(fam[deep]))
-        diverged = [fam[d][s] for d in (shallow, deep) for s in seeds if math.isnan(losses[fam[d][s]])]
-        pairs = {s: losses[fam[deep][s]] - losses[fam[shallow][s]] for s in seeds
-                 if not (math.isnan(losses[fam[deep][s]]) or math.isnan(losses[fam[shallow][s]]))}
-        mean, sd, se, n = stats.mean_sd_se(list(pairs.values()))
-        return {"bn": bn, "shallow": run_group(fam[shallow][seeds[0]]) if seeds else "",
-                "deep": run_group(fam[deep][seeds[0]]) if seeds else "", "pairs": pairs, "mean": mean, "sd": sd,
-                "se": se, "n": n, "band": stats.band(se, n), "diverged": diverged,
-                "losses": {d: [losses[fam[d][s]] for s in seeds] for d in (shallow, deep)}}
-    return None
-
-
-def _gap_text(g: dict) -> str:
-    shallow_l, deep_l = list(g["losses"].values())
-    return (f"{g['deep']} - {g['shallow']} final loss {pm(g['mean'], g['sd'], g['n'], '.3f', sign=True)} nats "
-            f"(per seed {', '.join(num(v, '+.2f') for v in g['pairs'].values())}; "
-            f"95% interval ±{num(g['band'], '.2f')})"
-            + (f"; diverged (NaN loss), left out: {', '.join(g['diverged'])}" if g["diverged"] else ""))
-
-
-def degradation_claim(configs: Dict[str, Dict[str, Any]], losses: Dict[str, float], caveat: str,
-                      margin: float = LOSS_MARGIN) -> Claim:
-    """Deeper plain nets train worse: ``yes`` when deep - shallow > 0 beyond the noise, ``no`` when the interval
-    lies below ``margin``, ``unclear`` otherwise (or with fewer than two seeds)."""
-    statement = "Deeper plain nets train worse (degradation)"
-    g = depth_gap(configs, losses, residual=False)
-    if g is None:
-        return Claim("degradation", statement, UNCLEAR, "needs trained plain nets at two depths", "train",
-                     caveat=caveat)
-    lo, hi = g["mean"] - g["band"], g["mean"] + g["band"]
-    answer = UNCLEAR if g["n"] < 2 else YES if lo > 0 else NO if hi < margin else UNCLEAR
-    how = ("paired by seed; yes when the 95% interval of the gap lies above 0, no when it lies below "
-           f"{margin} nats, else unclear (inside the noise)" + ("; one seed: no spread, so unclear" if g["n"] < 2
-                                                                  else ""))
-    return Claim("degradation", statement, answer, _gap_text(g) + f" ({'with' if g['bn'] else 'without'} BN)",
-                 "train", how=how, caveat=caveat)
-
-
-def residual_claim(configs: Dict[str, Dict[str, Any]], losses: Dict[str, float], caveat: str) -> Claim:
-    """Residual nets remove the degradation: the residual depth gap is smaller than the plain one beyond the noise
-    and not itself above 0 beyond the noise (``yes``); ``no`` when the residual gap is above 0 beyond the noise."""
-    statement = "Deeper residual nets do not train worse (shortcuts remove the degradation)"
-    g = depth_gap(configs, losses, residual=True)
-    if g is None:
-        return Claim("residual", statement, UNCLEAR, "needs trained residual nets at two depths", "train",
-                     caveat=caveat)
-    text = _gap_text(g)
-    p = depth_gap(configs, losses, residual=False)
-    contrast = None
-    if p is not None:
-        common = sorted(set(p["pairs"]) & set(g["pairs"]))
-        mean, sd, se, n = stats.mean_sd_se([p["pairs"][s] - g["pairs"][s] for s in common])
-        contrast = (mean, stats.band(se, n), n)
-        text += (f"; the plain gap exceeds it by {pm(mean, sd, n, '.3f', sign=True)} nats "
-                 f"(95% interval ±{num(contrast[1], '.2f')})")
-    res_worse = g["n"] >= 2 and g["mean"] - g["band"] > 0
-    closes = contrast is not None and contrast[2] >= 2 and contrast[0] - contrast[1] > 0
-    answer = NO if res_worse else YES if closes else UNCLEAR
-    how = ("paired by seed; no when the residual gap's 95% interval lies above 0; yes when it does not and the "
-           "plain gap exceeds it beyond the noise; else unclear")
-    return Claim("residual", statement, answer, text, "train", how=how, caveat=caveat)
+def backward_train_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: Any = None) -> Claim:
+    """The same claim over training: healthy in most recorded steps of every plain BN configuration, against the
+    trained no-BN twins."""
+    pairs = _pairs(pooled, "backward", configs) if pooled is not None else []
+    shares = [(bn, twin, _healthy_share(traj, bn["runs"]), _healthy_share(traj, twin["runs"]) if twin else None)
+              for bn, twin in pairs]
+    shares = [s for s in shares if s[2] is not None]
+    if not shares:
+        return Claim("bn_backward_train", BACKWARD_STATEMENT, UNCLEAR, "no BN net was trained", "train")
+    bad = [bn["group"] for bn, _, h, _ in shares if h < 0.5]
+    text = "over training, toward the input: " + "; ".join(
+        f"{bn['group']} {_trajectory_text(traj, bn['runs'], 'backward')}"
+        + (f"; its no-BN twin {twin['group']} healthy in {100 * th:.0f}% of recorded steps" if th is not None else
+           "; its no-BN twin was not trained") for bn, twin, _, th in shares)
+    if bad:
+        answer, why = NO, f"healthy in fewer than half the recorded steps of {', '.join(bad)}"
+    elif any(th is not None and th < 0.5 for *_, th in shares):
+        answer, why = YES, "healthy in most recorded steps with BN while a trained no-BN twin is not"
+    elif all(th is None for *_, th in shares):
+        answer, why = UNCLEAR, ("healthy in most recorded steps with BN, but no no-BN twin was trained to contrast "
+                                "(train them too: --train all)")
+    else:
+        answer, why = UNCLEAR, "healthy with BN, and the trained no-BN twins too: the measurement cannot tell them apart"
+    how = ("share of recorded training steps whose per-layer class is healthy, per plain BN configuration (seeds "
+           "averaged), against the trained no-BN twins; raw gradient norms of BN nets also shrink as their weights "
+           "grow (scale invariance): update_ratio in the records is the scale-free view; " + why)
+    return Claim("bn_backward_train", BACKWARD_STATEMENT, answer, text, "train", how=how)
 
 
 def all_claims(pooled: Any, configs: Dict[str, Dict[str, Any]], losses: Dict[str, float], caveat: str,
-               traj: Any = None) -> List[Claim]:
-    """The paper's claims, in its order: BN forward, BN backward, degradation of plain nets, residual nets."""
+               traj: Any = None, accuracy: Optional[Dict[str, float]] = None) -> List[Claim]:
+    """The paper's claims, in its order: BN forward, BN backward (at initialisation, over training), degradation of
+    plain nets, residual nets."""
     return [forward_claim(pooled, configs, traj), backward_claim(pooled, configs, traj),
-            degradation_claim(configs, losses, caveat), residual_claim(configs, losses, caveat)]
+            backward_train_claim(pooled, configs, traj), degradation_claim(configs, losses, caveat, accuracy),
+            residual_claim(configs, losses, caveat, accuracy)]
 
 
 def final_losses(losses: Any, runs: Sequence[str], window: int) -> Dict[str, float]:

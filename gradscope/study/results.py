@@ -15,7 +15,7 @@ from gradscope import analysis as A
 from gradscope.analysis.results import INIT, PHASE, TRAIN, Results
 from gradscope.analysis.trajectory import pool_seeds, trajectory
 from gradscope.study.alerts import study_alerts
-from gradscope.study.claims import all_claims, final_losses
+from gradscope.study.claims import all_claims, final_accuracy, final_losses
 from gradscope.study.runs import Settings, StudyResult
 
 
@@ -29,13 +29,15 @@ def evaluate(study: StudyResult, settings: Settings, title: Optional[str] = None
                        profiles=profiles[INIT])
         verdicts[INIT] = v.assign(**{PHASE: INIT})
     if TRAIN in profiles:
-        v = A.verdicts(frames[TRAIN], step="all", profiles=profiles[TRAIN])
+        v = A.verdicts(frames[TRAIN], step="all", profiles=profiles[TRAIN], configs=study.configs)
         verdicts[TRAIN] = v.assign(**{PHASE: TRAIN})
     pooled = pool_seeds(verdicts[INIT]) if INIT in verdicts else None
     traj = trajectory(verdicts[TRAIN]) if TRAIN in verdicts else None
     trained = [r for r in study.configs if len(study.losses) and (study.losses["run"] == r).any()]
     finals = final_losses(study.losses, trained, settings.final_window)
-    claims = all_claims(pooled, study.configs, finals, settings.describe(), traj) if pooled is not None else []
+    accuracy = final_accuracy(study.losses, trained, settings.final_window)
+    claims = (all_claims(pooled, study.configs, finals, settings.describe(), traj, accuracy)
+              if pooled is not None else [])
     notes = [f"run {run} failed: {why}; its records so far are kept" for run, why in study.failed.items()]
     if study.interrupted:
         notes.append("interrupted: the results cover the steps recorded before the interruption")
@@ -45,7 +47,7 @@ def evaluate(study: StudyResult, settings: Settings, title: Optional[str] = None
                    claims=claims, configs=study.configs, settings=asdict(settings), notes=notes,
                    failed=dict(study.failed), interrupted=study.interrupted,
                    thresholds={"vanish": A.VANISH, "explode": A.EXPLODE,
-                               "reference_blocks": A.REFERENCE_BLOCKS}, alerts=alerts)
+                               "reference_blocks": A.REFERENCE_LAYERS}, alerts=alerts)
 
 
 def profile_title(configs: Mapping[str, Mapping[str, Any]]) -> str:

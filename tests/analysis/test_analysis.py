@@ -88,17 +88,18 @@ def test_fit_matches_numpy_polyfit_and_r2():
 
 
 def test_thresholds_are_parameters():
-    f = frame_with(1.15, 1.0, n_blocks=10)  # x1.15 per block: below the default x100**(1/27) = x1.186
+    # x1.08 per block in variance = x1.039 in amplitude: below the default 10**(1/54) = x1.044
+    f = frame_with(1.08, 1.0, n_blocks=10)
     assert row(A.verdicts(f), A.FORWARD)[A.VERDICT] == "healthy"
-    assert row(A.verdicts(f, explode=10), A.FORWARD)[A.VERDICT] == "exploding"  # 10**(1/27) = x1.089
-    g = frame_with(1 / 1.15, 1.0, n_blocks=10)
+    assert row(A.verdicts(f, explode=5), A.FORWARD)[A.VERDICT] == "exploding"  # 5**(1/54) = x1.030
+    g = frame_with(1 / 1.08, 1.0, n_blocks=10)
     assert row(A.verdicts(g), A.FORWARD)[A.VERDICT] == "healthy"
-    assert row(A.verdicts(g, vanish=0.1), A.FORWARD)[A.VERDICT] == "vanishing"
+    assert row(A.verdicts(g, vanish=0.3), A.FORWARD)[A.VERDICT] == "vanishing"  # 0.3**(1/54) = x0.978
     with pytest.raises(DataError, match="vanish"):
         A.verdicts(f, vanish=2.0)
 
 
-@pytest.mark.parametrize("rate,cls", [(1.43, "exploding"), (0.77, "vanishing"), (1.05, "healthy"), (0.95, "healthy")])
+@pytest.mark.parametrize("rate,cls", [(1.43, "exploding"), (0.77, "vanishing"), (1.03, "healthy"), (0.97, "healthy")])
 def test_the_same_rate_gives_the_same_class_at_20_and_56_layers(rate, cls):
     """Issue 14 §4: x1.43 was healthy over 9 blocks and exploding over 27; by rate it is one class at both."""
     for n in (9, 27):
@@ -108,12 +109,12 @@ def test_the_same_rate_gives_the_same_class_at_20_and_56_layers(rate, cls):
 
 
 def test_end_to_end_comes_from_the_fit_not_from_a_moving_end_block():
-    f = frame_with(1.0, 1.0, n_blocks=12, steps=(0,))
+    f = frame_with(1.0, 1.0, n_blocks=30, steps=(0,))
     f.loc[(f[S.METRIC] == S.ACT_VAR) & (f[S.DEPTH] == 0), S.VALUE] = 0.02  # the first block alone moved
     r = row(A.verdicts(f), A.FORWARD)
     assert r[A.NEAR_VALUE] == pytest.approx(0.02) and r[A.FAR_VALUE] == pytest.approx(1.0)  # two points: 50x
-    assert r[A.VERDICT] == "healthy" and 1.0 < r[A.FACTOR] < 1.186
-    assert r[A.END_TO_END] == pytest.approx(r[A.FACTOR] ** 11, rel=1e-9) and r[A.END_TO_END] < 10
+    assert r[A.VERDICT] == "healthy" and 1.0 < r[A.FACTOR] < A.rate_thresholds(signal=A.FORWARD)[1]
+    assert r[A.END_TO_END] == pytest.approx(r[A.FACTOR] ** 29, rel=1e-9) and r[A.END_TO_END] < 10
 
 
 def test_several_runs_keep_their_order_and_config():
@@ -258,3 +259,34 @@ def test_analysis_imports_no_torch_or_plotting():
             "bad = [m for m in ('torch', 'matplotlib', 'seaborn', 'rich') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(A.__file__).parents[2]))
+
+
+def test_forward_variance_and_backward_norm_are_cut_in_one_unit():
+    """Issue 21 §6: a variance ratio is the square of an amplitude ratio, so x1.06 per layer in variance (x1.03 in
+    amplitude) is healthy while x1.06 per layer in gradient norm is exploding."""
+    v = A.verdicts(frame_with(1.06, 1.06, n_blocks=12))
+    assert row(v, A.FORWARD)[A.VERDICT] == "healthy" and row(v, A.BACKWARD)[A.VERDICT] == "exploding"
+    assert row(v, A.FORWARD)[A.LAYER_FACTOR] == pytest.approx(1.06 ** 0.5)
+    assert row(v, A.BACKWARD)[A.LAYER_FACTOR] == pytest.approx(1.06)
+    lo, hi = A.layer_thresholds()
+    assert lo == pytest.approx(0.1 ** (1 / 54)) and hi == pytest.approx(10 ** (1 / 54))
+    assert A.rate_thresholds(signal=A.FORWARD, layers=2)[1] == pytest.approx(hi ** 4)
+
+
+def test_layers_per_block_come_from_kinds_configs_or_the_caller():
+    """A two-layer block at x1.07 per block is x1.034 per layer: healthy, where per block it would explode."""
+    f = frame_with(1.0, 1.07, n_blocks=12, run="plain56-bn")
+    f[S.KIND] = "PlainBlock"
+    unknown = row(A.verdicts(f.drop(columns=S.RUN)), A.BACKWARD)
+    assert unknown[A.VERDICT] == "exploding" and unknown[A.UNIT].startswith("per block (layers per block unknown")
+    f[S.MODEL] = "plain56"  # the built-in CIFAR family: two conv layers per block
+    known = row(A.verdicts(f), A.BACKWARD)
+    assert known[A.VERDICT] == "healthy" and known[A.LAYERS] == 2 and known[A.UNIT] == "per layer"
+    assert known[A.LAYER_FACTOR] == pytest.approx(1.07 ** 0.5)
+    given = row(A.verdicts(f.drop(columns=[S.MODEL]), layers_per_block={"plain56-bn": 2}), A.BACKWARD)
+    assert given[A.VERDICT] == "healthy"
+    mlp = row(A.verdicts(f.drop(columns=[S.MODEL]), configs={"plain56-bn": {"name": "mlp", "family": "mlp"}}),
+              A.BACKWARD)
+    assert mlp[A.VERDICT] == "exploding" and mlp[A.LAYERS] == 1
+    f[S.KIND] = "BatchNorm2d"
+    assert row(A.verdicts(f.drop(columns=[S.MODEL])), A.BACKWARD)[A.LAYERS] == 1

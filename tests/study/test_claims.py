@@ -6,7 +6,8 @@ import math
 import pandas as pd
 
 from gradscope.analysis.trajectory import pool_seeds
-from gradscope.study.claims import all_claims, backward_claim, degradation_claim, forward_claim, residual_claim
+from gradscope.study.claims import (all_claims, backward_claim, backward_train_claim, degradation_claim, forward_claim,
+                                    residual_claim)
 
 CAVEAT = "300 SGD steps: a short run"
 
@@ -18,7 +19,8 @@ def configs(seeds=(0, 1, 2)):
             for bn in (True, False):
                 for s in seeds:
                     run = f"{fam}{depth}-{'bn' if bn else 'nobn'}" + (f"-s{s}" if s else "")
-                    out[run] = {"residual": fam == "resnet", "bn": bn, "depth": depth, "seed": s}
+                    out[run] = {"residual": fam == "resnet", "bn": bn, "depth": depth, "seed": s,
+                                "num_classes": 10}
     return out
 
 
@@ -36,15 +38,17 @@ def losses(gap_plain, gap_res, base=1.0, seeds=(0, 1, 2)):
 
 def test_degradation_yes_when_the_gap_is_outside_the_noise():
     c = degradation_claim(configs(), losses([1.27, 1.20, 1.25], [0.0, 0.05, -0.04]), CAVEAT)
-    assert c.answer == "yes" and "+1.240 ± 0.036 (n=3)" in c.evidence and c.caveat == CAVEAT
+    assert c.answer == "yes" and "+1.240" in c.evidence and "(n=3 seeds" in c.evidence and c.caveat == CAVEAT
     assert "plain56-bn - plain20-bn" in c.evidence and c.phase == "train"
+    assert "plain20-bn final loss 1.01 (chance ln 10 = 2.30)" in c.evidence and ": learned" in c.evidence
 
 
 def test_degradation_unclear_inside_the_noise_and_no_when_the_interval_is_below_the_margin():
     noisy = degradation_claim(configs(), losses([0.3, -0.2, 0.1], [0, 0, 0]), CAVEAT)
-    assert noisy.answer == "unclear"  # mean +0.07, t(2)·SE = 0.63: inside the noise
+    assert noisy.answer == "unclear"  # mean +0.07, t(2)·SE = 0.63: the interval contains the margin
+    assert "seeds" in noisy.how  # says what run would decide it
     flat = degradation_claim(configs(), losses([0.01, -0.01, 0.0], [0, 0, 0]), CAVEAT)
-    assert flat.answer == "no"  # the interval [-0.025, +0.025] lies below the 0.1-nat margin
+    assert flat.answer == "no"  # the interval [-0.025, +0.025] lies below the 0.1-nat margin, both nets learned
 
 
 def test_one_seed_is_always_unclear():
@@ -55,12 +59,70 @@ def test_one_seed_is_always_unclear():
 
 def test_residual_claim_flips_with_the_numbers():
     cfg = configs()
-    fixed = residual_claim(cfg, losses([1.27, 1.20, 1.25], [-0.06, 0.06, 0.0]), CAVEAT)
+    fixed = residual_claim(cfg, losses([1.27, 1.20, 1.25], [-0.01, 0.01, 0.0]), CAVEAT)
     assert fixed.answer == "yes" and "the plain gap exceeds it by +1.240" in fixed.evidence
     worse = residual_claim(cfg, losses([1.27, 1.20, 1.25], [0.9, 1.0, 0.95]), CAVEAT)
     assert worse.answer == "no"
-    same = residual_claim(cfg, losses([0.0, 0.05, -0.05], [0.0, 0.05, -0.05]), CAVEAT)
+    same = residual_claim(cfg, losses([0.0, 0.01, -0.01], [0.0, 0.01, -0.01]), CAVEAT)
     assert same.answer == "unclear"  # shortcuts cannot be shown to remove a degradation that is not there
+    assert "no degradation for shortcuts to remove" in same.how
+
+
+def test_residual_yes_needs_the_same_margin_as_degradation_no():
+    """Issue 21: +0.467 ± 0.451 and +0.065 ± 0.172 were "yes" (absence of evidence); the interval must lie below
+    the 0.1-nat margin that the degradation "no" uses."""
+    cfg = configs()
+    wide = residual_claim(cfg, losses([1.27, 1.20, 1.25], [0.5, 0.0, 0.9]), CAVEAT)  # +0.467 ± 0.451
+    assert wide.answer != "yes" and wide.answer == "unclear"
+    small = residual_claim(cfg, losses([1.27, 1.20, 1.25], [0.065 - 0.172, 0.065, 0.065 + 0.172]), CAVEAT)
+    assert small.answer == "unclear" and "contains the 0.1-nat margin" in small.how
+    # the default study's own interval, +0.020 with its upper end at +0.104: above the margin, so not "yes"
+    edge = residual_claim(cfg, losses([1.27, 1.20, 1.25], [0.02 - 0.034, 0.02, 0.02 + 0.034]), CAVEAT)
+    assert edge.answer == "unclear" and "+0.104]" in edge.evidence
+    assert "seeds (--seeds 0,...," in edge.how  # the run that would decide it
+
+
+def chance_losses(gap, base=2.30, seeds=(0, 1, 2)):
+    """Every net near chance (ln 10 = 2.303): short runs, random labels, a learning rate too small."""
+    out = {}
+    for i, s in enumerate(seeds):
+        suffix = f"-s{s}" if s else ""
+        for fam in ("plain", "resnet"):
+            out[f"{fam}20-bn{suffix}"] = base + 0.001 * i
+            out[f"{fam}56-bn{suffix}"] = base + 0.001 * i + gap[i]
+    return out
+
+
+def test_nothing_is_decided_from_nets_that_did_not_learn():
+    """Issue 21: "no" at -0.010 ± 0.027 with every net at chance; random labels; --steps 5 residual "no"."""
+    cfg = configs()
+    at_chance = degradation_claim(cfg, chance_losses([-0.04, 0.0, 0.01]), CAVEAT)
+    assert at_chance.answer == "unclear" and "did not learn" in at_chance.how and "more --steps" in at_chance.how
+    assert "barely started learning" in at_chance.evidence
+    five_steps = residual_claim(cfg, chance_losses([2.0, 2.5, 3.1]), CAVEAT)  # deep nets blew up, shallow at chance
+    assert five_steps.answer == "unclear" and "did not learn" in five_steps.how
+
+
+def test_a_deep_net_at_chance_beside_a_shallow_one_that_learned_says_how_far_training_got():
+    finals = losses([1.25, 1.30, 1.28], [0.0, 0.01, -0.01])  # plain56 at ~2.28: barely left chance
+    acc = {r: (0.15 if r.startswith("plain56") else 0.7) for r in finals}
+    c = degradation_claim(configs(), finals, CAVEAT, acc)
+    assert c.answer == "yes" and "batch accuracy 15%" in c.evidence
+    assert "slower training, not yet the converged degradation" in c.evidence
+    both_learned = degradation_claim(configs(), losses([0.5, 0.45, 0.55], [0, 0, 0]), CAVEAT)
+    assert both_learned.answer == "yes" and "slower training" not in both_learned.evidence
+
+
+def test_not_worse_needs_both_nets_to_have_learned():
+    finals = losses([0.0, 0.01, -0.01], [0, 0, 0], base=2.25)  # shallow 2.25-2.27: within 0.1 of chance
+    c = degradation_claim(configs(), finals, CAVEAT)
+    assert c.answer == "unclear"
+
+
+def test_without_the_number_of_classes_nothing_is_decided():
+    cfg = {r: {k: v for k, v in c.items() if k != "num_classes"} for r, c in configs().items()}
+    c = degradation_claim(cfg, losses([1.27, 1.20, 1.25], [0, 0, 0]), CAVEAT)
+    assert c.answer == "unclear" and "number of classes unknown" in c.evidence
 
 
 def test_a_diverged_run_is_named_in_every_training_claim():
@@ -69,54 +131,82 @@ def test_a_diverged_run_is_named_in_every_training_claim():
     finals["plain56-bn-s2"] = math.nan
     finals["resnet56-bn-s1"] = math.nan
     deg, res = degradation_claim(cfg, finals, CAVEAT), residual_claim(cfg, finals, CAVEAT)
-    assert "plain56-bn-s2" in deg.evidence and "diverged" in deg.evidence and "(n=2)" in deg.evidence
+    assert "plain56-bn-s2" in deg.evidence and "diverged" in deg.evidence and "(n=2 seeds" in deg.evidence
     assert "resnet56-bn-s1" in res.evidence
 
 
 def verdict_rows(rows):
-    cols = ["run", "signal", "verdict", "factor", "n_blocks", "max_value", "seed"]
-    return pd.DataFrame(rows, columns=cols)
+    cols = ["run", "signal", "verdict", "factor", "n_blocks", "max_value", "seed", "layers_per_block", "unit"]
+    return pd.DataFrame([r + [2.0, "per layer"] for r in rows], columns=cols)
 
 
 def init_verdicts(bn_fwd=(1.0, 1.0), nobn_plain=(0.80, 0.81), nobn_res=(1.02, 1.03), bn_bwd=(1.43, 1.44),
-                  bn_bwd_class="exploding"):
+                  bn_bwd_class="exploding", nobn_bwd=(0.88, 0.87), nobn_bwd_class="vanishing",
+                  nobn_fwd_class="vanishing"):
     rows = []
     for i, s in enumerate((0, 1)):
         sfx = f"-s{s}" if s else ""
         rows += [[f"plain56-bn{sfx}", "forward", "healthy", bn_fwd[i], 27, 1.0, s],
                  [f"plain56-bn{sfx}", "backward", bn_bwd_class, bn_bwd[i], 27, 1.0, s],
-                 [f"plain56-nobn{sfx}", "forward", "vanishing", nobn_plain[i], 27, 1.0, s],
-                 [f"plain56-nobn{sfx}", "backward", "healthy", 0.95, 27, 1.0, s],
+                 [f"plain56-nobn{sfx}", "forward", nobn_fwd_class, nobn_plain[i], 27, 1.0, s],
+                 [f"plain56-nobn{sfx}", "backward", nobn_bwd_class, nobn_bwd[i], 27, 1.0, s],
                  [f"resnet56-nobn{sfx}", "forward", "healthy", nobn_res[i], 27, 1.0, s],
                  [f"resnet56-nobn{sfx}", "backward", "healthy", 1.0, 27, 1.0, s]]
     return verdict_rows(rows)
 
 
-CFG = {r: {"bn": "-bn" in r, "residual": r.startswith("resnet"), "depth": 56}
+CFG = {r: {"bn": "-bn" in r, "residual": r.startswith("resnet"), "depth": 56, "name": r.split("-")[0]}
        for r in ("plain56-bn", "plain56-bn-s1", "plain56-nobn", "plain56-nobn-s1", "resnet56-nobn",
                  "resnet56-nobn-s1")}
 
 
-def test_forward_claim_contrasts_the_plain_net_without_bn():
+def test_forward_claim_is_decided_against_the_no_bn_twin():
     c = forward_claim(pool_seeds(init_verdicts()), CFG)
-    assert c.answer == "yes" and "without BN, plain56-nobn: x0.80 per block" in c.evidence
-    assert "n=2" in c.evidence and "by construction" in c.evidence  # resnet56-nobn is not the contrast
-    vanished = init_verdicts(bn_fwd=(0.7, 0.7))
+    assert c.answer == "yes" and "against its no-BN twin plain56-nobn x0.80 per block" in c.evidence
+    assert "x0.95 amplitude per layer" in c.evidence  # 0.805 ** (1/4): a variance ratio over two layers
+    assert "n=2" in c.evidence and "by construction" in c.evidence  # resnet56-nobn is not the twin
+    # --shortcut B --init xavier in the issue: the twin keeps its variance too, so the contrast decides nothing
+    both = forward_claim(pool_seeds(init_verdicts(nobn_plain=(1.0, 1.0), nobn_fwd_class="healthy")), CFG)
+    assert both.answer == "unclear" and "cannot tell BN from no BN" in both.how
+    vanished = init_verdicts(bn_fwd=(0.7, 0.7))  # e.g. no-BN nets mislabelled as BN
     vanished.loc[vanished.run.str.startswith("plain56-bn") & (vanished.signal == "forward"), "verdict"] = "vanishing"
-    assert forward_claim(pool_seeds(vanished), CFG).answer == "no"
+    no = forward_claim(pool_seeds(vanished), CFG)
+    assert no.answer == "no" and "by construction" not in no.evidence
 
 
-def test_backward_claim_reports_explosion_and_flips_on_training():
-    c = backward_claim(pool_seeds(init_verdicts()), CFG)
-    assert c.answer == "yes" and "exploding in plain56-bn" in c.evidence and "x1.43 per block" in c.evidence
-    traj = pd.DataFrame([{"run": r, "signal": "backward", "n_steps": 30, "frac_healthy": 0.2, "frac_vanishing": 0.8,
-                          "frac_exploding": 0.0, "frac_diverged": 0.0, "frac_unknown": 0.0, "first_step": 0,
-                          "first_verdict": "exploding", "first_factor": 1.4, "first_end_to_end": 1e4,
-                          "last_step": 290, "last_verdict": "vanishing", "last_factor": 0.7,
-                          "last_end_to_end": 1e-4, "near_change": 1.0, "far_change": 1e-3, "moved": "far end"}
-                         for r in ("plain56-bn", "plain56-bn-s1")])
-    trained = backward_claim(pool_seeds(init_verdicts()), CFG, traj)
-    assert trained.answer == "no" and "vanishing in 80% of recorded training steps" in trained.evidence
+def test_backward_claim_says_no_when_bn_explodes_and_tells_bn_from_no_bn():
+    c = backward_claim(pool_seeds(init_verdicts()), CFG)  # x1.43 per block = x1.196 per layer: Yang et al. 2019
+    assert c.answer == "no" and "Yang et al. 2019" in c.evidence and "x1.43 per block = x1.20 per layer" in c.evidence
+    assert c.phase == "init" and "healthy norms" in c.statement
+    healthy = backward_claim(pool_seeds(init_verdicts(bn_bwd=(1.02, 1.03), bn_bwd_class="healthy")), CFG)
+    assert healthy.answer == "yes" and "x0.94 per layer" in healthy.evidence  # the twin vanishes
+    same = backward_claim(pool_seeds(init_verdicts(bn_bwd=(1.02, 1.03), bn_bwd_class="healthy",
+                                                   nobn_bwd=(1.0, 1.0), nobn_bwd_class="healthy")), CFG)
+    assert same.answer == "unclear" and "cannot tell BN from no BN" in same.how
+
+
+def traj_rows(runs, healthy, vanishing=0.0, exploding=None):
+    exploding = 1.0 - healthy - vanishing if exploding is None else exploding
+    return [{"run": r, "signal": "backward", "n_steps": 30, "frac_healthy": healthy, "frac_vanishing": vanishing,
+             "frac_exploding": exploding, "frac_diverged": 0.0, "frac_unknown": 0.0, "first_step": 0,
+             "first_verdict": "exploding", "first_factor": 1.4, "first_end_to_end": 1e4, "last_step": 290,
+             "last_verdict": "healthy", "last_factor": 1.0, "last_end_to_end": 1.0, "near_change": 1.0,
+             "far_change": 1e-3, "moved": "far end"} for r in runs]
+
+
+def test_backward_claim_over_training_is_its_own_phase_with_its_contrast():
+    pooled = pool_seeds(init_verdicts())
+    bn, nobn = ("plain56-bn", "plain56-bn-s1"), ("plain56-nobn", "plain56-nobn-s1")
+    vanish = backward_train_claim(pooled, CFG, pd.DataFrame(traj_rows(bn, 0.2, 0.8)))
+    assert vanish.answer == "no" and "vanishing in 80% of recorded training steps" in vanish.evidence
+    assert vanish.phase == "train"
+    alone = backward_train_claim(pooled, CFG, pd.DataFrame(traj_rows(bn, 0.9)))
+    assert alone.answer == "unclear" and "--train all" in alone.how
+    contrast = backward_train_claim(pooled, CFG, pd.DataFrame(traj_rows(bn, 0.9) + traj_rows(nobn, 0.1, 0.9)))
+    assert contrast.answer == "yes" and "no-BN twin plain56-nobn healthy in 10%" in contrast.evidence
+    same = backward_train_claim(pooled, CFG, pd.DataFrame(traj_rows(bn, 0.9) + traj_rows(nobn, 0.9)))
+    assert same.answer == "unclear"
+    assert backward_train_claim(pooled, CFG, None).answer == "unclear"
 
 
 def test_a_diverged_seed_turns_a_pooled_verdict_to_diverged_and_is_named():
@@ -129,5 +219,5 @@ def test_a_diverged_seed_turns_a_pooled_verdict_to_diverged_and_is_named():
 def test_all_claims_in_the_papers_order():
     claims = all_claims(pool_seeds(init_verdicts()), {**CFG, **configs()}, losses([1.2, 1.3, 1.25], [0, 0, 0]),
                         CAVEAT)
-    assert [c.key for c in claims] == ["bn_forward", "bn_backward", "degradation", "residual"]
-    assert all(c.caveat == CAVEAT for c in claims if c.phase == "train")
+    assert [c.key for c in claims] == ["bn_forward", "bn_backward", "bn_backward_train", "degradation", "residual"]
+    assert all(c.caveat == CAVEAT for c in claims if c.key in ("degradation", "residual"))

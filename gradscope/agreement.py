@@ -3,7 +3,8 @@
 Pure functions of frames (pandas, no torch), meant for frames at initialisation (the theory is about a freshly
 initialised net). For each run whose config is known (``configs[run]``, else the frame's config columns),
 :func:`gradscope.theory.predict` gives a predicted profile over the run's blocks, with the run's batch size and
-image size when the config carries them (``batch_size``, ``image_size``; or ``batch_size=`` here):
+image size: ``batch_size=`` here, else the batch the frame recorded (its ``batch_size`` rows), else the config's
+``batch_size``; ``image_size`` from the config:
 
 * ``measured_factor`` / ``predicted_factor``: the per-block factor fitted in log space *within stages* (one
   intercept per stage, one slope), of act_var forward and of grad_norm (not squared) toward the input backward.
@@ -135,8 +136,8 @@ def verdicts(frame: pd.DataFrame, *, step: A.StepArg = None, vanish: float = A.V
     """Measured verdicts (:func:`gradscope.analysis.verdicts`) with what theory predicts beside them.
 
     ``configs``: ``{run: gradscope_config}`` (with ``batch_size``/``image_size`` where known); otherwise the frame's
-    config columns. ``batch_size``: the batch of the measurement, for configs that lack it (finite-batch BN rates,
-    Yang et al. 2019 Theorem 8). ``theory=False`` gives the measurement alone. ``profiles``: a shared
+    config columns. ``batch_size``: overrides the batch of the measurement, which is otherwise read from the frame's
+    ``batch_size`` rows (finite-batch BN rates, Yang et al. 2019 Theorem 8). ``theory=False`` gives the measurement alone. ``profiles``: a shared
     :class:`gradscope.analysis.Profiles` of ``frame``.
     """
     profiles = profiles if profiles is not None else A.Profiles(frame)
@@ -146,12 +147,29 @@ def verdicts(frame: pd.DataFrame, *, step: A.StepArg = None, vanish: float = A.V
     return annotate(out, frame, configs=configs, agree_tol=agree_tol, batch_size=batch_size, profiles=profiles)
 
 
+def frame_batch_sizes(frame: pd.DataFrame) -> dict[str, int]:
+    """``{run: batch size}`` from the frame's ``batch_size`` rows (the hooks saw every recorded batch): the most
+    common value over the run's recorded steps (a last, smaller batch does not move it)."""
+    if S.METRIC not in frame.columns:
+        return {}
+    rows = frame[frame[S.METRIC] == S.BATCH_SIZE]
+    if rows.empty:
+        return {}
+    rows = A.with_run(rows)
+    return {str(run): int(g[S.VALUE].mode().iloc[0]) for run, g in rows.groupby(S.RUN, sort=False)}
+
+
 def _configs_with_batch(frame, configs, batch_size) -> dict[str, dict]:
+    """Each run's config with the batch size the theory uses: ``batch_size=`` if given, else the one the frame
+    recorded, else the config's own (none: the large-batch limit, said in the theory note)."""
     out = {}
+    seen = frame_batch_sizes(frame)
     for run in A.run_names(frame):
         cfg = run_config(frame, run, configs)
-        if cfg is not None and batch_size and not cfg.get("batch_size"):
-            cfg["batch_size"] = int(batch_size)
+        if cfg is not None:
+            batch = batch_size or seen.get(run)
+            if batch:
+                cfg = {**cfg, "batch_size": int(batch)}
         out[run] = cfg
     return out
 

@@ -41,6 +41,12 @@ SHORTCUT_VAR = "shortcut_var"
 GRAD_NORM = "grad_norm"
 GRAD_IN_NORM = "grad_in_norm"
 
+# --- the batch (one row per recorded step, at the first block whose forward finished) ------------------------
+#: Leading dimension of the block output of a recorded training forward: the batch size the hooks saw, so theory
+#: that depends on it (BatchNorm's finite-batch rates, Yang et al. 2019) reads it from the frame.
+BATCH_SIZE = "batch_size"
+BATCH_METRICS = (BATCH_SIZE,)
+
 # --- parameter metrics (parameters owned by the block) --------------------------------------------------------
 PARAM_NORM = "param_norm"
 PARAM_GRAD_NORM = "param_grad_norm"
@@ -56,7 +62,7 @@ PARAM_METRICS = (PARAM_NORM, PARAM_GRAD_NORM, UPDATE_RATIO, ADAM_M_NORM, ADAM_V_
 #: Metrics recorded only when ``attach(optimizer=...)`` is given (and, for the Adam states, the optimizer keeps them).
 OPTIMIZER_METRICS = (UPDATE_RATIO, ADAM_M_NORM, ADAM_V_NORM)
 RESIDUAL_METRICS = (BRANCH_VAR, SHORTCUT_VAR)
-ALL_METRICS = FORWARD_METRICS + RESIDUAL_METRICS + BACKWARD_METRICS + PARAM_METRICS
+ALL_METRICS = FORWARD_METRICS + RESIDUAL_METRICS + BACKWARD_METRICS + PARAM_METRICS + BATCH_METRICS
 #: Metrics that cost a full extra pass over activations and that no verdict or report needs, so they are recorded
 #: only when asked for (``metrics=...`` naming them, or ``metrics="all"``): ``act_max_abs`` (hunting fp16
 #: overflow) and the residual decomposition ``branch_var``/``shortcut_var`` (one more pass over every branch output).

@@ -152,6 +152,7 @@ class MetricSet:
         self.params = tuple(m for m in (S.PARAM_NORM, S.PARAM_GRAD_NORM) if m in wanted)
         self.update = S.UPDATE_RATIO in wanted
         self.optstate = tuple(m for m in (S.ADAM_M_NORM, S.ADAM_V_NORM) if m in wanted)
+        self.batch = S.BATCH_SIZE in wanted
 
 
 class Probe:
@@ -191,6 +192,7 @@ class Probe:
         #: ``keep(site, args, kwargs)``: called with each block call's inputs when set (the NaN operator tracer)
         self.keep: Optional[Callable[[int, Tuple[Any, ...], Dict[str, Any]], None]] = None
         self._warned_calls = False
+        self._batch_step = -1  # the step whose batch size is recorded (one row per recorded step)
 
     def install(self) -> None:
         """Register the module hooks (idempotent)."""
@@ -312,6 +314,9 @@ class Probe:
                 rec.add(state.step, site, call, m.forward, sums, y.numel(), spec.MOMENTS)
                 if m.shortcut:  # only a shortcut hook ever recalls it
                     self._remember(y, sums)
+            if m.batch and self._batch_step != state.step and y.dim() and not in_backward():
+                self._batch_step = state.step  # host-side shape: no device work, no sync
+                rec.add(state.step, site, call, (S.BATCH_SIZE,), (float(y.shape[0]),), 0, spec.VALUE)
             if m.grad_out and y.requires_grad:
                 self._watch_grad(y, site, call, S.GRAD_NORM)
             return None

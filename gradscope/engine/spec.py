@@ -172,6 +172,7 @@ SPECS: Dict[str, MetricSpec] = {s.name: s for s in (
     # optimizer state is the same on every DDP rank (it follows the all-reduced gradients): rank 0's value
     MetricSpec(S.ADAM_M_NORM, VALUE, ("value",), _as_is, "first"),
     MetricSpec(S.ADAM_V_NORM, VALUE, ("value",), _as_is, "first"),
+    MetricSpec(S.BATCH_SIZE, VALUE, ("value",), _as_is, "first"),  # per rank: what each rank's BN normalises over
 )}
 
 

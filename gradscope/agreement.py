@@ -18,8 +18,9 @@ image size: ``batch_size=`` here, else the batch the frame recorded (its ``batch
     configuration, from the mean of their ln factors); with one seed, 2.5 SE from the block-to-block scatter of
     ``ln(measured/predicted)`` (a random-walk model).
   - ``disagrees`` when Δ > tolerance; ``inconclusive`` when Δ is within a tolerance wider than :data:`MAX_TOL`, or
-    from one seed of a net narrower than :data:`WIDE` channels, whose seed-to-seed spread is not estimated;
-    ``agrees`` otherwise.
+    from one seed of a net narrower than :data:`WIDE` channels, whose seed-to-seed spread is not estimated, or
+    where the prediction names an effect it leaves out (``backward_limit``: zero padding under BN); ``agrees``
+    otherwise.
 
   The theory gives the *mean* over initialisations, the log-space fit the *typical* value; at 16 channels the two
   differ (Hanin & Rolnick 2018): plain-56 without BN measures x0.805 ± 0.060 per block over 8 seeds against a
@@ -210,6 +211,7 @@ def annotate(verdicts: pd.DataFrame, frame: pd.DataFrame, *, configs=None, agree
         c = compare(measured, list(predicted), stages, backward=backward)
         width = full.get("width")
         c.update(i=i, run=run, signal=signal, width=width, pred=pred, per_step=per_step,
+                 limit=pred.backward_limit if backward else "",
                  model_tol=tol0 + (0.5 / width if width else 0.0),
                  boundaries=_boundaries(c["r"], stages, blocks, backward) if len(blocks) == n else [],
                  diverged=row[A.VERDICT] == A.DIVERGED)
@@ -233,13 +235,13 @@ def _groups(found: list[dict[str, Any]], has_seed: bool) -> list[list[dict[str, 
 def _judge(out: pd.DataFrame, group: list[dict[str, Any]]) -> None:
     ok = [c for c in group if not c["diverged"] and c["measured"] > 0 and math.isfinite(c["measured"])]
     head = group[0]
-    pf, model_tol, width = head["predicted"], head["model_tol"], head["width"]
+    pf, model_tol, width, limit = head["predicted"], head["model_tol"], head["width"], head.get("limit", "")
     ln = [math.log(c["measured"]) for c in ok]
     mean, sd, se, n = stats.mean_sd_se(ln)
     if n >= 2:
         noise = stats.band(se, n)
         diff = abs(mean - math.log(pf))
-        word = decide(diff, model_tol, noise)
+        word = decide(diff, model_tol, noise, can_agree=not limit)
         how = (f"pooled over {n} seeds: measured x{_factor(math.exp(mean))} (sd of ln {sd:.3f}, SE {se:.3f}) vs "
                f"theory x{_factor(pf)} per block; |Δ ln| {diff:.3f} {'>' if word == DISAGREES else '<='} tolerance "
                f"{model_tol + noise:.3f} (model {model_tol:.3f} + t·SE {noise:.3f})")
@@ -247,7 +249,7 @@ def _judge(out: pd.DataFrame, group: list[dict[str, Any]]) -> None:
         c = ok[0]
         noise, diff = 2.5 * c["se"], c["diff"]
         narrow = bool(width) and width < WIDE
-        word = decide(diff, model_tol, noise, can_agree=not narrow)
+        word = decide(diff, model_tol, noise, can_agree=not narrow and not limit)
         how = (f"one seed: measured x{_factor(c['measured'])} vs theory x{_factor(pf)} per block; |Δ ln| "
                f"{diff:.3f} {'>' if word == DISAGREES else '<='} tolerance {model_tol + noise:.3f} (model "
                f"{model_tol:.3f} + 2.5 SE of the block scatter {noise:.3f})")
@@ -256,7 +258,7 @@ def _judge(out: pd.DataFrame, group: list[dict[str, Any]]) -> None:
                     f"the tolerance (Hanin & Rolnick 2018); run several seeds")
     else:
         word, how = INCONCLUSIVE, "no finite measured factor (diverged or empty)"
-    notes = [f"{word}: {how}"]
+    notes = [f"{word}: {how}"] + ([limit] if limit else [])
     if width and width < WIDE and n >= 2:
         notes.append("theory gives the mean over initialisations, the log-space fit the typical value, lower at "
                      f"{width} channels (Hanin & Rolnick 2018); a gap from that is counted, not absorbed")

@@ -118,8 +118,11 @@ def measured(frame, step: int = 0) -> Dict[Tuple[str, int, str], float]:
 
 
 def assert_matches(got: Dict, want: Dict, rtol: float = 1e-5, atol: float = 1e-7,
-                   skip: Tuple[str, ...] = ("branch_var", "shortcut_var", "update_ratio")) -> int:
-    """Every reference value has a measured twin within tolerance and vice versa; returns how many were compared."""
+                   skip: Tuple[str, ...] = ("branch_var", "shortcut_var", "update_ratio", "batch_size")) -> int:
+    """Every reference value has a measured twin within tolerance and vice versa; returns how many were compared.
+
+    ``batch_size`` (one row per step, a shape, not a reduction) is checked against the batch fed in
+    tests/analysis/test_units_and_batch.py."""
     got_keys = {k for k in got if k[2] not in skip}
     assert got_keys == set(want), (sorted(got_keys - set(want))[:10], sorted(set(want) - got_keys)[:10])
     for key, ref in want.items():

@@ -7,7 +7,9 @@ BatchNorm keeps (1) forward activations at non-zero variance and (2) backward gr
 Every claim is decided the same way and says what it compared, at which steps, and how sure it is:
 
 * **Seeds are pooled.** Runs that differ only by seed form one configuration; rates are geometric means over
-  seeds with the sd of their logs; losses are compared *paired by seed* (same seed, same batches).
+  seeds with the sd of their logs; losses are compared *paired by seed*: runs of one seed share their batch
+  order (:func:`gradscope.study.runs.data_order_seed`), runs of different seeds do not, so the spread over seeds
+  covers data order and initialisation together.
 * **The noise rule** (:mod:`gradscope.analysis.stats`): a mean difference ``m`` over ``n`` seeds is outside the
   noise when the 95% interval ``m ± t(0.975, n-1)·SE`` excludes the boundary; otherwise the answer is
   ``unclear``. One seed gives no spread, so a training claim from one seed is ``unclear``.

@@ -101,6 +101,7 @@ class Settings:
     every: int = 10
     init_batches: int = 2
     device: str = "cpu"
+    #: with each run's seed, the order of its batches (:func:`data_order_seed`); the data set itself is fixed
     data_seed: int = 0
     image_size: int = 16
     #: worker processes (one torch thread each); 0: one per available core, capped by the number of runs.
@@ -285,7 +286,8 @@ def _global_mean(values: torch.Tensor) -> Tuple[float, float]:
 def run_study(specs: Sequence[RunSpec], train_set: Any, settings: Settings = Settings(),
               out: Optional[Path] = None, on_step: Optional[Callable[[str, int], None]] = None,
               on_run: Optional[Callable[[RunSpec], None]] = None) -> StudyResult:
-    """Measure every spec on ``train_set`` (same batches, in the same order, for every run).
+    """Measure every spec on ``train_set``: runs of one seed see the same batches in the same order, runs of
+    different seeds different orders (:func:`data_order_seed`).
 
     With ``settings.workers`` != 1 and built-in nets, runs are spread over worker processes (one torch thread
     each, longest runs first: :mod:`gradscope.study.parallel`); under torchrun, or for a user's factory, they run
@@ -306,7 +308,7 @@ def run_study(specs: Sequence[RunSpec], train_set: Any, settings: Settings = Set
 def job(spec: RunSpec, train_set: Any, settings: Settings, out: Optional[Path],
         on_step: Optional[Callable[[str, int], None]], sink: List[Tuple[Any, Any, Dict[str, Any]]]) -> None:
     """One run as a worker process runs it (module-level, so it pickles by name)."""
-    measure_run(spec, _batches(train_set, settings), settings, resolve_device(settings.device),
+    measure_run(spec, _batches(train_set, settings, spec.seed), settings, resolve_device(settings.device),
                 None if out is None else out / "records" / spec.name, on_step, sink=sink)
 
 
@@ -320,7 +322,7 @@ def _run_here(specs, train_set, settings, out, on_step, on_run):
             on_run(spec)
         sink: List[Tuple[Any, Any, Dict[str, Any]]] = []
         try:
-            measure_run(spec, _batches(train_set, settings), settings, device,
+            measure_run(spec, _batches(train_set, settings, spec.seed), settings, device,
                         None if out is None else out / "records" / spec.name, on_step, sink=sink)
         except KeyboardInterrupt:
             interrupted = True
@@ -349,10 +351,17 @@ def collect(done: Dict[str, Tuple[Any, Any, Dict[str, Any]]], failed: Dict[str, 
     return StudyResult(frame, loss_frame, {n: done[n][2] for n in names}, interrupted, failed)
 
 
-def _batches(train_set: Any, settings: Settings) -> Iterator[Any]:
+def data_order_seed(settings: Settings, seed: int) -> int:
+    """The generator seed of a run's batch order: the same for every run of one ``seed`` (so runs paired by seed
+    see the same batches) and different across seeds (so the spread over seeds covers the data order as well as
+    the initialisation)."""
+    return settings.data_seed * 10007 + seed
+
+
+def _batches(train_set: Any, settings: Settings, seed: int = 0) -> Iterator[Any]:
     from torch.utils.data import DataLoader
 
-    generator = torch.Generator().manual_seed(settings.data_seed)
+    generator = torch.Generator().manual_seed(data_order_seed(settings, seed))
     return _cycle(DataLoader(train_set, batch_size=settings.batch_size, shuffle=True, generator=generator,
                              drop_last=len(train_set) > settings.batch_size))
 

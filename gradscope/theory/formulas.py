@@ -197,7 +197,7 @@ class Prediction:
     ``forward_rate``/``backward_rate``: the headline per-block factor (within a stage, once settled), None when
     the growth is not geometric (linear growth). ``stages``: stage index per block, for within-stage fits.
     ``notes``: where the measurement is expected to part from the prediction, in words; ``why_none``: why a
-    profile is None.
+    profile is None; ``backward_limit``: an effect the backward profile leaves out (see the field).
     """
 
     model: str
@@ -210,6 +210,9 @@ class Prediction:
     stages: tuple[int, ...] = ()
     notes: tuple[str, ...] = field(default=())
     why_none: str = ""
+    #: Where the backward profile leaves out an effect of known sign (e.g. zero padding under BN): shown beside
+    #: every comparison, and such a prediction can catch a disagreement but never confirm agreement.
+    backward_limit: str = ""
 
 
 def fit_factor(values: Sequence[float], stages: Sequence[int] = (), *, backward: bool = False) -> float:

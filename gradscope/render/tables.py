@@ -89,14 +89,15 @@ def overview(frame: pd.DataFrame) -> str:
 
 def how_text(thresholds: Dict[str, float]) -> str:
     """How verdicts are decided, in one paragraph (shown above every verdict table)."""
-    lo, hi = A.rate_thresholds(thresholds.get("vanish", A.VANISH), thresholds.get("explode", A.EXPLODE))
-    n = int(thresholds.get("reference_blocks", A.REFERENCE_BLOCKS))
-    return (f"Per-block factor: a line fitted to log values across depth (call-0 rows); a signal is vanishing "
-            f"below x{lo:.3f} and exploding above x{hi:.3f} per block (x{thresholds.get('vanish', A.VANISH):g} and "
-            f"x{thresholds.get('explode', A.EXPLODE):g} over {n} blocks), so one rate gets one class at any depth; "
-            f"diverged when a block held NaN/Inf. End to end is read from the fit; near/far end are the measured "
-            f"values at the first/last block in the signal's direction (forward: first -> last block; backward: "
-            f"last -> first).")
+    lo, hi = A.layer_thresholds(thresholds.get("vanish", A.VANISH), thresholds.get("explode", A.EXPLODE))
+    n = int(thresholds.get("reference_blocks", A.REFERENCE_LAYERS))
+    return (f"Per-block factor: a line fitted to log values across depth (call-0 rows). Classes are judged per layer "
+            f"in amplitude units (column layer_factor: the factor's root over the block's layers, and the square "
+            f"root of a variance ratio forward), so a net gets one class whatever is called a block: vanishing "
+            f"below x{lo:.3f} and exploding above x{hi:.3f} per layer (x{thresholds.get('vanish', A.VANISH):g} and "
+            f"x{thresholds.get('explode', A.EXPLODE):g} in amplitude over {n} layers); diverged when a block held "
+            f"NaN/Inf. End to end is read from the fit; near/far end are the measured values at the first/last block "
+            f"in the signal's direction (forward: first -> last block; backward: last -> first).")
 
 
 def theory_notes(v: pd.DataFrame) -> List[str]:

@@ -144,7 +144,7 @@ def assert_healthy(model: nn.Module, batch: Any, loss_fn: Optional[Callable[...,
         blocks: which modules are blocks (see :func:`gradscope.find_blocks`).
         signals: which signals to judge: ``"forward"``, ``"backward"`` or both.
         allow: verdict classes that do not fail (e.g. ``("vanishing",)`` for a known-deep test model).
-        vanish, explode: the change over 27 blocks that counts as vanishing / exploding (defaults as in the
+        vanish, explode: the amplitude change over 54 layers that counts as vanishing / exploding (defaults as in the
             reports: 0.01 and 100).
 
     Returns:

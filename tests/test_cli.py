@@ -23,7 +23,7 @@ def test_default_models_end_to_end(tmp_path, capsys):
     code = main(["profile", "--steps", "3", "--train-size", "128", "--out", str(tmp_path), "--batch-size", "16"])
     assert code == 0
     out = capsys.readouterr().out
-    for claim in ("BatchNorm keeps forward signals from vanishing", "BatchNorm keeps backward gradients",
+    for claim in ("BatchNorm keeps forward signals from vanishing", "With BatchNorm, backward gradients keep healthy",
                   "Deeper plain nets train worse", "Deeper residual nets do not train worse"):
         assert claim in out
     for name in ("report.html", "summary.md", "verdicts.csv", "records.parquet", "init_verdicts.csv", "claims.md",

@@ -168,6 +168,15 @@ def backward_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: Any = 
     return Claim("bn_backward", BACKWARD_STATEMENT, answer, text, "init", how=how)
 
 
+#: Recorded training steps a configuration needs before "over training" is answered (fewer is initialisation).
+MIN_TRAIN_STEPS = 5
+
+
+def _recorded_steps(traj: Any, runs: Sequence[str]) -> int:
+    t = traj[(traj["signal"] == "backward") & traj["run"].isin(list(runs))]
+    return int(t["n_steps"].min()) if len(t) else 0
+
+
 def _healthy_share(traj: Any, runs: Sequence[str]) -> Optional[float]:
     t = traj[(traj["signal"] == "backward") & traj["run"].isin(list(runs))] if traj is not None and len(traj) else None
     return None if t is None or t.empty else float(t["frac_healthy"].mean())
@@ -182,12 +191,16 @@ def backward_train_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: 
     shares = [s for s in shares if s[2] is not None]
     if not shares:
         return Claim("bn_backward_train", BACKWARD_STATEMENT, UNCLEAR, "no BN net was trained", "train")
+    recorded = min(_recorded_steps(traj, bn["runs"]) for bn, *_ in shares)
     bad = [bn["group"] for bn, _, h, _ in shares if h < 0.5]
     text = "over training, toward the input: " + "; ".join(
         f"{bn['group']} {_trajectory_text(traj, bn['runs'], 'backward')}"
         + (f"; its no-BN twin {twin['group']} healthy in {100 * th:.0f}% of recorded steps" if th is not None else
            "; its no-BN twin was not trained") for bn, twin, _, th in shares)
-    if bad:
+    if recorded < MIN_TRAIN_STEPS:
+        answer, why = UNCLEAR, (f"only {recorded} recorded training step(s), fewer than {MIN_TRAIN_STEPS}: that is "
+                                f"initialisation, not training; train longer or record more often (--steps, --every)")
+    elif bad:
         answer, why = NO, f"healthy in fewer than half the recorded steps of {', '.join(bad)}"
     elif any(th is not None and th < 0.5 for *_, th in shares):
         answer, why = YES, "healthy in most recorded steps with BN while a trained no-BN twin is not"

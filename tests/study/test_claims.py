@@ -207,6 +207,9 @@ def test_backward_claim_over_training_is_its_own_phase_with_its_contrast():
     same = backward_train_claim(pooled, CFG, pd.DataFrame(traj_rows(bn, 0.9) + traj_rows(nobn, 0.9)))
     assert same.answer == "unclear"
     assert backward_train_claim(pooled, CFG, None).answer == "unclear"
+    short = pd.DataFrame(traj_rows(bn, 0.0, 0.0, 1.0)).assign(n_steps=1)  # --steps 5 --every 10: step 0 only
+    early = backward_train_claim(pooled, CFG, short)
+    assert early.answer == "unclear" and "only 1 recorded training step" in early.how
 
 
 def test_a_diverged_seed_turns_a_pooled_verdict_to_diverged_and_is_named():

@@ -110,6 +110,9 @@ def test_batch_size_reaches_the_theory(one_thread):
     config = dict(model.gradscope_config)
     config.pop("batch_size", None)
     with_batch = G.verdicts(scope.frame(), configs={"run": config}, batch_size=8).set_index(A.SIGNAL)
-    limit = G.verdicts(scope.frame(), configs={"run": config}).set_index(A.SIGNAL)
+    recorded = G.verdicts(scope.frame(), configs={"run": config}).set_index(A.SIGNAL)  # the frame knows the batch
+    frame = scope.frame()
+    limit = G.verdicts(frame[frame.metric != "batch_size"], configs={"run": config}).set_index(A.SIGNAL)
+    assert recorded.loc["backward", A.PREDICTED_FACTOR] == pytest.approx(math.sqrt(bn_relu_rate(8)), rel=1e-9)
     assert with_batch.loc["backward", A.PREDICTED_FACTOR] == pytest.approx(math.sqrt(bn_relu_rate(8)), rel=1e-9)
     assert limit.loc["backward", A.PREDICTED_FACTOR] == pytest.approx(math.sqrt(bn_relu_rate(None)), rel=1e-9)

@@ -166,7 +166,8 @@ def degradation_claim(configs: Dict[str, Dict[str, Any]], losses: Dict[str, floa
     if answer == YES and g["progress"][1].state != LEARNED:
         text += (f"; {g['deep']} trains worse because it has barely started learning in this run: slower training, "
                  f"not yet the converged degradation the paper reports")
-    return Claim("degradation", statement, answer, text, "train", how=f"{RULE}; here: {why}", caveat=caveat)
+    return Claim("degradation", statement, answer, text, "train", how=f"{RULE}; here: {why}", caveat=caveat,
+                 **_key_number(g))
 
 
 def residual_claim(configs: Dict[str, Dict[str, Any]], losses: Dict[str, float], caveat: str,
@@ -193,7 +194,14 @@ def residual_claim(configs: Dict[str, Dict[str, Any]], losses: Dict[str, float],
         answer = UNCLEAR
         why += ("; but the plain nets are not shown to degrade here, so there is no degradation for shortcuts to "
                 "remove (the degradation claim must be 'yes' first)")
-    return Claim("residual", statement, answer, text, "train", how=f"{RULE}; here: {why}", caveat=caveat)
+    return Claim("residual", statement, answer, text, "train", how=f"{RULE}; here: {why}", caveat=caveat,
+                 **_key_number(g))
+
+
+def _key_number(g: dict) -> Dict[str, Any]:
+    """The claim's key number for tables: the depth gap in nats with its 95% interval (None where undefined)."""
+    fin = [v if math.isfinite(v) else None for v in (g["mean"], g["lo"], g["hi"])]
+    return {"estimate": fin[0], "low": fin[1], "high": fin[2], "unit": "nats"}
 
 
 def final_accuracy(losses: Any, runs: List[str], window: int) -> Dict[str, float]:

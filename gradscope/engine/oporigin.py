@@ -8,7 +8,8 @@ drops them at ``scope.step()``. Only when a step's rows show a block's output no
 *replay* that block's forward on the kept inputs, under ``torch.no_grad()`` and a ``TorchDispatchMode`` that checks
 every operator's outputs, and reports the first operator whose output holds a NaN/Inf though its inputs were
 finite, with the module that called it (temporary hooks on the block's submodules keep the module path). Healthy
-steps pay a list append per block call; the replay runs once per scope.
+steps pay a list append and a read of the inputs' version counters per block call; the replay runs once per
+scope.
 
 The replay recomputes, so it cannot reproduce everything: randomness (dropout draws again), inputs modified in
 place after the block ran, and parameters changed by an ``optimizer.step()`` between the forward and

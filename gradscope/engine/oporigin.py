@@ -205,8 +205,8 @@ class OpTracer:
     def weights_before(self, params: List[torch.Tensor], order: List[int], copies: List[torch.Tensor]) -> None:
         """Keep (until ``clear``) the parameter copies taken before this step's ``optimizer.step()`` (the update
         ratio's snapshot, already made): a replay after the update then runs on the weights the forward saw."""
-        if not self.done and self.any_kept:
-            self.before = {id(params[i]): t for i, t in zip(order, copies)}
+        if not self.done and self.any_kept:  # (several optimizers: each adds the copies of its parameters)
+            self.before = {**(self.before or {}), **{id(params[i]): t for i, t in zip(order, copies)}}
 
     def trace(self, step: int, block: str) -> OpOrigin:
         """Replay the kept calls of ``block`` (in call order) until one reproduces the non-finite output."""

@@ -5,7 +5,7 @@ the parameters out once, in a flat order, so each statistic is one ``torch._fore
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -43,12 +43,15 @@ class ParamIndex:
         return self._site_tensor[device]
 
 
-def param_index(sites: List[Site], sharded: bool = False) -> ParamIndex:
-    """The :class:`ParamIndex` of ``sites`` (``sharded``: FSDP2 DTensor parameters, measured shard by shard)."""
+def param_index(sites: List[Site], sharded: bool = False, only: Optional[Set[int]] = None) -> ParamIndex:
+    """The :class:`ParamIndex` of ``sites`` (``sharded``: FSDP2 DTensor parameters, measured shard by shard);
+    ``only``: the positions in ``sites`` to include (the blocks one optimizer updates), all by default."""
     index = ParamIndex()
     index.sharded = sharded
     position: Dict[int, int] = {}
     for s, site in enumerate(sites):
+        if only is not None and s not in only:
+            continue
         own = list(site.module.parameters())
         if own:
             index.sites_with_params.append(s)

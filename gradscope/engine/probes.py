@@ -175,6 +175,9 @@ class Probe:
         self.m = metrics
         self.handles: List[Any] = []
         self.guarded: List[nn.Module] = []  # modules given the copy-and-pickle guard (released at remove())
+        #: with ``root``: called at the model's first training forward of each recorded step (engine/replaced.py)
+        self.root: Optional[nn.Module] = None
+        self.root_check: Optional[Callable[[], None]] = None
         self._guarded_ids: set = set()
         self.stacks: List[List[int]] = [[] for _ in sites]
         self.alive = True
@@ -224,9 +227,23 @@ class Probe:
                         self._guard(sub)
                         self.handles.append(sub.register_forward_hook(
                             mark(T.eager_at_top_level(self._sub_hook(index, (metric,)))), prepend=True))
+            if self.root is not None and self.root_check is not None:
+                self._guard(self.root)
+                self.handles.append(self.root.register_forward_pre_hook(mark(self._root_hook())))
         except BaseException:
             self.uninstall()
             raise
+
+    def _root_hook(self) -> Callable:
+        state, check = self.state, self.root_check
+
+        def root_hook(module: nn.Module, args: Any) -> None:
+            if state.active and not state.root_checked and torch.is_grad_enabled() and not T.compiling():
+                state.root_checked = True
+                check()
+            return None
+
+        return root_hook
 
     def uninstall(self) -> None:
         """Remove the module hooks; gradient hooks already registered in a live graph still record."""

@@ -4,15 +4,18 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
 
 from gradscope import schema as S
 from gradscope.errors import GradscopeError
+from gradscope.engine import optimizers as OPT
 from gradscope.engine import params as P
-from gradscope.engine import portable
+from gradscope.engine import replaced as R
+from gradscope.engine.optwatch import GradTiming, OptimizerWatch, record_param_grads
+from gradscope.engine.replaced import Replacements
 from gradscope.engine import spec
 from gradscope.engine.alerts import AlertLog, AlertRules, Handler, detector_rows
 from gradscope.engine.amp import ScalerState
@@ -40,7 +43,7 @@ class Scope:
     """
 
     def __init__(self, model: nn.Module, sites: List[Site], recorder: Recorder, metrics: MetricSet,
-                 optimizer: Optional[torch.optim.Optimizer] = None, scaler: Any = None,
+                 optimizer: Any = None, scaler: Any = None,
                  on_nonfinite: str = "warn", distributed: Any = None, sinks: Iterable[Any] = (),
                  sharded: bool = False, alerts: Optional[AlertLog] = None, forwards: str = TRAIN) -> None:
         self.model = model
@@ -61,31 +64,67 @@ class Scope:
         self._warned_silent = False
         self._warned_idle = False
         self._attached = False
-        self._opt_handles: List[Any] = []
-        self._guarded = False
-        self._snapshot: Optional[Tuple[int, List[torch.Tensor]]] = None
         self._dist = distributed
-        self._optimizer = optimizer
-        self._updated_steps: set = set()
         self._param_index = P.param_index(sites, sharded)
-        if optimizer is not None and not hasattr(optimizer, "register_step_pre_hook"):
-            raise GradscopeError(f"optimizer={type(optimizer).__name__} is not a torch.optim.Optimizer with step "
-                                 f"hooks (torch>=2.0); pass the optimizer that updates this model, or leave it out")
-        self._amp = ScalerState(scaler, optimizer)
+        wrappers = OPT.optimizer_list(optimizer)  # wrappers (accelerate, Lightning) are looked through
+        self._optimizers = [OPT.unwrap_optimizer(o) for o in wrappers]
+        for given, inner in zip(wrappers, self._optimizers):
+            OPT.check_optimizer(given, inner)
+        #: accelerate's gradient accumulation: scope.step() closes a step only when the optimizer really steps
+        self._sync = OPT.accumulation_sync(wrappers)
+        self._pending_losses: List[Any] = []
+        first = self._optimizers[0] if self._optimizers else None
+        self._amp = ScalerState(scaler if scaler is not None else OPT.wrapped_scaler(wrappers), first)
         self._probe.scale = self._amp.scale_tensor if self._amp.enabled else None
+        self._sharded = sharded
+        self._missed: set = set()  # blocks no given optimizer updates (warned about once)
+        self._watch = self._watch_optimizers(set(range(len(sites))))
+        self._grad_timing = GradTiming(recorder, self._param_index, S.PARAM_GRAD_NORM in metrics.params)
+        self._replacements = Replacements(model, sites)  # blocks replaced after attach are followed
+        self._probe.root, self._probe.root_check = model, self._follow_replacements
         if recorder.active:
             self._probe.install()
         self._attached = True
         try:
-            if optimizer is not None:
-                self._opt_handles.append(optimizer.register_step_pre_hook(self._amp.note_optimizer_step))
-            if optimizer is not None and self._tracer is not None:  # a NaN's replay: were the weights updated?
-                self._opt_handles.append(optimizer.register_step_post_hook(self._tracer.optimizer_stepped))
-            if optimizer is not None and metrics.update:
-                self._watch_optimizer(optimizer)
+            if self._optimizers:
+                self._watch.install()
         except BaseException:
             self.detach()
             raise
+
+    def _watch_optimizers(self, alive: Set[int]) -> OptimizerWatch:
+        """Which blocks each optimizer updates (engine/optimizers.py), and the watch on their steps (not installed)."""
+        updated, missed = OPT.coverage(self.sites, self._optimizers)
+        self._opt_indexes = [P.param_index(self.sites, self._sharded, only=set(u) & alive) for u in updated]
+        new = [s for s in missed if s in alive and s not in self._missed]
+        if new and self._metrics.update and self._optimizers:
+            self._missed.update(new)
+            warnings.warn(OPT.missed_message(self.sites, new), RuntimeWarning, stacklevel=4)
+        return OptimizerWatch(self.model, self.sites, self._rec, self._amp, self._optimizers, self._opt_indexes,
+                              update=self._metrics.update, grads=S.PARAM_GRAD_NORM in self._metrics.params,
+                              tracer=self._tracer)
+
+    def _follow_replacements(self) -> None:
+        """Hook the module now at each block's name where it was replaced after attach (engine/replaced.py)."""
+        changed = self._replacements.changed(self.sites)
+        if not changed:
+            return
+        for s, module in changed:
+            warnings.warn(R.message(self.sites[s], module, self._rec.step), RuntimeWarning, stacklevel=3)
+            if module is None:
+                self._replacements.gone.add(s)
+            else:
+                self.sites[s] = R.followed(self.sites[s], module)  # the list the recorder and the probe share
+        alive = set(range(len(self.sites))) - self._replacements.gone
+        self._param_index = P.param_index(self.sites, self._sharded, only=alive)
+        self._grad_timing.index = self._param_index
+        self._watch.remove()
+        self._watch = self._watch_optimizers(alive)
+        if self._optimizers:
+            self._watch.install()
+        if self._probe.handles:
+            self._probe.uninstall()
+            self._probe.install()
 
     # ---- the training-loop API -----------------------------------------------------------------------------------
     @property
@@ -107,6 +146,15 @@ class Scope:
         records and alerts are kept.
         """
         rec = self._rec
+        if self._sync is not None and not self._sync():
+            # gradient accumulation (accelerate): the optimizer does not step after this micro-batch, so the step
+            # stays open; its loss joins the mean of the step's micro-batch losses
+            if loss is not None and rec.active:
+                self._pending_losses.append(loss)
+            return
+        if self._pending_losses:
+            loss = _mean_loss(self._pending_losses + ([loss] if loss is not None else []))
+            self._pending_losses = []
         if loss is not None and rec.active:
             rec.add_loss(rec.step, loss)
         try:
@@ -128,6 +176,7 @@ class Scope:
     def _close_step(self) -> None:
         rec = self._rec
         if rec.active:
+            self._follow_replacements()
             self._probe.drain_traced()  # under torch.compile: call indices, depths and the scale the backward saw
             if not rec.state.any_block_ran() and rec.state.skipped and not self._warned_silent:
                 self._warned_silent = True
@@ -147,8 +196,9 @@ class Scope:
             self._warn_idle(rec)
             if self._metrics.params:
                 self._record_params(rec.step)
-            if self._metrics.optstate and self._optimizer is not None:  # Adam-family state (engine/optstate.py)
-                record_optstate(rec, self._optimizer, self._param_index, len(self.sites), self._metrics.optstate)
+            if self._metrics.optstate:  # Adam-family state (engine/optstate.py), of the blocks each optimizer updates
+                for opt, index in zip(self._optimizers, self._opt_indexes):
+                    record_optstate(rec, opt, index, len(self.sites), self._metrics.optstate)
             try:
                 self._flush()
             finally:
@@ -222,10 +272,7 @@ class Scope:
             _live.forget(self)
             self._probe.remove()
             self._rec.state.stop()
-            while self._opt_handles:
-                self._opt_handles.pop().remove()
-            if self._guarded:
-                portable.release(self.model)
+            self._watch.remove()
             self._attached = False
             try:
                 self._sinks.close()
@@ -254,8 +301,7 @@ class Scope:
             if self._attached:
                 self._rec.write_remaining()
             self._probe.remove()
-            while self._opt_handles:
-                self._opt_handles.pop().remove()
+            self._watch.remove()
         except Exception:
             pass
 
@@ -279,6 +325,7 @@ class Scope:
 
         def check(rows: Any, start: int) -> None:
             checked.append(start)
+            self._grad_timing.check_rows(rec.step, rows, start)
             error = None
             try:  # first: a divergence alert then names the operator the policy traced
                 self._nonfinite.check(rows, start, rec.depth)
@@ -315,58 +362,14 @@ class Scope:
         if S.PARAM_NORM in names:
             rec.add_per_site(step, index.sites_with_params, S.PARAM_NORM, P.param_norms(index, n), layout)
         if S.PARAM_GRAD_NORM in names:
-            grad_scale = rec.state.grad_scale
-            scale = grad_scale if self._amp.grads_still_scaled(grad_scale) else None
-            found = P.param_grad_norms(index, n, scale)
-            if found is not None:
-                rec.add_per_site(step, found[0], S.PARAM_GRAD_NORM, found[1], layout)
-
-    def _watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Measure ||update|| / ||weight|| per block across ``optimizer.step()`` of recorded steps."""
-        index = self._param_index
-
-        def pre(opt: Any, args: Any, kwargs: Any) -> None:
-            state = self._rec.state
-            # optimizer.step() before scope.step(): this step's update; after it: the step just closed; with a
-            # closure (LBFGS, Lightning) the forward, backward and often scope.step() run inside optimizer.step(),
-            # so the update belongs to the step that the closure's forward opens
-            closure = P.passes_closure(opt, args, kwargs)
-            step = state.step if state.forward_seen or closure else state.step - 1
-            if step >= 0 and step not in self._updated_steps and state.recorded(step) and index.params:
-                self._updated_steps.add(step)
-                self._snapshot = (step, P.snapshot(index))
-
-        def post(opt: Any, args: Any, kwargs: Any) -> None:
-            if self._snapshot is None:
-                return
-            step, before = self._snapshot
-            self._snapshot = None
-            if self._tracer is not None:  # a NaN's replay needs the weights its forward saw
-                self._tracer.weights_before(index.params, index.order, before)
-            # numerators and denominators travel apart: sharded ranks sum their squares first, and a block whose
-            # parameters were exactly zero before the step gets no ratio (undefined), never a clamped 1e35
-            layout = spec.SHARD_RATIO if index.sharded else spec.RATIO
-            self._rec.add_per_site(step, index.sites_with_params, S.UPDATE_RATIO,
-                                   torch.cat(P.update_norms(index, before, len(self.sites))), layout)
-
-        self._opt_handles.append(optimizer.register_step_pre_hook(pre))
-        self._opt_handles.append(optimizer.register_step_post_hook(post))
-        # whether a forward ran since scope.step() tells which step an optimizer step belongs to; the block hooks are
-        # absent in unrecorded steps, so one flag-setting hook on the model itself says it (one call per forward)
-        state = self._rec.state
-
-        def mark_forward(*args: Any) -> None:
-            if torch.is_grad_enabled():  # a validation forward opens no step (engine/state.py)
-                state.mark_forward()
-
-        portable.guard(self.model)  # copies and pickles of the model leave this hook out
-        self._opt_handles.append(self.model.register_forward_pre_hook(portable.mark(mark_forward)))
-        self._guarded = True
+            read = self._watch.take_grads_read(step)
+            if record_param_grads(rec, index, n, self._amp, step, read) is None and not read:
+                self._grad_timing.check_buffer(step)
 
 
 def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, Schedule] = 1,
            out: Union[str, os.PathLike, None] = None, *, metrics: Optional[Sequence[str]] = None,
-           optimizer: Optional[torch.optim.Optimizer] = None, scaler: Any = None, flush_every: int = 10,
+           optimizer: Any = None, scaler: Any = None, flush_every: int = 10,
            on_nonfinite: str = "warn", distributed: Union[bool, str] = "auto",
            sinks: Iterable[Any] = (), on_anomaly: Handler = None, alert_rules: Optional[AlertRules] = None,
            forwards: str = TRAIN) -> Scope:
@@ -380,7 +383,13 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
         metrics: a subset of :data:`gradscope.schema.ALL_METRICS`, or ``"all"``; default
             :data:`gradscope.schema.DEFAULT_METRICS` (all but the opt-in ``act_max_abs``, ``branch_var``,
             ``shortcut_var``, each one more pass over activations).
-        optimizer: enables ``update_ratio`` (||delta w|| / ||w|| per block across ``optimizer.step()``).
+        optimizer: enables ``update_ratio`` (||delta w|| / ||w|| per block across ``optimizer.step()``) and reads
+            ``param_grad_norm`` right before an ``optimizer.step()`` that comes before ``scope.step()`` (so a
+            ``zero_grad()`` in between loses nothing). Several optimizers as a list: each block's update is measured
+            across the step of the optimizer that holds its parameters; a block that no given optimizer updates
+            gets no ``update_ratio`` (and a warning). Wrappers are looked through (accelerate's
+            ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``); with accelerate's gradient accumulation
+            ``scope.step()`` closes a step only when the optimizer really steps (``docs/accelerate.md``).
         scaler: a ``torch.amp.GradScaler``; gradient metrics are divided by its scale so they are the true ones.
         flush_every: with ``out``, write a part every this many recorded steps (and at detach).
         on_nonfinite: ``"warn"`` (once, naming the first block), ``"raise"`` (``NonFiniteError`` from ``step()``,
@@ -438,7 +447,7 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
         config = {"blocks": blocks, "every": every, "metrics": metrics, "flush_every": flush_every,
                   "on_nonfinite": on_nonfinite, "forwards": forwards, "on_anomaly": on_anomaly if isinstance(on_anomaly, str) or
                   on_anomaly is None else getattr(on_anomaly, "__name__", type(on_anomaly).__name__),
-                  "alert_rules": repr(alert_rules or AlertRules()), "optimizer": type(optimizer).__name__ if optimizer else None,
+                  "alert_rules": repr(alert_rules or AlertRules()), "optimizer": OPT.group_names([OPT.unwrap_optimizer(o) for o in OPT.optimizer_list(optimizer)]),
                   "scaler": type(scaler).__name__ if scaler is not None else None,
                   "world_size": 1 if combiner is None else getattr(combiner, "world_size", None),
                   "sharded": None if sharding is None else f"FSDP2, {sharding.replicas} replica(s) per shard",
@@ -465,3 +474,12 @@ def _check_metrics(metrics: Optional[Iterable[str]]) -> Optional[Tuple[str, ...]
     if unknown:
         raise GradscopeError(f"unknown metric(s) {unknown}; choose from {list(S.ALL_METRICS)}")
     return chosen
+
+
+def _mean_loss(losses: List[Any]) -> Any:
+    """The mean of a step's micro-batch losses (tensors stay on their device: no sync)."""
+    tensors = [loss.detach().reshape(-1).float() for loss in losses if isinstance(loss, torch.Tensor)]
+    floats = [float(loss) for loss in losses if not isinstance(loss, torch.Tensor)]
+    if not tensors:
+        return sum(floats) / len(floats)
+    return (torch.cat(tensors).sum() + sum(floats)) / len(losses)

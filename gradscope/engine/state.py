@@ -44,6 +44,7 @@ class StepState:
         self.recompute_calls: List[int] = [0] * self.n_sites
         self.grad_slots: Set[GradSlot] = set()
         self.skipped = 0  # block calls of forwards this scope does not record (see FORWARDS), in this step
+        self.root_checked = False  # the model's blocks were checked for replacements in this step
         self.forward_seen = False  # a forward ran in this step (recorded or not; see Scope._watch_optimizer)
         self.grad_scale: Optional[torch.Tensor] = None  # GradScaler scale seen by this step's backward
 

@@ -134,7 +134,7 @@ class Session:
                             scaler=scaler, sinks=[*self.sinks, *extra_sinks], **self.options)
         if self.out is not None and writer:
             settings = {"blocks": self.blocks, "every": self.every, "metrics": self.metrics, "report": self.report,
-                        **self.options, "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+                        **self.options, "optimizer": _names(optimizer),
                         "scaler": type(scaler).__name__ if scaler is not None else None,
                         "sites": [s.name for s in self.scope.sites], "trainer": dict(config or {})}
             self.provenance = Provenance(self.out, self.made_by, settings, seeds=seeds, device=device_of(model),
@@ -182,3 +182,11 @@ class Session:
                 if self.provenance is not None:
                     self.provenance.finish(error, steps=scope.current_step, rows=len(self._frame))
         return self.report_path
+
+
+def _names(optimizer: Any) -> Optional[str]:
+    """The optimizer's class name (several: comma-separated), for the provenance record."""
+    if optimizer is None:
+        return None
+    many = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+    return ", ".join(type(o).__name__ for o in many)

@@ -16,8 +16,8 @@ Where it hooks (Lightning 2.x):
   (``report.html``, ``records.parquet``, ...; ``records/`` holds the parts streamed while training) and complete
   ``provenance.json``.
 
-A step is one step of the (first) optimizer: any gradient accumulation; with several optimizers ``update_ratio``
-is not recorded. Needs ``lightning``
+A step is one step of the (first) optimizer: any gradient accumulation; with several optimizers each block's
+``update_ratio`` is measured across the step of the optimizer that holds its parameters. Needs ``lightning``
 (``pip install 'torch-gradscope[lightning]'``).
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ class GradscopeCallback(_pl.Callback):
         self._trainer = trainer
         self._first = optimizers[0] if optimizers else None
         extra = [self._log_rows] if self._log else []
-        self.session.start(pl_module, optimizer=optimizers[0] if len(optimizers) == 1 else None,
+        self.session.start(pl_module, optimizer=optimizers or None,
                            scaler=getattr(trainer.precision_plugin, "scaler", None),
                            writer=trainer.is_global_zero, config=_trainer_config(trainer), extra_sinks=extra,
                            seeds={"PL_GLOBAL_SEED": os.environ.get("PL_GLOBAL_SEED")})

@@ -1,0 +1,171 @@
+"""The hooks gradscope puts on the optimizers given to ``attach(optimizer=...)`` and on the model's own forward.
+
+- **Which step an optimizer step belongs to.** ``optimizer.step()`` before ``scope.step()``: this step's; after it:
+  the step just closed; with a closure (LBFGS, Lightning) the forward and backward run inside ``optimizer.step()``,
+  so it belongs to the step the closure's forward opens. A flag-setting forward pre-hook on the model says whether a
+  training forward ran since ``scope.step()`` (one call per forward; the block hooks are absent in unrecorded steps).
+- **update_ratio** ``||theta_after - theta_before|| / ||theta_before||`` per block across the step of the optimizer
+  that updates the block (engine/optimizers.py: one index per optimizer), in recorded steps only.
+- **Parameter gradients read before they are zeroed.** A loop that calls ``optimizer.zero_grad()`` (or lets
+  accelerate do it) before ``scope.step()`` leaves nothing in ``.grad`` by then. When an optimizer steps (without a
+  closure) inside a recorded step that ``scope.step()`` has not closed yet, its pre-hook reads ``param_grad_norm``
+  of the blocks it updates right there, just before the update; ``scope.step()`` then reads ``.grad`` only for the
+  blocks not read yet. The numbers are the same either way when nothing touches ``.grad`` in between.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import nn
+
+from gradscope import schema as S
+from gradscope.engine import params as P
+from gradscope.engine import portable, spec
+from gradscope.engine.amp import ScalerState
+from gradscope.engine.recorder import Recorder
+from gradscope.engine.sites import Site
+
+
+def record_param_grads(rec: Recorder, index: P.ParamIndex, n_sites: int, amp: ScalerState, step: int,
+                       skip: Optional[Set[int]] = None) -> Optional[List[int]]:
+    """Buffer ``param_grad_norm`` of ``index``'s sites (all but ``skip``) for ``step``; returns the sites recorded,
+    or None when no parameter has a ``.grad``. Gradients still holding a GradScaler's scale are divided by it."""
+    grad_scale = rec.state.grad_scale
+    scale = grad_scale if amp.grads_still_scaled(grad_scale) else None
+    found = P.param_grad_norms(index, n_sites, scale)
+    if found is None:
+        return None
+    sites, norms = found
+    if skip:
+        keep = [i for i, s in enumerate(sites) if s not in skip]
+        if not keep:
+            return []
+        sites = [sites[i] for i in keep]
+        norms = norms[torch.tensor(keep, device=norms.device)]
+    rec.add_per_site(step, sites, S.PARAM_GRAD_NORM, norms, spec.SHARD if index.sharded else spec.VALUE)
+    return sites
+
+
+class OptimizerWatch:
+    """The optimizer hooks of one scope (see the module doc). ``indexes[k]``: the blocks optimizer ``k`` updates."""
+
+    def __init__(self, model: nn.Module, sites: List[Site], rec: Recorder, amp: ScalerState,
+                 optimizers: Sequence[Any], indexes: Sequence[P.ParamIndex], update: bool, grads: bool,
+                 tracer: Any = None) -> None:
+        self.model, self.sites, self.rec, self.amp = model, sites, rec, amp
+        self.tracer = tracer  # engine/oporigin.py: a NaN's replay needs to know about weight updates
+        self.optimizers, self.indexes = list(optimizers), list(indexes)
+        self.update, self.grads = update, grads
+        self.handles: List[Any] = []
+        self.grads_read: Dict[int, Set[int]] = {}  # step -> sites whose param_grad_norm an optimizer pre-hook read
+
+    def install(self) -> None:
+        """Register the hooks (once, at attach)."""
+        for opt in self.optimizers:
+            self.handles.append(opt.register_step_pre_hook(self.amp.note_optimizer_step))
+            if self.tracer is not None:  # a NaN's replay: were the weights updated?
+                self.handles.append(opt.register_step_post_hook(self.tracer.optimizer_stepped))
+        for opt, index in zip(self.optimizers, self.indexes):
+            if index.params and (self.update or self.grads):
+                self._watch(opt, index)
+        state = self.rec.state
+
+        def mark_forward(*args: Any) -> None:
+            if torch.is_grad_enabled():  # a validation forward opens no step (engine/state.py)
+                state.mark_forward()
+
+        portable.guard(self.model)  # copies and pickles of the model leave this hook out
+        self.handles.append(self.model.register_forward_pre_hook(portable.mark(mark_forward)))
+
+    def remove(self) -> None:
+        """Remove every hook this watch added."""
+        while self.handles:
+            self.handles.pop().remove()
+        portable.release(self.model)
+
+    def take_grads_read(self, step: int) -> Set[int]:
+        """The sites whose ``param_grad_norm`` of ``step`` an optimizer pre-hook has read already (forgotten now)."""
+        return self.grads_read.pop(step, set())
+
+    def _watch(self, optimizer: Any, index: P.ParamIndex) -> None:
+        rec, n = self.rec, len(self.sites)
+        pending: List[Optional[Tuple[int, List[torch.Tensor]]]] = [None]
+        updated: Set[int] = set()
+
+        def pre(opt: Any, args: Any, kwargs: Any) -> None:
+            state = rec.state
+            closure = P.passes_closure(opt, args, kwargs)
+            step = state.step if state.forward_seen or closure else state.step - 1
+            if step < 0 or not state.recorded(step):
+                return
+            if self.grads and not closure and step == state.step and state.active:
+                # scope.step() has not closed this step: read the gradients now, before anything zeroes them
+                read = record_param_grads(rec, index, n, self.amp, step, self.grads_read.get(step))
+                if read:
+                    self.grads_read.setdefault(step, set()).update(read)
+            if self.update and step not in updated:
+                updated.add(step)
+                pending[0] = (step, P.snapshot(index))
+
+        def post(opt: Any, args: Any, kwargs: Any) -> None:
+            if pending[0] is None:
+                return
+            step, before = pending[0]
+            pending[0] = None
+            if self.tracer is not None:  # a NaN's replay needs the weights its forward saw
+                self.tracer.weights_before(index.params, index.order, before)
+            # numerators and denominators travel apart: sharded ranks sum their squares first, and a block whose
+            # parameters were exactly zero before the step gets no ratio (undefined), never a clamped 1e35
+            layout = spec.SHARD_RATIO if index.sharded else spec.RATIO
+            rec.add_per_site(step, index.sites_with_params, S.UPDATE_RATIO,
+                             torch.cat(P.update_norms(index, before, n)), layout)
+
+        self.handles.append(optimizer.register_step_pre_hook(pre))
+        self.handles.append(optimizer.register_step_post_hook(post))
+
+
+class GradTiming:
+    """Warns once when a backward ran in a recorded step but every parameter gradient was gone (``None``) or zero
+    at ``scope.step()``: ``optimizer.zero_grad()`` ran first. Checking stops after the first recorded step with a
+    nonzero parameter gradient (the loop reads gradients in time) or after the warning."""
+
+    def __init__(self, rec: Recorder, index: P.ParamIndex, enabled: bool) -> None:
+        self.rec, self.index = rec, index
+        self.done = not enabled
+
+    def check_buffer(self, step: int) -> None:
+        """No parameter had a ``.grad`` at ``scope.step()``: warn if a backward ran (gradient entries buffered)."""
+        if self.done:
+            return
+        backward = any(e.step == step and e.group[0] in S.BACKWARD_METRICS for e in self.rec.buffer)
+        if backward and any(p.requires_grad for p in self.index.params):
+            self._warn(step, "None")
+
+    def check_rows(self, step: int, rows: Any, start: int) -> None:
+        """``rows[start:]`` (host rows, just transferred): all ``param_grad_norm`` of ``step`` 0.0 while some
+        ``grad_norm`` is not: warn."""
+        if self.done:
+            return
+        grads, backward = [], False
+        for i in range(start, len(rows)):
+            if rows.step[i] == step:
+                metric = rows.metric[i]
+                if metric == S.PARAM_GRAD_NORM:
+                    grads.append(rows.value[i])
+                elif metric == S.GRAD_NORM and rows.value[i] > 0:
+                    backward = True
+        if any(g != 0 for g in grads):
+            self.done = True
+        elif grads and backward:
+            self._warn(step, "0.0")
+
+    def _warn(self, step: int, what: str) -> None:
+        self.done = True
+        warnings.warn(
+            f"gradscope: a backward ran in recorded step {step}, but every parameter gradient was {what} at "
+            f"scope.step(): optimizer.zero_grad() ran before it, so param_grad_norm is "
+            f"{'absent' if what == 'None' else 'recorded as 0.0'}. Call scope.step() after backward() and before "
+            f"zero_grad(), or pass the optimizer (attach(model, optimizer=opt)): its step hook then reads the "
+            f"gradients just before they are used", RuntimeWarning, stacklevel=5)

@@ -1,0 +1,167 @@
+"""Optimizers as loops really hold them: two optimizers, wrapped ones (Lightning's LightningOptimizer), and a
+``zero_grad()`` before ``scope.step()``."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+from tests import nets
+
+KEY = ["step", "block", "call", "metric"]
+
+
+def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values(KEY).reset_index(drop=True)
+
+
+def _batches(n=3):
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(8, 12, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
+
+
+def _ratio_by_hand(model, step_fn):
+    """||theta_after - theta_before|| / ||theta_before|| of every Linear across ``step_fn()``."""
+    before = {n: torch.cat([p.detach().reshape(-1).clone() for p in m.parameters()])
+              for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    step_fn()
+    after = {n: torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+             for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {n: ((after[n] - before[n]).norm() / before[n].norm()).item() for n in before}
+
+
+# ---- two optimizers -------------------------------------------------------------------------------------------------
+def _two_optimizer_loop(model, give):
+    body, head = model[:-1], model[-1]
+    opt_body = torch.optim.SGD(body.parameters(), lr=0.1)
+    opt_head = torch.optim.Adam(head.parameters(), lr=0.01)
+    given = {"both": [opt_body, opt_head], "body": opt_body}[give]
+    want = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradscope.attach(model, blocks=nn.Linear, optimizer=given, on_anomaly=None) as scope:
+            for x, y in _batches():
+                nn.functional.cross_entropy(model(x), y).backward()
+                scope.step()
+                want.append(_ratio_by_hand(model, lambda: (opt_body.step(), opt_head.step())))
+                opt_body.zero_grad()
+                opt_head.zero_grad()
+    return scope, want, [str(w.message) for w in caught]
+
+
+def test_two_optimizers_each_block_updated_by_its_own():
+    torch.manual_seed(0)
+    scope, want, messages = _two_optimizer_loop(nets.mlp(), "both")
+    frame = scope.frame()
+    got = frame[frame.metric == "update_ratio"].pivot(index="step", columns="block", values="value")
+    assert sorted(got.columns) == ["0", "2", "4", "6", "8"]
+    for step, ratios in enumerate(want):
+        for block, value in ratios.items():
+            assert got.loc[step, block] == pytest.approx(value, rel=1e-5)
+    assert not any("no optimizer" in m for m in messages)
+
+
+def test_a_block_no_given_optimizer_updates_gets_no_update_row_and_one_warning():
+    torch.manual_seed(0)
+    scope, want, messages = _two_optimizer_loop(nets.mlp(), "body")
+    frame = scope.frame()
+    ratios = frame[frame.metric == "update_ratio"]
+    assert "8" not in set(ratios.block) and {"0", "2", "4", "6"} == set(ratios.block)  # head: no false 0.0
+    for row in ratios.itertuples():
+        assert row.value == pytest.approx(want[row.step][row.block], rel=1e-5)
+    assert (frame[frame.metric == "param_grad_norm"].block == "8").sum() == 3  # its other metrics stay
+    assert sum("'8'" in m and "no optimizer" in m for m in messages) == 1
+    assert scope.alerts().empty or "8" not in set(scope.alerts().block)
+
+
+def test_a_frozen_block_outside_the_optimizer_is_silent():
+    torch.manual_seed(0)
+    model = nets.mlp()
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gradscope.attach(model, blocks=nn.Linear, optimizer=opt) as scope:
+            x, y = _batches(1)[0]
+            nn.functional.cross_entropy(model(x), y).backward()
+            scope.step()
+            opt.step()
+    assert "0" not in set(scope.frame().query("metric == 'update_ratio'").block)
+
+
+# ---- wrapped optimizers ---------------------------------------------------------------------------------------------
+def test_a_lightning_optimizer_is_unwrapped():
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    torch.manual_seed(0)
+    model = nets.mlp()
+    frames = []
+    for wrap in (False, True):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        with gradscope.attach(m, optimizer=LightningOptimizer(opt) if wrap else opt) as scope:
+            for x, y in _batches():
+                nn.functional.cross_entropy(m(x), y).backward()
+                scope.step()
+                opt.step()
+                opt.zero_grad()
+        frames.append(_sorted(scope.frame()))
+    assert "update_ratio" in set(frames[1].metric)
+    pd.testing.assert_frame_equal(frames[1], frames[0])
+
+
+def test_something_that_is_no_optimizer_is_refused_clearly():
+    with pytest.raises(gradscope.GradscopeError, match="optimizer=str"):
+        gradscope.attach(nets.mlp(), optimizer="sgd")
+
+
+# ---- zero_grad() before scope.step() ---------------------------------------------------------------------------------
+def _zero_grad_loop(set_to_none, give_optimizer, order):
+    torch.manual_seed(0)
+    model = nets.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradscope.attach(model, blocks=nn.Linear, optimizer=opt if give_optimizer else None) as scope:
+            for x, y in _batches():
+                nn.functional.cross_entropy(model(x), y).backward()
+                if order == "late":  # the loop that loses the gradients
+                    opt.step()
+                    opt.zero_grad(set_to_none=set_to_none)
+                    scope.step()
+                else:
+                    scope.step()
+                    opt.step()
+                    opt.zero_grad(set_to_none=set_to_none)
+    frame = scope.frame()
+    return frame[frame.metric == "param_grad_norm"], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_before_step_with_the_optimizer_given_still_reads_the_gradients(set_to_none):
+    want, _ = _zero_grad_loop(set_to_none, True, "early")
+    got, messages = _zero_grad_loop(set_to_none, True, "late")
+    assert len(want) == 15 and (want.value > 0).all()
+    pd.testing.assert_frame_equal(_sorted(got), _sorted(want))
+    assert not any("zero_grad" in m for m in messages)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_before_step_without_the_optimizer_warns_once_with_the_fix(set_to_none):
+    got, messages = _zero_grad_loop(set_to_none, False, "late")
+    warned = [m for m in messages if "zero_grad" in m]
+    assert len(warned) == 1 and "optimizer=opt" in warned[0] and "before" in warned[0]
+    if set_to_none:
+        assert got.empty and "absent" in warned[0]
+    else:
+        assert (got.value == 0).all() and "0.0" in warned[0]
+
+
+def test_a_loop_that_reads_gradients_in_time_gets_no_warning():
+    _, messages = _zero_grad_loop(True, False, "early")
+    assert not any("zero_grad" in m for m in messages)

@@ -176,7 +176,8 @@ class Scope:
     def _close_step(self) -> None:
         rec = self._rec
         if rec.active:
-            self._follow_replacements()
+            if not rec.state.root_checked:  # (the model's own forward checks at its first call: engine/replaced.py)
+                self._follow_replacements()
             self._probe.drain_traced()  # under torch.compile: call indices, depths and the scale the backward saw
             if not rec.state.any_block_ran() and rec.state.skipped and not self._warned_silent:
                 self._warned_silent = True

@@ -104,11 +104,12 @@ class Scope:
                               update=self._metrics.update, grads=S.PARAM_GRAD_NORM in self._metrics.params,
                               tracer=self._tracer)
 
-    def _follow_replacements(self) -> None:
-        """Hook the module now at each block's name where it was replaced after attach (engine/replaced.py)."""
+    def _follow_replacements(self) -> Set[int]:
+        """Hook the module now at each block's name where it was replaced after attach (engine/replaced.py); returns
+        the blocks that changed."""
         changed = self._replacements.changed(self.sites)
         if not changed:
-            return
+            return set()
         for s, module in changed:
             warnings.warn(R.message(self.sites[s], module, self._rec.step), RuntimeWarning, stacklevel=3)
             if module is None:
@@ -125,6 +126,7 @@ class Scope:
         if self._probe.handles:
             self._probe.uninstall()
             self._probe.install()
+        return {s for s, _ in changed}
 
     # ---- the training-loop API -----------------------------------------------------------------------------------
     @property
@@ -176,8 +178,9 @@ class Scope:
     def _close_step(self) -> None:
         rec = self._rec
         if rec.active:
+            followed = set()
             if not rec.state.root_checked:  # (the model's own forward checks at its first call: engine/replaced.py)
-                self._follow_replacements()
+                followed = self._follow_replacements()
             self._probe.drain_traced()  # under torch.compile: call indices, depths and the scale the backward saw
             if not rec.state.any_block_ran() and rec.state.skipped and not self._warned_silent:
                 self._warned_silent = True
@@ -194,7 +197,7 @@ class Scope:
                     f"torch.compile-d before attach(), its hooks are ignored: attach first, then compile; "
                     f"otherwise check that this scope is attached to the model you train.",
                     RuntimeWarning, stacklevel=2)
-            self._warn_idle(rec)
+            self._warn_idle(rec, followed | self._replacements.gone)
             if self._metrics.params:
                 self._record_params(rec.step)
             if self._metrics.optstate:  # Adam-family state (engine/optstate.py), of the blocks each optimizer updates
@@ -207,12 +210,14 @@ class Scope:
                     self._sinks.send(rec)
                 rec.release()  # rows on disk and handed to the sinks leave memory
 
-    def _warn_idle(self, rec: Recorder) -> None:
-        """Once per scope: name the picked blocks that did not run in a recorded step where others did, and why."""
+    def _warn_idle(self, rec: Recorder, replaced: Set[int] = frozenset()) -> None:
+        """Once per scope: name the picked blocks that did not run in a recorded step where others did, and why
+        (not those replaced or removed since the step's forward, which warned already: engine/replaced.py)."""
         if self._warned_idle or not rec.state.any_block_ran():
             return
         state = rec.state  # a reentrant-checkpointed block runs its recorded forward at recomputation
-        idle = [i for i, calls in enumerate(state.calls) if calls == 0 and state.recompute_calls[i] == 0]
+        idle = [i for i, calls in enumerate(state.calls)
+                if calls == 0 and state.recompute_calls[i] == 0 and i not in replaced]
         if idle:
             self._warned_idle = True
             warnings.warn(idle_message(self.sites, idle, rec.step, self.model), RuntimeWarning, stacklevel=3)

@@ -129,23 +129,23 @@ def fit_table(rows: list, title: str, style_col: int = -1, styles: Optional[dict
 
 
 def claim_lines(claim: Any) -> list:
-    """A claim for the terminal: the answer first, then the statement; the evidence, key number and caveat indented
-    below (rich wraps them at the console's width)."""
+    """A claim for the terminal: the answer in a narrow first column, the statement beside it, and the key number,
+    evidence and caveat below the statement (rich wraps them at the console's width with a hanging indent)."""
     from gradscope.render.tables import claim_number
 
     colour = ANSWER_STYLES.get(claim.answer, "yellow")
-    head = Text.assemble((f"{claim.answer.upper():>7} ", f"bold {colour}"), (claim.statement, "bold"),
-                         (f" ({claim.phase})", "dim"))
-    from rich.padding import Padding
-
-    lines: list = [head]
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(width=7, justify="right", no_wrap=True)
+    grid.add_column(overflow="fold")
+    grid.add_row(Text(claim.answer.upper(), style=f"bold {colour}"),
+                 Text.assemble((claim.statement, "bold"), (f" ({claim.phase})", "dim")))
     number, interval = claim_number(claim)
     if number != "—":
-        lines.append(Padding(Text(f"key number {number}, 95% interval {interval}"), (0, 0, 0, 8)))
-    lines.append(Padding(Text(claim.evidence), (0, 0, 0, 8)))
+        grid.add_row("", Text(f"key number {number}, 95% interval {interval}"))
+    grid.add_row("", Text(claim.evidence))
     if claim.caveat:
-        lines.append(Padding(Text(f"caveat: {claim.caveat}", style="dim"), (0, 0, 0, 8)))
-    return lines
+        grid.add_row("", Text(f"caveat: {claim.caveat}", style="dim"))
+    return [grid]
 
 
 def print_results(results: Any, console: Optional[Console] = None) -> None:

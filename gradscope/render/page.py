@@ -30,7 +30,7 @@ window.addEventListener('load', function () {
                                       : (imgs.length - ok) + ' of ' + imgs.length + ' figures failed to load.';
 });
 """
-_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1400px;margin:0 auto;
+_CSS = """h1{font-size:1.6em}body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1400px;margin:0 auto;
 padding:0 1.2em 2em;color:#222;line-height:1.4}h1{margin:.6em 0 .1em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;
 padding-bottom:.2em}nav{position:sticky;top:0;background:#fff;padding:.4em 0;border-bottom:1px solid #eee;z-index:9;
 font-size:.9em}nav a{margin-right:1em;color:#2166ac;text-decoration:none}.lead{color:#444;margin:.2em 0 .8em}

@@ -142,7 +142,8 @@ def _decide(g: dict, worse_answer: str, fine_answer: str) -> Tuple[str, str]:
                              f"nets near chance are equal trivially; train longer (more --steps)")
         return fine_answer, f"the gap's interval lies below the {margin:g}-nat margin"
     need = stats.seeds_to_decide(g["mean"], g["sd"], margin)
-    plan = (f"about {need} seeds (--seeds 0,...,{need - 1}) would decide it if the mean and spread hold"
+    plan = (f"about {need} seeds (--seeds {','.join(str(k) for k in range(need))}) would decide it if the mean and "
+            f"spread hold"
             if need and need > g["n"] else "more seeds or more steps would decide it")
     return UNCLEAR, f"the gap's interval contains the {margin:g}-nat margin; {plan}"
 
@@ -162,7 +163,7 @@ def degradation_claim(configs: Dict[str, Dict[str, Any]], losses: Dict[str, floa
         return Claim("degradation", statement, UNCLEAR, "needs trained plain nets at two depths", "train",
                      caveat=caveat)
     answer, why = _decide(g, YES, NO)
-    text = _gap_text(g)
+    text = _gap_text(g) + (f"; undecided: {why}" if answer == UNCLEAR else "")
     if answer == YES and g["progress"][1].state != LEARNED:
         text += (f"; {g['deep']} trains worse because it has barely started learning in this run: slower training, "
                  f"not yet the converged degradation the paper reports")
@@ -194,6 +195,8 @@ def residual_claim(configs: Dict[str, Dict[str, Any]], losses: Dict[str, float],
         answer = UNCLEAR
         why += ("; but the plain nets are not shown to degrade here, so there is no degradation for shortcuts to "
                 "remove (the degradation claim must be 'yes' first)")
+    if answer == UNCLEAR:
+        text += f"; undecided: {why}"
     return Claim("residual", statement, answer, text, "train", how=f"{RULE}; here: {why}", caveat=caveat,
                  **_key_number(g))
 

@@ -79,7 +79,7 @@ def test_residual_yes_needs_the_same_margin_as_degradation_no():
     # the default study's own interval, +0.020 with its upper end at +0.104: above the margin, so not "yes"
     edge = residual_claim(cfg, losses([1.27, 1.20, 1.25], [0.02 - 0.034, 0.02, 0.02 + 0.034]), CAVEAT)
     assert edge.answer == "unclear" and "+0.104]" in edge.evidence
-    assert "seeds (--seeds 0,...," in edge.how  # the run that would decide it
+    assert "seeds (--seeds 0,1,2," in edge.how and "would decide it" in edge.evidence  # the deciding run, in words
 
 
 def chance_losses(gap, base=2.30, seeds=(0, 1, 2)):

@@ -96,12 +96,11 @@ LAYER_KINDS = frozenset({"Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1
 ZOO_BLOCK_LAYERS = {"cifar": 2, "mlp": 1}
 ZOO_KINDS = frozenset({"PlainBlock", "ResidualBlock"})
 
-FORWARD, BACKWARD = "forward", "backward"
+from gradscope.words import BACKWARD, FORWARD  # noqa: E402  (signals and verdict classes: gradscope.words)
 #: signal -> (metric, direction word used in sentences)
 SIGNALS = {FORWARD: (S.ACT_VAR, "toward the output"), BACKWARD: (S.GRAD_NORM, "toward the input")}
 
-VANISHING, HEALTHY, EXPLODING, UNKNOWN, DIVERGED = "vanishing", "healthy", "exploding", "unknown", "diverged"
-CLASSES = (HEALTHY, VANISHING, EXPLODING, DIVERGED, UNKNOWN)
+from gradscope.words import CLASSES, DIVERGED, EXPLODING, HEALTHY, UNKNOWN, VANISHING  # noqa: E402
 
 # verdict columns
 SIGNAL, N_STEPS, N_BLOCKS = "signal", "n_steps", "n_blocks"

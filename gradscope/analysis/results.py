@@ -1,6 +1,6 @@
 """The ONE results object a report folder, the terminal and ``summary.json`` are all rendered from.
 
-Plain containers (pandas frames and dataclasses), filled by :func:`gradscope.study.results.evaluate` for a study and
+Plain containers (pandas frames and dataclasses), filled by :func:`gradscope.study.evaluate.evaluate` for a study and
 by :func:`gradscope.render.folder.results_of_frame` for a frame; read by :mod:`gradscope.render`.
 """
 from __future__ import annotations
@@ -8,10 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
-INIT, TRAIN = "init", "train"
-PHASE = "phase"
-#: Words for the phases, as every renderer prints them.
-PHASE_WORDS = {INIT: "at initialisation", TRAIN: "over training"}
+from gradscope.words import INIT, PHASE, PHASE_WORDS, TRAIN  # noqa: F401  (the phase words, defined once)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from gradscope import words as W
+
 #: What a missing number prints as.
 MISSING = "—"
 
@@ -69,25 +71,25 @@ def sentence(r: Mapping[str, Any]) -> str:
     340x over 27 blocks (fitted)"``.
     """
     signal = r.get("signal")
-    what = "forward activation variance" if signal == "forward" else "backward gradients"
-    where = "toward the output" if signal == "forward" else "toward the input"
+    what = "forward activation variance" if signal == W.FORWARD else "backward gradients"
+    where = "toward the output" if signal == W.FORWARD else "toward the input"
     step, phase = r.get("step"), r.get("phase")
     at = "" if is_missing(step) else f" at step {int(step)}"
     label = f" ({phase}{at})" if isinstance(phase, str) and phase else at
     head = f"{r.get('run', 'run')}{label}: {what}"
     verdict, n = r.get("verdict"), 0 if is_missing(r.get("n_blocks")) else int(r.get("n_blocks"))
-    if verdict == "diverged":
+    if verdict == W.DIVERGED:
         return f"{head} diverged: non-finite values (NaN/Inf) first at {r.get('nonfinite_block')}."
-    if verdict == "unknown":
+    if verdict == W.UNKNOWN:
         return f"{head} cannot be judged: {n} block(s) with a value, a rate needs two or more."
-    if verdict == "vanishing" and r.get("max_value") == 0:
+    if verdict == W.VANISHING and r.get("max_value") == 0:
         return f"{head} is zero at every one of {n} blocks (vanished)."
-    plural = signal != "forward"
-    verb = {"vanishing": "vanish" if plural else "vanishes", "exploding": "explode" if plural else "explodes",
-            "healthy": "stay healthy" if plural else "stays healthy"}.get(verdict, str(verdict))
-    text = f"{head} {verb}{' ' + where if verdict != 'healthy' else ''}: {rate_text(r.get('factor'), r.get('r2'))}"
+    plural = signal != W.FORWARD
+    verb = {W.VANISHING: "vanish" if plural else "vanishes", W.EXPLODING: "explode" if plural else "explodes",
+            W.HEALTHY: "stay healthy" if plural else "stays healthy"}.get(verdict, str(verdict))
+    text = f"{head} {verb}{' ' + where if verdict != W.HEALTHY else ''}: {rate_text(r.get('factor'), r.get('r2'))}"
     text += f", {num(r.get('end_to_end'))}x over {n} blocks (from the fit)"
-    if r.get("min_value") == 0 and verdict != "healthy":
+    if r.get("min_value") == 0 and verdict != W.HEALTHY:
         text += f"; zero at {r.get('min_block')}"
     pred = r.get("predicted_factor")
     if not is_missing(pred):
@@ -98,4 +100,4 @@ def sentence(r: Mapping[str, Any]) -> str:
 
 def agreement_word(word: Any) -> str:
     """The agreement column as a phrase: agrees / DISAGREES / inconclusive."""
-    return {"agrees": "agrees", "disagrees": "DISAGREES", "inconclusive": "inconclusive"}.get(str(word), "—")
+    return {W.AGREES: "agrees", W.DISAGREES: "DISAGREES", W.INCONCLUSIVE: "inconclusive"}.get(str(word), "—")

@@ -15,13 +15,14 @@ from rich.text import Text
 
 from gradscope import analysis as A
 from gradscope import schema as S
+from gradscope import words as W
 from gradscope.analysis.text import is_missing, num, times
 
 #: Style per verdict: colour plus a word, so the table reads the same without colour.
 STYLES = {A.EXPLODING: "bold red", A.VANISHING: "bold blue", A.HEALTHY: "green", A.UNKNOWN: "dim",
           A.DIVERGED: "bold magenta"}
-AGREEMENT_STYLES = {"agrees": "green", "disagrees": "bold yellow", "inconclusive": "dim"}
-ANSWER_STYLES = {"yes": "green", "no": "red", "unclear": "yellow"}
+AGREEMENT_STYLES = {W.AGREES: "green", W.DISAGREES: "bold yellow", W.INCONCLUSIVE: "dim"}
+ANSWER_STYLES = {W.YES: "green", W.NO: "red", W.UNCLEAR: "yellow"}
 _num = num
 
 
@@ -81,8 +82,8 @@ def verdict_table(verdicts: pd.DataFrame, *, title: Optional[str] = "gradscope v
                 cells.append(times(meas))
             if is_missing(pred) or not isinstance(word, str):
                 agrees = r.get(A.AGREES)
-                word = None if is_missing(agrees) else ("agrees" if bool(agrees) else "disagrees")
-            cells.append("—" if word is None else Text({"agrees": "yes", "disagrees": "no"}.get(word, word),
+                word = None if is_missing(agrees) else (W.AGREES if bool(agrees) else W.DISAGREES)
+            cells.append("—" if word is None else Text({W.AGREES: W.YES, W.DISAGREES: W.NO}.get(word, word),
                                                        style=AGREEMENT_STYLES.get(word, "")))
         table.add_row(*cells)
     return table

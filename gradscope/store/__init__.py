@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from gradscope import schema as S
+from gradscope import words
 from gradscope.errors import DataError, GradscopeError, OutputError
 from gradscope.store.parquet import (  # noqa: F401 - re-exported: store.read_table, store.EXPANSION, ...
     _DTYPES, _META_KEY, EXPANSION, MAX_TEXT, MIN_BUDGET, _readable, _table_frame, check_promises, check_schema,
@@ -31,7 +32,7 @@ META_FILE = "meta.json"
 #: The record files of a report folder.
 PARQUET, CSV, DTYPES = "records.parquet", "records.csv", "records.dtypes.json"
 #: Column of a profile folder's frame that names the phase (``init``/``train``): its parts' sub-folder.
-PHASE = "phase"
+PHASE = words.PHASE
 
 #: Dtypes assumed for a CSV without its dtypes file (frame columns by the schema; anything else is inferred).
 DEFAULT_DTYPES = {S.STEP: "int64", S.DEPTH: "int64", S.CALL: "int64", S.SEED: "int64", S.VALUE: "float64",

@@ -25,8 +25,9 @@ _LAZY_MODULES = ("analysis", "data", "models", "schema", "testing", "theory")
 _LAZY_FUNCTIONS = {
     "compare": ("gradscope.analysis.compare", "compare"),  # two configurations, block by block, against seed noise
     "load": ("gradscope.store", "load"),                 # records streamed by attach(out=DIR) -> one DataFrame
-    "report": ("gradscope.render.report", "write_report"),
-    "sweep": ("gradscope.study.sweep", "sweep"),            # a width/depth coordinate check with fitted exponents  # a report folder for a frame
+    "profile": ("gradscope.pipeline", "profile"),        # the claim check (gradscope profile) -> Results
+    "report": ("gradscope.render.report", "write_report"),  # a report folder for a frame
+    "sweep": ("gradscope.study.sweep", "sweep"),            # a width/depth coordinate check with fitted exponents
     "verdicts": ("gradscope.agreement", "verdicts"),     # vanishing / healthy / exploding / diverged, with theory
 }
 
@@ -54,6 +55,7 @@ __all__ = sorted([
     "compare",
     "find_blocks",
     "load",
+    "profile",
     "report",
     "sweep",
     "verdicts",

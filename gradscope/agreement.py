@@ -39,7 +39,7 @@ from gradscope import schema as S
 from gradscope import theory as T
 from gradscope.analysis import stats
 from gradscope.analysis.text import factor as _factor
-from gradscope.analysis.trajectory import run_group
+from gradscope.analysis.trajectory import configurations
 
 AGREE_TOL = 0.03
 #: Below this width (channels or units) one seed cannot show agreement: the seed-to-seed spread is too large.
@@ -48,7 +48,7 @@ WIDE = 64
 MAX_TOL = 0.15
 #: Jumps at stage boundaries that differ from theory by more than this (in ln) are named in the note.
 BOUNDARY_TOL = 0.15
-AGREES, DISAGREES, INCONCLUSIVE = "agrees", "disagrees", "inconclusive"
+from gradscope.words import AGREES, DISAGREES, INCONCLUSIVE  # noqa: E402  (defined once, in gradscope.words)
 
 
 def _clean(v: Any) -> Any:
@@ -216,18 +216,18 @@ def annotate(verdicts: pd.DataFrame, frame: pd.DataFrame, *, configs=None, agree
                  boundaries=_boundaries(c["r"], stages, blocks, backward) if len(blocks) == n else [],
                  diverged=row[A.VERDICT] == A.DIVERGED)
         found.append(c)
-    for group in _groups(found, S.SEED in verdicts.columns):
+    for group in _groups(found, dict(zip(verdicts[S.RUN].astype(str), configurations(verdicts)))):
         _judge(out, group)
     out[A.AGREES] = pd.array([{AGREES: True, DISAGREES: False}.get(a, pd.NA) for a in out[A.AGREEMENT]],
                              dtype="boolean")
     return out
 
 
-def _groups(found: list[dict[str, Any]], has_seed: bool) -> list[list[dict[str, Any]]]:
+def _groups(found: list[dict[str, Any]], config: dict[str, str]) -> list[list[dict[str, Any]]]:
     """Comparisons judged together: seeds of one configuration and signal (init frames); per-step rows alone."""
     groups: dict[tuple, list] = {}
     for c in found:
-        key = (c["i"],) if c["per_step"] else (run_group(c["run"], has_seed), c["signal"])
+        key = (c["i"],) if c["per_step"] else (config.get(str(c["run"]), str(c["run"])), c["signal"])
         groups.setdefault(key, []).append(c)
     return list(groups.values())
 

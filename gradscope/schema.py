@@ -23,7 +23,7 @@ VALUE = "value"
 CALL = "call"
 #: Columns of every frame, in order. Frames that combine runs add :data:`RUN` and config columns after these.
 COLUMNS = (STEP, BLOCK, DEPTH, KIND, METRIC, VALUE, CALL)
-#: Name of the column that tells runs apart in combined frames (e.g. "resnet56-bn-seed0").
+#: Name of the column that tells runs apart in combined frames (e.g. "resnet56-bn-s0").
 RUN = "run"
 
 # --- forward metrics (on the block output) -------------------------------------------------------------------
@@ -72,6 +72,8 @@ OPT_IN_METRICS = (ACT_MAX_ABS, BRANCH_VAR, SHORTCUT_VAR)
 DEFAULT_METRICS = tuple(m for m in ALL_METRICS if m not in OPT_IN_METRICS)
 
 # --- run/config columns (frames that combine several runs: studies, the CLI) ----------------------------------
+#: The configuration a run belongs to: the same for every seed of it (e.g. "resnet56-bn"); seeds pool by it.
+CONFIG = "config"
 MODEL = "model"
 BN = "bn"
 RESIDUAL = "residual"
@@ -79,7 +81,7 @@ SHORTCUT = "shortcut"
 INIT = "init"
 SEED = "seed"
 #: Config columns a study adds after :data:`RUN`; each holds one value per run.
-CONFIG_COLUMNS = (MODEL, BN, RESIDUAL, SHORTCUT, INIT, SEED)
+CONFIG_COLUMNS = (CONFIG, MODEL, BN, RESIDUAL, SHORTCUT, INIT, SEED)
 
 # --- alerts (gradscope.engine.alerts; scope.alerts(), DIR/alerts.csv) -----------------------------------------
 #: The training loss of a recorded step, as ``scope.step(loss=...)`` gives it: one value per step, not a frame row.
@@ -93,4 +95,5 @@ ALERT_KINDS = (LOSS_SPIKE, GRAD_SPIKE, UPDATE_BAND, DIVERGENCE)
 #: Columns of an alerts table: where (step, block), what (kind, metric), how much (value against threshold), and
 #: the other blocks affected at that step (space-separated; empty for the loss).
 #: ``origin``: for a divergence, the aten operator and module that made the first NaN/Inf (empty when not traced).
-ALERT_COLUMNS = ("step", "kind", "block", "metric", "value", "threshold", "others", "origin")
+#: ``note``: the diagnosis in words where the numbers tell it (weight decay alone drives an update), else empty.
+ALERT_COLUMNS = ("step", "kind", "block", "metric", "value", "threshold", "others", "origin", "note")

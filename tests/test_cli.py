@@ -31,7 +31,7 @@ def test_default_models_end_to_end(tmp_path, capsys):
         assert (tmp_path / name).exists(), name
     verdicts = pd.read_csv(tmp_path / "init_verdicts.csv")
     assert set(verdicts.run) == {f"{m}-{b}{s}" for m in ("plain20", "resnet20", "plain56", "resnet56")
-                                 for b in ("bn", "nobn") for s in ("", "-s1", "-s2")}  # three seeds by default
+                                 for b in ("bn", "nobn") for s in ("-s0", "-s1", "-s2")}  # three seeds, named alike
     losses = pd.read_csv(tmp_path / "losses.csv")
     assert len(losses) == 4 * 3 * 3  # the BN nets train (3 seeds x 3 steps); the nets without BN: init only
 
@@ -43,7 +43,7 @@ def test_json_output_and_user_model(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["report"] == str(tmp_path)
     runs = {v["run"] for v in summary["verdicts"]["init"]}
-    assert runs == {"tiny", "tiny-s1", "tiny-s2"}  # three seeds by default
+    assert runs == {"tiny-s0", "tiny-s1", "tiny-s2"}  # three seeds by default, every one with its suffix
     assert {v["phase"] for v in summary["verdicts"]["train"]} == {"train"}
     frame = pd.read_parquet(tmp_path / "records.parquet")
     assert set(frame.block) == {"1", "3", "5"}  # the Linear layers: 'auto' falls back to leaves with parameters
@@ -61,14 +61,14 @@ def test_module_path_factory_and_block_selector(tmp_path, capsys, monkeypatch):
 def test_fail_on_exits_3_when_a_verdict_matches(tmp_path, capsys):
     args = ["profile", "--models", "plain20", "--bn", "off", "--init", "xavier", "--out", str(tmp_path)] + FAST
     assert main(args + ["--fail-on", "vanishing"]) == EXIT_FAIL_ON
-    assert "plain20-nobn-xavier forward vanishing" in capsys.readouterr().err
+    assert "plain20-nobn-xavier-s0 forward vanishing" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
     (["profile", "--models", "resnet57"], "unknown model|not a known"),
     (["profile", "--model", "nowhere/model.py:make"], "no such file 'nowhere/model.py'"),
     (["profile", "--model", f"{FIXTURE}:missing"], "has no callable 'missing'"),
-    (["profile", "--model", f"{FIXTURE}:not_a_module"], "returned dict, not a torch.nn.Module"),
+    (["profile", "--model", f"{FIXTURE}:not_a_module"], "returned dict without a 'model' entry, not a torch.nn.Module"),
     (["profile", "--model", f"{FIXTURE}:broken"], "raised RuntimeError: factory exploded"),
     (["profile", "--model", "no_such_package.models:make"], "importing no_such_package.models failed"),
     (["profile", "--model", f"{FIXTURE}:tiny", "--input-shape", "3,32,32"], "rejects inputs of shape"),
@@ -84,7 +84,7 @@ def test_fail_on_exits_3_when_a_verdict_matches(tmp_path, capsys):
     (["profile", "--input-shape", "3,8,8"], "--input-shape 3,8,8 applies to --model only"),
     (["profile", "--model", f"{FIXTURE}:tiny", "--input-shape", "-1"], "'-1': every value must be a positive"),
     (["profile", "--models", "plain20", "--blocks", "layer("], "'layer\\(' is not a valid regular expression"),
-    (["profile", "--models", "plain20,plain20", "--bn", "on"], "run name\\(s\\) plain20-bn, plain20-bn-s1, plain20-bn-s2 would repeat"),
+    (["profile", "--models", "plain20,plain20", "--bn", "on"], "run name\\(s\\) plain20-bn-s0, plain20-bn-s1, plain20-bn-s2 would repeat"),
     (["profile", "--model", f"{FIXTURE}:tiny", "--input-shape", "3,8,8", "--seeds", "1,1"], "tiny-s1 would repeat"),
     (["profile", "--steps", "many"], "argument --steps: invalid int value: 'many' \\(see gradscope profile --help\\)"),
     (["profile", "--model", f"{FIXTURE.parent / 'exits_at_import.py'}:make"], "called sys.exit\\(7\\)"),
@@ -129,7 +129,7 @@ def _profile_until_parts(tmp_path, phase: str, *options: str) -> subprocess.Pope
     proc = subprocess.Popen([sys.executable, "-m", "gradscope", "profile", "--model", f"{FIXTURE}:tiny",
                              "--input-shape", "3,8,8", "--train-size", "64", "--batch-size", "8", "--quiet",
                              "--out", str(tmp_path), *options], env=env, stderr=subprocess.PIPE, text=True)
-    parts = tmp_path / "records" / "tiny" / phase
+    parts = tmp_path / "records" / "tiny-s0" / phase
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not list(parts.glob("part-*.parquet")):
         time.sleep(0.1)
@@ -151,7 +151,7 @@ def test_ctrl_c_keeps_records_and_exits_130(tmp_path, phase, options):
     assert proc.returncode == EXIT_INTERRUPTED, err
     assert "Traceback" not in err and "nothing was recorded" not in err
     frame = pd.read_parquet(tmp_path / "records.parquet")
-    on_disk = _rows_in_parts(tmp_path / "records" / "tiny" / phase)
+    on_disk = _rows_in_parts(tmp_path / "records" / "tiny-s0" / phase)
     assert on_disk >= 10 * 3 and len(frame) >= on_disk  # the report holds every row streamed (and the tail)
     assert (tmp_path / "report.html").exists()
 
@@ -164,7 +164,7 @@ def test_sigterm_writes_the_report_and_dies_of_sigterm(tmp_path):
     assert proc.returncode == -signal.SIGTERM, err  # a shell reports 143
     assert "Traceback" not in err
     frame = pd.read_parquet(tmp_path / "records.parquet")
-    parts = tmp_path / "records" / "tiny" / "train"
+    parts = tmp_path / "records" / "tiny-s0" / "train"
     steps_on_disk = pd.concat([pd.read_parquet(p) for p in parts.glob("part-*.parquet")]).step.nunique()
     assert frame.step.nunique() == steps_on_disk >= 10  # every recorded step is on disk, in parts and report
     assert (tmp_path / "report.html").exists()
@@ -190,7 +190,7 @@ def test_a_model_that_crashes_mid_run_keeps_its_records(tmp_path, capsys):
                  "--every", "1", "--seeds", "0", "--train-size", "64", "--batch-size", "16", "--init-batches", "1", "--quiet", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1
-    assert "run crash_later failed: RuntimeError: CUDA error" in err and "Traceback" not in err
+    assert "run crash_later-s0 failed: RuntimeError: CUDA error" in err and "Traceback" not in err
     frame = pd.read_parquet(tmp_path / "records.parquet")
     assert sorted(frame.step.unique()) == [0, 1, 2]  # 1 init batch, then 3 training steps before the 5th forward
 

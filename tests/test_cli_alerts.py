@@ -23,7 +23,7 @@ def test_a_learning_rate_too_small_is_reported_and_fails(tmp_path, capsys):
     code = main(ARGS + ["--lr", "1e-9", "--fail-on", "update_band", "--out", str(tmp_path)])
     captured = capsys.readouterr()
     assert code == EXIT_FAIL_ON
-    assert "tiny update_band at step 0" in captured.err
+    assert "tiny-s0 update_band at step 0" in captured.err
     assert "update_band" in captured.out  # the terminal's alert table
     alerts = pd.read_csv(tmp_path / "alerts.csv")
     assert set(alerts.kind) == {"update_band"} and (alerts.value < 1e-5).all() and (alerts.threshold == 1e-5).all()

@@ -17,10 +17,14 @@ def test_lazy_functions_are_the_real_functions_with_their_signatures():
     assert gradscope.verdicts is agreement.verdicts
     assert gradscope.load is store.load
     assert gradscope.report is render_report.write_report
-    for name in ("verdicts", "load", "report"):
+    from gradscope.pipeline import profile
+
+    assert gradscope.profile is profile
+    for name in ("verdicts", "load", "report", "profile"):
         params = inspect.signature(getattr(gradscope, name)).parameters
         assert "options" not in params, f"gradscope.{name} hides its arguments behind **options"
     assert "configs" in inspect.signature(gradscope.verdicts).parameters
+    assert {"models", "model", "steps", "init_only", "out", "fail_on"} <= set(inspect.signature(profile).parameters)
     assert {"load", "report", "verdicts", "attach", "models"} <= set(dir(gradscope))
 
 

@@ -3,15 +3,15 @@
 * :func:`trajectory`: from per-step verdicts (``verdicts(frame, step="all")``), one row per run x signal with the
   fraction of recorded steps in each class, the first and last step's class and rate, and which end of the net
   moved between them. Never one average over steps.
-* :func:`pool_seeds`: runs that differ only by seed (``plain56-bn``, ``plain56-bn-s1``, ...) pooled per signal:
+* :func:`pool_seeds`: runs of one configuration (the ``config`` column: ``plain56-bn`` for ``plain56-bn-s0``,
+  ``plain56-bn-s1``, ...) pooled per signal:
   the per-block factor as a geometric mean with its spread (sd of ln factor, SE), n, and how many seeds landed in
   each class. Diverged seeds are counted and named, never averaged in.
 """
 from __future__ import annotations
 
 import math
-import re
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -19,7 +19,6 @@ import pandas as pd
 from gradscope import schema as S
 from gradscope import analysis as A
 
-SEED_SUFFIX = re.compile(r"-s\d+$")
 GROUP = "group"
 TRAJECTORY_COLUMNS = ("run", "signal", "n_steps", "frac_healthy", "frac_vanishing", "frac_exploding",
                       "frac_diverged", "frac_unknown", "first_step", "first_verdict", "first_factor",
@@ -29,9 +28,17 @@ POOLED_COLUMNS = ("group", "signal", "n", "runs", "factor", "ln_sd", "ln_se", "f
                   "verdict", "counts", "diverged_runs", "n_blocks", "layers", "layer_factor", "unit")
 
 
-def run_group(run: str, has_seed: bool = True) -> str:
-    """The configuration a run belongs to: its name without the ``-sN`` seed suffix (when runs carry seeds)."""
-    return SEED_SUFFIX.sub("", str(run)) if has_seed else str(run)
+def configurations(frame: pd.DataFrame) -> pd.Series:
+    """The configuration of each row: its ``config`` column (a run's fact, the same for all its seeds), or the
+    run itself where the frame has none (each run its own configuration; names are never parsed)."""
+    if S.CONFIG in frame.columns:
+        return frame[S.CONFIG].where(frame[S.CONFIG].notna(), frame[S.RUN]).astype(str)
+    return frame[S.RUN].astype(str)
+
+
+def config_of(configs: Mapping[str, Mapping[str, Any]], run: str) -> str:
+    """The configuration of ``run`` from a study's configs (its ``config`` fact), else the run itself."""
+    return str((configs.get(run) or {}).get(S.CONFIG) or run)
 
 
 def _moved(near: float, far: float) -> str:
@@ -78,8 +85,7 @@ def pool_seeds(verdicts: pd.DataFrame) -> pd.DataFrame:
     ``layer_factor``: the pooled factor per layer in amplitude units), or ``diverged`` when any seed
     diverged (``diverged_runs`` names them); ``counts`` maps each class to its number of seeds.
     """
-    has_seed = S.SEED in verdicts.columns
-    v = verdicts.assign(**{GROUP: [run_group(r, has_seed) for r in verdicts[S.RUN]]})
+    v = verdicts.assign(**{GROUP: configurations(verdicts).to_numpy()})
     rows: list[dict[str, Any]] = []
     for (group, signal), g in v.groupby([GROUP, A.SIGNAL], sort=False):
         ok = g[(g[A.VERDICT] != A.DIVERGED) & np.isfinite(g[A.FACTOR].astype(float)) & (g[A.FACTOR] > 0)]

@@ -58,7 +58,8 @@ class Alert:
 
     ``block`` is ``None`` for the loss. ``threshold`` is the bound that ``value`` crossed, in the value's units (for a
     spike: ``median + z * scale``, back in linear units for gradients; for the band: its low or high end; for a
-    divergence: ``inf``). ``others`` lists further blocks affected at the same step.
+    divergence: ``inf``). ``others`` lists further blocks affected at the same step. ``note``: the diagnosis in
+    words where the numbers tell it (an update ratio that weight decay alone explains).
     """
 
     step: int
@@ -70,6 +71,8 @@ class Alert:
     others: Tuple[str, ...] = ()
     #: a divergence: the operator and module that made the first NaN/Inf (``"aten.log in '3.act'"``), when traced
     origin: str = ""
+    #: the diagnosis in words, where the numbers tell it (weight decay alone drives an update_band block)
+    note: str = ""
 
     def __str__(self) -> str:
         where = "the loss" if self.block is None else f"block {self.block!r}"
@@ -77,7 +80,7 @@ class Alert:
             if self.others else ""
         made = f"; made by {self.origin}" if self.origin else ""
         return (f"gradscope alert: {self.kind} at step {self.step}, {where}{more}: {self.metric} = {self.value:.4g} "
-                f"{_relation(self)} {self.threshold:.4g}{made}")
+                f"{_relation(self)} {self.threshold:.4g}{made}" + (f"; {self.note}" if self.note else ""))
 
     def as_dict(self) -> Dict[str, object]:
         """A flat dict (``others`` joined by spaces) for a table row."""
@@ -167,8 +170,12 @@ class _Episode:
 class Detector:
     """Turns recorded rows (and losses) into :class:`Alert` objects, one recorded step at a time."""
 
-    def __init__(self, rules: AlertRules = AlertRules(), gradients_may_overflow: bool = False) -> None:
+    def __init__(self, rules: AlertRules = AlertRules(), gradients_may_overflow: bool = False,
+                 decay: Optional[Tuple[float, float, float]] = None) -> None:
         self.rules = rules
+        #: the SGD optimizer's (lr, weight_decay, momentum): update_band alerts say when weight decay alone explains
+        #: the update ratio (:func:`decay_only_ratio`)
+        self.decay = decay
         #: a GradScaler is in use: gradients that overflow are its skipped steps, not a divergence
         self.gradients_may_overflow = gradients_may_overflow
         self._loss: Deque[float] = deque(maxlen=rules.window)
@@ -191,7 +198,8 @@ class Detector:
         checks = ((DIVERGENCE, lambda: divergence(step, rows, loss, not self.gradients_may_overflow)),
                   (LOSS_SPIKE, lambda: self._loss_spike(step, loss)),
                   (GRAD_SPIKE, lambda: self._grad_spike(step, rows)),
-                  (UPDATE_BAND, lambda: update_band(step, rows, self.rules.update_band)))
+                  (UPDATE_BAND, lambda: update_band(step, rows, self.rules.update_band,
+                                                    decay_only_ratio(*self.decay, step=step) if self.decay else None)))
         present = {r[4] for r in rows}
         for kind, check in checks:
             if kind not in kinds or (kind == LOSS_SPIKE and loss is None):
@@ -246,13 +254,43 @@ class Detector:
 _METRIC_OF = {GRAD_SPIKE: S.GRAD_NORM, UPDATE_BAND: S.UPDATE_RATIO}
 
 
-def update_band(step: int, rows: List[Row], band: Optional[Tuple[float, float]]) -> Optional[Alert]:
+def decay_only_ratio(lr: float, weight_decay: float, momentum: float = 0.0,
+                     step: Optional[int] = None) -> Optional[float]:
+    """The update ratio ||delta w|| / ||w|| of SGD when the gradient is zero: weight decay alone moves w by
+    ``lr * weight_decay * (1 - momentum**(step + 1)) / (1 - momentum)`` of its norm at optimizer step ``step``
+    (0-based; the momentum buffer fills up), ``lr * weight_decay / (1 - momentum)`` in the steady state
+    (``step=None``). None without weight decay."""
+    if weight_decay <= 0 or lr <= 0 or not 0 <= momentum < 1:
+        return None
+    filled = 1.0 if step is None else 1.0 - momentum ** (step + 1)
+    return lr * weight_decay * filled / (1.0 - momentum)
+
+
+#: How close (relative) an update ratio must be to the weight-decay-only one for the note: float32 steps of 1e-6
+#: of a weight's norm carry ~1% rounding (w - (w - 1e-6 w) in float32).
+DECAY_TOLERANCE = 0.05
+
+
+def _decay_note(value: float, decay_ratio: Optional[float]) -> str:
+    """Words for an update ratio within :data:`DECAY_TOLERANCE` of the weight-decay-only ratio, else ``""``."""
+    if not decay_ratio or not value > 0 or abs(math.log(value / decay_ratio)) > DECAY_TOLERANCE:
+        return ""
+    return (f"the update ratio equals what weight decay alone gives (lr x weight_decay / (1 - momentum) once the "
+            f"momentum has filled up; {decay_ratio:.4g} at this step, within {DECAY_TOLERANCE:.0%}): the gradient "
+            f"contributes nothing to this block's update, weight decay drives it")
+
+
+def update_band(step: int, rows: List[Row], band: Optional[Tuple[float, float]],
+                decay_ratio: Optional[float] = None) -> Optional[Alert]:
     """The earliest block (forward order) whose ``update_ratio`` lies outside ``band``; the others in ``others``.
 
     A ratio of exactly 0 is a block the optimizer did not move at all (no gradient reached it: an expert that got no
     token, the layer in front of a zero-initialised one at the first step, a frozen layer), not one that learns too
     slowly: it is out of band only when no block moved in that step (a learning rate of 0). A block whose parameters
     were all zero before the step has no ratio (see ``gradscope.engine.spec.ratios``).
+
+    ``decay_ratio`` (:func:`decay_only_ratio`): when the ratio equals it, the alert's ``note`` says that the
+    gradient contributes nothing and weight decay drives the update.
     """
     if band is None:
         return None
@@ -266,7 +304,7 @@ def update_band(step: int, rows: List[Row], band: Optional[Tuple[float, float]])
         return None
     _, block, value = out[0]
     return Alert(step, UPDATE_BAND, block, S.UPDATE_RATIO, value, low if value < low else high,
-                 tuple(b for _, b, _ in out[1:]))
+                 tuple(b for _, b, _ in out[1:]), _decay_note(value, decay_ratio))
 
 
 def divergence(step: int, rows: List[Row], loss: Optional[float], gradients: bool = True) -> Optional[Alert]:

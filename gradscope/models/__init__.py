@@ -8,6 +8,6 @@ from __future__ import annotations
 from gradscope.models.blocks import PadShortcut, PlainBlock, ResidualBlock
 from gradscope.models.cifar import CifarNet
 from gradscope.models.mlp import MLP
-from gradscope.models.registry import available, build
+from gradscope.models.registry import available, build, facts
 
-__all__ = ["MLP", "CifarNet", "PadShortcut", "PlainBlock", "ResidualBlock", "available", "build"]
+__all__ = ["MLP", "CifarNet", "PadShortcut", "PlainBlock", "ResidualBlock", "available", "build", "facts"]

@@ -32,6 +32,17 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def facts(name: str) -> dict[str, Any]:
+    """What the name ``name`` builds, without building it: ``family`` ("plain", "resnet", "mlp"), ``depth`` and
+    ``residual`` (the builder's defaults where the name fixes nothing). Unknown names raise like :func:`build`."""
+    builder, fixed = _resolve(name)
+    family = _REGISTRY[name.lower()][0]
+    defaults = {k: p.default for k, p in inspect.signature(builder).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    residual = True if family == "resnet" else bool(defaults.get("residual", False))
+    return {"family": family, "depth": fixed.get("depth", defaults.get("depth")), "residual": residual}
+
+
 def _close_matches(word: str, choices: list[str]) -> str:
     matches = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
     return f"did you mean {' or '.join(map(repr, matches))}? " if matches else ""

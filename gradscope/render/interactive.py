@@ -14,7 +14,7 @@ import pandas as pd
 from gradscope import analysis as A
 from gradscope import schema as S
 from gradscope.analysis.results import INIT, TRAIN
-from gradscope.analysis.trajectory import run_group
+from gradscope.analysis.trajectory import configurations
 
 _CONFIG = {"displaylogo": False, "responsive": True}
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
@@ -45,7 +45,7 @@ def loss_figure(losses: pd.DataFrame) -> Optional[str]:
 
     if losses is None or losses.empty:
         return None
-    data = losses.assign(group=[run_group(r) for r in losses[S.RUN]])
+    data = losses.assign(group=configurations(losses).to_numpy())
     fig = go.Figure()
     for i, (group, g) in enumerate(data.groupby("group", sort=False)):
         color = _PALETTE[i % len(_PALETTE)]

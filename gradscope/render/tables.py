@@ -11,6 +11,7 @@ import pandas as pd
 
 from gradscope import analysis as A
 from gradscope import schema as S
+from gradscope import words as W
 from gradscope.analysis import stats
 from gradscope.analysis.text import agreement_word, factor, is_missing, num, pm, times
 from gradscope.render.groups import by_configuration
@@ -52,7 +53,7 @@ def trajectory_rows(traj: pd.DataFrame) -> Rows:
     rows = [["run", "signal", "steps", "healthy", "vanishing", "exploding", "diverged", "first step",
              "last step", "end that moved"]]
     for r in traj.to_dict("records"):
-        pct = [f"{100 * r[f'frac_{c}']:.0f}%" for c in ("healthy", "vanishing", "exploding", "diverged")]
+        pct = [f"{100 * r[f'frac_{c}']:.0f}%" for c in (W.HEALTHY, W.VANISHING, W.EXPLODING, W.DIVERGED)]
         rows.append([str(r["run"]), str(r["signal"]), str(r["n_steps"])] + pct + [
             f"{r['first_step']}: {r['first_verdict']} {times(r['first_factor'])}",
             f"{r['last_step']}: {r['last_verdict']} {times(r['last_factor'])}",
@@ -62,12 +63,12 @@ def trajectory_rows(traj: pd.DataFrame) -> Rows:
 
 def loss_rows(results: Any) -> Rows:
     """One row per configuration: final training loss over seeds (mean ± sd, n) and accuracy of the last steps."""
-    from gradscope.analysis.trajectory import run_group
+    from gradscope.analysis.trajectory import config_of
 
     rows = [["configuration", "final loss (mean ± sd, n)", "per seed", "diverged"]]
     groups: Dict[str, List[str]] = {}
     for run in results.final_losses:
-        groups.setdefault(run_group(run), []).append(run)
+        groups.setdefault(config_of(results.configs, run), []).append(run)
     for group, runs in groups.items():
         values = [results.final_losses[r] for r in runs]
         mean, sd, _, n = stats.mean_sd_se(values)
@@ -134,7 +135,10 @@ def alerts_sentence(alerts: Any) -> str:
     if not len(alerts):
         return "no alerts over training (loss and gradient spikes, update ratios out of band, divergence)"
     counts = alerts["kind"].value_counts()
-    return f"{len(alerts)} alert(s) over training: " + ", ".join(f"{n} {k}" for k, n in counts.items())
+    notes = alerts["note"].dropna() if "note" in alerts.columns else pd.Series([], dtype=object)
+    said = "".join(f"; {k} in {n} of them: {note}" for (k, note), n in
+                   alerts.loc[notes.index[notes.astype(str) != ""]].groupby(["kind", "note"], sort=False).size().items())
+    return f"{len(alerts)} alert(s) over training: " + ", ".join(f"{n} {k}" for k, n in counts.items()) + said
 
 
 # --- per configuration (the seeds of a configuration as one row) -----------------------------------------------

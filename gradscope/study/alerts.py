@@ -5,7 +5,7 @@ alerts, so a report can list them without the study watching each step.
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from gradscope import schema as S
 from gradscope.engine.alerts import AlertRules, Detector, Row
@@ -14,9 +14,13 @@ from gradscope.engine.alerts import AlertRules, Detector, Row
 COLUMNS = (S.RUN,) + S.ALERT_COLUMNS
 
 
-def study_alerts(frame: Any, losses: Any, rules: Optional[AlertRules] = None):
+def study_alerts(frame: Any, losses: Any, rules: Optional[AlertRules] = None,
+                 decay: Optional[Tuple[float, float, float]] = None):
     """One row per alert of each run of ``frame`` (training-phase rows: ``run``, frame columns) with the training
-    loss of each step from ``losses`` (columns ``run, step, loss``); columns :data:`COLUMNS`."""
+    loss of each step from ``losses`` (columns ``run, step, loss``); columns :data:`COLUMNS`.
+
+    ``decay``: the study's SGD ``(lr, weight_decay, momentum)``; an update_band alert whose ratio is what weight
+    decay alone gives (:func:`gradscope.engine.alerts.decay_only_ratio`) says so in its note."""
     import pandas as pd
 
     out: List[dict] = []
@@ -26,7 +30,7 @@ def study_alerts(frame: Any, losses: Any, rules: Optional[AlertRules] = None):
         rows = _rows(frame[frame[S.RUN] == run]) if run in runs else []
         run_losses = [] if run not in loss_runs else [
             (int(s), float(v)) for s, v in losses.loc[losses[S.RUN] == run, [S.STEP, "loss"]].itertuples(index=False)]
-        detector = Detector(rules or AlertRules())
+        detector = Detector(rules or AlertRules(), decay=decay)
         out.extend({S.RUN: run, **alert.as_dict()} for alert in detector.observe(rows, run_losses))
     table = pd.DataFrame(out, columns=list(COLUMNS))
     return table.astype({S.STEP: "int64", "value": "float64", "threshold": "float64"})

@@ -39,7 +39,7 @@ def worker_count(specs: Sequence[Any], settings: Any) -> int:
 
 def _cost(spec: Any, settings: Any) -> float:
     """Relative cost of a run: depth x trained steps (a 56-layer step costs ~2.8x a 20-layer one)."""
-    depth = int("".join(ch for ch in spec.model if ch.isdigit()) or 20)
+    depth = spec.depth or 20
     return depth * (settings.init_batches + (settings.steps if spec.train else 0))
 
 

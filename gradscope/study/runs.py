@@ -11,7 +11,6 @@ Records stream to ``out/records/<run>/`` while the study runs: an interrupted st
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,67 +20,17 @@ import torch
 from torch import nn
 
 from gradscope import schema as S
-from gradscope.errors import GradscopeError, ModelError
 from gradscope.engine.probes import first_tensor
 from gradscope.engine.scope import attach
+from gradscope.errors import GradscopeError, ModelError
+from gradscope.study.specs import RunSpec
+from gradscope.study.task import loss_of, move, run_forward, user_batches
+from gradscope.words import INIT, PHASE, TRAIN
 
-PHASE = "phase"
-INIT, TRAIN = "init", "train"
-
-#: The default study: the paper's shallow and deep plain/residual pairs, with and without BN, Kaiming init.
-DEFAULT_MODELS = ("plain20", "resnet20", "plain56", "resnet56")
-#: Seeds of the default study: two, so every claim has a spread (see the README for the measured design).
-DEFAULT_SEEDS = (0, 1, 2)
-#: Which runs train by default: "bn" (BN nets train; nets without BN are measured at initialisation only, where
-#: their contrast lives) or "all".
-DEFAULT_TRAIN = "bn"
 #: Synthetic training examples of the default study.
 DEFAULT_TRAIN_SIZE = 2048
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One network to measure: a zoo name with options, or a user's factory (``factory`` set)."""
-
-    model: str
-    bn: Optional[bool] = True
-    shortcut: Optional[str] = None
-    init: Optional[str] = "kaiming"
-    seed: int = 0
-    factory: Optional[Callable[[], nn.Module]] = field(default=None, compare=False)
-    input_shape: Optional[Tuple[int, ...]] = None
-    blocks: Any = "auto"
-    #: False: measured at initialisation only (no training phase).
-    train: bool = True
-
-    @property
-    def residual(self) -> Optional[bool]:
-        return None if self.factory is not None else not self.model.startswith("plain")
-
-    @property
-    def name(self) -> str:
-        """Run label: ``resnet56-bn``, ``plain20-nobn-xavier``, ``resnet20-bn-B-s1`` (defaults left out)."""
-        parts = [self.model]
-        if self.factory is None:
-            parts.append("bn" if self.bn else "nobn")
-            if self.shortcut and self.residual:
-                parts.append(self.shortcut)
-            if self.init and self.init != "kaiming":
-                parts.append(self.init)
-        if self.seed:
-            parts.append(f"s{self.seed}")
-        return "-".join(parts)
-
-    def build(self) -> nn.Module:
-        if self.factory is not None:
-            torch.manual_seed(self.seed)
-            return self.factory()
-        from gradscope.models import build
-
-        options: Dict[str, Any] = {"bn": self.bn, "init": self.init}
-        if self.shortcut and self.residual:
-            options["shortcut"] = self.shortcut
-        return build(self.model, seed=self.seed, **options)
+#: Columns of a study's losses table.
+LOSS_COLUMNS = (S.RUN, S.CONFIG, S.SEED, S.STEP, "loss", "accuracy")
 
 
 @dataclass
@@ -132,19 +81,6 @@ class StudyResult:
         return frame[frame[PHASE] == phase].drop(columns=PHASE).reset_index(drop=True)
 
 
-def grid(models: Sequence[str] = DEFAULT_MODELS, bn: Sequence[bool] = (True, False),
-         seeds: Sequence[int] = DEFAULT_SEEDS, shortcut: Optional[str] = None, init: str = "kaiming",
-         train: str = "all") -> List[RunSpec]:
-    """Every combination of ``models`` x ``bn`` x ``seeds`` as run specs (models vary slowest).
-
-    ``train``: "all" trains every run; "bn" trains the BN runs and measures the others at initialisation only.
-    """
-    if train not in ("all", "bn"):
-        raise GradscopeError(f"train={train!r}: use 'all' or 'bn'")
-    return [RunSpec(model=m, bn=b, shortcut=shortcut, init=init, seed=s, train=train == "all" or bool(b))
-            for m, b, s in itertools.product(models, bn, seeds)]
-
-
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error with the fix."""
     if device == "auto":
@@ -167,34 +103,38 @@ def _cycle(loader: Any) -> Iterator[Any]:
             raise GradscopeError("the training data set is empty")
 
 
-def _config_of(spec: RunSpec, model: nn.Module, settings: "Settings", image_size: Optional[int]) -> Dict[str, Any]:
-    """The model's config plus what the theory needs of the measurement: batch size and image size."""
-    config = dict(getattr(model, "gradscope_config", {}) or {})
+def _config_of(spec: RunSpec, model: nn.Module, settings: "Settings", batch: Any) -> Dict[str, Any]:
+    """The run's facts and the model's own config, plus what the theory needs: batch size and image size."""
+    config = {**spec.facts(), **dict(getattr(model, "gradscope_config", {}) or {})}
     config.setdefault("name", spec.model)
-    config["batch_size"] = settings.batch_size
-    if image_size:
-        config["image_size"] = image_size
-    config["seed"] = spec.seed
+    config.update(config=spec.config, seed=spec.seed, batch_size=settings.batch_size)
+    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
+        config["image_size"] = int(inputs.shape[-1])
     return config
 
 
 def _label(frame: Any, spec: RunSpec, config: Dict[str, Any], phase: str):
-    labels = {S.RUN: spec.name, S.MODEL: spec.model,
-              S.BN: config.get("bn", spec.bn), S.RESIDUAL: config.get("residual", spec.residual),
-              S.SHORTCUT: config.get("shortcut", spec.shortcut), S.INIT: config.get("init", spec.init),
-              S.SEED: spec.seed, PHASE: phase}
+    """The run's facts as columns (from its spec and config, never from its name)."""
+    labels = {S.RUN: spec.name, S.CONFIG: spec.config, S.MODEL: spec.model, S.BN: config.get("bn", spec.bn),
+              S.RESIDUAL: config.get("residual", spec.residual), S.SHORTCUT: config.get("shortcut", spec.shortcut),
+              S.INIT: config.get("init", spec.init), S.SEED: spec.seed, PHASE: phase}
     for column, value in labels.items():
         frame[column] = value
     return frame
 
 
-def check_input(model: nn.Module, shape: Tuple[int, ...], device: torch.device) -> None:
-    """Run one tiny forward pass so that a wrong input shape fails early, with the model's own words."""
+def check_batch(spec: RunSpec, model: nn.Module, batch: Any) -> None:
+    """One forward pass and loss on a small batch, so that a model that rejects its data fails before any run."""
     try:
-        with torch.no_grad():
-            model(torch.zeros((2,) + tuple(shape[1:]) if len(shape) > 1 else (2,), device=device))
-    except Exception as exc:  # the user's model: report what it said
-        raise ModelError(f"the model rejects inputs of shape {tuple(shape)}: {type(exc).__name__}: {exc}") from exc
+        loss_of(spec.task, run_forward(spec.task, model, batch), batch)
+    except ModelError:
+        raise
+    except Exception as exc:  # the user's model or loss: report what it said
+        shape = tuple(spec.input_shape) if spec.input_shape else None
+        what = f"inputs of shape {shape}" if shape and (spec.task is None or spec.task.batches is None) else \
+            "its batches"
+        raise ModelError(f"the model rejects {what}: {type(exc).__name__}: {exc}") from exc
 
 
 def measure_run(spec: RunSpec, batches: Iterator[Any], settings: Settings, device: torch.device,
@@ -211,19 +151,20 @@ def measure_run(spec: RunSpec, batches: Iterator[Any], settings: Settings, devic
     net.train()
     model, shard = _distribute(net, device)
     frames, losses = [], []
-    loss_fn = nn.CrossEntropyLoss()
     init_scope = scope = None
     config: Dict[str, Any] = {}
     try:  # interrupted in either phase (Ctrl-C, SIGTERM, an error): the sink still gets every row recorded
         with attach(model, blocks=spec.blocks, on_nonfinite="ignore",
-                    out=None if out is None else out / "init") as init_scope:
+                    out=None if out is None else out / INIT) as init_scope:
             for _ in range(settings.init_batches):
-                x, y = shard(next(batches))
-                if not config:
-                    config = _config_of(spec, net, settings, int(x.shape[-1]) if x.dim() == 4 else None)
-                logits = first_tensor(model(x))
-                config.setdefault("num_classes", int(logits.shape[-1]))  # chance = ln(classes): the learning check
-                loss_fn(logits, y).backward()
+                batch = shard(next(batches))
+                config = config or _config_of(spec, net, settings, batch)
+                output = run_forward(spec.task, model, batch)
+                if spec.task is None or spec.task.loss is None:  # a classifier: chance = ln(classes), the learning check
+                    logits = first_tensor(output)
+                    if logits is not None:
+                        config.setdefault("num_classes", int(logits.shape[-1]))
+                loss_of(spec.task, output, batch)[0].backward()
                 init_scope.step()
                 model.zero_grad(set_to_none=True)
                 if on_step:
@@ -232,20 +173,19 @@ def measure_run(spec: RunSpec, batches: Iterator[Any], settings: Settings, devic
         init_scope = None
         opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
                               weight_decay=settings.weight_decay)
-        if spec.train:  # runs measured at initialisation only stop here
+        if spec.train and settings.steps:  # runs measured at initialisation only stop here
             with attach(model, blocks=spec.blocks, every=settings.every, optimizer=opt, on_nonfinite="ignore",
-                        out=None if out is None else out / "train") as scope:
+                        out=None if out is None else out / TRAIN) as scope:
                 for step in range(settings.steps):
-                    x, y = shard(next(batches))
-                    logits = first_tensor(model(x))
-                    loss = loss_fn(logits, y)
+                    batch = shard(next(batches))
+                    loss, accuracy = loss_of(spec.task, run_forward(spec.task, model, batch), batch)
                     loss.backward()
                     scope.step()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                    accuracy = (logits.argmax(1) == y).float().mean()
-                    loss_value, accuracy_value = _global_mean(torch.stack([loss.detach(), accuracy]))
-                    losses.append((spec.name, step, loss_value, accuracy_value))
+                    acc = accuracy if accuracy is not None else torch.full((), math.nan, device=loss.device)
+                    loss_value, accuracy_value = _global_mean(torch.stack([loss.detach().float(), acc.float()]))
+                    losses.append((spec.name, spec.config, spec.seed, step, loss_value, accuracy_value))
                     if on_step:
                         on_step(TRAIN, 1)
     finally:
@@ -253,7 +193,7 @@ def measure_run(spec: RunSpec, batches: Iterator[Any], settings: Settings, devic
             if open_scope is not None:
                 frames.append(_label(open_scope.frame(), spec, config, phase))
         result = (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(),
-                  pd.DataFrame(losses, columns=[S.RUN, S.STEP, "loss", "accuracy"]), config)
+                  pd.DataFrame(losses, columns=list(LOSS_COLUMNS)), config)
         if sink is not None:
             sink.append(result)
     return result
@@ -264,11 +204,11 @@ def _distribute(model: nn.Module, device: torch.device):
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return model, lambda batch: tuple(t.to(device) for t in batch)
+        return model, lambda batch: move(batch, lambda t: t.to(device))
     rank, world = dist.get_rank(), dist.get_world_size()
     ids = [device.index] if device.type == "cuda" else None
     wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    return wrapped, lambda batch: tuple(t[rank::world].to(device) for t in batch)
+    return wrapped, lambda batch: move(batch, lambda t: t[rank::world].to(device))
 
 
 def _global_mean(values: torch.Tensor) -> Tuple[float, float]:
@@ -308,7 +248,7 @@ def run_study(specs: Sequence[RunSpec], train_set: Any, settings: Settings = Set
 def job(spec: RunSpec, train_set: Any, settings: Settings, out: Optional[Path],
         on_step: Optional[Callable[[str, int], None]], sink: List[Tuple[Any, Any, Dict[str, Any]]]) -> None:
     """One run as a worker process runs it (module-level, so it pickles by name)."""
-    measure_run(spec, _batches(train_set, settings, spec.seed), settings, resolve_device(settings.device),
+    measure_run(spec, batches_of(spec, train_set, settings), settings, resolve_device(settings.device),
                 None if out is None else out / "records" / spec.name, on_step, sink=sink)
 
 
@@ -322,7 +262,7 @@ def _run_here(specs, train_set, settings, out, on_step, on_run):
             on_run(spec)
         sink: List[Tuple[Any, Any, Dict[str, Any]]] = []
         try:
-            measure_run(spec, _batches(train_set, settings, spec.seed), settings, device,
+            measure_run(spec, batches_of(spec, train_set, settings), settings, device,
                         None if out is None else out / "records" / spec.name, on_step, sink=sink)
         except KeyboardInterrupt:
             interrupted = True
@@ -346,8 +286,7 @@ def collect(done: Dict[str, Tuple[Any, Any, Dict[str, Any]]], failed: Dict[str, 
     frames = [done[n][0] for n in names if not done[n][0].empty]
     losses = [done[n][1] for n in names]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    loss_frame = pd.concat(losses, ignore_index=True) if losses else pd.DataFrame(
-        columns=[S.RUN, S.STEP, "loss", "accuracy"])
+    loss_frame = pd.concat(losses, ignore_index=True) if losses else pd.DataFrame(columns=list(LOSS_COLUMNS))
     return StudyResult(frame, loss_frame, {n: done[n][2] for n in names}, interrupted, failed)
 
 
@@ -358,10 +297,15 @@ def data_order_seed(settings: Settings, seed: int) -> int:
     return settings.data_seed * 10007 + seed
 
 
-def _batches(train_set: Any, settings: Settings, seed: int = 0) -> Iterator[Any]:
+def batches_of(spec: RunSpec, train_set: Any, settings: Settings) -> Iterator[Any]:
+    """The run's batches without end: the user's ``batches(batch_size, seed)`` when its task gives them, else
+    ``train_set`` shuffled; either way ordered by :func:`data_order_seed` (shared by the runs of one seed)."""
     from torch.utils.data import DataLoader
 
-    generator = torch.Generator().manual_seed(data_order_seed(settings, seed))
+    order = data_order_seed(settings, spec.seed)
+    if spec.task is not None and spec.task.batches is not None:
+        return user_batches(spec.task, settings.batch_size, order)
+    generator = torch.Generator().manual_seed(order)
     return _cycle(DataLoader(train_set, batch_size=settings.batch_size, shuffle=True, generator=generator,
                              drop_last=len(train_set) > settings.batch_size))
 
@@ -369,6 +313,11 @@ def _batches(train_set: Any, settings: Settings, seed: int = 0) -> Iterator[Any]
 def total_steps(specs: Sequence[RunSpec], settings: Settings) -> int:
     """Forward/backward passes the study will make (for progress bars)."""
     return sum(settings.init_batches + (settings.steps if s.train else 0) for s in specs)
+
+
+def trains(specs: Sequence[RunSpec], settings: Settings) -> bool:
+    """True when some run of ``specs`` trains (``steps`` > 0 and a spec with ``train``)."""
+    return settings.steps > 0 and any(s.train for s in specs)
 
 
 def final_loss(losses: Any, run: str, last: int = 20) -> float:

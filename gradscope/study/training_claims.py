@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from gradscope.analysis import stats
 from gradscope.analysis.results import Claim
 from gradscope.analysis.text import num
-from gradscope.analysis.trajectory import run_group
+from gradscope.analysis.trajectory import config_of
 
 YES, NO, UNCLEAR = "yes", "no", "unclear"
 #: Final losses within this many nats count as "the same": the one margin of every training comparison (and of
@@ -105,7 +105,7 @@ def depth_gap(configs: Dict[str, Dict[str, Any]], losses: Dict[str, float], resi
         mean, sd, se, n, lo, hi = stats.interval(list(pairs.values()))
         runs = {d: [fam[d][s] for s in seeds] for d in (shallow, deep)}
         chance = _chance(configs, runs[shallow] + runs[deep])
-        prog = {d: progress(run_group(runs[d][0]) if seeds else "", runs[d], losses, accuracy, chance)
+        prog = {d: progress(config_of(configs, runs[d][0]) if seeds else "", runs[d], losses, accuracy, chance)
                 for d in (shallow, deep)}
         return {"bn": bn, "shallow": prog[shallow].group, "deep": prog[deep].group, "pairs": pairs, "mean": mean,
                 "sd": sd, "se": se, "n": n, "lo": lo, "hi": hi, "band": stats.band(se, n), "diverged": diverged,

@@ -143,16 +143,18 @@ def verdict_rows(rows):
 def init_verdicts(bn_fwd=(1.0, 1.0), nobn_plain=(0.80, 0.81), nobn_res=(1.02, 1.03), bn_bwd=(1.43, 1.44),
                   bn_bwd_class="exploding", nobn_bwd=(0.88, 0.87), nobn_bwd_class="vanishing",
                   nobn_fwd_class="vanishing"):
-    rows = []
+    rows, config = [], []
     for i, s in enumerate((0, 1)):
         sfx = f"-s{s}" if s else ""
-        rows += [[f"plain56-bn{sfx}", "forward", "healthy", bn_fwd[i], 27, 1.0, s],
-                 [f"plain56-bn{sfx}", "backward", bn_bwd_class, bn_bwd[i], 27, 1.0, s],
-                 [f"plain56-nobn{sfx}", "forward", nobn_fwd_class, nobn_plain[i], 27, 1.0, s],
-                 [f"plain56-nobn{sfx}", "backward", nobn_bwd_class, nobn_bwd[i], 27, 1.0, s],
-                 [f"resnet56-nobn{sfx}", "forward", "healthy", nobn_res[i], 27, 1.0, s],
-                 [f"resnet56-nobn{sfx}", "backward", "healthy", 1.0, 27, 1.0, s]]
-    return verdict_rows(rows)
+        for cfg, signal, verdict, factor in (("plain56-bn", "forward", "healthy", bn_fwd[i]),
+                                             ("plain56-bn", "backward", bn_bwd_class, bn_bwd[i]),
+                                             ("plain56-nobn", "forward", nobn_fwd_class, nobn_plain[i]),
+                                             ("plain56-nobn", "backward", nobn_bwd_class, nobn_bwd[i]),
+                                             ("resnet56-nobn", "forward", "healthy", nobn_res[i]),
+                                             ("resnet56-nobn", "backward", "healthy", 1.0)):
+            rows.append([f"{cfg}{sfx}", signal, verdict, factor, 27, 1.0, s])
+            config.append(cfg)  # the study's config fact: seeds pool by it, never by the name
+    return verdict_rows(rows).assign(config=config)
 
 
 CFG = {r: {"bn": "-bn" in r, "residual": r.startswith("resnet"), "depth": 56, "name": r.split("-")[0]}

@@ -22,7 +22,7 @@ def mlp_frame(factors: dict[str, float], n_blocks: int = 12, width: int = 256, w
             w = 1.0 + wobble * ((k * 7 + r * 3) % 5 - 2) / 2  # deterministic block-to-block scatter
             for metric, v in ((S.ACT_VAR, f ** k * w), (S.GRAD_NORM, f ** (n_blocks - 1 - k) * w)):
                 rows.append({S.STEP: 0, S.BLOCK: f"layers.{k}", S.DEPTH: k, S.KIND: "Block", S.METRIC: metric,
-                             S.VALUE: v, S.CALL: 0, S.RUN: run, S.SEED: r})
+                             S.VALUE: v, S.CALL: 0, S.RUN: run, S.SEED: r, S.CONFIG: "mlp"})
     config = {"name": "mlp", "family": "mlp", "depth": n_blocks, "num_blocks": n_blocks, "width": width,
               "bn": False, "residual": False, "init": "kaiming", "activation": "relu"}
     return pd.DataFrame(rows), {run: dict(config) for run in factors}
@@ -83,8 +83,8 @@ def test_a_deliberately_wrong_init_disagrees(one_thread, wrong):
                 for m in model.modules():
                     if isinstance(m, torch.nn.Conv2d):
                         m.weight.mul_(1.3)
-        run = "plain20-nobn" + (f"-s{seed}" if seed else "")
-        frames.append(measured(model, seed=seed).assign(**{S.RUN: run, S.SEED: seed}))
+        run = f"plain20-nobn-s{seed}"
+        frames.append(measured(model, seed=seed).assign(**{S.RUN: run, S.SEED: seed, S.CONFIG: "plain20-nobn"}))
         configs[run] = {**model.gradscope_config, "init": "kaiming", "batch_size": 16, "image_size": 16}
     v = G.verdicts(pd.concat(frames, ignore_index=True), configs=configs)
     fw = forward(v)

@@ -6,21 +6,25 @@ the claims from those and from the losses.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict
-from typing import Any, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 from gradscope import agreement as G
 from gradscope import analysis as A
-from gradscope.analysis.results import INIT, PHASE, TRAIN, Results
+from gradscope.analysis.results import Claim, Results
 from gradscope.analysis.trajectory import pool_seeds, trajectory
 from gradscope.study.alerts import study_alerts
 from gradscope.study.claims import all_claims, final_accuracy, final_losses
 from gradscope.study.runs import Settings, StudyResult
+from gradscope.words import INIT, PHASE, TRAIN
 
 
-def evaluate(study: StudyResult, settings: Settings, title: Optional[str] = None) -> Results:
-    """The results of ``study``: verdicts of both phases, pooled seeds, the training trajectory, the claims."""
+def evaluate(study: StudyResult, settings: Settings, title: Optional[str] = None, claims: bool = True) -> Results:
+    """The results of ``study``: verdicts of both phases, pooled seeds, the training trajectory, the claims.
+
+    ``claims``: False for studies the paper's claims do not speak about (a user's own model): no claims at all.
+    Claims about training are left out when nothing trained (an initialisation-only study).
+    """
     frames = {INIT: study.phase(INIT), TRAIN: study.phase(TRAIN) if PHASE in study.frame.columns else None}
     profiles = {p: A.Profiles(f) for p, f in frames.items() if f is not None and len(f)}
     verdicts: dict[str, Any] = {}
@@ -36,26 +40,33 @@ def evaluate(study: StudyResult, settings: Settings, title: Optional[str] = None
     trained = [r for r in study.configs if len(study.losses) and (study.losses["run"] == r).any()]
     finals = final_losses(study.losses, trained, settings.final_window)
     accuracy = final_accuracy(study.losses, trained, settings.final_window)
-    claims = (all_claims(pooled, study.configs, finals, settings.describe(), traj, accuracy)
-              if pooled is not None else [])
+    answered = (all_claims(pooled, study.configs, finals, settings.describe(), traj, accuracy)
+                if claims and pooled is not None else [])
     notes = [f"run {run} failed: {why}; its records so far are kept" for run, why in study.failed.items()]
     if study.interrupted:
         notes.append("interrupted: the results cover the steps recorded before the interruption")
-    alerts = study_alerts(frames[TRAIN], study.losses) if frames[TRAIN] is not None else None
+    decay = (settings.lr, settings.weight_decay, settings.momentum)
+    alerts = study_alerts(frames[TRAIN], study.losses, decay=decay) if frames[TRAIN] is not None else None
     return Results(title=title or profile_title(study.configs), frames=frames, profiles=profiles,
                    verdicts=verdicts, pooled=pooled, trajectory=traj, losses=study.losses, final_losses=finals,
-                   claims=claims, configs=study.configs, settings=asdict(settings), notes=notes,
+                   claims=applicable(answered, trained=bool(trained)), configs=study.configs,
+                   settings=asdict(settings), notes=notes,
                    failed=dict(study.failed), interrupted=study.interrupted,
                    thresholds={"vanish": A.VANISH, "explode": A.EXPLODE,
                                "reference_blocks": A.REFERENCE_LAYERS}, alerts=alerts)
 
 
+def applicable(claims: List[Claim], trained: bool) -> List[Claim]:
+    """The claims that apply: those about training only when something trained."""
+    return [c for c in claims if trained or c.phase != TRAIN]
+
+
 def profile_title(configs: Mapping[str, Mapping[str, Any]]) -> str:
     """The page title of a profile: its runs by name while they are few, else how many runs of which configurations
-    (run names less their seed suffix ``-sN``)."""
+    (each run's ``config`` fact; a run without one is its own configuration)."""
     runs = list(configs)
     if len(runs) <= 4:
         return "gradscope profile: " + ", ".join(runs)
-    bases = list(dict.fromkeys(re.sub(r"-s\d+$", "", run) for run in runs))
+    bases = list(dict.fromkeys(str(configs[run].get("config") or run) for run in runs))
     shown = ", ".join(bases[:8]) + (f" and {len(bases) - 8} more" if len(bases) > 8 else "")
     return f"gradscope profile: {len(runs)} runs of {shown}"

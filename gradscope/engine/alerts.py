@@ -304,7 +304,7 @@ def update_band(step: int, rows: List[Row], band: Optional[Tuple[float, float]],
         return None
     _, block, value = out[0]
     return Alert(step, UPDATE_BAND, block, S.UPDATE_RATIO, value, low if value < low else high,
-                 tuple(b for _, b, _ in out[1:]), _decay_note(value, decay_ratio))
+                 tuple(b for _, b, _ in out[1:]), note=_decay_note(value, decay_ratio))
 
 
 def divergence(step: int, rows: List[Row], loss: Optional[float], gradients: bool = True) -> Optional[Alert]:

@@ -114,7 +114,7 @@ def test_kinds_can_be_switched_off():
 def test_alert_as_dict_is_flat():
     row = Alert(3, "update_band", "b", "update_ratio", 0.5, 0.1, ("c", "d")).as_dict()
     assert row == {"step": 3, "kind": "update_band", "block": "b", "metric": "update_ratio", "value": 0.5,
-                   "threshold": 0.1, "others": "c d", "origin": ""}
+                   "threshold": 0.1, "others": "c d", "origin": "", "note": ""}
 
 
 @pytest.mark.parametrize("bad, word", [({"window": 2}, "window"), ({"warmup": 50}, "warmup"), ({"z": 0}, "z="),

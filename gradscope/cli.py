@@ -177,6 +177,7 @@ def _profile(args: argparse.Namespace) -> int:
             lambda p: (p.add_argument("folder", help="a folder written by 'gradscope profile' or attach(out=...)"),
                        p.add_argument("--out", help="where to write the report (default: the folder itself)")))
 def _report(args: argparse.Namespace) -> int:
+    from gradscope.pipeline import with_run_facts
     from gradscope.render.report import write_report
     from gradscope.store import load
 
@@ -185,7 +186,7 @@ def _report(args: argparse.Namespace) -> int:
         raise GradscopeError(f"no run folder at {str(folder)!r}; pass a folder written by gradscope profile")
     # records.parquet, parts, or the records/<run>/<phase>/ parts of a killed profile (a "phase" column, which the
     # report splits into its initialisation and training parts)
-    frame = load(folder)
+    frame = with_run_facts(load(folder), folder)  # a killed profile's parts: the runs' facts from provenance.json
     if frame.empty:
         raise GradscopeError(f"nothing was recorded in {str(folder)!r}; no report to write")
     out = Path(args.out or folder)

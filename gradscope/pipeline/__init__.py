@@ -5,10 +5,10 @@ writer; ``gradscope.cli`` parses flags into :func:`profile`'s keyword arguments 
 """
 from __future__ import annotations
 
-from gradscope.pipeline.core import profile, rank
+from gradscope.pipeline.core import profile, rank, with_run_facts
 from gradscope.pipeline.options import Options
 from gradscope.pipeline.policy import (EXIT_FAIL_ON, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED,
                                        EXIT_USAGE, FAIL_ON, Outcome, fail_on, outcome)
 
 __all__ = ["EXIT_FAIL_ON", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_TERMINATED", "EXIT_USAGE",
-           "FAIL_ON", "Options", "Outcome", "fail_on", "outcome", "profile", "rank"]
+           "FAIL_ON", "Options", "Outcome", "fail_on", "outcome", "profile", "rank", "with_run_facts"]

@@ -47,7 +47,7 @@ def profile(**options: Any) -> Results:
     train_set = _data(opts, specs)
     _check_first(specs, train_set, settings, device)
     out = _folder(opts.out) if opts.out is not None and rank == 0 else None
-    provenance = _provenance(opts, out, str(device))
+    provenance = _provenance(opts, out, str(device), specs)
     show = reporter(opts.progress) if rank == 0 else None
     try:
         with STOP.installed():
@@ -160,15 +160,45 @@ def _folder(out: Any) -> Path:
     return out
 
 
-def _provenance(opts: Options, out: Optional[Path], device: str) -> Any:
-    """``out/provenance.json``: the command line, every option, the seeds, versions, device (rank 0 only)."""
+def _provenance(opts: Options, out: Optional[Path], device: str, specs: List[RunSpec]) -> Any:
+    """``out/provenance.json``: the command line, every option, the seeds, versions, device, and each run's facts
+    (so that ``gradscope report`` on a killed profile's folder still knows them; rank 0 only)."""
     if out is None:
         return None
     from gradscope.engine.provenance import Provenance
 
     record = Provenance(out, "profile", opts.record(), seeds={"seeds": list(opts.seeds)}, device=device)
+    record.record[FACTS] = {s.name: s.facts() for s in specs}
     record.start()
     return record
+
+
+#: Key of provenance.json holding each run's facts (run -> config, seed, model, bn, residual, ...).
+FACTS = "run_facts"
+
+
+def with_run_facts(frame: Any, folder: Any) -> Any:
+    """``frame`` (records loaded from a profile folder) with each run's facts as columns, read from the folder's
+    provenance.json: a killed profile's parts carry no config column, and seeds pool by it. Unchanged without."""
+    import json
+
+    from gradscope import schema as S
+    from gradscope.engine.provenance import PROVENANCE_FILE
+
+    path = Path(folder) / PROVENANCE_FILE
+    try:
+        facts = json.loads(path.read_text()).get(FACTS) or {}
+    except (OSError, ValueError):
+        return frame
+    if S.RUN not in frame.columns or not facts:
+        return frame
+    out = frame.copy()
+    for column in S.CONFIG_COLUMNS:
+        if column not in out.columns:
+            values = out[S.RUN].map(lambda run: (facts.get(str(run)) or {}).get(column))
+            if values.notna().any():
+                out[column] = values
+    return out
 
 
 def _init_distributed(device: Any) -> int:

@@ -160,3 +160,18 @@ def test_losses_of_runs_whose_names_differ_by_a_suffix_are_not_pooled_by_name():
     rows = loss_rows(Results(title="t", frames={}, profiles={}, verdicts={}, configs=configs,
                              final_losses={"a-s0": 1.0, "a-s1-s0": 2.0}))
     assert [r[0] for r in rows[1:]] == ["a", "a-s1"]
+
+
+def test_report_of_a_killed_profile_pools_seeds_by_the_facts_in_provenance(tmp_path, capsys):
+    """A killed profile leaves only records/<run>/<phase>/ parts (no config column): `gradscope report` takes the
+    runs' facts from provenance.json, so seeds still pool by configuration."""
+    out = tmp_path / "p"
+    assert main(["profile", "--models", "plain20", "--bn", "off", "--seeds", "0,1", "--init-only", "--init-batches",
+                 "1", "--batch-size", "8", "--train-size", "32", "--image-size", "8", "--workers", "1", "--quiet",
+                 "--format", "records", "--out", str(out)]) == EXIT_OK
+    for path in out.iterdir():  # what a kill before the report leaves: the streamed parts and provenance.json
+        if path.is_file() and path.name != "provenance.json":
+            path.unlink()
+    assert main(["report", str(out)]) == EXIT_OK
+    pooled = pd.read_csv(out / "pooled.csv")
+    assert set(pooled["group"]) == {"plain20-nobn"} and set(pooled["n"]) == {2}

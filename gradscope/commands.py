@@ -116,7 +116,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _callable(spec: str, what: str) -> Callable[..., Any]:
-    from gradscope.study.userload import _import
+    from gradscope.study.task import _import
 
     if ":" not in spec:
         raise ModelError(f"{what} {spec!r} needs the form path/to/file.py:name or package.module:name")

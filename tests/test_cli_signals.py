@@ -32,7 +32,7 @@ def _start(out: Path, phase: str, parts: int, delay: float) -> subprocess.Popen:
                              "--input-shape", "3,8,8", "--train-size", "64", "--batch-size", "8", "--quiet",
                              "--every", "1", "--out", str(out), *OPTIONS[phase]],
                             env=env, stderr=subprocess.PIPE, text=True)
-    folder = out / "records" / "tiny" / phase
+    folder = out / "records" / "tiny-s0" / phase
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and len(list(folder.glob("part-*.parquet"))) < parts:
         time.sleep(0.02)
@@ -42,11 +42,11 @@ def _start(out: Path, phase: str, parts: int, delay: float) -> subprocess.Popen:
 
 
 def _check_records(out: Path, phase: str) -> None:
-    parts = sorted((out / "records" / "tiny" / phase).glob("part-*.parquet"))
+    parts = sorted((out / "records" / "tiny-s0" / phase).glob("part-*.parquet"))
     on_disk = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
     assert not on_disk.duplicated(KEY).any(), f"rows in two parts: {[p.name for p in parts]}"
     report = pd.read_parquet(out / "records.parquet")
-    report = report[report["run"] == "tiny"] if "run" in report.columns else report
+    report = report[report["run"] == "tiny-s0"] if "run" in report.columns else report
     streamed = set(on_disk[KEY].itertuples(index=False, name=None))
     assert streamed <= set(report[KEY].itertuples(index=False, name=None)), "a streamed row missing from the report"
     assert not report.duplicated(KEY).any()

@@ -177,7 +177,7 @@ class Probe:
         self.guarded: List[nn.Module] = []  # modules given the copy-and-pickle guard (released at remove())
         #: with ``root``: called at the model's first training forward of each recorded step (engine/replaced.py)
         self.root: Optional[nn.Module] = None
-        self.root_check: Optional[Callable[[], None]] = None
+        self.root_check: Optional[Callable[[], Optional[Callable[[], Any]]]] = None  # a weakref.WeakMethod
         self._guarded_ids: set = set()
         self.stacks: List[List[int]] = [[] for _ in sites]
         self.alive = True
@@ -240,7 +240,9 @@ class Probe:
         def root_hook(module: nn.Module, args: Any) -> None:
             if state.active and not state.root_checked and torch.is_grad_enabled() and not T.compiling():
                 state.root_checked = True
-                check()
+                method = check()  # a weak method: the scope's, while it lives
+                if method is not None:
+                    method()
             return None
 
         return root_hook
@@ -331,7 +333,8 @@ class Probe:
                 rec.add(state.step, site, call, m.forward, sums, y.numel(), spec.MOMENTS)
                 if m.shortcut:  # only a shortcut hook ever recalls it
                     self._remember(y, sums)
-            if m.batch and self._batch_step != state.step and y.dim() and not in_backward():
+            if m.batch and self._batch_step != state.step and y.dim() and fresh and \
+                    (state.depth.get(site) == 0 or not in_backward()):  # reentrant checkpointing: forward order
                 self._batch_step = state.step  # host-side shape: no device work, no sync
                 rec.add(state.step, site, call, (S.BATCH_SIZE,), (float(y.shape[0]),), 0, spec.VALUE)
             if m.grad_out and y.requires_grad:

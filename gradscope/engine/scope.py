@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
@@ -81,7 +82,8 @@ class Scope:
         self._watch = self._watch_optimizers(set(range(len(sites))))
         self._grad_timing = GradTiming(recorder, self._param_index, S.PARAM_GRAD_NORM in metrics.params)
         self._replacements = Replacements(model, sites)  # blocks replaced after attach are followed
-        self._probe.root, self._probe.root_check = model, self._follow_replacements
+        # weakly: the model must not keep its scope alive (a scope dropped without detach() writes its rows at __del__)
+        self._probe.root, self._probe.root_check = model, weakref.WeakMethod(self._follow_replacements)
         if recorder.active:
             self._probe.install()
         self._attached = True

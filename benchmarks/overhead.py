@@ -274,6 +274,17 @@ def measure_rss(steps: int) -> Dict[str, Dict[str, int]]:
     return out
 
 
+
+def _machine() -> str:
+    """CPU model, cores, torch threads and load average (benchmarks/machine.py), printed beside every ratio."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_machine", Path(__file__).resolve().parent / "machine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.describe()
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -294,6 +305,7 @@ def main() -> None:
     configs = ["baseline", "floor", "every1", "every10"] + ([] if args.quick else ["naive"])
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "models": {}}
     print(f"torch {torch.__version__}, 1 thread; ratio = step time / baseline, configurations interleaved")
+    print(f"machine: {_machine()}")
     for name in models:
         repeats = args.repeats or (quick_repeats(name) if args.quick else 8)
         r = ratios(time_model(name, repeats, steps_per_repeat(name), configs))

@@ -65,13 +65,23 @@ def test_floor_reads_every_block_output_gradient_and_parameter_gradient(overhead
 
 def test_gpu_check_compares_frames_and_flags_a_difference(one_thread):
     gpu_check = _load("gpu_check")
-    frame, errors, reads = gpu_check.recorded_frame("cpu", check_sync=False)
-    assert errors == [] and reads == ["tolist"]  # parameter norms: one transfer at scope.step()
+    frame, errors, reads, syncs = gpu_check.recorded_frame("cpu", check_sync=False)
+    assert errors == [] and reads == ["tolist"] and syncs == 1  # parameter norms: one transfer at scope.step()
     assert gpu_check.compare(frame, frame.copy(), 1e-3) == []
     changed = frame.copy()
     changed.loc[3, "value"] *= 1.01
     problems = gpu_check.compare(changed, frame, 1e-3)
     assert len(problems) == 1 and frame.loc[3, "metric"] in problems[0]
+
+
+def test_gpu_check_counts_one_read_back_per_compiled_recorded_step(one_thread):
+    """The dry run of gpu_check's compiled case: every measurement of the checked step comes back in one transfer
+    (the count a GPU run takes from set_sync_debug_mode), and the values equal the eager CPU run's."""
+    gpu_check = _load("gpu_check")
+    frame, errors, reads, syncs = gpu_check.recorded_frame("cpu", False, "encoder", "aot_eager")
+    assert errors == [] and reads == ["tolist"] and syncs == 1
+    eager, _, _, _ = gpu_check.recorded_frame("cpu", False, "encoder", None)
+    assert len(frame) == len(eager) > 0 and gpu_check.compare(frame, eager, 1e-4) == []
 
 
 def test_compile_overhead_times_compiled_twins_and_counts_graphs(monkeypatch, one_thread):

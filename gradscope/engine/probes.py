@@ -191,6 +191,7 @@ class Probe:
         self.traced: List[T.SiteBuffers] = []
         self._order: Dict[torch.device, torch.Tensor] = {}
         self.compiled = False  # traced hooks ran: module hooks then stay installed (no recompile per install)
+        self._drained: Optional[int] = None  # step drained just before the scope's flush (which then reads nothing)
         self._watch: Optional[T.CompileWatch] = None  # did Dynamo compile anything since attach (else: nothing to drain)
         #: ``keep(site, args, kwargs)``: called with each block call's inputs when set (the NaN operator tracer)
         self.keep: Optional[Callable[[int, Tuple[Any, ...], Dict[str, Any]], None]] = None
@@ -397,19 +398,32 @@ class Probe:
         T.note_post(self.traced[site], y, m.extras, bool(m.forward), tapped)
         return new if tapped else None
 
-    def drain_traced(self) -> None:
-        """Move what the traced hooks wrote in this step into the recorder's buffer (called by the scope)."""
-        if not self.traced or self._watch is None or not self._watch.seen:
-            return
-        self._watch.close()  # seen: no need to listen any more
-        state = self.state
+    def note_traced_scale(self) -> None:
+        """Under compile with a GradScaler: keep the scale the traced taps divided by (before parameter norms)."""
         if self.scale is not None and any(buf.leaf.grad is not None for buf in self.traced):
             factor = self.scale()
             if factor is not None:
-                state.note_grad_scale(factor)
+                self.state.note_grad_scale(factor)
+
+    def drain_traced(self, flush_next: bool = False) -> None:
+        """Move what the traced hooks wrote in this step into the recorder's buffer (called by the scope), reading it
+        back together with the step's other buffered measurements: one transfer for the whole recorded step.
+        ``flush_next``: the scope flushes right after, whose own call here then has nothing to read."""
+        drained, self._drained = self._drained, None
+        if drained == self.state.step:
+            return
+        if not self.traced or self._watch is None or not self._watch.seen:
+            return
+        self._drained = self.state.step if flush_next else None
+        self._watch.close()  # seen: no need to listen any more
+        state, rec = self.state, self.rec
+        self.note_traced_scale()
         subs = tuple(("_" + S.ACT_MEAN, metric, "_" + S.ACT_RMS) if on else ()
                      for metric, on in ((S.BRANCH_VAR, self.m.branch), (S.SHORTCUT_VAR, self.m.shortcut)))
-        if T.drain(self.traced, state.next_call, state.step, self.m.forward, subs, self.rec.add, self._warn_calls):
+        on_device = rec.reducer is not None  # a collective combines device values at the flush
+        pending = [] if on_device else [e for e in rec.buffer if isinstance(e.values, torch.Tensor)]
+        if T.drain(self.traced, state.next_call, state.step, self.m.forward, subs, rec.add, self._warn_calls,
+                   pending, on_device):
             self.compiled = True
         for order in self._order.values():
             order.zero_()

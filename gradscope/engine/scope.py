@@ -183,7 +183,14 @@ class Scope:
             followed = set()
             if not rec.state.root_checked:  # (the model's own forward checks at its first call: engine/replaced.py)
                 followed = self._follow_replacements()
-            self._probe.drain_traced()  # under torch.compile: call indices, depths and the scale the backward saw
+            self._probe.note_traced_scale()  # under torch.compile: the scale the backward saw (for parameter norms)
+            if self._metrics.params:
+                self._record_params(rec.step)
+            if self._metrics.optstate:  # Adam-family state (engine/optstate.py), of the blocks each optimizer updates
+                for opt, index in zip(self._optimizers, self._opt_indexes):
+                    record_optstate(rec, opt, index, len(self.sites), self._metrics.optstate)
+            # under torch.compile: call indices and depths; the step's measurements come back in one read
+            self._probe.drain_traced(flush_next=True)
             if not rec.state.any_block_ran() and rec.state.skipped and not self._warned_silent:
                 self._warned_silent = True
                 warnings.warn(
@@ -200,11 +207,6 @@ class Scope:
                     f"otherwise check that this scope is attached to the model you train.",
                     RuntimeWarning, stacklevel=2)
             self._warn_idle(rec, followed | self._replacements.gone)
-            if self._metrics.params:
-                self._record_params(rec.step)
-            if self._metrics.optstate:  # Adam-family state (engine/optstate.py), of the blocks each optimizer updates
-                for opt, index in zip(self._optimizers, self._opt_indexes):
-                    record_optstate(rec, opt, index, len(self.sites), self._metrics.optstate)
             try:
                 self._flush()
             finally:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import math
 import sys
 import weakref
 
@@ -267,74 +268,95 @@ def replace_first(value: Any, old: torch.Tensor, new: torch.Tensor) -> Tuple[Any
     return value, False
 
 
-def _read_meta(buffers: Sequence[SiteBuffers]) -> List[List[float]]:
-    """Per site ``[count, pre rows..., post meta..., sub meta...]`` on the host: one transfer per device."""
-    by_device: Dict[torch.device, List[int]] = {}
+def _site_tensors(buf: SiteBuffers) -> List[torch.Tensor]:
+    grad = buf.leaf.grad if buf.leaf.grad is not None else torch.full_like(buf.leaf, math.nan)
+    return [buf.count.reshape(1).to(torch.float64), buf.pre.reshape(-1), buf.post.reshape(-1),
+            buf.sub.reshape(-1), grad.detach().reshape(-1).to(torch.float64)]
+
+
+def read_back(buffers: Sequence[SiteBuffers], extra: Sequence[torch.Tensor]) -> Tuple[List[List[float]],
+                                                                                        List[List[float]]]:
+    """Everything the traced hooks wrote, per site, and the values of ``extra`` tensors (the step's other buffered
+    measurements), as host floats: one transfer per device, the step's only one."""
+    parts: Dict[torch.device, List[Tuple[int, int, torch.Tensor]]] = {}
     for i, buf in enumerate(buffers):
-        by_device.setdefault(buf.count.device, []).append(i)
-    out: List[List[float]] = [[] for _ in buffers]
-    for indices in by_device.values():
-        parts = [torch.cat([buffers[i].count.reshape(1).to(torch.float64), buffers[i].pre.reshape(-1),
-                            buffers[i].post[:, :_POST_META].reshape(-1), buffers[i].sub[:, :, :2].reshape(-1)])
-                 for i in indices]
-        flat = torch.cat(parts).tolist()
-        width = len(flat) // len(indices)
-        for j, i in enumerate(indices):
-            out[i] = flat[j * width:(j + 1) * width]
-    return out
+        for t in _site_tensors(buf):
+            parts.setdefault(t.device, []).append((0, i, t))
+    for j, t in enumerate(extra):
+        parts.setdefault(t.device, []).append((1, j, t.detach().reshape(-1).to(torch.float64)))
+    sites: List[List[float]] = [[] for _ in buffers]
+    others: List[List[float]] = [[] for _ in extra]
+    for items in parts.values():
+        flat = torch.cat([t for _, _, t in items]).tolist()
+        offset = 0
+        for kind, i, t in items:
+            n = t.numel()
+            (sites if kind == 0 else others)[i].extend(flat[offset:offset + n])
+            offset += n
+    return sites, others
 
 
 def drain(buffers: Sequence[SiteBuffers], next_call: Callable[[int], int], step: int, forward: Tuple[str, ...],
-          sub_groups: Sequence[Tuple[str, ...]], add: Callable[..., None],
-          multi_call: Callable[[int, int], None]) -> bool:
-    """Buffer entries (``add`` is the recorder's) for what the traced hooks wrote in one step, then reset the buffers.
+          sub_groups: Sequence[Tuple[str, ...]], put: Callable[..., None],
+          multi_call: Callable[[int, int], None], pending: Sequence[Any] = (), on_device: bool = False) -> bool:
+    """Buffer entries (``put`` is the recorder's ``add``) for what the traced hooks wrote in one step, then reset the
+    buffers.
 
     Calls are numbered per site in the order they ran (``next_call`` assigns call indices and fixes depths, as the
     eager hooks do); gradient norms are recorded for sites called once (``multi_call(site, calls)`` for the others: a
-    tap's row sums over calls). Values stay on their device (read back at the flush, combined across ranks there);
-    only the counts and flags come to the host here. Returns whether any traced hook ran.
+    tap's row sums over calls). The buffers and the device values of the ``pending`` entries (the step's other
+    measurements, whose ``values`` become host floats here) come back in one transfer, so the flush that follows
+    reads nothing more (``on_device``: the values go back to their device instead, without a sync, for a reducer
+    that combines them across ranks there). Returns whether any traced hook ran.
     """
-    metas = _read_meta(buffers)
+    extra = [e.values for e in pending]
+    sites, others = read_back(buffers, extra)
+    for entry, values in zip(pending, others):
+        entry.values = tuple(values)
+    pre_at = 1
+    post_at = pre_at + _PRE * MAX_CALLS
+    width = (len(sites[0]) - post_at - 2 * MAX_CALLS * _SUB - 4) // MAX_CALLS if sites else 0
+    sub_at = post_at + width * MAX_CALLS
+    grad_at = sub_at + 2 * MAX_CALLS * _SUB
     order: List[Tuple[float, int, int]] = []
-    for site, meta in enumerate(metas):
-        count = int(meta[0])
+    for site, flat in enumerate(sites):
+        count = int(flat[0])
         if count > MAX_CALLS:
             multi_call(site, count)
-        for k in range(min(count, MAX_CALLS)):
-            order.append((meta[1 + _PRE * k], site, k))
+        order.extend((flat[pre_at + _PRE * k], site, k) for k in range(min(count, MAX_CALLS)))
     if not order:
+        for buf in buffers:
+            buf.leaf.grad = None
         return False
     order.sort()
     calls: Dict[Tuple[int, int], int] = {}
     for _, site, k in order:
         calls[(site, k)] = next_call(site)
-    for site, (buf, meta) in enumerate(zip(buffers, metas)):
-        count = min(int(meta[0]), MAX_CALLS)
-        if not count:
-            continue
-        post_meta = 1 + _PRE * MAX_CALLS
-        sub_meta = post_meta + _POST_META * MAX_CALLS
-        post, sub = buf.post[:count, _POST_META:].clone(), buf.sub[:, :count, 2:].clone()
-        for k in range(count):
-            call = calls[(site, k)]
-            ran, numel, _ = meta[post_meta + _POST_META * k: post_meta + _POST_META * (k + 1)]
-            if ran and forward:
-                add(step, site, call, forward, post[k], int(numel), spec.MOMENTS)
+    for site, (buf, flat) in enumerate(zip(buffers, sites)):
+        count = int(flat[0])
+
+        def add(step: int, site: int, call: int, group: Tuple[str, ...], values: Tuple[float, ...], n: int,
+                layout: str, device: torch.device = buf.count.device) -> None:
+            put(step, site, call, group,
+                torch.tensor(values, dtype=torch.float64, device=device) if on_device else values, n, layout)
+
+        for k in range(min(count, MAX_CALLS)):
+            row = flat[post_at + width * k: post_at + width * (k + 1)]
+            if row[0] and forward:
+                add(step, site, calls[(site, k)], forward, tuple(row[_POST_META:]), int(row[1]), spec.MOMENTS)
             for g, group in enumerate(sub_groups):
-                sub_ran, sub_numel = meta[sub_meta + 2 * (g * MAX_CALLS + k): sub_meta + 2 * (g * MAX_CALLS + k) + 2]
-                if group and sub_ran:
-                    add(step, site, call, group, sub[g, k], int(sub_numel), spec.MOMENTS)
-        grad = buf.leaf.grad
-        if grad is not None:
-            if int(meta[0]) > 1:  # a tap's row sums over the calls: not a per-call norm
-                multi_call(site, int(meta[0]))
+                sub = flat[sub_at + _SUB * (g * MAX_CALLS + k): sub_at + _SUB * (g * MAX_CALLS + k + 1)]
+                if group and sub[0]:
+                    add(step, site, calls[(site, k)], group, tuple(sub[2:]), int(sub[1]), spec.MOMENTS)
+        grad = flat[grad_at:grad_at + 4]
+        if count and not math.isnan(grad[0]):
+            if count > 1:  # a tap's row sums over the calls: not a per-call norm
+                multi_call(site, count)
             else:
-                call = calls[(site, 0)]
-                tapped_in = meta[2]
-                numel, tapped_out = meta[post_meta + 1], meta[post_meta + 2]
+                numel, tapped_out = flat[post_at + 1], flat[post_at + 2]
                 if tapped_out:
-                    add(step, site, call, (S.GRAD_NORM,), grad[0], int(numel), spec.SQNORM)
-                if tapped_in:
-                    add(step, site, call, (S.GRAD_IN_NORM,), grad[1], int(numel), spec.SQNORM)
+                    add(step, site, calls[(site, 0)], (S.GRAD_NORM,), tuple(grad[0:2]), int(numel), spec.SQNORM)
+                if flat[pre_at + 1]:
+                    add(step, site, calls[(site, 0)], (S.GRAD_IN_NORM,), tuple(grad[2:4]), int(numel), spec.SQNORM)
         buf.reset()
     return True

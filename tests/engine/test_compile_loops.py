@@ -170,3 +170,30 @@ def test_routed_moe_with_checkpointed_experts_matches_eager(one_thread):
     compiled, _, _ = _run(copy.deepcopy(model), 4, "aot_eager")
     eager, _, _ = _run(copy.deepcopy(model), 4)
     _assert_same(eager, compiled)
+
+
+def test_a_compiled_recorded_step_reads_back_once(one_thread):
+    """The traced buffers, the parameter norms and every other measurement of a recorded step come back in one
+    transfer (on a GPU: one synchronisation per recorded step), and the forward and backward read nothing."""
+    from tests.engine.test_lifecycle import SyncCounter
+
+    torch.manual_seed(0)
+    model = _Checkpointed()
+    torch._dynamo.reset()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.attach(model, blocks=r"blocks\.\d+", optimizer=opt)
+    run = torch.compile(model, backend="aot_eager")
+    for step in range(3):
+        with SyncCounter() as during:
+            loss = run(_batch(step)).pow(2).mean()
+            loss.backward()
+        with SyncCounter() as at_step:
+            scope.step(loss)
+        opt.step()
+        opt.zero_grad()
+        if step:  # step 0 compiled (Dynamo may read values then)
+            assert during.calls == [] and at_step.calls == ["tolist"], (during.calls, at_step.calls)
+    scope.detach()
+    torch._dynamo.reset()
+    frame = scope.frame()
+    assert set(frame.metric) >= {"act_var", "grad_norm", "grad_in_norm", "param_grad_norm", "update_ratio"}

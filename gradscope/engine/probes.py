@@ -423,7 +423,7 @@ class Probe:
         on_device = rec.reducer is not None  # a collective combines device values at the flush
         pending = [] if on_device else [e for e in rec.buffer if isinstance(e.values, torch.Tensor)]
         if T.drain(self.traced, state.next_call, state.step, self.m.forward, subs, rec.add, self._warn_calls,
-                   pending, on_device):
+                   pending, on_device, self.m.batch and self._batch_step != state.step):
             self.compiled = True
         for order in self._order.values():
             order.zero_()

@@ -52,7 +52,7 @@ def device_of(modules: Iterable[torch.nn.Module]) -> torch.device:
 
 
 MAX_CALLS = 16  # calls of one site per step kept apart under compile (a later call overwrites the last row)
-_PRE, _POST_META, _SUB = 2, 3, 5  # widths: [order, input tapped]; [ran, numel, output tapped]; [ran, numel, 3 sums]
+_PRE, _POST_META, _SUB = 2, 4, 5  # widths: [order, input tapped]; [ran, numel, output tapped, batch]; [ran, numel, 3 sums]
 
 
 class CompileWatch:
@@ -128,7 +128,7 @@ class SiteBuffers:
     the whole frame). Rows are indexed by ``count`` read on the device: a call index costs no guard either.
 
     * ``pre[k]``  = ``[order of the call in the step (1, 2, ...), 1 if the input gradient is tapped]``
-    * ``post[k]`` = ``[1, numel, 1 if the output gradient is tapped, forward raw sums...]``
+    * ``post[k]`` = ``[1, numel, 1 if the output gradient is tapped, leading dimension (-1: 0-dim), raw sums...]``
     * ``sub[g, k]`` = ``[1, numel, shift, sum, sum of squares]`` of the residual branch (g=0) / shortcut (g=1)
     * ``leaf``: its ``.grad`` row 0 (output) / 1 (input) is ``[sum of ||g||^2 over the taps, taps that ran]``
     """
@@ -172,7 +172,7 @@ def note_post(buf: SiteBuffers, y: torch.Tensor, extras: Sequence[Tuple[str, ...
               tapped: bool) -> None:
     """Traced forward hook: the output's element count, whether its gradient is tapped, and its raw sums."""
     y = y.detach()
-    meta = _const(buf.post, 1.0, y.numel(), float(tapped))
+    meta = _const(buf.post, 1.0, y.numel(), float(tapped), y.shape[0] if y.dim() else -1)
     parts = [meta, traced_sums(y, extras)] if forward else [meta]
     buf.post.index_copy_(0, _open_call(buf), _row(*parts))
 
@@ -298,7 +298,8 @@ def read_back(buffers: Sequence[SiteBuffers], extra: Sequence[torch.Tensor]) -> 
 
 def drain(buffers: Sequence[SiteBuffers], next_call: Callable[[int], int], step: int, forward: Tuple[str, ...],
           sub_groups: Sequence[Tuple[str, ...]], put: Callable[..., None],
-          multi_call: Callable[[int, int], None], pending: Sequence[Any] = (), on_device: bool = False) -> bool:
+          multi_call: Callable[[int, int], None], pending: Sequence[Any] = (), on_device: bool = False,
+          batch: bool = False) -> bool:
     """Buffer entries (``put`` is the recorder's ``add``) for what the traced hooks wrote in one step, then reset the
     buffers.
 
@@ -306,7 +307,8 @@ def drain(buffers: Sequence[SiteBuffers], next_call: Callable[[int], int], step:
     eager hooks do); gradient norms are recorded for sites called once (``multi_call(site, calls)`` for the others: a
     tap's row sums over calls). The buffers and the device values of the ``pending`` entries (the step's other
     measurements, whose ``values`` become host floats here) come back in one transfer, so the flush that follows
-    reads nothing more (``on_device``: the values go back to their device instead, without a sync, for a reducer
+    reads nothing more (``batch``: one ``batch_size`` row per step, at the first call that ran with a batch
+    dimension, as the eager hooks write it; ``on_device``: the values go back to their device instead, without a sync, for a reducer
     that combines them across ranks there). Returns whether any traced hook ran.
     """
     extra = [e.values for e in pending]
@@ -332,6 +334,12 @@ def drain(buffers: Sequence[SiteBuffers], next_call: Callable[[int], int], step:
     calls: Dict[Tuple[int, int], int] = {}
     for _, site, k in order:
         calls[(site, k)] = next_call(site)
+    post_batch = post_at + width * 0 + 3
+    for _, site, k in order if batch else ():
+        row_batch = sites[site][post_batch + width * k]
+        if sites[site][post_at + width * k] and row_batch >= 0:
+            put(step, site, calls[(site, k)], (S.BATCH_SIZE,), (float(row_batch),), 0, spec.VALUE)
+            break
     for site, (buf, flat) in enumerate(zip(buffers, sites)):
         count = int(flat[0])
 

@@ -39,16 +39,42 @@ def _rgba(hex_color: str, alpha: float) -> str:
     return f"rgba({int(h[0:2], 16)},{int(h[2:4], 16)},{int(h[4:6], 16)},{alpha})"
 
 
-def loss_figure(losses: pd.DataFrame) -> Optional[str]:
-    """Training loss per configuration: mean over seeds (line) and the seeds' range (band), one legend entry each."""
+def chance_levels(losses: pd.DataFrame, configs: Optional[Dict[str, Dict[str, Any]]]) -> Dict[str, int]:
+    """Configuration -> number of classes, from each run's ``num_classes`` config fact (chance = ln of it);
+    a configuration whose runs do not all say the same number is left out (its chance is unknown)."""
+    configs = configs or {}
+    seen: Dict[str, set] = {}
+    for group, run in zip(configurations(losses), losses[S.RUN].astype(str)):
+        n = (configs.get(run) or {}).get("num_classes")
+        seen.setdefault(group, set()).add(int(n) if n else None)
+    return {g: ns.pop() for g, ns in seen.items() if len(ns) == 1 and None not in ns}
+
+
+def _chance_lines(fig: Any, classes: Dict[str, int], colors: Dict[str, str]) -> None:
+    """One dotted chance line per distinct number of classes (coloured as its configuration when only one
+    configuration has that number); nothing where no configuration's number of classes is known."""
+    by_n: Dict[int, List[str]] = {}
+    for group, n in classes.items():
+        by_n.setdefault(n, []).append(group)
+    for n, groups in sorted(by_n.items()):
+        whose = "" if len(by_n) == 1 else f" {', '.join(groups)}"
+        color = colors.get(groups[0], "#888") if len(groups) == 1 and len(by_n) > 1 else "#888"
+        fig.add_hline(y=float(np.log(n)), line_dash="dot", line_color=color,
+                      annotation_text=f"chance{whose} (ln {n})", annotation_position="top right")
+
+
+def loss_figure(losses: pd.DataFrame, configs: Optional[Dict[str, Dict[str, Any]]] = None) -> Optional[str]:
+    """Training loss per configuration: mean over seeds (line) and the seeds' range (band), one legend entry each;
+    chance, ln(classes), dotted for each configuration whose runs' configs give ``num_classes``."""
     import plotly.graph_objects as go
 
     if losses is None or losses.empty:
         return None
     data = losses.assign(group=configurations(losses).to_numpy())
     fig = go.Figure()
+    colors: Dict[str, str] = {}
     for i, (group, g) in enumerate(data.groupby("group", sort=False)):
-        color = _PALETTE[i % len(_PALETTE)]
+        color = colors[str(group)] = _PALETTE[i % len(_PALETTE)]
         wide = g.pivot_table(index=S.STEP, columns=S.RUN, values="loss", aggfunc="mean", dropna=False)
         steps = wide.index.to_numpy()
         mean = wide.mean(axis=1, skipna=False).to_numpy()
@@ -60,8 +86,7 @@ def loss_figure(losses: pd.DataFrame) -> Optional[str]:
         fig.add_trace(go.Scatter(x=steps, y=mean, mode="lines", line={"color": color, "width": 2},
                                  legendgroup=group, name=f"{group} (mean of {n} seed{'s' if n > 1 else ''})",
                                  hovertemplate="step %{x}<br>loss %{y:.3f}<extra>" + group + "</extra>"))
-    fig.add_hline(y=float(np.log(10)), line_dash="dot", line_color="#888",
-                  annotation_text="chance (ln 10)", annotation_position="top right")
+    _chance_lines(fig, chance_levels(losses, configs), colors)
     fig.update_layout(title="Training loss: mean over seeds (line) and their range (band)", xaxis_title="step",
                       yaxis_title="cross-entropy loss (nats)", height=420, margin={"t": 50, "b": 40})
     return _html(fig, "fig-losses")
@@ -160,7 +185,7 @@ def figures(results: Any) -> Dict[str, List[str]]:
 
     out: Dict[str, List[str]] = {"losses": [], "init": [], "train": []}
     config_of = results_configurations(results)
-    fig = loss_figure(results.losses) if results.final_losses else None
+    fig = loss_figure(results.losses, results.configs) if results.final_losses else None
     if fig:
         out["losses"].append(fig)
     for metric in (S.ACT_VAR, S.GRAD_NORM):

@@ -134,6 +134,18 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=d.workers,
                    help="processes for the runs, one torch thread each (default 0: one per core)")
     g.add_argument("--device", default=d.device, help="cpu, cuda or auto (default)")
+    g = p.add_argument_group("where the runs execute")
+    g.add_argument("--executor", choices=("local", "ray"), default=d.executor,
+                   help="local worker processes (default) or a Ray cluster, each run a task (pip install "
+                        "'torch-gradscope[ray]')")
+    g.add_argument("--address", help="the Ray cluster to join ('auto', 'ray://host:10001'; default: a local one)")
+    g.add_argument("--resume", action="store_true",
+                   help="reuse the runs that already finished in --out instead of running them again")
+    g = p.add_argument_group("He et al.'s CIFAR-10 recipe (docs/recipe.md)")
+    g.add_argument("--recipe", help="he2016 (64k iterations) or he2016-short (4k); needs --data DIR")
+    g.add_argument("--iterations", type=_positive, help="run the recipe over N iterations, milestones scaled alike")
+    g.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    g.add_argument("--channels-last", action="store_true", help="channels-last images and weights")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="report folder (default ./gradscope-report/<timestamp>)")
     g.add_argument("--format", choices=("full", "records"), default=d.format,
@@ -153,6 +165,8 @@ def _profile(args: argparse.Namespace) -> int:
     from gradscope.pipeline import Options, outcome, profile, rank
 
     options = {f.name: getattr(args, f.name) for f in fields(Options) if hasattr(args, f.name)}
+    if args.resume and not args.out:  # the default folder is new each time: there would be nothing to resume
+        raise GradscopeError("--resume needs --out: the folder of the study to resume")
     out = Path(args.out) if args.out else Path("gradscope-report") / time.strftime("%Y%m%d-%H%M%S")
     results = profile(**{**options, "out": out, "progress": not (args.quiet or args.json)})
     result = outcome(results, args.fail_on, STOP.signal, where=str(out))

@@ -32,11 +32,11 @@ def test_metadata_lives_in_pyproject_only():
 
 def test_each_integration_has_its_extra_and_the_tests_install_them():
     extras = _pyproject()["project"]["optional-dependencies"]
-    for name in ("lightning", "transformers", "tensorboard", "wandb", "mlflow", "all", "test"):
+    for name in ("lightning", "transformers", "tensorboard", "wandb", "mlflow", "ray", "all", "test"):
         assert name in extras
-    assert extras["all"] == ["torch-gradscope[lightning,transformers,tensorboard,wandb,mlflow]"]
+    assert extras["all"] == ["torch-gradscope[lightning,transformers,tensorboard,wandb,mlflow,ray]"]
     tested = {r.split(">")[0].split("=")[0] for r in extras["test"]}
-    for name in ("lightning", "transformers", "accelerate", "tensorboard", "wandb", "mlflow-skinny"):
+    for name in ("lightning", "transformers", "accelerate", "tensorboard", "wandb", "mlflow-skinny", "ray"):
         assert name in tested
     assert not any(r.startswith(("torch", "torchvision")) for r in extras["test"])
 

@@ -43,15 +43,16 @@ def profile(**options: Any) -> Results:
     device = resolve_device(opts.device)
     rank = _init_distributed(device)
     specs = opts.specs()
-    settings = opts.settings(str(device))
-    train_set = _data(opts, specs)
-    _check_first(specs, train_set, settings, device)
+    settings = opts.recipe_settings(str(device)) if opts.recipe else opts.settings(str(device))
+    train_set = _recipe_data(opts, settings) if opts.recipe else _data(opts, specs)
+    if not opts.recipe:
+        _check_first(specs, train_set, settings, device)
     out = _folder(opts.out) if opts.out is not None and rank == 0 else None
     provenance = _provenance(opts, out, str(device), specs)
     show = reporter(opts.progress) if rank == 0 else None
     try:
         with STOP.installed():
-            study = _run(specs, train_set, settings, out, show)
+            study = _run(specs, train_set, settings, out, show, opts)
             study.interrupted = study.interrupted or STOP.signal is not None
             results = _evaluate(study, settings, specs, opts)
             if out is not None:
@@ -77,15 +78,21 @@ def _signature() -> inspect.Signature:
 profile.__signature__ = _signature()  # type: ignore[attr-defined]
 
 
-def _run(specs: List[RunSpec], train_set: Any, settings: Settings, out: Optional[Path], show: Any) -> StudyResult:
+def _run(specs: List[RunSpec], train_set: Any, settings: Any, out: Optional[Path], show: Any,
+         opts: Options) -> StudyResult:
+    where = {"executor": opts.executor, "address": opts.address, "resume": opts.resume}
+    if opts.recipe:
+        from gradscope.study.recipe_train import recipe_job
+
+        where["job"] = recipe_job
     if show is None:
-        return run_study(specs, train_set, settings, out=out, on_step=STOP.check)
+        return run_study(specs, train_set, settings, out=out, on_step=STOP.check, **where)
     show.start(total_steps(specs, settings), len(specs))
     interrupted = True
     try:
         study = run_study(specs, train_set, settings, out=out,
                           on_step=lambda phase, n: (STOP.check(), show.step(phase, n)),
-                          on_run=lambda spec: show.run(spec.name))
+                          on_run=lambda spec: show.run(spec.name), **where)
         interrupted = study.interrupted
         return study
     finally:
@@ -130,6 +137,14 @@ def _data(opts: Options, specs: List[RunSpec]) -> Any:
     if opts.data == "synthetic":
         return synthetic(n_train=opts.train_size, n_test=0, seed=0, image_size=opts.image_size)[0]
     return load_cifar10(opts.data)[0]
+
+
+def _recipe_data(opts: Options, settings: Any) -> Any:
+    """The recipe's splits of the local CIFAR-10 copy at ``--data``, normalised by its per-pixel mean."""
+    from gradscope.data import read_cifar10_pixels
+    from gradscope.study.recipe import prepare
+
+    return prepare(*read_cifar10_pixels(opts.data), settings.recipe)
 
 
 def _check_first(specs: List[RunSpec], train_set: Any, settings: Settings, device: Any) -> None:

@@ -51,6 +51,15 @@ class Options:
     image_size: int = _D.image_size
     workers: int = _D.workers
     device: str = "auto"
+    # where the runs execute
+    executor: str = "local"
+    address: Optional[str] = None
+    resume: bool = False
+    # He et al.'s CIFAR-10 recipe (docs/recipe.md)
+    recipe: Optional[str] = None
+    iterations: Optional[int] = None
+    amp: bool = False
+    channels_last: bool = False
     # output
     out: Optional[Union[str, Path]] = None
     format: str = "full"
@@ -88,6 +97,23 @@ class Options:
         if self.input_shape and not self.model:
             raise GradscopeError(f"--input-shape {','.join(map(str, self.input_shape))} applies to --model only; "
                                  f"the built-in nets take 3,32,32")
+        _choice("executor", self.executor, ("local", "ray"))
+        if self.resume and self.out is None:
+            raise GradscopeError("--resume needs --out: the folder of the study to resume")
+        if self.iterations is not None and (isinstance(self.iterations, bool) or not isinstance(self.iterations, int)
+                                            or self.iterations < 1):
+            raise GradscopeError(f"--iterations {self.iterations!r} must be an integer >= 1")
+        if self.recipe is not None:
+            from gradscope.study.recipe import get
+
+            get(self.recipe)
+            if self.model is not None:
+                raise GradscopeError("--recipe trains the paper's CIFAR nets; it does not apply to --model")
+            if self.data == "synthetic":
+                raise GradscopeError("--recipe needs CIFAR-10: pass --data DIR, a local copy of the 'CIFAR-10 "
+                                     "python version' (nothing is downloaded)")
+        elif self.iterations is not None:
+            raise GradscopeError("--iterations applies to --recipe; the default study counts --steps")
         if self.model is not None and (self.models or self.depths):
             raise GradscopeError("--model (your own model) and --models/--depths (built-in nets) exclude each "
                                  "other; pass one of them")
@@ -104,9 +130,32 @@ class Options:
                         init_batches=self.init_batches, device=device, workers=self.workers,
                         image_size=self.image_size if self.data == "synthetic" else 32)
 
+    def recipe_settings(self, device: str) -> Any:
+        """The :class:`~gradscope.study.recipe_train.RecipeSettings` of a recipe study on ``device``."""
+        from gradscope.study.recipe import get
+        from gradscope.study.recipe_train import RecipeSettings
+
+        recipe = get(self.recipe)
+        if self.iterations is not None:
+            recipe = recipe.shortened(self.iterations)
+        return RecipeSettings(recipe=recipe, device=device, amp=self.amp, channels_last=self.channels_last,
+                              workers=self.workers, init_batches=self.init_batches)
+
     def specs(self) -> List[RunSpec]:
-        """One spec per run: the user's model per seed, or the built-in grid (models x depths x bn x seeds)."""
+        """One spec per run: the user's model per seed, the recipe's nets per seed, or the built-in grid (models x
+        depths x bn x seeds)."""
         blocks = selector(self.blocks)
+        if self.recipe is not None:
+            from dataclasses import replace
+
+            from gradscope.study.recipe import get
+            from gradscope.study.recipe_train import recipe_spec
+
+            recipe = get(self.recipe)
+            specs = [replace(recipe_spec(m, s, recipe), blocks=blocks)
+                     for m in (self.models or recipe.models) for s in self.seeds]
+            check_unique(specs)
+            return specs
         if self.model is not None:
             specs = user_specs(self.model, self.seeds, tuple(self.input_shape) if self.input_shape else None,
                                blocks)

@@ -28,6 +28,7 @@ import pandas as pd
 from gradscope import agreement as G
 from gradscope import analysis as A
 from gradscope import schema as S
+from gradscope.analysis.curves import curves, has_curves, table6
 from gradscope.analysis.results import INIT, PHASE, TRAIN, Results
 from gradscope.analysis.trajectory import pool_seeds, trajectory
 from gradscope.errors import DataError, OutputError
@@ -39,6 +40,8 @@ INIT_VERDICTS_CSV, TRAJECTORY_CSV, POOLED_CSV, LOSSES_CSV = "init_verdicts.csv",
     "losses.csv"
 INIT_RECORDS = "init_records.parquet"
 ALERTS_CSV = ALERTS_FILE  # the training alerts of every run: run + gradscope.schema.ALERT_COLUMNS
+#: A recipe study's error curves (analysis.curves.CURVE_COLUMNS), their figure, and the Table 6 comparison.
+ERROR_CURVES_CSV, ERROR_CURVES_PNG, TABLE6_CSV = "error_curves.csv", "error_curves.png", "table6.csv"
 __all__ = ["CSV", "DTYPES", "HTML", "PARQUET", "SUMMARY", "VERDICTS_CSV", "draw_figures", "results_of_frame",
            "write_folder", "write_report"]
 
@@ -166,6 +169,18 @@ def write_folder(results: Results, out: Union[str, Path], *, format: str = "full
                                       vanish=results.thresholds.get("vanish", A.VANISH),
                                       explode=results.thresholds.get("explode", A.EXPLODE), dpi=dpi,
                                       profiles=results.profiles.get(main), theory=main == INIT)
+    if has_curves(results.losses):  # a recipe study: Fig. 6's error curves and Table 6's comparison
+        curve_rows = curves(results.losses, results.configs)
+        _write_csv(out / ERROR_CURVES_CSV, curve_rows)
+        _write_csv(out / TABLE6_CSV, table6(curve_rows))
+        if format == "full":
+            from gradscope.render.curves import error_figure
+
+            _save(error_figure(curve_rows), out / ERROR_CURVES_PNG, dpi)
+            figures.append({"file": ERROR_CURVES_PNG, "metric": "error",
+                            "caption": "Training error (dashed) and test error (bold) over iterations, as in He et "
+                                       "al. 2016, Fig. 6; bands span the seeds. Final test errors beside the "
+                                       f"paper's Table 6: {TABLE6_CSV}."})
     _write_text(out / SUMMARY, summary_markdown(results, figures, notes))
     _write_text(out / CLAIMS, claims_markdown(results))
     summary = {"report": str(out), **results.summary()}

@@ -60,7 +60,7 @@ def _progress(name: str) -> Callable[[str, int], None]:
 
 def _work(job: Callable[..., Any], spec: Any, train_set: Any, settings: Any, out: Optional[Path]
           ) -> Tuple[Any, Optional[str], bool]:
-    """In a worker: ``job(spec, train_set, settings, out, on_step, sink)`` (:func:`runs.job`), one run.
+    """In a worker: ``job(spec, train_set, settings, out, on_step, sink)`` (:func:`runs.measure_job` or a recipe's job), one run.
 
     Returns ``(triple or None, error or None, interrupted)``; a GradscopeError (bad input) propagates.
     """
@@ -81,7 +81,7 @@ def _work(job: Callable[..., Any], spec: Any, train_set: Any, settings: Any, out
 def run_parallel(job: Callable[..., Any], specs: Sequence[Any], train_set: Any, settings: Any,
                  out: Optional[Path], workers: int, on_step: Optional[Callable[[str, int], None]],
                  on_run: Optional[Callable[[Any], None]]) -> Tuple[Dict[str, Any], Dict[str, str], bool]:
-    """Run ``specs`` on ``workers`` processes; ``(done, failed, interrupted)`` as ``runs._run_here`` gives."""
+    """Run ``specs`` on ``workers`` processes; ``(done, failed, interrupted)`` as :func:`gradscope.study.executors.run_here` gives."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     done: Dict[str, Any] = {}

@@ -32,11 +32,6 @@ import torch.nn.functional as F
 
 from gradscope.errors import GradscopeError
 
-#: Table 6 of the paper: CIFAR-10 test error (%) of the residual nets. For ResNet-110 the table gives the best of
-#: five runs, 6.43, with "6.61±0.16" (mean ± std over the five) beside it.
-PAPER_TEST_ERROR: Dict[str, float] = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97,
-                                      "resnet110": 6.43}
-PAPER_RESNET110_MEAN_STD = (6.61, 0.16)
 
 
 @dataclass(frozen=True)

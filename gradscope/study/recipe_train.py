@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -18,14 +18,16 @@ import torch
 from torch import nn
 
 from gradscope import schema as S
+from gradscope.analysis.curves import curves
 from gradscope.engine.scope import attach
-from gradscope.study.recipe import Recipe, RecipeData, WarmUp, batches, error_rate
+from gradscope.study.recipe import HE2016, Recipe, RecipeData, WarmUp, batches, error_rate
+from gradscope.study.runs import LOSS_COLUMNS as STUDY_LOSS_COLUMNS, _config_of, _label
+from gradscope.study.specs import RunSpec, grid
+from gradscope.words import INIT, TRAIN
 
 #: Columns of a recipe run's per-iteration table: the study's loss columns, then the learning rate, and the
 #: validation and test error measured after that iteration (NaN where no evaluation ran).
-LOSS_COLUMNS = (S.RUN, S.STEP, "loss", "accuracy", "lr", "val_error", "test_error")
-#: Columns of the error curves (one row per evaluation point of one run), derived by :func:`curves`.
-CURVE_COLUMNS = (S.RUN, "model", "seed", "iteration", "lr", "train_loss", "train_error", "val_error", "test_error")
+LOSS_COLUMNS = STUDY_LOSS_COLUMNS + ("lr", "val_error", "test_error")
 
 
 @dataclass
@@ -42,12 +44,58 @@ class RecipeRun:
         return curves(self.losses, {self.losses[S.RUN].iloc[0]: self.config} if len(self.losses) else {})
 
 
-def build_net(model: str, recipe: Recipe, seed: int) -> nn.Module:
-    """The paper's net ``model`` (e.g. ``resnet110``): He init, BN, the recipe's shortcut for residual nets."""
-    from gradscope.models import build
+@dataclass
+class RecipeSettings:
+    """How a recipe study runs: the recipe, where, and the study-level numbers every study has (``steps``,
+    ``batch_size``, ``lr``, ... read from the recipe, so claims, alerts and reports read a recipe study as any)."""
 
-    options = {"shortcut": recipe.shortcut} if model.startswith("resnet") else {}
-    return build(model, seed=seed, **options)
+    recipe: Recipe = field(default_factory=lambda: HE2016)
+    device: str = "cpu"
+    amp: bool = False
+    channels_last: bool = False
+    workers: int = 0
+    init_batches: int = 2
+    #: iterations whose mean training loss is a run's final loss for the training claims.
+    final_window: int = 50
+
+    @property
+    def steps(self) -> int:
+        return self.recipe.iterations
+
+    @property
+    def batch_size(self) -> int:
+        return self.recipe.batch_size
+
+    @property
+    def lr(self) -> float:
+        return self.recipe.lr
+
+    @property
+    def momentum(self) -> float:
+        return self.recipe.momentum
+
+    @property
+    def weight_decay(self) -> float:
+        return self.recipe.weight_decay
+
+    @property
+    def every(self) -> int:
+        return self.recipe.record_every
+
+    def describe(self) -> str:
+        r = self.recipe
+        return (f"recipe {r.name}: {r.iterations} SGD iterations (lr {r.lr:g} divided by 10 at "
+                f"{', '.join(str(m) for m in r.milestones)}; momentum {r.momentum:g}, weight decay "
+                f"{r.weight_decay:g}, batch {r.batch_size}, pad-{r.pad} crops and flips; mean loss of the last "
+                f"{self.final_window} iterations)")
+
+
+def recipe_spec(model: str, seed: int, recipe: Recipe = HE2016) -> RunSpec:
+    """The run spec of the paper's net ``model`` (e.g. ``resnet110``) under ``recipe``: BN, He init, its shortcut."""
+    shortcut = None if recipe.shortcut == "A" else recipe.shortcut  # option A is the nets' default
+    return grid([model], bn=(True,), seeds=(seed,), shortcut=shortcut)[0]
+
+
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -57,40 +105,66 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def train_run(model: str, recipe: Recipe, data: RecipeData, *, seed: int = 0, device: str = "cpu",
               out: Optional[Path] = None, amp: bool = False, channels_last: bool = False, blocks: Any = "auto",
-              on_iteration: Optional[Callable[[int], None]] = None) -> RecipeRun:
+              init_batches: int = 2, spec: Optional[RunSpec] = None,
+              on_iteration: Optional[Callable[[int], None]] = None,
+              sink: Optional[List[Any]] = None) -> RecipeRun:
     """Train ``model`` by ``recipe`` on ``data``; the data order and the weights both follow ``seed``.
 
-    ``amp`` runs the forward under bfloat16 autocast on CUDA (no loss scaling needed); ``channels_last`` stores
-    images and weights channels-last (faster convolutions on recent GPUs). Records stream to ``out`` when given.
+    First ``init_batches`` recorded forward/backward passes without an update (phase ``init``), then the recipe
+    (phase ``train``). ``amp`` runs the forward under bfloat16 autocast on CUDA (no loss scaling needed);
+    ``channels_last`` stores images and weights channels-last (faster convolutions on recent GPUs). Records stream
+    to ``out`` when given. ``sink`` receives ``(frame, losses, config)`` even when the run is interrupted.
     """
     import pandas as pd
 
+    spec = spec or recipe_spec(model, seed, recipe)
+    if blocks != "auto":
+        from dataclasses import replace
+
+        spec = replace(spec, blocks=blocks)
     torch_device = torch.device(device)
-    net = build_net(model, recipe, seed).to(torch_device)
+    net = spec.build().to(torch_device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    config = dict(getattr(net, "gradscope_config", {}))
-    config.update(recipe=recipe.name, seed=seed, batch_size=recipe.batch_size, image_size=32)
+    settings = RecipeSettings(recipe=recipe, device=device, init_batches=init_batches)
     optimizer = torch.optim.SGD(net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
-    warm = WarmUp(recipe, int(config.get("depth", 0)))
+    warm = WarmUp(recipe, int(spec.depth or 0))
     loss_fn = nn.CrossEntropyLoss()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if amp and torch_device.type == "cuda"
                 else nullcontext())
     stream = batches(data, recipe, seed)
     rows: List[tuple] = []
-    name = run_name(model, seed)
+    frames: List[Any] = []
+    config: Dict[str, Any] = {}
     net.train()
-    scope = attach(net, blocks=blocks, every=recipe.record_every, optimizer=optimizer, on_nonfinite="ignore",
-                   out=None if out is None else Path(out) / "train")
+
+    def next_batch() -> tuple:
+        x, y = next(stream)
+        x, y = x.to(torch_device, non_blocking=True), y.to(torch_device, non_blocking=True)
+        return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
+
+    init_scope = scope = None
     try:
+        init_scope = attach(net, blocks=spec.blocks, on_nonfinite="ignore",
+                            out=None if out is None else Path(out) / INIT)
+        for _ in range(init_batches):
+            x, y = next_batch()
+            config = config or {**_config_of(spec, net, settings, (x, y)), "recipe": recipe.name, "num_classes": 10}
+            with autocast:
+                loss_fn(net(x).float(), y).backward()
+            init_scope.step()
+            net.zero_grad(set_to_none=True)
+        init_scope.detach()
+        frames.append(_label(init_scope.frame(), spec, config, INIT))
+        init_scope = None
+        scope = attach(net, blocks=spec.blocks, every=recipe.record_every, optimizer=optimizer,
+                       on_nonfinite="ignore", out=None if out is None else Path(out) / TRAIN)
         for iteration in range(recipe.iterations):
             lr = recipe.lr_at(iteration, warm.active)
             _set_lr(optimizer, lr)
-            x, y = next(stream)
-            x, y = x.to(torch_device, non_blocking=True), y.to(torch_device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, y = next_batch()
+            config = config or {**_config_of(spec, net, settings, (x, y)), "recipe": recipe.name, "num_classes": 10}
             with autocast:
                 logits = net(x)
                 loss = loss_fn(logits.float(), y)
@@ -105,61 +179,36 @@ def train_run(model: str, recipe: Recipe, data: RecipeData, *, seed: int = 0, de
             if (iteration + 1) % recipe.eval_every == 0 or iteration + 1 == recipe.iterations:
                 val = error_rate(net, data.val_x, data.val_y, torch_device, channels_last=channels_last)
                 test = error_rate(net, data.test_x, data.test_y, torch_device, channels_last=channels_last)
-            rows.append((name, iteration, loss_value, 1.0 - batch_error, lr, val, test))
+            rows.append((spec.name, spec.config, spec.seed, iteration, loss_value, 1.0 - batch_error, lr, val, test))
             if on_iteration is not None:
                 on_iteration(iteration)
             if not math.isfinite(loss_value):
                 break  # a diverged run: keep what it recorded; its curves end where it stopped
     finally:
-        scope.detach()
-    frame = scope.frame()
-    frame[S.RUN], frame[S.MODEL], frame[S.SEED] = name, model, seed
-    frame[S.BN], frame[S.RESIDUAL] = config.get("bn"), config.get("residual")
-    frame[S.SHORTCUT], frame[S.INIT] = config.get("shortcut"), config.get("init")
-    return RecipeRun(frame=frame, losses=pd.DataFrame(rows, columns=list(LOSS_COLUMNS)), config=config,
-                     warmup_ended_at=warm.ended_at)
+        for phase, open_scope in ((INIT, init_scope), (TRAIN, scope)):
+            if open_scope is not None:
+                open_scope.detach()
+                frames.append(_label(open_scope.frame(), spec, config, phase))
+        config["warmup_ended_at"] = warm.ended_at
+        result = RecipeRun(frame=pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(),
+                           losses=pd.DataFrame(rows, columns=list(LOSS_COLUMNS)), config=config,
+                           warmup_ended_at=warm.ended_at)
+        if sink is not None:
+            sink.append((result.frame, result.losses, result.config))
+    return result
 
 
-def run_name(model: str, seed: int) -> str:
-    return f"{model}-s{seed}"
+def recipe_job(spec: RunSpec, data: RecipeData, settings: RecipeSettings, out: Optional[Path],
+               on_step: Optional[Callable[[str, int], None]], sink: List[Any]) -> None:
+    """One run of a recipe study, as :func:`gradscope.study.executors.execute` runs it (module-level: it pickles
+    by name); a run that finishes leaves its snapshot for ``resume``."""
+    from gradscope.study import executors
 
-
-def curves(losses: Any, configs: Dict[str, Dict[str, Any]]) -> Any:
-    """Fig. 6's curves from per-iteration losses: one row per evaluation point of each run.
-
-    ``train_error``/``train_loss`` are the means over the iterations since the previous point (1 - accuracy of
-    each mini-batch); ``val_error``/``test_error`` are the evaluation after the point's iteration. ``configs``
-    gives each run's model and seed.
-    """
-    import pandas as pd
-
-    out = []
-    for run, rows in losses.groupby(S.RUN, sort=False):
-        rows = rows.sort_values(S.STEP)
-        points = rows["test_error"].notna().to_numpy()
-        interval = points[::-1].cumsum()[::-1]  # rows up to and including a point share its interval number
-        for _, group in rows.groupby(-interval, sort=True):
-            last = group.iloc[-1]
-            if not math.isfinite(float(last["test_error"])):
-                continue  # iterations after the last evaluation (a run stopped early)
-            config = configs.get(run, {})
-            out.append((run, config.get("name", run), config.get("seed"), int(last[S.STEP]) + 1, float(last["lr"]),
-                        float(group["loss"].mean()), float(1 - group["accuracy"].mean()), float(last["val_error"]),
-                        float(last["test_error"])))
-    return pd.DataFrame(out, columns=list(CURVE_COLUMNS))
-
-
-def table6(curves: Any) -> Any:
-    """Final test error (%) per model, mean and std over seeds, beside the paper's Table 6 where it has one."""
-    import pandas as pd
-
-    from gradscope.study.recipe import PAPER_TEST_ERROR
-
-    last = curves.sort_values("iteration").groupby(S.RUN).tail(1)
-    rows = []
-    for model, group in last.groupby("model", sort=False):
-        errors = 100 * group["test_error"].astype(float)
-        paper = PAPER_TEST_ERROR.get(model, math.nan)
-        rows.append((model, len(errors), float(errors.mean()), float(errors.std(ddof=1)) if len(errors) > 1
-                     else math.nan, paper, float(errors.mean()) - paper))
-    return pd.DataFrame(rows, columns=["model", "runs", "test_error", "test_error_sd", "paper", "difference"])
+    if on_step:
+        on_step(INIT, settings.init_batches)
+    train_run(spec.model, settings.recipe, data, seed=spec.seed, device=settings.device,
+              out=None if out is None else Path(out) / "records" / spec.name, amp=settings.amp,
+              channels_last=settings.channels_last, init_batches=settings.init_batches, spec=spec,
+              on_iteration=(lambda i: on_step(TRAIN, 1)) if on_step else None, sink=sink)
+    if out is not None and sink:
+        executors.save_finished(out, spec.name, sink[0], executors.fingerprint(spec, settings))

@@ -225,56 +225,38 @@ def _global_mean(values: torch.Tensor) -> Tuple[float, float]:
 
 def run_study(specs: Sequence[RunSpec], train_set: Any, settings: Settings = Settings(),
               out: Optional[Path] = None, on_step: Optional[Callable[[str, int], None]] = None,
-              on_run: Optional[Callable[[RunSpec], None]] = None) -> StudyResult:
+              on_run: Optional[Callable[[RunSpec], None]] = None, *, executor: str = "local",
+              address: Optional[str] = None, resume: bool = False,
+              job: Optional[Callable[..., None]] = None) -> StudyResult:
     """Measure every spec on ``train_set``: runs of one seed see the same batches in the same order, runs of
     different seeds different orders (:func:`data_order_seed`).
 
-    With ``settings.workers`` != 1 and built-in nets, runs are spread over worker processes (one torch thread
-    each, longest runs first: :mod:`gradscope.study.parallel`); under torchrun, or for a user's factory, they run
-    here one after another. A KeyboardInterrupt stops the study and returns what was recorded with
-    ``interrupted=True``.
+    ``executor="local"``: with ``settings.workers`` != 1 and built-in nets, runs are spread over worker processes
+    (one torch thread each, longest runs first: :mod:`gradscope.study.parallel`); under torchrun, or for a user's
+    factory, they run here one after another. ``executor="ray"``: each run is a Ray task on the cluster at
+    ``address`` (a local one when None): :func:`gradscope.study.executors.run_ray`. ``resume=True`` (needs
+    ``out``) loads the runs that already finished in ``out`` instead of running them again. A KeyboardInterrupt
+    stops the study and returns what was recorded with ``interrupted=True``. ``job``: how one run is measured
+    (default :func:`measure_job`; a recipe study passes :func:`gradscope.study.recipe_train.recipe_job`).
     """
-    from gradscope.study import parallel
+    from gradscope.study import executors
 
-    workers = parallel.worker_count(specs, settings)
-    if workers > 1:
-        done, failed, interrupted = parallel.run_parallel(job, specs, train_set, settings, out, workers, on_step,
-                                                          on_run)
-    else:
-        done, failed, interrupted = _run_here(specs, train_set, settings, out, on_step, on_run)
+    done, failed, interrupted = executors.execute(
+        job or measure_job, specs, train_set, settings, out, on_step, on_run, executor=executor, address=address, resume=resume,
+        steps_of=lambda s: {INIT: settings.init_batches, TRAIN: settings.steps if s.train else 0})
     return collect(done, failed, interrupted, [s.name for s in specs])
 
 
-def job(spec: RunSpec, train_set: Any, settings: Settings, out: Optional[Path],
+def measure_job(spec: RunSpec, train_set: Any, settings: Settings, out: Optional[Path],
         on_step: Optional[Callable[[str, int], None]], sink: List[Tuple[Any, Any, Dict[str, Any]]]) -> None:
-    """One run as a worker process runs it (module-level, so it pickles by name)."""
+    """One run as a worker process (or a Ray task) runs it (module-level, so it pickles by name); a run that
+    finishes leaves a snapshot in ``out`` for :func:`run_study`'s ``resume``."""
+    from gradscope.study import executors
+
     measure_run(spec, batches_of(spec, train_set, settings), settings, resolve_device(settings.device),
                 None if out is None else out / "records" / spec.name, on_step, sink=sink)
-
-
-def _run_here(specs, train_set, settings, out, on_step, on_run):
-    device = resolve_device(settings.device)
-    done: Dict[str, Tuple[Any, Any, Dict[str, Any]]] = {}
-    failed: Dict[str, str] = {}
-    interrupted = False
-    for spec in specs:
-        if on_run:
-            on_run(spec)
-        sink: List[Tuple[Any, Any, Dict[str, Any]]] = []
-        try:
-            measure_run(spec, batches_of(spec, train_set, settings), settings, device,
-                        None if out is None else out / "records" / spec.name, on_step, sink=sink)
-        except KeyboardInterrupt:
-            interrupted = True
-        except GradscopeError:
-            raise
-        except Exception as exc:  # a model that crashes mid-run: keep its records, say why, go on with the others
-            failed[spec.name] = f"{type(exc).__name__}: {exc}"
-        if sink:
-            done[spec.name] = sink[0]
-        if interrupted:
-            break
-    return done, failed, interrupted
+    if out is not None and sink:
+        executors.save_finished(out, spec.name, sink[0], executors.fingerprint(spec, settings))
 
 
 def collect(done: Dict[str, Tuple[Any, Any, Dict[str, Any]]], failed: Dict[str, str], interrupted: bool,

@@ -3,8 +3,6 @@ expectations, and a short run on a generated CIFAR-format folder."""
 from __future__ import annotations
 
 import math
-import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +11,9 @@ import torch
 from gradscope.data import read_cifar10_pixels
 from gradscope.errors import GradscopeError
 from gradscope.study import recipe as R
-from gradscope.study.recipe_train import CURVE_COLUMNS, table6, train_run
+from gradscope.analysis.curves import CURVE_COLUMNS, table6
+from gradscope.study.recipe_train import train_run
+from tests.fixtures.cifar_folder import write_cifar
 
 
 def test_the_paper_numbers():
@@ -104,26 +104,6 @@ def test_augmentation_without_padding_or_flip_is_the_identity():
     assert torch.equal(R.augment(images, pad=0, flip=False, generator=torch.Generator()), images)
 
 
-def write_cifar(root: Path, n_train: int = 160, n_test: int = 60) -> Path:
-    """A CIFAR-10-format folder with learnable images: class k brightens channel k % 3 in band k."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-
-    def batch(n: int) -> dict:
-        labels = rng.integers(0, 10, n)
-        data = rng.integers(0, 100, (n, 3, 32, 32)).astype(np.uint8)
-        for i, k in enumerate(labels):
-            data[i, k % 3, 3 * k:3 * k + 3, :] = 250
-        return {b"data": data.reshape(n, 3072), b"labels": labels.tolist()}
-
-    per = n_train // 5
-    for i in range(1, 6):
-        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(per), protocol=2))
-    (folder / "test_batch").write_bytes(pickle.dumps(batch(n_test), protocol=2))
-    return folder
-
-
 def test_a_short_run_on_a_cifar_folder(tmp_path, one_thread):
     train_x, train_y, test_x, test_y = read_cifar10_pixels(write_cifar(tmp_path))
     assert train_x.dtype == torch.uint8 and train_x.shape == (160, 3, 32, 32) and test_x.shape == (60, 3, 32, 32)
@@ -145,8 +125,14 @@ def test_a_short_run_on_a_cifar_folder(tmp_path, one_thread):
     assert run.losses["test_error"].notna().tolist() == [i in (3, 7, 11) for i in range(12)]
     # a recorded step every 3rd iteration (0, 3, 6, 9), each holding the training forward only (call 0):
     # the evaluation forwards under no_grad are not training forwards
-    assert sorted(run.frame["step"].unique()) == [0, 3, 6, 9]
+    train = run.frame[run.frame["phase"] == "train"]
+    assert sorted(train["step"].unique()) == [0, 3, 6, 9]
     assert set(run.frame["call"]) == {0}
+    # before training, two recorded passes at initialisation (no update), labelled as the study labels runs
+    init = run.frame[run.frame["phase"] == "init"]
+    assert sorted(init["step"].unique()) == [0, 1]
+    assert set(run.frame["run"]) == {"resnet20-bn-s0"} and set(run.frame["config"]) == {"resnet20-bn"}
+    assert run.config["num_classes"] == 10 and run.config["recipe"] == "tiny"
     table = table6(curves)
     assert table.loc[0, "model"] == "resnet20" and table.loc[0, "paper"] == 8.75
     assert table.loc[0, "test_error"] == pytest.approx(100 * curves["test_error"].iloc[-1])

@@ -104,5 +104,7 @@ def test_streaming_memory_records_every_step_and_fits_a_slope(one_thread):
     points, after, rows = module.run(steps=30, report=10, flush_every=5)
     assert [s for s, _ in points] == [10, 20, 30] and all(mb > 0 for _, mb in points) and after > 0
     from gradscope import schema as S
-    metrics = len(S.DEFAULT_METRICS) - len(S.OPTIMIZER_METRICS)  # they need optimizer=, which it does not pass
-    assert rows == 30 * (20 * metrics - 1)  # the first block's input does not require grad: no grad_in_norm
+    # per block: the default metrics less those that need optimizer= (not passed here) and the per-step batch_size
+    per_block = len(S.DEFAULT_METRICS) - len(S.OPTIMIZER_METRICS) - len(S.BATCH_METRICS)
+    # the first block's input does not require grad (no grad_in_norm); batch_size is one row per step
+    assert rows == 30 * (20 * per_block - 1 + len(S.BATCH_METRICS))

@@ -17,6 +17,8 @@ INIT = "init"
 TRAIN = "train"
 #: A claim decided from both phases.
 INIT_AND_TRAIN = "init+train"
+#: a run's config fact: every planned step ran (a run cut off by Ctrl-C or an error lacks it)
+FINISHED = "finished"
 PHASES: Tuple[str, ...] = (INIT, TRAIN)
 #: How every renderer says a phase in a sentence.
 PHASE_WORDS: Dict[str, str] = {INIT: "at initialisation", TRAIN: "over training",

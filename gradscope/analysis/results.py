@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
-from gradscope.words import INIT, PHASE, PHASE_WORDS, TRAIN  # noqa: F401  (the phase words, defined once)
+from gradscope.words import FINISHED, INIT, PHASE, PHASE_WORDS, TRAIN  # noqa: F401  (the phase words, defined once)
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,24 @@ class Results:
     extra_files: Dict[str, Callable[[Any], None]] = field(default_factory=dict)
     thresholds: Dict[str, float] = field(default_factory=dict)
     alerts: Any = None
+    planned: int = 0  # runs the study meant to measure (0: unknown, e.g. a report rebuilt from records)
+
+    def finished_runs(self) -> List[str]:
+        """Runs whose every planned step ran (their ``finished`` config fact)."""
+        return [r for r, c in self.configs.items() if (c or {}).get(FINISHED)]
+
+    def interruption(self) -> Optional[str]:
+        """One line for the top of every output of an interrupted study: how many runs of how many finished;
+        None when the study was not interrupted."""
+        if not self.interrupted:
+            return None
+        done, recorded = len(self.finished_runs()), len(self.configs)
+        of = f" of {self.planned}" if self.planned else ""
+        cut = recorded - done
+        part = f" ({cut} more cut off part-way: counted in the results up to where it stopped)" if cut == 1 else \
+            f" ({cut} more cut off part-way: counted in the results up to where they stopped)" if cut else ""
+        return (f"INTERRUPTED: the study was stopped before it finished; {done}{of} runs finished{part}. "
+                f"Every answer below covers only what was recorded.")
 
     def phases(self) -> List[str]:
         """Phases that hold records, in order."""
@@ -84,7 +102,8 @@ class Results:
         def records(df: Any) -> Any:
             return [] if df is None else json.loads(df.to_json(orient="records", default_handler=str))
 
-        return {"title": self.title, "interrupted": self.interrupted, "failed": dict(self.failed),
+        return {"title": self.title, "interrupted": self.interrupted, "interruption": self.interruption(),
+                "planned_runs": self.planned, "finished_runs": self.finished_runs(), "failed": dict(self.failed),
                 "settings": dict(self.settings), "claims": [c.as_dict() for c in self.claims],
                 "verdicts": {p: records(self.verdicts.get(p)) for p in self.phases()},
                 "pooled": records(self.pooled), "trajectory": records(self.trajectory),

@@ -104,10 +104,12 @@ class Provenance:
         return self._write()
 
     def finish(self, error: Optional[BaseException] = None, **extra: Any) -> Path:
-        """Rewrite the record with the end time, the wall time in seconds and ``finished`` or ``failed: ...``."""
+        """Rewrite the record with the end time, the wall time in seconds and ``finished``, ``interrupted`` (when
+        ``interrupted=True`` is among ``extra``) or ``failed: ...``."""
         self.record["finished"] = _utc(time.time())
         self.record["wall_s"] = round(time.perf_counter() - self._clock, 6)
-        self.record["status"] = "finished" if error is None else f"failed: {type(error).__name__}: {error}"
+        self.record["status"] = ("interrupted" if extra.get("interrupted") else "finished") if error is None \
+            else f"failed: {type(error).__name__}: {error}"
         self.record.update(jsonable(extra))
         return self._write()
 

@@ -53,9 +53,16 @@ def claims_lines(results: Any) -> List[str]:
     return out
 
 
+def stopped_lines(results: Any) -> List[str]:
+    """The interrupted study's banner in bold (no lines when the study finished)."""
+    line = results.interruption()
+    return [] if line is None else [f"**{md_escape(line)}**"]
+
+
 def claims_markdown(results: Any) -> str:
     """Text of ``claims.md``."""
-    return "# Claims checked\n\n" + "\n".join(claims_lines(results)) + "\n"
+    return "# Claims checked\n\n" + "".join(f"{x}\n\n" for x in stopped_lines(results)) + \
+        "\n".join(claims_lines(results)) + "\n"
 
 
 def _details(summary: str, lines: List[str]) -> List[str]:
@@ -101,6 +108,7 @@ def summary_markdown(results: Any, figures: List[Dict[str, str]], notes: List[st
 
     config_of = results_configurations(results)
     lines = [f"# {md_escape(results.title)}", "", md_escape(T.config_overview(results, config_of)), ""]
+    lines += [x for line in stopped_lines(results) for x in (line, "")]
     lines += ["## Claims", ""] + claims_lines(results) + [""]
     if results.final_losses:
         lines += ["## Training losses", ""] + md_table(T.loss_rows(results)) + [""]

@@ -33,7 +33,7 @@ window.addEventListener('load', function () {
 _CSS = """h1{font-size:1.6em}body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1400px;margin:0 auto;
 padding:0 1.2em 2em;color:#222;line-height:1.4}h1{margin:.6em 0 .1em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;
 padding-bottom:.2em}nav{position:sticky;top:0;background:#fff;padding:.4em 0;border-bottom:1px solid #eee;z-index:9;
-font-size:.9em}nav a{margin-right:1em;color:#2166ac;text-decoration:none}.lead{color:#444;margin:.2em 0 .8em}
+font-size:.9em}nav a{margin-right:1em;color:#2166ac;text-decoration:none}.lead{color:#444;margin:.2em 0 .8em}.stopped{background:#fde0dd;border-left:4px solid #b2182b;padding:.5em .8em;font-weight:bold}
 table{border-collapse:collapse;font-size:.88em;margin:.5em 0}td,th{border:1px solid #d8d8d8;padding:.3em .6em;
 text-align:left;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:1em 0}img{max-width:100%;height:auto;border:1px solid #eee}figcaption{font-size:.88em;color:#444}
@@ -170,13 +170,19 @@ def _nav(results: Any, has_alerts: bool) -> str:
     return "<nav>" + "".join(f'<a href="#{i}">{html.escape(w)}</a>' for i, w in links) + "</nav>"
 
 
+def _stopped(results: Any) -> List[str]:
+    """The interrupted study's banner, above the claims (empty when the study finished)."""
+    line = results.interruption()
+    return [] if line is None else [f'<p class="stopped" id="interrupted">{html.escape(line)}</p>']
+
+
 def report_html(results: Any, figures: List[Dict[str, str]], notes: List[str], folder: Path,
                 charts: Dict[str, List[str]], plotly_js: str) -> str:
     """The page; ``charts``: interactive HTML fragments by section; ``plotly_js``: the bundle ('' for none)."""
     e = html.escape
     config_of = results_configurations(results)
     parts = [_nav(results, results.alerts is not None), f"<h1>{e(results.title)}</h1>",
-             f'<p class="lead">{e(T.config_overview(results, config_of))}</p>'] + _claims(results)
+             f'<p class="lead">{e(T.config_overview(results, config_of))}</p>'] + _stopped(results) + _claims(results)
     if results.final_losses:
         parts += ['<section id="losses"><h2>Training losses</h2>', _table(T.loss_rows(results))]
         parts += charts.get("losses", []) + ["</section>"]

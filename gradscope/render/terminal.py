@@ -160,6 +160,8 @@ def print_results(results: Any, console: Optional[Console] = None) -> None:
     console = console or Console()
     config_of = results_configurations(results)
     console.print(Text(results.title, style="bold"))
+    if results.interruption():
+        console.print(Text(results.interruption(), style="bold red"))
     console.print(T.config_overview(results, config_of), highlight=False)
     if results.claims:
         console.print(Text("\nClaims", style="bold underline"))

@@ -46,12 +46,14 @@ def evaluate(study: StudyResult, settings: Settings, title: Optional[str] = None
     if study.interrupted:
         notes.append("interrupted: the results cover the steps recorded before the interruption")
     decay = (settings.lr, settings.weight_decay, settings.momentum)
-    alerts = study_alerts(frames[TRAIN], study.losses, decay=decay) if frames[TRAIN] is not None else None
+    # nothing trained (--init-only, --steps 0): no alerts checked, so no "no alerts over training" either
+    alerts = study_alerts(frames[TRAIN], study.losses, decay=decay) \
+        if frames[TRAIN] is not None and len(frames[TRAIN]) and trained else None
     return Results(title=title or profile_title(study.configs), frames=frames, profiles=profiles,
                    verdicts=verdicts, pooled=pooled, trajectory=traj, losses=study.losses, final_losses=finals,
                    claims=applicable(answered, trained=bool(trained)), configs=study.configs,
                    settings=asdict(settings), notes=notes,
-                   failed=dict(study.failed), interrupted=study.interrupted,
+                   failed=dict(study.failed), interrupted=study.interrupted, planned=len(study.planned),
                    thresholds={"vanish": A.VANISH, "explode": A.EXPLODE,
                                "reference_blocks": A.REFERENCE_LAYERS}, alerts=alerts)
 

@@ -25,7 +25,7 @@ from gradscope.engine.scope import attach
 from gradscope.errors import GradscopeError, ModelError
 from gradscope.study.specs import RunSpec
 from gradscope.study.task import loss_of, move, run_forward, user_batches
-from gradscope.words import INIT, PHASE, TRAIN
+from gradscope.words import FINISHED, INIT, PHASE, TRAIN
 
 #: Synthetic training examples of the default study.
 DEFAULT_TRAIN_SIZE = 2048
@@ -74,6 +74,7 @@ class StudyResult:
     configs: Dict[str, Dict[str, Any]]
     interrupted: bool = False
     failed: Dict[str, str] = field(default_factory=dict)
+    planned: List[str] = field(default_factory=list)  # every run the study meant to measure, in order
 
     def phase(self, phase: str):
         """The frame of one phase (``"init"`` or ``"train"``), without the ``phase`` column."""
@@ -188,6 +189,7 @@ def measure_run(spec: RunSpec, batches: Iterator[Any], settings: Settings, devic
                     losses.append((spec.name, spec.config, spec.seed, step, loss_value, accuracy_value))
                     if on_step:
                         on_step(TRAIN, 1)
+        config[FINISHED] = True  # every planned step ran: a run cut off part-way lacks this fact
     finally:
         for phase, open_scope in ((INIT, init_scope), (TRAIN, scope)):
             if open_scope is not None:
@@ -269,7 +271,7 @@ def collect(done: Dict[str, Tuple[Any, Any, Dict[str, Any]]], failed: Dict[str, 
     losses = [done[n][1] for n in names]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     loss_frame = pd.concat(losses, ignore_index=True) if losses else pd.DataFrame(columns=list(LOSS_COLUMNS))
-    return StudyResult(frame, loss_frame, {n: done[n][2] for n in names}, interrupted, failed)
+    return StudyResult(frame, loss_frame, {n: done[n][2] for n in names}, interrupted, failed, list(order))
 
 
 def data_order_seed(settings: Settings, seed: int) -> int:

@@ -2,6 +2,7 @@
 banner and status, an init-only study's alert section, and ``gradscope report DIR`` rebuilding a profile folder."""
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -49,3 +50,62 @@ def test_each_configuration_gets_its_own_chance_when_they_differ():
     assert sorted(_chance_labels(html)) == ["chance a (ln 50)", "chance b (ln 4)"]
     assert f"{math.log(50):.6f}"[:6] in html
     assert _chance_labels(loss_figure(losses, {"a-s0": {"num_classes": 5}})) == ["chance (ln 5)"]
+
+
+STOPPING_MODEL = '''
+import torch
+from torch import nn
+
+
+def net():
+    return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def batches(batch_size, seed):
+    g = torch.Generator().manual_seed(seed)
+    for i in range(100):
+        if seed == 1 and i == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the second run's training
+        yield torch.randn(batch_size, 4, generator=g), torch.randint(0, 3, (batch_size,), generator=g)
+'''
+
+
+def _interrupted_profile(folder: Path, capsys) -> str:
+    model = folder.parent / "stopping.py"
+    model.write_text(STOPPING_MODEL)
+    main(["profile", "--model", f"{model}:net", "--seeds", "0,1,2", "--steps", "4", "--every", "1",
+          "--init-batches", "1", "--batch-size", "8", "--out", str(folder)])
+    return capsys.readouterr().out
+
+
+def test_an_interrupted_profile_says_so_at_the_top_of_every_output(tmp_path, capsys):
+    out = tmp_path / "out"
+    terminal = _interrupted_profile(out, capsys)
+    line = "INTERRUPTED: the study was stopped before it finished; 1 of 3 runs finished (1 more cut off part-way"
+    head = " ".join(terminal.split()[:40])
+    assert line in head  # the terminal says it before the tables
+    summary = (out / "summary.md").read_text()
+    assert line in summary[:summary.index("## Claims")]
+    claims = (out / "claims.md").read_text()
+    assert line in claims.splitlines()[2]
+    html = (out / "report.html").read_text()
+    assert html.index('id="interrupted"') < html.index('id="claims"')
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["interrupted"] is True and provenance["status"] == "interrupted"
+
+
+def test_a_finished_profile_has_no_interruption_line(tmp_path):
+    results = gradscope.profile(model=seven_classes, input_shape=(3, 2, 2), out=tmp_path, **TINY)
+    assert results.interruption() is None and results.finished_runs() == ["seven_classes-s0"]
+    assert "INTERRUPTED" not in (tmp_path / "report.html").read_text()
+    assert json.loads((tmp_path / "provenance.json").read_text())["status"] == "finished"
+
+
+def test_an_init_only_study_says_nothing_about_alerts_over_training(tmp_path, capsys):
+    code = main(["profile", "--model", f"{TASKS}:lm", "--seeds", "0", "--init-only", "--init-batches", "1",
+                 "--batch-size", "8", "--out", str(tmp_path)])
+    terminal = capsys.readouterr().out
+    assert code == EXIT_OK
+    assert "alerts" not in " ".join(terminal.split()).lower()
+    assert "Alerts over training" not in (tmp_path / "report.html").read_text()
+    assert "Alerts over training" not in (tmp_path / "summary.md").read_text()

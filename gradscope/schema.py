@@ -43,7 +43,8 @@ GRAD_IN_NORM = "grad_in_norm"
 
 # --- the batch (one row per recorded step, at the first block whose forward finished) ------------------------
 #: Leading dimension of the block output of a recorded training forward: the batch size the hooks saw, so theory
-#: that depends on it (BatchNorm's finite-batch rates, Yang et al. 2019) reads it from the frame.
+#: that depends on it (BatchNorm's finite-batch rates, Yang et al. 2019) reads it from the frame. Under DDP/FSDP2 it
+#: is the per-rank batch (what BN without SyncBatchNorm normalises over), not the global one the other rows describe.
 BATCH_SIZE = "batch_size"
 BATCH_METRICS = (BATCH_SIZE,)
 

@@ -145,9 +145,16 @@ def _first(v: List[float], n: List[float], means: "List[float] | None", world: i
     return v[0]
 
 
+def _per_rank(v: List[float], n: List[float], means: "List[float] | None", world: int) -> float:
+    """A quantity of one rank's own forward, deliberately not combined: rank 0's value (the batch size each rank's
+    BatchNorm normalises over; ranks fed by a ``DistributedSampler`` see equal batches)."""
+    return v[0]
+
+
 COMBINE: Dict[str, Combine] = {
     "pooled_mean": _pooled_mean, "pooled_var": _pooled_var, "pooled_rms": _pooled_rms, "sum": _sum, "max": _max,
     "norm_of_mean_loss": _norm_of_mean_loss, "first": _first, "mean_over_ranks": _mean_over_ranks,
+    "per_rank": _per_rank,
 }
 
 
@@ -172,7 +179,9 @@ SPECS: Dict[str, MetricSpec] = {s.name: s for s in (
     # optimizer state is the same on every DDP rank (it follows the all-reduced gradients): rank 0's value
     MetricSpec(S.ADAM_M_NORM, VALUE, ("value",), _as_is, "first"),
     MetricSpec(S.ADAM_V_NORM, VALUE, ("value",), _as_is, "first"),
-    MetricSpec(S.BATCH_SIZE, VALUE, ("value",), _as_is, "first"),  # per rank: what each rank's BN normalises over
+    # the per-rank batch, not the global one: without SyncBatchNorm, BN normalises over each rank's own batch, and
+    # that batch is what the finite-batch BN theory needs (the global batch is this times the world size)
+    MetricSpec(S.BATCH_SIZE, VALUE, ("value",), _as_is, "per_rank"),
 )}
 
 

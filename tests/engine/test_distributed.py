@@ -1,4 +1,7 @@
-"""DDP with 2 CPU processes (gloo): the frame equals a single-process run on the concatenated batch."""
+"""DDP with 2 CPU processes (gloo): the frame equals a single-process run on the concatenated batch.
+
+Except ``batch_size``, which is the per-rank batch by design (what each rank's BatchNorm normalises over).
+"""
 from __future__ import annotations
 
 import copy
@@ -69,8 +72,14 @@ def test_two_process_ddp_frame_equals_single_process(tmp_path):
             merged = want.merge(got, on=["step", "block", "call", "metric"], suffixes=("_single", "_ddp"),
                                 how="outer", indicator=True)
             assert (merged["_merge"] == "both").all(), (name, rank)
-            assert set(merged.metric) >= {"act_var", "act_mean", "grad_norm", "grad_in_norm", "param_grad_norm"}
-            for metric, rows in merged.groupby("metric"):
+            assert set(merged.metric) >= {"act_var", "act_mean", "grad_norm", "grad_in_norm", "param_grad_norm",
+                                          "batch_size"}
+            # batch_size is the per-rank batch (what BN without SyncBatchNorm normalises over): 8 // 2 = 4 on
+            # each rank, the whole 8 in one process; every other row describes the global step and is equal
+            batch = merged[merged.metric == "batch_size"]
+            assert batch.value_single.tolist() == [8.0] * STEPS, (name, rank)
+            assert batch.value_ddp.tolist() == [8.0 / WORLD] * STEPS, (name, rank)
+            for metric, rows in merged[merged.metric != "batch_size"].groupby("metric"):
                 assert rows.value_ddp.to_numpy() == pytest.approx(rows.value_single.to_numpy(), rel=1e-5, abs=1e-7), \
                     (name, rank, metric)
         # only rank 0 wrote files, and they hold the global frame

@@ -2,7 +2,8 @@
 
 Both ranks shard every Linear and the root (FSDP2 on a 1-D mesh, and HSDP on a (replicate 2, shard 1) mesh); each
 takes half of every batch. Every metric, parameter norms,
-parameter-gradient norms and update ratios included, must equal the single-process value to 1e-5, and each recorded
+parameter-gradient norms and update ratios included, must equal the single-process value to 1e-5 (``batch_size``
+excepted: it is the per-rank batch, half of the single process's), and each recorded
 ``scope.step()`` must issue exactly one collective. Setups gradscope cannot handle (FSDP1's flat parameters, tensor
 parallelism) are refused with a message that says why; they are built for real in the same processes.
 """
@@ -157,7 +158,11 @@ def test_two_rank_fsdp2_frame_equals_single_process(fsdp_run, one_thread, name):
                             how="outer", indicator=True)
         assert (merged["_merge"] == "both").all(), rank
         assert (merged.kind_single == merged.kind_fsdp).all()  # "Linear", not FSDP2's generated "FSDPLinear"
-        for metric, rows in merged.groupby("metric"):
+        # batch_size is the per-rank batch by design (what BN without SyncBatchNorm would normalise over): 4 of 8
+        batch = merged[merged.metric == "batch_size"]
+        assert batch.value_single.tolist() == [8.0] * STEPS, rank
+        assert batch.value_fsdp.tolist() == [8.0 / WORLD] * STEPS, rank
+        for metric, rows in merged[merged.metric != "batch_size"].groupby("metric"):
             assert rows.value_fsdp.to_numpy() == pytest.approx(rows.value_single.to_numpy(), rel=1e-5, abs=1e-7), \
                 (rank, metric)
         losses = json.loads((fsdp_run / f"rank{rank}.json").read_text())[f"{name}-losses"]

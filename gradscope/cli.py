@@ -192,6 +192,7 @@ def _profile(args: argparse.Namespace) -> int:
                        p.add_argument("--out", help="where to write the report (default: the folder itself)")))
 def _report(args: argparse.Namespace) -> int:
     from gradscope.pipeline import with_run_facts
+    from gradscope.pipeline.rebuild import profile_rebuild
     from gradscope.render.report import write_report
     from gradscope.store import load
 
@@ -205,7 +206,9 @@ def _report(args: argparse.Namespace) -> int:
         raise GradscopeError(f"nothing was recorded in {str(folder)!r}; no report to write")
     out = Path(args.out or folder)
     try:
-        path = write_report(frame, out)
+        # a profile's folder: the profile's runs, and plainly what the records alone cannot rebuild
+        frame, about = profile_rebuild(frame, folder, out)
+        path = write_report(frame, out, **about)
     except OutputError:
         raise
     except OSError as exc:

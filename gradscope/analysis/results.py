@@ -72,6 +72,8 @@ class Results:
     thresholds: Dict[str, float] = field(default_factory=dict)
     alerts: Any = None
     planned: int = 0  # runs the study meant to measure (0: unknown, e.g. a report rebuilt from records)
+    #: why there is no claim, when it is not "the frame is not a study" (a report rebuilt from a profile's records)
+    no_claims_why: Optional[str] = None
 
     def finished_runs(self) -> List[str]:
         """Runs whose every planned step ran (their ``finished`` config fact)."""
@@ -84,6 +86,11 @@ class Results:
             return None
         done, recorded = len(self.finished_runs()), len(self.configs)
         of = f" of {self.planned}" if self.planned else ""
+        if not recorded:  # rebuilt from records: which runs finished is not in them
+            held = {str(r) for f in self.frames.values() if f is not None and "run" in f.columns for r in f["run"]}
+            return (f"INTERRUPTED: the study was stopped before it finished; the records hold {len(held)}{of} runs "
+                    f"(which of them finished is not in the records). Every answer below covers only what was "
+                    f"recorded.")
         cut = recorded - done
         part = f" ({cut} more cut off part-way: counted in the results up to where it stopped)" if cut == 1 else \
             f" ({cut} more cut off part-way: counted in the results up to where they stopped)" if cut else ""

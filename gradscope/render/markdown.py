@@ -41,7 +41,7 @@ def claims_lines(results: Any) -> List[str]:
     """The claims as a Markdown table (answer, key number, 95% interval), then each claim's evidence, rule and
     caveat as list items."""
     if not results.claims:
-        return ["- No claim: the frame is not a study (claims need the built-in nets at two depths)."]
+        return [f"- {md_escape(T.no_claim_line(results))}"]
     out = md_table(T.claim_rows(results.claims)) + [""]
     for c in results.claims:
         out.append(f"- **{md_escape(c.statement)}** ({md_escape(c.phase)}): **{md_escape(c.answer)}** — "

@@ -78,7 +78,7 @@ def _claims(results: Any) -> List[str]:
     e = html.escape
     parts = ['<section id="claims"><h2>Claims</h2>']
     if not results.claims:
-        parts.append("<p>No claim: the frame is not a study (claims need the built-in nets at two depths).</p>")
+        parts.append(f"<p>{e(T.no_claim_line(results))}</p>")
         return parts + ["</section>"]
     head = T.claim_rows([])[0]
     parts.append('<table class="claims"><thead><tr>' + "".join(f"<th>{e(h)}</th>" for h in head)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import pandas as pd
 
@@ -201,8 +201,12 @@ def write_report(frame: pd.DataFrame, out: Union[str, Path] = "gradscope-report"
                  configs: Optional[Mapping[str, Mapping[str, Any]]] = None, step: A.StepArg = None,
                  runs_step: A.StepArg = "first", vanish: float = A.VANISH, explode: float = A.EXPLODE,
                  title: str = "gradscope report", dpi: int = 100, phase: Optional[str] = None,
-                 batch_size: Optional[int] = None) -> Path:
+                 batch_size: Optional[int] = None, notes: Sequence[str] = (), interrupted: bool = False,
+                 planned: int = 0, no_claims_why: Optional[str] = None) -> Path:
     """Write the report folder ``out`` for a frame and return its path (:func:`write_folder` does the writing).
+
+    ``notes``, ``interrupted``, ``planned`` (runs a study meant to measure) and ``no_claims_why`` go to the
+    results as they are (``gradscope report`` on a profile's folder says with them what it could not rebuild).
 
     ``phase``: "init" for a frame measured at initialisation (verdicts per run, with theory from ``configs``),
     "train" for a training frame (verdicts per recorded step, a trajectory, no theory); None: "init" when the frame
@@ -231,4 +235,6 @@ def write_report(frame: pd.DataFrame, out: Union[str, Path] = "gradscope-report"
             phase = INIT if configs and A.steps_of(frame).size == 1 else TRAIN
         results = results_of_frame(frame, configs=configs, phase=phase, vanish=vanish, explode=explode,
                                    title=title, batch_size=batch_size)
+    results.notes = list(results.notes) + list(notes)
+    results.interrupted, results.planned, results.no_claims_why = interrupted, planned, no_claims_why
     return write_folder(results, out, dpi=dpi, runs_step=runs_step)

@@ -227,6 +227,12 @@ def trajectory_config_rows(traj: pd.DataFrame, config_of: Dict[str, str]) -> Row
     return rows
 
 
+def no_claim_line(results: Any) -> str:
+    """What the claims section says when there is no claim."""
+    why = getattr(results, "no_claims_why", None)
+    return f"No claim: {why}" if why else "No claim: the frame is not a study (claims need the built-in nets at two depths)."
+
+
 def config_overview(results: Any, config_of: Dict[str, str]) -> str:
     """``24 runs in 8 configurations (3 seeds each); initialisation and training`` for a report's header."""
     groups = by_configuration(config_of)

@@ -109,3 +109,25 @@ def test_an_init_only_study_says_nothing_about_alerts_over_training(tmp_path, ca
     assert "alerts" not in " ".join(terminal.split()).lower()
     assert "Alerts over training" not in (tmp_path / "report.html").read_text()
     assert "Alerts over training" not in (tmp_path / "summary.md").read_text()
+
+
+def test_report_on_an_interrupted_profile_folder_keeps_its_runs_and_answers(tmp_path, capsys):
+    out = tmp_path / "out"
+    _interrupted_profile(out, capsys)
+    profile_claims = (out / "claims.md").read_text()
+    losses = (out / "losses.csv").read_text()
+    (out / "records" / "net-s2" / "train").mkdir(parents=True)  # a run started but cut off before it returned
+    pd.read_parquet(next((out / "records" / "net-s1").rglob("*.parquet"))).assign(run="net-s2").to_parquet(
+        out / "records" / "net-s2" / "train" / "part-00000.parquet")
+    assert main(["report", str(out)]) == EXIT_OK
+    capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    runs = {r["run"] for r in summary["verdicts"]["init"]}
+    assert runs == {"net-s0", "net-s1"}  # the profile's runs, not the one cut off before it returned
+    assert "net-s2" in " ".join(summary["notes"])
+    claims = (out / "claims.md").read_text()
+    assert "not a study" not in claims
+    assert "losses.csv" in claims and "alerts.csv" in claims and "claims.profile.md" in claims
+    assert "INTERRUPTED" in claims.splitlines()[2]
+    assert (out / "claims.profile.md").read_text() == profile_claims  # the profile's answers are never lost
+    assert (out / "losses.csv").read_text() == losses

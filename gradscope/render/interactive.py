@@ -34,6 +34,28 @@ def _html(fig: Any, div_id: str) -> str:
     return pio.to_html(fig, full_html=False, include_plotlyjs=False, config=_CONFIG, div_id=div_id)
 
 
+def log_axis(values: Any) -> Dict[str, Any]:
+    """Layout of a log y axis: labels as powers of ten (10^-1, not 0.1); across a decade or more, one labelled tick
+    per decade and unlabelled minor ticks at 2..9 (plotly's default labels them with bare digits)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    axis: Dict[str, Any] = {"type": "log", "exponentformat": "power", "showexponent": "all"}
+    if v.size and np.log10(v.max()) - np.log10(v.min()) >= 1:
+        axis.update(dtick=1, minor={"dtick": "D1", "ticks": "outside", "showgrid": True, "gridcolor": "#eee"})
+    return axis
+
+
+def depth_axis(depths: Any) -> Dict[str, Any]:
+    """Layout of a block-depth axis: whole blocks only (never 0.5 or 1.5 blocks), at most about ten labels."""
+    d = np.asarray(depths, dtype=float)
+    span = float(np.nanmax(d) - np.nanmin(d)) if d.size else 0.0
+    return {"tick0": 0, "dtick": max(1, int(np.ceil(span / 10))), "tickformat": "d"}
+
+
+def _ys(fig: Any) -> List[float]:
+    return [y for t in fig.data if t.y is not None for y in np.asarray(t.y, dtype=float).ravel()]
+
+
 def _rgba(hex_color: str, alpha: float) -> str:
     h = hex_color.lstrip("#")
     return f"rgba({int(h[0:2], 16)},{int(h[2:4], 16)},{int(h[4:6], 16)},{alpha})"
@@ -136,7 +158,8 @@ def factor_figure(train_verdicts: pd.DataFrame, signal: str, thresholds: Dict[st
         fig.add_hline(y=y, line_dash="dash", line_color="#999", annotation_text=f"{word} x{y:.3f}")
     what = "forward act_var, toward the output" if signal == A.FORWARD else "backward grad_norm, toward the input"
     fig.update_layout(title=f"Per-block factor over training ({what})", xaxis_title="step",
-                      yaxis_title="per-block factor", yaxis_type="log", height=420, margin={"t": 50, "b": 40})
+                      yaxis_title="per-block factor", height=420, margin={"t": 50, "b": 40})
+    fig.update_layout(yaxis=log_axis(_ys(fig)))
     return _html(fig, f"fig-train-{signal}")
 
 
@@ -174,8 +197,9 @@ def init_profile_figure(results: Any, metric: str, config_of: Optional[Dict[str,
                                      line={"color": color, "dash": "dash"}, hoverinfo="skip"))
     end = "first block" if metric == S.ACT_VAR else "last block"
     fig.update_layout(title=f"{metric} at initialisation, relative to the {end} (dashed: theory)",
-                      xaxis_title=f"blocks travelled from the {end}", yaxis_type="log", height=420,
+                      xaxis_title=f"blocks travelled from the {end}", height=420,
                       margin={"t": 50, "b": 40})
+    fig.update_layout(yaxis=log_axis(_ys(fig)), xaxis=depth_axis(data["x"]))
     return _html(fig, f"fig-init-{metric}")
 
 

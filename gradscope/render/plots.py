@@ -298,6 +298,9 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
             ax.plot(depths[:k], list(pred)[:k], color=color, lw=1.2, ls="--", label=f"_{tex_escape(config)} (theory)")
             drew_theory = True
     ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole blocks: no 0.5 or 1.5 block ticks
     ax.set_xlabel("block depth (0 = first block, input side)")
     where = {"first": "the first block", "last": "the last block"}.get(ref or "", "")
     if ref is not None:

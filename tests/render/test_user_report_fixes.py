@@ -131,3 +131,29 @@ def test_report_on_an_interrupted_profile_folder_keeps_its_runs_and_answers(tmp_
     assert "INTERRUPTED" in claims.splitlines()[2]
     assert (out / "claims.profile.md").read_text() == profile_claims  # the profile's answers are never lost
     assert (out / "losses.csv").read_text() == losses
+
+
+def test_log_axes_say_powers_of_ten_and_depth_axes_whole_blocks():
+    from gradscope.render.interactive import depth_axis, log_axis
+
+    wide = log_axis([1e-3, 0.5, 1.0])
+    assert wide["exponentformat"] == "power" and wide["dtick"] == 1 and wide["minor"]["dtick"] == "D1"
+    narrow = log_axis([0.9, 1.1])  # within a decade: plotly picks the ticks, still as powers
+    assert narrow["exponentformat"] == "power" and "dtick" not in narrow
+    assert depth_axis([0, 1, 2, 3])["dtick"] == 1 and depth_axis(range(56))["dtick"] == 6
+
+
+def test_the_report_page_uses_those_axes(tmp_path):
+    gradscope.profile(model=seven_classes, input_shape=(3, 2, 2), out=tmp_path, **TINY)
+    html = (tmp_path / "report.html").read_text()
+    assert html.count('"exponentformat":"power"') >= 2 and '"tickformat":"d"' in html
+    from matplotlib import pyplot as plt  # the PNG depth profile of three blocks: whole-block ticks only
+
+    from gradscope.render import plots
+    frame = pd.read_parquet(tmp_path / "init_records.parquet")
+    fig, ax = plt.subplots()
+    plots.depth_profile(frame, "grad_norm", ax)
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    plt.close(fig)
+    assert ticks and all(float(t).is_integer() for t in ticks)

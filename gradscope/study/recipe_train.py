@@ -23,7 +23,7 @@ from gradscope.engine.scope import attach
 from gradscope.study.recipe import HE2016, Recipe, RecipeData, WarmUp, batches, error_rate
 from gradscope.study.runs import LOSS_COLUMNS as STUDY_LOSS_COLUMNS, _config_of, _label
 from gradscope.study.specs import RunSpec, grid
-from gradscope.words import INIT, TRAIN
+from gradscope.words import FINISHED, INIT, TRAIN
 
 #: Columns of a recipe run's per-iteration table: the study's loss columns, then the learning rate, and the
 #: validation and test error measured after that iteration (NaN where no evaluation ran).
@@ -184,6 +184,8 @@ def train_run(model: str, recipe: Recipe, data: RecipeData, *, seed: int = 0, de
                 on_iteration(iteration)
             if not math.isfinite(loss_value):
                 break  # a diverged run: keep what it recorded; its curves end where it stopped
+        else:
+            config[FINISHED] = True  # every iteration ran: an interrupted study counts this run as finished
     finally:
         for phase, open_scope in ((INIT, init_scope), (TRAIN, scope)):
             if open_scope is not None:

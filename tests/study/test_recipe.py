@@ -132,7 +132,7 @@ def test_a_short_run_on_a_cifar_folder(tmp_path, one_thread):
     init = run.frame[run.frame["phase"] == "init"]
     assert sorted(init["step"].unique()) == [0, 1]
     assert set(run.frame["run"]) == {"resnet20-bn-s0"} and set(run.frame["config"]) == {"resnet20-bn"}
-    assert run.config["num_classes"] == 10 and run.config["recipe"] == "tiny"
+    assert run.config["num_classes"] == 10 and run.config["recipe"] == "tiny" and run.config["finished"] is True
     table = table6(curves)
     assert table.loc[0, "model"] == "resnet20" and table.loc[0, "paper"] == 8.75
     assert table.loc[0, "test_error"] == pytest.approx(100 * curves["test_error"].iloc[-1])

@@ -83,5 +83,6 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     assert proc.returncode == EXIT_INTERRUPTED, err
     assert "Traceback" not in err
     # a second signal may land anywhere (even in the report's writing): the parts still hold each row once
-    parts = sorted((tmp_path / "records" / "tiny" / "train").glob("part-*.parquet"))
+    parts = sorted((tmp_path / "records" / "tiny-s0" / "train").glob("part-*.parquet"))
+    assert parts, "no training part on disk: the first signal came after one"
     assert not pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True).duplicated(KEY).any()

@@ -355,6 +355,10 @@ def write_alerts(rows: Sequence[Mapping[str, Any]], out: Union[str, Path]) -> Pa
     return path
 
 
+#: Alert columns added after the first alerts.csv files were written: optional when reading.
+_LATER_ALERT_COLUMNS = ("origin", "note")
+
+
 def read_alerts(folder: Union[str, Path]) -> pd.DataFrame:
     """``folder/alerts.csv`` as written by :func:`write_alerts` (block names stay text); empty if there is none."""
     path = Path(folder) / ALERTS_FILE
@@ -362,17 +366,18 @@ def read_alerts(folder: Union[str, Path]) -> pd.DataFrame:
         return alerts_frame([])
     try:
         frame = pd.read_csv(path, dtype={"kind": str, "block": str, "metric": str, "others": str,
-                                                "origin": str},
+                                                **{c: str for c in _LATER_ALERT_COLUMNS}},
                             keep_default_na=False, na_values={"block": [""], "value": [""], "threshold": [""]})
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {str(path)!r}: {_first_line(exc)}; an alerts.csv written by gradscope has "
                         f"the columns {', '.join(S.ALERT_COLUMNS)}") from None
-    missing = [c for c in S.ALERT_COLUMNS if c not in frame.columns and c != "origin"]  # origin: newer column
+    missing = [c for c in S.ALERT_COLUMNS if c not in frame.columns and c not in _LATER_ALERT_COLUMNS]
     if missing:
         raise DataError(f"cannot read {str(path)!r}: no column(s) {', '.join(missing)} (it has "
                         f"{', '.join(map(str, frame.columns[:8]))}); not an alerts.csv written by gradscope")
     frame["others"] = frame["others"].fillna("")
-    frame["origin"] = frame["origin"].fillna("") if "origin" in frame else ""  # files from before the column
+    for column in _LATER_ALERT_COLUMNS:  # files from before these columns read as empty text
+        frame[column] = frame[column].fillna("") if column in frame else ""
     try:
         return alerts_frame(frame.to_dict("records"))
     except (ValueError, TypeError) as exc:

@@ -2,7 +2,6 @@
 expectations, and a short run on a generated CIFAR-format folder."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

@@ -21,8 +21,10 @@ Every claim is decided the same way and says what it compared, at which steps, a
 * **Classes are per layer** (:mod:`gradscope.analysis`): the same net gets the same class whatever is called a
   block, and forward variance and backward norm are judged in one amplitude unit.
 * **Training claims** (:mod:`gradscope.study.training_claims`): a learning check first, then one equivalence
-  margin for "worse" and "not worse", and words that say how far training got. Every run that diverged (NaN loss
-  or non-finite values) is named in each claim it touches, never silently dropped.
+  margin for "worse" and "not worse", and words that say how far training got; on the final loss for the default
+  study, on the final training error (test error beside it) for a recipe study
+  (:mod:`gradscope.study.error_claims`). Every run that diverged (NaN loss or non-finite values) is named in each
+  claim it touches, never silently dropped.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from gradscope import schema as S
 from gradscope.analysis import stats
 from gradscope.analysis.results import Claim
 from gradscope.analysis.text import times
+from gradscope.study.error_claims import FinalErrors, error_claims
 from gradscope.study.training_claims import (LOSS_MARGIN, NO, UNCLEAR, YES, degradation_claim,  # noqa: F401
                                              depth_gap, final_accuracy, residual_claim)
 
@@ -216,12 +219,16 @@ def backward_train_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: 
 
 
 def all_claims(pooled: Any, configs: Dict[str, Dict[str, Any]], losses: Dict[str, float], caveat: str,
-               traj: Any = None, accuracy: Optional[Dict[str, float]] = None) -> List[Claim]:
+               traj: Any = None, accuracy: Optional[Dict[str, float]] = None,
+               errors: Optional[FinalErrors] = None) -> List[Claim]:
     """The paper's claims, in its order: BN forward, BN backward (at initialisation, over training), degradation of
-    plain nets, residual nets."""
+    plain nets, residual nets. The training claims are decided on the final ``losses`` (run -> nats), or, for a
+    recipe study that passes its final ``errors``, on the final training error with the test error beside it
+    (:mod:`gradscope.study.error_claims`)."""
+    training = error_claims(configs, errors, caveat) if errors is not None else \
+        [degradation_claim(configs, losses, caveat, accuracy), residual_claim(configs, losses, caveat, accuracy)]
     return [forward_claim(pooled, configs, traj), backward_claim(pooled, configs, traj),
-            backward_train_claim(pooled, configs, traj), degradation_claim(configs, losses, caveat, accuracy),
-            residual_claim(configs, losses, caveat, accuracy)]
+            backward_train_claim(pooled, configs, traj), *training]
 
 
 def final_losses(losses: Any, runs: Sequence[str], window: int) -> Dict[str, float]:

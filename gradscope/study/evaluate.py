@@ -2,7 +2,7 @@
 
 One :class:`~gradscope.analysis.Profiles` pass per phase; verdicts at initialisation (one row per run, with
 theory, pooled over seeds) and over training (one row per recorded step, summarised as a trajectory, no theory);
-the claims from those and from the losses.
+the claims from those and from the losses (a recipe study's training claims from its final errors).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from gradscope.analysis.results import Claim, Results
 from gradscope.analysis.trajectory import pool_seeds, trajectory
 from gradscope.study.alerts import study_alerts
 from gradscope.study.claims import all_claims, final_accuracy, final_losses
+from gradscope.study.error_claims import recipe_errors
 from gradscope.study.runs import Settings, StudyResult
 from gradscope.words import INIT, PHASE, TRAIN
 
@@ -40,7 +41,9 @@ def evaluate(study: StudyResult, settings: Settings, title: Optional[str] = None
     trained = [r for r in study.configs if len(study.losses) and (study.losses["run"] == r).any()]
     finals = final_losses(study.losses, trained, settings.final_window)
     accuracy = final_accuracy(study.losses, trained, settings.final_window)
-    answered = (all_claims(pooled, study.configs, finals, settings.describe(), traj, accuracy)
+    # a recipe study (its settings name an error window) decides its training claims on the final errors
+    errors = recipe_errors(study.losses, trained, getattr(settings, "error_window", None))
+    answered = (all_claims(pooled, study.configs, finals, settings.describe(), traj, accuracy, errors)
                 if claims and pooled is not None else [])
     notes = [f"run {run} failed: {why}; its records so far are kept" for run, why in study.failed.items()]
     if study.interrupted:

@@ -20,6 +20,7 @@ from torch import nn
 from gradscope import schema as S
 from gradscope.analysis.curves import curves
 from gradscope.engine.scope import attach
+from gradscope.study.error_claims import error_window
 from gradscope.study.recipe import HE2016, Recipe, RecipeData, WarmUp, batches, error_rate
 from gradscope.study.runs import LOSS_COLUMNS as STUDY_LOSS_COLUMNS, _config_of, _label
 from gradscope.study.specs import RunSpec, grid
@@ -55,7 +56,8 @@ class RecipeSettings:
     channels_last: bool = False
     workers: int = 0
     init_batches: int = 2
-    #: iterations whose mean training loss is a run's final loss for the training claims.
+    #: iterations whose mean training loss is a run's final loss (the loss table; a recipe study's claims are decided
+    #: on the final training error over :attr:`error_window`).
     final_window: int = 50
 
     @property
@@ -82,12 +84,19 @@ class RecipeSettings:
     def every(self) -> int:
         return self.recipe.record_every
 
+    @property
+    def error_window(self) -> int:
+        """Last iterations whose mean mini-batch error is a run's final training error, on which the training
+        claims are decided (:func:`gradscope.study.error_claims.error_window`: the last 5%)."""
+        return error_window(self.recipe.iterations)
+
     def describe(self) -> str:
         r = self.recipe
         return (f"recipe {r.name}: {r.iterations} SGD iterations (lr {r.lr:g} divided by 10 at "
                 f"{', '.join(str(m) for m in r.milestones)}; momentum {r.momentum:g}, weight decay "
-                f"{r.weight_decay:g}, batch {r.batch_size}, pad-{r.pad} crops and flips; mean loss of the last "
-                f"{self.final_window} iterations)")
+                f"{r.weight_decay:g}, batch {r.batch_size}, pad-{r.pad} crops and flips; training claims on the "
+                f"mean training error of the last {self.error_window} iterations, test error of the last evaluation "
+                f"beside them; final loss: mean of the last {self.final_window} iterations)")
 
 
 def recipe_spec(model: str, seed: int, recipe: Recipe = HE2016) -> RunSpec:

@@ -23,8 +23,9 @@ def configs(seeds=SEEDS, models=("plain20", "plain56", "resnet20", "resnet56")):
     out = {}
     for model in models:
         for s in seeds:
-            out[f"{model}-bn-s{s}"] = {"config": f"{model}-bn", "model": model, "residual": model.startswith("resnet"),
-                                       "bn": True, "depth": int(model.lstrip("plainrest")), "seed": s, "num_classes": 10}
+            out[f"{model}-bn-s{s}"] = {"config": f"{model}-bn", "model": model, "bn": True, "seed": s,
+                                       "residual": model.startswith("resnet"),
+                                       "depth": int(model.lstrip("plainrest")), "num_classes": 10}
     return out
 
 
@@ -134,7 +135,8 @@ def test_resnet110_is_compared_with_the_best_and_the_mean_of_the_five_runs():
     train = {r: 7.0 for r in cfg}
     e = final_errors(table(train, {r: 6.5 for r in cfg}), list(cfg), 2)
     res = error_claims(cfg, e, CAVEAT)[1]
-    assert "resnet110-bn 6.50% ± 0.00 sd (n=3; Table 6: 6.43% best of 5 runs, 6.61 ± 0.16% over the 5)" in res.evidence
+    assert ("resnet110-bn 6.50% ± 0.00 sd (n=3; Table 6: 6.43% best of 5 runs, 6.61 ± 0.16% over the 5)"
+            in res.evidence)
 
 
 def test_a_default_study_is_still_decided_on_the_loss():

@@ -9,6 +9,7 @@ import json
 from rich.console import Console
 
 import gradscope
+from gradscope.render.page import report_html
 from gradscope.render.terminal import print_results
 from tests.fixtures.cifar_folder import write_cifar
 
@@ -38,3 +39,5 @@ def test_recipe_claims_are_decided_on_the_training_error(tmp_path, one_thread):
     print_results(results, console)
     shown = console.file.getvalue()
     assert "final training error" in shown and "Table 6: 8.75%" in shown
+    page = report_html(results, [], [], out, {}, "")  # the report.html of format="full", without its figures
+    assert "final training error" in page and "Table 6: 7.51%" in page and "1-point margin" in page

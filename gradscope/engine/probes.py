@@ -197,6 +197,7 @@ class Probe:
         self.keep: Optional[Callable[[int, Tuple[Any, ...], Dict[str, Any]], None]] = None
         self._warned_calls = False
         self._batch_step = -1  # the step whose batch size is recorded (one row per recorded step)
+        self._plan: Optional[List[Tuple[nn.Module, Callable, str]]] = None  # the module hooks (_hook_plan)
 
     def install(self) -> None:
         """Register the module hooks (idempotent)."""
@@ -211,29 +212,47 @@ class Probe:
                 self.traced.append(T.SiteBuffers(device, width))
                 if device not in self._order:
                     self._order[device] = torch.zeros((), dtype=torch.float64, device=device)
-        mark = portable.mark  # copies and pickles of the model leave marked hooks out (engine/portable.py)
         try:
+            for module, hook, kind in self._hook_plan():
+                self._guard(module)
+                if kind == "pre":
+                    self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
+                elif kind == "post":
+                    self.handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=True))
+                else:
+                    self.handles.append(module.register_forward_hook(hook, prepend=True))
+            if self.root is not None and self.root_check is not None:
+                self._guard(self.root)
+                self.handles.append(self.root.register_forward_pre_hook(portable.mark(self._root_hook())))
+        except BaseException:
+            self.uninstall()
+            raise
+
+    def _hook_plan(self) -> List[Tuple[nn.Module, Callable, str]]:
+        """``(module, hook, kind)`` for every module hook, made once and reused by every :meth:`install` (a recorded
+        step re-registers the same functions instead of building and wrapping new closures each time)."""
+        if self._plan is None:
+            mark = portable.mark  # copies and pickles of the model leave marked hooks out (engine/portable.py)
+            plan: List[Tuple[nn.Module, Callable, str]] = []
             for index, site in enumerate(self.sites):
-                self._guard(site.module)
-                self.handles.append(site.module.register_forward_pre_hook(
-                    mark(T.eager_at_top_level(self._pre_hook(index))), with_kwargs=True, prepend=True))
-                self.handles.append(site.module.register_forward_hook(
-                    mark(T.eager_at_top_level(self._post_hook(index))), with_kwargs=True, prepend=True))
+                plan.append((site.module, mark(T.eager_at_top_level(self._pre_hook(index))), "pre"))
+                plan.append((site.module, mark(T.eager_at_top_level(self._post_hook(index))), "post"))
                 if not is_residual(site.module):
                     continue
                 for attr, metric, on in (("branch", S.BRANCH_VAR, self.m.branch),
                                          ("shortcut", S.SHORTCUT_VAR, self.m.shortcut)):
                     if on:
-                        sub = getattr(site.module, attr)
-                        self._guard(sub)
-                        self.handles.append(sub.register_forward_hook(
-                            mark(T.eager_at_top_level(self._sub_hook(index, (metric,)))), prepend=True))
-            if self.root is not None and self.root_check is not None:
-                self._guard(self.root)
-                self.handles.append(self.root.register_forward_pre_hook(mark(self._root_hook())))
-        except BaseException:
+                        plan.append((getattr(site.module, attr),
+                                     mark(T.eager_at_top_level(self._sub_hook(index, (metric,)))), "sub"))
+            self._plan = plan
+        return self._plan
+
+    def replan(self) -> None:
+        """The sites changed (a module replaced after attach): make the hooks again, re-registered if installed."""
+        self._plan = None
+        if self.handles:
             self.uninstall()
-            raise
+            self.install()
 
     def _root_hook(self) -> Callable:
         state, check = self.state, self.root_check

@@ -125,9 +125,7 @@ class Scope:
         self._watch = self._watch_optimizers(alive)
         if self._optimizers:
             self._watch.install()
-        if self._probe.handles:
-            self._probe.uninstall()
-            self._probe.install()
+        self._probe.replan()
         return {s for s, _ in changed}
 
     # ---- the training-loop API -----------------------------------------------------------------------------------

@@ -100,22 +100,32 @@ def _callbacks() -> Any:
     return handler if hasattr(handler, "register_start_callback") else None
 
 
+_SKIPPED_CODES: set = set()  # code objects already given the skip strategy (one call per code, not per hook)
+
+
 def eager_at_top_level(fn: Callable) -> Callable:
     """Let Dynamo inline ``fn`` into a graph it traces, but never compile a frame of it on its own (nor anything
     it calls then): there the eager hooks run, as in a model that is not compiled. Returns ``fn``.
 
     Without this, a hook that runs after a graph break (a hand-written MoE breaks its graph on data-dependent
     routing) is compiled as a frame of its own, once per block and per variant, until Dynamo's recompile limit.
-    Uses Dynamo's per-code frame strategy (torch >= 2.6); on torch versions without it, ``fn`` is left as it is.
+    Uses Dynamo's per-code frame strategy (torch >= 2.6) from its C extension, so that attaching never imports
+    ``torch._dynamo`` (1.5 s of start-up); the strategy belongs to the code object that every hook made by one
+    factory shares, so it is set once. On torch versions without it, ``fn`` is left as it is.
     """
     code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    if code is None or code in _SKIPPED_CODES:
+        return fn
     try:
         from torch._C._dynamo.eval_frame import set_code_exec_strategy
-        from torch._dynamo.types import FrameAction, FrameExecStrategy
     except ImportError:
         return fn
-    if code is not None:
-        set_code_exec_strategy(code, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+    try:
+        from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy
+    except ImportError:  # a torch that names them only in Python
+        from torch._dynamo.types import FrameAction as _FrameAction, FrameExecStrategy as _FrameExecStrategy
+    set_code_exec_strategy(code, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
+    _SKIPPED_CODES.add(code)
     return fn
 
 

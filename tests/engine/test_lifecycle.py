@@ -318,6 +318,44 @@ def test_an_uncaught_exception_still_leaves_rows_on_disk(tmp_path):
     assert sorted(gradscope.load(tmp_path / "run").step.unique()) == [0, 1, 2]
 
 
+def test_attaching_and_recording_never_import_dynamo():
+    """attach() and recorded steps leave torch._dynamo unimported (1.5 s of start-up; a program that never steps a
+    torch optimizer, e.g. a CI guard measuring at initialisation, need not pay it): the hooks' skip strategy comes
+    from Dynamo's C extension."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, torch, gradscope\n"
+            "from gradscope.models import build\n"
+            "model = build('resnet20')\n"
+            "with gradscope.attach(model, every=2) as scope:\n"
+            "    for _ in range(3):\n"
+            "        model(torch.randn(2, 3, 8, 8)).sum().backward(); scope.step(); model.zero_grad()\n"
+            "    assert len(scope.frame()), 'nothing recorded'\n"
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')\n")
+    env = {"PYTHONPATH": str(Path(__file__).parents[2]), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "no dynamo"
+
+
+def test_recorded_steps_register_the_same_hook_functions():
+    """The module hooks are made once and re-registered at each recorded step (no new closures per step), and a
+    module replaced after attach gets hooks of its own."""
+    model = nets.mlp()
+    scope = gradscope.attach(model, every=2)
+    try:
+        first = [h for m in model.modules() for h in m._forward_hooks.values()]
+        for _ in range(2):  # step 0 recorded, step 1 not (hooks off), step 2 recorded again
+            model(torch.randn(4, 12)).sum().backward()
+            scope.step()
+        again = [h for m in model.modules() for h in m._forward_hooks.values()]
+        assert first and [id(h) for h in again] == [id(h) for h in first]
+    finally:
+        scope.detach()
+
+
 def test_attach_that_fails_leaves_no_hook():
     model = nets.TinyResNet()
     before = hook_counts(model)

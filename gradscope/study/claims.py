@@ -36,6 +36,7 @@ from gradscope.analysis import stats
 from gradscope.analysis.results import Claim
 from gradscope.analysis.text import times
 from gradscope.study.error_claims import FinalErrors, error_claims
+from gradscope.study.run_noise import Noise
 from gradscope.study.training_claims import (LOSS_MARGIN, NO, UNCLEAR, YES, degradation_claim,  # noqa: F401
                                              depth_gap, final_accuracy, residual_claim)
 
@@ -220,13 +221,15 @@ def backward_train_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: 
 
 def all_claims(pooled: Any, configs: Dict[str, Dict[str, Any]], losses: Dict[str, float], caveat: str,
                traj: Any = None, accuracy: Optional[Dict[str, float]] = None,
-               errors: Optional[FinalErrors] = None) -> List[Claim]:
+               errors: Optional[FinalErrors] = None, noise: Optional[Noise] = None) -> List[Claim]:
     """The paper's claims, in its order: BN forward, BN backward (at initialisation, over training), degradation of
-    plain nets, residual nets. The training claims are decided on the final ``losses`` (run -> nats), or, for a
-    recipe study that passes its final ``errors``, on the final training error with the test error beside it
-    (:mod:`gradscope.study.error_claims`)."""
+    plain nets, residual nets. The training claims are decided on the final ``losses`` (run -> nats; ``noise``:
+    each final loss's batch-to-batch noise, :func:`gradscope.study.run_noise.batch_noise`, the floor of its
+    intervals), or, for a recipe study that passes its final ``errors``, on the final training error with the test
+    error beside it (:mod:`gradscope.study.error_claims`)."""
     training = error_claims(configs, errors, caveat) if errors is not None else \
-        [degradation_claim(configs, losses, caveat, accuracy), residual_claim(configs, losses, caveat, accuracy)]
+        [degradation_claim(configs, losses, caveat, accuracy, noise=noise),
+         residual_claim(configs, losses, caveat, accuracy, noise=noise)]
     return [forward_claim(pooled, configs, traj), backward_claim(pooled, configs, traj),
             backward_train_claim(pooled, configs, traj), *training]
 

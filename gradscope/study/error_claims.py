@@ -24,18 +24,26 @@ What "final" means:
   not decide the answer: the paper's claims are about training error, and a number beside the paper's is evidence,
   not an agreement verdict.
 
+**The binomial floor.** Each final error is a count on a known number of examples: the window's iterations times
+the mini-batch size the run recorded (``batch_images``), and the test set size (``test_images``). Its binomial
+variance (:func:`gradscope.analysis.stats.binomial_variance`) floors the per-seed variance of every interval
+(:mod:`gradscope.study.run_noise`), so a few seeds that agree exactly on a small evaluation set (identical quantised
+errors, sd 0) give a wide interval and ``unclear`` instead of a zero-width one. Where a count is unknown (records
+from before it was kept) the evidence says so, and identical values decide nothing.
+
 A run whose loss went non-finite (diverged) has NaN for both and is named in the claims it touches.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from gradscope import schema as S
 from gradscope.analysis import stats
 from gradscope.analysis.curves import PAPER_RESNET110_MEAN_STD, PAPER_TEST_ERROR
 from gradscope.analysis.results import Claim
+from gradscope.study.run_noise import Noise, binomial_noise
 from gradscope.study.training_claims import (TEST_ERROR, TRAIN_ERROR, degradation_claim, depth_gap, gap_numbers,
                                              residual_claim)
 
@@ -51,11 +59,14 @@ def error_window(iterations: int) -> int:
 
 @dataclass(frozen=True)
 class FinalErrors:
-    """Per run, in percent: the final training error (mean over the window) and the final test error."""
+    """Per run, in percent: the final training error (mean over the window) and the final test error, with each
+    one's binomial noise (empty where the number of examples is unknown)."""
 
     train: Dict[str, float]
     test: Dict[str, float]
     window: int
+    train_noise: Noise = field(default_factory=Noise)
+    test_noise: Noise = field(default_factory=Noise)
 
 
 def _diverged(rows: Any) -> bool:
@@ -63,29 +74,49 @@ def _diverged(rows: Any) -> bool:
     return bool((~loss.apply(math.isfinite)).any())
 
 
-def final_errors(losses: Any, runs: Sequence[str], window: int) -> FinalErrors:
+def _count(config: Mapping[str, Any], key: str) -> Optional[int]:
+    value = config.get(key)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
+def final_errors(losses: Any, runs: Sequence[str], window: int,
+                 configs: Optional[Mapping[str, Mapping[str, Any]]] = None) -> FinalErrors:
     """The final training and test errors (%) of each run of a recipe study's per-iteration table (``accuracy``
-    and ``test_error`` columns); NaN for a run that diverged, a test error NaN for a run never evaluated."""
+    and ``test_error`` columns); NaN for a run that diverged, a test error NaN for a run never evaluated.
+
+    ``configs`` (run -> config) give the examples behind each error, for its binomial noise: the training error
+    counts ``batch_images`` per iteration of the window (its rows: a run stopped early has fewer), the test error
+    ``test_images``; a run without them has unknown noise."""
+    configs = configs or {}
     train: Dict[str, float] = {}
     test: Dict[str, float] = {}
+    train_examples: Dict[str, int] = {}
+    test_examples: Dict[str, int] = {}
     for run in runs:
         rows = losses[losses[S.RUN] == run].sort_values(S.STEP)
         if rows.empty:
             continue
         bad = _diverged(rows)
-        train[run] = math.nan if bad else float(100 * (1 - rows["accuracy"].tail(window).mean()))
+        tail = rows["accuracy"].tail(window)
+        train[run] = math.nan if bad else float(100 * (1 - tail.mean()))
         evaluated = rows["test_error"].dropna()
         test[run] = math.nan if bad or evaluated.empty else float(100 * evaluated.iloc[-1])
-    return FinalErrors(train, test, window)
+        batch, images = _count(configs.get(run, {}), "batch_images"), _count(configs.get(run, {}), "test_images")
+        if batch:
+            train_examples[run] = batch * len(tail)
+        if images:
+            test_examples[run] = images
+    return FinalErrors(train, test, window, binomial_noise(train, train_examples), binomial_noise(test, test_examples))
 
 
-def recipe_errors(losses: Any, runs: Sequence[str], window: Any) -> Any:
+def recipe_errors(losses: Any, runs: Sequence[str], window: Any,
+                  configs: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Any:
     """:func:`final_errors` when ``losses`` is a recipe study's table and ``window`` is set; None otherwise (the
     study's claims are then decided on the loss)."""
     columns = getattr(losses, "columns", ())
     if not window or "accuracy" not in columns or "test_error" not in columns:
         return None
-    return final_errors(losses, runs, int(window))
+    return final_errors(losses, runs, int(window), configs)
 
 
 def _paper(model: str) -> str:
@@ -107,10 +138,12 @@ def _net_text(group: str, runs: List[str], test: Dict[str, float], configs: Dict
     return f"{group} {value}{spread} (n={n}; {_paper(model)})"
 
 
-def test_error_text(configs: Dict[str, Dict[str, Any]], test: Dict[str, float], residual: bool) -> str:
+def test_error_text(configs: Dict[str, Dict[str, Any]], test: Dict[str, float], residual: bool,
+                    noise: Optional[Noise] = None) -> str:
     """The final test error of one family's two depths, beside its claim: the gap paired by seed with its 95%
-    interval, and each net against the paper's Table 6. Empty when the family has no two depths."""
-    g = depth_gap(configs, test, residual=residual, quantity=TEST_ERROR)
+    interval (floored at the binomial ``noise`` of the test set), and each net against the paper's Table 6. Empty
+    when the family has no two depths."""
+    g = depth_gap(configs, test, residual=residual, quantity=TEST_ERROR, noise=noise)
     if g is None:
         return ""
     shallow, deep = min(g["runs"]), max(g["runs"])
@@ -122,8 +155,11 @@ def error_claims(configs: Dict[str, Dict[str, Any]], errors: FinalErrors, caveat
     """The degradation and residual claims of a recipe study: decided on the final training error, with the final
     test error reported beside each."""
     out = []
-    for claim, residual in ((degradation_claim(configs, errors.train, caveat, quantity=TRAIN_ERROR), False),
-                            (residual_claim(configs, errors.train, caveat, quantity=TRAIN_ERROR), True)):
-        beside = test_error_text(configs, errors.test, residual)
+    noise = errors.train_noise
+    for claim, residual in ((degradation_claim(configs, errors.train, caveat, quantity=TRAIN_ERROR, noise=noise),
+                             False),
+                            (residual_claim(configs, errors.train, caveat, quantity=TRAIN_ERROR, noise=noise),
+                             True)):
+        beside = test_error_text(configs, errors.test, residual, errors.test_noise)
         out.append(replace(claim, evidence=f"{claim.evidence}; {beside}") if beside else claim)
     return out

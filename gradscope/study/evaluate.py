@@ -16,6 +16,7 @@ from gradscope.analysis.trajectory import pool_seeds, trajectory
 from gradscope.study.alerts import study_alerts
 from gradscope.study.claims import all_claims, final_accuracy, final_losses
 from gradscope.study.error_claims import recipe_errors
+from gradscope.study.run_noise import batch_noise
 from gradscope.study.runs import Settings, StudyResult
 from gradscope.words import INIT, PHASE, TRAIN
 
@@ -41,9 +42,10 @@ def evaluate(study: StudyResult, settings: Settings, title: Optional[str] = None
     trained = [r for r in study.configs if len(study.losses) and (study.losses["run"] == r).any()]
     finals = final_losses(study.losses, trained, settings.final_window)
     accuracy = final_accuracy(study.losses, trained, settings.final_window)
+    noise = batch_noise(study.losses, trained, settings.final_window) if trained else None
     # a recipe study (its settings name an error window) decides its training claims on the final errors
-    errors = recipe_errors(study.losses, trained, getattr(settings, "error_window", None))
-    answered = (all_claims(pooled, study.configs, finals, settings.describe(), traj, accuracy, errors)
+    errors = recipe_errors(study.losses, trained, getattr(settings, "error_window", None), study.configs)
+    answered = (all_claims(pooled, study.configs, finals, settings.describe(), traj, accuracy, errors, noise)
                 if claims and pooled is not None else [])
     notes = [f"run {run} failed: {why}; its records so far are kept" for run, why in study.failed.items()]
     if study.interrupted:

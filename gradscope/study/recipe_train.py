@@ -105,6 +105,12 @@ def recipe_spec(model: str, seed: int, recipe: Recipe = HE2016) -> RunSpec:
     return grid([model], bn=(True,), seeds=(seed,), shortcut=shortcut)[0]
 
 
+def run_facts(spec: RunSpec, net: nn.Module, settings: RecipeSettings, data: RecipeData,
+              batch: tuple) -> Dict[str, Any]:
+    """A recipe run's config: the study's facts, the recipe, and the examples behind its errors (the images of a
+    training mini-batch, capped at the split; the test set size), which the claims' binomial noise floor needs."""
+    return {**_config_of(spec, net, settings, batch), "recipe": settings.recipe.name, "num_classes": 10,
+            "batch_images": int(batch[1].shape[0]), "test_images": int(len(data.test_y))}
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -159,7 +165,7 @@ def train_run(model: str, recipe: Recipe, data: RecipeData, *, seed: int = 0, de
                             out=None if out is None else Path(out) / INIT)
         for _ in range(init_batches):
             x, y = next_batch()
-            config = config or {**_config_of(spec, net, settings, (x, y)), "recipe": recipe.name, "num_classes": 10}
+            config = config or run_facts(spec, net, settings, data, (x, y))
             with autocast:
                 loss_fn(net(x).float(), y).backward()
             init_scope.step()
@@ -173,7 +179,7 @@ def train_run(model: str, recipe: Recipe, data: RecipeData, *, seed: int = 0, de
             lr = recipe.lr_at(iteration, warm.active)
             _set_lr(optimizer, lr)
             x, y = next_batch()
-            config = config or {**_config_of(spec, net, settings, (x, y)), "recipe": recipe.name, "num_classes": 10}
+            config = config or run_facts(spec, net, settings, data, (x, y))
             with autocast:
                 logits = net(x)
                 loss = loss_fn(logits.float(), y)

@@ -19,6 +19,11 @@ it took; these rules make sure the words follow from what was measured:
   final value, paired by seed) is "worse" when its 95% interval lies wholly above the margin, "not worse" when it
   lies wholly below, and undecided when it contains the margin. The degradation claim and the residual claim use
   the same rule on their own family's gap.
+* **The measurement's own noise is a floor** (:mod:`gradscope.study.run_noise`). Every interval that decides
+  (the learning check, the depth gap) uses ``max(sample variance over seeds, the runs' mean measurement
+  variance)`` per seed: the binomial noise of the examples an error counts, the batch-to-batch noise of a loss
+  averaged over the last steps; the evidence says when the floor widened an interval. Seeds whose values are
+  identical (sd 0) with no floor to stand in decide nothing: repeated runs are no independent evidence.
 * **How far training got** is said in words for every net compared: its final value against chance (and the batch
   accuracy where the value is a loss), and whether it learned, so "trains worse after 300 steps" is never mistaken
   for the paper's converged degradation when the deep net has barely left chance.
@@ -33,6 +38,7 @@ from gradscope.analysis import stats
 from gradscope.analysis.results import Claim
 from gradscope.analysis.text import num
 from gradscope.analysis.trajectory import config_of
+from gradscope.study.run_noise import Noise
 
 YES, NO, UNCLEAR = "yes", "no", "unclear"
 #: Final losses within this many nats count as "the same": the one margin of every training comparison on the loss
@@ -109,6 +115,8 @@ class Progress:
     hi: float
     state: str  # LEARNED, AT_CHANCE or UNSURE
     quantity: Quantity = LOSS
+    identical: bool = False  # its seeds gave the same value and no noise floor stood in: nothing decided
+    widened: str = ""  # "the binomial noise of 80 examples per run" when that floor widened the interval
 
     def text(self) -> str:
         q = self.quantity
@@ -116,21 +124,30 @@ class Progress:
         what = {LEARNED: "learned", AT_CHANCE: f"still within {q.within} of chance: it has barely started learning",
                 UNSURE: "unclear whether it left chance"}
         head = f"{self.group} final {q.name} {q.value(self.loss)} ({q.chance_text(self.chance)}){acc}: "
-        return head + (what[self.state] if not math.isnan(self.chance) else "number of classes unknown")
+        if math.isnan(self.chance):
+            return head + "number of classes unknown"
+        if self.identical:
+            return head + what[UNSURE] + f" (its {self.n} seeds gave the same value: no independent evidence)"
+        return head + what[self.state] + (f" (interval widened to {self.widened})" if self.widened else "")
 
 
 def progress(group: str, runs: List[str], finals: Dict[str, float], accuracy: Dict[str, float],
-             chance: float, quantity: Quantity = LOSS) -> Progress:
-    """The learning check of one configuration from its seeds' final values (NaN values left out)."""
-    below = [chance - finals[r] for r in runs if not math.isnan(finals[r])]
-    mean, _, _, n, lo, hi = stats.interval(below)
+             chance: float, quantity: Quantity = LOSS, noise: Optional[Noise] = None) -> Progress:
+    """The learning check of one configuration from its seeds' final values (NaN values left out), its interval
+    floored at the runs' measurement ``noise`` where known."""
+    kept = [r for r in runs if not math.isnan(finals[r])]
+    below = [chance - finals[r] for r in kept]
+    floor = noise.floor([[r] for r in kept]) if noise else math.nan
+    mean, sd, _, n, lo, hi = stats.interval(below, floor)
     if n == 1:  # one seed: no spread; the point estimate decides only the wording, never an answer
         lo = hi = mean
-    side = stats.versus_margin(lo, hi, quantity.margin) if not math.isnan(chance) else stats.STRADDLES
+    same = stats.identical(sd, below)
+    side = stats.versus_margin(lo, hi, quantity.margin) if not (math.isnan(chance) or same) else stats.STRADDLES
     state = {stats.ABOVE: LEARNED, stats.BELOW: AT_CHANCE}.get(side, UNSURE)
     accs = [accuracy[r] for r in runs if r in accuracy and not math.isnan(accuracy[r])]
+    widened = noise.words(kept) if noise and n >= 2 and stats.floored(stats.mean_sd_se(below)[1], floor) else ""
     return Progress(group, chance, chance - mean if n else math.nan, sum(accs) / len(accs) if accs else math.nan,
-                    n, lo, hi, state, quantity)
+                    n, lo, hi, state, quantity, same, widened)
 
 
 def _chance(configs: Dict[str, Dict[str, Any]], runs: List[str], quantity: Quantity) -> float:
@@ -150,9 +167,11 @@ def _family_runs(configs: Dict[str, Dict[str, Any]], residual: bool, bn: bool,
 
 
 def depth_gap(configs: Dict[str, Dict[str, Any]], finals: Dict[str, float], residual: bool,
-              accuracy: Optional[Dict[str, float]] = None, quantity: Quantity = LOSS) -> Optional[dict]:
-    """Deep-minus-shallow final value per seed for one family (BN preferred), its 95% interval, what was dropped
-    and why, and the learning check of both depths. ``finals``: run -> final value of ``quantity``."""
+              accuracy: Optional[Dict[str, float]] = None, quantity: Quantity = LOSS,
+              noise: Optional[Noise] = None) -> Optional[dict]:
+    """Deep-minus-shallow final value per seed for one family (BN preferred), its 95% interval (floored at the
+    two runs' summed measurement ``noise`` where known), what was dropped and why, and the learning check of both
+    depths. ``finals``: run -> final value of ``quantity``."""
     accuracy = accuracy or {}
     for bn in (True, False):
         fam = _family_runs(configs, residual, bn, finals)
@@ -163,16 +182,38 @@ def depth_gap(configs: Dict[str, Dict[str, Any]], finals: Dict[str, float], resi
         diverged = [fam[d][s] for d in (shallow, deep) for s in seeds if math.isnan(finals[fam[d][s]])]
         pairs = {s: finals[fam[deep][s]] - finals[fam[shallow][s]] for s in seeds
                  if not (math.isnan(finals[fam[deep][s]]) or math.isnan(finals[fam[shallow][s]]))}
-        mean, sd, se, n, lo, hi = stats.interval(list(pairs.values()))
+        pair_runs = {s: (fam[deep][s], fam[shallow][s]) for s in pairs}
+        interval = floored_interval(list(pairs.values()), list(pair_runs.values()), noise, quantity)
         runs = {d: [fam[d][s] for s in seeds] for d in (shallow, deep)}
         chance = _chance(configs, runs[shallow] + runs[deep], quantity)
         prog = {d: progress(config_of(configs, runs[d][0]) if seeds else "", runs[d], finals, accuracy, chance,
-                            quantity) for d in (shallow, deep)}
-        return {"bn": bn, "shallow": prog[shallow].group, "deep": prog[deep].group, "pairs": pairs, "mean": mean,
-                "sd": sd, "se": se, "n": n, "lo": lo, "hi": hi, "band": stats.band(se, n), "diverged": diverged,
-                "losses": {d: [finals[r] for r in runs[d]] for d in (shallow, deep)}, "runs": runs,
-                "progress": (prog[shallow], prog[deep]), "quantity": quantity}
+                            quantity, noise) for d in (shallow, deep)}
+        return {"bn": bn, "shallow": prog[shallow].group, "deep": prog[deep].group, "pairs": pairs, **interval,
+                "diverged": diverged, "losses": {d: [finals[r] for r in runs[d]] for d in (shallow, deep)},
+                "runs": runs, "pair_runs": pair_runs, "progress": (prog[shallow], prog[deep]), "quantity": quantity}
     return None
+
+
+def floored_interval(values: List[float], groups: List[Tuple[str, ...]], noise: Optional[Noise],
+                     quantity: Quantity) -> dict:
+    """The 95% interval of per-seed ``values``, each a signed sum of the runs in its group, with the per-seed
+    variance floored at the groups' summed measurement ``noise`` (:func:`gradscope.analysis.stats.interval`):
+    ``mean, sd`` (the spread used), ``spread`` (the sample sd), ``se, n, lo, hi, band``, ``identical`` (the seeds
+    agree exactly and no floor stood in: nothing may be decided) and ``note`` (the floor in words, or why there is
+    none for an error)."""
+    floor = noise.floor(groups) if noise else math.nan
+    spread = stats.mean_sd_se(values)[1]
+    mean, sd, se, n, lo, hi = stats.interval(values, floor)
+    same = stats.identical(sd, values)
+    notes = []
+    if noise and n >= 2 and stats.floored(spread, floor):
+        notes.append(f"interval widened to {noise.words([r for g in groups for r in g])}")
+    elif quantity.unit == POINTS and n >= 2 and not math.isfinite(floor):
+        notes.append("the number of examples behind each error is unknown: no binomial noise floor")
+    if same:
+        notes.append("identical over seeds: a zero-width interval, not certainty")
+    return {"mean": mean, "sd": sd, "spread": spread, "se": se, "n": n, "lo": lo, "hi": hi,
+            "band": stats.band(se, n), "identical": same, "note": "; ".join(notes)}
 
 
 def gap_numbers(g: dict) -> str:
@@ -181,7 +222,7 @@ def gap_numbers(g: dict) -> str:
     return (f"{g['deep']} - {g['shallow']} final {q.name} {num(g['mean'], q.gap_format)} {q.unit}, 95% interval "
             f"[{num(g['lo'], q.gap_format)}, {num(g['hi'], q.gap_format)}] (n={g['n']} seeds; per seed "
             f"{', '.join(num(v, q.seed_format) for v in g['pairs'].values())}; {'with' if g['bn'] else 'without'} "
-            f"BN)")
+            f"BN{'; ' + g['note'] if g.get('note') else ''})")
 
 
 def _gap_text(g: dict) -> str:
@@ -199,6 +240,10 @@ def _decide(g: dict, worse_answer: str, fine_answer: str) -> Tuple[str, str]:
     margin = q.margin
     if g["n"] < 2:
         return UNCLEAR, "one seed gives no spread (run --seeds 0,1,2 or more)"
+    if g["identical"]:
+        return UNCLEAR, identical_why(q, f"the {g['n']} seeds gave the same gap")
+    if shallow.identical:
+        return UNCLEAR, identical_why(q, f"the {shallow.n} seeds of {shallow.group} gave the same value")
     if shallow.state != LEARNED:
         return UNCLEAR, (f"{shallow.group} did not learn beyond the noise, so no comparison is decided: train "
                          f"longer ({q.longer}) or check the labels and learning rate")
@@ -206,6 +251,9 @@ def _decide(g: dict, worse_answer: str, fine_answer: str) -> Tuple[str, str]:
     if side == stats.ABOVE:
         return worse_answer, f"the gap's interval lies above the {q.margin_words} margin"
     if side == stats.BELOW:
+        if deep.identical:
+            return UNCLEAR, identical_why(q, f"the gap lies below the margin but the {deep.n} seeds of "
+                                             f"{deep.group} gave the same value")
         if deep.state != LEARNED:
             return UNCLEAR, (f"the gap lies below the margin but {deep.group} did not learn beyond the noise: "
                              f"nets near chance are equal trivially; train longer ({q.longer})")
@@ -218,24 +266,37 @@ def _decide(g: dict, worse_answer: str, fine_answer: str) -> Tuple[str, str]:
     return UNCLEAR, f"the gap's interval contains the {q.margin_words} margin; {plan}"
 
 
+def identical_why(quantity: Quantity, what: str) -> str:
+    """Why seeds that agree exactly decide nothing, and what to check."""
+    fix = (", and record how many examples each error counts, so that its binomial noise can stand in"
+           if quantity.unit == POINTS else "")
+    return (f"{what} (spread 0 over seeds): a zero-width interval is not certainty, and identical runs give no "
+            f"independent evidence; check that the seeds vary the data order and the initialisation{fix}")
+
+
 def rule(quantity: Quantity = LOSS) -> str:
     """The rule of both training claims, in words, for ``quantity``."""
     chance = "chance ln(classes)" if quantity.unit == NATS else "the chance error 100·(1 - 1/classes)%"
+    floor = ("the batch-to-batch noise of the final steps' mean" if quantity.unit == NATS else
+             "the binomial noise of the examples each error counts")
     return (f"paired by seed; the learning check first (the shallow net, and for a 'not worse' answer both nets, "
             f"must be below {chance} by more than {quantity.within} beyond the noise); then the 95% interval "
             f"of the deep-minus-shallow gap in final {quantity.name} against the {quantity.margin_words} margin: "
-            f"wholly above = trains worse, wholly below = does not, containing it = unclear")
+            f"wholly above = trains worse, wholly below = does not, containing it = unclear; each interval's "
+            f"per-seed variance is at least the runs' own measurement noise where it is known ({floor}), and "
+            f"seeds with identical values decide nothing")
 
 
 RULE = rule(LOSS)
 
 
 def degradation_claim(configs: Dict[str, Dict[str, Any]], finals: Dict[str, float], caveat: str,
-                      accuracy: Optional[Dict[str, float]] = None, quantity: Quantity = LOSS) -> Claim:
+                      accuracy: Optional[Dict[str, float]] = None, quantity: Quantity = LOSS,
+                      noise: Optional[Noise] = None) -> Claim:
     """Deeper plain nets train worse (degradation), by the shared rule on the plain family's depth gap in
-    ``quantity`` (``finals``: run -> its final value)."""
+    ``quantity`` (``finals``: run -> its final value; ``noise``: each run's measurement noise, the floor)."""
     statement = "Deeper plain nets train worse (degradation)"
-    g = depth_gap(configs, finals, residual=False, accuracy=accuracy, quantity=quantity)
+    g = depth_gap(configs, finals, residual=False, accuracy=accuracy, quantity=quantity, noise=noise)
     if g is None:
         return Claim("degradation", statement, UNCLEAR, f"needs trained plain nets at two depths (decided on the "
                      f"final {quantity.name})", "train", caveat=caveat)
@@ -249,23 +310,25 @@ def degradation_claim(configs: Dict[str, Dict[str, Any]], finals: Dict[str, floa
 
 
 def residual_claim(configs: Dict[str, Dict[str, Any]], finals: Dict[str, float], caveat: str,
-                   accuracy: Optional[Dict[str, float]] = None, quantity: Quantity = LOSS) -> Claim:
+                   accuracy: Optional[Dict[str, float]] = None, quantity: Quantity = LOSS,
+                   noise: Optional[Noise] = None) -> Claim:
     """Deeper residual nets do not train worse, by the shared rule on the residual family's depth gap; a ``yes``
     also needs the plain nets to degrade (otherwise there is nothing for shortcuts to remove)."""
     statement = "Deeper residual nets do not train worse (shortcuts remove the degradation)"
-    g = depth_gap(configs, finals, residual=True, accuracy=accuracy, quantity=quantity)
+    g = depth_gap(configs, finals, residual=True, accuracy=accuracy, quantity=quantity, noise=noise)
     if g is None:
         return Claim("residual", statement, UNCLEAR, f"needs trained residual nets at two depths (decided on the "
                      f"final {quantity.name})", "train", caveat=caveat)
     answer, why = _decide(g, NO, YES)
     text = _gap_text(g)
-    p = depth_gap(configs, finals, residual=False, accuracy=accuracy, quantity=quantity)
+    p = depth_gap(configs, finals, residual=False, accuracy=accuracy, quantity=quantity, noise=noise)
     if p is not None:
         common = sorted(set(p["pairs"]) & set(g["pairs"]))
-        mean, sd, _, n, lo, hi = stats.interval([p["pairs"][s] - g["pairs"][s] for s in common])
+        e = floored_interval([p["pairs"][s] - g["pairs"][s] for s in common],
+                             [p["pair_runs"][s] + g["pair_runs"][s] for s in common], noise, quantity)
         f = quantity.gap_format
-        text += (f"; the plain gap exceeds it by {num(mean, f)} {quantity.unit}, 95% interval [{num(lo, f)}, "
-                 f"{num(hi, f)}] (n={n})")
+        text += (f"; the plain gap exceeds it by {num(e['mean'], f)} {quantity.unit}, 95% interval "
+                 f"[{num(e['lo'], f)}, {num(e['hi'], f)}] (n={e['n']}{_widened(e)})")
         plain_answer, _ = _decide(p, YES, NO)
     else:
         plain_answer = UNCLEAR
@@ -277,6 +340,12 @@ def residual_claim(configs: Dict[str, Dict[str, Any]], finals: Dict[str, float],
         text += f"; undecided: {why}"
     return Claim("residual", statement, answer, text, "train", how=f"{rule(quantity)}; here: {why}", caveat=caveat,
                  **_key_number(g))
+
+
+def _widened(e: dict) -> str:
+    """``; interval widened to ...`` for a secondary interval: only when the floor was used (the main gap already
+    says when the noise is unknown)."""
+    return f"; {e['note']}" if e["note"].startswith("interval widened") else ""
 
 
 def _key_number(g: dict) -> Dict[str, Any]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+import pytest
 
 from gradscope.analysis.trajectory import pool_seeds
 from gradscope.study.claims import (all_claims, backward_claim, backward_train_claim, degradation_claim, forward_claim,
                                     residual_claim)
+from gradscope.study.run_noise import BATCHES, Noise, batch_noise
 
 CAVEAT = "300 SGD steps: a short run"
 
@@ -226,3 +228,53 @@ def test_all_claims_in_the_papers_order():
                         CAVEAT)
     assert [c.key for c in claims] == ["bn_forward", "bn_backward", "bn_backward_train", "degradation", "residual"]
     assert all(c.caveat == CAVEAT for c in claims if c.key in ("degradation", "residual"))
+
+
+# --- identical runs: a zero spread over seeds is no evidence (issue: "a yes must follow from the evidence") ----------
+
+def test_identical_loss_gaps_over_seeds_are_unclear_and_say_why():
+    c = degradation_claim(configs(), losses([1.2, 1.2, 1.2], [0.0, 0.05, -0.04]), CAVEAT)
+    assert c.answer == "unclear"  # before: "yes" from the zero-width interval [+1.200, +1.200]
+    assert "[+1.200, +1.200]" in c.evidence
+    assert "identical over seeds: a zero-width interval, not certainty" in c.evidence
+    assert "the 3 seeds gave the same gap (spread 0 over seeds)" in c.how
+    assert "identical runs give no independent evidence" in c.how and "vary the data order and the initialisation" \
+        in c.how
+    assert c.estimate == pytest.approx(1.2)  # the number is still reported
+
+
+def test_seeds_that_repeat_each_other_decide_nothing_even_the_learning_check():
+    copies = {r: (2.0 if "56" in r else 1.0) for r in configs()}  # every seed the same run
+    deg, res = degradation_claim(configs(), copies, CAVEAT), residual_claim(configs(), copies, CAVEAT)
+    assert deg.answer == res.answer == "unclear"
+    assert "plain20-bn final loss 1.00 (chance ln 10 = 2.30): unclear whether it left chance (its 3 seeds gave the " \
+           "same value: no independent evidence)" in deg.evidence
+    shallow_only = {r: (1.0 if "20" in r else 2.0 + 0.1 * configs()[r]["seed"]) for r in configs()}
+    c = degradation_claim(configs(), shallow_only, CAVEAT)
+    assert c.answer == "unclear" and "the 3 seeds of plain20-bn gave the same value" in c.how
+
+
+def test_a_known_loss_noise_floor_widens_identical_gaps_by_hand():
+    """Each final loss averages 20 mini-batch losses with variance 0.0004 nats² (sd 0.02) for its mean: the paired
+    gap's floor is 0.0008, sd 0.02828, se 0.01633 over 3 seeds, half-width 4.303 · 0.01633 = 0.0703."""
+    finals = losses([1.2, 1.2, 1.2], [0.0, 0.05, -0.04])
+    noise = Noise({r: 0.0004 for r in finals}, {r: 20 for r in finals}, BATCHES)
+    c = degradation_claim(configs(), finals, CAVEAT, noise=noise)
+    half = 4.303 * math.sqrt(2 * 0.0004) / math.sqrt(3)
+    assert c.answer == "yes" and (c.low, c.high) == (pytest.approx(1.2 - half), pytest.approx(1.2 + half))
+    assert "95% interval [+1.130, +1.270]" in c.evidence
+    assert "interval widened to the batch-to-batch noise of each run's last 20 steps" in c.evidence
+    # a floor the seeds' spread exceeds changes nothing
+    spread = losses([1.27, 1.20, 1.25], [0.0, 0.05, -0.04])
+    assert degradation_claim(configs(), spread, CAVEAT, noise=noise).low == pytest.approx(
+        degradation_claim(configs(), spread, CAVEAT).low)
+
+
+def test_batch_noise_is_the_squared_standard_error_of_the_final_window():
+    rows = [("a", s, v) for s, v in enumerate([9.0, 1.0, 2.0, 3.0, 4.0])] + [("b", 0, 1.0)] + \
+           [("c", s, v) for s, v in enumerate([1.0, math.nan, 2.0])]
+    table = pd.DataFrame(rows, columns=["run", "step", "loss"])
+    n4 = batch_noise(table, ["a", "b", "c"], 4)
+    assert n4.variance == {"a": pytest.approx((1.5 ** 2 + 0.5 ** 2) * 2 / 3 / 4)}  # var(1,2,3,4) = 1.667, / 4
+    assert n4.counts == {"a": 4} and n4.kind == BATCHES  # b: one loss; c: a NaN in the window
+    assert batch_noise(table, ["a"], 2).variance["a"] == pytest.approx(0.5 / 2)  # var(3, 4) = 0.5

@@ -144,9 +144,107 @@ def test_a_default_study_is_still_decided_on_the_loss():
     t = table({"plain20-bn-s0": 8.0})
     assert recipe_errors(t, ["plain20-bn-s0"], None) is None
     assert recipe_errors(t.drop(columns=["test_error"]), ["plain20-bn-s0"], 2) is None
-    finals = {r: (2.0 if r.startswith("plain56") else 1.0) + 0.01 * c["seed"] for r, c in configs().items()}
+    # gaps +1.00, +1.01, +1.02 (identical gaps, sd 0, would decide nothing: issue "a yes must follow")
+    finals = {r: (2.0 + 0.02 * c["seed"] if r.startswith("plain56") else 1.0 + 0.01 * c["seed"])
+              for r, c in configs().items()}
     deg = degradation_claim(configs(), finals, CAVEAT)
-    assert deg.answer == "yes" and deg.unit == "nats" and "final loss +1.000 nats" in deg.evidence
+    assert deg.answer == "yes" and deg.unit == "nats" and "final loss +1.010 nats" in deg.evidence
     by_loss = all_claims(pd.DataFrame(columns=["signal", "runs"]), configs(), finals, CAVEAT)[3:]
     assert [c.unit for c in by_loss] == ["nats", "nats"] and by_loss[0].evidence == deg.evidence
     assert ERROR_MARGIN == 1.0
+
+
+# --- the binomial floor: a zero spread over seeds is not certainty ---------------------------------------------------
+
+def counted(cfg, batch_images, test_images):
+    """Configs with the examples behind each error, as a recipe run records them."""
+    return {r: {**c, "batch_images": batch_images, "test_images": test_images} for r, c in cfg.items()}
+
+
+def two_identical_seeds(facts=True):
+    """plain20 10% and plain56 30% training error on both seeds: a gap of +20 points twice, sd 0. Batches of 20
+    over the 2-iteration window: 40 examples per run (errors are multiples of 2.5%)."""
+    cfg = configs(seeds=(0, 1), models=("plain20", "plain56"))
+    cfg = counted(cfg, 20, 40) if facts else cfg
+    train = {r: (10.0 if r.startswith("plain20") else 30.0) for r in cfg}
+    test = {r: (12.5 if r.startswith("plain20") else 25.0) for r in cfg}
+    return cfg, final_errors(table(train, test), list(cfg), error_window(ITERATIONS), cfg)
+
+
+def test_two_seeds_with_identical_errors_on_40_examples_are_unclear_with_the_hand_computed_floor():
+    cfg, e = two_identical_seeds()
+    assert e.train_noise.counts == {r: 40 for r in cfg} and e.test_noise.counts == {r: 40 for r in cfg}
+    c = error_claims(cfg, e, CAVEAT)[0]
+    assert c.answer == "unclear"  # before the floor: "yes" from [+20.00, +20.00]
+    # by hand: Agresti-Coull variances (points²) of 4 and 12 wrong of 40, added for the paired gap, then
+    # sd = sqrt(floor), se = sd / sqrt(2), half-width t(0.975, 1) · se = 12.706 · se
+    v10 = 1e4 * (6 / 44) * (38 / 44) / 44  # 26.77
+    v30 = 1e4 * (14 / 44) * (30 / 44) / 44  # 49.30
+    half = 12.706 * math.sqrt(v10 + v30) / math.sqrt(2)  # 78.36
+    assert c.low == pytest.approx(20 - half, abs=1e-6) and c.high == pytest.approx(20 + half, abs=1e-6)
+    assert "+20.00 points, 95% interval [-58.36, +98.36]" in c.evidence
+    assert "interval widened to the binomial noise of 40 examples per run" in c.evidence
+    assert "contains the 1-point margin" in c.how and "about 4 seeds (--seeds 0,1,2,3)" in c.how
+    # the learning checks use the same floor: plain20 80 ± 12.706·sqrt(v10/2) = [33.5, 126.5] learned; plain56
+    # 60 ± 12.706·sqrt(v30/2) = [-3.1, 123.1] contains the margin
+    assert "plain20-bn final training error 10.0% (chance 90%): learned (interval widened to the binomial noise of " \
+           "40 examples per run)" in c.evidence
+    assert "plain56-bn final training error 30.0% (chance 90%): unclear whether it left chance" in c.evidence
+    # the test error beside it (40 test images) is widened too
+    v12, v25 = (1e4 * (7 / 44) * (37 / 44) / 44, 1e4 * (12 / 44) * (32 / 44) / 44)
+    test_half = 12.706 * math.sqrt(v12 + v25) / math.sqrt(2)
+    assert f"final test error +12.50 points, 95% interval [{12.5 - test_half:+.2f}, {12.5 + test_half:+.2f}]" \
+           in c.evidence
+
+
+def test_identical_errors_with_an_unknown_number_of_examples_decide_nothing_and_say_why():
+    cfg, e = two_identical_seeds(facts=False)
+    assert e.train_noise.counts == {}
+    c = error_claims(cfg, e, CAVEAT)[0]
+    assert c.answer == "unclear" and "[+20.00, +20.00]" in c.evidence
+    assert "the number of examples behind each error is unknown" in c.evidence
+    assert "identical over seeds: a zero-width interval, not certainty" in c.evidence
+    assert "the 2 seeds gave the same gap (spread 0 over seeds)" in c.how
+    assert "check that the seeds vary the data order and the initialisation" in c.how
+    assert "record how many examples each error counts" in c.how
+
+
+@pytest.mark.parametrize("plain, res, answers", [(DEGRADES, SHORTCUTS, ["yes", "yes"]),
+                                                  (FLAT, SHORTCUTS, ["no", "unclear"]),
+                                                  (SPREAD, DEGRADES, ["unclear", "no"])])
+def test_many_examples_and_a_real_spread_decide_as_before(plain, res, answers):
+    """200,000 examples per run: the binomial sd of a gap (~0.09 points) is below the seed spread, so the interval
+    and the answer are those of the spread alone."""
+    unfloored = error_claims(configs(), errors_of(plain, res), CAVEAT)
+    cfg = counted(configs(), 100_000, 10_000)
+    train = {r: v for r, v in errors_of(plain, res).train.items()}
+    floored = error_claims(cfg, final_errors(table(train), list(cfg), error_window(ITERATIONS), cfg), CAVEAT)
+    assert [c.answer for c in floored] == [c.answer for c in unfloored] == answers
+    for a, b in zip(floored, unfloored):
+        assert (a.estimate, a.low, a.high) == pytest.approx((b.estimate, b.low, b.high))
+        gap = a.evidence.split("BN)")[0]  # the deciding gap's numbers (a secondary interval may be widened)
+        assert "per seed" in gap and "widened" not in gap and "unknown" not in a.evidence
+
+
+def test_the_docs_example_he2016_sized_windows_and_10000_test_images():
+    """docs/verdicts.md's example: 409,600 training examples per run (he2016's 3,200 × 128; here 2 × 204,800) leave
+    the training-error interval to the seeds; identical test-error gaps on 10,000 images are widened by hand to
+    ±4.303·sqrt((v(9.x%) + v(12.x%))/3), about ±1.08 points."""
+    test = {f"{m}-bn-s{s}": v + 0.1 * s for m, v in (("plain20", 9.0), ("plain56", 12.0), ("resnet20", 8.5),
+                                                     ("resnet56", 7.0)) for s in SEEDS}
+    cfg = counted(configs(), 204_800, 10_000)
+    e = final_errors(table(errors_of(DEGRADES, SHORTCUTS).train, test), list(cfg), error_window(ITERATIONS), cfg)
+    deg = error_claims(cfg, e, CAVEAT)[0]
+    assert deg.answer == "yes" and "+3.10 points, 95% interval [+2.44, +3.76] (n=3 seeds; per seed +3.0, +3.4, " \
+                                   "+2.9; with BN);" in deg.evidence
+
+    def v(err):  # Agresti-Coull, points²
+        p = (err / 100 * 10_000 + 2) / 10_004
+        return 1e4 * p * (1 - p) / 10_004
+    floor = sum(v(9.0 + 0.1 * s) + v(12.0 + 0.1 * s) for s in SEEDS) / 3
+    half = 4.303 * math.sqrt(floor / 3)
+    assert half == pytest.approx(1.08, abs=0.01)
+    assert (f"final test error +3.00 points, 95% interval [{3 - half:+.2f}, {3 + half:+.2f}] (n=3 seeds; per seed "
+            f"+3.0, +3.0, +3.0; with BN; interval widened to the binomial noise of 10,000 examples per run)"
+            in deg.evidence)
+    assert "[+1.92, +4.08]" in deg.evidence

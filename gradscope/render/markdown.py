@@ -6,7 +6,6 @@ block called ``<img src=x onerror=...>``, ``a|b*c*`` or ``a<newline>b`` reads as
 """
 from __future__ import annotations
 
-import html
 import re
 from typing import Any, Dict, List
 
@@ -26,7 +25,8 @@ def md_escape(text: Any) -> str:
     """``text`` safe inside Markdown (and the HTML a Markdown renderer produces), on one line: a line break in a
     name is shown as ``\\n`` (as Python writes it), so a table row or a list item never ends inside a name."""
     one_line = _LINE_BREAK.sub(lambda m: repr(m.group())[1:-1], str(text))
-    return _MD_SPECIAL.sub(r"\\\1", html.escape(one_line, quote=False))
+    # '&' and '<' are all that can start markup or an entity; '>' stays readable ("step 0 -> 290")
+    return _MD_SPECIAL.sub(r"\\\1", one_line.replace("&", "&amp;").replace("<", "&lt;"))
 
 
 def md_table(rows: T.Rows) -> List[str]:

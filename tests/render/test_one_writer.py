@@ -55,11 +55,12 @@ def test_names_with_markup_are_escaped_and_dollars_do_not_reach_mathtext(tmp_pat
     f.loc[last, S.VALUE] = np.nan  # the sentence of the last step names the block where it diverged
     out = gradscope.report(f, tmp_path, phase="train")  # no matplotlib ParseException from the '$'
     text = (out / R.SUMMARY).read_text()
-    assert "<img" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
-    assert "<b>" not in text and "&lt;b&gt;bold&lt;/b&gt;\\|x\\*" in text and "run\\$1\\$" in text
+    assert "<img" not in text and "&lt;img src=x onerror=alert(1)>" in text
+    assert "<b>" not in text and "&lt;b>bold&lt;/b>\\|x\\*" in text and "run\\$1\\$" in text
     page = (out / R.HTML).read_text()
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page and "<b>bold" not in page
     assert md_escape("plain") == "plain" and md_escape("act_var") == "act_var"
+    assert md_escape("step 0 -> 290, a & b") == "step 0 -> 290, a &amp; b"  # readable as plain text too
     assert md_escape("[l](u) `c` $m$") == "\\[l\\](u) \\`c\\` \\$m\\$"
     assert all((out / f).stat().st_size > 1000 for f in ("heatmap_act_var.png", "profile_grad_norm.png"))
 

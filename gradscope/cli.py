@@ -145,7 +145,9 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recipe", help="he2016 (64k iterations) or he2016-short (4k); needs --data DIR")
     g.add_argument("--iterations", type=_positive, help="run the recipe over N iterations, milestones scaled alike")
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
-    g.add_argument("--channels-last", action="store_true", help="channels-last images and weights")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="images and weights channels-last (default: on for the built-in nets of a study, about 12%% "
+                        "less CPU time; off for --recipe and --model)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="report folder (default ./gradscope-report/<timestamp>)")
     g.add_argument("--format", choices=("full", "records"), default=d.format,

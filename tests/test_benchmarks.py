@@ -108,3 +108,17 @@ def test_streaming_memory_records_every_step_and_fits_a_slope(one_thread):
     per_block = len(S.DEFAULT_METRICS) - len(S.OPTIMIZER_METRICS) - len(S.BATCH_METRICS)
     # the first block's input does not require grad (no grad_in_norm); batch_size is one row per step
     assert rows == 30 * (20 * per_block - 1 + len(S.BATCH_METRICS))
+
+
+def test_study_layout_times_twins_that_compute_the_same_step(one_thread):
+    """benchmarks/study_layout.py: the twins start from the same weights in two layouts, give the same loss, and a
+    short comparison returns positive medians and their ratio."""
+    bench = _load("study_layout")
+    contiguous, last = bench.twins("resnet20")
+    conv = next(m for m in last.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    x = torch.randn(4, 3, 16, 16)
+    a, b = contiguous(x), last(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    slow, fast, ratio = bench.compare("plain20", steps=2, warmup=1, batch=4)
+    assert slow > 0 and fast > 0 and abs(ratio - fast / slow) < 1e-12

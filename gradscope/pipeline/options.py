@@ -59,7 +59,8 @@ class Options:
     recipe: Optional[str] = None
     iterations: Optional[int] = None
     amp: bool = False
-    channels_last: bool = False
+    #: None: the study's default (the default study: channels-last for the built-in nets; a recipe: contiguous)
+    channels_last: Optional[bool] = None
     # output
     out: Optional[Union[str, Path]] = None
     format: str = "full"
@@ -126,9 +127,10 @@ class Options:
 
     def settings(self, device: str) -> Settings:
         """The study's :class:`~gradscope.study.runs.Settings` on ``device``."""
+        layout = {} if self.channels_last is None else {"channels_last": bool(self.channels_last)}
         return Settings(steps=self.measured_steps, batch_size=self.batch_size, lr=self.lr, every=self.every,
                         init_batches=self.init_batches, device=device, workers=self.workers,
-                        image_size=self.image_size if self.data == "synthetic" else 32)
+                        image_size=self.image_size if self.data == "synthetic" else 32, **layout)
 
     def recipe_settings(self, device: str) -> Any:
         """The :class:`~gradscope.study.recipe_train.RecipeSettings` of a recipe study on ``device``."""
@@ -138,7 +140,7 @@ class Options:
         recipe = get(self.recipe)
         if self.iterations is not None:
             recipe = recipe.shortened(self.iterations)
-        return RecipeSettings(recipe=recipe, device=device, amp=self.amp, channels_last=self.channels_last,
+        return RecipeSettings(recipe=recipe, device=device, amp=self.amp, channels_last=bool(self.channels_last),
                               workers=self.workers, init_batches=self.init_batches)
 
     def specs(self) -> List[RunSpec]:

@@ -20,6 +20,17 @@ encoder LM compiled; under compile the first recorded step compiles (and may syn
    off), metric by metric, to ``--rtol`` (default 1e-3: convolution algorithms sum in different orders).
 3. **Overhead.** Median step time of ``attach(model)`` and ``attach(model, every=10)`` against an uninstrumented
    step, the three taking turns step by step (batch 128, ResNet-56), with ``torch.cuda.synchronize()`` around each.
+4. **The recipe on the device.** ``--recipe-iterations`` (default 300 on CUDA, 4 on the CPU) iterations of
+   ResNet-20 through ``train_run``, the function ``--recipe he2016`` runs (batch 128, pad-4 crops and flips, SGD
+   with the recipe's schedule squeezed into the run, gradscope recording every 100th iteration), on a CIFAR-10
+   folder generated in a temporary directory (nothing is downloaded), twice: float32 with contiguous tensors, and
+   ``--amp --channels-last`` (bfloat16 autocast, channels-last). Printed: iterations per second (the mean over
+   the iterations after the first 10, recorded ones included, the final evaluation left out), the training error
+   reached (mean mini-batch error of the last 50 iterations), the test error, and whether every loss is finite.
+   TF32 is at torch's defaults here, as in a user's run (checks 1 and 2 turn it off).
+
+A table of every check closes the output. The whole check takes a few minutes on one GPU (the compiled cases
+compile first); ``--no-compile`` and ``--recipe-iterations 0`` shorten it.
 """
 from __future__ import annotations
 
@@ -27,11 +38,12 @@ import argparse
 import math
 import statistics
 import sys
+import tempfile
 import time
-from typing import Dict, List, Tuple
-
 import warnings
+from dataclasses import replace
 from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -42,6 +54,7 @@ from gradscope.models import build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402  (benchmarks/machine.py: CPU model, GPU, load average)
+from recipe_speed import time_iterations, write_cifar_folder  # noqa: E402  (the recipe's timing, generated data)
 
 READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"}
 
@@ -199,48 +212,131 @@ def overhead(device: str, steps: int) -> Dict[str, float]:
     return {c: statistics.median(t) / base for c, t in times.items()} | {"baseline_ms": 1e3 * base}
 
 
-def main() -> int:
+#: the recipe check's two runs: (label, amp, channels_last).
+RECIPE_VARIANTS = (("float32", False, False), ("bf16 + channels-last", True, True))
+
+
+def recipe_data(n_train: int, n_test: int, n_val: int, recipe: "object") -> "object":
+    """The recipe's splits of a CIFAR-10 folder written into a temporary directory and read back by the reader
+    ``--data`` uses (``n_val`` of the ``n_train`` training images held out for validation)."""
+    from gradscope.data import read_cifar10_pixels
+    from gradscope.study.recipe import prepare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pixels = read_cifar10_pixels(write_cifar_folder(Path(tmp), n_train, n_test))
+    return prepare(*pixels, replace(recipe, train_images=n_train - n_val))
+
+
+def check_recipe(device: str, iterations: int, amp: bool, channels_last: bool, data: "object",
+                 batch_size: Optional[int] = None, warmup: int = 10, window: int = 50) -> Dict[str, object]:
+    """``iterations`` of ResNet-20 under the he2016 recipe squeezed into the run (milestones at 1/2 and 3/4, one
+    evaluation at the end, signals recorded every 100th iteration as in the full recipe), through ``train_run``:
+    iterations per second after ``warmup``, the training error of the last ``window`` iterations, the final test
+    error, and whether every loss is finite and every iteration ran."""
+    from gradscope.study.recipe import HE2016
+
+    recipe = replace(HE2016.shortened(iterations, name="gpu-check"), eval_every=iterations,
+                     record_every=HE2016.record_every, batch_size=batch_size or HE2016.batch_size,
+                     train_images=len(data.train_x))
+    start = time.perf_counter()
+    seconds, run = time_iterations("resnet20", recipe, data, device, amp, channels_last,
+                                   warmup=min(warmup, max(0, iterations - 3)))
+    losses = run.losses
+    return {"iterations": len(losses), "per_second": len(seconds) / sum(seconds) if seconds else math.nan,
+            "train_error": float(1 - losses["accuracy"].tail(window).mean()) if len(losses) else math.nan,
+            "test_error": float(losses["test_error"].iloc[-1]) if len(losses) else math.nan,
+            "finite": bool(len(losses)) and bool(losses["loss"].map(math.isfinite).all()),
+            "finished": bool(run.config.get("finished")), "seconds": time.perf_counter() - start}
+
+
+def recipe_checks(device: str, iterations: int, batch_size: Optional[int] = None,
+                  n_train: int = 10_000, n_test: int = 2_000) -> List[Tuple[str, bool, str]]:
+    """Check 4 for every variant of :data:`RECIPE_VARIANTS`: ``(label, passed, detail)`` per variant; a variant
+    passes when every iteration ran with a finite loss."""
+    from gradscope.study.recipe import HE2016
+
+    data = recipe_data(n_train, n_test, n_val=n_test // 2, recipe=HE2016)
+    rows = []
+    for label, amp, channels_last in RECIPE_VARIANTS:
+        r = check_recipe(device, iterations, amp, channels_last, data, batch_size)
+        passed = r["finite"] and r["finished"] and r["iterations"] == iterations
+        detail = (f"{r['per_second']:.2f} it/s over {r['iterations']} iterations, train error {r['train_error']:.3f}, "
+                  f"test error {r['test_error']:.3f}, losses finite: {r['finite']}, {r['seconds']:.0f} s")
+        print(f"{'ok  ' if passed else 'FAIL'} recipe resnet20 {label}: {detail}", flush=True)
+        rows.append((f"recipe resnet20 {label}", passed, detail))
+    return rows
+
+
+def summary(rows: List[Tuple[str, bool, str]], seconds: float) -> List[str]:
+    """The closing table: one line per check, its verdict and its figure."""
+    width = max([len(name) for name, _, _ in rows] + [5])
+    lines = [f"summary ({seconds:.0f} s):", f"  {'check':<{width}}  result  detail"]
+    lines += [f"  {name:<{width}}  {'ok' if ok else 'FAIL':<6}  {detail}" for name, ok, detail in rows]
+    failed = sum(not ok for _, ok, _ in rows)
+    lines.append(f"  {len(rows) - failed} of {len(rows)} checks passed" + (f"; {failed} FAILED" if failed else ""))
+    return lines
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--rtol", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled cases")
-    args = parser.parse_args()
+    parser.add_argument("--recipe-iterations", type=int, default=None,
+                        help="iterations of each recipe run (default 300 on CUDA, 4 on the CPU; 0 skips check 4)")
+    parser.add_argument("--recipe-batch", type=int, default=None, help="the recipe runs' batch (default 128)")
+    args = parser.parse_args(argv)
     on_cuda = args.device.startswith("cuda")
     if on_cuda and not torch.cuda.is_available():
         print("no CUDA device here: run on a GPU machine, or pass --device cpu for a dry run", file=sys.stderr)
         return 2
+    started = time.perf_counter()
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # torch's defaults
     if on_cuda:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         print(f"device: {torch.cuda.get_device_name()} (torch {torch.__version__})")
     print(f"machine: {describe(args.device)}")
-    failures = 0
+    rows: List[Tuple[str, bool, str]] = []
 
     cases = [("resnet20", None)] + ([] if args.no_compile else [("resnet20", "inductor"), ("encoder", "inductor")])
     for model_name, backend in cases:
         label = f"{model_name} {backend or 'eager'}:"
         dev_frame, errors, reads, syncs = recorded_frame(args.device, on_cuda, model_name, backend)
         if errors:
-            failures += 1
             print(f"FAIL {label} sync inside hooks: {errors[0]}")
         else:
             print(f"ok   {label} no synchronisation in forward or backward" + ("" if on_cuda else
                                                                                 " (not checked on the CPU)"))
+        rows.append((f"{label[:-1]}: no sync in hooks", not errors,
+                     errors[0][:60] if errors else ("none" if on_cuda else "not checked on the CPU")))
         print(f"{'ok  ' if syncs == 1 else 'FAIL'} {label} host synchronisations per recorded step: {syncs} "
               f"(target 1; reads at scope.step(): {reads})")
-        failures += int(syncs != 1)
+        rows.append((f"{label[:-1]}: host syncs per recorded step", syncs == 1, f"{syncs} (target 1)"))
         cpu_frame, _, _, _ = recorded_frame("cpu", False, model_name, None)  # the eager CPU run is the reference
         problems = compare(dev_frame, cpu_frame, args.rtol)
-        failures += int(bool(problems))
         print(f"{'FAIL' if problems else 'ok  '} {label} {len(dev_frame)} values against eager CPU (rtol {args.rtol})")
         for line in problems[:10]:
             print("     ", line)
+        rows.append((f"{label[:-1]}: same values as CPU", not problems,
+                     f"{len(dev_frame) - len(problems)} of {len(dev_frame)} within rtol {args.rtol}"))
 
     ratios = overhead(args.device, args.steps)
     print(f"     overhead, ResNet-56 batch 128 ({ratios['baseline_ms']:.1f} ms/step): every step "
-          f"x{ratios['every1']:.3f}, every 10th step x{ratios['every10']:.3f}")
-    return 1 if failures else 0
+          f"x{ratios['every1']:.3f}, every 10th step x{ratios['every10']:.3f}", flush=True)
+    rows.append(("resnet56 overhead (measured, no target here)", True,
+                 f"every step x{ratios['every1']:.3f}, every 10th x{ratios['every10']:.3f}, "
+                 f"baseline {ratios['baseline_ms']:.1f} ms/step"))
+
+    iterations = args.recipe_iterations if args.recipe_iterations is not None else (300 if on_cuda else 4)
+    if iterations:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32  # as in a user's run
+        sizes = (10_000, 2_000) if on_cuda else (640, 200)  # generated training and test images
+        rows += recipe_checks(args.device, iterations, args.recipe_batch, *sizes)
+    for line in summary(rows, time.perf_counter() - started):
+        print(line)
+    return 0 if all(ok for _, ok, _ in rows) else 1
 
 
 if __name__ == "__main__":

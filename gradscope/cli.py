@@ -144,7 +144,7 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("He et al.'s CIFAR-10 recipe (docs/recipe.md)")
     g.add_argument("--recipe", help="he2016 (64k iterations) or he2016-short (4k); needs --data DIR")
     g.add_argument("--iterations", type=_positive, help="run the recipe over N iterations, milestones scaled alike")
-    g.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    g.add_argument("--amp", action="store_true", help="bfloat16 autocast of the training forward (CUDA or CPU)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="images and weights channels-last (default: on for the built-in nets of a study, about 12%% "
                         "less CPU time; off for --recipe and --model)")

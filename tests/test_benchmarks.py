@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -122,3 +124,71 @@ def test_study_layout_times_twins_that_compute_the_same_step(one_thread):
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
     slow, fast, ratio = bench.compare("plain20", steps=2, warmup=1, batch=4)
     assert slow > 0 and fast > 0 and abs(ratio - fast / slow) < 1e-12
+
+
+def test_gpu_check_runs_the_recipe_on_generated_cifar_and_prints_a_summary(one_thread):
+    """The CPU dry run of check 4: ResNet-20 through train_run (the function --recipe uses) on a generated
+    CIFAR-format folder, float32 and bf16 + channels-last, a few iterations of a small batch."""
+    gpu_check = _load("gpu_check")
+    rows = gpu_check.recipe_checks("cpu", iterations=4, batch_size=16, n_train=160, n_test=60)
+    assert [name for name, _, _ in rows] == ["recipe resnet20 float32", "recipe resnet20 bf16 + channels-last"]
+    assert all(ok for _, ok, _ in rows) and all("it/s over 4 iterations" in detail for _, _, detail in rows)
+    from gradscope.study.recipe import HE2016
+
+    data = gpu_check.recipe_data(160, 60, n_val=30, recipe=HE2016)
+    assert (len(data.train_x), len(data.val_x), len(data.test_x)) == (130, 30, 60)
+    r = gpu_check.check_recipe("cpu", 5, False, False, data, batch_size=16, warmup=1, window=3)
+    assert r["iterations"] == 5 and r["finished"] and r["finite"] and r["per_second"] > 0
+    assert 0 <= r["train_error"] <= 1 and 0 <= r["test_error"] <= 1
+    lines = gpu_check.summary(rows + [("sync", False, "2 (target 1)")], 12.0)
+    assert lines[0] == "summary (12 s):" and "FAIL" in lines[-2] and lines[-1].endswith("1 FAILED")
+
+
+def test_a_run_that_diverges_fails_the_recipe_check(monkeypatch, one_thread):
+    """A non-finite loss stops a recipe run early: the check says FAIL (and why), it does not just report a speed."""
+    gpu_check = _load("gpu_check")
+    from gradscope.study.recipe import HE2016
+
+    data = gpu_check.recipe_data(160, 60, n_val=30, recipe=HE2016)
+    data.train_x[:] = float("nan")
+    r = gpu_check.check_recipe("cpu", 3, False, False, data, batch_size=16, warmup=0)
+    assert not r["finite"] and r["iterations"] == 1 and not r["finished"]
+    monkeypatch.setattr(gpu_check, "recipe_data", lambda *args, **kwargs: data)
+    rows = gpu_check.recipe_checks("cpu", iterations=3, batch_size=16, n_train=160, n_test=60)
+    assert [ok for _, ok, _ in rows] == [False, False] and all("losses finite: False" in d for _, _, d in rows)
+
+
+def test_recipe_cost_arithmetic_by_hand():
+    speed = _load("recipe_speed")
+    from gradscope.study.recipe import HE2016, HE2016_SHORT, Recipe
+
+    assert speed.evaluations(HE2016) == 64 and speed.evaluated_images(HE2016) == 15_000
+    # he2016-short evaluates every round(1000 * 4000 / 64000) = 62 iterations: 64 times, then at iteration 4000
+    assert HE2016_SHORT.eval_every == 62 and speed.evaluations(HE2016_SHORT) == 65
+    # (2 init passes + 64,000 iterations) x 50 ms + 64 evaluations x 15,000 images x 0.1 ms
+    assert speed.run_seconds(HE2016, 0.05, 1e-4) == pytest.approx(64_002 * 0.05 + 64 * 15_000 * 1e-4)
+    assert speed.run_seconds(HE2016, 0.05, 1e-4) == pytest.approx(3296.1)
+    # the line through (20, 1.0) and (110, 5.5): 0.05 s per layer, no intercept; plain20 takes resnet20's figure
+    filled = speed.fill_by_depth(["resnet20", "plain20", "resnet56", "resnet110"], {"resnet20": 1.0, "resnet110": 5.5})
+    assert filled == {"resnet20": (1.0, True), "plain20": (1.0, False), "resnet56": (pytest.approx(2.8), False),
+                      "resnet110": (5.5, True)}
+    assert speed.fill_by_depth(["resnet110"], {"resnet20": 2.0}) == {"resnet110": (pytest.approx(11.0), False)}
+    with pytest.raises(ValueError):
+        speed.fill_by_depth(["resnet20"], {})
+    # 3 seeds of two nets over a 1,000-iteration recipe evaluating every 500 on 5k + 10k images
+    small = Recipe(name="small", iterations=1_000, milestones=(500,), eval_every=500)
+    hours = speed.study_hours(small, ["resnet20", "resnet110"], 3, {"resnet20": 0.02, "resnet110": 0.1},
+                              {"resnet20": 1e-5, "resnet110": 5e-5}, init_batches=0)
+    by_hand = 3 * ((1_000 * 0.02 + 2 * 15_000 * 1e-5) + (1_000 * 0.1 + 2 * 15_000 * 5e-5)) / 3600
+    assert hours == pytest.approx(by_hand) and by_hand == pytest.approx(3 * (20.3 + 101.5) / 3600)
+    lines = speed.cost_lines([speed.Timing("resnet20", 0.02, 1e-5, 4, True),
+                              speed.Timing("resnet110", 0.1, 5e-5, 4, True)], seeds=5, unit="GPU-hours")
+    assert any(line.strip().startswith("~ resnet56:") for line in lines)  # estimated, marked
+    assert sum("all 9 nets x 5 seeds" in line for line in lines) == 2  # the full recipe and the short one
+
+
+def test_recipe_speed_times_an_iteration_and_an_evaluation(one_thread):
+    speed = _load("recipe_speed")
+    t = speed.measure("resnet20", iterations=2, device="cpu", warmup=1, eval_images=8, batch_size=8)
+    assert t.model == "resnet20" and t.iterations == 2 and t.finite
+    assert t.per_iteration > 0 and t.per_image > 0

@@ -210,20 +210,24 @@ def batches(data: RecipeData, recipe: Recipe, seed: int):
 
 def error_rate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                batch_size: int = 1000, channels_last: bool = False) -> float:
-    """Top-1 error (fraction) of ``model`` in eval mode on ``(x, y)``: a single view, no augmentation."""
+    """Top-1 error (fraction) of ``model`` in eval mode on ``(x, y)``: a single view, no augmentation.
+
+    ``x`` and ``y`` may live on the host: each batch of ``batch_size`` goes to ``device`` (channels-last when the
+    training run is), the wrong answers are counted there and read back once.
+    """
     if len(x) == 0:
         return math.nan
     was_training = model.training
     model.eval()
-    wrong = 0
+    wrong = torch.zeros((), dtype=torch.int64, device=device)
     try:
         with torch.no_grad():
             for start in range(0, len(x), batch_size):
                 inputs = x[start:start + batch_size].to(device)
                 if channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
-                logits = model(inputs)
-                wrong += int((logits.argmax(1).cpu() != y[start:start + batch_size]).sum())
+                labels = y[start:start + batch_size].to(device)
+                wrong += (model(inputs).argmax(1) != labels).sum()
     finally:
         model.train(was_training)
-    return wrong / len(x)
+    return int(wrong) / len(x)  # one read-back per evaluation

@@ -20,6 +20,7 @@ from torch import nn
 from gradscope import schema as S
 from gradscope.analysis.curves import curves
 from gradscope.engine.scope import attach
+from gradscope.errors import GradscopeError
 from gradscope.study.error_claims import error_window
 from gradscope.study.recipe import HE2016, Recipe, RecipeData, WarmUp, batches, error_rate
 from gradscope.study.runs import LOSS_COLUMNS as STUDY_LOSS_COLUMNS, _config_of, _label
@@ -113,6 +114,22 @@ def run_facts(spec: RunSpec, net: nn.Module, settings: RecipeSettings, data: Rec
             "batch_images": int(batch[1].shape[0]), "test_images": int(len(data.test_y))}
 
 
+def mixed_precision(device: torch.device, amp: bool) -> Any:
+    """The context the training forward runs in: bfloat16 autocast on ``device`` when ``amp``, else nothing.
+
+    bfloat16 keeps float32's exponent range, so gradients need no loss scaling (no ``GradScaler``, nothing that
+    exists only on CUDA); autocast on the CPU uses the same dtype. A device type without bfloat16 autocast is
+    refused with the fix instead of a torch traceback.
+    """
+    if not amp:
+        return nullcontext()
+    try:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    except (RuntimeError, ValueError) as exc:
+        raise GradscopeError(f"--amp (bfloat16 autocast) is not available on device {str(device)!r}: {exc}; "
+                             f"run without --amp, or on cuda or cpu") from exc
+
+
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -126,9 +143,10 @@ def train_run(model: str, recipe: Recipe, data: RecipeData, *, seed: int = 0, de
     """Train ``model`` by ``recipe`` on ``data``; the data order and the weights both follow ``seed``.
 
     First ``init_batches`` recorded forward/backward passes without an update (phase ``init``), then the recipe
-    (phase ``train``). ``amp`` runs the forward under bfloat16 autocast on CUDA (no loss scaling needed);
-    ``channels_last`` stores images and weights channels-last (faster convolutions on recent GPUs). Records stream
-    to ``out`` when given. ``sink`` receives ``(frame, losses, config)`` even when the run is interrupted.
+    (phase ``train``). ``amp`` runs the training forward under bfloat16 autocast on the run's device, CUDA or CPU
+    (no loss scaling: bfloat16 has float32's range; see :func:`mixed_precision`); the loss is taken in float32 and
+    evaluations run in float32. ``channels_last`` stores images and weights channels-last (faster convolutions on
+    recent GPUs), evaluation batches too. Records stream to ``out`` when given. ``sink`` receives ``(frame, losses, config)`` even when the run is interrupted.
     """
     import pandas as pd
 
@@ -146,8 +164,7 @@ def train_run(model: str, recipe: Recipe, data: RecipeData, *, seed: int = 0, de
                                 weight_decay=recipe.weight_decay)
     warm = WarmUp(recipe, int(spec.depth or 0))
     loss_fn = nn.CrossEntropyLoss()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if amp and torch_device.type == "cuda"
-                else nullcontext())
+    autocast = mixed_precision(torch_device, amp)
     stream = batches(data, recipe, seed)
     rows: List[tuple] = []
     frames: List[Any] = []
@@ -187,8 +204,9 @@ def train_run(model: str, recipe: Recipe, data: RecipeData, *, seed: int = 0, de
             scope.step()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = float(loss.detach())
-            batch_error = float((logits.detach().argmax(1) != y).float().mean())
+            # one read-back per iteration (a host synchronisation on a GPU): the loss and the batch error together
+            loss_value, batch_error = torch.stack([loss.detach(), (logits.detach().argmax(1) != y).float().mean()
+                                                   ]).tolist()
             warm.update(iteration, batch_error)
             val = test = math.nan
             if (iteration + 1) % recipe.eval_every == 0 or iteration + 1 == recipe.iterations:

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402  (benchmarks/machine.py: CPU model, GPU, load average)
 
 from gradscope.study import recipe as R  # noqa: E402
+from gradscope.study.specs import DEFAULT_SEEDS  # noqa: E402
 
 #: CIFAR-10's training and test set sizes: the recipe validates on what it does not train on, and tests on 10k.
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
@@ -169,18 +170,19 @@ def time_iterations(model: str, recipe: R.Recipe, data: R.RecipeData, device: st
 
 
 def time_evaluation(net: torch.nn.Module, data: R.RecipeData, device: str, channels_last: bool,
-                    images: int) -> float:
-    """Seconds per image of ``error_rate`` over the first ``images`` validation (else test) images, second call."""
+                    images: int, repeats: int = 3) -> float:
+    """Seconds per image of ``error_rate`` over the first ``images`` validation (else test) images: the median of
+    ``repeats`` calls after one untimed call (which pays for cudnn's algorithm choice and the allocator)."""
     x, y = (data.val_x, data.val_y) if len(data.val_x) else (data.test_x, data.test_y)
     x, y = x[:images], y[:images]
-    seconds = math.inf
-    for _ in range(2):  # the first call pays for cudnn's algorithm choice and the allocator
+    seconds = []
+    for _ in range(1 + repeats):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
         R.error_rate(net, x, y, torch.device(device), channels_last=channels_last)
-        seconds = time.perf_counter() - start
-    return seconds / max(1, len(x))
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds[1:]) / max(1, len(x))
 
 
 def measure(model: str, iterations: int, device: str, amp: bool = False, channels_last: bool = False,
@@ -216,7 +218,7 @@ def cost_lines(timings: Sequence[Timing], seeds: int, unit: str, init_batches: i
         for m in models:
             hours = run_seconds(recipe, it[m][0], img[m][0], init_batches) / 3600
             lines.append(f"  {' ' if it[m][1] else '~'} {m + ':':<11}{hours:9.2f} {unit}")
-        for n in sorted({1, seeds}):
+        for n in sorted({1, len(DEFAULT_SEEDS), seeds}):  # one seed, gradscope's default three, --seeds
             lines.append(f"  all {len(models)} nets x {n} seed{'s' if n > 1 else ''}: "
                          f"{study_hours(recipe, models, n, per_iteration, per_image, init_batches):.1f} {unit}")
     return lines
@@ -230,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations first (CUDA 10, CPU 2)")
     parser.add_argument("--eval-images", type=int, default=None, help="images of the timed evaluation "
                         "(CUDA 2000, CPU 256; 0: leave evaluation out of the cost)")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per net in the study's cost (1 is also printed)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per net in the study's cost (1 and the default 3 are also printed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast, as --amp of --recipe")
     parser.add_argument("--channels-last", action="store_true", help="as --channels-last of --recipe")

@@ -134,3 +134,23 @@ def test_no_cuda_only_call_is_made_on_the_cpu(data, monkeypatch, one_thread):
 def test_gpu_flags_without_a_recipe_are_refused(flag):
     with pytest.raises(GradscopeError, match=f"--{flag.replace('_', '-')} applies to --recipe"):
         Options.of({flag: True})
+
+
+def test_profile_hands_amp_and_channels_last_to_the_recipe_run(tmp_path, monkeypatch, one_thread):
+    """``gradscope.profile(recipe=..., amp=True, channels_last=True)`` (what ``--amp --channels-last`` call) trains
+    with both: the flags reach ``train_run`` and the study finishes on a generated CIFAR folder."""
+    import gradscope
+    from gradscope.study import recipe_train
+
+    seen = []
+    real = recipe_train.train_run
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["amp"], kwargs["channels_last"], kwargs["device"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe_train, "train_run", spy)
+    results = gradscope.profile(recipe="he2016-short", iterations=3, models=["resnet20"], seeds=[0], device="cpu",
+                                data=str(write_cifar(tmp_path)), amp=True, channels_last=True, workers=1)
+    assert seen == [(True, True, "cpu")]
+    assert not results.interrupted and list(results.configs) == ["resnet20-bn-s0"]

@@ -232,7 +232,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations first (CUDA 10, CPU 2)")
     parser.add_argument("--eval-images", type=int, default=None, help="images of the timed evaluation "
                         "(CUDA 2000, CPU 256; 0: leave evaluation out of the cost)")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per net in the study's cost (1 and the default 3 are also printed)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="seeds per net in the study's cost (1 and the default 3 are also printed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast, as --amp of --recipe")
     parser.add_argument("--channels-last", action="store_true", help="as --channels-last of --recipe")

@@ -146,7 +146,8 @@ def train_run(model: str, recipe: Recipe, data: RecipeData, *, seed: int = 0, de
     (phase ``train``). ``amp`` runs the training forward under bfloat16 autocast on the run's device, CUDA or CPU
     (no loss scaling: bfloat16 has float32's range; see :func:`mixed_precision`); the loss is taken in float32 and
     evaluations run in float32. ``channels_last`` stores images and weights channels-last (faster convolutions on
-    recent GPUs), evaluation batches too. Records stream to ``out`` when given. ``sink`` receives ``(frame, losses, config)`` even when the run is interrupted.
+    recent GPUs), evaluation batches too. Records stream to ``out`` when given. ``sink`` receives ``(frame, losses,
+    config)`` even when the run is interrupted.
     """
     import pandas as pd
 

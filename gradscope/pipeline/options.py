@@ -115,11 +115,9 @@ class Options:
                                      "python version' (nothing is downloaded)")
         elif self.iterations is not None:
             raise GradscopeError("--iterations applies to --recipe; the default study counts --steps")
-        else:
-            for flag, value in (("--amp", self.amp), ("--channels-last", self.channels_last)):
-                if value:
-                    raise GradscopeError(f"{flag} applies to --recipe (He et al.'s CIFAR-10 training); the default "
-                                         f"study runs in float32 with contiguous tensors")
+        elif self.amp:
+            raise GradscopeError("--amp applies to --recipe (He et al.'s CIFAR-10 training); the default study "
+                                 "trains in float32")
         if self.model is not None and (self.models or self.depths):
             raise GradscopeError("--model (your own model) and --models/--depths (built-in nets) exclude each "
                                  "other; pass one of them")

@@ -43,7 +43,7 @@ import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -212,6 +212,10 @@ def overhead(device: str, steps: int) -> Dict[str, float]:
     return {c: statistics.median(t) / base for c, t in times.items()} | {"baseline_ms": 1e3 * base}
 
 
+#: a summary row: (check, True passed / False failed / None skipped, detail).
+Row = Tuple[str, Optional[bool], str]
+
+
 #: the recipe check's two runs: (label, amp, channels_last).
 RECIPE_VARIANTS = (("float32", False, False), ("bf16 + channels-last", True, True))
 
@@ -249,32 +253,94 @@ def check_recipe(device: str, iterations: int, amp: bool, channels_last: bool, d
             "finished": bool(run.config.get("finished")), "seconds": time.perf_counter() - start}
 
 
-def recipe_checks(device: str, iterations: int, batch_size: Optional[int] = None,
-                  n_train: int = 10_000, n_test: int = 2_000) -> List[Tuple[str, bool, str]]:
+def recipe_checks(device: str, iterations: int, batch_size: Optional[int] = None, n_train: int = 10_000,
+                  n_test: int = 2_000, deadline: float = math.inf) -> List[Row]:
     """Check 4 for every variant of :data:`RECIPE_VARIANTS`: ``(label, passed, detail)`` per variant; a variant
-    passes when every iteration ran with a finite loss."""
+    passes when every iteration ran with a finite loss (each one :func:`guarded`)."""
     from gradscope.study.recipe import HE2016
 
     data = recipe_data(n_train, n_test, n_val=n_test // 2, recipe=HE2016)
-    rows = []
+    rows: List[Row] = []
     for label, amp, channels_last in RECIPE_VARIANTS:
-        r = check_recipe(device, iterations, amp, channels_last, data, batch_size)
-        passed = r["finite"] and r["finished"] and r["iterations"] == iterations
-        detail = (f"{r['per_second']:.2f} it/s over {r['iterations']} iterations, train error {r['train_error']:.3f}, "
-                  f"test error {r['test_error']:.3f}, losses finite: {r['finite']}, {r['seconds']:.0f} s")
-        print(f"{'ok  ' if passed else 'FAIL'} recipe resnet20 {label}: {detail}", flush=True)
-        rows.append((f"recipe resnet20 {label}", passed, detail))
+        name = f"recipe resnet20 {label}"
+
+        def variant(amp: bool = amp, channels_last: bool = channels_last, name: str = name) -> List[Row]:
+            r = check_recipe(device, iterations, amp, channels_last, data, batch_size)
+            passed = r["finite"] and r["finished"] and r["iterations"] == iterations
+            detail = (f"{r['per_second']:.2f} it/s over {r['iterations']} iterations, train error "
+                      f"{r['train_error']:.3f}, test error {r['test_error']:.3f}, losses finite: {r['finite']}, "
+                      f"{r['seconds']:.0f} s")
+            print(f"{'ok  ' if passed else 'FAIL'} {name}: {detail}", flush=True)
+            return [(name, passed, detail)]
+
+        rows += guarded(name, deadline, device.startswith("cuda"), variant)
     return rows
 
 
-def summary(rows: List[Tuple[str, bool, str]], seconds: float) -> List[str]:
+def summary(rows: List[Row], seconds: float) -> List[str]:
     """The closing table: one line per check, its verdict and its figure."""
     width = max([len(name) for name, _, _ in rows] + [5])
     lines = [f"summary ({seconds:.0f} s):", f"  {'check':<{width}}  result  detail"]
-    lines += [f"  {name:<{width}}  {'ok' if ok else 'FAIL':<6}  {detail}" for name, ok, detail in rows]
-    failed = sum(not ok for _, ok, _ in rows)
-    lines.append(f"  {len(rows) - failed} of {len(rows)} checks passed" + (f"; {failed} FAILED" if failed else ""))
+    word = {True: "ok", False: "FAIL", None: "skip"}
+    lines += [f"  {name:<{width}}  {word[ok]:<6}  {detail}" for name, ok, detail in rows]
+    failed, skipped = sum(ok is False for _, ok, _ in rows), sum(ok is None for _, ok, _ in rows)
+    lines.append(f"  {sum(ok is True for _, ok, _ in rows)} of {len(rows)} checks passed"
+                 + (f"; {failed} FAILED" if failed else "") + (f"; {skipped} skipped" if skipped else ""))
     return lines
+
+
+def case_rows(device: str, on_cuda: bool, model_name: str, backend: Optional[str], rtol: float) -> List[Row]:
+    """Checks 1 and 2 for one case: no sync inside hooks, one host sync per recorded step, values equal to CPU's."""
+    label = f"{model_name} {backend or 'eager'}"
+    dev_frame, errors, reads, syncs = recorded_frame(device, on_cuda, model_name, backend)
+    if errors:
+        print(f"FAIL {label}: sync inside hooks: {errors[0]}")
+    else:
+        print(f"ok   {label}: no synchronisation in forward or backward" + ("" if on_cuda else
+                                                                             " (not checked on the CPU)"))
+    rows: List[Row] = [(f"{label}: no sync in hooks", not errors,
+                        errors[0][:60] if errors else ("none" if on_cuda else "not checked on the CPU"))]
+    print(f"{'ok  ' if syncs == 1 else 'FAIL'} {label}: host synchronisations per recorded step: {syncs} "
+          f"(target 1; reads at scope.step(): {reads})")
+    rows.append((f"{label}: host syncs per recorded step", syncs == 1, f"{syncs} (target 1)"))
+    cpu_frame, _, _, _ = recorded_frame("cpu", False, model_name, None)  # the eager CPU run is the reference
+    problems = compare(dev_frame, cpu_frame, rtol)
+    print(f"{'FAIL' if problems else 'ok  '} {label}: {len(dev_frame)} values against eager CPU (rtol {rtol})")
+    for line in problems[:10]:
+        print("     ", line)
+    rows.append((f"{label}: same values as CPU", not problems,
+                 f"{len(dev_frame) - len(problems)} of {len(dev_frame)} within rtol {rtol}"))
+    return rows
+
+
+def overhead_rows(device: str, steps: int) -> List[Row]:
+    """Check 3: the overhead ratios, printed and not judged."""
+    ratios = overhead(device, steps)
+    print(f"     overhead, ResNet-56 batch 128 ({ratios['baseline_ms']:.1f} ms/step): every step "
+          f"x{ratios['every1']:.3f}, every 10th step x{ratios['every10']:.3f}", flush=True)
+    return [("resnet56 overhead (measured, no target here)", True,
+             f"every step x{ratios['every1']:.3f}, every 10th x{ratios['every10']:.3f}, "
+             f"baseline {ratios['baseline_ms']:.1f} ms/step")]
+
+
+def guarded(name: str, deadline: float, on_cuda: bool, check: Callable[[], List[Row]]) -> List[Row]:
+    """Run one check so that nothing it does can cost the others: past ``deadline`` it is skipped, and an exception
+    (a compile error, running out of memory...) becomes a FAIL row with its message; the time it took is printed."""
+    if time.perf_counter() > deadline:
+        print(f"skip {name}: the time budget is spent (--budget)")
+        return [(name, None, "skipped: the time budget (--budget) was spent")]
+    start = time.perf_counter()
+    try:
+        rows = check()
+    except Exception as exc:  # one broken check must not hide the others' results
+        message = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}"
+        print(f"FAIL {name}: {message}")
+        rows = [(name, False, message)]
+    finally:
+        if on_cuda:
+            torch.cuda.set_sync_debug_mode(0)
+    print(f"     ({name}: {time.perf_counter() - start:.0f} s)", flush=True)
+    return rows
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -286,6 +352,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--recipe-iterations", type=int, default=None,
                         help="iterations of each recipe run (default 300 on CUDA, 4 on the CPU; 0 skips check 4)")
     parser.add_argument("--recipe-batch", type=int, default=None, help="the recipe runs' batch (default 128)")
+    parser.add_argument("--budget", type=float, default=480,
+                        help="seconds after which the checks not yet started are skipped, so that the summary "
+                             "prints within a time limit (default 480; 0: no limit)")
     args = parser.parse_args(argv)
     on_cuda = args.device.startswith("cuda")
     if on_cuda and not torch.cuda.is_available():
@@ -298,42 +367,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.backends.cudnn.allow_tf32 = False
         print(f"device: {torch.cuda.get_device_name()} (torch {torch.__version__})")
     print(f"machine: {describe(args.device)}")
-    rows: List[Tuple[str, bool, str]] = []
+    rows: List[Row] = []
 
+    deadline = started + args.budget if args.budget else math.inf
     cases = [("resnet20", None)] + ([] if args.no_compile else [("resnet20", "inductor"), ("encoder", "inductor")])
     for model_name, backend in cases:
-        label = f"{model_name} {backend or 'eager'}:"
-        dev_frame, errors, reads, syncs = recorded_frame(args.device, on_cuda, model_name, backend)
-        if errors:
-            print(f"FAIL {label} sync inside hooks: {errors[0]}")
-        else:
-            print(f"ok   {label} no synchronisation in forward or backward" + ("" if on_cuda else
-                                                                                " (not checked on the CPU)"))
-        rows.append((f"{label[:-1]}: no sync in hooks", not errors,
-                     errors[0][:60] if errors else ("none" if on_cuda else "not checked on the CPU")))
-        print(f"{'ok  ' if syncs == 1 else 'FAIL'} {label} host synchronisations per recorded step: {syncs} "
-              f"(target 1; reads at scope.step(): {reads})")
-        rows.append((f"{label[:-1]}: host syncs per recorded step", syncs == 1, f"{syncs} (target 1)"))
-        cpu_frame, _, _, _ = recorded_frame("cpu", False, model_name, None)  # the eager CPU run is the reference
-        problems = compare(dev_frame, cpu_frame, args.rtol)
-        print(f"{'FAIL' if problems else 'ok  '} {label} {len(dev_frame)} values against eager CPU (rtol {args.rtol})")
-        for line in problems[:10]:
-            print("     ", line)
-        rows.append((f"{label[:-1]}: same values as CPU", not problems,
-                     f"{len(dev_frame) - len(problems)} of {len(dev_frame)} within rtol {args.rtol}"))
-
-    ratios = overhead(args.device, args.steps)
-    print(f"     overhead, ResNet-56 batch 128 ({ratios['baseline_ms']:.1f} ms/step): every step "
-          f"x{ratios['every1']:.3f}, every 10th step x{ratios['every10']:.3f}", flush=True)
-    rows.append(("resnet56 overhead (measured, no target here)", True,
-                 f"every step x{ratios['every1']:.3f}, every 10th x{ratios['every10']:.3f}, "
-                 f"baseline {ratios['baseline_ms']:.1f} ms/step"))
+        name = f"{model_name} {backend or 'eager'}"
+        rows += guarded(name, deadline, on_cuda,
+                        lambda: case_rows(args.device, on_cuda, model_name, backend, args.rtol))
+    rows += guarded("resnet56 overhead", deadline, on_cuda, lambda: overhead_rows(args.device, args.steps))
 
     iterations = args.recipe_iterations if args.recipe_iterations is not None else (300 if on_cuda else 4)
     if iterations:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32  # as in a user's run
         sizes = (10_000, 2_000) if on_cuda else (640, 200)  # generated training and test images
-        rows += recipe_checks(args.device, iterations, args.recipe_batch, *sizes)
+        rows += guarded("recipe data", deadline, on_cuda,
+                        lambda: recipe_checks(args.device, iterations, args.recipe_batch, *sizes, deadline=deadline))
     for line in summary(rows, time.perf_counter() - started):
         print(line)
     return 0 if all(ok for _, ok, _ in rows) else 1

@@ -192,3 +192,24 @@ def test_recipe_speed_times_an_iteration_and_an_evaluation(one_thread):
     t = speed.measure("resnet20", iterations=2, device="cpu", warmup=1, eval_images=8, batch_size=8)
     assert t.model == "resnet20" and t.iterations == 2 and t.finite
     assert t.per_iteration > 0 and t.per_image > 0
+
+
+def test_gpu_check_keeps_going_past_a_broken_check_and_skips_what_the_budget_does_not_allow(capsys):
+    """On a lent GPU the check runs once: an exception in one check becomes a FAIL row, and past the deadline a
+    check is skipped, so the summary table always prints."""
+    import math
+    import time
+
+    gpu_check = _load("gpu_check")
+
+    def broken():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    rows = gpu_check.guarded("resnet20 inductor", math.inf, False, broken)
+    assert rows == [("resnet20 inductor", False, "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")]
+    assert gpu_check.guarded("late", time.perf_counter() - 1, False, broken)[0][1] is None
+    fine = gpu_check.guarded("fine", math.inf, False, lambda: [("fine", True, "1 (target 1)")])
+    lines = gpu_check.summary(rows + [("late", None, "skipped")] + fine, 3.0)
+    assert [line.split()[-1] for line in lines[2:5]] == ["GiB", "skipped", "1)"]
+    assert "skip" in lines[3] and lines[-1] == "  1 of 3 checks passed; 1 FAILED; 1 skipped"
+    assert "FAIL resnet20 inductor: RuntimeError" in capsys.readouterr().out

@@ -213,3 +213,15 @@ def test_gpu_check_keeps_going_past_a_broken_check_and_skips_what_the_budget_doe
     assert [line.split()[-1] for line in lines[2:5]] == ["GiB", "skipped", "1)"]
     assert "skip" in lines[3] and lines[-1] == "  1 of 3 checks passed; 1 FAILED; 1 skipped"
     assert "FAIL resnet20 inductor: RuntimeError" in capsys.readouterr().out
+
+
+def test_recipe_verdict_judges_learning_only_in_runs_long_enough():
+    gpu_check = _load("gpu_check")
+    ran = {"finite": True, "finished": True, "iterations": 300, "train_error": 0.05}
+    assert gpu_check.recipe_verdict(ran, 300) == (True, "yes")
+    assert gpu_check.recipe_verdict({**ran, "train_error": 0.45}, 300)[0] is False  # bf16 broke the learning
+    assert gpu_check.recipe_verdict({**ran, "train_error": float("nan")}, 300)[0] is False
+    assert gpu_check.recipe_verdict({**ran, "finite": False}, 300)[0] is False
+    assert gpu_check.recipe_verdict({**ran, "iterations": 299}, 300)[0] is False  # stopped early
+    short = {**ran, "iterations": 4, "train_error": 0.85}
+    assert gpu_check.recipe_verdict(short, 4) == (True, "not judged (under 150 iterations)")

@@ -225,3 +225,19 @@ def test_recipe_verdict_judges_learning_only_in_runs_long_enough():
     assert gpu_check.recipe_verdict({**ran, "iterations": 299}, 300)[0] is False  # stopped early
     short = {**ran, "iterations": 4, "train_error": 0.85}
     assert gpu_check.recipe_verdict(short, 4) == (True, "not judged (under 150 iterations)")
+
+
+def test_gpu_check_main_dry_run_prints_every_check_in_its_summary(monkeypatch, capsys, one_thread):
+    """``python benchmarks/gpu_check.py --device cpu`` wired end to end (the ResNet-56 overhead timing replaced by
+    a stand-in, the recipe runs shortened): every check gets a summary row and the exit status is 0."""
+    gpu_check = _load("gpu_check")
+    monkeypatch.setattr(gpu_check, "overhead", lambda device, steps: {"every1": 1.01, "every10": 1.0,
+                                                                       "baseline_ms": 5.0})
+    status = gpu_check.main(["--device", "cpu", "--no-compile", "--recipe-iterations", "3", "--recipe-batch", "8"])
+    out = capsys.readouterr().out
+    table = out[out.index("summary ("):].splitlines()
+    names = ["resnet20 eager: no sync in hooks", "resnet20 eager: host syncs per recorded step",
+             "resnet20 eager: same values as CPU", "resnet56 overhead", "recipe resnet20 float32",
+             "recipe resnet20 bf16 + channels-last"]
+    assert status == 0 and all(any(line.strip().startswith(n) for line in table) for n in names)
+    assert table[-1] == "  6 of 6 checks passed"

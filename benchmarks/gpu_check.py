@@ -404,7 +404,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if iterations:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32  # as in a user's run
         sizes = (10_000, 2_000) if on_cuda else (640, 200)  # generated training and test images
-        rows += guarded("recipe data", deadline, on_cuda,
+        rows += guarded("recipe", deadline, on_cuda,
                         lambda: recipe_checks(args.device, iterations, args.recipe_batch, *sizes, deadline=deadline))
     for line in summary(rows, time.perf_counter() - started):
         print(line)

@@ -241,3 +241,16 @@ def test_gpu_check_main_dry_run_prints_every_check_in_its_summary(monkeypatch, c
              "recipe resnet20 bf16 + channels-last"]
     assert status == 0 and all(any(line.strip().startswith(n) for line in table) for n in names)
     assert table[-1] == "  6 of 6 checks passed"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the session script runs the real checks")
+def test_gpu_session_script_saves_its_logs_and_says_why_without_a_gpu(tmp_path):
+    import os
+    import subprocess
+
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_session.sh")], capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path)}, timeout=300)
+    assert done.returncode == 2  # gpu_check's status: no CUDA device
+    assert {p.name for p in tmp_path.iterdir()} == {"gpu_check.txt", "recipe_speed.txt", "nvidia-smi.txt"}
+    assert "no CUDA device" in (tmp_path / "gpu_check.txt").read_text()
+    assert "no CUDA device" in (tmp_path / "recipe_speed.txt").read_text()

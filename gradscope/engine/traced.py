@@ -225,7 +225,9 @@ class Tap(torch.autograd.Function):
 def traced_sums(x: torch.Tensor, extras: Sequence[Tuple[str, ...]]) -> torch.Tensor:
     """The raw ``moments`` vector of :func:`gradscope.engine.metrics.activation_sums` for traced hooks: one pass in
     float64 (shift 0, ``sum(x)``, ``sum(x^2)`` accumulated in float64, whose 53 bits keep the one-pass variance exact
-    to ~1e-8 even for ``mean^2 / var = 1e8``), exact counts, nothing read back; inductor fuses it into one kernel."""
+    to ~1e-8 even for ``mean^2 / var = 1e8``), exact counts, nothing read back; inductor fuses it into one kernel.
+    The counts use the reductions that are fast without fusion too (``aot_eager``, or a backend that does not fuse):
+    ``x == 0`` and ``isfinite`` reduced as booleans cost 4-8x a cast-to-bool sum on the CPU."""
     if x.numel() == 0:  # finishes to no value (spec.finish)
         return torch.zeros(3 + sum(len(k) for k in extras), dtype=torch.float64, device=x.device)
     if x.is_complex():
@@ -233,11 +235,12 @@ def traced_sums(x: torch.Tensor, extras: Sequence[Tuple[str, ...]]) -> torch.Ten
     flat = _work(x)
     d = flat.to(torch.float64)
     parts = [torch.zeros((), dtype=torch.float64, device=x.device), d.sum(), (d * d).sum()]
+    count = torch.int32 if flat.numel() < 2**31 else torch.int64
     for key in extras:
-        if key == ("zeros",):
-            parts.append((flat == 0).sum().to(torch.float64))
-        elif key == ("nonfinite",):
-            parts.append((~torch.isfinite(flat)).sum().to(torch.float64))
+        if key == ("zeros",):  # bool(NaN) is True: a NaN is not a zero; -0.0 is
+            parts.append((flat.numel() - flat.bool().sum(dtype=count)).to(torch.float64))
+        elif key == ("nonfinite",):  # x * 0 is 0 for every finite x and NaN for NaN and +-Inf
+            parts.append((flat * 0).bool().sum(dtype=count).to(torch.float64))
         elif key == ("min", "max"):
             parts.extend(p.to(torch.float64) for p in torch.aminmax(flat))
         else:  # a slot this function does not know: the metric's own reduction

@@ -159,3 +159,22 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(OSError):
         store.atomic_write(target, fail)
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_files_written_atomically_get_the_mode_open_would_give(tmp_path):
+    """A report file is readable by others as any file the user writes (umask 022: 0644), not 0600 as mkstemp's
+    temporary file was."""
+    import os
+    import stat
+
+    from gradscope.store import atomic_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_text(tmp_path / "a.txt", "x")
+        os.umask(0o077)
+        atomic_text(tmp_path / "b.txt", "y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o600

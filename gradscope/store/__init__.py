@@ -105,6 +105,13 @@ def recreate_out(out: Path, blocks: Sequence[Mapping[str, str]], lost: Sequence[
                   f"it can still read", RuntimeWarning, stacklevel=4)
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Union[str, Path], write: Callable[[str], object]) -> None:
     """Run ``write(tmp)`` on a temporary file beside ``path``, then move it over ``path`` in one step.
 
@@ -116,6 +123,7 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], object]) -> None
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode open() would have given it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -128,6 +128,8 @@ class Progress:
             return head + "number of classes unknown"
         if self.identical:
             return head + what[UNSURE] + f" (its {self.n} seeds gave the same value: no independent evidence)"
+        if self.n == 1:  # no spread, no test: the point estimate is shown, not judged
+            return head + "one seed, so whether it left chance is not tested"
         return head + what[self.state] + (f" (interval widened to {self.widened})" if self.widened else "")
 
 
@@ -139,11 +141,11 @@ def progress(group: str, runs: List[str], finals: Dict[str, float], accuracy: Di
     below = [chance - finals[r] for r in kept]
     floor = noise.floor([[r] for r in kept]) if noise else math.nan
     mean, sd, _, n, lo, hi = stats.interval(below, floor)
-    if n == 1:  # one seed: no spread; the point estimate decides only the wording, never an answer
+    if n == 1:  # one seed: no spread, so nothing is decided (the state stays UNSURE and the text says why)
         lo = hi = mean
     same = stats.identical(sd, below)
     side = stats.versus_margin(lo, hi, quantity.margin) if not (math.isnan(chance) or same) else stats.STRADDLES
-    state = {stats.ABOVE: LEARNED, stats.BELOW: AT_CHANCE}.get(side, UNSURE)
+    state = {stats.ABOVE: LEARNED, stats.BELOW: AT_CHANCE}.get(side, UNSURE) if n >= 2 else UNSURE
     accs = [accuracy[r] for r in runs if r in accuracy and not math.isnan(accuracy[r])]
     widened = noise.words(kept) if noise and n >= 2 and stats.floored(stats.mean_sd_se(below)[1], floor) else ""
     return Progress(group, chance, chance - mean if n else math.nan, sum(accs) / len(accs) if accs else math.nan,

@@ -96,6 +96,8 @@ def test_one_seed_is_unclear():
     e = final_errors(table({"plain20-bn-s0": 8.0, "plain56-bn-s0": 14.0}), ["plain20-bn-s0", "plain56-bn-s0"], 2)
     c = error_claims(cfg, e, CAVEAT)[0]
     assert c.answer == "unclear" and "one seed" in c.how
+    # a net 82 points below chance on one seed is shown, not called "learned" (a new user read it as a verdict)
+    assert "learned" not in c.evidence and c.evidence.count("whether it left chance is not tested") == 2
 
 
 def test_a_shallow_net_at_the_chance_error_decides_nothing():

@@ -24,6 +24,10 @@ BN_CHOICES = {"on": (True,), "off": (False,), "both": (True, False)}
 FORMATS = ("full", "records")
 
 
+#: Options of the default study that a recipe study does not use (its recipe fixes them): left out of its record.
+_DEFAULT_STUDY_ONLY = ("steps", "init_only", "batch_size", "lr", "every", "train", "train_size", "image_size")
+
+
 @dataclass
 class Options:
     """Every option of a profile (see ``docs/cli.md`` for each one)."""
@@ -175,6 +179,12 @@ class Options:
         """The options as the provenance record keeps them."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "progress"}
         out["model"] = self.model if self.model is None or isinstance(self.model, str) else repr(self.model)
+        if self.recipe is not None:  # the recipe's own numbers, not the default study's that it does not use
+            from dataclasses import asdict
+
+            for name in _DEFAULT_STUDY_ONLY:
+                out.pop(name, None)
+            out["recipe_used"] = asdict(self.recipe_settings("cpu").recipe)
         return out
 
 

@@ -24,6 +24,7 @@ say how the 5k validation images were chosen (here: a seeded permutation, the sa
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple
 
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 
 from gradscope.errors import GradscopeError
 
+#: CIFAR-10's training and test set sizes, which the paper's recipe and Table 6 assume.
+PAPER_TRAIN_IMAGES, PAPER_TEST_IMAGES = 50_000, 10_000
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,11 @@ class RecipeData:
 def prepare(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
             recipe: Recipe, split_seed: int = 0) -> RecipeData:
     """Split the uint8 training images, take the per-pixel mean of the kept part, normalise all three splits."""
+    if len(train_x) < PAPER_TRAIN_IMAGES or len(test_x) < PAPER_TEST_IMAGES:
+        warnings.warn(f"gradscope: the data holds {len(train_x):,} training and {len(test_x):,} test images; "
+                      f"He et al.'s recipe uses CIFAR-10's {PAPER_TRAIN_IMAGES:,} ({recipe.train_images:,} to train, "
+                      f"the rest to validate) and {PAPER_TEST_IMAGES:,}: errors and claims from this folder do not "
+                      f"compare with the paper's Table 6", RuntimeWarning, stacklevel=2)
     kept, held = split_indices(len(train_x), min(recipe.train_images, len(train_x)), split_seed)
     mean = pixel_mean(train_x[kept])
     return RecipeData(normalise(train_x[kept], mean), train_y[kept], normalise(train_x[held], mean), train_y[held],

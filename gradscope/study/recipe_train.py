@@ -97,7 +97,7 @@ class RecipeSettings:
                 f"{', '.join(str(m) for m in r.milestones)}; momentum {r.momentum:g}, weight decay "
                 f"{r.weight_decay:g}, batch {r.batch_size}, pad-{r.pad} crops and flips; training claims on the "
                 f"mean training error of the last {self.error_window} iterations, test error of the last evaluation "
-                f"beside them; final loss: mean of the last {self.final_window} iterations)")
+                f"beside them; final loss: mean of the last {min(self.final_window, r.iterations)} iterations)")
 
 
 def recipe_spec(model: str, seed: int, recipe: Recipe = HE2016) -> RunSpec:

@@ -45,3 +45,14 @@ def test_recipe_claims_are_decided_on_the_training_error(tmp_path, one_thread):
     assert "final training error" in shown and "Table 6: 8.75%" in shown
     page = report_html(results, [], [], out, {}, "")  # the report.html of format="full", without its figures
     assert "final training error" in page and "Table 6: 7.51%" in page and "1-point margin" in page
+
+
+def test_a_recipe_records_the_recipe_it_ran_not_the_default_studys_numbers():
+    """provenance keeps what the recipe used (batch 128, lr 0.1, its iterations), not the default study's steps 300,
+    batch 32 and lr 0.01, which a recipe never reads."""
+    from gradscope.pipeline.options import Options
+
+    record = Options(recipe="he2016-short", data="/nonexistent", iterations=7).record()
+    assert "steps" not in record and "batch_size" not in record and "lr" not in record
+    assert record["recipe_used"]["batch_size"] == 128 and record["recipe_used"]["lr"] == 0.1
+    assert record["recipe_used"]["iterations"] == 7

@@ -108,7 +108,8 @@ def test_a_short_run_on_a_cifar_folder(tmp_path, one_thread):
     assert train_x.dtype == torch.uint8 and train_x.shape == (160, 3, 32, 32) and test_x.shape == (60, 3, 32, 32)
     recipe = R.Recipe(name="tiny", iterations=12, milestones=(6, 9), batch_size=16, train_images=128,
                       eval_every=4, record_every=3)
-    data = R.prepare(train_x, train_y, test_x, test_y, recipe)
+    with pytest.warns(RuntimeWarning, match="160 training and 60 test images.*do not compare with the paper"):
+        data = R.prepare(train_x, train_y, test_x, test_y, recipe)  # a folder smaller than CIFAR-10 says so
     assert len(data.train_x) == 128 and len(data.val_x) == 32 and len(data.test_x) == 60
     run = train_run("resnet20", recipe, data, seed=0, out=tmp_path / "records")
     curves = run.curves

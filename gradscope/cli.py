@@ -231,7 +231,7 @@ def _models(args: argparse.Namespace) -> int:
         table.add_column(column)
     for name in available():
         if name == facts(name)["family"] and name != "mlp":  # a family of any depth 6n+2
-            table.add_row(name, "cifar", "6n", "any depth 6n+2: build(name, depth=...)")
+            table.add_row(name, "cifar", "3n", "any depth 6n+2 (3n blocks of two layers): build(name, depth=...)")
             continue
         model = build(name, seed=0)
         config, count = getattr(model, "gradscope_config", {}), sum(p.numel() for p in model.parameters())

@@ -113,6 +113,8 @@ def test_models_command_lists_the_zoo(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "resnet110" in out and "0.27M" in out and "1.73M" in out
+    rows = {line.split("│")[1].strip(): line.split("│")[3].strip() for line in out.splitlines() if line.count("│") >= 4}
+    assert rows["resnet56"] == "27" and rows["plain"] == "3n"  # depth 6n+2 is 3n blocks of two layers (n=9: 27)
 
 
 def test_report_rerenders_a_saved_run(tmp_path, capsys):

@@ -56,6 +56,9 @@ def profile(**options: Any) -> Results:
             study.interrupted = study.interrupted or STOP.signal is not None
             results = _evaluate(study, settings, specs, opts)
             if out is not None:
+                if callable(getattr(show, "note", None)):
+                    what = " (figures and report.html)" if opts.format == "full" else ""
+                    show.note(f"writing the report folder {out}{what}")
                 _write(results, out, opts.format)
     except BaseException as exc:
         if provenance is not None:

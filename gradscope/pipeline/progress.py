@@ -1,7 +1,8 @@
 """Progress of a profile on stderr: a bar on a terminal, plain lines when piped (CI, nohup, ``tee``).
 
 A reporter has four methods: ``start(total, runs)``, ``run(name)`` when a run starts, ``step(phase, n)`` after
-``n`` forward/backward passes, and ``close(interrupted)``. :func:`reporter` picks one from ``progress=``.
+``n`` forward/backward passes, and ``close(interrupted)``; ``note(text)``, where it has one, says what follows the
+runs (the report folder being written). :func:`reporter` picks one from ``progress=``.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from typing import Any, Callable, Optional, TextIO
 
 #: Seconds between two progress lines when stderr is not a terminal.
 LINE_INTERVAL = 30.0
+#: Share of the passes done before a time left is estimated (process start-up and the longest runs, which start
+#: first, make early rates wrong by hours).
+MIN_SHARE = 0.05
 
 
 def _clock(seconds: float) -> str:
@@ -35,7 +39,9 @@ class Lines:
     def _where(self) -> str:
         elapsed = self.clock() - self.t0
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        left = f", ~{_clock(elapsed * (self.total - self.done) / self.done)} left" if 0 < self.done < self.total else ""
+        settled = self.done >= MIN_SHARE * self.total  # before, start-up and the first runs skew the rate
+        left = f", ~{_clock(elapsed * (self.total - self.done) / self.done)} left" \
+            if settled and 0 < self.done < self.total else ""
         return f"{self.done}/{self.total} passes ({pct:.0f}%), {_clock(elapsed)} elapsed{left}"
 
     def start(self, total: int, runs: int) -> None:
@@ -57,6 +63,10 @@ class Lines:
 
     def close(self, interrupted: bool = False) -> None:
         self._say(("interrupted after " if interrupted else "done: ") + self._where())
+
+    def note(self, text: str) -> None:
+        """A line about what follows the runs (writing the report folder)."""
+        self._say(text)
 
 
 class Bar:
@@ -90,6 +100,11 @@ class Bar:
         if self.bar is not None:
             self.bar.update(self.task, description=("interrupted" if interrupted else "done") + f": {self.runs} runs")
             self.bar.stop()
+
+    def note(self, text: str) -> None:
+        """A line about what follows the runs (writing the report folder)."""
+        if self.bar is not None:
+            self.bar.console.print(f"gradscope: {text}")
 
 
 def reporter(progress: Any) -> Any:

@@ -42,6 +42,20 @@ def test_lines_say_each_run_and_every_interval():
     assert text[4] == "gradscope: done: 100/100 passes (100%), 40s elapsed" and len(text) == 5
 
 
+def test_no_time_left_is_guessed_from_the_first_passes():
+    """Start-up and the longest runs (started first) make the first rates wrong by hours: no estimate before 5%."""
+    out, clock = io.StringIO(), FakeClock()
+    lines = Lines(out, interval=30, clock=clock)
+    lines.start(total=3600, runs=24)
+    clock.now += 40
+    lines.step("init", 2)  # 2 passes in 40 s: a naive estimate would say ~20h left
+    clock.now += 1000
+    lines.step("train", 400)  # 402 of 3600 (11%) in 1040 s: now an estimate
+    text = out.getvalue().splitlines()
+    assert text[1] == "gradscope: 2/3600 passes (0%), 40s elapsed"
+    assert text[2].startswith("gradscope: 402/3600 passes (11%), 17m20s elapsed, ~2h17m left")
+
+
 def test_the_bar_ends_as_done_not_as_the_last_run():
     from rich.console import Console
 
@@ -73,4 +87,5 @@ def test_a_profile_piped_to_a_file_prints_progress_lines(tmp_path):
     assert code == 0, text
     assert "gradscope: run 1/2 lm-s0 started" in text and "gradscope: run 2/2 lm-s1 started" in text
     assert "gradscope: done: 6/6 passes (100%)" in text
+    assert text.index("gradscope: done:") < text.index("gradscope: writing the report folder")  # not silent after
     assert "\x1b[" not in text  # no terminal control codes in a file

@@ -146,7 +146,7 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--iterations", type=_positive, help="run the recipe over N iterations, milestones scaled alike")
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast of the training forward (CUDA or CPU)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="images and weights channels-last (default: on for the built-in nets of a study, about 12%% "
+                   help="images and weights channels-last (default: on for the built-in nets of a study, about 10%% "
                         "less CPU time; off for --recipe and --model)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="report folder (default ./gradscope-report/<timestamp>)")

@@ -58,7 +58,8 @@ class Settings:
     #: losses averaged at the end of a run for the training claims (the last ``final_window`` steps).
     final_window: int = 20
     #: built-in nets (no user task) on image batches run channels-last: the same arithmetic in another memory
-    #: order, about 12% less CPU time per training step on the default study's nets (benchmarks/study_layout.py)
+    #: order: 11-18% less CPU time per training step of the default study's nets (benchmarks/study_layout.py), about
+    #: 10% of the whole study's CPU-seconds (docs/performance.md)
     channels_last: bool = True
 
     def describe(self) -> str:

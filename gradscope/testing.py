@@ -134,7 +134,11 @@ def assert_healthy(model: nn.Module, batch: Any, loss_fn: Optional[Callable[...,
 
     Runs one forward and backward pass on ``batch`` with every block hooked (:func:`gradscope.attach`), then judges
     each signal with :func:`gradscope.analysis.verdicts`: ``vanishing`` / ``exploding`` (a per-block rate beyond the
-    thresholds) and ``diverged`` (a NaN/Inf) fail; ``healthy`` and ``unknown`` (fewer than two blocks) pass.
+    thresholds) and ``diverged`` (a NaN/Inf) fail; ``healthy`` and ``unknown`` pass. A class is given only when the
+    95% interval of the fitted per-layer rate lies wholly on one side of each threshold: a net whose blocks follow
+    no geometric trend (a few heterogeneous layers: conv, norm, pooling, logits) gets ``unknown``, with the reason in
+    the table's ``reason`` column (and in the message when another signal fails), rather than a class read from a
+    line that does not fit. ``unknown`` also means fewer than two blocks with a value.
 
     Args:
         model: the model under test, in the mode you set (left as it was: parameters and ``.grad``).
@@ -164,8 +168,14 @@ def assert_healthy(model: nn.Module, batch: Any, loss_fn: Optional[Callable[...,
     frame, first = _record(model, batch, loss_fn, blocks)
     table = A.verdicts(frame, step=None, **thresholds)
     table = table[table["signal"].isin(list(signals))].reset_index(drop=True)
-    failed = [_failure(row, first) for row in table.to_dict("records")
-              if row["verdict"] in FAILING and row["verdict"] not in allowed]
+    records = table.to_dict("records")
+    failed = [_failure(row, first) for row in records if row["verdict"] in FAILING and row["verdict"] not in allowed]
     if failed:
+        failed += [_unclear(row) for row in records if row["verdict"] == "unknown"]
         raise AssertionError(f"gradscope: {type(model).__name__} is not healthy:\n  " + "\n  ".join(failed))
     return table
+
+
+def _unclear(row: Dict[str, Any]) -> str:
+    """One line for a signal the guard could not judge (it does not fail the guard): why, in the verdict's words."""
+    return f"({row['signal']} signal unknown, not a failure: {row.get('reason') or 'no rate could be fitted'})"

@@ -106,6 +106,7 @@ from gradscope.words import CLASSES, DIVERGED, EXPLODING, HEALTHY, UNKNOWN, VANI
 SIGNAL, N_STEPS, N_BLOCKS = "signal", "n_steps", "n_blocks"
 FIRST_BLOCK, LAST_BLOCK = "first_block", "last_block"
 END_TO_END, FACTOR, R2 = "end_to_end", "factor", "r2"
+FACTOR_LOW, FACTOR_HIGH, REASON = "factor_low", "factor_high", "reason"
 LAYERS, LAYER_FACTOR, UNIT = "layers_per_block", "layer_factor", "unit"
 NEAR_VALUE, FAR_VALUE = "near_value", "far_value"
 MIN_VALUE, MIN_BLOCK, MAX_VALUE, MAX_BLOCK = "min_value", "min_block", "max_value", "max_block"
@@ -113,8 +114,8 @@ VERDICT, RATE_TEXT, NONFINITE_BLOCK = "verdict", "rate_text", "nonfinite_block"
 PREDICTED_FACTOR, MEASURED_FACTOR, AGREES, AGREEMENT = "predicted_factor", "measured_factor", "agrees", "agreement"
 REFERENCE, THEORY_NOTE = "reference", "theory_note"
 VERDICT_COLUMNS = (S.RUN, S.STEP, N_STEPS, SIGNAL, S.METRIC, N_BLOCKS, FIRST_BLOCK, LAST_BLOCK, END_TO_END, FACTOR,
-                   R2, LAYERS, LAYER_FACTOR, UNIT, NEAR_VALUE, FAR_VALUE, MIN_VALUE, MIN_BLOCK, MAX_VALUE, MAX_BLOCK, VERDICT, NONFINITE_BLOCK,
-                   RATE_TEXT, PREDICTED_FACTOR, MEASURED_FACTOR, AGREEMENT, AGREES, REFERENCE, THEORY_NOTE)
+                   FACTOR_LOW, FACTOR_HIGH, R2, LAYERS, LAYER_FACTOR, UNIT, NEAR_VALUE, FAR_VALUE, MIN_VALUE, MIN_BLOCK,
+                   MAX_VALUE, MAX_BLOCK, VERDICT, REASON, NONFINITE_BLOCK, RATE_TEXT, PREDICTED_FACTOR, MEASURED_FACTOR, AGREEMENT, AGREES, REFERENCE, THEORY_NOTE)
 
 sentence = _text.sentence
 rate_text = _text.rate_text
@@ -146,20 +147,56 @@ def layer_factor(factor: float, signal: str, layers: float = 1.0) -> float:
 
 
 def classify(factor: float, *, signal: str = "backward", layers: float = 1.0, vanish: float = VANISH,
-             explode: float = EXPLODE, all_zero: bool = False) -> str:
+             explode: float = EXPLODE, all_zero: bool = False, low: Optional[float] = None,
+             high: Optional[float] = None) -> str:
     """Class of one signal from its fitted per-block ``factor``, judged per layer in amplitude units (the same
-    per-layer rate gives the same class at any depth and at any granularity)."""
+    per-layer rate gives the same class at any depth and at any granularity).
+
+    ``low``/``high``: the 95% interval of the per-block factor (:func:`fit_log_slope`); without them the interval
+    is the point ``factor``. ONE rule: ``vanishing`` when the whole per-layer interval lies below the lower
+    threshold, ``exploding`` when it lies wholly above the upper one, ``healthy`` when it lies wholly between them,
+    ``unknown`` when it straddles a threshold (the fit does not determine the class) or there is no factor.
+    """
     if all_zero:
         return VANISHING
     f = layer_factor(factor, signal, layers)
     if f is None or math.isnan(f):
         return UNKNOWN
+    a = f if low is None else layer_factor(low, signal, layers)
+    b = f if high is None else layer_factor(high, signal, layers)
+    if math.isnan(a) or math.isnan(b):
+        return UNKNOWN
     lo, hi = layer_thresholds(vanish, explode)
-    if f < lo:
+    if b < lo:
         return VANISHING
-    if f > hi:
+    if a > hi:
         return EXPLODING
-    return HEALTHY
+    if lo <= a and b <= hi:
+        return HEALTHY
+    return UNKNOWN
+
+
+def factor_interval(fit: Fit, signal: str) -> tuple[float, float]:
+    """The 95% interval of a signal's per-block factor from its fit: ``exp`` of the slope's interval forward,
+    of its negation backward (the backward signal grows toward the input); ``(0, inf)`` with two points."""
+    if math.isnan(fit.slope_low) or math.isnan(fit.slope_high):
+        return math.nan, math.nan
+    if signal == FORWARD:
+        return math.exp(fit.slope_low), math.exp(fit.slope_high)
+    return math.exp(-fit.slope_high), math.exp(-fit.slope_low)
+
+
+def unclear_reason(fit: Fit, low: float, high: float, signal: str, layers: float, vanish: float,
+                   explode: float) -> str:
+    """Why a fitted rate gives no class: its per-layer interval and the threshold it straddles, with r2 and n."""
+    if fit.n < 3:
+        return (f"the fit does not determine the rate: {fit.n} blocks with a value fit any line exactly "
+                f"(a rate needs three or more to be checked)")
+    lo, hi = layer_thresholds(vanish, explode)
+    a, b = layer_factor(low, signal, layers), layer_factor(high, signal, layers)
+    cut = " and ".join(f"x{t:.3f}" for t, inside in ((lo, a < lo <= b), (hi, a <= hi < b)) if inside)
+    return (f"the fit does not determine the rate (R² {fit.r2:.2f} over {fit.n} blocks): x{a:.3g} to x{b:.3g} "
+            f"per layer (95%) straddles {cut}")
 
 
 def _summarise(values: np.ndarray, blocks: Sequence[str], position: np.ndarray, signal: str,
@@ -168,16 +205,20 @@ def _summarise(values: np.ndarray, blocks: Sequence[str], position: np.ndarray, 
     present = ~np.isnan(values)
     v, b, x = values[present], [bl for bl, p in zip(blocks, present) if p], position[present]
     out: dict[str, Any] = {N_BLOCKS: int(v.size), FIRST_BLOCK: b[0] if b else None, LAST_BLOCK: b[-1] if b else None,
-                           NONFINITE_BLOCK: nonfinite_block}
-    empty = {END_TO_END: math.nan, FACTOR: math.nan, R2: math.nan, LAYER_FACTOR: math.nan, NEAR_VALUE: math.nan, FAR_VALUE: math.nan,
+                           NONFINITE_BLOCK: nonfinite_block, REASON: None}
+    empty = {END_TO_END: math.nan, FACTOR: math.nan, FACTOR_LOW: math.nan, FACTOR_HIGH: math.nan, R2: math.nan,
+             LAYER_FACTOR: math.nan, NEAR_VALUE: math.nan, FAR_VALUE: math.nan,
              MIN_VALUE: math.nan, MIN_BLOCK: None, MAX_VALUE: math.nan, MAX_BLOCK: None}
     if v.size == 0:
         out.update(empty, **{VERDICT: DIVERGED if nonfinite_block else UNKNOWN})
+        if not nonfinite_block:
+            out[REASON] = "no block holds a value"
         return out
     near, far = (v[0], v[-1]) if signal == FORWARD else (v[-1], v[0])
     fit = fit_log_slope(x, v)
     sign = 1.0 if signal == FORWARD else -1.0
     factor = math.exp(sign * fit.slope) if not math.isnan(fit.slope) else math.nan
+    low, high = factor_interval(fit, signal)
     span = float(x[-1] - x[0]) if v.size >= 2 else 0.0
     if v.size >= 2 and far == 0 and near > 0:
         e2e = 0.0
@@ -191,13 +232,19 @@ def _summarise(values: np.ndarray, blocks: Sequence[str], position: np.ndarray, 
         verdict = DIVERGED
     elif v.size < 2 and not all_zero:
         verdict = UNKNOWN
+        out[REASON] = "one block with a value: a rate needs two or more"
     elif e2e == 0.0:
         verdict = VANISHING
     elif math.isinf(e2e):
         verdict = EXPLODING
     else:
-        verdict = classify(factor, signal=signal, layers=layers, vanish=vanish, explode=explode, all_zero=all_zero)
-    out.update({END_TO_END: e2e, FACTOR: factor, R2: fit.r2, LAYER_FACTOR: layer_factor(factor, signal, layers), NEAR_VALUE: float(near), FAR_VALUE: float(far),
+        verdict = classify(factor, signal=signal, layers=layers, vanish=vanish, explode=explode, all_zero=all_zero,
+                           low=low, high=high)
+        if verdict == UNKNOWN:
+            out[REASON] = (unclear_reason(fit, low, high, signal, layers, vanish, explode) if not math.isnan(low)
+                           else "fewer than two blocks with a positive value")
+    out.update({END_TO_END: e2e, FACTOR: factor, FACTOR_LOW: low, FACTOR_HIGH: high, R2: fit.r2,
+                LAYER_FACTOR: layer_factor(factor, signal, layers), NEAR_VALUE: float(near), FAR_VALUE: float(far),
                 MIN_VALUE: float(v[imin]), MIN_BLOCK: b[imin], MAX_VALUE: float(v[imax]), MAX_BLOCK: b[imax],
                 VERDICT: verdict})
     return out
@@ -278,7 +325,7 @@ def verdicts(frame: pd.DataFrame, *, step: StepArg = None, vanish: float = VANIS
                    UNIT: unit}
             row.update(_summarise(g[S.VALUE].to_numpy(dtype=float), list(g[S.BLOCK]),
                                   g[POSITION].to_numpy(dtype=float), signal, vanish, explode, bad, n_layers))
-            row[RATE_TEXT] = rate_text(row[FACTOR], row[R2])
+            row[RATE_TEXT] = rate_text(row[FACTOR], row[R2], row[FACTOR_LOW], row[FACTOR_HIGH])
             rows.append(row)
     out = pd.DataFrame(rows, columns=list(VERDICT_COLUMNS))
     out[S.STEP] = out[S.STEP].astype("Int64")
@@ -297,7 +344,7 @@ def _attach_config(out: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
     return out.join(per_run, on=S.RUN)
 
 
-__all__ = ["BACKWARD", "CLASSES", "DEFAULT_RUN", "DIVERGED", "EXPLODE", "EXPLODING", "FORWARD", "Fit", "HEALTHY",
-           "LAYER_KINDS", "POSITION", "Profiles", "REFERENCE_BLOCKS", "REFERENCE_LAYERS", "SIGNALS", "UNKNOWN", "VANISH", "VANISHING",
-           "VERDICT_COLUMNS", "block_layers", "classify", "combine_steps", "fit_log_slope", "layer_factor", "layer_thresholds", "profile", "profile_pass",
-           "rate_text", "rate_thresholds", "run_names", "sentence", "verdicts"]
+__all__ = ["BACKWARD", "CLASSES", "DEFAULT_RUN", "DIVERGED", "EXPLODE", "EXPLODING", "FACTOR_HIGH", "FACTOR_LOW",
+           "FORWARD", "Fit", "HEALTHY", "LAYER_KINDS", "POSITION", "Profiles", "REASON", "REFERENCE_BLOCKS", "REFERENCE_LAYERS", "SIGNALS", "UNKNOWN", "VANISH", "VANISHING",
+           "VERDICT_COLUMNS", "block_layers", "classify", "combine_steps", "factor_interval", "fit_log_slope", "layer_factor", "layer_thresholds", "profile", "profile_pass",
+           "rate_text", "rate_thresholds", "run_names", "sentence", "unclear_reason", "verdicts"]

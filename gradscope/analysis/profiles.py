@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from gradscope import schema as S
+from gradscope.analysis.stats import t975
 from gradscope.errors import DataError
 
 #: Run label for frames without a ``run`` column.
@@ -27,17 +28,29 @@ PROFILE_COLUMNS = (S.RUN, S.STEP, S.BLOCK, S.DEPTH, POSITION, S.VALUE)
 
 @dataclass(frozen=True)
 class Fit:
-    """A geometric fit ``value ~ a * factor**position`` in log space: slope (nepers per block), r2, points used."""
+    """A geometric fit ``value ~ a * factor**position`` in log space: slope (nepers per block), r2, points used,
+    the slope's standard error ``se`` and its 95% interval ``[slope_low, slope_high]``.
+
+    ``se`` is NaN and the interval ``(-inf, inf)`` with two points (a line through two points has no residual to
+    measure its error by: n - 2 = 0 degrees of freedom), NaN with fewer.
+    """
 
     slope: float
     r2: float
     n: int
+    se: float = math.nan
+    slope_low: float = math.nan
+    slope_high: float = math.nan
 
 
 def fit_log_slope(position: Sequence[float], values: Sequence[float]) -> Fit:
-    """Least-squares slope of ``ln(values)`` against ``position`` over the finite, positive values.
+    """Least-squares slope of ``ln(values)`` against ``position`` over the finite, positive values, with its
+    standard error and 95% interval (ordinary least squares).
 
-    NaN slope and r2 with fewer than two usable points at distinct positions; a flat series has r2 = 1.0.
+    ``se = sqrt(SS_res / (n - 2) / Sxx)`` and ``slope ± t(0.975, n - 2) * se``
+    (:func:`gradscope.analysis.stats.t975`), so a line that explains little of the values (a low r2 over few
+    blocks) gives a wide interval: the verdicts call a rate only where its whole interval is on one side of a
+    threshold. NaN slope and r2 with fewer than two usable points at distinct positions; a flat series has r2 = 1.0.
     """
     x = np.asarray(position, dtype=float)
     v = np.asarray(values, dtype=float)
@@ -47,12 +60,18 @@ def fit_log_slope(position: Sequence[float], values: Sequence[float]) -> Fit:
     if n < 2 or np.ptp(x) == 0:
         return Fit(math.nan, math.nan, n)
     xc = x - x.mean()
-    slope = float((xc * (y - y.mean())).sum() / (xc * xc).sum())
+    sxx = float((xc * xc).sum())
+    slope = float((xc * (y - y.mean())).sum() / sxx)
     resid = y - (y.mean() + slope * xc)
     ss_tot = float(((y - y.mean()) ** 2).sum())
     ss_res = float((resid ** 2).sum())
-    r2 = 1.0 if ss_tot <= 1e-24 * max(1.0, float((y * y).sum())) else 1.0 - ss_res / ss_tot
-    return Fit(slope, r2, n)
+    flat = ss_tot <= 1e-24 * max(1.0, float((y * y).sum()))
+    r2 = 1.0 if flat else 1.0 - ss_res / ss_tot
+    if n < 3:
+        return Fit(slope, r2, n, math.nan, -math.inf, math.inf)
+    se = 0.0 if flat else math.sqrt(max(ss_res, 0.0) / (n - 2) / sxx)
+    half = t975(n - 2) * se
+    return Fit(slope, r2, n, se, slope - half, slope + half)
 
 
 def check_frame(frame: pd.DataFrame) -> None:

@@ -56,12 +56,14 @@ def pm(mean: Any, sd: Any, n: int, fmt: str = ".3g", sign: bool = False) -> str:
     return f"{m} ± {num(sd, fmt)} (n={n})"
 
 
-def rate_text(f: Any, r2: Any) -> str:
-    """``"x1.12 per block (R² 0.97)"``, or a note when no rate could be fitted."""
+def rate_text(f: Any, r2: Any, low: Any = None, high: Any = None) -> str:
+    """``"x1.12 per block (R² 0.97)"``, with the fit's 95% interval when given (``"x1.12 per block (R² 0.97, 95% x1.10
+    to x1.14)"``), or a note when no rate could be fitted."""
     if is_missing(f):
         return "no per-block rate (fewer than two blocks with a positive value)"
-    r2s = "" if is_missing(r2) else f" (R² {float(r2):.2f})"
-    return f"x{factor(f)} per block{r2s}"
+    parts = [] if is_missing(r2) else [f"R² {float(r2):.2f}"]
+    parts += [] if is_missing(low) or is_missing(high) else [f"95% x{factor(low)} to x{factor(high)}"]
+    return f"x{factor(f)} per block" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def sentence(r: Mapping[str, Any]) -> str:
@@ -81,13 +83,16 @@ def sentence(r: Mapping[str, Any]) -> str:
     if verdict == W.DIVERGED:
         return f"{head} diverged: non-finite values (NaN/Inf) first at {r.get('nonfinite_block')}."
     if verdict == W.UNKNOWN:
+        why = r.get("reason")
+        if isinstance(why, str) and why and not is_missing(r.get("factor")):
+            return f"{head} cannot be judged: {why}; fitted {rate_text(r.get('factor'), None)}."
         return f"{head} cannot be judged: {n} block(s) with a value, a rate needs two or more."
     if verdict == W.VANISHING and r.get("max_value") == 0:
         return f"{head} is zero at every one of {n} blocks (vanished)."
     plural = signal != W.FORWARD
     verb = {W.VANISHING: "vanish" if plural else "vanishes", W.EXPLODING: "explode" if plural else "explodes",
             W.HEALTHY: "stay healthy" if plural else "stays healthy"}.get(verdict, str(verdict))
-    text = f"{head} {verb}{' ' + where if verdict != W.HEALTHY else ''}: {rate_text(r.get('factor'), r.get('r2'))}"
+    text = f"{head} {verb}{' ' + where if verdict != W.HEALTHY else ''}: {rate_text(r.get('factor'), r.get('r2'), r.get('factor_low'), r.get('factor_high'))}"
     text += f", {num(r.get('end_to_end'))}x over {n} blocks (from the fit)"
     if r.get("min_value") == 0 and verdict != W.HEALTHY:
         text += f"; zero at {r.get('min_block')}"

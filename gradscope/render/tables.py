@@ -27,7 +27,7 @@ def verdict_rows(v: pd.DataFrame, *, theory: bool = True) -> Rows:
     rows = [head]
     for _, r in v.iterrows():
         st = "" if is_missing(r[S.STEP]) else str(int(r[S.STEP]))
-        cells = [str(r[S.RUN]), st or "—", f"{r[A.SIGNAL]} ({r[S.METRIC]})", str(r[A.VERDICT]), times(r[A.FACTOR]),
+        cells = [str(r[S.RUN]), st or "—", f"{r[A.SIGNAL]} ({r[S.METRIC]})", str(r[A.VERDICT]), _rate_cell(r),
                  num(r[A.R2], ".2f"), num(r[A.END_TO_END]) + ("" if is_missing(r[A.END_TO_END]) else "x"),
                  f"{num(r[A.NEAR_VALUE])} -> {num(r[A.FAR_VALUE])}"]
         if theory:
@@ -35,6 +35,14 @@ def verdict_rows(v: pd.DataFrame, *, theory: bool = True) -> Rows:
                       agreement_word(r.get(A.AGREEMENT)) if not is_missing(r.get(A.PREDICTED_FACTOR)) else "—"]
         rows.append(cells)
     return rows
+
+
+def _rate_cell(r: Any) -> str:
+    """The fitted per-block factor with its 95% interval (``x0.86 [x0.49, x1.48]``), when the row has one."""
+    low, high = r.get(A.FACTOR_LOW), r.get(A.FACTOR_HIGH)
+    rate = times(r[A.FACTOR])
+    return rate if is_missing(low) or is_missing(high) or is_missing(r[A.FACTOR]) else \
+        f"{rate} [{times(low)}, {times(high)}]"
 
 
 def pooled_rows(pooled: pd.DataFrame) -> Rows:

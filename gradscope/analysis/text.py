@@ -57,13 +57,13 @@ def pm(mean: Any, sd: Any, n: int, fmt: str = ".3g", sign: bool = False) -> str:
 
 
 def rate_text(f: Any, r2: Any, low: Any = None, high: Any = None) -> str:
-    """``"x1.12 per block (R² 0.97)"``, with the fit's 95% interval when given (``"x1.12 per block (R² 0.97, 95% x1.10
-    to x1.14)"``), or a note when no rate could be fitted."""
+    """``"x1.12 per block (R² 0.97)"``, with the fit's 95% interval when given (``"x1.12 per block (R² 0.97), 95%
+    x1.10 to x1.14"``), or a note when no rate could be fitted."""
     if is_missing(f):
         return "no per-block rate (fewer than two blocks with a positive value)"
-    parts = [] if is_missing(r2) else [f"R² {float(r2):.2f}"]
-    parts += [] if is_missing(low) or is_missing(high) else [f"95% x{factor(low)} to x{factor(high)}"]
-    return f"x{factor(f)} per block" + (f" ({', '.join(parts)})" if parts else "")
+    r2s = "" if is_missing(r2) else f" (R² {float(r2):.2f})"
+    ci = "" if is_missing(low) or is_missing(high) else f", 95% x{factor(low)} to x{factor(high)}"
+    return f"x{factor(f)} per block{r2s}{ci}"
 
 
 def sentence(r: Mapping[str, Any]) -> str:

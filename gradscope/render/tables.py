@@ -38,11 +38,11 @@ def verdict_rows(v: pd.DataFrame, *, theory: bool = True) -> Rows:
 
 
 def _rate_cell(r: Any) -> str:
-    """The fitted per-block factor with its 95% interval (``x0.86 [x0.49, x1.48]``), when the row has one."""
+    """The fitted per-block factor with its 95% interval (``x0.86 (x0.49 to x1.48)``), when the row has one."""
     low, high = r.get(A.FACTOR_LOW), r.get(A.FACTOR_HIGH)
     rate = times(r[A.FACTOR])
     return rate if is_missing(low) or is_missing(high) or is_missing(r[A.FACTOR]) else \
-        f"{rate} [{times(low)}, {times(high)}]"
+        f"{rate} ({times(low)} to {times(high)})"
 
 
 def pooled_rows(pooled: pd.DataFrame) -> Rows:

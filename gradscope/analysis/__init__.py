@@ -51,9 +51,19 @@ Then:
 
 * ``diverged`` if a block held a non-finite value (``act_nonfinite > 0``, or a NaN/Inf ``act_var`` or
   ``grad_norm``) at that step (at any step for ``step=None``); such a signal is never ``healthy``;
-* ``vanishing`` if ``layer_factor`` < the lower threshold, or the signal is zero at every block or at the far end;
-* ``exploding`` if ``layer_factor`` > the upper threshold, or the near end is zero while the far end is not;
-* ``healthy`` otherwise; ``unknown`` with fewer than two blocks holding a value.
+* ``vanishing`` if the whole 95% interval of ``layer_factor`` lies below the lower threshold, or the signal is zero
+  at every block or at the far end;
+* ``exploding`` if the whole interval lies above the upper threshold, or the near end is zero while the far end is
+  not;
+* ``healthy`` if the whole interval lies between them;
+* ``unknown`` if the interval straddles a threshold (the fit does not determine the rate: a low R² over few
+  blocks), with two blocks (one ratio: n - 2 = 0 degrees of freedom, the interval is 0 to inf), or with fewer than
+  two blocks holding a value. Column ``reason`` says which, e.g. "the fit does not determine the rate (R² 0.10 over
+  7 blocks): x0.702 to x1.22 per layer (95%) straddles x0.958 and x1.044".
+
+The interval (columns ``factor_low``, ``factor_high``: per block, in the units of ``factor``) is
+``exp(slope ± t(0.975, n - 2) · se)`` with the least-squares standard error of the slope
+(:func:`~gradscope.analysis.profiles.fit_log_slope`).
 
 Layout (long format)
 --------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from gradscope.errors import GradscopeError
+from gradscope.study.parallel import keep
 
 EXECUTORS = ("local", "ray")
 FINISHED = "finished"
@@ -219,7 +220,4 @@ def _take_ray(ray: Any, ref: Any, spec: Any, done: Dict[str, Any], failed: Dict[
     except ray.exceptions.RayError as exc:  # a worker that died (killed, out of memory): its parts stay on disk
         failed[spec.name] = f"{type(exc).__name__}: {exc}"
         return
-    if triple is not None:
-        done[spec.name] = triple
-    if error:
-        failed[spec.name] = error
+    keep(spec, triple, error, done, failed)

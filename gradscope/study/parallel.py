@@ -126,6 +126,12 @@ def _take(future: Future, spec: Any, done: Dict[str, Any], failed: Dict[str, str
             raise
         failed[spec.name] = f"{type(exc).__name__}: {exc}"
         return
+    keep(spec, triple, error, done, failed)
+
+
+def keep(spec: Any, triple: Any, error: Any, done: Dict[str, Any], failed: Dict[str, str]) -> None:
+    """File one finished run's result: its ``(frame, losses, config)`` in ``done`` (also when it stopped part-way)
+    and its error, if any, in ``failed``; shared by the local pool and the Ray executor."""
     if triple is not None:
         done[spec.name] = triple
     if error:

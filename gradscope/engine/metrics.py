@@ -358,14 +358,14 @@ def group_norms(tensors: Sequence[torch.Tensor], groups: Sequence[int], n_groups
     if not tensors:
         return torch.zeros(n_groups, dtype=torch.float32)
     device = tensors[0].device
-    norms = _norms(tensors)
+    norms = tensor_norms(tensors)
     idx = index.index(device, groups) if index is not None else torch.tensor(list(groups), device=device)
     squared = torch.zeros(n_groups, dtype=torch.float32, device=device)
     squared.index_add_(0, idx, norms.square())
     return squared.sqrt()
 
 
-def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-tensor L2 norms: one ``_foreach_norm`` for the small float32 tensors, :func:`l2_norm` for the rest
     (``_foreach_norm`` shares ``vector_norm``'s loss of digits on long tensors)."""
     detached = [t.detach() for t in tensors]

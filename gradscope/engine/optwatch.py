@@ -24,6 +24,7 @@ from gradscope import schema as S
 from gradscope.engine import params as P
 from gradscope.engine import portable, spec
 from gradscope.engine.amp import ScalerState
+from gradscope.engine.metrics import Scratch
 from gradscope.engine.recorder import Recorder
 from gradscope.engine.sites import Site
 
@@ -93,6 +94,7 @@ class OptimizerWatch:
         rec, n = self.rec, len(self.sites)
         pending: List[Optional[Tuple[int, List[torch.Tensor]]]] = [None]
         updated: Set[int] = set()
+        copies, work = P.Snapshot(index), Scratch()  # buffers kept between recorded steps (see P.Snapshot)
 
         def pre(opt: Any, args: Any, kwargs: Any) -> None:
             state = rec.state
@@ -107,7 +109,7 @@ class OptimizerWatch:
                     self.grads_read.setdefault(step, set()).update(read)
             if self.update and step not in updated:
                 updated.add(step)
-                pending[0] = (step, P.snapshot(index))
+                pending[0] = (step, copies.take())
 
         def post(opt: Any, args: Any, kwargs: Any) -> None:
             if pending[0] is None:
@@ -120,7 +122,7 @@ class OptimizerWatch:
             # parameters were exactly zero before the step gets no ratio (undefined), never a clamped 1e35
             layout = spec.SHARD_RATIO if index.sharded else spec.RATIO
             rec.add_per_site(step, index.sites_with_params, S.UPDATE_RATIO,
-                             torch.cat(P.update_norms(index, before, n)), layout)
+                             torch.cat(P.update_norms(index, before, n, work)), layout)
 
         self.handles.append(optimizer.register_step_pre_hook(pre))
         self.handles.append(optimizer.register_step_post_hook(post))

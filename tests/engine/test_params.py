@@ -1,0 +1,92 @@
+"""The update ratio's parameter copies (engine/params.py): kept buffers, chunked differences, exact values."""
+import torch
+from torch import nn
+
+import gradscope
+from gradscope import schema as S
+from gradscope.engine import params as P
+from gradscope.engine.metrics import Scratch
+from gradscope.engine.sites import Site
+
+
+def _sites(*modules: nn.Module):
+    return [Site(f"b{i}", m, type(m).__name__) for i, m in enumerate(modules)]
+
+
+def _reference(after, before, groups, n):
+    """float64 per-group norms of after - before, computed independently."""
+    out = torch.zeros(n, dtype=torch.float64)
+    for a, b, g in zip(after, before, groups):
+        out[g] += ((a.double() - b.double()) ** 2).sum()
+    return out.sqrt()
+
+
+def test_differences_in_chunks_equal_a_float64_reference(monkeypatch):
+    monkeypatch.setattr(P, "_DELTA_CHUNK", 1000)  # many chunks, and one tensor larger than a chunk
+    g = torch.Generator().manual_seed(0)
+    shapes = [(40, 30), (7,), (3000,), (5, 5), (999,), (2,)]
+    before = [torch.randn(s, generator=g) for s in shapes]
+    after = [b + 1e-3 * torch.randn(b.shape, generator=g) for b in before]
+    kept = [b.clone() for b in before]
+    groups = [0, 0, 1, 2, 2, 2]
+    got = P.group_norms_of_differences(after, before, groups, 3, Scratch())
+    torch.testing.assert_close(got.double(), _reference(after, before, groups, 3), rtol=1e-5, atol=0)
+    for b, k in zip(before, kept):  # the copies are read, never overwritten (a NaN's replay needs them)
+        assert torch.equal(b, k)
+
+
+def test_snapshot_reuses_its_buffers_on_the_cpu_and_remakes_them_after_a_change():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 2)
+    index = P.param_index(_sites(a, b))
+    snap = P.Snapshot(index)
+    first = snap.take()
+    ptrs = [t.data_ptr() for t in first]
+    with torch.no_grad():
+        a.weight.add_(1.0)
+    second = snap.take()
+    assert [t.data_ptr() for t in second] == ptrs  # no allocation in a later recorded step
+    assert torch.equal(second[0], a.weight.detach())
+    a.double()  # dtype changed: new buffers of the new dtype
+    third = snap.take()
+    assert third[0].dtype == torch.float64 and torch.equal(third[0], a.weight.detach())
+
+
+def test_a_shared_parameter_is_copied_once_and_counted_in_both_blocks():
+    shared = nn.Linear(3, 3)
+    outer = nn.Sequential(shared, nn.Linear(3, 3))
+    index = P.param_index(_sites(shared, outer))
+    copies = P.Snapshot(index).take()
+    assert len(copies) == len(index.order) == 2 + 4
+    assert copies[0] is copies[2]  # the shared weight: one buffer in both blocks' places
+    with torch.no_grad():
+        for p in outer.parameters():
+            p.add_(0.5)
+    delta, base = P.update_norms(index, copies, 2)
+    assert delta[0].item() == torch.tensor(0.5 * (9 + 3) ** 0.5).item()
+    assert abs(delta[1].item() - 0.5 * 24 ** 0.5) < 1e-6
+
+
+def test_update_ratio_through_attach_matches_autograd_free_reference_over_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scope = gradscope.attach(model, blocks=["0", "2", "4"], optimizer=opt)
+    expected = []
+    for step in range(4):
+        x = torch.randn(5, 8)
+        model(x).square().mean().backward()
+        scope.step()
+        before = [m.weight.detach().double().clone() for m in (model[0], model[2], model[4])]
+        before_b = [m.bias.detach().double().clone() for m in (model[0], model[2], model[4])]
+        opt.step()
+        opt.zero_grad()
+        for k, m in enumerate((model[0], model[2], model[4])):
+            d = ((m.weight.double() - before[k]) ** 2).sum() + ((m.bias.double() - before_b[k]) ** 2).sum()
+            b = (before[k] ** 2).sum() + (before_b[k] ** 2).sum()
+            expected.append((step, f"{k * 2}", (d / b).sqrt().item()))
+    frame = scope.frame()
+    rows = frame[frame.metric == S.UPDATE_RATIO]
+    assert len(rows) == len(expected)
+    for step, block, value in expected:
+        got = rows[(rows.step == step) & (rows.block == block)].value.item()
+        assert abs(got - value) <= 1e-5 * value

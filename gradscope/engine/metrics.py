@@ -367,15 +367,19 @@ def group_norms(tensors: Sequence[torch.Tensor], groups: Sequence[int], n_groups
 
 def tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-tensor L2 norms: one ``_foreach_norm`` for the small float32 tensors, :func:`l2_norm` for the rest
-    (``_foreach_norm`` shares ``vector_norm``'s loss of digits on long tensors)."""
-    detached = [t.detach() for t in tensors]
-    out: List[torch.Tensor] = [None] * len(detached)  # type: ignore[list-item]
-    small = [i for i, t in enumerate(detached) if t.dtype == torch.float32 and t.numel() <= _FOREACH_MAX]
-    if small and hasattr(torch, "_foreach_norm"):
-        for i, norm in zip(small, torch._foreach_norm([detached[i] for i in small])):
-            out[i] = norm
-    for i, t in enumerate(detached):
-        if out[i] is None:
-            dtype = torch.float64 if t.dtype in (torch.float64, torch.complex128) else torch.float32
-            out[i] = l2_norm(t.reshape(-1), dtype=dtype).to(torch.float32)
-    return torch.stack(out)
+    (``_foreach_norm`` shares ``vector_norm``'s loss of digits on long tensors). Nothing is recorded by autograd."""
+    with torch.no_grad():
+        small = [t.dtype == torch.float32 and t.numel() <= _FOREACH_MAX for t in tensors]
+        foreach = hasattr(torch, "_foreach_norm")
+        if foreach and all(small):  # the common case (every tensor of a block-sized layer): one call
+            return torch.stack(torch._foreach_norm(list(tensors)))
+        out: List[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+        picked = [i for i, ok in enumerate(small) if ok]
+        if picked and foreach:
+            for i, norm in zip(picked, torch._foreach_norm([tensors[i] for i in picked])):
+                out[i] = norm
+        for i, t in enumerate(tensors):
+            if out[i] is None:
+                dtype = torch.float64 if t.dtype in (torch.float64, torch.complex128) else torch.float32
+                out[i] = l2_norm(t.detach().reshape(-1), dtype=dtype).to(torch.float32)
+        return torch.stack(out)

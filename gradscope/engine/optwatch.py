@@ -24,7 +24,6 @@ from gradscope import schema as S
 from gradscope.engine import params as P
 from gradscope.engine import portable, spec
 from gradscope.engine.amp import ScalerState
-from gradscope.engine.metrics import Scratch
 from gradscope.engine.recorder import Recorder
 from gradscope.engine.sites import Site
 
@@ -94,7 +93,7 @@ class OptimizerWatch:
         rec, n = self.rec, len(self.sites)
         pending: List[Optional[Tuple[int, List[torch.Tensor]]]] = [None]
         updated: Set[int] = set()
-        copies, work = P.Snapshot(index), Scratch()  # buffers kept between recorded steps (see P.Snapshot)
+        copies, work = P.Snapshot(index), P.Differences()  # buffers kept between recorded steps (P.Snapshot)
 
         def pre(opt: Any, args: Any, kwargs: Any) -> None:
             state = rec.state

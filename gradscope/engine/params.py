@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
-from gradscope.engine.metrics import GroupIndex, Scratch, group_norms, tensor_norms
+from gradscope.engine.metrics import GroupIndex, group_norms, tensor_norms
 from gradscope.engine.sharding import local
 from gradscope.engine.sites import Site
 
@@ -30,6 +30,13 @@ class ParamIndex:
         """Parameter ``i`` as a plain tensor: this rank's shard when the model is sharded (no communication)."""
         p = self.params[i]
         return local(p) if self.sharded else p
+
+    def in_order(self) -> List[torch.Tensor]:
+        """The parameter of every (site, parameter) pair, in ``order`` (shards when sharded)."""
+        if self.sharded:
+            return [self.tensor(i) for i in self.order]
+        params = self.params
+        return [params[i] for i in self.order]
 
     def grad(self, i: int) -> Optional[torch.Tensor]:
         """The ``.grad`` of parameter ``i`` (this rank's shard of it when sharded), or None."""
@@ -70,7 +77,7 @@ def _dense(g: torch.Tensor) -> torch.Tensor:
 
 def param_norms(index: ParamIndex, n_sites: int) -> torch.Tensor:
     """||theta|| of each site in ``index.sites_with_params`` (a device vector in that order)."""
-    norms = group_norms([index.tensor(i) for i in index.order], index.groups, n_sites, index.cache)
+    norms = group_norms(index.in_order(), index.groups, n_sites, index.cache)
     return norms[index.site_tensor(norms.device)]
 
 
@@ -78,20 +85,30 @@ def param_grad_norms(index: ParamIndex, n_sites: int,
                      scale: Optional[torch.Tensor] = None) -> Optional[Tuple[List[int], torch.Tensor]]:
     """``(sites, norms)``: ||d L / d theta|| of each site whose parameters have a ``.grad``, divided by ``scale``
     when given (a GradScaler's scale still in the gradients); None when no parameter has a gradient."""
-    pairs = [(index.grad(i), g) for i, g in zip(index.order, index.groups) if index.params[i].grad is not None]
-    if not pairs:
-        return None
-    groups = [g for _, g in pairs]
-    gnorms = group_norms([_dense(g) for g, _ in pairs], groups, n_sites, index.cache)
+    params = index.params
+    raw = [params[i].grad for i in index.order]
+    if all(g is not None and not g.is_sparse for g in raw) and not index.sharded:  # the usual step: one layout
+        gnorms = group_norms(raw, index.groups, n_sites, index.cache)
+        sites, picked = index.sites_with_params, index.site_tensor(gnorms.device)
+    else:
+        pairs = [(index.grad(i), g) for i, g in zip(index.order, index.groups) if params[i].grad is not None]
+        if not pairs:
+            return None
+        groups = [g for _, g in pairs]
+        gnorms = group_norms([_dense(g) for g, _ in pairs], groups, n_sites, index.cache)
+        sites = sorted(set(groups))
+        picked = index.cache.index(gnorms.device, sites)
     if scale is not None:
         gnorms = gnorms / scale.to(gnorms.device, gnorms.dtype)
-    sites = sorted(set(groups))
-    return sites, gnorms[index.cache.index(gnorms.device, sites)]
+    return list(sites), gnorms[picked]
 
 
 #: elements of the work buffer in which :func:`update_norms` forms ``theta_after - theta_before`` a chunk of
 #: parameters at a time (grown to the largest parameter): 4 MiB in float32
 _DELTA_CHUNK = 1 << 20
+#: a parameter of at least this many elements is differenced by its own ``torch.sub(..., out=)`` pass (its
+#: memory traffic outweighs a call); smaller ones go together through foreach calls
+_ALONE = 1 << 14
 
 
 class Snapshot:
@@ -143,61 +160,113 @@ def snapshot(index: ParamIndex) -> List[torch.Tensor]:
 
 
 def update_norms(index: ParamIndex, before: List[torch.Tensor], n_sites: int,
-                 scratch: Optional[Scratch] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 work: Optional["Differences"] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(||theta_after - theta_before||, ||theta_before||)`` of each site in ``index.sites_with_params``.
 
-    The differences are formed a chunk of parameters at a time in one reused work buffer (``scratch``, else a
-    fresh one), never all at once: ``before`` stays intact (a NaN's replay may still need it) and no
+    The differences are formed a chunk of parameters at a time in a reused work buffer (``work``, kept by the scope;
+    else a fresh one), never all at once: ``before`` stays intact (a NaN's replay may still need it) and no
     parameter-sized tensor is allocated per step."""
-    after = [index.tensor(i).detach() for i in index.order]
+    after = index.in_order()
     with torch.no_grad():
-        delta = group_norms_of_differences(after, before, index.groups, n_sites, scratch or Scratch(), index.cache)
-        base = group_norms(before, index.groups, n_sites)
+        delta = (work or Differences()).group_norms(after, before, index.groups, n_sites, index.cache)
+        base = group_norms(before, index.groups, n_sites, index.cache)
     sites = index.site_tensor(delta.device)
     return delta[sites], base[sites]
 
 
-def group_norms_of_differences(after: List[torch.Tensor], before: List[torch.Tensor], groups: List[int],
-                               n_groups: int, scratch: Scratch, cache: Optional[GroupIndex] = None) -> torch.Tensor:
-    """The L2 norm of ``after[i] - before[i]`` over each group (as :func:`group_norms`), each difference computed
-    exactly as ``after[i] - before[i]`` would be, in views of one work buffer."""
-    if not after:
-        return group_norms([], groups, n_groups)
-    norms: List[torch.Tensor] = []
-    for chunk in _chunks(after):
-        like = after[chunk[0]]
-        total = sum(after[i].numel() for i in chunk)
-        work = scratch.get(max(total, 1), like)
-        views, offset = [], 0
-        for i in chunk:
-            n = after[i].numel()
-            views.append(work[offset:offset + n].view(after[i].shape))
-            offset += n
-        _copy_all(views, [after[i] for i in chunk])
-        subtract_all(views, [before[i] for i in chunk])
-        norms.append(tensor_norms(views))
-    device = after[0].device
-    squared = torch.zeros(n_groups, dtype=torch.float32, device=device)
-    index = cache.index(device, groups) if cache is not None else torch.tensor(groups, device=device)
-    squared.index_add_(0, index, torch.cat(norms).square())
-    return squared.sqrt()
+class Differences:
+    """The work buffer in which :func:`update_norms` forms ``after[i] - before[i]``, cut once into views.
+
+    The parameters are packed into chunks of at most ``_DELTA_CHUNK`` elements of one device and dtype (a larger
+    parameter is a chunk of its own), whatever their order; one buffer per (device, dtype) holds the largest chunk.
+    In a chunk, each parameter of ``_ALONE`` elements or more is differenced by one ``torch.sub(..., out=)`` (its
+    memory traffic outweighs a call), the small ones by one foreach copy and one foreach subtraction; then one
+    foreach norm per chunk. The views and the packing are made once and reused while the parameters keep their
+    shapes, dtypes and devices (making ~160 views costs more than the arithmetic on ResNet-56)."""
+
+    def __init__(self) -> None:
+        self._key: Optional[Tuple[Any, ...]] = None
+        self._chunks: List[Tuple[List[int], List[torch.Tensor], List[int], List[int]]] = []
+        self._packed: List[int] = []  # the indices of ``after`` in the order their norms come out
+
+    def group_norms(self, after: List[torch.Tensor], before: List[torch.Tensor], groups: List[int], n_groups: int,
+                    cache: Optional[GroupIndex] = None) -> torch.Tensor:
+        """The L2 norm of ``after[i] - before[i]`` over each group (as :func:`group_norms`); each difference is the
+        one ``after[i] - before[i]`` gives."""
+        if not after:
+            return group_norms([], groups, n_groups)
+        norms: List[torch.Tensor] = []
+        for chunk, views, alone, small in self._plan(after):
+            if not views:  # a sparse parameter: its own difference, as before
+                norms.append(tensor_norms([after[chunk[0]] - before[chunk[0]]]))
+                continue
+            for k in alone:
+                torch.sub(after[chunk[k]], before[chunk[k]], out=views[k])
+            if small:
+                _copy_all([views[k] for k in small], [after[chunk[k]] for k in small])
+                subtract_all([views[k] for k in small], [before[chunk[k]] for k in small])
+            norms.append(tensor_norms(views))
+        device = after[0].device
+        squared = torch.zeros(n_groups, dtype=torch.float32, device=device)
+        packed_groups = [groups[i] for i in self._packed]
+        index = cache.index(device, packed_groups) if cache is not None else \
+            torch.tensor(packed_groups, device=device)
+        squared.index_add_(0, index, torch.cat(norms).square())
+        return squared.sqrt()
+
+    def _plan(self, after: List[torch.Tensor]) -> List[Tuple[List[int], List[torch.Tensor], List[int], List[int]]]:
+        key = tuple((t.shape, t.dtype, t.device, t.is_sparse) for t in after)
+        if key != self._key:
+            chunks = _chunks(after)
+            sizes: Dict[Tuple[torch.device, torch.dtype], int] = {}
+            for chunk in chunks:
+                like = after[chunk[0]]
+                if not like.is_sparse:
+                    k = (like.device, like.dtype)
+                    sizes[k] = max(sizes.get(k, 1), sum(after[i].numel() for i in chunk))
+            buffers = {k: torch.empty(n, dtype=k[1], device=k[0]) for k, n in sizes.items()}
+            self._chunks = []
+            for chunk in chunks:
+                alone = [k for k, i in enumerate(chunk) if after[i].numel() >= _ALONE]
+                small = [k for k, i in enumerate(chunk) if after[i].numel() < _ALONE]
+                self._chunks.append((chunk, _views(buffers, after, chunk), alone, small))
+            self._packed = [i for chunk in chunks for i in chunk]
+            self._key = key
+        return self._chunks
+
+
+def _views(buffers: Dict[Tuple[torch.device, torch.dtype], torch.Tensor], after: List[torch.Tensor],
+           chunk: List[int]) -> List[torch.Tensor]:
+    """Views of the work buffer shaped like ``after[i]`` for ``i`` in ``chunk`` (none for a sparse tensor)."""
+    like = after[chunk[0]]
+    if like.is_sparse:
+        return []
+    work, views, offset = buffers[(like.device, like.dtype)], [], 0
+    for i in chunk:
+        n = after[i].numel()
+        views.append(work[offset:offset + n].view(after[i].shape))
+        offset += n
+    return views
 
 
 def _chunks(tensors: List[torch.Tensor]) -> List[List[int]]:
-    """Runs of consecutive indices of one device and dtype, each at most ``_DELTA_CHUNK`` elements (or a single
-    larger tensor)."""
+    """Indices packed into chunks of one device and dtype, each at most ``_DELTA_CHUNK`` elements (in first-fit
+    order); a larger parameter, or a sparse one, is a chunk of its own."""
     chunks: List[List[int]] = []
-    size = 0
+    open_chunk: Dict[Tuple[torch.device, torch.dtype], Tuple[List[int], List[int]]] = {}  # -> (chunk, [size])
     for i, t in enumerate(tensors):
-        prev = tensors[chunks[-1][-1]] if chunks else None
-        same = prev is not None and prev.device == t.device and prev.dtype == t.dtype and \
-            not t.is_sparse and not prev.is_sparse
-        if chunks and same and size + t.numel() <= _DELTA_CHUNK:
-            chunks[-1].append(i)
-            size += t.numel()
-        else:
+        n = t.numel()
+        if t.is_sparse or n > _DELTA_CHUNK:
             chunks.append([i])
-            size = t.numel()
+            continue
+        key = (t.device, t.dtype)
+        current = open_chunk.get(key)
+        if current is None or current[1][0] + n > _DELTA_CHUNK:
+            current = ([], [0])
+            open_chunk[key] = current
+            chunks.append(current[0])
+        current[0].append(i)
+        current[1][0] += n
     return chunks
 
 

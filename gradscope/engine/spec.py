@@ -21,6 +21,8 @@ reduction of any new raw slot in :data:`gradscope.engine.metrics.SLOT_REDUCTIONS
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -225,13 +227,23 @@ def raw_slots(group: Sequence[str]) -> Tuple[str, ...]:
     return tuple(slots)
 
 
+@functools.lru_cache(maxsize=512)
+def _moments_plan(group: Tuple[str, ...]) -> Tuple[Tuple[str, ...], Tuple[Finish, ...]]:
+    """The raw slots and the finishing functions of a ``moments`` group, worked out once per group (every
+    recorded step finishes the same few groups, one entry per block)."""
+    return raw_slots(group), tuple(spec_of(name).finish for name in group)
+
+
 def finish(group: Sequence[str], raw: Sequence[float], n: int, layout: str) -> List[float]:
     """The finished values of ``group`` from its raw values (``layout`` of the buffer entry)."""
     if layout in (MOMENTS, SQNORM) and n == 0:  # nothing was measured (an empty output): no row, never NaN
         return []
     if layout == MOMENTS:
-        slots = dict(zip(raw_slots(group), (float(v) for v in raw)))
-        return [spec_of(name).finish(slots, n) for name in group]
+        names, finishers = _moments_plan(tuple(group))
+        slots = dict(zip(names, map(float, raw)))
+        return [fn(slots, n) for fn in finishers]
+    if layout == SQNORM and len(raw) == 1:  # a gradient norm from an eager hook (the most common entry)
+        return [spec_of(group[0]).finish({"value": float(raw[0])}, n)]
     if layout == SQNORM and len(raw) == 2:  # [||g||^2, taps that ran] from a traced hook: no tap ran, no row
         return [] if float(raw[1]) == 0 else [_sqrt({"value": float(raw[0])}, n)]
     if layout in SHARDED_LAYOUTS:  # one process holds every shard: its norms are the global ones

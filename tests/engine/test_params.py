@@ -5,7 +5,6 @@ from torch import nn
 import gradscope
 from gradscope import schema as S
 from gradscope.engine import params as P
-from gradscope.engine.metrics import Scratch
 from gradscope.engine.sites import Site
 
 
@@ -23,13 +22,14 @@ def _reference(after, before, groups, n):
 
 def test_differences_in_chunks_equal_a_float64_reference(monkeypatch):
     monkeypatch.setattr(P, "_DELTA_CHUNK", 1000)  # many chunks, and one tensor larger than a chunk
+    monkeypatch.setattr(P, "_ALONE", 100)  # both ways of differencing: torch.sub(out=) and foreach
     g = torch.Generator().manual_seed(0)
     shapes = [(40, 30), (7,), (3000,), (5, 5), (999,), (2,)]
     before = [torch.randn(s, generator=g) for s in shapes]
     after = [b + 1e-3 * torch.randn(b.shape, generator=g) for b in before]
     kept = [b.clone() for b in before]
     groups = [0, 0, 1, 2, 2, 2]
-    got = P.group_norms_of_differences(after, before, groups, 3, Scratch())
+    got = P.Differences().group_norms(after, before, groups, 3)
     torch.testing.assert_close(got.double(), _reference(after, before, groups, 3), rtol=1e-5, atol=0)
     for b, k in zip(before, kept):  # the copies are read, never overwritten (a NaN's replay needs them)
         assert torch.equal(b, k)
@@ -90,3 +90,17 @@ def test_update_ratio_through_attach_matches_autograd_free_reference_over_steps(
     for step, block, value in expected:
         got = rows[(rows.step == step) & (rows.block == block)].value.item()
         assert abs(got - value) <= 1e-5 * value
+
+
+def test_the_work_buffer_is_cut_once_and_cut_again_when_a_parameter_changes_dtype():
+    before = [torch.randn(300), torch.randn(5), torch.randn(20000)]
+    after = [b + 0.5 for b in before]
+    work = P.Differences()
+    first = work.group_norms(after, before, [0, 1, 1], 2)
+    plan = work._plan(after)
+    again = work.group_norms(after, before, [0, 1, 1], 2)
+    assert work._plan(after) is plan and torch.equal(first, again)
+    after64, before64 = [a.double() for a in after], [b.double() for b in before]
+    got = work.group_norms(after64, before64, [0, 1, 1], 2)
+    assert work._plan(after64) is not plan
+    torch.testing.assert_close(got.double(), _reference(after64, before64, [0, 1, 1], 2), rtol=1e-6, atol=0)

@@ -1,26 +1,31 @@
-"""Overhead of gradscope against an uninstrumented training step, measured in the same process, interleaved.
+"""Overhead of gradscope against an uninstrumented training step: interleaved twins in one process.
 
 For each model (ResNet-56, ResNet-110, a 50-block BatchNorm MLP of width 256; batch 64, CIFAR-shaped input, SGD)
-this times full training steps (forward, backward, ``scope.step()``, ``optimizer.step()``) of one model under these
-configurations, which take turns step by step in a shuffled order so that machine noise hits all of them alike:
+every configuration trains its own *twin*: a copy of one initial model with its own optimizer and its own
+instrument, attached once, as in a real run. All twins train on the same batch, so they do the same arithmetic;
+they take turns step by step in a shuffled order, so machine noise hits all of them alike:
 
-* ``baseline``: no hooks;
+* ``baseline``: no hooks; ``baseline2``: a second uninstrumented twin. Its ratio to ``baseline`` is the
+  resolution of the measurement (two identical twins differ only by where their memory lies);
 * ``floor``: the least any per-block tool can do, as issue 8 defines it: one extra read of every block output
   (``mean()`` plus ``vector_norm()``), of every block-output gradient and of every parameter gradient
   (``vector_norm()``), nothing read back to the host. gradscope records far more than this;
-* ``every1``: ``gradscope.attach(model)``, every step recorded, all default metrics;
-* ``every10``: one step in ten recorded (``attach(model, every=10)``);
+* ``every1``: ``gradscope.attach(model, optimizer=opt)``, every step recorded, every default metric (the update
+  ratio included, which needs the optimizer);
+* ``every1-noupd``: ``gradscope.attach(model)`` without the optimizer, so no update ratio: what this benchmark
+  measured as ``every1`` before 2026-12-07;
+* ``every10``: ``attach(model, optimizer=opt, every=10)``: one step in ten recorded;
 * ``naive``: the usual forum snippet: forward hooks and full backward hooks that call ``.item()`` on a mean and a
   norm per block (it records less than gradscope).
 
-It prints the median ratio of each configuration's step time to the baseline's (with min-max over repeats), and
-the peak RSS of a 1,000-step recorded run of the MLP against an uninstrumented one, each in a fresh subprocess.
-Threads are pinned to one (``torch.set_num_threads(1)``) so that runs compare on a shared machine.
+It prints the median ratio of each configuration's step time to the baseline's (with min-max over repeats), the
+ratio of ``every1`` and ``every1-noupd`` to the floor, and the peak RSS of a 1,000-step recorded run of the MLP
+against an uninstrumented one, each in a fresh subprocess. Threads are pinned to one (``torch.set_num_threads(1)``).
 
     python benchmarks/overhead.py            # all models, 8 repeats per configuration (+ transformers rows:
                                              # a TransformerEncoder LM, and HF GPT-2 / Llama if installed)
     python benchmarks/overhead.py --models encoder,gpt2,llama   # the language models only
-    python benchmarks/overhead.py --quick    # ResNet-56 (2 repeats) and the MLP (3), no forum snippet: < 2 minutes
+    python benchmarks/overhead.py --quick    # ResNet-56 (2 repeats) and the MLP (3), no forum snippet
 
 A repeat is 10 training steps of each configuration (20 for the MLP, whose steps are short), so ``every10``
 records one step in ten within every repeat, as a long run would.
@@ -28,6 +33,7 @@ records one step in ten within every repeat, as a long run would.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import random
@@ -36,7 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -162,15 +168,16 @@ class NoScope:
         pass
 
 
-def instrument(config: str, model: nn.Module, opt, step: int = 0):
-    """The instrument of ``config`` for a training step that is its ``step``-th (0-based)."""
-    if config == "baseline":
+def instrument(config: str, model: nn.Module, opt):
+    """The instrument of ``config`` on its twin ``model`` (attached once, for the whole run)."""
+    if config.startswith("baseline"):
         return NoScope()
     if config == "every1":
+        return gradscope.attach(model, optimizer=opt)
+    if config == "every1-noupd":
         return gradscope.attach(model)
-    if config == "every10":  # a fresh scope per step, on this config's own step count: scope.step() installs or
-        # removes the hooks for the next step inside the timed step, exactly as in a long run
-        return gradscope.attach(model, every=lambda s: (step + s) % 10 == 0)
+    if config == "every10":
+        return gradscope.attach(model, optimizer=opt, every=10)
     if config == "naive":
         return Naive(model)
     if config == "floor":
@@ -184,40 +191,46 @@ def steps_per_repeat(name: str) -> int:
 
 
 def quick_repeats(name: str) -> int:
-    """Repeats under ``--quick``: 2 for ResNet-56 (a minute for its four configurations), 3 for the fast MLP, so
-    that the whole quick run stays well under two minutes."""
+    """Repeats under ``--quick``: 2 for ResNet-56, 3 for the fast MLP."""
     return 2 if name.startswith("resnet") else 3
 
 
-def time_model(name: str, repeats: int, steps_per_repeat: int, configs: List[str]) -> Dict[str, List[float]]:
+def make_twins(name: str, configs: List[str]) -> Dict[str, tuple]:
+    """``config -> (model, optimizer, instrument)``: copies of one initial model, each instrumented once."""
+    model = make_model(name)
+    twins = {}
+    for config in configs:
+        twin = copy.deepcopy(model)
+        opt = torch.optim.SGD(twin.parameters(), lr=1e-3)
+        twins[config] = (twin, opt, instrument(config, twin, opt))
+    return twins
+
+
+def time_model(name: str, repeats: int, steps_per_repeat: int, configs: List[str],
+               twins: Optional[Dict[str, tuple]] = None) -> Dict[str, List[float]]:
     """Per config, a list (one per repeat) of mean step times.
 
-    All configs train one model on one batch, taking turns *step by step* in a shuffled order, so slow drifts of a
-    shared machine and the memory layout of the model hit them alike. Before each timed step the config's
-    instrument is attached, and after it detached (neither is timed); ``every10`` keeps its own step count, so it
-    records one of every ten of its steps, as in a long run. A repeat is ``steps_per_repeat`` steps of each config.
+    Every config trains its own twin on one batch, the twins taking turns *step by step* in a shuffled order, so
+    slow drifts of a shared machine hit them alike. A repeat is ``steps_per_repeat`` steps of each config; each
+    twin's instrument stays attached throughout, so ``every10`` records one step in ten of its own twin's steps.
+    ``twins`` (made here when not given) lets a caller look at the instruments afterwards.
     """
-    model = make_model(name)
+    twins = make_twins(name, configs) if twins is None else twins
     x, y = batch_for(name)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
-    counts = {c: 0 for c in configs}
 
     def one_step(config: str) -> float:
-        scope = instrument(config, model, opt, counts[config])
-        counts[config] += 1
-        gc.collect()  # garbage of earlier steps' scopes is collected here, untimed, not inside another config's step
+        model, opt, scope = twins[config]
+        gc.collect()  # garbage of earlier steps is collected here, untimed, not inside another config's step
         start = time.perf_counter()
         loss_fn(model(x), y).backward()
         scope.step()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        scope.detach()
-        return elapsed
+        return time.perf_counter() - start
 
     times: Dict[str, List[float]] = {c: [] for c in configs}
-    for config in configs:  # warm-up
+    for config in configs:  # warm-up (every10 records its step 0 here)
         one_step(config)
     for _ in range(repeats):
         total = {c: 0.0 for c in configs}
@@ -228,11 +241,15 @@ def time_model(name: str, repeats: int, steps_per_repeat: int, configs: List[str
                 total[config] += one_step(config)
         for config in configs:
             times[config].append(total[config] / steps_per_repeat)
+    for _, _, scope in twins.values():
+        scope.detach()
     return times
 
 
-def ratios(times: Dict[str, List[float]]) -> Dict[str, Dict[str, float]]:
-    base = times["baseline"]
+def ratios(times: Dict[str, List[float]], against: str = "baseline") -> Dict[str, Dict[str, float]]:
+    """Per config: the median, min and max over repeats of its step time divided by ``against``'s in the same
+    repeat, and its median step time in ms."""
+    base = times[against]
     out = {}
     for config, values in times.items():
         r = [v / b for v, b in zip(values, base)]
@@ -302,18 +319,24 @@ def main() -> None:
     models = (args.models.split(",") if args.models else
               (["resnet56", "mlp50-bn"] if args.quick else
                ["resnet56", "resnet110", "mlp50-bn", "encoder"] + (["gpt2", "llama"] if has_transformers() else [])))
-    configs = ["baseline", "floor", "every1", "every10"] + ([] if args.quick else ["naive"])
+    configs = ["baseline", "baseline2", "floor", "every1", "every1-noupd", "every10"] + \
+        ([] if args.quick else ["naive"])
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "models": {}}
-    print(f"torch {torch.__version__}, 1 thread; ratio = step time / baseline, configurations interleaved")
+    print(f"torch {torch.__version__}, 1 thread; ratio = step time / baseline, interleaved twins")
     print(f"machine: {_machine()}")
     for name in models:
         repeats = args.repeats or (quick_repeats(name) if args.quick else 8)
-        r = ratios(time_model(name, repeats, steps_per_repeat(name), configs))
-        results["models"][name] = {"repeats": repeats, **r}
+        times = time_model(name, repeats, steps_per_repeat(name), configs)
+        r, of_floor = ratios(times), ratios(times, against="floor")
+        results["models"][name] = {"repeats": repeats, **r,
+                                   "of_floor": {c: of_floor[c] for c in ("every1", "every1-noupd")}}
         print(f"\n{name} (baseline {r['baseline']['step_ms']:.1f} ms/step, {repeats} repeats)")
         for config in configs[1:]:
-            print(f"  {config:8s} median x{r[config]['median']:.3f}  (min x{r[config]['min']:.3f}, "
+            print(f"  {config:12s} median x{r[config]['median']:.3f}  (min x{r[config]['min']:.3f}, "
                   f"max x{r[config]['max']:.3f})")
+        for config in ("every1", "every1-noupd"):
+            print(f"  {config + ' / floor':20s} median x{of_floor[config]['median']:.3f}  "
+                  f"(min x{of_floor[config]['min']:.3f}, max x{of_floor[config]['max']:.3f})")
     rss_steps = 100 if args.quick else args.rss_steps
     rss = measure_rss(rss_steps)
     results["rss"] = {"steps": rss_steps, **rss}

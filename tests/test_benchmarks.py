@@ -31,25 +31,21 @@ def overhead(monkeypatch):
     return module
 
 
-def test_overhead_times_every_configuration_and_every10_records_one_step_in_ten(overhead, monkeypatch, one_thread):
-    configs = ["baseline", "floor", "every1", "every10", "naive"]
-    times = overhead.time_model("mlp50-bn", repeats=2, steps_per_repeat=10, configs=configs)
+def test_overhead_times_every_configuration_and_every10_records_one_step_in_ten(overhead, one_thread):
+    configs = ["baseline", "baseline2", "floor", "every1", "every1-noupd", "every10", "naive"]
+    twins = overhead.make_twins("mlp50-bn", configs)
+    times = overhead.time_model("mlp50-bn", repeats=2, steps_per_repeat=10, configs=configs, twins=twins)
     assert set(times) == set(configs) and all(len(v) == 2 and min(v) > 0 for v in times.values())
     ratios = overhead.ratios(times)
     assert ratios["baseline"]["median"] == 1.0 and ratios["every1"]["step_ms"] > 0
-
-    recorded = []
-    real = overhead.instrument
-
-    def spy(config, model, opt, step=0):
-        scope = real(config, model, opt, step)
-        if config == "every10":
-            recorded.append(scope.recording)
-        return scope
-
-    monkeypatch.setattr(overhead, "instrument", spy)
-    overhead.time_model("mlp50-bn", repeats=2, steps_per_repeat=10, configs=["baseline", "every10"])
-    assert len(recorded) == 21 and sum(recorded) == 3  # warm-up step 0, then steps 10 and 20
+    assert overhead.ratios(times, against="floor")["floor"]["median"] == 1.0
+    # each twin's instrument stayed attached: every10 recorded its own steps 0 (warm-up), 10 and 20
+    assert sorted(twins["every10"][2].frame().step.unique()) == [0, 10, 20]
+    every1 = twins["every1"][2].frame()
+    assert sorted(every1.step.unique()) == list(range(21)) and "update_ratio" in set(every1.metric)
+    assert "update_ratio" not in set(twins["every1-noupd"][2].frame().metric)
+    start = [p.detach() for p in twins["baseline"][0].parameters()]  # twins did the same arithmetic
+    assert all(torch.equal(a, b.detach()) for a, b in zip(start, twins["every1"][0].parameters()))
 
 
 def test_floor_reads_every_block_output_gradient_and_parameter_gradient(overhead, one_thread):

@@ -158,11 +158,12 @@ class SiteBuffers:
         self.leaf.grad = None
 
 
-def _row(*parts: torch.Tensor) -> torch.Tensor:
-    return torch.cat([p.reshape(-1).to(torch.float64) for p in parts]).reshape(1, -1)
-
-
 def _const(ref: torch.Tensor, *values: Any) -> torch.Tensor:
+    """``values`` as a 1-D float64 tensor on ``ref``'s device. On the CPU, when they are all Python numbers (static
+    shapes), it is traced as one constant; elsewhere (no host-to-device copy in a graph) and for a size that Dynamo
+    traces as a symbol (dynamic shapes) it is made on the device value by value."""
+    if ref.device.type == "cpu" and all(isinstance(v, (int, float)) for v in values):
+        return torch.tensor(values, dtype=torch.float64, device=ref.device)
     return torch.stack([torch.ones((), dtype=torch.float64, device=ref.device) * v for v in values])
 
 
@@ -170,7 +171,7 @@ def note_pre(buf: SiteBuffers, order: torch.Tensor, tapped: bool) -> None:
     """Traced pre-hook: the call's order in the step and whether its input gradient is tapped."""
     order.add_(1)
     k = buf.count.clamp(max=MAX_CALLS - 1).reshape(1)
-    buf.pre.index_copy_(0, k, _row(order, _const(order, float(tapped))))
+    buf.pre.index_copy_(0, k, torch.stack([order, torch.full_like(order, float(tapped))]).reshape(1, _PRE))
     buf.count.add_(1)
 
 
@@ -182,16 +183,16 @@ def note_post(buf: SiteBuffers, y: torch.Tensor, extras: Sequence[Tuple[str, ...
               tapped: bool) -> None:
     """Traced forward hook: the output's element count, whether its gradient is tapped, and its raw sums."""
     y = y.detach()
-    meta = _const(buf.post, 1.0, y.numel(), float(tapped), y.shape[0] if y.dim() else -1)
-    parts = [meta, traced_sums(y, extras)] if forward else [meta]
-    buf.post.index_copy_(0, _open_call(buf), _row(*parts))
+    meta = (1.0, y.numel(), float(tapped), y.shape[0] if y.dim() else -1)
+    row = _sums_row(buf.post, meta, y, extras) if forward else _const(buf.post, *meta)
+    buf.post.index_copy_(0, _open_call(buf), row.reshape(1, -1))
 
 
 def note_sub(buf: SiteBuffers, which: int, y: torch.Tensor) -> None:
     """Traced hook on a residual block's branch (``which`` 0) or shortcut (1): raw sums of the open call."""
     y = y.detach()
-    row = _row(_const(buf.sub, 1.0, y.numel()), traced_sums(y, ())[:3])
-    buf.sub[which].index_copy_(0, _open_call(buf), row)
+    row = _sums_row(buf.sub, (1.0, y.numel()), y, ())
+    buf.sub[which].index_copy_(0, _open_call(buf), row.reshape(1, _SUB))
 
 
 class Tap(torch.autograd.Function):
@@ -216,9 +217,8 @@ class Tap(torch.autograd.Function):
             (scale,) = ctx.saved_tensors
             factor = scale.detach().to(sq.device, sq.dtype).reshape(())
             sq = sq / (factor * factor)
-        row = torch.stack([sq, torch.ones_like(sq)]).to(ctx.leaf_device)
-        zero = torch.zeros_like(row)
-        d_leaf = torch.stack([row, zero] if ctx.slot == 0 else [zero, row])
+        row = torch.nn.functional.pad(sq.reshape(1), (0, 1), value=1.0).to(ctx.leaf_device)  # [sq, 1]
+        d_leaf = torch.nn.functional.pad(row, (2 * ctx.slot, 2 - 2 * ctx.slot)).reshape(2, 2)  # in row ``slot``
         return g, d_leaf, None, None
 
 
@@ -232,20 +232,35 @@ def traced_sums(x: torch.Tensor, extras: Sequence[Tuple[str, ...]]) -> torch.Ten
         return torch.zeros(3 + sum(len(k) for k in extras), dtype=torch.float64, device=x.device)
     if x.is_complex():
         return complex_sums(x, extras).to(torch.float64)
+    return torch.cat([torch.zeros(1, dtype=torch.float64, device=x.device), raw_sums(x, extras)])
+
+
+def _sums_row(ref: torch.Tensor, values: Tuple[Any, ...], y: torch.Tensor,
+              extras: Sequence[Tuple[str, ...]]) -> torch.Tensor:
+    """``values`` (constants) followed by :func:`traced_sums` of ``y``; the shift 0 of a real tensor's sums joins the
+    constants, which saves an operation per call."""
+    if y.numel() and not y.is_complex():
+        return torch.cat([_const(ref, *values, 0.0), raw_sums(y, extras)])
+    return torch.cat([_const(ref, *values), traced_sums(y, extras)])
+
+
+def raw_sums(x: torch.Tensor, extras: Sequence[Tuple[str, ...]]) -> torch.Tensor:
+    """:func:`traced_sums` of a real tensor with elements, without its leading shift (0): ``[sum(x), sum(x^2),
+    extras...]`` in float64."""
     flat = _work(x)
     d = flat.to(torch.float64)
-    parts = [torch.zeros((), dtype=torch.float64, device=x.device), d.sum(), (d * d).sum()]
+    parts = [d.sum(), torch.dot(d, d)]  # dot: no float64 square materialised (inductor decomposes it into the sum)
     count = torch.int32 if flat.numel() < 2**31 else torch.int64
     for key in extras:
         if key == ("zeros",):  # bool(NaN) is True: a NaN is not a zero; -0.0 is
-            parts.append((flat.numel() - flat.bool().sum(dtype=count)).to(torch.float64))
+            parts.append(flat.numel() - flat.bool().sum(dtype=count))
         elif key == ("nonfinite",):  # x * 0 is 0 for every finite x and NaN for NaN and +-Inf
-            parts.append((flat * 0).bool().sum(dtype=count).to(torch.float64))
+            parts.append((flat * 0).bool().sum(dtype=count))
         elif key == ("min", "max"):
-            parts.extend(p.to(torch.float64) for p in torch.aminmax(flat))
+            parts.extend(torch.aminmax(flat))
         else:  # a slot this function does not know: the metric's own reduction
-            parts.extend(p.to(torch.float64) for p in SLOT_REDUCTIONS[key].centred(flat, flat.clone()))
-    return torch.stack(parts)
+            parts.extend(SLOT_REDUCTIONS[key].centred(flat, flat.clone()))
+    return torch.stack([p.to(torch.float64) for p in parts])
 
 
 def map_grad_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Tuple[Any, int]:

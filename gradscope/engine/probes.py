@@ -26,6 +26,7 @@ from gradscope.engine.metrics import Raw, Scratch, activation_sums, is_signal, r
 from gradscope.engine.recorder import Recorder
 from gradscope.engine.sites import Site
 from gradscope.engine.state import TRAIN, grad_modes
+from gradscope.engine import shared as SH
 from gradscope.engine import traced as T
 
 _current_graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
@@ -198,6 +199,9 @@ class Probe:
         self._warned_calls = False
         self._batch_step = -1  # the step whose batch size is recorded (one row per recorded step)
         self._plan: Optional[List[Tuple[nn.Module, Callable, str]]] = None  # the module hooks (_hook_plan)
+        #: under compile, per site: the site whose tapped output is provably this site's input (SH.shared_inputs)
+        self.shared_in: List[Optional[int]] = [None] * len(sites)
+        self._pairs: Optional[List[Tuple[int, int]]] = None  # SH.sequential_pairs, found at the first install
 
     def install(self) -> None:
         """Register the module hooks (idempotent)."""
@@ -224,6 +228,10 @@ class Probe:
             if self.root is not None and self.root_check is not None:
                 self._guard(self.root)
                 self.handles.append(self.root.register_forward_pre_hook(portable.mark(self._root_hook())))
+            modules = [site.module for site in self.sites]
+            if self._pairs is None and self.root is not None:
+                self._pairs = SH.sequential_pairs(self.root, modules)
+            self.shared_in = SH.shared_inputs(self._pairs or (), modules, {h.id for h in self.handles})
         except BaseException:
             self.uninstall()
             raise
@@ -250,6 +258,7 @@ class Probe:
     def replan(self) -> None:
         """The sites changed (a module replaced after attach): make the hooks again, re-registered if installed."""
         self._plan = None
+        self._pairs = None
         if self.handles:
             self.uninstall()
             self.install()
@@ -395,6 +404,10 @@ class Probe:
     def _traced_pre(self, site: int, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         buf = self.traced[site]
         tapped, new_args, new_kwargs = 0, args, kwargs
+        if self.m.grad_in and self.m.grad_out and self.shared_in[site] is not None and args and \
+                SH.tapped_by_previous(args[0]):  # the previous block's tapped output: its reduction serves both
+            T.note_pre(buf, self._order[buf.count.device], SH.SHARED)
+            return None
         if self.m.grad_in:
             tap = self._tap(site, S.GRAD_IN_NORM)
             if args:  # the primary input only (see primary_input); a dict input is measured in eager mode only
@@ -403,7 +416,7 @@ class Probe:
             if not tapped and kwargs and "hidden_states" in kwargs:
                 hidden, tapped = T.map_grad_tensors(kwargs["hidden_states"], tap)
                 new_kwargs = dict(kwargs, hidden_states=hidden)
-        T.note_pre(buf, self._order[buf.count.device], tapped > 0)
+        T.note_pre(buf, self._order[buf.count.device], SH.TAPPED if tapped else SH.UNTAPPED)
         return (new_args, new_kwargs) if tapped else None
 
     def _traced_post(self, site: int, output: Any) -> Any:
@@ -442,7 +455,7 @@ class Probe:
         on_device = rec.reducer is not None  # a collective combines device values at the flush
         pending = [] if on_device else [e for e in rec.buffer if isinstance(e.values, torch.Tensor)]
         if T.drain(self.traced, state.next_call, state.step, self.m.forward, subs, rec.add, self._warn_calls,
-                   pending, on_device, self.m.batch and self._batch_step != state.step):
+                   pending, on_device, self.m.batch and self._batch_step != state.step, self.shared_in):
             self.compiled = True
         for order in self._order.values():
             order.zero_()

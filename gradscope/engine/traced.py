@@ -31,6 +31,7 @@ import torch
 from gradscope import schema as S
 from gradscope.engine import spec
 from gradscope.engine.metrics import SLOT_REDUCTIONS, _work, complex_sums, is_signal, squared_norm
+from gradscope.engine.shared import SHARED, TAPPED
 
 GRAD_METRICS = (S.GRAD_NORM, S.GRAD_IN_NORM)  # rows of a site's gradient leaf
 
@@ -167,8 +168,9 @@ def _const(ref: torch.Tensor, *values: Any) -> torch.Tensor:
     return torch.stack([torch.ones((), dtype=torch.float64, device=ref.device) * v for v in values])
 
 
-def note_pre(buf: SiteBuffers, order: torch.Tensor, tapped: bool) -> None:
-    """Traced pre-hook: the call's order in the step and whether its input gradient is tapped."""
+def note_pre(buf: SiteBuffers, order: torch.Tensor, tapped: int) -> None:
+    """Traced pre-hook: the call's order in the step and how its input gradient is measured (``tapped``: UNTAPPED,
+    TAPPED or SHARED of engine/shared.py)."""
     order.add_(1)
     k = buf.count.clamp(max=MAX_CALLS - 1).reshape(1)
     buf.pre.index_copy_(0, k, torch.stack([order, torch.full_like(order, float(tapped))]).reshape(1, _PRE))
@@ -327,7 +329,7 @@ def read_back(buffers: Sequence[SiteBuffers], extra: Sequence[torch.Tensor]) -> 
 def drain(buffers: Sequence[SiteBuffers], next_call: Callable[[int], int], step: int, forward: Tuple[str, ...],
           sub_groups: Sequence[Tuple[str, ...]], put: Callable[..., None],
           multi_call: Callable[[int, int], None], pending: Sequence[Any] = (), on_device: bool = False,
-          batch: bool = False) -> bool:
+          batch: bool = False, shared: Sequence[Optional[int]] = ()) -> bool:
     """Buffer entries (``put`` is the recorder's ``add``) for what the traced hooks wrote in one step, then reset the
     buffers.
 
@@ -337,7 +339,8 @@ def drain(buffers: Sequence[SiteBuffers], next_call: Callable[[int], int], step:
     measurements, whose ``values`` become host floats here) come back in one transfer, so the flush that follows
     reads nothing more (``batch``: one ``batch_size`` row per step, at the first call that ran with a batch
     dimension, as the eager hooks write it; ``on_device``: the values go back to their device instead, without a sync, for a reducer
-    that combines them across ranks there). Returns whether any traced hook ran.
+    that combines them across ranks there; ``shared[site]``: the site whose output tap measured this site's input
+    gradient when its pre-hook noted SHARED, see :func:`gradscope.engine.shared.shared_inputs`). Returns whether any traced hook ran.
     """
     extra = [e.values for e in pending]
     sites, others = read_back(buffers, extra)
@@ -392,7 +395,14 @@ def drain(buffers: Sequence[SiteBuffers], next_call: Callable[[int], int], step:
                 numel, tapped_out = flat[post_at + 1], flat[post_at + 2]
                 if tapped_out:
                     add(step, site, calls[(site, 0)], (S.GRAD_NORM,), tuple(grad[0:2]), int(numel), spec.SQNORM)
-                if flat[pre_at + 1]:
+                if flat[pre_at + 1] == TAPPED:
                     add(step, site, calls[(site, 0)], (S.GRAD_IN_NORM,), tuple(grad[2:4]), int(numel), spec.SQNORM)
+        source = shared[site] if site < len(shared) else None
+        if count == 1 and flat[pre_at + 1] == SHARED and source is not None:
+            src = sites[source]
+            src_grad = src[grad_at:grad_at + 2]
+            if int(src[0]) == 1 and src[post_at + 2] and not math.isnan(src_grad[0]):  # its output tap ran once
+                add(step, site, calls[(site, 0)], (S.GRAD_IN_NORM,), tuple(src_grad), int(src[post_at + 1]),
+                    spec.SQNORM)
         buf.reset()
     return True

@@ -255,3 +255,66 @@ def test_traced_sums_keep_the_variance_of_a_large_mean(one_thread, dynamo):
     raw = torch.compile(lambda t: traced_sums(t, extras), backend="aot_eager")(x)
     *_, zero_frac, nonfinite = spec.finish(group, raw.tolist(), x.numel(), spec.MOMENTS)
     assert zero_frac * x.numel() == 1 and nonfinite == 2
+
+
+def _clones_in_graph(model, x, backend_counts):
+    """One step of ``model`` compiled with an aot_autograd backend that appends the number of copies in each graph
+    it compiles (the forward's first) to ``backend_counts``."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def forward_compiler(gm, inputs):
+        backend_counts.append(sum(1 for n in gm.graph.nodes if n.target is torch.ops.aten.clone.default))
+        return make_boxed_func(gm.forward)
+
+    torch.compile(model, backend=aot_autograd(fw_compiler=forward_compiler))(x).pow(2).sum().backward()
+
+
+def _seq() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(_Lin(), _Lin(), _Lin())
+
+
+def test_consecutive_blocks_of_a_sequential_share_one_gradient_reduction_under_compile(one_thread, dynamo):
+    """Block k+1's input is block k's tapped output: under compile it is neither copied nor reduced again, and its
+    grad_in_norm (block k's grad_norm) equals the autograd reference."""
+    model, x = _seq(), torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    names = ["0", "1", "2"]
+    want = reference_metrics(model, names, lambda m: m(x).pow(2).sum())
+    scope = gradscope.attach(model, blocks=names)
+    clones = []
+    _clones_in_graph(model, x, clones)
+    scope.step()
+    scope.detach()
+    assert scope._probe.shared_in == [None, 0, 1]
+    assert clones[0] == 4  # a copy per block output and one for block 0's input, not one per input and output (6)
+    got = measured(scope.frame())
+    assert {k[0] for k in got if k[2] == "grad_in_norm"} == set(names)
+    assert assert_matches(got, want, rtol=1e-5) >= 3 * 9
+
+
+def _double_in_place(module, args, out):
+    out.mul_(2.0)
+
+
+def test_a_forward_hook_that_changes_a_block_output_in_place_keeps_the_next_input_tap(one_thread, dynamo):
+    """A user's forward hook on block 0 doubles its output in place after gradscope's hook: block 1's input gradient
+    is then half block 0's output gradient, so nothing is shared and the compiled values equal eager."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    frames = []
+    for compiled in (False, True):
+        model = _seq()
+        model[0].register_forward_hook(_double_in_place)
+        scope = gradscope.attach(model, blocks=["0", "1", "2"])
+        clones = []
+        if compiled:
+            _clones_in_graph(model, x, clones)
+        else:
+            model(x).pow(2).sum().backward()
+        scope.step()
+        scope.detach()
+        frames.append(scope.frame())
+    grads = frames[1][frames[1].metric.isin(["grad_norm", "grad_in_norm"])].set_index(["block", "metric"]).value
+    assert grads[("1", "grad_in_norm")] == pytest.approx(grads[("0", "grad_norm")] / 2, rel=1e-6)
+    _compare(frames[0], frames[1], rel=1e-5)
+    assert scope._probe.shared_in == [None, None, 1] and clones[0] == 5  # block 1's input tapped again

@@ -1,8 +1,8 @@
 """Overhead of gradscope against an uninstrumented training step: interleaved twins in one process.
 
 For each model (ResNet-56, ResNet-110, a 50-block BatchNorm MLP of width 256; batch 64, CIFAR-shaped input, SGD)
-every configuration trains its own *twin*: a copy of one initial model with its own optimizer and its own
-instrument, attached once, as in a real run. All twins train on the same batch, so they do the same arithmetic;
+every configuration trains a *twin*: a copy of one initial model with its own optimizer, instrumented at the
+start of each repeat and kept attached through it, as in a real run. All twins train on the same batch, so they do the same arithmetic;
 they take turns step by step in a shuffled order, so machine noise hits all of them alike:
 
 * ``baseline``: no hooks; ``baseline2``: a second uninstrumented twin. Its ratio to ``baseline`` is the
@@ -18,7 +18,8 @@ they take turns step by step in a shuffled order, so machine noise hits all of t
 * ``naive``: the usual forum snippet: forward hooks and full backward hooks that call ``.item()`` on a mean and a
   norm per block (it records less than gradscope).
 
-It prints the median ratio of each configuration's step time to the baseline's (with min-max over repeats), the
+Which twin a configuration drives rotates from repeat to repeat (see ``time_model``). It prints the median ratio
+of each configuration's step time to the baseline's (with min-max over repeats), the
 ratio of ``every1`` and ``every1-noupd`` to the floor, and the peak RSS of a 1,000-step recorded run of the MLP
 against an uninstrumented one, each in a fresh subprocess. Threads are pinned to one (``torch.set_num_threads(1)``).
 
@@ -195,32 +196,33 @@ def quick_repeats(name: str) -> int:
     return 2 if name.startswith("resnet") else 3
 
 
-def make_twins(name: str, configs: List[str]) -> Dict[str, tuple]:
-    """``config -> (model, optimizer, instrument)``: copies of one initial model, each instrumented once."""
+def make_twins(name: str, count: int) -> List[tuple]:
+    """``count`` copies of one initial model, each with its own optimizer: ``[(model, optimizer), ...]``."""
     model = make_model(name)
-    twins = {}
-    for config in configs:
+    twins = []
+    for _ in range(count):
         twin = copy.deepcopy(model)
-        opt = torch.optim.SGD(twin.parameters(), lr=1e-3)
-        twins[config] = (twin, opt, instrument(config, twin, opt))
+        twins.append((twin, torch.optim.SGD(twin.parameters(), lr=1e-3)))
     return twins
 
 
 def time_model(name: str, repeats: int, steps_per_repeat: int, configs: List[str],
-               twins: Optional[Dict[str, tuple]] = None) -> Dict[str, List[float]]:
+               last: Optional[Dict[str, object]] = None) -> Dict[str, List[float]]:
     """Per config, a list (one per repeat) of mean step times.
 
-    Every config trains its own twin on one batch, the twins taking turns *step by step* in a shuffled order, so
-    slow drifts of a shared machine hit them alike. A repeat is ``steps_per_repeat`` steps of each config; each
-    twin's instrument stays attached throughout, so ``every10`` records one step in ten of its own twin's steps.
-    ``twins`` (made here when not given) lets a caller look at the instruments afterwards.
+    Every config trains a twin (a copy of one initial model; all train on one batch, so they do the same
+    arithmetic), the twins taking turns *step by step* in a shuffled order, so slow drifts of a shared machine hit
+    them alike. Which twin a config drives rotates from one repeat to the next, so that where a twin's memory lies
+    (a few percent between identical twins on this machine) does not follow one config through the run. At the start
+    of a repeat each config's instrument is attached to its twin and one untimed step is run (every10 records it),
+    so a repeat's ``steps_per_repeat`` timed steps are those of a scope that is already running: ``every10``
+    records exactly one of them. ``last`` (if given) receives the instruments of the last repeat, detached.
     """
-    twins = make_twins(name, configs) if twins is None else twins
+    twins = make_twins(name, len(configs))
     x, y = batch_for(name)
     loss_fn = nn.CrossEntropyLoss()
 
-    def one_step(config: str) -> float:
-        model, opt, scope = twins[config]
+    def one_step(model: nn.Module, opt, scope) -> float:
         gc.collect()  # garbage of earlier steps is collected here, untimed, not inside another config's step
         start = time.perf_counter()
         loss_fn(model(x), y).backward()
@@ -230,19 +232,23 @@ def time_model(name: str, repeats: int, steps_per_repeat: int, configs: List[str
         return time.perf_counter() - start
 
     times: Dict[str, List[float]] = {c: [] for c in configs}
-    for config in configs:  # warm-up (every10 records its step 0 here)
-        one_step(config)
-    for _ in range(repeats):
+    for r in range(repeats):
+        driven = {c: twins[(i + r) % len(twins)] for i, c in enumerate(configs)}
+        scopes = {c: instrument(c, model, opt) for c, (model, opt) in driven.items()}
+        for c in configs:  # untimed: the scope's first step
+            one_step(*driven[c], scopes[c])
         total = {c: 0.0 for c in configs}
         for _ in range(steps_per_repeat):
             order = configs[:]
             random.shuffle(order)
-            for config in order:
-                total[config] += one_step(config)
-        for config in configs:
-            times[config].append(total[config] / steps_per_repeat)
-    for _, _, scope in twins.values():
-        scope.detach()
+            for c in order:
+                total[c] += one_step(*driven[c], scopes[c])
+        for c in configs:
+            times[c].append(total[c] / steps_per_repeat)
+            scopes[c].detach()
+        if last is not None:
+            last.clear()
+            last.update(scopes)
     return times
 
 

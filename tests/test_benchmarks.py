@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gradscope
 from gradscope.models import build
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -260,3 +261,27 @@ def test_gpu_session_script_saves_its_logs_and_says_why_without_a_gpu(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"gpu_check.txt", "recipe_speed.txt", "nvidia-smi.txt"}
     assert "no CUDA device" in (tmp_path / "gpu_check.txt").read_text()
     assert "no CUDA device" in (tmp_path / "recipe_speed.txt").read_text()
+
+
+def test_step_parts_times_four_parts_and_its_stubs_replace_only_the_reductions(overhead, one_thread):
+    parts_mod = _load("step_parts")
+    parts_mod.install_stubs()
+    try:
+        parts = parts_mod.measure(overhead, "mlp50-bn", ["baseline", "every1", "stub-forward", "stub-both"],
+                                  repeats=2, steps=3)
+        assert all(len(p) == 4 and all(len(v) == 6 for v in p) for p in parts.values())
+        assert parts_mod.STUB == {"forward": False, "grad": False}  # the flags are off between twins' steps
+        model = build("mlp", depth=3, width=16, bn=True, seed=0)
+        x, y = overhead.batch_for("mlp50-bn")
+        scope = gradscope.attach(model)
+        parts_mod.STUB["forward"] = True
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        parts_mod.STUB["forward"] = False
+        scope.step()
+        frame = scope.frame()
+        assert set(frame[frame.metric == "act_mean"].value) == {0.0}  # stubbed: a constant, not a measurement
+        assert (frame[frame.metric == "grad_norm"].value > 0).all()  # the gradient norms were real
+        scope.detach()
+    finally:
+        from gradscope.engine import probes
+        probes.activation_sums, probes.squared_norm = parts_mod._real_sums, parts_mod._real_norm

@@ -285,3 +285,15 @@ def test_step_parts_times_four_parts_and_its_stubs_replace_only_the_reductions(o
     finally:
         from gradscope.engine import probes
         probes.activation_sums, probes.squared_norm = parts_mod._real_sums, parts_mod._real_norm
+
+
+def test_peak_rss_of_a_child_does_not_carry_the_parents_peak(overhead):
+    """getrusage's ru_maxrss keeps the parent's peak across fork and exec on Linux; the benchmark's children read
+    VmHWM, which starts afresh."""
+    import subprocess
+
+    big = torch.ones(400 * 2**20 // 4)  # the parent's peak: >= 400 MiB resident
+    code = (f"import importlib.util as u; s = u.spec_from_file_location('o', {str(BENCHMARKS / 'overhead.py')!r}); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.peak_rss_kib())")
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert big.sum().item() > 0 and 0 < child < 390 * 1024

@@ -18,15 +18,15 @@ they take turns step by step in a shuffled order, so machine noise hits all of t
 * ``naive``: the usual forum snippet: forward hooks and full backward hooks that call ``.item()`` on a mean and a
   norm per block (it records less than gradscope).
 
-Which twin a configuration drives rotates from repeat to repeat (see ``time_model``). It prints the median ratio
-of each configuration's step time to the baseline's (with min-max over repeats), the
-ratio of ``every1`` and ``every1-noupd`` to the floor, and the peak RSS of a 1,000-step recorded run of the MLP
+Which twin a configuration drives rotates from repeat to repeat (see ``time_model``). It prints, per
+configuration, the ratio of its total step time to the baseline's over whole rotations (the figure to quote: each
+configuration drove every twin equally often), the median ratio (with min-max over repeats), the ratio of ``every1`` and ``every1-noupd`` to the floor, and the peak RSS of a 1,000-step recorded run of the MLP
 against an uninstrumented one, each in a fresh subprocess. Threads are pinned to one (``torch.set_num_threads(1)``).
 
-    python benchmarks/overhead.py            # all models, 8 repeats per configuration (+ transformers rows:
+    python benchmarks/overhead.py            # all models, one whole rotation (+ transformers rows:
                                              # a TransformerEncoder LM, and HF GPT-2 / Llama if installed)
     python benchmarks/overhead.py --models encoder,gpt2,llama   # the language models only
-    python benchmarks/overhead.py --quick    # ResNet-56 (2 repeats) and the MLP (3), no forum snippet
+    python benchmarks/overhead.py --quick    # ResNet-56 (2 repeats) and the MLP (3), no forum snippet: medians only
 
 A repeat is 10 training steps of each configuration (20 for the MLP, whose steps are short), so ``every10``
 records one step in ten within every repeat, as a long run would.
@@ -254,13 +254,17 @@ def time_model(name: str, repeats: int, steps_per_repeat: int, configs: List[str
 
 def ratios(times: Dict[str, List[float]], against: str = "baseline") -> Dict[str, Dict[str, float]]:
     """Per config: the median, min and max over repeats of its step time divided by ``against``'s in the same
-    repeat, and its median step time in ms."""
+    repeat, its median step time in ms, and ``rotations``: the ratio of its total time to ``against``'s over the
+    whole rotations among the repeats (each config drove every twin equally often there, so the twins' own
+    differences cancel; None with fewer repeats than configs)."""
     base = times[against]
+    whole = len(base) - len(base) % len(times)
     out = {}
     for config, values in times.items():
         r = [v / b for v, b in zip(values, base)]
         out[config] = {"median": statistics.median(r), "min": min(r), "max": max(r),
-                       "step_ms": 1e3 * statistics.median(values)}
+                       "step_ms": 1e3 * statistics.median(values),
+                       "rotations": sum(values[:whole]) / sum(base[:whole]) if whole else None}
     return out
 
 
@@ -313,6 +317,11 @@ def measure_rss(steps: int) -> Dict[str, Dict[str, int]]:
 
 
 
+def _whole(r: Dict[str, float]) -> str:
+    """The whole-rotation ratio as printed (the figure to quote), or a note that there was no whole rotation."""
+    return f"x{r['rotations']:.3f} over whole rotations," if r["rotations"] is not None else "(no whole rotation)"
+
+
 def _machine() -> str:
     """CPU model, cores, torch threads and load average (benchmarks/machine.py), printed beside every ratio."""
     import importlib.util
@@ -346,17 +355,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, 1 thread; ratio = step time / baseline, interleaved twins")
     print(f"machine: {_machine()}")
     for name in models:
-        repeats = args.repeats or (quick_repeats(name) if args.quick else 8)
+        repeats = args.repeats or (quick_repeats(name) if args.quick else len(configs))
         times = time_model(name, repeats, steps_per_repeat(name), configs)
         r, of_floor = ratios(times), ratios(times, against="floor")
         results["models"][name] = {"repeats": repeats, **r,
                                    "of_floor": {c: of_floor[c] for c in ("every1", "every1-noupd")}}
         print(f"\n{name} (baseline {r['baseline']['step_ms']:.1f} ms/step, {repeats} repeats)")
         for config in configs[1:]:
-            print(f"  {config:12s} median x{r[config]['median']:.3f}  (min x{r[config]['min']:.3f}, "
-                  f"max x{r[config]['max']:.3f})")
+            print(f"  {config:20s} {_whole(r[config])} median x{r[config]['median']:.3f}  "
+                  f"(min x{r[config]['min']:.3f}, max x{r[config]['max']:.3f})")
         for config in ("every1", "every1-noupd"):
-            print(f"  {config + ' / floor':20s} median x{of_floor[config]['median']:.3f}  "
+            print(f"  {config + ' / floor':20s} {_whole(of_floor[config])} median x{of_floor[config]['median']:.3f}  "
                   f"(min x{of_floor[config]['min']:.3f}, max x{of_floor[config]['max']:.3f})")
     rss_steps = 100 if args.quick else args.rss_steps
     rss = measure_rss(rss_steps)

@@ -40,6 +40,10 @@ def test_overhead_times_every_configuration_and_every10_records_one_step_in_ten(
     ratios = overhead.ratios(times)
     assert ratios["baseline"]["median"] == 1.0 and ratios["every1"]["step_ms"] > 0
     assert overhead.ratios(times, against="floor")["floor"]["median"] == 1.0
+    assert ratios["every1"]["rotations"] is None  # 2 repeats of 7 configs: no whole rotation
+    whole = overhead.ratios({"baseline": [1.0, 2.0, 9.0], "every1": [2.0, 2.0, 1.0]})
+    # 2 configs: the first 2 repeats are a whole rotation, the third is left out of it
+    assert whole["every1"]["rotations"] == 4.0 / 3.0 and whole["every1"]["median"] == 1.0
     # the last repeat's scopes: every10 recorded its untimed first step and one of the ten timed ones
     assert sorted(last["every10"].frame().step.unique()) == [0, 10]
     every1 = last["every1"].frame()

@@ -114,9 +114,10 @@ _ALONE = 1 << 14
 class Snapshot:
     """The copies of an index's parameters taken before an optimizer step, for ``update_ratio``.
 
-    Why the buffers are kept: on the CPU, every fresh parameter-sized allocation is served by ``mmap`` and
-    page-faulted in again, which cost more than the copy itself (50-block MLP, 3.3 M parameters: 9 ms of clones and
-    13 ms of differences per recorded step, against 1 ms for a copy into kept buffers). So the copies of CPU
+    Why the buffers are kept: inside a CPU training loop, fresh parameter-sized allocations cost more than the
+    copying itself (probably glibc handing large blocks back to the system between steps and faulting them in again;
+    50-block MLP, 3.3 M parameters: about 30 ms per recorded step for the copies and differences, about 9 ms with
+    kept buffers, docs/performance.md). So the copies of CPU
     parameters live in buffers kept from one recorded step to the next (one copy of the parameters, held while the
     scope lives); on a GPU the caching allocator already reuses blocks, and the copies are freed after the step, as
     before. A buffer is made again when its parameter's shape, dtype or device changed (``model.to()``).

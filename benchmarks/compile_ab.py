@@ -15,12 +15,10 @@ The older file must write the same buffer layout (rows of ``SiteBuffers``) as th
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -61,24 +59,17 @@ def main() -> None:
     model, batch, loss_fn, blocks = CO.make_model(args.model)
     torch._dynamo.reset()
     counters.clear()
-    runs, scopes, opts = {}, {}, {}
-    for config in CONFIGS:
-        twin = copy.deepcopy(model)
-        if config != "baseline":
-            scopes[config] = gradscope.attach(twin, blocks=blocks)
-            if config == "before":
-                scopes[config]._probe.shared_in = [None] * len(scopes[config].sites)
-        runs[config] = torch.compile(CO.distinct(twin, config), backend=args.backend)
-        opts[config] = torch.optim.SGD(twin.parameters(), lr=1e-3)
 
-    def one_step(config: str) -> float:
-        start = time.perf_counter()
-        loss_fn(runs[config], batch).backward()
-        if config in scopes:
-            scopes[config].step()
-        opts[config].step()
-        opts[config].zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+    def attach(config: str, twin: torch.nn.Module):
+        if config == "baseline":
+            return None
+        scope = gradscope.attach(twin, blocks=blocks)
+        if config == "before":  # the older hooks had no shared input taps
+            scope._probe.shared_in = [None] * len(scope.sites)
+        return scope
+
+    runs, scopes, opts = CO.compiled_copies(model, args.backend, CONFIGS, attach)
+    one_step = CO.stepper(runs, scopes, opts, loss_fn, batch)
 
     try:
         for config in CONFIGS:  # traced here, each with its own hooks
@@ -89,17 +80,8 @@ def main() -> None:
     finally:
         for name in SWAPPED:
             setattr(T, name, new[name])
-    times = {c: [] for c in CONFIGS}
     with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-        for _ in range(args.repeats):
-            total = {c: 0.0 for c in CONFIGS}
-            for _ in range(args.steps):
-                order = list(CONFIGS)
-                random.shuffle(order)
-                for config in order:
-                    total[config] += one_step(config)
-            for config in CONFIGS:
-                times[config].append(total[config] / args.steps)
+        times = CO.interleaved(one_step, CONFIGS, args.repeats, args.steps)
     for scope in scopes.values():
         scope.detach()
     base = times["baseline"]

@@ -11,11 +11,9 @@ metric group removes its traced operations from the graph (``grad_in_norm``: the
 from __future__ import annotations
 
 import argparse
-import copy
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -51,36 +49,14 @@ def main() -> None:
     chosen = {name: variants()[name] for name in args.variants.split(",")}
     model, batch, loss_fn, blocks = CO.make_model(args.model)
     torch._dynamo.reset()
-    runs, scopes, opts = {}, {}, {}
-    for name in ("baseline",) + tuple(chosen):
-        twin = copy.deepcopy(model)
-        if name != "baseline":
-            scopes[name] = gradscope.attach(twin, blocks=blocks, metrics=chosen[name])
-        runs[name] = torch.compile(CO.distinct(twin, name), backend=args.backend)
-        opts[name] = torch.optim.SGD(twin.parameters(), lr=1e-3)
-
-    def one_step(name: str) -> float:
-        start = time.perf_counter()
-        loss_fn(runs[name], batch).backward()
-        if name in scopes:
-            scopes[name].step()
-        opts[name].step()
-        opts[name].zero_grad(set_to_none=True)
-        return time.perf_counter() - start
-
+    runs, scopes, opts = CO.compiled_copies(
+        model, args.backend, ("baseline",) + tuple(chosen), lambda name, twin: None if name == "baseline" else
+        gradscope.attach(twin, blocks=blocks, metrics=chosen[name]))
+    one_step = CO.stepper(runs, scopes, opts, loss_fn, batch)
     for name in runs:
         one_step(name)
         one_step(name)
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        total = {name: 0.0 for name in runs}
-        for _ in range(args.steps):
-            order = list(runs)
-            random.shuffle(order)
-            for name in order:
-                total[name] += one_step(name)
-        for name in runs:
-            times[name].append(total[name] / args.steps)
+    times = CO.interleaved(one_step, list(runs), args.repeats, args.steps)
     for scope in scopes.values():
         scope.detach()
     base = times["baseline"]

@@ -23,7 +23,7 @@ import logging
 import random
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch._dynamo
@@ -114,6 +114,52 @@ def _dynamo_counts() -> Tuple[int, int]:
     return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
 
 
+def compiled_copies(model: nn.Module, backend: str, names: Sequence[str],
+                    attach: Callable[[str, nn.Module], Any]) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
+    """``(runs, scopes, opts)``: per name a compiled copy of ``model`` (its own ``forward``, see :func:`distinct`),
+    the scope ``attach(name, copy)`` returned (None: an uninstrumented twin, left out of ``scopes``) and an SGD
+    optimizer. Attach runs before compiling, as gradscope asks."""
+    runs, scopes, opts = {}, {}, {}
+    for name in names:
+        twin = copy.deepcopy(model)
+        scope = attach(name, twin)
+        if scope is not None:
+            scopes[name] = scope
+        runs[name] = torch.compile(distinct(twin, name), backend=backend)
+        opts[name] = torch.optim.SGD(twin.parameters(), lr=1e-3)
+    return runs, scopes, opts
+
+
+def stepper(runs: Dict[str, Any], scopes: Dict[str, Any], opts: Dict[str, Any], loss_fn: Callable, batch: Any
+            ) -> Callable[[str], float]:
+    """``one_step(name)``: one timed training step of that copy (forward, backward, ``scope.step()``, update)."""
+    def one_step(name: str) -> float:
+        start = time.perf_counter()
+        loss_fn(runs[name], batch).backward()
+        if name in scopes:
+            scopes[name].step()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+    return one_step
+
+
+def interleaved(one_step: Callable[[str], float], names: Sequence[str], repeats: int, steps: int
+                ) -> Dict[str, List[float]]:
+    """Per name, the mean step time of each repeat; the names take turns step by step in a shuffled order."""
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for _ in range(repeats):
+        total = {n: 0.0 for n in names}
+        for _ in range(steps):
+            order = list(names)
+            random.shuffle(order)
+            for name in order:
+                total[name] += one_step(name)
+        for name in names:
+            times[name].append(total[name] / steps)
+    return times
+
+
 def time_model(name: str, backend: str, repeats: int, steps: int) -> Dict[str, Dict[str, float]]:
     """Per config: median ratio, min, max, step_ms, graph breaks and graphs compiled, recompile-limit hits."""
     model, batch, loss_fn, blocks = make_model(name)
@@ -121,24 +167,15 @@ def time_model(name: str, backend: str, repeats: int, steps: int) -> Dict[str, D
     counters.clear()
     watch = LimitWatch()
     logging.getLogger("torch._dynamo").addHandler(watch)
-    runs, scopes, opts, counts = {}, {}, {}, {}
-    for config in CONFIGS:
-        twin = copy.deepcopy(model)
-        if config != "baseline":
-            scopes[config] = gradscope.attach(twin, blocks=blocks, every=1 if config == "every1" else 10)
-        runs[config] = torch.compile(distinct(twin, config), backend=backend)
-        opts[config] = torch.optim.SGD(twin.parameters(), lr=1e-3)
-        counts[config] = [0, 0, 0]
+    runs, scopes, opts = compiled_copies(
+        model, backend, CONFIGS, lambda config, twin: None if config == "baseline" else
+        gradscope.attach(twin, blocks=blocks, every=1 if config == "every1" else 10))
+    counts = {config: [0, 0, 0] for config in CONFIGS}
+    step = stepper(runs, scopes, opts, loss_fn, batch)
 
     def one_step(config: str) -> float:
         before = _dynamo_counts()
-        start = time.perf_counter()
-        loss_fn(runs[config], batch).backward()
-        if config in scopes:
-            scopes[config].step()
-        opts[config].step()
-        opts[config].zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
+        elapsed = step(config)
         after = _dynamo_counts()
         counts[config][0] += after[0] - before[0]
         counts[config][1] += after[1] - before[1]
@@ -147,16 +184,7 @@ def time_model(name: str, backend: str, repeats: int, steps: int) -> Dict[str, D
     for config in CONFIGS:  # warm-up: compiles, and every10 sees its unrecorded variant too
         for _ in range(2):
             one_step(config)
-    times: Dict[str, List[float]] = {c: [] for c in CONFIGS}
-    for _ in range(repeats):
-        total = {c: 0.0 for c in CONFIGS}
-        for _ in range(steps):
-            order = list(CONFIGS)
-            random.shuffle(order)
-            for config in order:
-                total[config] += one_step(config)
-        for config in CONFIGS:
-            times[config].append(total[config] / steps)
+    times = interleaved(one_step, CONFIGS, repeats, steps)
     for scope in scopes.values():
         scope.detach()
     logging.getLogger("torch._dynamo").removeHandler(watch)
@@ -169,7 +197,6 @@ def time_model(name: str, backend: str, repeats: int, steps: int) -> Dict[str, D
                        "graphs": counts[config][1]}
     out["recompile_limit_hits"] = watch.hits
     return out
-
 
 
 def _machine() -> str:

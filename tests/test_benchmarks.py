@@ -301,3 +301,12 @@ def test_peak_rss_of_a_child_does_not_carry_the_parents_peak(overhead):
             "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.peak_rss_kib())")
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert big.sum().item() > 0 and 0 < child < 390 * 1024
+
+
+def test_compile_ablation_variants_each_drop_exactly_their_metric_group():
+    from gradscope import schema as S
+
+    variants = _load("compile_ablation").variants()
+    assert variants["full"] == S.DEFAULT_METRICS
+    assert set(S.DEFAULT_METRICS) - set(variants["no_grads"]) == {S.GRAD_NORM, S.GRAD_IN_NORM}
+    assert set(S.DEFAULT_METRICS) - set(variants["no_forward"]) == set(S.FORWARD_METRICS) & set(S.DEFAULT_METRICS)

@@ -154,12 +154,6 @@ def _copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
                 d.copy_(t)
 
 
-def snapshot(index: ParamIndex) -> List[torch.Tensor]:
-    """Copies of every parameter (in ``index.order``), before an optimizer step (fresh tensors; a scope keeps a
-    :class:`Snapshot` instead)."""
-    return Snapshot(index).take()
-
-
 def update_norms(index: ParamIndex, before: List[torch.Tensor], n_sites: int,
                  work: Optional["Differences"] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(||theta_after - theta_before||, ||theta_before||)`` of each site in ``index.sites_with_params``.
@@ -205,7 +199,7 @@ class Differences:
                 torch.sub(after[chunk[k]], before[chunk[k]], out=views[k])
             if small:
                 _copy_all([views[k] for k in small], [after[chunk[k]] for k in small])
-                subtract_all([views[k] for k in small], [before[chunk[k]] for k in small])
+                _subtract_all([views[k] for k in small], [before[chunk[k]] for k in small])
             norms.append(tensor_norms(views))
         device = after[0].device
         squared = torch.zeros(n_groups, dtype=torch.float32, device=device)
@@ -271,7 +265,7 @@ def _chunks(tensors: List[torch.Tensor]) -> List[List[int]]:
     return chunks
 
 
-def subtract_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
+def _subtract_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
     """``dst[i] -= src[i]`` for all ``i``: one foreach call where the tensors allow it."""
     try:
         torch._foreach_sub_(dst, src)

@@ -1,4 +1,5 @@
 """The update ratio's parameter copies (engine/params.py): kept buffers, chunked differences, exact values."""
+import pytest
 import torch
 from torch import nn
 
@@ -66,23 +67,38 @@ def test_a_shared_parameter_is_copied_once_and_counted_in_both_blocks():
     assert abs(delta[1].item() - 0.5 * 24 ** 0.5) < 1e-6
 
 
-def test_update_ratio_through_attach_matches_autograd_free_reference_over_steps():
+@pytest.mark.parametrize("loop", ["scope-first", "optimizer-first", "modified-between"])
+def test_update_ratio_through_attach_matches_autograd_free_reference_over_steps(loop, monkeypatch):
+    """Over four SGD-momentum steps, in the loop orders users write. ``scope-first`` reuses the norms ``param_norm``
+    just measured as ||theta_before|| (KnownNorms); ``modified-between`` halves the weights in place after
+    ``scope.step()`` (weight decay by hand), so those norms are stale and must be measured again."""
+    recalled = []
+    real_recall = P.KnownNorms.recall
+    monkeypatch.setattr(P.KnownNorms, "recall", lambda self, index: recalled.append(real_recall(self, index))
+                        or recalled[-1])
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scope = gradscope.attach(model, blocks=["0", "2", "4"], optimizer=opt)
+    layers = (model[0], model[2], model[4])
     expected = []
     for step in range(4):
         x = torch.randn(5, 8)
         model(x).square().mean().backward()
-        scope.step()
-        before = [m.weight.detach().double().clone() for m in (model[0], model[2], model[4])]
-        before_b = [m.bias.detach().double().clone() for m in (model[0], model[2], model[4])]
+        if loop != "optimizer-first":
+            scope.step()
+        if loop == "modified-between":
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(0.5)
+        before = [(m.weight.detach().double().clone(), m.bias.detach().double().clone()) for m in layers]
         opt.step()
+        if loop == "optimizer-first":
+            scope.step()
         opt.zero_grad()
-        for k, m in enumerate((model[0], model[2], model[4])):
-            d = ((m.weight.double() - before[k]) ** 2).sum() + ((m.bias.double() - before_b[k]) ** 2).sum()
-            b = (before[k] ** 2).sum() + (before_b[k] ** 2).sum()
+        for k, m in enumerate(layers):
+            d = ((m.weight.double() - before[k][0]) ** 2).sum() + ((m.bias.double() - before[k][1]) ** 2).sum()
+            b = (before[k][0] ** 2).sum() + (before[k][1] ** 2).sum()
             expected.append((step, f"{k * 2}", (d / b).sqrt().item()))
     frame = scope.frame()
     rows = frame[frame.metric == S.UPDATE_RATIO]
@@ -90,6 +106,11 @@ def test_update_ratio_through_attach_matches_autograd_free_reference_over_steps(
     for step, block, value in expected:
         got = rows[(rows.step == step) & (rows.block == block)].value.item()
         assert abs(got - value) <= 1e-5 * value
+    reused = [r is not None for r in recalled]
+    # scope-first: every step reuses; optimizer-first: from the second step on (step k-1's scope.step() measured
+    # the weights step k's optimizer starts from); modified-between: never
+    assert reused == {"scope-first": [True] * 4, "optimizer-first": [False, True, True, True],
+                      "modified-between": [False] * 4}[loop]
 
 
 def test_the_work_buffer_is_cut_once_and_cut_again_when_a_parameter_changes_dtype():

@@ -53,6 +53,18 @@ class NonFinitePolicy:
         return "" if self.origin is None else f"; made by {self.origin}"
 
 
+def _all_finite(rows: Any, start: int) -> bool:
+    """Whether ``rows[start:]`` hold no non-finite value and no positive ``act_nonfinite`` count (the usual step).
+
+    A finite sum of all values proves every value finite (a NaN or Inf makes the sum non-finite; a finite sum that
+    overflows to Inf only sends the rows to the full scan). One C-level sum and one pass over the metric names
+    replace a scan that costs about a microsecond per row at every recorded step."""
+    values = rows.value[start:]
+    if not math.isfinite(sum(values)):
+        return False
+    return not any(v > 0 for m, v in zip(rows.metric[start:], values) if m == S.ACT_NONFINITE)
+
+
 def first_nonfinite_rows(rows: Any, start: int, depth: Dict[int, int],
                          sites: List[Site]) -> Dict[str, Tuple[int, str]]:
     """``{"forward": (step, block), "backward": (step, block)}`` of the first NaN/Inf among ``rows[start:]``.
@@ -62,6 +74,8 @@ def first_nonfinite_rows(rows: Any, start: int, depth: Dict[int, int],
     step, a non-finite activation gradient names the block before any parameter gradient does: a parameter gradient
     is also non-finite wherever the block's forward input was, so it pinpoints less well.
     """
+    if _all_finite(rows, start):
+        return {}
     fwd: Optional[Tuple[int, int, int]] = None
     bwd: Optional[Tuple[int, int, int, int, int]] = None
     for i in range(start, len(rows)):

@@ -41,6 +41,16 @@ def state_of(optimizer: Any) -> Optional[Mapping[Any, Any]]:
     return None
 
 
+def _any_entry_holds(state: Mapping[Any, Any], key: str) -> bool:
+    """Whether any parameter's state holds ``key``: one pass over the state's values, which hashes no tensor (a
+    lookup by parameter costs about a microsecond each; an optimizer without the key, SGD, paid it per parameter
+    and per metric at every recorded step)."""
+    for entry in state.values():
+        if (type(entry) is dict or isinstance(entry, AbcMapping)) and key in entry:
+            return True
+    return False
+
+
 def _tensors(state: Mapping[Any, Any], index: ParamIndex, key: str) -> List[Tuple[torch.Tensor, int]]:
     """``(state tensor, site)`` for every (parameter, site) pair of ``index`` whose state holds ``key``."""
     found = []
@@ -61,6 +71,8 @@ def state_norms(optimizer: Any, index: ParamIndex, n_sites: int, metric: str
     if state is None:
         return None
     key, root = STATE_KEYS[metric]
+    if not _any_entry_holds(state, key):  # SGD, or no step yet: no per-parameter lookups
+        return None
     pairs = _tensors(state, index, key)
     if not pairs:
         return None

@@ -323,3 +323,31 @@ def test_complex_moments_agree_on_the_device_path_and_count_nonfinite_elements()
         assert (zero_frac, nonfinite, max_abs) == (pytest.approx(1 / 3), 0, pytest.approx(5.0))
     raw = metrics.activation_sums(z, check_on_host=False).tolist()
     assert metrics.finish_moments(raw, 4)[4] == 1.0  # one element with a NaN part
+
+
+def test_the_non_finite_scan_finds_counts_and_values_and_is_not_fooled_by_an_overflowing_sum():
+    """first_nonfinite_rows skips its row-by-row scan when a sum of all values is finite: an act_nonfinite count on
+    its own (finite values everywhere else) must still be found, and finite values whose sum overflows must not be
+    reported."""
+    from gradscope import schema as S
+    from gradscope.engine.nonfinite import first_nonfinite_rows
+    from gradscope.engine.recorder import Rows
+    from gradscope.engine.sites import Site
+
+    sites = [Site("a", nn.Identity(), "Identity"), Site("b", nn.Identity(), "Identity")]
+    depth = {0: 0, 1: 1}
+
+    def rows(*triples):
+        r = Rows()
+        for site, metric, value in triples:
+            r.step.append(3), r.site.append(site), r.call.append(0), r.metric.append(metric), r.value.append(value)
+        return r
+
+    assert first_nonfinite_rows(rows((0, S.ACT_VAR, 1.0), (1, S.GRAD_NORM, 2.0)), 0, depth, sites) == {}
+    assert first_nonfinite_rows(rows((0, S.ACT_VAR, 1e308), (1, S.ACT_VAR, 1e308)), 0, depth, sites) == {}
+    found = first_nonfinite_rows(rows((0, S.ACT_ZERO_FRAC, 0.5), (1, S.ACT_NONFINITE, 2.0)), 0, depth, sites)
+    assert found == {"forward": (3, "b")}
+    found = first_nonfinite_rows(rows((0, S.GRAD_NORM, float("nan")), (1, S.GRAD_NORM, 1.0)), 0, depth, sites)
+    assert found == {"backward": (3, "a")}
+    # rows before ``start`` are not looked at
+    assert first_nonfinite_rows(rows((0, S.GRAD_NORM, float("inf")), (1, S.GRAD_NORM, 1.0)), 1, depth, sites) == {}

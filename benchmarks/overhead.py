@@ -37,18 +37,20 @@ import argparse
 import copy
 import gc
 import json
+import math
 import random
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 import gradscope
+from gradscope.analysis.stats import t975
 from gradscope.models import build
 
 
@@ -264,8 +266,21 @@ def ratios(times: Dict[str, List[float]], against: str = "baseline") -> Dict[str
         r = [v / b for v, b in zip(values, base)]
         out[config] = {"median": statistics.median(r), "min": min(r), "max": max(r),
                        "step_ms": 1e3 * statistics.median(values),
-                       "rotations": sum(values[:whole]) / sum(base[:whole]) if whole else None}
+                       "rotations": sum(values[:whole]) / sum(base[:whole]) if whole else None,
+                       "interval": repeat_interval(r)}
     return out
+
+
+def repeat_interval(r: List[float]) -> Optional[Tuple[float, float]]:
+    """A 95% interval of the ratio from the per-repeat ratios (Student's t on their logarithms), None with fewer
+    than 3 repeats. Conservative: a single repeat's ratio also carries the differences between the twins it happened
+    to drive, which cancel in the whole-rotation ratio. A target outside this interval is resolved by the run."""
+    if len(r) < 3:
+        return None
+    logs = [math.log(v) for v in r]
+    mean, sd = statistics.fmean(logs), statistics.stdev(logs)
+    half = t975(len(logs) - 1) * sd / math.sqrt(len(logs))
+    return math.exp(mean - half), math.exp(mean + half)
 
 
 def rss_child(config: str, steps: int) -> None:
@@ -318,8 +333,13 @@ def measure_rss(steps: int) -> Dict[str, Dict[str, int]]:
 
 
 def _whole(r: Dict[str, float]) -> str:
-    """The whole-rotation ratio as printed (the figure to quote), or a note that there was no whole rotation."""
-    return f"x{r['rotations']:.3f} over whole rotations," if r["rotations"] is not None else "(no whole rotation)"
+    """The whole-rotation ratio as printed (the figure to quote), or a note that there was no whole rotation, and
+    the 95% interval over repeats when there are three or more."""
+    whole = f"x{r['rotations']:.3f} over whole rotations," if r["rotations"] is not None else "(no whole rotation)"
+    if r.get("interval") is None:
+        return whole
+    lo, hi = r["interval"]
+    return f"{whole} 95% over repeats [x{lo:.3f}, x{hi:.3f}],"
 
 
 def _machine() -> str:

@@ -32,6 +32,16 @@ def overhead(monkeypatch):
     return module
 
 
+def test_overhead_interval_over_repeats_is_students_t_on_log_ratios(overhead):
+    import math
+    lo, hi = overhead.repeat_interval([1.0, math.exp(0.1), math.exp(0.2)])
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n), by hand
+    assert lo == pytest.approx(math.exp(0.1 - half), rel=1e-4) and hi == pytest.approx(math.exp(0.1 + half), rel=1e-4)
+    assert overhead.repeat_interval([1.03, 1.03, 1.03]) == pytest.approx((1.03, 1.03))
+    assert overhead.repeat_interval([1.0, 1.1]) is None
+    assert overhead.ratios({"baseline": [1.0, 1.0, 1.0], "x": [1.0, 1.1, 1.2]})["x"]["interval"][0] < 1.1
+
+
 def test_overhead_times_every_configuration_and_every10_records_one_step_in_ten(overhead, one_thread):
     configs = ["baseline", "baseline2", "floor", "every1", "every1-noupd", "every10", "naive"]
     last = {}

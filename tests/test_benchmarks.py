@@ -320,3 +320,14 @@ def test_compile_ablation_variants_each_drop_exactly_their_metric_group():
     assert variants["full"] == S.DEFAULT_METRICS
     assert set(S.DEFAULT_METRICS) - set(variants["no_grads"]) == {S.GRAD_NORM, S.GRAD_IN_NORM}
     assert set(S.DEFAULT_METRICS) - set(variants["no_forward"]) == set(S.FORWARD_METRICS) & set(S.DEFAULT_METRICS)
+
+
+def test_reductions_candidates_count_the_same_zeros_and_are_timed_both_ways(one_thread):
+    red = _load("reductions")
+    x = torch.tensor([0.0, -0.0, 1e-42, 2.0, -3.0, 0.0, 5.0])  # a denormal is not a zero, -0.0 is
+    assert {name: fn(x) for name, fn in red.CANDIDATES.items()} == {name: 4.0 for name in red.CANDIDATES}
+    block, inp = red.blocks()["MLP block, 64x256"]
+    with torch.no_grad():
+        y = block.eval()(inp).reshape(-1)
+    situ, loop = red.after_block(block, inp, reps=3), red.in_loop(y, reps=3)
+    assert set(situ) == set(loop) == set(red.CANDIDATES) and all(v > 0 for v in loop.values())

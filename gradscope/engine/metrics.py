@@ -121,16 +121,8 @@ def l2_norm(flat: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Te
     return sum_of_squares(flat).sqrt()
 
 
-def nonzero_count(flat: torch.Tensor, work: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Number of elements that are not zero (NaN and Inf count as non-zero; -0.0 is zero), as a 0-dim tensor.
-
-    ``work`` (a float buffer of ``flat``'s size that may be overwritten) picks, on the CPU, the comparison into that
-    buffer followed by a float sum: 1.3-1.5x faster there than counting a bool tensor, whose integer sum is not
-    vectorised (one thread, 16 K to 4 M elements; ``benchmarks/step_parts.py``). The float count is exact: a sum of
-    ones below 2**24 in float32, beyond it in float64 (:func:`_sum`). Elsewhere, and without ``work``, one bool
-    pass and an integer sum (the fewer bytes a GPU moves, the faster)."""
-    if work is not None and flat.is_cpu and work.numel() == flat.numel() and work.is_floating_point():
-        return _sum(torch.ne(flat, 0, out=work))
+def nonzero_count(flat: torch.Tensor) -> torch.Tensor:
+    """Number of elements that are not zero (NaN and Inf count as non-zero; -0.0 is zero), as an integer tensor."""
     return flat.bool().sum(dtype=torch.int32 if flat.numel() < 2**31 else torch.int64)
 
 
@@ -167,24 +159,24 @@ class Scratch:
 class SlotReduction:
     """The device reduction behind extra raw slots of a forward metric (see :mod:`gradscope.engine.spec`).
 
-    ``checked(flat, work)`` runs on the CPU's checked path, where the sums are known finite and values may be read: it
-    returns host floats (``work``: a buffer of ``flat``'s size it may overwrite, or None). ``centred(flat, work)`` runs on the no-synchronisation path and returns 0-dim tensors; it
+    ``checked(flat)`` runs on the CPU's checked path, where the sums are known finite and values may be read: it
+    returns host floats. ``centred(flat, work)`` runs on the no-synchronisation path and returns 0-dim tensors; it
     may overwrite ``work``, a buffer of ``flat``'s size whose centred values are no longer needed.
     """
 
-    checked: Callable[[torch.Tensor, Optional[torch.Tensor]], Tuple[float, ...]]
+    checked: Callable[[torch.Tensor], Tuple[float, ...]]
     centred: Callable[[torch.Tensor, torch.Tensor], List[torch.Tensor]]
 
 
-def _zeros_checked(flat: torch.Tensor, work: Optional[torch.Tensor]) -> Tuple[float, ...]:
-    return (float(flat.numel() - nonzero_count(flat, work).item()),)
+def _zeros_checked(flat: torch.Tensor) -> Tuple[float, ...]:
+    return (float(flat.numel() - nonzero_count(flat).item()),)
 
 
 def _zeros_centred(flat: torch.Tensor, work: torch.Tensor) -> List[torch.Tensor]:
-    return [flat.numel() - nonzero_count(flat, work).to(torch.float64)]
+    return [flat.numel() - nonzero_count(flat).to(torch.float64)]
 
 
-def _nonfinite_checked(flat: torch.Tensor, work: Optional[torch.Tensor]) -> Tuple[float, ...]:
+def _nonfinite_checked(flat: torch.Tensor) -> Tuple[float, ...]:
     return (0.0,)  # a finite sum proves every element finite
 
 
@@ -193,7 +185,7 @@ def _nonfinite_centred(flat: torch.Tensor, work: torch.Tensor) -> List[torch.Ten
     return [flat.numel() - _nansum(torch.mul(flat, 0.0, out=work).add_(1.0))]
 
 
-def _minmax_checked(flat: torch.Tensor, work: Optional[torch.Tensor]) -> Tuple[float, ...]:
+def _minmax_checked(flat: torch.Tensor) -> Tuple[float, ...]:
     lo, hi = torch.aminmax(flat)
     return lo.item(), hi.item()
 
@@ -251,7 +243,7 @@ def activation_sums(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = Tr
         return tuple(raw.tolist()) if (check_on_host if check_on_host is not None else readable(raw)) else raw
     flat = _work(x)
     if check_on_host if check_on_host is not None else readable(flat):
-        raw = _checked_sums(flat, extras, scratch)
+        raw = _checked_sums(flat, extras)
         if raw is not None:
             return raw
     return _centred_sums(flat, extras, scratch)
@@ -284,10 +276,8 @@ def complex_sums(x: torch.Tensor, extras: Sequence[Tuple[str, ...]]) -> torch.Te
     return torch.stack([p.to(real) for p in parts])
 
 
-def _checked_sums(flat: torch.Tensor, extras: Sequence[Tuple[str, ...]],
-                  scratch: "Scratch | None" = None) -> Optional[Tuple[float, ...]]:
-    """One-pass sums, read back and checked; None when the centred path is needed (see the module doc). The extra
-    slots may use a buffer of ``scratch`` as their work space."""
+def _checked_sums(flat: torch.Tensor, extras: Sequence[Tuple[str, ...]]) -> Optional[Tuple[float, ...]]:
+    """One-pass sums, read back and checked; None when the centred path is needed (see the module doc)."""
     n = flat.numel()
     total = flat.sum().item()
     squares = sum_of_squares(flat).item()
@@ -295,9 +285,8 @@ def _checked_sums(flat: torch.Tensor, extras: Sequence[Tuple[str, ...]],
     if not (math.isfinite(total) and math.isfinite(squares)) or mean * mean > _TRUST * (squares / n - mean * mean):
         return None
     raw = [0.0, total, squares]
-    work = scratch.get(n, flat) if scratch is not None and extras else None
     for key in extras:
-        raw.extend(SLOT_REDUCTIONS[key].checked(flat, work))
+        raw.extend(SLOT_REDUCTIONS[key].checked(flat))
     return tuple(raw)
 
 

@@ -42,22 +42,14 @@ def test_zero_and_nonfinite_counts_are_exact(size, activation_stats):
 
 
 @pytest.mark.parametrize("size", [9, 70_000, 2**24 + 5])
-def test_zero_count_in_a_work_buffer_is_exact(size):
-    """The CPU's zero count compares into a float work buffer and sums it (faster than a bool sum); beyond 2**24
-    elements a float32 sum of ones would stop counting, so it must switch to float64 there."""
+def test_zero_count_is_exact_beyond_what_a_float32_holds(size):
+    """The zero count is an integer sum of a bool pass (the fastest candidate right after a block's forward, where a
+    training step runs it: ``benchmarks/reductions.py``). 2**24 + 1 non-zero elements: no float32 holds that
+    count."""
     x = torch.ones(size)
     x[:6] = torch.tensor([0.0, float("nan"), -0.0, 1e-42, float("inf"), 0.0])  # NaN, Inf, a denormal: non-zero
     x[-1] = 0.0
-    expected = size - 4  # 2**24 + 1 for the largest size: no float32 holds it
-    work = torch.empty(size)
-    assert M.nonzero_count(x, work).item() == expected == M.nonzero_count(x).item()
-    scratch = M.Scratch()
-    for checked in (True, False):
-        y = x.clone()
-        y[1], y[4] = 2.0, 3.0  # finite, so the checked path can take it
-        raw = M.activation_sums(y, scratch=scratch, check_on_host=checked, extras=(("zeros",), ("nonfinite",)))
-        raw = raw if isinstance(raw, tuple) else tuple(raw.tolist())
-        assert raw[3] == size - M.nonzero_count(y).item() == 4 and raw[4] == 0
+    assert M.nonzero_count(x).item() == size - 4
 
 
 def test_large_mean_small_spread_keeps_1e4_relative_accuracy(activation_stats):

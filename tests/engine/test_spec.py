@@ -92,7 +92,7 @@ def test_a_new_forward_metric_touches_schema_spec_and_metrics_only(monkeypatch, 
         ACT_MEAN_ABS, spec.MOMENTS, ("abs_sum",), lambda r, n: r["abs_sum"] / n, "pooled_mean"))
     # 3. metrics: the device reduction
     monkeypatch.setitem(M.SLOT_REDUCTIONS, ("abs_sum",), M.SlotReduction(
-        lambda flat, work: (flat.abs().sum().item(),), lambda flat, work: [flat.abs().sum()]))
+        lambda flat: (flat.abs().sum().item(),), lambda flat, work: [flat.abs().sum()]))
     spec.validate(spec.SPECS, S.ALL_METRICS, spec.COMBINE)
 
     torch.manual_seed(0)

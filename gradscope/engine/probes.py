@@ -202,6 +202,10 @@ class Probe:
         #: under compile, per site: the site whose tapped output is provably this site's input (SH.shared_inputs)
         self.shared_in: List[Optional[int]] = [None] * len(sites)
         self._pairs: Optional[List[Tuple[int, int]]] = None  # SH.sequential_pairs, found at the first install
+        #: ``share_source(site)``: the site whose output tap the traced pre-hook uses (-1: none), decided when Dynamo
+        #: traces it (a constant in the graph, no guard: SH.source_now)
+        self.share_source = SH.source_check(self)
+        self._warned_lost: set = set()  # kinds of gradient rows left out under compile, warned once each
 
     def install(self) -> None:
         """Register the module hooks (idempotent)."""
@@ -404,17 +408,18 @@ class Probe:
     def _traced_pre(self, site: int, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         buf = self.traced[site]
         tapped, new_args, new_kwargs = 0, args, kwargs
-        if self.m.grad_in and self.m.grad_out and self.shared_in[site] is not None and args and \
-                SH.tapped_by_previous(args[0]):  # the previous block's tapped output: its reduction serves both
-            T.note_pre(buf, self._order[buf.count.device], SH.SHARED)
-            return None
+        if self.m.grad_in and args and SH.tapped_by_previous(args[0]):
+            source = self.share_source(site)  # run by Dynamo while it traces: a constant here
+            if source >= 0:  # the previous block's tapped output: its reduction serves both
+                T.note_pre(buf, self._order[buf.count.device], SH.SHARED + source)
+                return None
         if self.m.grad_in:
             tap = self._tap(site, S.GRAD_IN_NORM)
             if args:  # the primary input only (see primary_input); a dict input is measured in eager mode only
-                first, tapped = T.map_grad_tensors(args[0], tap)
+                first, tapped = SH.map_grad_tensors(args[0], tap)
                 new_args = (first,) + tuple(args[1:])
             if not tapped and kwargs and "hidden_states" in kwargs:
-                hidden, tapped = T.map_grad_tensors(kwargs["hidden_states"], tap)
+                hidden, tapped = SH.map_grad_tensors(kwargs["hidden_states"], tap)
                 new_kwargs = dict(kwargs, hidden_states=hidden)
         T.note_pre(buf, self._order[buf.count.device], SH.TAPPED if tapped else SH.UNTAPPED)
         return (new_args, new_kwargs) if tapped else None
@@ -426,7 +431,7 @@ class Probe:
             return None
         new, tapped = output, False
         if m.grad_out and y.requires_grad:
-            new, tapped = T.replace_first(output, y, self._tap(site, S.GRAD_NORM)(y))
+            new, tapped = SH.replace_first(output, y, self._tap(site, S.GRAD_NORM)(y))
         T.note_post(self.traced[site], y, m.extras, bool(m.forward), tapped)
         return new if tapped else None
 
@@ -455,7 +460,9 @@ class Probe:
         on_device = rec.reducer is not None  # a collective combines device values at the flush
         pending = [] if on_device else [e for e in rec.buffer if isinstance(e.values, torch.Tensor)]
         if T.drain(self.traced, state.next_call, state.step, self.m.forward, subs, rec.add, self._warn_calls,
-                   pending, on_device, self.m.batch and self._batch_step != state.step, self.shared_in):
+                   pending, on_device, self.m.batch and self._batch_step != state.step,
+                   lambda site: SH.eager_grad(rec.buffer, state.step, site) if state.calls[site] == 1 else None,
+                   self._warn_lost):
             self.compiled = True
         for order in self._order.values():
             order.zero_()
@@ -467,6 +474,12 @@ class Probe:
             warnings.warn(f"gradscope: under torch.compile, block {self.sites[site].name!r} ran {calls} times in a "
                           f"step; its gradient norms are recorded only for blocks called once per step{many}",
                           RuntimeWarning, stacklevel=3)
+
+    def _warn_lost(self, site: int, source: int, why: str) -> None:
+        if (source < 0) not in self._warned_lost:  # once per kind (SH.lend, T.drain)
+            self._warned_lost.add(source < 0)
+            names = [s.name for s in self.sites]
+            warnings.warn(SH.lost_message(names, site, source, why, self.state.step), RuntimeWarning, stacklevel=4)
 
     def _watch_grads(self, tensors: List[torch.Tensor], site: int, call: int, metric: str) -> None:
         """Record the norm over the gradients of several tensors (a block input that is a list of tensors)."""

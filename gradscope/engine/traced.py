@@ -30,8 +30,8 @@ import torch
 
 from gradscope import schema as S
 from gradscope.engine import spec
-from gradscope.engine.metrics import SLOT_REDUCTIONS, _work, complex_sums, is_signal, squared_norm
-from gradscope.engine.shared import SHARED, TAPPED
+from gradscope.engine.metrics import SLOT_REDUCTIONS, _work, complex_sums, squared_norm
+from gradscope.engine.shared import SHARED, TAPPED, OutTap, lend
 
 GRAD_METRICS = (S.GRAD_NORM, S.GRAD_IN_NORM)  # rows of a site's gradient leaf
 
@@ -265,39 +265,6 @@ def raw_sums(x: torch.Tensor, extras: Sequence[Tuple[str, ...]]) -> torch.Tensor
     return torch.stack([p.to(torch.float64) for p in parts])
 
 
-def map_grad_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Tuple[Any, int]:
-    """``value`` with every floating tensor that requires grad replaced by ``fn(tensor)`` (inside tuples and lists,
-    depth-first), and how many were replaced. Other values are returned as they are."""
-    if isinstance(value, torch.Tensor):
-        if is_signal(value) and value.requires_grad:
-            return fn(value), 1
-        return value, 0
-    if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
-        items, count = [], 0
-        for item in value:
-            new, k = map_grad_tensors(item, fn)
-            items.append(new)
-            count += k
-        return (tuple(items) if isinstance(value, tuple) else items), count
-    return value, 0
-
-
-def replace_first(value: Any, old: torch.Tensor, new: torch.Tensor) -> Tuple[Any, bool]:
-    """``value`` with the tensor ``old`` (its primary output) replaced by ``new``, where the container allows it."""
-    if value is old:
-        return new, True
-    if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
-        items = list(value)
-        for i, item in enumerate(items):
-            replaced, done = replace_first(item, old, new)
-            if done:
-                items[i] = replaced
-                return (tuple(items) if isinstance(value, tuple) else items), True
-            if isinstance(item, torch.Tensor) and is_signal(item):
-                break  # the primary tensor is the first floating one: nothing further to look at
-    return value, False
-
-
 def _site_tensors(buf: SiteBuffers) -> List[torch.Tensor]:
     grad = buf.leaf.grad if buf.leaf.grad is not None else torch.full_like(buf.leaf, math.nan)
     return [buf.count.reshape(1).to(torch.float64), buf.pre.reshape(-1), buf.post.reshape(-1),
@@ -329,18 +296,20 @@ def read_back(buffers: Sequence[SiteBuffers], extra: Sequence[torch.Tensor]) -> 
 def drain(buffers: Sequence[SiteBuffers], next_call: Callable[[int], int], step: int, forward: Tuple[str, ...],
           sub_groups: Sequence[Tuple[str, ...]], put: Callable[..., None],
           multi_call: Callable[[int, int], None], pending: Sequence[Any] = (), on_device: bool = False,
-          batch: bool = False, shared: Sequence[Optional[int]] = ()) -> bool:
+          batch: bool = False, eager_grad: Callable[[int], Any] = lambda site: None,
+          lost: Callable[[int, int, str], None] = lambda site, source, why: None) -> bool:
     """Buffer entries (``put`` is the recorder's ``add``) for what the traced hooks wrote in one step, then reset the
     buffers.
 
     Calls are numbered per site in the order they ran (``next_call`` assigns call indices and fixes depths, as the
     eager hooks do); gradient norms are recorded for sites called once (``multi_call(site, calls)`` for the others: a
-    tap's row sums over calls). The buffers and the device values of the ``pending`` entries (the step's other
-    measurements, whose ``values`` become host floats here) come back in one transfer, so the flush that follows
-    reads nothing more (``batch``: one ``batch_size`` row per step, at the first call that ran with a batch
-    dimension, as the eager hooks write it; ``on_device``: the values go back to their device instead, without a sync, for a reducer
-    that combines them across ranks there; ``shared[site]``: the site whose output tap measured this site's input
-    gradient when its pre-hook noted SHARED, see :func:`gradscope.engine.shared.shared_inputs`). Returns whether any traced hook ran.
+    tap's row sums over calls) and seen by one backward (``lost(site, -1, why)`` for the others). The buffers and the
+    device values of the ``pending`` entries (the step's other measurements, whose ``values`` become host floats
+    here) come back in one transfer, so the flush that follows reads nothing more (``batch``: one ``batch_size`` row
+    per step, at the first call that ran with a batch dimension, as the eager hooks write it; ``on_device``: the
+    values go back to their device instead, without a sync, for a reducer that combines them across ranks there). A
+    site whose pre-hook noted another site's output tap gets its ``grad_in_norm`` from
+    :func:`gradscope.engine.shared.lend` (``eager_grad``, ``lost``: see there). Returns whether any traced hook ran.
     """
     extra = [e.values for e in pending]
     sites, others = read_back(buffers, extra)
@@ -371,38 +340,44 @@ def drain(buffers: Sequence[SiteBuffers], next_call: Callable[[int], int], step:
         if sites[site][post_at + width * k] and row_batch >= 0:
             put(step, site, calls[(site, k)], (S.BATCH_SIZE,), (float(row_batch),), 0, spec.VALUE)
             break
+
+    def add(site: int, call: int, group: Tuple[str, ...], values: Tuple[float, ...], n: int, layout: str) -> None:
+        device = buffers[site].count.device
+        put(step, site, call, group,
+            torch.tensor(values, dtype=torch.float64, device=device) if on_device else values, n, layout)
+
+    def add_in(site: int, call: int, values: Any, n: int) -> None:  # a traced tap's [sq, taps], or an eager entry's
+        if isinstance(values, torch.Tensor):
+            put(step, site, call, (S.GRAD_IN_NORM,), values, n, spec.SQNORM)
+        else:
+            add(site, call, (S.GRAD_IN_NORM,), tuple(values), n, spec.SQNORM)
+
+    borrowers: List[Tuple[int, int, int]] = []
     for site, (buf, flat) in enumerate(zip(buffers, sites)):
         count = int(flat[0])
-
-        def add(step: int, site: int, call: int, group: Tuple[str, ...], values: Tuple[float, ...], n: int,
-                layout: str, device: torch.device = buf.count.device) -> None:
-            put(step, site, call, group,
-                torch.tensor(values, dtype=torch.float64, device=device) if on_device else values, n, layout)
-
         for k in range(min(count, MAX_CALLS)):
             row = flat[post_at + width * k: post_at + width * (k + 1)]
             if row[0] and forward:
-                add(step, site, calls[(site, k)], forward, tuple(row[_POST_META:]), int(row[1]), spec.MOMENTS)
+                add(site, calls[(site, k)], forward, tuple(row[_POST_META:]), int(row[1]), spec.MOMENTS)
             for g, group in enumerate(sub_groups):
                 sub = flat[sub_at + _SUB * (g * MAX_CALLS + k): sub_at + _SUB * (g * MAX_CALLS + k + 1)]
                 if group and sub[0]:
-                    add(step, site, calls[(site, k)], group, tuple(sub[2:]), int(sub[1]), spec.MOMENTS)
-        grad = flat[grad_at:grad_at + 4]
+                    add(site, calls[(site, k)], group, tuple(sub[2:]), int(sub[1]), spec.MOMENTS)
+        grad, code = flat[grad_at:grad_at + 4], int(flat[pre_at + 1])
         if count and not math.isnan(grad[0]):
             if count > 1:  # a tap's row sums over the calls: not a per-call norm
                 multi_call(site, count)
+            elif grad[1] > 1:  # one output tap per call: a second backward through the graph added to the rows
+                lost(site, -1, f"saw {int(grad[1])} backward passes")
             else:
                 numel, tapped_out = flat[post_at + 1], flat[post_at + 2]
                 if tapped_out:
-                    add(step, site, calls[(site, 0)], (S.GRAD_NORM,), tuple(grad[0:2]), int(numel), spec.SQNORM)
-                if flat[pre_at + 1] == TAPPED:
-                    add(step, site, calls[(site, 0)], (S.GRAD_IN_NORM,), tuple(grad[2:4]), int(numel), spec.SQNORM)
-        source = shared[site] if site < len(shared) else None
-        if count == 1 and flat[pre_at + 1] == SHARED and source is not None:
-            src = sites[source]
-            src_grad = src[grad_at:grad_at + 2]
-            if int(src[0]) == 1 and src[post_at + 2] and not math.isnan(src_grad[0]):  # its output tap ran once
-                add(step, site, calls[(site, 0)], (S.GRAD_IN_NORM,), tuple(src_grad), int(src[post_at + 1]),
-                    spec.SQNORM)
+                    add(site, calls[(site, 0)], (S.GRAD_NORM,), tuple(grad[0:2]), int(numel), spec.SQNORM)
+                if code == TAPPED:
+                    add(site, calls[(site, 0)], (S.GRAD_IN_NORM,), tuple(grad[2:4]), int(numel), spec.SQNORM)
+        if count == 1 and code >= SHARED:
+            borrowers.append((site, calls[(site, 0)], code - SHARED))
         buf.reset()
+    taps = [OutTap(int(f[0]), bool(f[post_at + 2]), (f[grad_at], f[grad_at + 1]), int(f[post_at + 1])) for f in sites]
+    lend(borrowers, taps, add_in, eager_grad, lost)
     return True

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
 
 import math
+import os
+import sys
 import weakref
 
 import torch
@@ -84,13 +86,53 @@ def source_now(root: Optional[torch.nn.Module], modules: Sequence[torch.nn.Modul
                candidate: Optional[int], own_hooks: Set[int]) -> int:
     """The site whose output tap ``site``'s traced pre-hook may use (-1: none), decided again when Dynamo traces it:
     the install-time ``candidate`` (:func:`shared_inputs`, or None where sharing is off) only while the structure
-    still proves it. A forward hook a user registered on the earlier block after ``attach()`` (it may return a new
-    output), a global one, or a block replaced since then (engine/replaced.py follows it at the step's end, after
-    this step's graph was traced) each make it -1, and the block taps its own input."""
+    still proves it and the call really comes from that ``nn.Sequential``'s forward (:func:`called_by_sequential`).
+    A forward hook a user registered on the earlier block after ``attach()`` (it may return a new output), a global
+    one, a block replaced since then (engine/replaced.py follows it at the step's end, after this step's graph was
+    traced), or the model's own code calling the Sequential's children one by one each make it -1, and the block
+    taps its own input."""
     if candidate is None:
         return -1
     fresh = shared_inputs(sequential_pairs(root, modules), modules, own_hooks)
-    return candidate if site < len(fresh) and fresh[site] == candidate else -1
+    if site >= len(fresh) or fresh[site] != candidate:
+        return -1
+    return candidate if called_by_sequential(modules[candidate], modules[site]) else -1
+
+
+_CALL_FILES = {os.path.normcase(os.path.abspath(f)) for f in (__file__.replace("shared.py", "probes.py"),
+                                                               _module.__file__)}
+
+
+def called_by_sequential(before: torch.nn.Module, module: torch.nn.Module) -> bool:
+    """While Dynamo traces ``module``'s pre-hook: whether the code that calls ``module`` is ``nn.Sequential.forward``
+    of a container whose child just before it is ``before`` (that forward hands ``before``'s output to ``module``
+    with nothing in between). False if the model's own code calls the children, and wherever this cannot be told.
+
+    Dynamo keeps the frames it inlines as its own translators, one per frame (``parent``: the caller's): the
+    innermost is the ``tx`` of the Dynamo function that calls a function marked :func:`constant_when_traced`. From
+    there up, only the module-call machinery (torch/nn/modules/module.py) and gradscope's hook may lie between the
+    pre-hook and the Sequential's forward. Relies on Dynamo internals: a torch that changes them turns the sharing
+    off (one more tap per block; tests/engine/test_shared_taps.py counts ResNet-20's copies)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslatorBase
+    except ImportError:
+        return False
+    frame, tx = sys._getframe(1), None
+    while frame is not None and tx is None:
+        found = frame.f_locals.get("tx")
+        tx = found if isinstance(found, InstructionTranslatorBase) else None
+        frame = frame.f_back
+    forward = torch.nn.Sequential.forward.__code__
+    while tx is not None:
+        code = getattr(tx, "f_code", None)
+        if code is forward:
+            parent = getattr(tx.symbolic_locals.get("self"), "value", None)
+            children = list(parent._modules.values()) if isinstance(parent, torch.nn.Sequential) else []
+            return any(a is before and b is module for a, b in zip(children, children[1:]))
+        if code is None or os.path.normcase(os.path.abspath(code.co_filename)) not in _CALL_FILES:
+            return False
+        tx = getattr(tx, "parent", None)
+    return False
 
 
 def source_check(probe: Any) -> Callable[[int], int]:

@@ -84,8 +84,10 @@ def _same_grads(eager, compiled, keys=None):
 
 def test_a_compiled_tail_after_an_eager_block_records_its_input_gradient(one_thread, dynamo):
     """Block 0 runs eagerly, ``torch.compile(model[1:])`` the rest (a stem kept eager, a pipeline stage): block 1's
-    traced pre-hook shares block 0's output tap, but block 0's hooks ran eagerly and wrote nothing into the traced
-    buffers. Its grad_in_norm row was lost; now it is block 0's eager measurement of the same tensor."""
+    traced pre-hook shared block 0's output tap, but block 0's hooks ran eagerly and wrote nothing into the traced
+    buffers, and its grad_in_norm row was lost. Block 1 is the first child of the Sequential that calls it now
+    (``model[1:]``), so it taps its own input (and the drain would lend block 0's eager measurement otherwise:
+    test_a_source_whose_hooks_ran_eagerly_lends_its_eager_measurement)."""
     model, x = _seq(), _x()
     names = ["0", "1", "2"]
     want = reference_metrics(model, names, lambda m: m(x).pow(2).sum())
@@ -155,12 +157,13 @@ def _doubled(module, args, out):
     return out * 2.0
 
 
-def test_a_forward_hook_added_after_attach_and_before_compiling_stops_the_sharing(one_thread, dynamo):
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_a_forward_hook_added_after_attach_and_before_compiling_stops_the_sharing(one_thread, dynamo, backend):
     """attach, then a user's forward hook on block 0 that returns a new (doubled) output, then compile: block 1's
     input is no longer block 0's tapped output. The shared value was block 0's grad_norm, twice the true one."""
     x = _x()
     frames = []
-    for backend in (None, "aot_eager"):
+    for backend in (None, backend):
         model = _seq()
         scope = gradscope.attach(model, blocks=["0", "1", "2"])
         model[0].register_forward_hook(_doubled)
@@ -174,7 +177,9 @@ def test_a_forward_hook_added_after_attach_and_before_compiling_stops_the_sharin
     assert grads[(0, "1", 0, "grad_in_norm")] == pytest.approx(grads[(0, "0", 0, "grad_norm")] / 2, rel=1e-6)
 
 
-def test_a_global_forward_hook_added_after_attach_stops_the_sharing(one_thread, dynamo):
+def test_a_global_forward_hook_added_after_attach_keeps_every_gradient_row(one_thread, dynamo):
+    """A global forward hook runs before the block's own hooks (gradscope's tap sees its result), and the check at
+    trace time turns the sharing off while one exists: either way every row equals eager."""
     x = _x()
     frames = []
     for backend in (None, "aot_eager"):
@@ -226,3 +231,117 @@ def test_a_second_backward_under_compile_warns_instead_of_summing_both(one_threa
         scope.step()
     scope.detach()
     assert not _grads(scope.frame())
+
+
+# ---- the common case keeps its single tap -------------------------------------------------------------------------
+
+def test_resnet20_keeps_twelve_tap_copies_and_equals_eager(one_thread, dynamo):
+    """The check made when Dynamo traces adds no copy where the sharing holds: ResNet-20's recorded forward graph
+    holds 12 tap copies (6 of its 9 blocks share the previous block's tap; 18 without the sharing), no graph break,
+    and every gradient row equals eager."""
+    from gradscope.models import build
+    from tests.engine.test_compile import _clones_in_graph
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = build("resnet20", seed=0)
+    scope = gradscope.attach(model)
+    clones = []
+    _clones_in_graph(model, x, clones)  # loss: the sum of squares
+    scope.step()
+    scope.detach()
+    assert clones[0] == 12 and scope._probe.shared_in == [None, 0, 1, None, 3, 4, None, 6, 7]
+    assert sum(dynamo["graph_break"].values()) == 0
+    eager = _record(build("resnet20", seed=0), "auto", lambda m: m(x).pow(2).sum())
+    assert _same_grads(eager, scope.frame()) == 18
+
+
+class _CheckpointedSeq(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = _seq()
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.seq, x, use_reentrant=False)
+
+
+def test_blocks_of_a_checkpointed_sequential_share_their_tap_inside_the_higher_order_op(one_thread, dynamo):
+    """The check made at trace time runs inside ``torch.utils.checkpoint``'s higher-order op, which refuses Python
+    side effects: Dynamo still compiles one graph without a break, and the shared rows equal eager."""
+    x = _x()
+    eager = _record(_CheckpointedSeq(), ["seq.0", "seq.1", "seq.2"], lambda m: m(x).pow(2).sum())
+    model = _CheckpointedSeq()
+    run = torch.compile(model, backend="aot_eager")
+    compiled = _record(model, ["seq.0", "seq.1", "seq.2"], lambda m: run(x).pow(2).sum())
+    assert _same_grads(eager, compiled) == 6
+    assert dynamo["stats"]["unique_graphs"] == 1 and sum(dynamo["graph_break"].values()) == 0
+
+
+# ---- the drain's rule, on hand-made tap summaries -----------------------------------------------------------------
+
+def _lend(taps, eager=lambda source: None):
+    rows, lost = [], []
+    SH.lend([(1, 0, 0)], taps, lambda *row: rows.append(row), eager, lambda *why: lost.append(why))
+    return rows, lost
+
+
+@pytest.mark.parametrize("tap, why", [
+    (SH.OutTap(1, True, (4.0, 1.0), 32), None),
+    (SH.OutTap(2, True, (4.0, 2.0), 32), "ran 2 times in the traced graphs"),
+    (SH.OutTap(1, False, (float("nan"), float("nan")), 32), "had no output tap"),  # case 3
+    (SH.OutTap(1, True, (8.0, 2.0), 32), "saw 2 backward passes"),
+    (SH.OutTap(0, False, (float("nan"), float("nan")), 0), "ran no traced hook"),
+])
+def test_a_shared_input_gradient_is_lent_only_from_one_call_and_one_backward(tap, why):
+    rows, lost = _lend([tap, SH.OutTap(1, True, (1.0, 1.0), 32)])
+    if why is None:
+        assert rows == [(1, 0, (4.0, 1.0), 32)] and not lost
+    else:
+        assert rows == [] and lost == [(1, 0, why)]
+
+
+def test_a_source_whose_hooks_ran_eagerly_lends_its_eager_measurement():
+    eager = {0: ((2.5,), 32)}
+    rows, lost = _lend([SH.OutTap(0, False, (float("nan"),) * 2, 0), SH.OutTap(1, True, (1.0, 1.0), 32)], eager.get)
+    assert rows == [(1, 0, (2.5,), 32)] and not lost
+    rows, lost = _lend([SH.OutTap(2, True, (1.0, 2.0), 32), SH.OutTap(1, True, (1.0, 1.0), 32)], eager.get)
+    assert rows == [] and lost  # traced calls: the eager entry (if any) is not the one block 1 received
+
+
+def test_the_trace_time_check_carries_the_marker_of_assume_constant_result():
+    def mine(site):
+        return site
+
+    def theirs(site):
+        return site
+
+    SH.constant_when_traced(mine)
+    torch.compiler.assume_constant_result(theirs)
+    assert {k: v for k, v in vars(theirs).items()} == {k: v for k, v in vars(mine).items()} != {}
+
+
+# ---- blocks of a Sequential called one by one by the model's own code ---------------------------------------------
+
+class _OneByOne(nn.Module):
+    """The blocks live in an ``nn.Sequential`` (used as a list), but the model's own forward calls them and scales
+    block 0's output before block 1: block 1's input is not block 0's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = _seq()
+
+    def forward(self, x):
+        h = self.seq[0](x) * 0.5
+        return self.seq[2](self.seq[1](h))
+
+
+def test_blocks_of_a_sequential_called_by_the_models_own_code_tap_their_own_inputs(one_thread, dynamo):
+    """The install-time rule (consecutive children of an nn.Sequential) assumed that the Sequential's forward runs
+    them. Here it does not: the shared value was block 0's grad_norm, half the true grad_in_norm of block 1. The
+    check at trace time asks for the Sequential's own forward as the caller."""
+    x = _x()
+    names = ["seq.0", "seq.1", "seq.2"]
+    eager = _record(_OneByOne(), names, lambda m: m(x).pow(2).sum())
+    model = _OneByOne()
+    run = torch.compile(model, backend="aot_eager")
+    compiled = _record(model, names, lambda m: run(x).pow(2).sum())
+    assert _same_grads(eager, compiled) == 6

@@ -157,7 +157,7 @@ def _doubled(module, args, out):
     return out * 2.0
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_a_forward_hook_added_after_attach_and_before_compiling_stops_the_sharing(one_thread, dynamo, backend):
     """attach, then a user's forward hook on block 0 that returns a new (doubled) output, then compile: block 1's
     input is no longer block 0's tapped output. The shared value was block 0's grad_norm, twice the true one."""

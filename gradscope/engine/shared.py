@@ -99,8 +99,8 @@ def source_now(root: Optional[torch.nn.Module], modules: Sequence[torch.nn.Modul
     return candidate if called_by_sequential(modules[candidate], modules[site]) else -1
 
 
-_CALL_FILES = {os.path.normcase(os.path.abspath(f)) for f in (__file__.replace("shared.py", "probes.py"),
-                                                               _module.__file__)}
+_CALL_FILES = {os.path.normcase(os.path.abspath(f))  # the module-call machinery and gradscope's pre-hooks
+               for f in (os.path.join(os.path.dirname(__file__), "probes.py"), _module.__file__)}
 
 
 def called_by_sequential(before: torch.nn.Module, module: torch.nn.Module) -> bool:

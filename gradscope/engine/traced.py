@@ -373,8 +373,9 @@ def drain(buffers: Sequence[SiteBuffers], next_call: Callable[[int], int], step:
                 numel, tapped_out = flat[post_at + 1], flat[post_at + 2]
                 if tapped_out:
                     add(site, calls[(site, 0)], (S.GRAD_NORM,), tuple(grad[0:2]), int(numel), spec.SQNORM)
-                if code == TAPPED:
-                    add(site, calls[(site, 0)], (S.GRAD_IN_NORM,), tuple(grad[2:4]), int(numel), spec.SQNORM)
+                if code == TAPPED:  # an output without a floating tensor (a dataclass) wrote no numel: count 1
+                    add(site, calls[(site, 0)], (S.GRAD_IN_NORM,), tuple(grad[2:4]),
+                        int(numel) if flat[post_at] else 1, spec.SQNORM)
         if count == 1 and code >= SHARED:
             borrowers.append((site, calls[(site, 0)], code - SHARED))
         buf.reset()

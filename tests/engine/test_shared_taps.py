@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -345,3 +346,35 @@ def test_blocks_of_a_sequential_called_by_the_models_own_code_tap_their_own_inpu
     run = torch.compile(model, backend="aot_eager")
     compiled = _record(model, names, lambda m: run(x).pow(2).sum())
     assert _same_grads(eager, compiled) == 6
+
+
+# ---- a block whose output holds no tensor gradscope reads ---------------------------------------------------------
+
+@dataclass
+class _Out:
+    hidden: torch.Tensor
+
+
+class _DataclassBlock(_Lin):
+    def forward(self, x):
+        return _Out(torch.tanh(self.fc(x)))
+
+
+class _DataclassModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = _DataclassBlock(), _DataclassBlock()
+
+    def forward(self, x):
+        return self.b(self.a(x).hidden).hidden
+
+
+def test_a_block_returning_a_dataclass_keeps_its_input_gradient_under_compile(one_thread, dynamo):
+    """Its output holds no tensor gradscope reads (no forward row, no output tap), but its input is tapped: the
+    traced row had element count 0 (the output's, never written) and was dropped as empty; eager records it."""
+    x = _x()
+    eager = _record(_DataclassModel(), ["a", "b"], lambda m: m(x).pow(2).sum())
+    model = _DataclassModel()
+    run = torch.compile(model, backend="aot_eager")
+    assert _same_grads(eager, _record(model, ["a", "b"], lambda m: run(x).pow(2).sum())) == 2

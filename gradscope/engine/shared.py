@@ -50,8 +50,10 @@ def shared_inputs(pairs: Sequence[Tuple[int, int]], modules: Sequence[torch.nn.M
     """Per site, the index of the site whose tapped output is provably the site's input (else None): the later
     site of a :func:`sequential_pairs` pair, while the earlier block carries no forward hook but gradscope's
     (``own_hooks``: handle ids) and no global module forward hook exists, since such a hook could replace the output
-    or change it in place. The later block's other pre-hooks do not matter: gradscope's runs first, so its own input
-    tap sat before them anyway.
+    or change it in place. The later block's other pre-hooks do not matter while gradscope's runs first (its own
+    input tap sat before them anyway): its first pre-hook must be gradscope's (one that a user registers with
+    ``prepend=True`` after the install runs before it and may hand it a new input), and no global forward pre-hook
+    may exist (they run before every module's own).
 
     Under compile one reduction then serves both the earlier block's ``grad_norm`` and the later one's
     ``grad_in_norm``, and the later block's input is neither copied nor reduced again, as the eager hooks share one
@@ -59,10 +61,10 @@ def shared_inputs(pairs: Sequence[Tuple[int, int]], modules: Sequence[torch.nn.M
     Python record of the last output (a guard, or a side effect that ``torch.utils.checkpoint`` refuses), which is
     why the rule is this structural one, decided when the hooks are installed."""
     shared: List[Optional[int]] = [None] * len(modules)
-    if getattr(_module, "_global_forward_hooks", None):
+    if getattr(_module, "_global_forward_hooks", None) or getattr(_module, "_global_forward_pre_hooks", None):
         return shared
     for i, j in pairs:
-        if set(modules[i]._forward_hooks) <= own_hooks:
+        if set(modules[i]._forward_hooks) <= own_hooks and next(iter(modules[j]._forward_pre_hooks), None) in own_hooks:
             shared[j] = i
     return shared
 

@@ -271,9 +271,13 @@ def test_blocks_of_a_checkpointed_sequential_share_their_tap_inside_the_higher_o
     x = _x()
     eager = _record(_CheckpointedSeq(), ["seq.0", "seq.1", "seq.2"], lambda m: m(x).pow(2).sum())
     model = _CheckpointedSeq()
-    run = torch.compile(model, backend="aot_eager")
-    compiled = _record(model, ["seq.0", "seq.1", "seq.2"], lambda m: run(x).pow(2).sum())
-    assert _same_grads(eager, compiled) == 6
+    scope = gradscope.attach(model, blocks=["seq.0", "seq.1", "seq.2"])
+    torch.compile(model, backend="aot_eager")(x).pow(2).sum().backward()
+    codes = [int(b.pre[0, 1]) for b in scope._probe.traced]
+    scope.step()
+    scope.detach()
+    assert codes == [SH.TAPPED, SH.SHARED + 0, SH.SHARED + 1]  # blocks 1 and 2 shared inside the op
+    assert _same_grads(eager, scope.frame()) == 6
     assert dynamo["stats"]["unique_graphs"] == 1 and sum(dynamo["graph_break"].values()) == 0
 
 

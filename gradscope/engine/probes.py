@@ -508,7 +508,31 @@ class Probe:
             return None
 
         for t in tensors:
-            t.register_hook(part_hook)
+            self._register(t, part_hook)
+
+    def _register(self, t: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> None:
+        """``t.register_hook(hook)``; on a leaf the hook retires once its step is over.
+
+        Why: a hook on a block's output dies with the step's graph, but a leaf (an input tensor reused across steps
+        with ``requires_grad=True``, a parameter fed to a block as its input) keeps every hook gradscope ever put on
+        it. Each later backward would fire all of them again, recording the new gradient under old steps (a
+        spurious "second backward" warning) and costing one more reduction per recorded step so far. A leaf's hook
+        records at its first call (also a late backward, after ``scope.step()``) and again within its own step (a
+        real second backward, which warns); at a call in a later step it removes itself and records nothing.
+        """
+        if t.grad_fn is not None:
+            t.register_hook(hook)
+            return
+        state, step, fired, handle = self.state, self.state.step, [False], []
+
+        def leaf_hook(grad: torch.Tensor) -> None:
+            if fired[0] and state.step != step:
+                handle[0].remove()
+                return None
+            fired[0] = True
+            return hook(grad)
+
+        handle.append(t.register_hook(leaf_hook))
 
     def _remember(self, y: torch.Tensor, sums: Raw) -> None:
         """Keep the sums of the latest block output (weakly), so a shortcut that returns it needs no new pass."""
@@ -554,5 +578,5 @@ class Probe:
                 rec.add(step, s, c, (name,), value, grad.numel(), spec.SQNORM)
             return None
 
-        t.register_hook(grad_hook)
+        self._register(t, grad_hook)
 

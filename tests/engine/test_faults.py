@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -232,3 +233,28 @@ def test_a_forked_child_never_writes_the_parents_rows(tmp_path):
         os.waitpid(pid, 0)
         assert not list(tmp_path.glob("part-*.parquet"))
     assert [p.name for p in tmp_path.glob("part-*.parquet")] == ["part-000000.parquet"]
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_an_input_reused_across_steps_keeps_one_hook_and_its_own_gradient_per_step(every):
+    """A leaf input with requires_grad reused every step (input-gradient methods, adversarial training) outlives each
+    step's graph: gradscope's hook from step k must not fire again in step k+1's backward (it piled up, recorded the
+    new gradient under old steps and warned of a second backward that never happened)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(3, 4, requires_grad=True)
+    expected = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no spurious "second backward" warning
+        with gradscope.attach(model, blocks=[model[0], model[2], model[4]], every=every) as scope:
+            for step in range(5):
+                x.grad = None
+                (model(x) * (step + 1)).sum().backward()
+                expected[step] = x.grad.norm().item()
+                scope.step()
+                assert len(x._backward_hooks or {}) <= 1  # one live hook at most, not one per recorded step
+    frame = scope.frame()
+    rows = frame[(frame.block == "0") & (frame.metric == S.GRAD_IN_NORM)].set_index(S.STEP).value
+    assert sorted(rows.index) == list(range(0, 5, every))
+    for step, value in rows.items():
+        assert value == pytest.approx(expected[step], rel=1e-6)

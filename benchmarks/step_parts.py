@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 import gradscope
-from gradscope.engine import probes
+from gradscope.engine import gradwatch, probes
 
 HERE = Path(__file__).resolve().parent
 STUB = {"forward": False, "grad": False}
-_real_sums, _real_norm = probes.activation_sums, probes.squared_norm
+_real_sums, _real_norm = probes.activation_sums, gradwatch.squared_norm
 
 
 def _load(name: str):
@@ -58,7 +58,7 @@ def _norm(g: torch.Tensor) -> torch.Tensor:
 
 def install_stubs() -> None:
     """Route the hooks' reductions through the switchable stubs above (the real ones while both flags are off)."""
-    probes.activation_sums, probes.squared_norm = _sums, _norm
+    probes.activation_sums, gradwatch.squared_norm = _sums, _norm
 
 
 def instrument(overhead, config: str, model: nn.Module, opt):

@@ -297,8 +297,8 @@ def test_step_parts_times_four_parts_and_its_stubs_replace_only_the_reductions(o
         assert (frame[frame.metric == "grad_norm"].value > 0).all()  # the gradient norms were real
         scope.detach()
     finally:
-        from gradscope.engine import probes
-        probes.activation_sums, probes.squared_norm = parts_mod._real_sums, parts_mod._real_norm
+        from gradscope.engine import gradwatch, probes
+        probes.activation_sums, gradwatch.squared_norm = parts_mod._real_sums, parts_mod._real_norm
 
 
 def test_peak_rss_of_a_child_does_not_carry_the_parents_peak(overhead):

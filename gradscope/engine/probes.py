@@ -22,7 +22,8 @@ from torch import nn
 
 from gradscope import schema as S
 from gradscope.engine import portable, spec
-from gradscope.engine.metrics import Raw, Scratch, activation_sums, is_signal, readable, squared_norm
+from gradscope.engine.metrics import Raw, Scratch, activation_sums, is_signal
+from gradscope.engine.gradwatch import GradWatch
 from gradscope.engine.recorder import Recorder
 from gradscope.engine.sites import Site
 from gradscope.engine.state import TRAIN, grad_modes
@@ -184,7 +185,7 @@ class Probe:
         self.alive = True
         self.scratch = Scratch()  # one reused work buffer: no page-faulted allocation per hook call
         self._last: Optional[Tuple[Any, int, Raw]] = None
-        self._last_grad: Optional[Tuple[Any, int, List[Tuple[int, int, int, str]]]] = None  # latest hooked tensor
+        self.grads = GradWatch(self.state, self.rec, self)  # the eager gradient hooks (engine/gradwatch.py)
         #: returns a GradScaler's current scale as a device tensor (or None): gradients are divided by it
         self.scale: Optional[Callable[[], Optional[torch.Tensor]]] = None
         #: under torch.compile (see gradscope.engine.traced): device buffers the traced hooks write, drained at
@@ -285,7 +286,7 @@ class Probe:
         while self.handles:
             self.handles.pop().remove()
         self._last = None
-        self._last_grad = None
+        self.grads.forget()
 
     def remove(self) -> None:
         """Remove every hook for good: module hooks now, pending gradient hooks record nothing any more."""
@@ -337,9 +338,9 @@ class Probe:
             if m.grad_in and x is not None:
                 inputs = grad_inputs(args, kwargs)
                 if len(inputs) == 1:
-                    self._watch_grad(inputs[0], site, call, S.GRAD_IN_NORM)
+                    self.grads.watch(inputs[0], site, call, S.GRAD_IN_NORM)
                 elif inputs:
-                    self._watch_grads(inputs, site, call, S.GRAD_IN_NORM)
+                    self.grads.watch_all(inputs, site, call, S.GRAD_IN_NORM)
             return None
 
         return pre_hook
@@ -371,7 +372,7 @@ class Probe:
                 self._batch_step = state.step  # host-side shape: no device work, no sync
                 rec.add(state.step, site, call, (S.BATCH_SIZE,), (float(y.shape[0]),), 0, spec.VALUE)
             if m.grad_out and y.requires_grad:
-                self._watch_grad(y, site, call, S.GRAD_NORM)
+                self.grads.watch(y, site, call, S.GRAD_NORM)
             return None
 
         return post_hook
@@ -481,59 +482,6 @@ class Probe:
             names = [s.name for s in self.sites]
             warnings.warn(SH.lost_message(names, site, source, why, self.state.step), RuntimeWarning, stacklevel=4)
 
-    def _watch_grads(self, tensors: List[torch.Tensor], site: int, call: int, metric: str) -> None:
-        """Record the norm over the gradients of several tensors (a block input that is a list of tensors)."""
-        state, rec = self.state, self.rec
-        if not state.claim_grad_slot((site, call, metric)):
-            return
-        step, scale = state.step, self.scale
-        pending = {"left": len(tensors), "total": None, "count": sum(t.numel() for t in tensors)}
-
-        def part_hook(grad: torch.Tensor) -> None:
-            if grad is None or not self.alive:
-                return None
-            value = squared_norm(grad)
-            factor = scale() if scale is not None else None
-            if factor is not None:
-                state.note_grad_scale(factor)
-                factor = factor.detach().to(value.device, value.dtype)
-                value = value / (factor * factor)
-            total = pending["total"]
-            pending["total"] = value if total is None else total + value.to(total.device)
-            pending["left"] -= 1
-            if pending["left"] == 0:
-                value = pending["total"]
-                rec.add(step, site, call, (metric,), (value.item(),) if readable(value) else value,
-                        pending["count"], spec.SQNORM)
-            return None
-
-        for t in tensors:
-            self._register(t, part_hook)
-
-    def _register(self, t: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> None:
-        """``t.register_hook(hook)``; on a leaf the hook retires once its step is over.
-
-        Why: a hook on a block's output dies with the step's graph, but a leaf (an input tensor reused across steps
-        with ``requires_grad=True``, a parameter fed to a block as its input) keeps every hook gradscope ever put on
-        it. Each later backward would fire all of them again, recording the new gradient under old steps (a
-        spurious "second backward" warning) and costing one more reduction per recorded step so far. A leaf's hook
-        records at its first call (also a late backward, after ``scope.step()``) and again within its own step (a
-        real second backward, which warns); at a call in a later step it removes itself and records nothing.
-        """
-        if t.grad_fn is not None:
-            t.register_hook(hook)
-            return
-        state, step, fired, handle = self.state, self.state.step, [False], []
-
-        def leaf_hook(grad: torch.Tensor) -> None:
-            if fired[0] and state.step != step:
-                handle[0].remove()
-                return None
-            fired[0] = True
-            return hook(grad)
-
-        handle.append(t.register_hook(leaf_hook))
-
     def _remember(self, y: torch.Tensor, sums: Raw) -> None:
         """Keep the sums of the latest block output (weakly), so a shortcut that returns it needs no new pass."""
         self._last = (weakref.ref(y), y._version, sums)
@@ -543,40 +491,3 @@ class Probe:
         if last is not None and last[0]() is y and last[1] == y._version:
             return last[2]
         return None
-
-    def _watch_grad(self, t: torch.Tensor, site: int, call: int, metric: str) -> None:
-        """Record the gradient norm of ``t`` for (step, site, call, metric), once.
-
-        One tensor hook serves every slot that watches the same tensor: block k's output is block k+1's input (and a
-        wrapper returns its child's output), so ``grad_norm`` of one and ``grad_in_norm`` of the next share a single
-        reduction, as long as nothing modified the tensor in place in between (its version is unchanged).
-        """
-        rec, state = self.rec, self.state
-        if not state.claim_grad_slot((site, call, metric)):
-            return
-        target = (state.step, site, call, metric)
-        last = self._last_grad
-        if last is not None and last[0]() is t and last[1] == t._version and last[2][0][0] == state.step:
-            last[2].append(target)
-            return
-        targets = [target]
-        self._last_grad = (weakref.ref(t), t._version, targets)
-        scale = self.scale
-
-        def grad_hook(grad: torch.Tensor) -> None:
-            if grad is None or not self.alive:  # a backward after detach() records nothing
-                return None
-            value = squared_norm(grad)
-            factor = scale() if scale is not None else None
-            if factor is not None:  # a GradScaler's scale, read on the device when backward ran: no sync
-                state.note_grad_scale(factor)
-                factor = factor.detach().to(value.device, value.dtype)
-                value = value / (factor * factor)
-            if readable(value):  # on the CPU a host float is cheaper to keep than a tensor
-                value = (value.item(),)
-            for step, s, c, name in targets:
-                rec.add(step, s, c, (name,), value, grad.numel(), spec.SQNORM)
-            return None
-
-        self._register(t, grad_hook)
-

@@ -57,7 +57,7 @@ def shared_inputs(pairs: Sequence[Tuple[int, int]], modules: Sequence[torch.nn.M
 
     Under compile one reduction then serves both the earlier block's ``grad_norm`` and the later one's
     ``grad_in_norm``, and the later block's input is neither copied nor reduced again, as the eager hooks share one
-    reduction (probes.Probe._watch_grad). Dynamo can read neither a tensor's version (an unbacked symbol) nor a
+    reduction (engine/gradwatch.py: GradWatch.watch). Dynamo can read neither a tensor's version (an unbacked symbol) nor a
     Python record of the last output (a guard, or a side effect that ``torch.utils.checkpoint`` refuses), which is
     why the rule is this structural one, decided when the hooks are installed."""
     shared: List[Optional[int]] = [None] * len(modules)

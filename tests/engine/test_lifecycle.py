@@ -120,11 +120,12 @@ def test_cpu_hooks_read_back_only_cpu_values():
 
 
 def test_unrecorded_steps_run_no_metric_computation(monkeypatch):
-    import gradscope.engine.probes as probes
+    import gradscope.engine.gradwatch as gradwatch
     import gradscope.engine.params as params
+    import gradscope.engine.probes as probes
 
     calls = []
-    for mod, name in ((probes, "activation_sums"), (probes, "squared_norm"), (params, "group_norms")):
+    for mod, name in ((probes, "activation_sums"), (gradwatch, "squared_norm"), (params, "group_norms")):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
     model = nets.TinyResNet()

@@ -229,11 +229,11 @@ class _Block(nn.Module):
 
 @pytest.mark.parametrize("in_place_between", [False, True])
 def test_output_and_next_input_share_one_gradient_reduction_only_when_unmodified(monkeypatch, in_place_between):
-    import gradscope.engine.probes as probes
+    import gradscope.engine.gradwatch as gradwatch
 
     calls = []
-    real = probes.squared_norm
-    monkeypatch.setattr(probes, "squared_norm", lambda g: (calls.append(1), real(g))[1])
+    real = gradwatch.squared_norm
+    monkeypatch.setattr(gradwatch, "squared_norm", lambda g: (calls.append(1), real(g))[1])
     torch.manual_seed(0)
     layers = []
     for _ in range(4):

@@ -25,10 +25,16 @@ class GradWatch:
     def __init__(self, state: StepState, rec: Recorder, owner: Any) -> None:
         self.state, self.rec, self.owner = state, rec, owner
         self._last: Optional[Tuple[Any, int, List[Tuple[int, int, int, str]]]] = None  # latest hooked tensor
+        self._leaf_handles: List[Any] = []  # hooks on leaf tensors that may outlive the scope (removed at close())
 
     def forget(self) -> None:
         """Share no reduction with a tensor hooked before (the module hooks were removed)."""
         self._last = None
+
+    def close(self) -> None:
+        """Remove the hooks still on leaf tensors (the user's inputs and parameters keep none after ``detach()``)."""
+        while self._leaf_handles:
+            self._leaf_handles.pop().remove()
 
     def watch(self, t: torch.Tensor, site: int, call: int, metric: str) -> None:
         """Record the gradient norm of ``t`` for (step, site, call, metric), once.
@@ -110,6 +116,9 @@ class GradWatch:
             return hook(grad)
 
         handle.append(t.register_hook(leaf_hook))
+        if len(self._leaf_handles) >= 64:  # forget handles whose hook is gone (retired, or its tensor freed)
+            self._leaf_handles = [h for h in self._leaf_handles if h.id in (h.hooks_dict_ref() or ())]
+        self._leaf_handles.append(handle[0])
 
 
 def _unscaled(value: torch.Tensor, scale: Optional[Callable[[], Optional[torch.Tensor]]],

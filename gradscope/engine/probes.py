@@ -292,6 +292,7 @@ class Probe:
         """Remove every hook for good: module hooks now, pending gradient hooks record nothing any more."""
         self.alive = False
         self.uninstall()
+        self.grads.close()
         if self._watch is not None:
             self._watch.close()
         while self.guarded:

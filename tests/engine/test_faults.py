@@ -253,6 +253,7 @@ def test_an_input_reused_across_steps_keeps_one_hook_and_its_own_gradient_per_st
                 expected[step] = x.grad.norm().item()
                 scope.step()
                 assert len(x._backward_hooks or {}) <= 1  # one live hook at most, not one per recorded step
+    assert not x._backward_hooks  # detach() leaves no hook on the user's tensor
     frame = scope.frame()
     rows = frame[(frame.block == "0") & (frame.metric == S.GRAD_IN_NORM)].set_index(S.STEP).value
     assert sorted(rows.index) == list(range(0, 5, every))

@@ -45,7 +45,12 @@ def subcommand(name: str, help: str, arguments: Callable[[argparse.ArgumentParse
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: the message and where the help is, not the whole usage block."""
+    """argparse with one-line errors: the message and where the help is, not the whole usage block; and no
+    abbreviated options (``--step`` would silently mean ``--steps``, and a typo would land on another option)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"gradscope: error: {message} (see {self.prog} --help)", file=sys.stderr)

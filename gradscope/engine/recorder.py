@@ -185,7 +185,11 @@ class Recorder:
         """
         if not self.buffer:
             return
-        entries, self.buffer = self._unique(self.buffer), []
+        # one statement, and the first: a SIGTERM handler that writes every row (engine/exits.py) and returns may
+        # run on any line here; it must find the entries either still in the buffer or already taken, never both
+        # (it flushed them itself while this flush went on, and they were recorded twice)
+        entries, self.buffer = self.buffer, []
+        entries = self._unique(entries)
         start = len(self.rows)
         for device, device_entries in _by_device(entries).items():
             if self.reducer is not None:

@@ -370,7 +370,8 @@ class Scope:
         layout = spec.SHARD if index.sharded else spec.VALUE
         if S.PARAM_NORM in names:
             norms = P.param_norms(index, n)
-            self._known.remember(index, norms)
+            if self._optimizers and self._metrics.update:  # only an update ratio reads them back
+                self._known.remember(index, norms)
             rec.add_per_site(step, index.sites_with_params, S.PARAM_NORM, norms, layout)
         if S.PARAM_GRAD_NORM in names:
             read = self._watch.take_grads_read(step)

@@ -125,3 +125,27 @@ def test_the_work_buffer_is_cut_once_and_cut_again_when_a_parameter_changes_dtyp
     got = work.group_norms(after64, before64, [0, 1, 1], 2)
     assert work._plan(after64) is not plan
     torch.testing.assert_close(got.double(), _reference(after64, before64, [0, 1, 1], 2), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("given", ["no-optimizer", "no-update-ratio", "both"])
+def test_param_norms_are_kept_for_the_update_ratio_only_when_one_will_be_measured(given, monkeypatch):
+    """Keeping the norms costs a map of every parameter's version per recorded step: paid only with an optimizer
+    and the update ratio on, the one reader of those norms."""
+    remembered = []
+    real = P.KnownNorms.remember
+    monkeypatch.setattr(P.KnownNorms, "remember", lambda self, index, norms: remembered.append(1)
+                        or real(self, index, norms))
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    metrics = [m for m in S.DEFAULT_METRICS if given != "no-update-ratio" or m != S.UPDATE_RATIO]
+    scope = gradscope.attach(model, blocks=["0", "2"], optimizer=None if given == "no-optimizer" else opt,
+                             metrics=metrics)
+    for _ in range(3):
+        model(torch.randn(3, 4)).sum().backward()
+        scope.step()
+        opt.step()
+        opt.zero_grad()
+    frame = scope.frame()
+    assert (frame.metric == S.PARAM_NORM).any()
+    assert len(remembered) == (3 if given == "both" else 0)
+    assert (frame.metric == S.UPDATE_RATIO).any() == (given == "both")

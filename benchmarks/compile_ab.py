@@ -27,6 +27,7 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compile_overhead as CO  # noqa: E402
+from machine import describe  # noqa: E402  (benchmarks/machine.py: CPU model, GPU, load average)
 
 import gradscope  # noqa: E402
 from gradscope.engine import traced as T  # noqa: E402
@@ -85,7 +86,7 @@ def main() -> None:
     for scope in scopes.values():
         scope.detach()
     base = times["baseline"]
-    print(f"machine: {CO._machine()}")
+    print(f"machine: {describe()}")
     print(f"{args.model}, {args.backend}: twin {1e3 * statistics.median(base):.1f} ms/step, {args.repeats} repeats x "
           f"{args.steps} steps; graphs {counters['stats']['unique_graphs']}, graph breaks "
           f"{sum(counters['graph_break'].values())}")

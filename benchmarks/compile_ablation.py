@@ -22,6 +22,7 @@ import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compile_overhead as CO  # noqa: E402
+from machine import describe  # noqa: E402  (benchmarks/machine.py: CPU model, GPU, load average)
 
 import gradscope  # noqa: E402
 from gradscope import schema as S  # noqa: E402
@@ -60,7 +61,7 @@ def main() -> None:
     for scope in scopes.values():
         scope.detach()
     base = times["baseline"]
-    print(f"machine: {CO._machine()}")
+    print(f"machine: {describe()}")
     print(f"{args.model}, {args.backend}: twin {1e3 * statistics.median(base):.1f} ms/step, {args.repeats} repeats x "
           f"{args.steps} steps")
     for name in chosen:

@@ -22,7 +22,9 @@ import json
 import logging
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -32,6 +34,9 @@ from torch._dynamo.utils import counters
 
 import gradscope
 from gradscope.models import build
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402  (benchmarks/machine.py: CPU model, GPU, load average)
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 CONFIGS = ("baseline", "every1", "every10")
@@ -199,16 +204,6 @@ def time_model(name: str, backend: str, repeats: int, steps: int) -> Dict[str, D
     return out
 
 
-def _machine() -> str:
-    """CPU model, cores, torch threads and load average (benchmarks/machine.py), printed beside every ratio."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bench_machine", Path(__file__).resolve().parent / "machine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.describe()
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -231,7 +226,7 @@ def main() -> None:
             plan += [("gpt2", "inductor"), ("llama", "inductor")]
     repeats = args.repeats or (2 if args.quick else 5)
     print(f"torch {torch.__version__}, 1 thread; ratio = compiled step / compiled uninstrumented twin, interleaved")
-    print(f"machine: {_machine()}")
+    print(f"machine: {describe()}")
     results = {}
     for name, backend in plan:
         r = time_model(name, backend, repeats, args.steps)

@@ -38,6 +38,7 @@ import copy
 import gc
 import json
 import math
+from pathlib import Path
 import random
 import resource
 import statistics
@@ -52,6 +53,9 @@ from torch import nn
 import gradscope
 from gradscope.analysis.stats import t975
 from gradscope.models import build
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402  (benchmarks/machine.py: CPU model, GPU, load average)
 
 
 class TokenLM(nn.Module):
@@ -331,7 +335,6 @@ def measure_rss(steps: int) -> Dict[str, Dict[str, int]]:
     return out
 
 
-
 def _whole(r: Dict[str, float]) -> str:
     """The whole-rotation ratio as printed (the figure to quote), or a note that there was no whole rotation, and
     the 95% interval over repeats when there are three or more."""
@@ -341,16 +344,6 @@ def _whole(r: Dict[str, float]) -> str:
     lo, hi = r["interval"]
     return f"{whole} 95% over repeats [x{lo:.3f}, x{hi:.3f}],"
 
-
-def _machine() -> str:
-    """CPU model, cores, torch threads and load average (benchmarks/machine.py), printed beside every ratio."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bench_machine", Path(__file__).resolve().parent / "machine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.describe()
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -373,7 +366,7 @@ def main() -> None:
         ([] if args.quick else ["naive"])
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "models": {}}
     print(f"torch {torch.__version__}, 1 thread; ratio = step time / baseline, interleaved twins")
-    print(f"machine: {_machine()}")
+    print(f"machine: {describe()}")
     for name in models:
         repeats = args.repeats or (quick_repeats(name) if args.quick else len(configs))
         times = time_model(name, repeats, steps_per_repeat(name), configs)

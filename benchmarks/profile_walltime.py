@@ -12,20 +12,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402  (benchmarks/machine.py: CPU model, GPU, load average)
 
 BUDGET_S = 180.0
 
-
-
-def _machine() -> str:
-    """CPU model, cores, torch threads and load average (benchmarks/machine.py), printed beside every ratio."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bench_machine", Path(__file__).resolve().parent / "machine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.describe()
 
 def main() -> None:
     extra = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
@@ -49,7 +42,7 @@ def main() -> None:
           f"x{wall / BUDGET_S:.2f} of the {BUDGET_S:.0f} s budget (load average {load_before:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after; {cores} CPUs); {cpu_s:.0f} CPU-s in all, so about "
           f"{cpu_s / cores:.0f} s on an idle {cores}-core machine")
-    print(f"machine: {_machine()}")
+    print(f"machine: {describe()}")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ time in a loop over one cached output (``in a loop``), in microseconds.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -26,6 +26,9 @@ import torch
 from torch import nn
 
 from gradscope.engine.metrics import Scratch, _sum
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402  (benchmarks/machine.py: CPU model, GPU, load average)
 
 SCRATCH = Scratch()
 
@@ -95,20 +98,13 @@ def in_loop(y: torch.Tensor, reps: int) -> Dict[str, float]:
     return out
 
 
-def _machine() -> str:
-    spec = importlib.util.spec_from_file_location("bench_machine", Path(__file__).resolve().parent / "machine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.describe()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=3000, help="repetitions for the MLP block (a tenth for conv)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     random.seed(0)
-    print(f"machine: {_machine()}")
+    print(f"machine: {describe()}")
     for name, (block, x) in blocks().items():
         block.eval()
         reps = args.reps if "MLP" in name else max(10, args.reps // 10)

@@ -21,6 +21,7 @@ import gc
 import importlib.util
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -30,6 +31,9 @@ from torch import nn
 
 import gradscope
 from gradscope.engine import gradwatch, probes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402  (benchmarks/machine.py: CPU model, GPU, load average)
 
 HERE = Path(__file__).resolve().parent
 STUB = {"forward": False, "grad": False}
@@ -119,7 +123,7 @@ def main() -> None:
     install_stubs()
     configs = ["baseline", "floor", "every1", "every1-noupd", "stub-forward", "stub-both"]
     parts = measure(overhead, args.model, configs, args.repeats, overhead.steps_per_repeat(args.model))
-    print(f"{args.model}: median ms per step part, interleaved twins; machine: {overhead._machine()}")
+    print(f"{args.model}: median ms per step part, interleaved twins; machine: {describe()}")
     print(f"{'config':14s} {'forward':>8s} {'backward':>8s} {'scope':>8s} {'optim':>8s} {'sum':>8s}")
     for c in configs:
         med = [1e3 * statistics.median(v) for v in parts[c]]

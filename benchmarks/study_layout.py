@@ -15,8 +15,8 @@ The study applies the layout through ``Settings.channels_last`` (default on; ``-
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import List, Tuple
@@ -24,12 +24,8 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-
-def _machine() -> str:
-    spec = importlib.util.spec_from_file_location("bench_machine", Path(__file__).resolve().parent / "machine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.describe()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402  (benchmarks/machine.py: CPU model, GPU, load average)
 
 
 def twins(name: str) -> Tuple[nn.Module, nn.Module]:
@@ -76,12 +72,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the study's workers run
-    print(f"machine: {_machine()}")
+    print(f"machine: {describe()}")
     for name in args.models.split(","):
         a, b, ratio = compare(name, args.steps)
         print(f"{name:10s} contiguous {1e3 * a:7.1f} ms/step   channels-last {1e3 * b:7.1f} ms/step   "
               f"ratio x{ratio:.3f}", flush=True)
-    print(f"after: {_machine()}")
+    print(f"after: {describe()}")
 
 
 if __name__ == "__main__":

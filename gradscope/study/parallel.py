@@ -48,6 +48,9 @@ def _init_worker(q: Any) -> None:
     import torch
 
     torch.set_num_threads(1)
+    # Progress still buffered when this worker exits is dropped, not waited on: once the study stops reading it
+    # (interrupted), a worker waiting to flush a full pipe would block its own exit, and the pool's shutdown forever.
+    q.cancel_join_thread()
     _QUEUE = q
 
 
@@ -107,11 +110,24 @@ def run_parallel(job: Callable[..., Any], specs: Sequence[Any], train_set: Any, 
                     os.kill(proc.pid, signal.SIGINT)
                 except (OSError, AttributeError):
                     pass
-            finished, _ = wait(pending, timeout=60)
-            for f in finished:
+            for f in _wait_draining(pending, q, timeout=60.0):
                 if not f.cancelled():
                     _take(f, futures[f], done, failed)
     return done, failed, interrupted
+
+
+def _wait_draining(pending: set, q: Any, timeout: float) -> set:
+    """The futures of ``pending`` that finish within ``timeout`` s, reading (and dropping) the workers' progress
+    meanwhile: a worker whose progress pipe is full cannot hand back its result."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    finished: set = set()
+    while pending and time.monotonic() < deadline:
+        now, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+        finished |= now
+        _drain(q, None, None, set(), {})
+    return finished
 
 
 def _take(future: Future, spec: Any, done: Dict[str, Any], failed: Dict[str, str]) -> None:

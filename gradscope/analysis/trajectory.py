@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -81,9 +81,11 @@ def pool_seeds(verdicts: pd.DataFrame) -> pd.DataFrame:
     """Runs that differ only by seed, pooled per signal (columns :data:`POOLED_COLUMNS`).
 
     ``factor`` is the geometric mean of the finite per-seed factors, ``ln_sd`` the sd of their logs (ddof 1),
-    ``ln_se = ln_sd / sqrt(n)``; ``verdict`` the class of the pooled factor (per layer, :func:`gradscope.analysis.classify`;
-    ``layer_factor``: the pooled factor per layer in amplitude units), or ``diverged`` when any seed
-    diverged (``diverged_runs`` names them); ``counts`` maps each class to its number of seeds.
+    ``ln_se = ln_sd / sqrt(n)``; ``layer_factor``: the pooled factor per layer in amplitude units. ``verdict``
+    (:func:`pooled_verdict`): ``diverged`` when any seed diverged (``diverged_runs`` names them), else the class
+    every seed has on its own (each from its own fit interval, :func:`gradscope.analysis.classify`), or
+    ``unknown`` when the seeds disagree or none settled its class; ``counts`` maps each class to its number of
+    seeds.
     """
     v = verdicts.assign(**{GROUP: configurations(verdicts).to_numpy()})
     rows: list[dict[str, Any]] = []
@@ -95,9 +97,7 @@ def pool_seeds(verdicts: pd.DataFrame) -> pd.DataFrame:
         factor = float(math.exp(ln.mean())) if n else math.nan
         diverged = [str(r) for r in g[g[A.VERDICT] == A.DIVERGED][S.RUN]]
         layers = float(g[A.LAYERS].iloc[0]) if A.LAYERS in g.columns and len(g) else 1.0
-        verdict = A.DIVERGED if diverged else (A.classify(factor, signal=signal, layers=layers) if n else A.UNKNOWN)
-        if not diverged and n and (ok[A.VERDICT].isin([A.VANISHING]) & (ok[A.MAX_VALUE] == 0)).all():
-            verdict = A.VANISHING
+        verdict = pooled_verdict(g[A.VERDICT].tolist())
         rows.append({"group": group, "signal": signal, "n": n, "runs": [str(r) for r in g[S.RUN]],
                      "factor": factor, "ln_sd": sd, "ln_se": sd / math.sqrt(n) if n >= 2 else math.nan,
                      "factor_min": float(np.exp(ln.min())) if n else math.nan,
@@ -107,3 +107,18 @@ def pool_seeds(verdicts: pd.DataFrame) -> pd.DataFrame:
                      "layer_factor": A.layer_factor(factor, signal, layers),
                      "unit": str(g[A.UNIT].iloc[0]) if A.UNIT in g.columns and len(g) else "per block"})
     return pd.DataFrame(rows, columns=list(POOLED_COLUMNS))
+
+
+def pooled_verdict(seed_verdicts: Sequence[str]) -> str:
+    """The class of a configuration from its seeds' own classes: ``diverged`` if any seed diverged, else the one
+    class all seeds share, else ``unknown``.
+
+    Why not the class of the pooled factor: a geometric mean of a healthy seed and an exploding one can sit inside
+    the healthy band, and a claim built on it would say "healthy" while half the evidence says otherwise. Each
+    seed's class already carries its own fit interval (a seed whose interval straddles a threshold is ``unknown``),
+    so a configuration has a class only when every seed settled on the same one.
+    """
+    classes = [str(v) for v in seed_verdicts]
+    if A.DIVERGED in classes:
+        return A.DIVERGED
+    return classes[0] if classes and all(c == classes[0] for c in classes) else A.UNKNOWN

@@ -42,6 +42,10 @@ from gradscope.study.training_claims import (LOSS_MARGIN, NO, UNCLEAR, YES, degr
 
 #: The variance of relu(BN(z)) in train mode, whatever z: the forward claim holds by construction there.
 BN_RELU_VAR = 0.341
+#: Pooled classes that decide: a configuration whose seeds disagree, or did not settle a class, is ``unknown``
+#: (:func:`gradscope.analysis.trajectory.pooled_verdict`) and decides nothing either way.
+UNSETTLED = "unknown"
+NOT_HEALTHY = ("vanishing", "exploding", "diverged")
 
 
 def _pooled_rows(pooled: Any, signal: str, bn: Optional[bool], configs: Dict[str, Dict[str, Any]]) -> List[dict]:
@@ -61,6 +65,8 @@ def _rate(row: dict) -> str:
     sd = row["ln_sd"]
     spread = "" if row["n"] < 2 or math.isnan(sd) else f" (sd of ln {sd:.3f})"
     div = f"; diverged: {', '.join(row['diverged_runs'])}" if row["diverged_runs"] else ""
+    if row["verdict"] == UNSETTLED and len(row.get("counts") or {}) > 1:
+        div += " (the seeds disagree: " + ", ".join(f"{c} {k}" for c, k in sorted(row["counts"].items())) + ")"
     per_layer = ""
     if str(row.get("unit", "")).startswith("per layer"):
         unit = "amplitude " if row["signal"] == "forward" else ""
@@ -115,13 +121,21 @@ def _pair_text(pairs: List[Tuple[dict, Optional[dict]]]) -> str:
 
 def _contrast_answer(pairs: List[Tuple[dict, Optional[dict]]], bad: List[str], what: str,
                      unclear_fix: str) -> Tuple[str, str]:
-    """The shared contrast rule: no if a BN configuration is bad; yes if all are fine and some twin is not (the
-    measurement tells BN from no BN); unclear when every twin is fine too, or none was measured."""
+    """The shared contrast rule: no if a BN configuration is bad; unclear if one has no settled class; yes if all
+    are fine and some twin is surely not (the measurement tells BN from no BN); unclear when every twin is fine
+    too, unsettled, or none was measured."""
     if bad:
         return NO, f"not {what} with BN in {', '.join(bad)}"
-    differ = [bn["group"] for bn, twin in pairs if twin is not None and twin["verdict"] != "healthy"]
+    unsettled = [bn["group"] for bn, _ in pairs if bn["verdict"] == UNSETTLED]
+    if unsettled:
+        return UNCLEAR, (f"the seeds of {', '.join(unsettled)} do not settle one class (they disagree, or a fit "
+                         f"straddles a threshold): measure more seeds, or more blocks")
+    differ = [bn["group"] for bn, twin in pairs if twin is not None and twin["verdict"] in NOT_HEALTHY]
     if differ:
         return YES, f"{what} with BN while the no-BN twin is not, for {', '.join(differ)}"
+    if any(twin is not None and twin["verdict"] == UNSETTLED for _, twin in pairs):
+        return UNCLEAR, (f"{what} with BN, but the seeds of the no-BN twins do not settle one class, so the "
+                         f"measurement cannot show a contrast; {unclear_fix}")
     if all(twin is None for _, twin in pairs):
         return UNCLEAR, f"{what} with BN, but no no-BN twin was measured to contrast; {unclear_fix}"
     return UNCLEAR, (f"{what} with BN, but the no-BN twins are healthy too, so the measurement cannot tell BN from no "
@@ -134,7 +148,7 @@ def forward_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: Any = N
     pairs = _pairs(pooled, "forward", configs)
     if not pairs:
         return Claim("bn_forward", statement, UNCLEAR, "no run with BatchNorm was measured", "init")
-    bad = [bn["group"] for bn, _ in pairs if bn["verdict"] in ("vanishing", "diverged", "unknown")]
+    bad = [bn["group"] for bn, _ in pairs if bn["verdict"] in ("vanishing", "diverged")]
     answer, why = _contrast_answer(pairs, bad, "the forward variance is kept",
                                    "measure a net whose no-BN twin loses its variance (e.g. a deeper plain net, or "
                                    "--init xavier)")
@@ -159,7 +173,7 @@ def backward_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: Any = 
     pairs = _pairs(pooled, "backward", configs)
     if not pairs:
         return Claim("bn_backward", BACKWARD_STATEMENT, UNCLEAR, "no run with BatchNorm was measured", "init")
-    bad = [bn["group"] for bn, _ in pairs if bn["verdict"] != "healthy"]
+    bad = [bn["group"] for bn, _ in pairs if bn["verdict"] in NOT_HEALTHY]
     answer, why = _contrast_answer(pairs, bad, "healthy",
                                    "measure a deeper plain net, where the no-BN twin's gradients vanish")
     text = "at initialisation, toward the input: " + _pair_text(pairs)

@@ -223,6 +223,52 @@ def test_a_diverged_seed_turns_a_pooled_verdict_to_diverged_and_is_named():
     assert c.answer == "no" and "diverged: plain56-bn-s1" in c.evidence
 
 
+def _seed_classes(v, run, signal, verdict, factor):
+    """One seed's own class and factor (as its fit decided them) changed in a verdicts frame."""
+    v.loc[(v.run == run) & (v.signal == signal), ["verdict", "factor"]] = [verdict, factor]
+    return v
+
+
+def test_seeds_that_disagree_pool_to_unknown_even_when_their_mean_sits_in_a_band():
+    """x1.02 (healthy) and x1.10 (exploding, x1.049 per layer) per block: their geometric mean x1.06 (x1.029 per
+    layer) is inside the healthy band, and the pooled class used to be "healthy" from it."""
+    v = _seed_classes(init_verdicts(bn_bwd=(1.02, 1.02), bn_bwd_class="healthy"), "plain56-bn-s1", "backward",
+                      "exploding", 1.10)
+    row = pool_seeds(v).set_index(["group", "signal"]).loc[("plain56-bn", "backward")]
+    assert row.verdict == "unknown" and row.counts == {"healthy": 1, "exploding": 1}
+    assert abs(row.factor - (1.02 * 1.10) ** 0.5) < 1e-12  # the pooled factor itself is still the geometric mean
+    agree = pool_seeds(init_verdicts()).set_index(["group", "signal"])
+    assert agree.loc[("plain56-bn", "backward")].verdict == "exploding"  # both seeds exploding: settled
+    assert agree.loc[("plain56-nobn", "forward")].verdict == "vanishing"
+    unsure = _seed_classes(init_verdicts(), "plain56-bn", "forward", "unknown", 1.0)  # one fit straddled a threshold
+    assert pool_seeds(unsure).set_index(["group", "signal"]).loc[("plain56-bn", "forward")].verdict == "unknown"
+
+
+def test_bn_claims_are_unclear_when_the_bn_seeds_disagree():
+    backward = _seed_classes(init_verdicts(bn_bwd=(1.02, 1.02), bn_bwd_class="healthy"), "plain56-bn-s1",
+                             "backward", "exploding", 1.10)
+    c = backward_claim(pool_seeds(backward), CFG)  # was "yes": healthy from the mean, the twin vanishing
+    assert c.answer == "unclear" and "do not settle one class" in c.how
+    assert "the seeds disagree: exploding 1, healthy 1" in c.evidence
+    forward = _seed_classes(init_verdicts(), "plain56-bn-s1", "forward", "vanishing", 0.80)
+    f = forward_claim(pool_seeds(forward), CFG)  # x1.00 and x0.80: mean x0.894, x0.972 per layer, "healthy"
+    assert f.answer == "unclear" and "plain56-bn" in f.how
+    unsure = _seed_classes(init_verdicts(), "plain56-bn", "forward", "unknown", 1.0)
+    assert forward_claim(pool_seeds(unsure), CFG).answer == "unclear"  # was "no": unknown counted as bad
+    both_bad = _seed_classes(init_verdicts(bn_fwd=(0.8, 0.8)), "plain56-bn", "forward", "vanishing", 0.8)
+    both_bad = _seed_classes(both_bad, "plain56-bn-s1", "forward", "vanishing", 0.8)
+    assert forward_claim(pool_seeds(both_bad), CFG).answer == "no"  # seeds that agree still decide "no"
+
+
+def test_a_contrast_needs_twin_seeds_that_agree():
+    """No-BN twin seeds x0.70 (vanishing) and x0.93 (healthy): their mean x0.81 per block is vanishing per layer,
+    and the forward claim used to say "yes" from that contrast."""
+    v = _seed_classes(init_verdicts(nobn_plain=(0.70, 0.70)), "plain56-nobn-s1", "forward", "healthy", 0.93)
+    c = forward_claim(pool_seeds(v), CFG)
+    assert c.answer == "unclear" and "do not settle one class" in c.how
+    assert forward_claim(pool_seeds(init_verdicts(nobn_plain=(0.70, 0.70))), CFG).answer == "yes"
+
+
 def test_all_claims_in_the_papers_order():
     claims = all_claims(pool_seeds(init_verdicts()), {**CFG, **configs()}, losses([1.2, 1.3, 1.25], [0, 0, 0]),
                         CAVEAT)

@@ -6,9 +6,11 @@ threads took 0.85 s under the same shared load: processes, not threads, use the 
 """
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import signal
+import time
 import queue as queue_mod
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -54,11 +56,33 @@ def _init_worker(q: Any) -> None:
     _QUEUE = q
 
 
-def _progress(name: str) -> Callable[[str, int], None]:
-    def report(phase: str, n: int) -> None:
-        if _QUEUE is not None:
-            _QUEUE.put((name, phase, n))
-    return report
+class _Progress:
+    """A run's progress, sent to the study at most every ``interval`` seconds per phase (the first step at once).
+
+    Why: one message per training step cost the default study about 4 CPU-seconds of pickling and queue feeding
+    (py-spy, docs/performance.md), and the more that is queued, the more a stopped study must drain.
+    ``flush()`` sends what is left, so the counts the study sees add up to the steps run.
+    """
+
+    def __init__(self, name: str, interval: float = 0.25) -> None:
+        self.name, self.interval = name, interval
+        self._phase: Optional[str] = None
+        self._count = 0
+        self._sent = -math.inf
+
+    def __call__(self, phase: str, n: int) -> None:
+        if phase != self._phase:
+            self.flush()
+            self._phase = phase
+        self._count += n
+        if time.monotonic() - self._sent >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._count and self._phase is not None and _QUEUE is not None:
+            _QUEUE.put((self.name, self._phase, self._count))
+            self._sent = time.monotonic()
+        self._count = 0
 
 
 def _work(job: Callable[..., Any], spec: Any, train_set: Any, settings: Any, out: Optional[Path]
@@ -70,8 +94,9 @@ def _work(job: Callable[..., Any], spec: Any, train_set: Any, settings: Any, out
     from gradscope.errors import GradscopeError
 
     sink: List[Any] = []
+    progress = _Progress(spec.name)
     try:
-        job(spec, train_set, settings, out, _progress(spec.name), sink)
+        job(spec, train_set, settings, out, progress, sink)
         return sink[0], None, False
     except KeyboardInterrupt:
         return (sink[0] if sink else None), None, True
@@ -79,6 +104,8 @@ def _work(job: Callable[..., Any], spec: Any, train_set: Any, settings: Any, out
         raise
     except Exception as exc:  # a model that crashes mid-run: keep its records, say why
         return (sink[0] if sink else None), f"{type(exc).__name__}: {exc}", False
+    finally:
+        progress.flush()
 
 
 def run_parallel(job: Callable[..., Any], specs: Sequence[Any], train_set: Any, settings: Any,

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
         t = time.monotonic()
         done, failed, interrupted = run_parallel(chatty_job, [Spec("a"), Spec("b")], None, Settings(), None, 2,
                                                  lambda phase, n: steps.append(n), on_run)
-        print(sorted(done), {k: v[2] for k, v in sorted(done.items())}, failed, interrupted, len(steps),
+        print(sorted(done), {k: v[2] for k, v in sorted(done.items())}, failed, interrupted, sum(steps),
               round(time.monotonic() - t))
 """)
 
@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent("""
 def test_a_study_stopped_while_workers_still_send_progress_exits_with_their_results(mode, tmp_path):
     """Each worker sends about 1.2 MB of progress. Interrupted, the study used to stop reading it and wait for the
     workers, which waited (at exit) to flush that progress into a full pipe: the command hung for ever. Now it
-    returns both runs' results; run to the end, every progress message arrives."""
+    returns both runs' results; run to the end, every step's progress arrives."""
     script = tmp_path / "study.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
@@ -48,5 +48,29 @@ def test_a_study_stopped_while_workers_still_send_progress_exits_with_their_resu
     assert line.startswith("['a', 'b'] {'a': {'run': 'a'}, 'b': {'run': 'b'}} {} ")
     *_, interrupted, steps, _seconds = line.split(" ")
     assert interrupted == str(mode == "interrupt")
-    if mode == "finish":
+    if mode == "finish":  # sent in batches, at most one message per worker and phase every 0.25 s
         assert int(steps) == 2 * 20000
+
+
+def test_progress_is_batched_and_adds_up_to_the_steps_run(monkeypatch):
+    from gradscope.study import parallel
+
+    class Sent(list):
+        put = list.append
+
+    sent = Sent()
+    monkeypatch.setattr(parallel, "_QUEUE", sent)
+    progress = parallel._Progress("plain20-bn", interval=3600.0)
+    progress("init", 1)  # the first step goes at once: the study learns the run started
+    assert sent == [("plain20-bn", "init", 1)]
+    progress("init", 1)
+    for _ in range(300):
+        progress("train", 1)  # a new phase sends what the last one held
+    progress.flush()
+    assert sent == [("plain20-bn", "init", 1), ("plain20-bn", "init", 1), ("plain20-bn", "train", 300)]
+    every = parallel._Progress("x", interval=0.0)  # no batching: one message per call
+    sent.clear()
+    for _ in range(3):
+        every("train", 2)
+    every.flush()
+    assert sent == [("x", "train", 2)] * 3

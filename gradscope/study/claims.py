@@ -195,40 +195,75 @@ def _recorded_steps(traj: Any, runs: Sequence[str]) -> int:
     return int(t["n_steps"].min()) if len(t) else 0
 
 
-def _healthy_share(traj: Any, runs: Sequence[str]) -> Optional[float]:
-    t = traj[(traj["signal"] == "backward") & traj["run"].isin(list(runs))] if traj is not None and len(traj) else None
-    return None if t is None or t.empty else float(t["frac_healthy"].mean())
+def _healthy_shares(traj: Any, runs: Sequence[str]) -> List[float]:
+    """Each trained run's share of recorded steps whose backward class is healthy (runs not trained: absent)."""
+    if traj is None or not len(traj):
+        return []
+    t = traj[(traj["signal"] == "backward") & traj["run"].isin(list(runs))]
+    return [float(h) for h in t["frac_healthy"]]
+
+
+#: What a configuration's seeds say over training: healthy in most recorded steps in every seed, in none, or split.
+MOSTLY_HEALTHY, MOSTLY_NOT, SPLIT = "mostly healthy", "mostly not healthy", "split"
+
+
+def _majority(shares: Sequence[float]) -> Optional[str]:
+    """Whether every seed was healthy in at least half its recorded steps, none was, or the seeds split (None:
+    not trained). Seeds are judged one by one, as at initialisation: a mean over a seed healthy in 90% and one in
+    20% of its steps would read "mostly healthy" while one seed says otherwise."""
+    if not shares:
+        return None
+    most = [h >= 0.5 for h in shares]
+    return MOSTLY_HEALTHY if all(most) else MOSTLY_NOT if not any(most) else SPLIT
+
+
+def _share_text(shares: Sequence[float]) -> str:
+    """``healthy in 55% of recorded steps`` (the seeds' mean), and each seed's share where they split."""
+    text = f"healthy in {100 * sum(shares) / len(shares):.0f}% of recorded steps"
+    if _majority(shares) == SPLIT:
+        text += " (seeds split: " + ", ".join(f"{100 * h:.0f}%" for h in shares) + ")"
+    return text
 
 
 def backward_train_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: Any = None) -> Claim:
-    """The same claim over training: healthy in most recorded steps of every plain BN configuration, against the
-    trained no-BN twins."""
+    """The same claim over training: healthy in most recorded steps of every seed of every plain BN configuration,
+    against the trained no-BN twins; seeds that split decide nothing."""
     pairs = _pairs(pooled, "backward", configs) if pooled is not None else []
-    shares = [(bn, twin, _healthy_share(traj, bn["runs"]), _healthy_share(traj, twin["runs"]) if twin else None)
+    shares = [(bn, twin, _healthy_shares(traj, bn["runs"]), _healthy_shares(traj, twin["runs"]) if twin else [])
               for bn, twin in pairs]
-    shares = [s for s in shares if s[2] is not None]
+    shares = [s for s in shares if s[2]]
     if not shares:
         return Claim("bn_backward_train", BACKWARD_STATEMENT, UNCLEAR, "no BN net was trained", "train")
     recorded = min(_recorded_steps(traj, bn["runs"]) for bn, *_ in shares)
-    bad = [bn["group"] for bn, _, h, _ in shares if h < 0.5]
+    state = {bn["group"]: _majority(h) for bn, _, h, _ in shares}
+    twins = [_majority(th) for *_, th in shares]
     text = "over training, toward the input: " + "; ".join(
         f"{bn['group']} {_trajectory_text(traj, bn['runs'], 'backward')}"
-        + (f"; its no-BN twin {twin['group']} healthy in {100 * th:.0f}% of recorded steps" if th is not None else
-           "; its no-BN twin was not trained") for bn, twin, _, th in shares)
+        + (f" (seeds split: {', '.join(f'{100 * x:.0f}%' for x in h)} healthy)" if state[bn["group"]] == SPLIT else "")
+        + (f"; its no-BN twin {twin['group']} {_share_text(th)}" if th else "; its no-BN twin was not trained")
+        for bn, twin, h, th in shares)
+    bad = [g for g, s in state.items() if s == MOSTLY_NOT]
+    split = [g for g, s in state.items() if s == SPLIT]
     if recorded < MIN_TRAIN_STEPS:
         answer, why = UNCLEAR, (f"only {recorded} recorded training step(s), fewer than {MIN_TRAIN_STEPS}: that is "
                                 f"initialisation, not training; train longer or record more often (--steps, --every)")
     elif bad:
-        answer, why = NO, f"healthy in fewer than half the recorded steps of {', '.join(bad)}"
-    elif any(th is not None and th < 0.5 for *_, th in shares):
+        answer, why = NO, f"healthy in fewer than half the recorded steps of every seed of {', '.join(bad)}"
+    elif split:
+        answer, why = UNCLEAR, (f"the seeds of {', '.join(split)} split: healthy in most recorded steps in some, "
+                                f"not in others; measure more seeds")
+    elif MOSTLY_NOT in twins:
         answer, why = YES, "healthy in most recorded steps with BN while a trained no-BN twin is not"
-    elif all(th is None for *_, th in shares):
+    elif all(t is None for t in twins):
         answer, why = UNCLEAR, ("healthy in most recorded steps with BN, but no no-BN twin was trained to contrast "
                                 "(train them too: --train all)")
+    elif SPLIT in twins:
+        answer, why = UNCLEAR, ("healthy in most recorded steps with BN, but the seeds of the trained no-BN twins "
+                                "split, so they show no contrast; measure more seeds")
     else:
         answer, why = UNCLEAR, "healthy with BN, and the trained no-BN twins too: the measurement cannot tell them apart"
-    how = ("share of recorded training steps whose per-layer class is healthy, per plain BN configuration (seeds "
-           "averaged), against the trained no-BN twins; raw gradient norms of BN nets also shrink as their weights "
+    how = ("share of recorded training steps whose per-layer class is healthy, per seed of each plain BN "
+           "configuration (every seed must agree), against the trained no-BN twins; raw gradient norms of BN nets also shrink as their weights "
            "grow (scale invariance): update_ratio in the records is the scale-free view; " + why)
     return Claim("bn_backward_train", BACKWARD_STATEMENT, answer, text, "train", how=how)
 

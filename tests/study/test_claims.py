@@ -216,6 +216,23 @@ def test_backward_claim_over_training_is_its_own_phase_with_its_contrast():
     assert early.answer == "unclear" and "only 1 recorded training step" in early.how
 
 
+def test_over_training_every_seed_must_agree():
+    """Seeds healthy in 90% and 20% of their recorded steps average 55%, "most steps": the claim said yes against a
+    twin healthy in 10%. A twin whose seeds were healthy in 60% and 10% averaged 35% and made a contrast too."""
+    pooled = pool_seeds(init_verdicts())
+    bn, nobn = ("plain56-bn", "plain56-bn-s1"), ("plain56-nobn", "plain56-nobn-s1")
+    split_bn = traj_rows(bn[:1], 0.9) + traj_rows(bn[1:], 0.2, 0.8)
+    c = backward_train_claim(pooled, CFG, pd.DataFrame(split_bn + traj_rows(nobn, 0.1, 0.9)))
+    assert c.answer == "unclear" and "seeds of plain56-bn split" in c.how
+    assert "(seeds split: 90%, 20% healthy)" in c.evidence
+    split_twin = traj_rows(nobn[:1], 0.6, 0.4) + traj_rows(nobn[1:], 0.1, 0.9)
+    t = backward_train_claim(pooled, CFG, pd.DataFrame(traj_rows(bn, 0.9) + split_twin))
+    assert t.answer == "unclear" and "no-BN twins split" in t.how
+    assert "healthy in 35% of recorded steps (seeds split: 60%, 10%)" in t.evidence
+    both_low = traj_rows(bn[:1], 0.4, 0.6) + traj_rows(bn[1:], 0.1, 0.9)  # every seed below half: a settled "no"
+    assert backward_train_claim(pooled, CFG, pd.DataFrame(both_low + split_twin)).answer == "no"
+
+
 def test_a_diverged_seed_turns_a_pooled_verdict_to_diverged_and_is_named():
     v = init_verdicts()
     v.loc[(v.run == "plain56-bn-s1") & (v.signal == "forward"), ["verdict", "factor"]] = ["diverged", float("nan")]

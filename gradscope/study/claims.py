@@ -65,8 +65,10 @@ def _rate(row: dict) -> str:
     sd = row["ln_sd"]
     spread = "" if row["n"] < 2 or math.isnan(sd) else f" (sd of ln {sd:.3f})"
     div = f"; diverged: {', '.join(row['diverged_runs'])}" if row["diverged_runs"] else ""
-    if row["verdict"] == UNSETTLED and len(row.get("counts") or {}) > 1:
-        div += " (the seeds disagree: " + ", ".join(f"{c} {k}" for c, k in sorted(row["counts"].items())) + ")"
+    counts = row.get("counts") or {}
+    if row["verdict"] == UNSETTLED and len(counts) > 1:
+        why = "not every seed settled a class" if UNSETTLED in counts else "the seeds disagree"
+        div += f" ({why}: " + ", ".join(f"{c} {k}" for c, k in sorted(counts.items())) + ")"
     per_layer = ""
     if str(row.get("unit", "")).startswith("per layer"):
         unit = "amplitude " if row["signal"] == "forward" else ""

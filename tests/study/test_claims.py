@@ -271,7 +271,8 @@ def test_bn_claims_are_unclear_when_the_bn_seeds_disagree():
     f = forward_claim(pool_seeds(forward), CFG)  # x1.00 and x0.80: mean x0.894, x0.972 per layer, "healthy"
     assert f.answer == "unclear" and "plain56-bn" in f.how
     unsure = _seed_classes(init_verdicts(), "plain56-bn", "forward", "unknown", 1.0)
-    assert forward_claim(pool_seeds(unsure), CFG).answer == "unclear"  # was "no": unknown counted as bad
+    u = forward_claim(pool_seeds(unsure), CFG)
+    assert u.answer == "unclear" and "not every seed settled a class: healthy 1, unknown 1" in u.evidence  # was "no"
     both_bad = _seed_classes(init_verdicts(bn_fwd=(0.8, 0.8)), "plain56-bn", "forward", "vanishing", 0.8)
     both_bad = _seed_classes(both_bad, "plain56-bn-s1", "forward", "vanishing", 0.8)
     assert forward_claim(pool_seeds(both_bad), CFG).answer == "no"  # seeds that agree still decide "no"

@@ -38,13 +38,13 @@ import copy
 import gc
 import json
 import math
-from pathlib import Path
 import random
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch

@@ -121,4 +121,5 @@ def pooled_verdict(seed_verdicts: Sequence[str]) -> str:
     classes = [str(v) for v in seed_verdicts]
     if A.DIVERGED in classes:
         return A.DIVERGED
-    return classes[0] if classes and all(c == classes[0] for c in classes) else A.UNKNOWN
+    agreed = classes[0] if classes and all(c == classes[0] for c in classes) else A.UNKNOWN
+    return agreed if agreed in A.CLASSES else A.UNKNOWN  # a missing verdict (NaN) is no class

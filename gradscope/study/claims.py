@@ -35,6 +35,7 @@ from gradscope import schema as S
 from gradscope.analysis import stats
 from gradscope.analysis.results import Claim
 from gradscope.analysis.text import times
+from gradscope.words import DIVERGED, EXPLODING, UNKNOWN, VANISHING
 from gradscope.study.error_claims import FinalErrors, error_claims
 from gradscope.study.run_noise import Noise
 from gradscope.study.training_claims import (LOSS_MARGIN, NO, UNCLEAR, YES, degradation_claim,  # noqa: F401
@@ -42,10 +43,13 @@ from gradscope.study.training_claims import (LOSS_MARGIN, NO, UNCLEAR, YES, degr
 
 #: The variance of relu(BN(z)) in train mode, whatever z: the forward claim holds by construction there.
 BN_RELU_VAR = 0.341
-#: Pooled classes that decide: a configuration whose seeds disagree, or did not settle a class, is ``unknown``
-#: (:func:`gradscope.analysis.trajectory.pooled_verdict`) and decides nothing either way.
-UNSETTLED = "unknown"
-NOT_HEALTHY = ("vanishing", "exploding", "diverged")
+#: A configuration whose seeds disagree, or did not all settle a class, is ``unknown``
+#: (:func:`gradscope.analysis.trajectory.pooled_verdict`): it decides a claim neither way.
+UNSETTLED = UNKNOWN
+#: Pooled classes that are surely not healthy: a BN net in one is a "no", a no-BN twin in one is a contrast.
+NOT_HEALTHY = (VANISHING, EXPLODING, DIVERGED)
+#: What to do about an unsettled class: every seed must agree, so more seeds cannot settle it; tighter fits can.
+SETTLE_FIX = "a tighter fit per seed settles it (more blocks, more or larger batches); more seeds cannot"
 
 
 def _pooled_rows(pooled: Any, signal: str, bn: Optional[bool], configs: Dict[str, Dict[str, Any]]) -> List[dict]:
@@ -66,9 +70,12 @@ def _rate(row: dict) -> str:
     spread = "" if row["n"] < 2 or math.isnan(sd) else f" (sd of ln {sd:.3f})"
     div = f"; diverged: {', '.join(row['diverged_runs'])}" if row["diverged_runs"] else ""
     counts = row.get("counts") or {}
-    if row["verdict"] == UNSETTLED and len(counts) > 1:
-        why = "not every seed settled a class" if UNSETTLED in counts else "the seeds disagree"
-        div += f" ({why}: " + ", ".join(f"{c} {k}" for c, k in sorted(counts.items())) + ")"
+    if row["verdict"] == UNSETTLED and counts:
+        if len(counts) == 1:
+            div += " (no seed settled a class: each fit straddles a threshold)"
+        else:
+            why = "not every seed settled a class" if UNSETTLED in counts else "the seeds disagree"
+            div += f" ({why}: " + ", ".join(f"{cls} {n}" for cls, n in sorted(counts.items())) + ")"
     per_layer = ""
     if str(row.get("unit", "")).startswith("per layer"):
         unit = "amplitude " if row["signal"] == "forward" else ""
@@ -131,13 +138,13 @@ def _contrast_answer(pairs: List[Tuple[dict, Optional[dict]]], bad: List[str], w
     unsettled = [bn["group"] for bn, _ in pairs if bn["verdict"] == UNSETTLED]
     if unsettled:
         return UNCLEAR, (f"the seeds of {', '.join(unsettled)} do not settle one class (they disagree, or a fit "
-                         f"straddles a threshold): measure more seeds, or more blocks")
+                         f"straddles a threshold): {SETTLE_FIX}")
     differ = [bn["group"] for bn, twin in pairs if twin is not None and twin["verdict"] in NOT_HEALTHY]
     if differ:
         return YES, f"{what} with BN while the no-BN twin is not, for {', '.join(differ)}"
     if any(twin is not None and twin["verdict"] == UNSETTLED for _, twin in pairs):
-        return UNCLEAR, (f"{what} with BN, but the seeds of the no-BN twins do not settle one class, so the "
-                         f"measurement cannot show a contrast; {unclear_fix}")
+        return UNCLEAR, (f"{what} with BN, but the seeds of the no-BN twins do not settle one class, so they show "
+                         f"no contrast: {SETTLE_FIX}")
     if all(twin is None for _, twin in pairs):
         return UNCLEAR, f"{what} with BN, but no no-BN twin was measured to contrast; {unclear_fix}"
     return UNCLEAR, (f"{what} with BN, but the no-BN twins are healthy too, so the measurement cannot tell BN from no "
@@ -150,12 +157,12 @@ def forward_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: Any = N
     pairs = _pairs(pooled, "forward", configs)
     if not pairs:
         return Claim("bn_forward", statement, UNCLEAR, "no run with BatchNorm was measured", "init")
-    bad = [bn["group"] for bn, _ in pairs if bn["verdict"] in ("vanishing", "diverged")]
+    bad = [bn["group"] for bn, _ in pairs if bn["verdict"] in (VANISHING, DIVERGED)]
     answer, why = _contrast_answer(pairs, bad, "the forward variance is kept",
                                    "measure a net whose no-BN twin loses its variance (e.g. a deeper plain net, or "
                                    "--init xavier)")
     text = "at initialisation: " + _pair_text(pairs)
-    if not bad:
+    if not bad and all(bn["verdict"] != UNSETTLED for bn, _ in pairs):
         text += (f" (in train mode relu(BN(z)) has variance {BN_RELU_VAR} for any z, so BN nets keep it by "
                  f"construction; the no-BN contrast is what makes the answer informative)")
     trained = [r for bn, _ in pairs for r in bn["runs"]]
@@ -219,12 +226,11 @@ def _majority(shares: Sequence[float]) -> Optional[str]:
     return MOSTLY_HEALTHY if all(most) else MOSTLY_NOT if not any(most) else SPLIT
 
 
-def _share_text(shares: Sequence[float]) -> str:
-    """``healthy in 55% of recorded steps`` (the seeds' mean), and each seed's share where they split."""
-    text = f"healthy in {100 * sum(shares) / len(shares):.0f}% of recorded steps"
-    if _majority(shares) == SPLIT:
-        text += " (seeds split: " + ", ".join(f"{100 * h:.0f}%" for h in shares) + ")"
-    return text
+def _split_text(shares: Sequence[float]) -> str:
+    """`` (seeds split: 90%, 20% healthy)`` where the seeds split, else nothing."""
+    if _majority(shares) != SPLIT:
+        return ""
+    return " (seeds split: " + ", ".join(f"{100 * h:.0f}%" for h in shares) + " healthy)"
 
 
 def backward_train_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: Any = None) -> Claim:
@@ -240,9 +246,9 @@ def backward_train_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: 
     state = {bn["group"]: _majority(h) for bn, _, h, _ in shares}
     twins = [_majority(th) for *_, th in shares]
     text = "over training, toward the input: " + "; ".join(
-        f"{bn['group']} {_trajectory_text(traj, bn['runs'], 'backward')}"
-        + (f" (seeds split: {', '.join(f'{100 * x:.0f}%' for x in h)} healthy)" if state[bn["group"]] == SPLIT else "")
-        + (f"; its no-BN twin {twin['group']} {_share_text(th)}" if th else "; its no-BN twin was not trained")
+        f"{bn['group']} {_trajectory_text(traj, bn['runs'], 'backward')}{_split_text(h)}"
+        + (f"; its no-BN twin {twin['group']} healthy in {100 * sum(th) / len(th):.0f}% of recorded steps"
+           f"{_split_text(th)}" if th else "; its no-BN twin was not trained")
         for bn, twin, h, th in shares)
     bad = [g for g, s in state.items() if s == MOSTLY_NOT]
     split = [g for g, s in state.items() if s == SPLIT]
@@ -253,7 +259,8 @@ def backward_train_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: 
         answer, why = NO, f"healthy in fewer than half the recorded steps of every seed of {', '.join(bad)}"
     elif split:
         answer, why = UNCLEAR, (f"the seeds of {', '.join(split)} split: healthy in most recorded steps in some, "
-                                f"not in others; measure more seeds")
+                                f"not in others (every seed must agree, so more seeds cannot settle it; longer "
+                                f"training may)")
     elif MOSTLY_NOT in twins:
         answer, why = YES, "healthy in most recorded steps with BN while a trained no-BN twin is not"
     elif all(t is None for t in twins):
@@ -261,12 +268,14 @@ def backward_train_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: 
                                 "(train them too: --train all)")
     elif SPLIT in twins:
         answer, why = UNCLEAR, ("healthy in most recorded steps with BN, but the seeds of the trained no-BN twins "
-                                "split, so they show no contrast; measure more seeds")
+                                "split, so they show no contrast")
     else:
-        answer, why = UNCLEAR, "healthy with BN, and the trained no-BN twins too: the measurement cannot tell them apart"
+        answer, why = UNCLEAR, ("healthy with BN, and the trained no-BN twins too: the measurement cannot tell them "
+                                "apart")
     how = ("share of recorded training steps whose per-layer class is healthy, per seed of each plain BN "
-           "configuration (every seed must agree), against the trained no-BN twins; raw gradient norms of BN nets also shrink as their weights "
-           "grow (scale invariance): update_ratio in the records is the scale-free view; " + why)
+           "configuration (every seed must agree), against the trained no-BN twins; raw gradient norms of BN nets "
+           "also shrink as their weights grow (scale invariance): update_ratio in the records is the scale-free "
+           "view; " + why)
     return Claim("bn_backward_train", BACKWARD_STATEMENT, answer, text, "train", how=how)
 
 

@@ -57,11 +57,13 @@ def _init_worker(q: Any) -> None:
 
 
 class _Progress:
-    """A run's progress, sent to the study at most every ``interval`` seconds per phase (the first step at once).
+    """A run's progress, sent to the study at most every ``interval`` seconds (a run's very first step at once,
+    so the study learns it started; a new phase sends what the last one held).
 
     Why: one message per training step cost the default study about 4 CPU-seconds of pickling and queue feeding
-    (py-spy, docs/performance.md), and the more that is queued, the more a stopped study must drain.
-    ``flush()`` sends what is left, so the counts the study sees add up to the steps run.
+    (py-spy, docs/performance.md), and the more that is queued, the more a stopped study must drain. ``totals``
+    (every step counted, sent or not) goes back with the run's result, and the study reports what its messages did
+    not carry (:func:`run_parallel`): a result can overtake the last messages, so only that makes the counts add up.
     """
 
     def __init__(self, name: str, interval: float = 0.25) -> None:
@@ -69,12 +71,14 @@ class _Progress:
         self._phase: Optional[str] = None
         self._count = 0
         self._sent = -math.inf
+        self.totals: Dict[str, int] = {}
 
     def __call__(self, phase: str, n: int) -> None:
         if phase != self._phase:
             self.flush()
             self._phase = phase
         self._count += n
+        self.totals[phase] = self.totals.get(phase, 0) + n
         if time.monotonic() - self._sent >= self.interval:
             self.flush()
 
@@ -86,32 +90,38 @@ class _Progress:
 
 
 def _work(job: Callable[..., Any], spec: Any, train_set: Any, settings: Any, out: Optional[Path]
-          ) -> Tuple[Any, Optional[str], bool]:
-    """In a worker: ``job(spec, train_set, settings, out, on_step, sink)`` (:func:`runs.measure_job` or a recipe's job), one run.
+          ) -> Tuple[Any, Optional[str], bool, Dict[str, int]]:
+    """In a worker: ``job(spec, train_set, settings, out, on_step, sink)`` (:func:`runs.measure_job` or a recipe's
+    job), one run.
 
-    Returns ``(triple or None, error or None, interrupted)``; a GradscopeError (bad input) propagates.
+    Returns ``(triple or None, error or None, interrupted, steps run per phase)``; a GradscopeError (bad input)
+    propagates.
     """
     from gradscope.errors import GradscopeError
 
     sink: List[Any] = []
     progress = _Progress(spec.name)
+    error, interrupted = None, False
     try:
         job(spec, train_set, settings, out, progress, sink)
-        return sink[0], None, False
     except KeyboardInterrupt:
-        return (sink[0] if sink else None), None, True
+        interrupted = True
     except GradscopeError:
         raise
     except Exception as exc:  # a model that crashes mid-run: keep its records, say why
-        return (sink[0] if sink else None), f"{type(exc).__name__}: {exc}", False
-    finally:
-        progress.flush()
+        error = f"{type(exc).__name__}: {exc}"
+    return (sink[0] if sink else None), error, interrupted, progress.totals
 
 
 def run_parallel(job: Callable[..., Any], specs: Sequence[Any], train_set: Any, settings: Any,
                  out: Optional[Path], workers: int, on_step: Optional[Callable[[str, int], None]],
                  on_run: Optional[Callable[[Any], None]]) -> Tuple[Dict[str, Any], Dict[str, str], bool]:
-    """Run ``specs`` on ``workers`` processes; ``(done, failed, interrupted)`` as :func:`gradscope.study.executors.run_here` gives."""
+    """Run ``specs`` on ``workers`` processes; ``(done, failed, interrupted)`` as
+    :func:`gradscope.study.executors.run_here` gives.
+
+    ``on_step`` may raise KeyboardInterrupt (the CLI's stop check, a safe point): every result already handed back
+    is kept first, and the workers are asked to stop and hand back theirs.
+    """
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     done: Dict[str, Any] = {}
@@ -119,15 +129,29 @@ def run_parallel(job: Callable[..., Any], specs: Sequence[Any], train_set: Any, 
     interrupted = False
     order = sorted(specs, key=lambda s: -_cost(s, settings))
     started: set = set()
+    by_name = {s.name: s for s in specs}
+    received: Dict[Tuple[str, str], int] = {}  # (run, phase) -> steps its messages carried
+    closed: set = set()  # runs whose result is in: their late messages are already counted
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as pool:
         futures: Dict[Future, Any] = {pool.submit(_work, job, s, train_set, settings, out): s for s in order}
         pending = set(futures)
         try:
             while pending:
                 finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                _drain(q, on_step, on_run, started, {s.name: s for s in specs})
+                late = []
                 for f in finished:
-                    _take(f, futures[f], done, failed)
+                    name = futures[f].name
+                    totals = _take(f, futures[f], done, failed)
+                    late += [(phase, n - received.get((name, phase), 0)) for phase, n in totals.items()]
+                    closed.add(name)
+                _drain(q, on_step, on_run, started, by_name, received, closed)
+                for spec in (futures[f] for f in finished if futures[f].name not in started):
+                    started.add(spec.name)  # a run that ended before its first message was read
+                    if on_run:
+                        on_run(spec)
+                for phase, n in late:
+                    if on_step and n > 0:
+                        on_step(phase, n)
         except KeyboardInterrupt:  # stop the workers too: each keeps and returns what it recorded
             interrupted = True
             for f in pending:
@@ -146,8 +170,6 @@ def run_parallel(job: Callable[..., Any], specs: Sequence[Any], train_set: Any, 
 def _wait_draining(pending: set, q: Any, timeout: float) -> set:
     """The futures of ``pending`` that finish within ``timeout`` s, reading (and dropping) the workers' progress
     meanwhile: a worker whose progress pipe is full cannot hand back its result."""
-    import time
-
     deadline = time.monotonic() + timeout
     finished: set = set()
     while pending and time.monotonic() < deadline:
@@ -157,19 +179,21 @@ def _wait_draining(pending: set, q: Any, timeout: float) -> set:
     return finished
 
 
-def _take(future: Future, spec: Any, done: Dict[str, Any], failed: Dict[str, str]) -> None:
+def _take(future: Future, spec: Any, done: Dict[str, Any], failed: Dict[str, str]) -> Dict[str, int]:
+    """File one finished future's run (:func:`keep`); returns the steps it ran per phase (empty if it died)."""
     try:
-        triple, error, _ = future.result()
+        triple, error, _, totals = future.result()
     except KeyboardInterrupt:
-        return
+        return {}
     except Exception as exc:  # a worker that died (e.g. killed): the run's streamed parts stay on disk
         from gradscope.errors import GradscopeError
 
         if isinstance(exc, GradscopeError):
             raise
         failed[spec.name] = f"{type(exc).__name__}: {exc}"
-        return
+        return {}
     keep(spec, triple, error, done, failed)
+    return totals
 
 
 def keep(spec: Any, triple: Any, error: Any, done: Dict[str, Any], failed: Dict[str, str]) -> None:
@@ -181,12 +205,19 @@ def keep(spec: Any, triple: Any, error: Any, done: Dict[str, Any], failed: Dict[
         failed[spec.name] = error
 
 
-def _drain(q: Any, on_step, on_run, started: set, by_name: Dict[str, Any]) -> None:
+def _drain(q: Any, on_step, on_run, started: set, by_name: Dict[str, Any],
+           received: Optional[Dict[Tuple[str, str], int]] = None, closed: Any = ()) -> None:
+    """Report the progress messages waiting in ``q``: ``on_run`` at a run's first, ``on_step`` for each; counts go
+    into ``received``; messages of ``closed`` runs (counted from their result) are dropped."""
     while True:
         try:
             name, phase, n = q.get_nowait()
         except queue_mod.Empty:
             return
+        if name in closed:
+            continue
+        if received is not None:
+            received[(name, phase)] = received.get((name, phase), 0) + n
         if name not in started:
             started.add(name)
             if on_run:

@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from gradscope.analysis.trajectory import pool_seeds
+from gradscope.analysis.trajectory import pool_seeds, pooled_verdict
 from gradscope.study.claims import (all_claims, backward_claim, backward_train_claim, degradation_claim, forward_claim,
                                     residual_claim)
 from gradscope.study.run_noise import BATCHES, Noise, batch_noise
@@ -228,7 +228,7 @@ def test_over_training_every_seed_must_agree():
     split_twin = traj_rows(nobn[:1], 0.6, 0.4) + traj_rows(nobn[1:], 0.1, 0.9)
     t = backward_train_claim(pooled, CFG, pd.DataFrame(traj_rows(bn, 0.9) + split_twin))
     assert t.answer == "unclear" and "no-BN twins split" in t.how
-    assert "healthy in 35% of recorded steps (seeds split: 60%, 10%)" in t.evidence
+    assert "healthy in 35% of recorded steps (seeds split: 60%, 10% healthy)" in t.evidence
     both_low = traj_rows(bn[:1], 0.4, 0.6) + traj_rows(bn[1:], 0.1, 0.9)  # every seed below half: a settled "no"
     assert backward_train_claim(pooled, CFG, pd.DataFrame(both_low + split_twin)).answer == "no"
 
@@ -259,6 +259,8 @@ def test_seeds_that_disagree_pool_to_unknown_even_when_their_mean_sits_in_a_band
     assert agree.loc[("plain56-nobn", "forward")].verdict == "vanishing"
     unsure = _seed_classes(init_verdicts(), "plain56-bn", "forward", "unknown", 1.0)  # one fit straddled a threshold
     assert pool_seeds(unsure).set_index(["group", "signal"]).loc[("plain56-bn", "forward")].verdict == "unknown"
+    assert pooled_verdict([float("nan"), float("nan")]) == "unknown"  # missing verdicts agree on no class
+    assert pooled_verdict(["healthy", "diverged"]) == "diverged" and pooled_verdict([]) == "unknown"
 
 
 def test_bn_claims_are_unclear_when_the_bn_seeds_disagree():
@@ -273,6 +275,10 @@ def test_bn_claims_are_unclear_when_the_bn_seeds_disagree():
     unsure = _seed_classes(init_verdicts(), "plain56-bn", "forward", "unknown", 1.0)
     u = forward_claim(pool_seeds(unsure), CFG)
     assert u.answer == "unclear" and "not every seed settled a class: healthy 1, unknown 1" in u.evidence  # was "no"
+    assert "by construction" not in u.evidence  # said only of BN nets that surely kept their variance
+    assert "more seeds cannot" in u.how  # every seed must agree: only tighter fits settle it
+    none = _seed_classes(unsure, "plain56-bn-s1", "forward", "unknown", 1.0)
+    assert "unknown (no seed settled a class" in forward_claim(pool_seeds(none), CFG).evidence
     both_bad = _seed_classes(init_verdicts(bn_fwd=(0.8, 0.8)), "plain56-bn", "forward", "vanishing", 0.8)
     both_bad = _seed_classes(both_bad, "plain56-bn-s1", "forward", "vanishing", 0.8)
     assert forward_claim(pool_seeds(both_bad), CFG).answer == "no"  # seeds that agree still decide "no"
@@ -283,7 +289,7 @@ def test_a_contrast_needs_twin_seeds_that_agree():
     and the forward claim used to say "yes" from that contrast."""
     v = _seed_classes(init_verdicts(nobn_plain=(0.70, 0.70)), "plain56-nobn-s1", "forward", "healthy", 0.93)
     c = forward_claim(pool_seeds(v), CFG)
-    assert c.answer == "unclear" and "do not settle one class" in c.how
+    assert c.answer == "unclear" and "the seeds of the no-BN twins do not settle one class" in c.how
     assert forward_claim(pool_seeds(init_verdicts(nobn_plain=(0.70, 0.70))), CFG).answer == "yes"
 
 

@@ -331,3 +331,30 @@ def test_reductions_candidates_count_the_same_zeros_and_are_timed_both_ways(one_
         y = block.eval()(inp).reshape(-1)
     situ, loop = red.after_block(block, inp, reps=3), red.in_loop(y, reps=3)
     assert set(situ) == set(loop) == set(red.CANDIDATES) and all(v > 0 for v in loop.values())
+
+
+def test_profile_walltime_takes_turns_with_another_revision_and_compares_answers(capsys):
+    """Two tiny studies, HEAD in a temporary git worktree and this checkout, each in its own process: every run
+    prints its CPU-seconds and claims, the medians close with a ratio, and the worktree is removed again."""
+    import subprocess
+
+    bench = _load("profile_walltime")
+    root = BENCHMARKS.parent
+    before = subprocess.run(["git", "-C", str(root), "worktree", "list"], capture_output=True, text=True).stdout
+    bench.main(["--against", "HEAD", "--", "--models", "plain20", "--seeds", "0", "--steps", "2",
+                "--init-batches", "1", "--train-size", "64", "--format", "records", "--bn", "on"])
+    out = capsys.readouterr().out
+    runs = [line for line in out.splitlines() if " CPU-s (about " in line]
+    assert [line.split(":")[0].strip() for line in runs] == ["HEAD", "this"]
+    assert all("claims: bn_forward " in line and "degradation " in line for line in runs)
+    assert "answers the same in every run" in out and "CPU-s ratio this / HEAD: x" in out
+    after = subprocess.run(["git", "-C", str(root), "worktree", "list"], capture_output=True, text=True).stdout
+    assert after == before
+
+
+def test_profile_walltime_prints_each_claim_with_its_interval():
+    bench = _load("profile_walltime")
+    summary = {"claims": [{"key": "bn_forward", "answer": "yes", "estimate": None},
+                          {"key": "degradation", "answer": "yes", "estimate": 1.2409, "low": 0.7642, "high": 1.7176}]}
+    assert bench.claims_line(summary) == "bn_forward yes, degradation yes +1.24 [+0.76, +1.72]"
+    assert bench.claims_line({}) == "(no claims)"

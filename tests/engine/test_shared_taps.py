@@ -70,6 +70,26 @@ def _record(model, blocks, run, steps: int = 1, between=None):
     return scope.frame()
 
 
+def _eager_and_compiled_with(install):
+    """The frames of one step of ``_seq()`` attached, eager then under aot_eager, each with a user's hook that
+    ``install(model)`` registers after attach (and that is removed after the step)."""
+    x = _x()
+    frames = []
+    for backend in (None, "aot_eager"):
+        model = _seq()
+        scope = gradscope.attach(model, blocks=["0", "1", "2"])
+        handle = install(model)
+        try:
+            run = torch.compile(model, backend=backend) if backend else model
+            run(x).pow(2).sum().backward()
+        finally:
+            handle.remove()
+        scope.step()
+        scope.detach()
+        frames.append(scope.frame())
+    return frames
+
+
 def _same_grads(eager, compiled, keys=None):
     want, got = _grads(eager), _grads(compiled)
     if keys is not None:
@@ -184,21 +204,8 @@ def test_a_forward_hook_added_after_attach_and_before_compiling_stops_the_sharin
 def test_a_global_forward_hook_added_after_attach_keeps_every_gradient_row(one_thread, dynamo):
     """A global forward hook runs before the block's own hooks (gradscope's tap sees its result), and the check at
     trace time turns the sharing off while one exists: either way every row equals eager."""
-    x = _x()
-    frames = []
-    for backend in (None, "aot_eager"):
-        model = _seq()
-        scope = gradscope.attach(model, blocks=["0", "1", "2"])
-        handle = nn.modules.module.register_module_forward_hook(
-            lambda m, a, out: out * 2.0 if isinstance(m, _Lin) else None)
-        try:
-            run = torch.compile(model, backend=backend) if backend else model
-            run(x).pow(2).sum().backward()
-        finally:
-            handle.remove()
-        scope.step()
-        scope.detach()
-        frames.append(scope.frame())
+    frames = _eager_and_compiled_with(lambda model: nn.modules.module.register_module_forward_hook(
+        lambda m, a, out: out * 2.0 if isinstance(m, _Lin) else None))
     assert _same_grads(*frames) == 6
 
 
@@ -395,22 +402,10 @@ def _double_input(module, args):
 def test_a_pre_hook_that_runs_before_gradscopes_and_changes_the_input_stops_the_sharing(one_thread, dynamo, where):
     """A user's forward pre-hook on block 1 registered with ``prepend=True`` after attach (or a global one) runs
     before gradscope's and doubles the input: block 1's input is no longer block 0's tapped output."""
-    x = _x()
-    frames = []
-    for backend in (None, "aot_eager"):
-        model = _seq()
-        scope = gradscope.attach(model, blocks=["0", "1", "2"])
+    def install(model):
         if where == "block":
-            handle = model[1].register_forward_pre_hook(_double_input, prepend=True)
-        else:
-            handle = nn.modules.module.register_module_forward_pre_hook(
-                lambda m, a: _double_input(m, a) if m is model[1] else None)
-        try:
-            run = torch.compile(model, backend=backend) if backend else model
-            run(x).pow(2).sum().backward()
-        finally:
-            handle.remove()
-        scope.step()
-        scope.detach()
-        frames.append(scope.frame())
-    assert _same_grads(*frames) == 6
+            return model[1].register_forward_pre_hook(_double_input, prepend=True)
+        return nn.modules.module.register_module_forward_pre_hook(
+            lambda m, a: _double_input(m, a) if m is model[1] else None)
+
+    assert _same_grads(*_eager_and_compiled_with(install)) == 6

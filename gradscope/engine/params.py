@@ -110,8 +110,9 @@ class KnownNorms:
     Why: in the usual loop (``scope.step()``, then ``optimizer.step()``) the parameters ``param_norm`` just measured
     are the ``theta_before`` of the update ratio. While no parameter was modified in place since (every version
     unchanged), :meth:`recall` hands those norms over instead of a second pass over every parameter (1.9 ms less per
-    recorded step on the 50-block MLP, 0.9 ms on ResNet-56, inside training steps: docs/performance.md). A modification in between (weight decay by hand,
-    ``load_state_dict``, the optimizer stepping first) changes a version, and the norms are measured again.
+    recorded step on the 50-block MLP, 0.9 ms on ResNet-56, inside training steps: docs/performance.md). A
+    modification in between (weight decay by hand, ``load_state_dict``, the optimizer stepping first) changes a
+    version, and the norms are measured again. Kept only when an update ratio will read them (``Scope``).
     """
 
     def __init__(self) -> None:

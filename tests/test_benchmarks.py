@@ -184,8 +184,10 @@ def test_recipe_cost_arithmetic_by_hand():
     from gradscope.study.recipe import HE2016, HE2016_SHORT, Recipe
 
     assert speed.evaluations(HE2016) == 64 and speed.evaluated_images(HE2016) == 15_000
-    # he2016-short evaluates every round(1000 * 4000 / 64000) = 62 iterations: 64 times, then at iteration 4000
-    assert HE2016_SHORT.eval_every == 62 and speed.evaluations(HE2016_SHORT) == 65
+    # he2016-short evaluates every 250 iterations, the last time at iteration 4000
+    assert HE2016_SHORT.eval_every == 250 and speed.evaluations(HE2016_SHORT) == 16
+    # the interval the shortening alone gives: round(1000 * 4000 / 64000) = 62, 64 times, then at iteration 4000
+    assert speed.evaluations(HE2016.shortened(4_000)) == 65
     # (2 init passes + 64,000 iterations) x 50 ms + 64 evaluations x 15,000 images x 0.1 ms
     assert speed.run_seconds(HE2016, 0.05, 1e-4) == pytest.approx(64_002 * 0.05 + 64 * 15_000 * 1e-4)
     assert speed.run_seconds(HE2016, 0.05, 1e-4) == pytest.approx(3296.1)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gradscope import schema as S
-from gradscope.engine.probes import first_tensor
+from gradscope.engine.hookargs import first_tensor
 from gradscope.engine.scope import attach
 from gradscope.errors import GradscopeError, ModelError
 from gradscope.study.specs import RunSpec

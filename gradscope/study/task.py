@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-from gradscope.engine.probes import first_tensor
+from gradscope.engine.hookargs import first_tensor
 from gradscope.errors import ModelError
 
 #: The contract's page, named in every error about it.

@@ -11,7 +11,8 @@ from typing import Any
 
 from gradscope.errors import GradscopeError
 from gradscope.engine.alerts import Alert, AlertRules, AnomalyError
-from gradscope.engine.scope import NonFiniteError, Scope, attach
+from gradscope.engine.attach import attach
+from gradscope.engine.scope import NonFiniteError, Scope
 from gradscope.engine.sites import Site, find_blocks
 
 from gradscope.schema import __version__

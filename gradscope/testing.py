@@ -26,7 +26,7 @@ from torch import nn
 
 from gradscope import schema as S
 from gradscope.errors import GradscopeError
-from gradscope.engine.scope import attach
+from gradscope.engine.attach import attach
 from gradscope.engine.sites import BlockSelector
 
 __all__ = ["assert_healthy", "default_loss"]

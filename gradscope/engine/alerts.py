@@ -27,12 +27,10 @@ gives one divergence alert, not one per step).
 from __future__ import annotations
 
 import math
-import warnings
 from collections import deque
-from pathlib import Path
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from statistics import median
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from gradscope import schema as S
 from gradscope.errors import GradscopeError
@@ -352,94 +350,4 @@ def _divergence_alert(step: int, ordered: List[Tuple[Any, str, str, float]]) -> 
     return Alert(step, DIVERGENCE, block, metric, value, math.inf, tuple(blocks[1:]))
 
 
-Handler = Union[None, str, Callable[[Alert], object]]
-
-
-def check_handler(on_anomaly: Handler) -> Handler:
-    """Validate ``attach(on_anomaly=...)``: ``None``, ``"warn"``, ``"raise"`` or a callable taking an Alert."""
-    if on_anomaly is None or callable(on_anomaly) or on_anomaly in ANOMALY_POLICIES:
-        return on_anomaly
-    raise GradscopeError(f"on_anomaly={on_anomaly!r}: use 'warn', 'raise', a function taking a gradscope Alert, "
-                         f"or None (alerts are still kept: scope.alerts())")
-
-
-class AlertLog:
-    """The alerts of one scope: detection at each flush, the user's handler, the file beside the records.
-
-    ``on_anomaly``: ``None`` keeps alerts silently (``scope.alerts()``, ``alerts.csv``); ``"warn"`` warns once per
-    alert; ``"raise"`` makes the next ``scope.step()`` raise :class:`AnomalyError` (never ``frame()`` or
-    ``detach()``, which must not lose rows); a callable receives each :class:`Alert` as it is found.
-    """
-
-    def __init__(self, rules: Optional[AlertRules], on_anomaly: Handler, out: Optional[Path] = None,
-                 write_files: bool = True, gradients_may_overflow: bool = False) -> None:
-        if rules is not None and not isinstance(rules, AlertRules):
-            raise GradscopeError(f"alert_rules={rules!r}: pass gradscope.AlertRules(...) or None for the defaults")
-        self.detector = Detector(rules or AlertRules(), gradients_may_overflow)
-        self.handler = check_handler(on_anomaly)
-        self.out = out if write_files else None
-        self.alerts: List[Alert] = []
-        self._pending: List[Alert] = []
-        self.enabled = bool(self.detector.rules.kinds)  # AlertRules(kinds=()) turns detection off
-        #: the traced origin of the first forward NaN (an ``OpOrigin``), set by the scope before each observe
-        self.origin: Any = None
-
-    def observe(self, rows: Iterable[Row], losses: Iterable[Tuple[int, float]] = ()) -> List[Alert]:
-        """Detect on newly transferred rows and losses; write, tell and remember what is new."""
-        new = self.detector.observe(rows, losses)
-        if not new:
-            return new
-        new = [with_origin(a, self.origin) for a in new]
-        self.alerts.extend(new)
-        if self.out is not None:
-            self.write()
-        for alert in new:
-            if callable(self.handler):
-                self.handler(alert)
-            elif self.handler == "warn":
-                warnings.warn(str(alert), RuntimeWarning, stacklevel=4)
-        if self.handler == "raise":
-            self._pending.extend(new)
-        return new
-
-    def raise_pending(self) -> None:
-        """Under ``on_anomaly="raise"``: raise :class:`AnomalyError` for the alerts found since the last call."""
-        if self._pending:
-            pending, self._pending = self._pending, []
-            raise AnomalyError("; ".join(str(a) for a in pending))
-
-    def rows(self) -> List[Dict[str, object]]:
-        """Every alert so far as a flat dict (columns :data:`gradscope.schema.ALERT_COLUMNS`)."""
-        return [a.as_dict() for a in self.alerts]
-
-    def write(self) -> None:
-        """Rewrite ``out/alerts.csv`` (atomically) with every alert so far."""
-        from gradscope import store  # pandas loads only when an alert is written
-
-        store.write_alerts(self.rows(), self.out)
-
-
-def with_origin(alert: Alert, origin: Any) -> Alert:
-    """A divergence alert at the step of a traced first NaN names its operator and module."""
-    if alert.kind != DIVERGENCE or origin is None or getattr(origin, "op", None) is None \
-            or origin.step != alert.step:
-        return alert
-    return replace(alert, origin=f"{origin.op} in {origin.module!r}")
-
-
-def detector_rows(rows: Any, start: int, sites: Sequence[Any], depth: Dict[int, int]) -> List[Row]:
-    """The recorded rows from index ``start`` (the recorder's parallel lists) that a detector reads, as its tuples:
-    gradient norms, update ratios and non-finite values (a healthy step's other rows matter to no detector)."""
-    step, site, call, metric, value = rows.step, rows.site, rows.call, rows.metric, rows.value
-    wanted, end = _READ, len(value)
-    if math.isfinite(sum(value[start:end])):  # every value finite: only a count can still report a NaN/Inf
-        picked = [i for i in range(start, end) if metric[i] in wanted
-                  or (metric[i] == S.ACT_NONFINITE and value[i] > 0)]
-    else:
-        picked = [i for i in range(start, end) if metric[i] in wanted or not math.isfinite(value[i])
-                  or (metric[i] == S.ACT_NONFINITE and value[i] > 0)]
-    return [(step[i], sites[site[i]].name, depth.get(site[i], -1), call[i], metric[i], value[i]) for i in picked]
-
-
-_READ = frozenset((S.GRAD_NORM, S.UPDATE_RATIO))
 _GRADIENT_METRICS = frozenset(S.BACKWARD_METRICS + (S.PARAM_GRAD_NORM,))

@@ -11,7 +11,8 @@ import pandas as pd
 
 from gradscope import schema as S
 from gradscope.engine.provenance import Provenance, device_of
-from gradscope.engine.scope import Scope, attach
+from gradscope.engine.attach import attach
+from gradscope.engine.scope import Scope
 from gradscope.engine.sinks import check_sinks
 from gradscope.errors import GradscopeError
 

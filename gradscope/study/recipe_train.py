@@ -19,7 +19,7 @@ from torch import nn
 
 from gradscope import schema as S
 from gradscope.analysis.curves import curves
-from gradscope.engine.scope import attach
+from gradscope.engine.attach import attach
 from gradscope.errors import GradscopeError
 from gradscope.study.error_claims import error_window
 from gradscope.study.recipe import HE2016, Recipe, RecipeData, WarmUp, batches, error_rate

@@ -21,7 +21,7 @@ from torch import nn
 
 from gradscope import schema as S
 from gradscope.engine.hookargs import first_tensor
-from gradscope.engine.scope import attach
+from gradscope.engine.attach import attach
 from gradscope.errors import GradscopeError, ModelError
 from gradscope.study.specs import RunSpec
 from gradscope.study.task import loss_of, move, run_forward, user_batches

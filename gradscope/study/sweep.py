@@ -33,7 +33,7 @@ from torch import nn
 
 from gradscope import schema as S
 from gradscope.analysis import stats
-from gradscope.engine.scope import attach
+from gradscope.engine.attach import attach
 from gradscope.engine.sites import BlockSelector, find_blocks
 from gradscope.errors import GradscopeError, ModelError
 

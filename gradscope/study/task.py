@@ -149,7 +149,7 @@ def load_task(spec: Any) -> Tuple[Callable[[], nn.Module], Task]:
             raise ModelError(f"--model {spec!r}: calling {name}() raised {type(exc).__name__}: {exc}") from exc
         parts = dict(made, dict=True) if isinstance(made, dict) else {"model": made}
         if not isinstance(parts.get("model"), nn.Module):
-            what = (f"dict without a 'model' entry" if isinstance(made, dict) and "model" not in made
+            what = ("dict without a 'model' entry" if isinstance(made, dict) and "model" not in made
                     else type(parts.get("model")).__name__)
             raise ModelError(f"--model {spec!r}: {name}() returned {what}, not a torch.nn.Module (or a dict "
                              f"{{'model': module, 'loss': ..., 'batches': ...}}; {DOCS})")

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from gradscope.engine.alerts import (ALERT_KINDS, Alert, AlertRules, Detector, check_handler, divergence, robust_z,
+from gradscope.engine.alertlog import check_handler
+from gradscope.engine.alerts import (ALERT_KINDS, Alert, AlertRules, Detector, divergence, robust_z,
                                      update_band)
 from gradscope.errors import GradscopeError
 

@@ -89,13 +89,13 @@ def _run(specs: List[RunSpec], train_set: Any, settings: Any, out: Optional[Path
 
         where["job"] = recipe_job
     if show is None:
-        return run_study(specs, train_set, settings, out=out, on_step=STOP.check, **where)
+        return run_study(specs, train_set, settings, out=out, on_step=STOP.check, poll=STOP.check, **where)
     show.start(total_steps(specs, settings), len(specs))
     interrupted = True
     try:
         study = run_study(specs, train_set, settings, out=out,
                           on_step=lambda phase, n: (STOP.check(), show.step(phase, n)),
-                          on_run=lambda spec: show.run(spec.name), **where)
+                          on_run=lambda spec: show.run(spec.name), poll=STOP.check, **where)
         interrupted = study.interrupted
         return study
     finally:

@@ -1,7 +1,8 @@
 """Ctrl-C and SIGTERM stop a profile at a safe point; what was recorded is kept and reported.
 
 While :func:`gradscope.profile` runs in the main thread, SIGINT and SIGTERM set :data:`STOP`; the study stops at
-its next safe point (after a step) with a KeyboardInterrupt that it catches (each run keeps its rows), and the CLI
+its next safe point (after a step; where runs go on in worker processes or on Ray, within the half second in
+which the waiting process polls) with a KeyboardInterrupt that it catches (each run keeps its rows), and the CLI
 exits 130 or 143 by the signal that came.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ class Stop:
             raise KeyboardInterrupt
 
     def check(self, *args: Any) -> None:
-        """Called after every step, a safe point: stop the study if a signal asked for it."""
+        """Called after every step, a safe point, and by a study waiting on its workers: stop the study if a
+        signal asked for it."""
         if self.signal is not None:
             raise KeyboardInterrupt
 

@@ -25,13 +25,16 @@ _RESULT_FILE = "result.json"
 def execute(job: Callable[..., Any], specs: Sequence[Any], data: Any, settings: Any, out: Optional[Path],
             on_step: Optional[Callable[[str, int], None]], on_run: Optional[Callable[[Any], None]], *,
             steps_of: Callable[[Any], Dict[str, int]], executor: str = "local", address: Optional[str] = None,
-            resume: bool = False) -> Tuple[Dict[str, Any], Dict[str, str], bool]:
+            resume: bool = False, poll: Optional[Callable[[], None]] = None
+            ) -> Tuple[Dict[str, Any], Dict[str, str], bool]:
     """Run ``job(spec, data, settings, out, on_step, sink)`` for every spec on ``executor``: ``(done, failed,
     interrupted)``, ``done`` mapping run names to ``(frame, losses, config)``.
 
     ``"local"``: worker processes when :func:`gradscope.study.parallel.worker_count` says so (one torch thread
     each), else one run after another here; ``"ray"``: :func:`run_ray`. ``resume=True`` first loads the runs that
     finished in ``out`` (each job saves its snapshot with :func:`save_finished`) and runs only the others.
+    ``poll``: a stop check the worker pool and Ray call while they wait for runs in other processes (it may raise
+    KeyboardInterrupt); runs here in this process are checked at each step only, through ``on_step``.
     """
     from gradscope.study import parallel
 
@@ -48,10 +51,11 @@ def execute(job: Callable[..., Any], specs: Sequence[Any], data: Any, settings: 
     todo = [s for s in specs if s.name not in resumed]
     if executor == "ray":
         done, failed, interrupted = run_ray(job, todo, data, settings, out, on_step, on_run, steps_of=steps_of,
-                                            address=address)
+                                            address=address, poll=poll)
     elif parallel.worker_count(todo, settings) > 1:
         done, failed, interrupted = parallel.run_parallel(job, todo, data, settings, out,
-                                                          parallel.worker_count(todo, settings), on_step, on_run)
+                                                          parallel.worker_count(todo, settings), on_step, on_run,
+                                                          poll)
     else:
         done, failed, interrupted = run_here(job, todo, data, settings, out, on_step, on_run)
     return {**resumed, **done}, failed, interrupted
@@ -162,13 +166,15 @@ def _import_ray() -> Any:
 def run_ray(job: Callable[..., Any], specs: Sequence[Any], train_set: Any, settings: Any, out: Optional[Path],
             on_step: Optional[Callable[[str, int], None]], on_run: Optional[Callable[[Any], None]],
             steps_of: Callable[[Any], Dict[str, int]], address: Optional[str] = None,
-            cpus_per_run: int = 1) -> Tuple[Dict[str, Any], Dict[str, str], bool]:
+            cpus_per_run: int = 1, poll: Optional[Callable[[], None]] = None
+            ) -> Tuple[Dict[str, Any], Dict[str, str], bool]:
     """Each run a Ray task (``cpus_per_run`` CPUs, one GPU when ``settings.device`` is CUDA).
 
     Connects to ``address`` (``"auto"``, ``"ray://host:10001"``, ...) or starts a local cluster, which is shut
     down again afterwards. Records stream to ``out`` from the workers, so ``out`` must be a path every node can
     write (a shared file system) on a multi-node cluster. Progress is reported as runs finish (``on_run`` and
-    ``on_step`` with the run's passes). Ctrl-C cancels the runs still pending and returns what finished.
+    ``on_step`` with the run's passes). Ctrl-C cancels the runs still pending and returns what finished, and so
+    does a KeyboardInterrupt from ``poll`` (the CLI's stop check: SIGTERM), called every half second.
     """
     ray = _import_ray()
     started_here = not ray.is_initialized()
@@ -198,6 +204,8 @@ def run_ray(job: Callable[..., Any], specs: Sequence[Any], train_set: Any, setti
                     if on_step:
                         for phase, count in steps_of(spec).items():
                             on_step(phase, count)
+                if poll:
+                    poll()
         except KeyboardInterrupt:
             interrupted = True
             for ref in pending:

@@ -115,12 +115,15 @@ def _work(job: Callable[..., Any], spec: Any, train_set: Any, settings: Any, out
 
 def run_parallel(job: Callable[..., Any], specs: Sequence[Any], train_set: Any, settings: Any,
                  out: Optional[Path], workers: int, on_step: Optional[Callable[[str, int], None]],
-                 on_run: Optional[Callable[[Any], None]]) -> Tuple[Dict[str, Any], Dict[str, str], bool]:
+                 on_run: Optional[Callable[[Any], None]], poll: Optional[Callable[[], None]] = None
+                 ) -> Tuple[Dict[str, Any], Dict[str, str], bool]:
     """Run ``specs`` on ``workers`` processes; ``(done, failed, interrupted)`` as
     :func:`gradscope.study.executors.run_here` gives.
 
     ``on_step`` may raise KeyboardInterrupt (the CLI's stop check, a safe point): every result already handed back
-    is kept first, and the workers are asked to stop and hand back theirs.
+    is kept first, and the workers are asked to stop and hand back theirs. ``poll`` (the same check) is called
+    every 0.2 s whatever the workers do, so a stop asked while no run reports steps (building a net, writing its
+    records) is seen at once too, not at the next step.
     """
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -152,6 +155,8 @@ def run_parallel(job: Callable[..., Any], specs: Sequence[Any], train_set: Any, 
                 for phase, n in late:
                     if on_step and n > 0:
                         on_step(phase, n)
+                if poll:
+                    poll()
         except KeyboardInterrupt:  # stop the workers too: each keeps and returns what it recorded
             interrupted = True
             for f in pending:

@@ -242,7 +242,7 @@ def run_study(specs: Sequence[RunSpec], train_set: Any, settings: Settings = Set
               out: Optional[Path] = None, on_step: Optional[Callable[[str, int], None]] = None,
               on_run: Optional[Callable[[RunSpec], None]] = None, *, executor: str = "local",
               address: Optional[str] = None, resume: bool = False,
-              job: Optional[Callable[..., None]] = None) -> StudyResult:
+              job: Optional[Callable[..., None]] = None, poll: Optional[Callable[[], None]] = None) -> StudyResult:
     """Measure every spec on ``train_set``: runs of one seed see the same batches in the same order, runs of
     different seeds different orders (:func:`data_order_seed`).
 
@@ -252,13 +252,14 @@ def run_study(specs: Sequence[RunSpec], train_set: Any, settings: Settings = Set
     ``address`` (a local one when None): :func:`gradscope.study.executors.run_ray`. ``resume=True`` (needs
     ``out``) loads the runs that already finished in ``out`` instead of running them again. A KeyboardInterrupt
     stops the study and returns what was recorded with ``interrupted=True``. ``job``: how one run is measured
-    (default :func:`measure_job`; a recipe study passes :func:`gradscope.study.recipe_train.recipe_job`).
+    (default :func:`measure_job`; a recipe study passes :func:`gradscope.study.recipe_train.recipe_job`). ``poll``:
+    a stop check called while runs go on in other processes (:func:`gradscope.study.executors.execute`).
     """
     from gradscope.study import executors
 
     done, failed, interrupted = executors.execute(
         job or measure_job, specs, train_set, settings, out, on_step, on_run, executor=executor, address=address, resume=resume,
-        steps_of=lambda s: {INIT: settings.init_batches, TRAIN: settings.steps if s.train else 0})
+        steps_of=lambda s: {INIT: settings.init_batches, TRAIN: settings.steps if s.train else 0}, poll=poll)
     return collect(done, failed, interrupted, [s.name for s in specs])
 
 

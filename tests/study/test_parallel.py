@@ -54,6 +54,44 @@ def test_a_study_stopped_while_workers_still_send_progress_exits_with_their_resu
         assert int(steps) == 2 * 20000
 
 
+QUIET = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from gradscope.study.parallel import run_parallel
+    from tests.fixtures import chatty_jobs
+    from tests.fixtures.chatty_jobs import Settings, Spec
+
+    out = Path(sys.argv[1])
+    polls = []
+
+    def poll():  # the CLI's stop check: a SIGTERM came once both runs are under way
+        polls.append(1)
+        if all((out / f"started-{name}").exists() for name in "ab"):
+            raise KeyboardInterrupt
+
+    if __name__ == "__main__":
+        start = time.monotonic()
+        done, failed, interrupted = run_parallel(chatty_jobs.quiet_job, [Spec("a"), Spec("b")], None, Settings(),
+                                                 out, 2, lambda phase, n: None, None, poll)
+        print(sorted(done), failed, interrupted, round(time.monotonic() - start, 1), len(polls))
+""")
+
+
+def test_a_stop_asked_while_no_run_reports_steps_is_seen_within_a_poll(tmp_path):
+    """Two runs that report no step for 20 s (building a net, writing records): the stop check ran only when
+    progress arrived, so a SIGTERM waited for the runs to end on their own. Now the pool polls it every 0.2 s and
+    the study stops with both runs' results within seconds."""
+    script = tmp_path / "quiet.py"
+    script.write_text(QUIET)
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names, failed, interrupted, seconds, polls = proc.stdout.strip().splitlines()[-1].rsplit(" ", 4)
+    assert names == "['a', 'b']" and failed == "{}" and interrupted == "True", proc.stdout
+    assert float(seconds) < 18 and int(polls) >= 1  # the runs alone take 20 s after starting
+
+
 def test_progress_is_batched_and_adds_up_to_the_steps_run(monkeypatch):
     from gradscope.study import parallel
 

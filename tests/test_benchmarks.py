@@ -210,6 +210,22 @@ def test_recipe_cost_arithmetic_by_hand():
     assert sum("all 9 nets x 5 seeds" in line for line in lines) == 2  # the full recipe and the short one
 
 
+def test_the_short_recipe_column_of_the_cost_table_is_its_arithmetic():
+    """docs/recipe.md's he2016-short column, rebuilt from the same row's seconds per iteration and milliseconds per
+    evaluated image (one figure was off by 0.1 h when the column was first recomputed by hand)."""
+    import re
+
+    speed = _load("recipe_speed")
+    from gradscope.study.recipe import HE2016_SHORT
+
+    rows = re.findall(r"^\| ResNet-(\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+ CPU-hours \| ([\d.]+) CPU-hours \|$",
+                      (BENCHMARKS.parent / "docs" / "recipe.md").read_text(), flags=re.M)
+    assert [r[0] for r in rows] == ["20", "56", "110"]
+    for _, per_iteration, ms_per_image, hours in rows:
+        seconds = speed.run_seconds(HE2016_SHORT, float(per_iteration), float(ms_per_image) / 1e3)
+        assert float(hours) == round(seconds / 3600, 1)
+
+
 def test_recipe_speed_times_an_iteration_and_an_evaluation(one_thread):
     speed = _load("recipe_speed")
     t = speed.measure("resnet20", iterations=2, device="cpu", warmup=1, eval_images=8, batch_size=8)

@@ -102,10 +102,12 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
                   on_nonfinite=on_nonfinite, distributed=combiner, sinks=feed.sinks,
                   sharded=sharding is not None, alerts=alerts, forwards=forwards)
     if out_path is not None and recorder.write_files:
+        handler = on_anomaly if isinstance(on_anomaly, str) or on_anomaly is None else \
+            getattr(on_anomaly, "__name__", type(on_anomaly).__name__)
+        optimizers = OPT.group_names([OPT.unwrap_optimizer(o) for o in OPT.optimizer_list(optimizer)])
         config = {"blocks": blocks, "every": every, "metrics": metrics, "flush_every": flush_every,
-                  "on_nonfinite": on_nonfinite, "forwards": forwards, "on_anomaly": on_anomaly if isinstance(on_anomaly, str) or
-                  on_anomaly is None else getattr(on_anomaly, "__name__", type(on_anomaly).__name__),
-                  "alert_rules": repr(alert_rules or AlertRules()), "optimizer": OPT.group_names([OPT.unwrap_optimizer(o) for o in OPT.optimizer_list(optimizer)]),
+                  "on_nonfinite": on_nonfinite, "forwards": forwards, "on_anomaly": handler,
+                  "alert_rules": repr(alert_rules or AlertRules()), "optimizer": optimizers,
                   "scaler": type(scaler).__name__ if scaler is not None else None,
                   "world_size": 1 if combiner is None else getattr(combiner, "world_size", None),
                   "sharded": None if sharding is None else f"FSDP2, {sharding.replicas} replica(s) per shard",
@@ -118,6 +120,8 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
 
 
 def _check_metrics(metrics: Optional[Iterable[str]]) -> Optional[Tuple[str, ...]]:
+    """``attach(metrics=...)`` as a tuple of known metric names (``"all"``: every one; None: the defaults), or a
+    GradscopeError naming the unknown ones and the choices."""
     if metrics is None:
         return None
     if metrics == "all":

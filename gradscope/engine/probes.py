@@ -336,7 +336,7 @@ class Probe:
                 return None
         if self.m.grad_in:
             tap = self._tap(site, S.GRAD_IN_NORM)
-            if args:  # the primary input only (see primary_input); a dict input is measured in eager mode only
+            if args:  # the primary input only (see hookargs.primary_input); a dict input is measured in eager mode only
                 first, tapped = SH.map_grad_tensors(args[0], tap)
                 new_args = (first,) + tuple(args[1:])
             if not tapped and kwargs and "hidden_states" in kwargs:

@@ -17,7 +17,8 @@ What "final" means:
   flat, so the mean describes the end of training rather than a point on a slope; and they hold 410k (25.6k)
   mini-batch images, so the binomial noise of the mean (about 0.05 (0.2) points at a 10% error) is far below
   the 1-point margin and the spread over seeds is what the interval measures. One curve point (the mean since the
-  previous evaluation, 1,000 iterations) would be noisier for the short recipe and no closer to the paper.
+  previous evaluation: 1,000 iterations, 250 for the short recipe) would tie the window to the evaluation
+  interval; the last 5% is one rule for both recipes, and no closer to the paper either way.
 * **Final test error** of a run: the test error of its last evaluation (after the last iteration for a run that
   finished), the number the paper's Table 6 reports and :func:`gradscope.analysis.curves.table6` tabulates. It is
   reported beside each claim (the deep-minus-shallow gap with its 95% interval, each net against Table 6) and does

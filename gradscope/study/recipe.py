@@ -107,8 +107,9 @@ class Recipe:
 #: The paper's recipe, and a variant one GPU finishes in minutes (milestones at the same fractions of the run). The
 #: short variant evaluates every 250 iterations (16 times, about 1.4 times an epoch of the 45k images) rather than at
 #: the scaled interval (62: 65 evaluations of 15,000 images, a third of its cost on a CPU, for curve points 0.18 of
-#: an epoch apart). Its claims read the last evaluation only (study/error_claims.py), which stays after the last
-#: iteration; the full recipe evaluates every 1,000 iterations (every 2.8 epochs).
+#: an epoch apart). Its claims do not read the evaluations (study/error_claims.py decides on the training error of
+#: the last 200 iterations and prints the last evaluation's test error beside it, an evaluation that stays after the
+#: last iteration); the full recipe evaluates every 1,000 iterations (every 2.8 epochs).
 HE2016 = Recipe()
 HE2016_SHORT = replace(HE2016.shortened(4_000, name="he2016-short"), eval_every=250)
 RECIPES: Dict[str, Recipe] = {r.name: r for r in (HE2016, HE2016_SHORT)}

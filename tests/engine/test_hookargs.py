@@ -15,6 +15,7 @@ def _f(*shape, grad=False):
 def test_first_tensor_skips_integer_tensors_and_takes_the_first_floating_one_depth_first():
     ids, hidden, attn = torch.arange(4), _f(2, 3), _f(2, 2)
     assert first_tensor((ids, (hidden, attn))) is hidden
+    assert first_tensor(((hidden,), attn)) is hidden  # depth first: into the nested tuple before the next item
     assert first_tensor({"input_ids": ids, "last_hidden_state": hidden, "attentions": attn}) is hidden
     assert first_tensor([ids, ids]) is None
     assert first_tensor("text") is None and first_tensor(None) is None
@@ -34,12 +35,17 @@ def test_primary_input_is_the_residual_stream_not_a_decoder_layers_other_inputs(
     assert primary_input((), {"encoder_hidden_states": enc, "hidden_states": x}) is x
     dense = [_f(2), _f(2)]
     assert primary_input((dense, skip), {}) is dense
+    ids = (torch.arange(3),)
+    assert primary_input(ids, {"mask": torch.arange(2)}) is ids  # no floating tensor anywhere: the arguments
 
 
 def test_grad_inputs_are_the_primary_inputs_that_require_grad_each_once():
     a, b, frozen = _f(2, grad=True), _f(2, grad=True), _f(2)
-    assert grad_inputs(([a, b, a, frozen], _f(2, grad=True)), {}) == [a, b]
-    assert grad_inputs((), {"hidden_states": {"hidden_states": a, "other": b}}) == [a]
+    def ids(tensors):
+        return [id(t) for t in tensors]
+
+    assert ids(grad_inputs(([a, b, a, frozen], _f(2, grad=True)), {})) == [id(a), id(b)]  # in order, each once
+    assert ids(grad_inputs((), {"hidden_states": {"other": b, "hidden_states": a}})) == [id(a)]  # the key, not first
     assert grad_inputs((frozen,), {}) == []
 
 

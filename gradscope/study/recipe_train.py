@@ -135,6 +135,18 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def cudnn_autotune(device: torch.device) -> Optional[bool]:
+    """On a CUDA device, let cuDNN time its convolution algorithms once per input shape and keep the fastest
+    (``torch.backends.cudnn.benchmark``): a recipe's shapes never change (one batch size, 32x32 images; the last,
+    smaller evaluation batch is one more shape), so every iteration after the first few runs the fastest algorithm.
+    Returns the setting to restore afterwards, None where nothing changed (any other device)."""
+    if device.type != "cuda":
+        return None
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    return before
+
+
 def train_run(model: str, recipe: Recipe, data: RecipeData, *, seed: int = 0, device: str = "cpu",
               out: Optional[Path] = None, amp: bool = False, channels_last: bool = False, blocks: Any = "auto",
               init_batches: int = 2, spec: Optional[RunSpec] = None,
@@ -146,8 +158,9 @@ def train_run(model: str, recipe: Recipe, data: RecipeData, *, seed: int = 0, de
     (phase ``train``). ``amp`` runs the training forward under bfloat16 autocast on the run's device, CUDA or CPU
     (no loss scaling: bfloat16 has float32's range; see :func:`mixed_precision`); the loss is taken in float32 and
     evaluations run in float32. ``channels_last`` stores images and weights channels-last (faster convolutions on
-    recent GPUs), evaluation batches too. Records stream to ``out`` when given. ``sink`` receives ``(frame, losses,
-    config)`` even when the run is interrupted.
+    recent GPUs), evaluation batches too. On CUDA, cuDNN picks the fastest convolution algorithm for the run's
+    shapes (:func:`cudnn_autotune`; the setting is restored when the run ends). Records stream to ``out`` when given.
+    ``sink`` receives ``(frame, losses, config)`` even when the run is interrupted.
     """
     import pandas as pd
 
@@ -178,6 +191,7 @@ def train_run(model: str, recipe: Recipe, data: RecipeData, *, seed: int = 0, de
         return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
 
     init_scope = scope = None
+    autotuned = cudnn_autotune(torch_device)
     try:
         init_scope = attach(net, blocks=spec.blocks, on_nonfinite="ignore",
                             out=None if out is None else Path(out) / INIT)
@@ -221,6 +235,8 @@ def train_run(model: str, recipe: Recipe, data: RecipeData, *, seed: int = 0, de
         else:
             config[FINISHED] = True  # every iteration ran: an interrupted study counts this run as finished
     finally:
+        if autotuned is not None:
+            torch.backends.cudnn.benchmark = autotuned
         for phase, open_scope in ((INIT, init_scope), (TRAIN, scope)):
             if open_scope is not None:
                 open_scope.detach()

@@ -46,6 +46,29 @@ def test_amp_on_a_device_without_bfloat16_autocast_is_refused_with_the_fix():
                                                                                           False)))
 
 
+def test_cudnn_picks_its_fastest_algorithms_on_cuda_only_and_the_setting_comes_back(data, one_thread, monkeypatch):
+    """``torch.backends.cudnn.benchmark`` can be set without a GPU: on a CUDA device the recipe turns it on, on any
+    other it leaves it alone, and a run restores it however it ends (here interrupted at its second iteration)."""
+    from gradscope.study import recipe_train
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert recipe_train.cudnn_autotune(torch.device("cpu")) is None and torch.backends.cudnn.benchmark is False
+    assert recipe_train.cudnn_autotune(torch.device("cuda", 0)) is False and torch.backends.cudnn.benchmark is True
+    torch.backends.cudnn.benchmark = False
+    during = []
+    real = recipe_train.cudnn_autotune
+    monkeypatch.setattr(recipe_train, "cudnn_autotune", lambda device: real(torch.device("cuda")))  # as on a GPU
+
+    def stop(iteration):
+        during.append(torch.backends.cudnn.benchmark)
+        if iteration == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run("resnet20", TINY, data, seed=0, on_iteration=stop)
+    assert during == [True, True] and torch.backends.cudnn.benchmark is False
+
+
 class _Formats:
     """Records, for every convolution called, whether its input and weight are channels-last."""
 

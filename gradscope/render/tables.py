@@ -247,6 +247,18 @@ def config_overview(results: Any, config_of: Dict[str, str]) -> str:
     sizes = sorted({len(r) for r in groups.values()})
     seeds = "" if sizes == [1] else (f" ({sizes[0]} seeds each)" if len(sizes) == 1 else
                                      f" ({sizes[0]}-{sizes[-1]} seeds each)")
-    phases = " and ".join({"init": "at initialisation", "train": "over training"}[p] for p in results.phases())
     return (f"{len(config_of)} run{'s' if len(config_of) != 1 else ''} in {len(groups)} configuration"
-            f"{'s' if len(groups) != 1 else ''}{seeds}; measured {phases}.")
+            f"{'s' if len(groups) != 1 else ''}{seeds}; measured {_phases_said(results, len(config_of))}.")
+
+
+def _phases_said(results: Any, runs: int) -> str:
+    """``at initialisation and over training``, or how many runs trained when only some did (a default study trains
+    its BN nets and measures their no-BN twins at initialisation only)."""
+    phases = results.phases()
+    words = {"init": "at initialisation", "train": "over training"}
+    if phases == ["init", "train"]:
+        trained = results.frames["train"]
+        count = trained["run"].nunique() if "run" in trained.columns else runs
+        if count < runs:
+            return f"at initialisation, {count} of them also over training"
+    return " and ".join(words[p] for p in phases)

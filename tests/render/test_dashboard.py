@@ -60,7 +60,24 @@ def test_configurations_group_seeds_by_facts(results):
     config_of = results_configurations(results)
     assert config_of == {"mlp-xavier": "mlp-xavier", "mlp-xavier-s1": "mlp-xavier", "mlp-xavier-s2": "mlp-xavier",
                          LONG: LONG, f"{LONG}-s1": LONG, f"{LONG}-s2": LONG}
-    assert T.config_overview(results, config_of).startswith("6 runs in 2 configurations (3 seeds each)")
+    assert T.config_overview(results, config_of) == "6 runs in 2 configurations (3 seeds each); measured at " \
+        "initialisation."
+
+
+def test_the_overview_says_how_many_runs_trained_when_only_some_did(results):
+    """A default study trains its BN nets and measures their no-BN twins at initialisation only: "measured at
+    initialisation and over training" said that of all 24 runs."""
+    from types import SimpleNamespace
+
+    from gradscope.render.groups import results_configurations
+
+    config_of = results_configurations(results)
+    init = results.frames["init"]
+    some = init[init.run.isin(["mlp-xavier", "mlp-xavier-s1"])]
+    for train, said in ((some, "measured at initialisation, 2 of them also over training."),
+                        (init, "measured at initialisation and over training.")):
+        both = SimpleNamespace(frames={"init": init, "train": train}, phases=lambda: ["init", "train"])
+        assert T.config_overview(both, config_of).endswith(said)
 
 
 def test_theory_is_one_row_per_configuration_and_signal(results):

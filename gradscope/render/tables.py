@@ -255,10 +255,9 @@ def _phases_said(results: Any, runs: int) -> str:
     """``at initialisation and over training``, or how many runs trained when only some did (a default study trains
     its BN nets and measures their no-BN twins at initialisation only)."""
     phases = results.phases()
-    words = {"init": "at initialisation", "train": "over training"}
-    if phases == ["init", "train"]:
-        trained = results.frames["train"]
-        count = trained["run"].nunique() if "run" in trained.columns else runs
+    if phases == [W.INIT, W.TRAIN]:
+        trained = results.frames[W.TRAIN]
+        count = trained[S.RUN].nunique() if S.RUN in trained.columns else runs
         if count < runs:
-            return f"at initialisation, {count} of them also over training"
-    return " and ".join(words[p] for p in phases)
+            return f"{W.PHASE_WORDS[W.INIT]}, {count} of them also {W.PHASE_WORDS[W.TRAIN]}"
+    return " and ".join(W.PHASE_WORDS[p] for p in phases)

@@ -16,7 +16,7 @@ from gradscope.engine.nonfinite import NONFINITE_POLICIES
 from gradscope.engine.probes import MetricSet
 from gradscope.engine.provenance import Provenance, device_of
 from gradscope.engine.recorder import Recorder, Schedule, make_schedule
-from gradscope.engine.scope import Scope, _live
+from gradscope.engine.scope import LIVE, Scope
 from gradscope.engine.sinks import SinkFeed
 from gradscope.engine.sites import BlockSelector, find_blocks, unwrap_model
 from gradscope.engine.state import EVAL, FORWARDS, TRAIN
@@ -115,7 +115,7 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
         scope.provenance = Provenance(out_path, "attach", config, device=device_of(inner))
         scope.provenance.start()
     if out_path is not None and recorder.write_files:  # the end of the program or a SIGTERM writes every row
-        _live.add(scope)
+        LIVE.add(scope)
     return scope
 
 

@@ -1,8 +1,9 @@
 """What a hook is handed: the tensors in a block's arguments and output that gradscope measures.
 
 A block may take and return tensors, tuples, lists, dicts or Hugging Face ``ModelOutput`` objects; these functions
-pick the tensor that carries the block's signal (the first floating-point one, the residual stream) without
-measuring anything. They are pure, so :mod:`gradscope.engine.probes` and the study code share one definition.
+pick the tensor that carries the block's signal (the first floating-point or complex one, the residual stream)
+without measuring anything. They are pure, so :mod:`gradscope.engine.probes` and the study code share one
+definition.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def transformed(t: Optional[torch.Tensor]) -> bool:
 
 
 def first_tensor(value: Any) -> Optional[torch.Tensor]:
-    """The block's primary tensor: the first *floating-point* tensor in the value (depth-first).
+    """The block's primary tensor: the first *floating-point or complex* tensor in the value (depth-first).
 
     A Hugging Face block returns ``(hidden_states, attention_weights, ...)`` and a ``ModelOutput`` (a dict): the
     hidden states come first in both, so they are what gradscope measures. Integer tensors (token ids, masks of

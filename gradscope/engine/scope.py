@@ -277,7 +277,7 @@ class Scope:
             if self._rec.write_files:
                 self._sinks.send(self._rec)
         finally:
-            _live.forget(self)
+            LIVE.forget(self)
             self._probe.remove()
             self._rec.state.stop()
             self._watch.remove()
@@ -378,7 +378,7 @@ class Scope:
                 self._grad_timing.check_buffer(step)
 
 
-_live = LiveScopes()  # scopes that write to a folder: the end of the program or a SIGTERM flushes them
+LIVE = LiveScopes()  # scopes that write to a folder: the end of the program or a SIGTERM flushes them
 
 
 def _mean_loss(losses: List[Any]) -> Any:

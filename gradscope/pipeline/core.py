@@ -19,8 +19,8 @@ from gradscope.pipeline.options import Options
 from gradscope.pipeline.policy import outcome
 from gradscope.pipeline.progress import reporter
 from gradscope.pipeline.stop import STOP
-from gradscope.study.runs import Settings, StudyResult, batches_of, check_batch, resolve_device, run_study, \
-    total_steps
+from gradscope.study.runs import Settings, StudyResult, batches_of, check_batch, pass_cost, planned_passes, \
+    resolve_device, run_study, total_steps
 from gradscope.study.specs import RunSpec
 
 
@@ -90,16 +90,26 @@ def _run(specs: List[RunSpec], train_set: Any, settings: Any, out: Optional[Path
         where["job"] = recipe_job
     if show is None:
         return run_study(specs, train_set, settings, out=out, on_step=STOP.check, poll=STOP.check, **where)
-    show.start(total_steps(specs, settings), len(specs))
+    started: List[bool] = []
+
+    def plan(todo: List[RunSpec]) -> None:  # the runs --resume does not load, each pass weighed by its cost
+        show.start(total_steps(todo, settings), len(todo),
+                   plan={s.name: (planned_passes(s, settings), pass_cost(s)) for s in todo})
+        started.append(True)
+        if len(todo) < len(specs) and callable(getattr(show, "note", None)):
+            show.note(f"resuming: {len(specs) - len(todo)} of {len(specs)} run(s) finished before; the others run "
+                      f"from their start")
+
     interrupted = True
     try:
         study = run_study(specs, train_set, settings, out=out,
-                          on_step=lambda phase, n: (STOP.check(), show.step(phase, n)),
-                          on_run=lambda spec: show.run(spec.name), poll=STOP.check, **where)
+                          on_step=lambda phase, n, run: (STOP.check(), show.step(phase, n, run)),
+                          on_run=lambda spec: show.run(spec.name), poll=STOP.check, on_plan=plan, **where)
         interrupted = study.interrupted
         return study
     finally:
-        show.close(interrupted)
+        if started:  # nothing to close when the study stopped before it began (a folder that cannot resume)
+            show.close(interrupted)
 
 
 def _evaluate(study: StudyResult, settings: Settings, specs: List[RunSpec], opts: Options) -> Results:

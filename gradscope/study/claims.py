@@ -32,14 +32,12 @@ import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from gradscope import schema as S
-from gradscope.analysis import stats
 from gradscope.analysis.results import Claim
 from gradscope.analysis.text import times
 from gradscope.words import DIVERGED, EXPLODING, UNKNOWN, VANISHING
 from gradscope.study.error_claims import FinalErrors, error_claims
 from gradscope.study.run_noise import Noise
-from gradscope.study.training_claims import (LOSS_MARGIN, NO, UNCLEAR, YES, degradation_claim,  # noqa: F401
-                                             depth_gap, final_accuracy, residual_claim)
+from gradscope.study.training_claims import NO, UNCLEAR, YES, degradation_claim, residual_claim
 
 #: The variance of relu(BN(z)) in train mode, whatever z: the forward claim holds by construction there.
 BN_RELU_VAR = 0.341

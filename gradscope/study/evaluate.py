@@ -14,10 +14,11 @@ from gradscope import analysis as A
 from gradscope.analysis.results import Claim, Results
 from gradscope.analysis.trajectory import pool_seeds, trajectory
 from gradscope.study.alerts import study_alerts
-from gradscope.study.claims import all_claims, final_accuracy, final_losses
+from gradscope.study.claims import all_claims, final_losses
 from gradscope.study.error_claims import recipe_errors
 from gradscope.study.run_noise import batch_noise
 from gradscope.study.runs import Settings, StudyResult
+from gradscope.study.training_claims import final_accuracy
 from gradscope.words import INIT, PHASE, TRAIN
 
 

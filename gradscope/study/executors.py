@@ -4,12 +4,16 @@ Both engines run the same module-level ``job(spec, train_set, settings, out, on_
 same ``(done, failed, interrupted)``, so a study's results do not depend on where it ran (one torch thread per
 run in both: tested equal, value for value). A run that finishes writes a snapshot of its result beside its
 streamed records (``out/records/<run>/finished/``); a study started again on the same folder with ``resume=True``
-loads those runs instead of running them again, after checking they were made with the same settings.
+loads those runs instead of running them again, after checking they were made with the same settings. A run
+that had started but not finished (killed, stopped, crashed) runs again from its start: its partial records are
+removed first, since a records folder holds one run's parts (:func:`gradscope.store.prepare_out` refuses a
+second).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, fields as dataclass_fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -23,12 +27,17 @@ _RESULT_FILE = "result.json"
 
 
 def execute(job: Callable[..., Any], specs: Sequence[Any], data: Any, settings: Any, out: Optional[Path],
-            on_step: Optional[Callable[[str, int], None]], on_run: Optional[Callable[[Any], None]], *,
+            on_step: Optional[Callable[[str, int, str], None]], on_run: Optional[Callable[[Any], None]], *,
             steps_of: Callable[[Any], Dict[str, int]], executor: str = "local", address: Optional[str] = None,
-            resume: bool = False, poll: Optional[Callable[[], None]] = None
+            resume: bool = False, poll: Optional[Callable[[], None]] = None,
+            on_plan: Optional[Callable[[Sequence[Any]], None]] = None
             ) -> Tuple[Dict[str, Any], Dict[str, str], bool]:
     """Run ``job(spec, data, settings, out, on_step, sink)`` for every spec on ``executor``: ``(done, failed,
     interrupted)``, ``done`` mapping run names to ``(frame, losses, config)``.
+
+    A job reports its passes as ``on_step(phase, n)``; the executor hands them on as ``on_step(phase, n, run)``
+    with the run's name, so a progress display can weigh each run's passes by their cost. ``on_plan`` gets the
+    specs that will really run (those ``resume`` does not load) before the first starts.
 
     ``"local"``: worker processes when :func:`gradscope.study.parallel.worker_count` says so (one torch thread
     each), else one run after another here; ``"ray"``: :func:`run_ray`. ``resume=True`` first loads the runs that
@@ -49,6 +58,11 @@ def execute(job: Callable[..., Any], specs: Sequence[Any], data: Any, settings: 
             if triple is not None:
                 resumed[spec.name] = triple
     todo = [s for s in specs if s.name not in resumed]
+    if resume:
+        for spec in todo:
+            clear_unfinished(out, spec.name)
+    if on_plan:
+        on_plan(todo)
     if executor == "ray":
         done, failed, interrupted = run_ray(job, todo, data, settings, out, on_step, on_run, steps_of=steps_of,
                                             address=address, poll=poll)
@@ -61,8 +75,15 @@ def execute(job: Callable[..., Any], specs: Sequence[Any], data: Any, settings: 
     return {**resumed, **done}, failed, interrupted
 
 
+def named(on_step: Optional[Callable[[str, int, str], None]], run: str) -> Optional[Callable[[str, int], None]]:
+    """The ``on_step(phase, n)`` a job of run ``run`` calls, handing its passes on with the run's name."""
+    if on_step is None:
+        return None
+    return lambda phase, n: on_step(phase, n, run)
+
+
 def run_here(job: Callable[..., Any], specs: Sequence[Any], data: Any, settings: Any, out: Optional[Path],
-             on_step: Optional[Callable[[str, int], None]], on_run: Optional[Callable[[Any], None]]
+             on_step: Optional[Callable[[str, int, str], None]], on_run: Optional[Callable[[Any], None]]
              ) -> Tuple[Dict[str, Any], Dict[str, str], bool]:
     """The runs one after another in this process; a run that crashes is noted and the others go on."""
     done: Dict[str, Any] = {}
@@ -73,7 +94,7 @@ def run_here(job: Callable[..., Any], specs: Sequence[Any], data: Any, settings:
             on_run(spec)
         sink: List[Any] = []
         try:
-            job(spec, data, settings, out, on_step, sink)
+            job(spec, data, settings, out, named(on_step, spec.name), sink)
         except KeyboardInterrupt:
             interrupted = True
         except GradscopeError:
@@ -95,6 +116,16 @@ def fingerprint(spec: Any, settings: Any) -> Dict[str, Any]:
               if is_dataclass(spec) else {})
     chosen = asdict(settings) if is_dataclass(settings) else dict(vars(settings))
     return json.loads(json.dumps({"spec": fields, "settings": chosen}, default=str))
+
+
+def clear_unfinished(out: Path, name: str) -> bool:
+    """Remove the records run ``name`` left in ``out`` without finishing, so that it can run again from its start;
+    True when there were some. A run that finished is never touched (its snapshot is what ``resume`` loads)."""
+    folder = Path(out) / "records" / name
+    if not folder.is_dir() or (finished_dir(out, name) / _RESULT_FILE).is_file():
+        return False
+    shutil.rmtree(folder)
+    return True
 
 
 def finished_dir(out: Path, name: str) -> Path:
@@ -164,7 +195,7 @@ def _import_ray() -> Any:
 
 
 def run_ray(job: Callable[..., Any], specs: Sequence[Any], train_set: Any, settings: Any, out: Optional[Path],
-            on_step: Optional[Callable[[str, int], None]], on_run: Optional[Callable[[Any], None]],
+            on_step: Optional[Callable[[str, int, str], None]], on_run: Optional[Callable[[Any], None]],
             steps_of: Callable[[Any], Dict[str, int]], address: Optional[str] = None,
             cpus_per_run: int = 1, poll: Optional[Callable[[], None]] = None
             ) -> Tuple[Dict[str, Any], Dict[str, str], bool]:
@@ -203,7 +234,7 @@ def run_ray(job: Callable[..., Any], specs: Sequence[Any], train_set: Any, setti
                         on_run(spec)
                     if on_step:
                         for phase, count in steps_of(spec).items():
-                            on_step(phase, count)
+                            on_step(phase, count, spec.name)
                 if poll:
                     poll()
         except KeyboardInterrupt:

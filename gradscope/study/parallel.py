@@ -40,9 +40,10 @@ def worker_count(specs: Sequence[Any], settings: Any) -> int:
 
 
 def _cost(spec: Any, settings: Any) -> float:
-    """Relative cost of a run: depth x trained steps (a 56-layer step costs ~2.8x a 20-layer one)."""
-    depth = spec.depth or 20
-    return depth * (settings.init_batches + (settings.steps if spec.train else 0))
+    """Relative cost of a run: its passes times the cost of one (:func:`gradscope.study.runs.pass_cost`)."""
+    from gradscope.study.runs import pass_cost, planned_passes
+
+    return pass_cost(spec) * planned_passes(spec, settings)
 
 
 def _init_worker(q: Any) -> None:
@@ -114,7 +115,7 @@ def _work(job: Callable[..., Any], spec: Any, train_set: Any, settings: Any, out
 
 
 def run_parallel(job: Callable[..., Any], specs: Sequence[Any], train_set: Any, settings: Any,
-                 out: Optional[Path], workers: int, on_step: Optional[Callable[[str, int], None]],
+                 out: Optional[Path], workers: int, on_step: Optional[Callable[[str, int, str], None]],
                  on_run: Optional[Callable[[Any], None]], poll: Optional[Callable[[], None]] = None
                  ) -> Tuple[Dict[str, Any], Dict[str, str], bool]:
     """Run ``specs`` on ``workers`` processes; ``(done, failed, interrupted)`` as
@@ -145,16 +146,16 @@ def run_parallel(job: Callable[..., Any], specs: Sequence[Any], train_set: Any, 
                 for f in finished:
                     name = futures[f].name
                     totals = _take(f, futures[f], done, failed)
-                    late += [(phase, n - received.get((name, phase), 0)) for phase, n in totals.items()]
+                    late += [(phase, n - received.get((name, phase), 0), name) for phase, n in totals.items()]
                     closed.add(name)
                 _drain(q, on_step, on_run, started, by_name, received, closed)
                 for spec in (futures[f] for f in finished if futures[f].name not in started):
                     started.add(spec.name)  # a run that ended before its first message was read
                     if on_run:
                         on_run(spec)
-                for phase, n in late:
+                for phase, n, name in late:
                     if on_step and n > 0:
-                        on_step(phase, n)
+                        on_step(phase, n, name)
                 if poll:
                     poll()
         except KeyboardInterrupt:  # stop the workers too: each keeps and returns what it recorded
@@ -228,4 +229,4 @@ def _drain(q: Any, on_step, on_run, started: set, by_name: Dict[str, Any],
             if on_run:
                 on_run(by_name[name])
         if on_step:
-            on_step(phase, n)
+            on_step(phase, n, name)

@@ -140,31 +140,32 @@ def load_task(spec: Any) -> Tuple[Callable[[], nn.Module], Task]:
             options = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))[:10]
             raise ModelError(f"--model {spec!r}: {where} has no callable {name!r}; callables there: {options}")
 
-    def call() -> Dict[str, Any]:
+    def call() -> Tuple[Dict[str, Any], bool]:
+        """What the factory made, as parts, and whether it returned them as a dict."""
         try:
             made = factory()
         except SystemExit as exc:
             raise ModelError(f"--model {spec!r}: calling {name}() called sys.exit({exc.code!r})") from exc
         except Exception as exc:
             raise ModelError(f"--model {spec!r}: calling {name}() raised {type(exc).__name__}: {exc}") from exc
-        parts = dict(made, dict=True) if isinstance(made, dict) else {"model": made}
+        parts = dict(made) if isinstance(made, dict) else {"model": made}
         if not isinstance(parts.get("model"), nn.Module):
             what = ("dict without a 'model' entry" if isinstance(made, dict) and "model" not in made
                     else type(parts.get("model")).__name__)
             raise ModelError(f"--model {spec!r}: {name}() returned {what}, not a torch.nn.Module (or a dict "
                              f"{{'model': module, 'loss': ..., 'batches': ...}}; {DOCS})")
-        unknown = sorted(set(parts) - {"model", "dict", *PARTS})
+        unknown = sorted(set(parts) - {"model", *PARTS})
         if unknown:
             raise ModelError(f"--model {spec!r}: {name}() returned a dict with {unknown}; it may hold 'model', "
                              f"{', '.join(repr(p) for p in PARTS)}")
-        return parts
+        return parts, isinstance(made, dict)
 
-    first = call()  # a dict holds everything; with a bare module, the file's own functions apply
-    given = {p: first.get(p) if first.get("dict") else getattr(module, p, None) for p in PARTS}
+    first, as_dict = call()  # a dict holds everything; with a bare module, the file's own functions apply
+    given = {p: first.get(p) if as_dict else getattr(module, p, None) for p in PARTS}
     for part, fn in given.items():
         if fn is not None and not callable(fn):
             raise ModelError(f"--model {spec!r}: {part} is a {type(fn).__name__}, not a function ({DOCS})")
-    return (lambda: call()["model"]), Task(**given)
+    return (lambda: call()[0]["model"]), Task(**given)
 
 
 def _import(where: str, spec: str) -> Any:

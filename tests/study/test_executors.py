@@ -103,3 +103,27 @@ def test_a_killed_study_resumes_without_running_finished_runs_again(tmp_path, on
 def test_resume_needs_a_folder():
     with pytest.raises(GradscopeError, match="out="):
         run_study(SPECS, train_set(), SETTINGS, resume=True)
+
+
+def test_a_run_stopped_after_it_recorded_runs_again_from_its_start_on_resume(tmp_path, one_thread):
+    """A run killed or stopped mid-way leaves its streamed parts but no snapshot. Resuming used to stop the whole
+    study on that run ("already holds the records of another run"); now its partial records are replaced by a
+    fresh run's, and the finished run is left as it was."""
+    import shutil
+
+    from gradscope import store
+
+    settings = Settings(steps=4, batch_size=8, every=2, init_batches=1, image_size=8, workers=1)
+    out = tmp_path / "study"
+    fresh = run_study(SPECS, train_set(), settings, out=out)
+    first, second = (s.name for s in SPECS)
+    shutil.rmtree(finished_dir(out, second))  # as if killed before its snapshot: its records stay
+    kept = {p: p.stat().st_mtime_ns for p in (out / "records" / first).rglob("*.parquet")}
+    ran = []
+    resumed = run_study(SPECS, train_set(), settings, out=out, resume=True, on_run=lambda s: ran.append(s.name))
+    assert ran == [second] and not resumed.failed
+    assert {p: p.stat().st_mtime_ns for p in (out / "records" / first).rglob("*.parquet")} == kept
+    pd.testing.assert_frame_equal(canonical(resumed.frame), canonical(fresh.frame), check_exact=False, rtol=1e-5)
+    streamed = store.load(out / "records" / second / "train")
+    assert len(streamed) == len(fresh.frame[(fresh.frame["run"] == second) & (fresh.frame["phase"] == "train")])
+    assert (finished_dir(out, second) / "result.json").is_file()

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
     if __name__ == "__main__":
         job = chatty_jobs.quick_job if sys.argv[1] == "quick" else chatty_jobs.chatty_job
         done, failed, interrupted = run_parallel(job, [Spec("a"), Spec("b")], None, Settings(), None, 2,
-                                                 lambda phase, n: steps.append(n), on_run)
+                                                 lambda phase, n, run: steps.append(n), on_run)
         print(sorted(done), {k: v[2] for k, v in sorted(done.items())}, failed, interrupted, sum(steps))
 """)
 
@@ -72,7 +72,7 @@ QUIET = textwrap.dedent("""
     if __name__ == "__main__":
         start = time.monotonic()
         done, failed, interrupted = run_parallel(chatty_jobs.quiet_job, [Spec("a"), Spec("b")], None, Settings(),
-                                                 out, 2, lambda phase, n: None, None, poll)
+                                                 out, 2, lambda phase, n, run: None, None, poll)
         print(sorted(done), failed, interrupted, round(time.monotonic() - start, 1), len(polls))
 """)
 

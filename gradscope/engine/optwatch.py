@@ -65,7 +65,7 @@ class OptimizerWatch:
     def install(self) -> None:
         """Register the hooks (once, at attach)."""
         for opt in self.optimizers:
-            self.handles.append(opt.register_step_pre_hook(self.amp.note_optimizer_step))
+            self.handles.append(opt.register_step_post_hook(self.amp.note_optimizer_step))
             if self.tracer is not None:  # a NaN's replay: were the weights updated?
                 self.handles.append(opt.register_step_post_hook(self.tracer.optimizer_stepped))
         for opt, index in zip(self.optimizers, self.indexes):

@@ -162,7 +162,6 @@ class Scope:
         try:
             self._close_step()
         finally:  # also when NonFiniteError is raised: the next step starts clean
-            self._amp.end_step()
             rec.advance()
             for stack in self._probe.stacks:
                 stack.clear()

@@ -87,6 +87,44 @@ def test_grad_scaler_values_are_reported_unscaled():
             assert b == pytest.approx(a, rel=1e-5), (order, metric)
 
 
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler appeared in torch 2.3")
+@pytest.mark.parametrize("order", ["scope_first", "unscale_then_scope", "scaler_first"])
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_grad_scaler_values_stay_unscaled_over_steps_whatever_the_order(order, set_to_none):
+    """Three steps of each documented order. With ``backward, scope.step(), scaler.step, scaler.update``, the
+    optimizer step of one iteration used to mark the next iteration's fresh (scaled) gradients as unscaled:
+    ``param_grad_norm`` was the scale (4096-16384) times too large from the second step on. ``lr=0`` keeps the
+    weights, so every step's true values are the unscaled run's."""
+    torch.manual_seed(0)
+    model = nets.mlp()
+    x = torch.randn(16, 12)
+    plain = _frame(copy.deepcopy(model), lambda m: m(x).pow(2).mean().backward())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1)  # the scale changes each step
+    scaled_model = copy.deepcopy(model)
+    opt = torch.optim.SGD(scaled_model.parameters(), lr=0.0)
+    with gradscope.attach(scaled_model, scaler=scaler, optimizer=opt) as scope:
+        for _ in range(3):
+            scaler.scale(scaled_model(x).pow(2).mean()).backward()
+            if order == "scope_first":
+                scope.step()
+            if order == "unscale_then_scope":
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(scaled_model.parameters(), 1e9)
+                scope.step()
+            scaler.step(opt)
+            scaler.update()
+            if order == "scaler_first":
+                scope.step()
+            opt.zero_grad(set_to_none=set_to_none)
+        frame = scope.frame()
+    for metric in ("grad_norm", "grad_in_norm", "param_grad_norm"):
+        want = plain[plain.metric == metric].value.to_numpy()
+        for step in range(3):
+            got = frame[(frame.metric == metric) & (frame.step == step)].value.to_numpy()
+            assert len(got) == len(want) > 0
+            assert got == pytest.approx(want, rel=1e-5), (metric, step)
+
+
 class Checkpointed(nn.Module):
     def __init__(self, reentrant: bool):
         super().__init__()

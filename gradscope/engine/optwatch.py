@@ -53,9 +53,8 @@ class OptimizerWatch:
 
     def __init__(self, model: nn.Module, sites: List[Site], rec: Recorder, amp: ScalerState,
                  optimizers: Sequence[Any], indexes: Sequence[P.ParamIndex], update: bool, grads: bool,
-                 tracer: Any = None, known: Optional[P.KnownNorms] = None) -> None:
+                 tracer: Any = None) -> None:
         self.model, self.sites, self.rec, self.amp = model, sites, rec, amp
-        self.known = known  # the scope's latest param_norm, reused as ||theta_before|| while still current
         self.tracer = tracer  # engine/oporigin.py: a NaN's replay needs to know about weight updates
         self.optimizers, self.indexes = list(optimizers), list(indexes)
         self.update, self.grads = update, grads
@@ -92,7 +91,7 @@ class OptimizerWatch:
 
     def _watch(self, optimizer: Any, index: P.ParamIndex) -> None:
         rec, n = self.rec, len(self.sites)
-        pending: List[Optional[Tuple[int, List[torch.Tensor], Optional[torch.Tensor]]]] = [None]
+        pending: List[Optional[Tuple[int, List[torch.Tensor]]]] = [None]
         updated: Set[int] = set()
         copies, work = P.Snapshot(index), P.Differences()  # buffers kept between recorded steps (P.Snapshot)
 
@@ -109,13 +108,12 @@ class OptimizerWatch:
                     self.grads_read.setdefault(step, set()).update(read)
             if self.update and step not in updated:
                 updated.add(step)
-                known = self.known.recall(index) if self.known is not None else None
-                pending[0] = (step, copies.take(), known)
+                pending[0] = (step, copies.take())
 
         def post(opt: Any, args: Any, kwargs: Any) -> None:
             if pending[0] is None:
                 return
-            step, before, known = pending[0]
+            step, before = pending[0]
             pending[0] = None
             if self.tracer is not None:  # a NaN's replay needs the weights its forward saw
                 self.tracer.weights_before(index.params, index.order, before)
@@ -123,7 +121,7 @@ class OptimizerWatch:
             # parameters were exactly zero before the step gets no ratio (undefined), never a clamped 1e35
             layout = spec.SHARD_RATIO if index.sharded else spec.RATIO
             rec.add_per_site(step, index.sites_with_params, S.UPDATE_RATIO,
-                             torch.cat(P.update_norms(index, before, n, work, known)), layout)
+                             torch.cat(P.update_norms(index, before, n, work)), layout)
 
         self.handles.append(optimizer.register_step_pre_hook(pre))
         self.handles.append(optimizer.register_step_post_hook(post))

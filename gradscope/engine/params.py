@@ -103,59 +103,6 @@ def param_grad_norms(index: ParamIndex, n_sites: int,
     return list(sites), gnorms[picked]
 
 
-class KnownNorms:
-    """The per-site parameter norms of the latest recorded ``param_norm``, with the parameter versions they were
-    measured at.
-
-    Why: in the usual loop (``scope.step()``, then ``optimizer.step()``) the parameters ``param_norm`` just measured
-    are the ``theta_before`` of the update ratio. While no parameter was modified in place since (every version
-    unchanged), :meth:`recall` hands those norms over instead of a second pass over every parameter (1.9 ms less per
-    recorded step on the 50-block MLP, 0.9 ms on ResNet-56, inside training steps: docs/performance.md). A
-    modification in between (weight decay by hand, ``load_state_dict``, the optimizer stepping first) changes a
-    version, and the norms are measured again. Kept only when an update ratio will read them (``Scope``).
-    """
-
-    def __init__(self) -> None:
-        self._seen: Dict[int, Tuple[torch.Tensor, int]] = {}  # id -> (the parameter itself, its version)
-        self._norms: Optional[torch.Tensor] = None
-        self._position: Dict[int, int] = {}  # site -> its position in ``_norms``
-        self._picks: Dict[Tuple[int, ...], torch.Tensor] = {}
-
-    def remember(self, index: ParamIndex, norms: torch.Tensor) -> None:
-        """``norms``: :func:`param_norms` of ``index`` (in ``index.sites_with_params`` order), measured just now."""
-        if index.sharded:  # norms of this rank's shards: not the global ones an update ratio divides by
-            self.forget()
-            return
-        self._seen = {id(p): (p, p._version) for p in index.params}
-        self._norms = norms
-        if len(self._position) != len(index.sites_with_params) or \
-                any(self._position.get(s) != k for k, s in enumerate(index.sites_with_params)):
-            self._position = {s: k for k, s in enumerate(index.sites_with_params)}
-            self._picks = {}
-
-    def forget(self) -> None:
-        self._seen, self._norms = {}, None
-
-    def recall(self, index: ParamIndex) -> Optional[torch.Tensor]:
-        """The remembered norms of ``index``'s sites (``index.sites_with_params`` order) if every parameter of
-        ``index`` is the one measured and unmodified since; else None."""
-        norms, seen = self._norms, self._seen
-        if norms is None or index.sharded:
-            return None
-        for p in index.params:
-            known = seen.get(id(p))
-            if known is None or known[0] is not p or known[1] != p._version:
-                return None
-        key = tuple(index.sites_with_params)
-        pick = self._picks.get(key)
-        if pick is None:
-            if any(s not in self._position for s in key):
-                return None
-            pick = torch.tensor([self._position[s] for s in key], dtype=torch.long, device=norms.device)
-            self._picks[key] = pick
-        return norms[pick]
-
-
 #: elements of the work buffer in which :func:`update_norms` forms ``theta_after - theta_before`` a chunk of
 #: parameters at a time (grown to the largest parameter): 4 MiB in float32
 _DELTA_CHUNK = 1 << 20
@@ -208,20 +155,21 @@ def _copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
 
 
 def update_norms(index: ParamIndex, before: List[torch.Tensor], n_sites: int,
-                 work: Optional["Differences"] = None,
-                 known_base: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 work: Optional["Differences"] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(||theta_after - theta_before||, ||theta_before||)`` of each site in ``index.sites_with_params``.
 
     The differences are formed a chunk of parameters at a time in a reused work buffer (``work``, kept by the scope;
     else a fresh one), never all at once: ``before`` stays intact (a NaN's replay may still need it) and no
-    parameter-sized tensor is allocated per step. ``known_base``: ``||theta_before||`` already measured
-    (:class:`KnownNorms`), used instead of a pass over ``before``."""
+    parameter-sized tensor is allocated per step.
+
+    ``||theta_before||`` is always measured on the copy: the norms ``param_norm`` measured just before would save a
+    pass (1.9 ms a recorded step on the 50-block MLP), but nothing proves the weights unchanged in between. A write
+    through ``p.data`` (WGAN's weight clipping, weight decay by hand, ``vector_to_parameters``) leaves ``p._version``
+    as it was, and reusing them gave ratios off by 2x and more (removed 2026-12-07)."""
     after = index.in_order()
     with torch.no_grad():
         delta = (work or Differences()).group_norms(after, before, index.groups, n_sites, index.cache)
         sites = index.site_tensor(delta.device)
-        if known_base is not None:
-            return delta[sites], known_base.to(delta.device)
         base = group_norms(before, index.groups, n_sites, index.cache)
     return delta[sites], base[sites]
 

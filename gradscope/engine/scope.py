@@ -66,7 +66,6 @@ class Scope:
         self._attached = False
         self._dist = distributed
         self._param_index = P.param_index(sites, sharded)
-        self._known = P.KnownNorms()  # param_norm of the latest recorded step, reused by the update ratio
         wrappers = OPT.optimizer_list(optimizer)  # wrappers (accelerate, Lightning) are looked through
         self._optimizers = [OPT.unwrap_optimizer(o) for o in wrappers]
         for given, inner in zip(wrappers, self._optimizers):
@@ -104,7 +103,7 @@ class Scope:
             warnings.warn(OPT.missed_message(self.sites, new), RuntimeWarning, stacklevel=4)
         return OptimizerWatch(self.model, self.sites, self._rec, self._amp, self._optimizers, self._opt_indexes,
                               update=self._metrics.update, grads=S.PARAM_GRAD_NORM in self._metrics.params,
-                              tracer=self._tracer, known=self._known)
+                              tracer=self._tracer)
 
     def _follow_replacements(self) -> Set[int]:
         """Hook the module now at each block's name where it was replaced after attach (engine/replaced.py); returns
@@ -367,10 +366,7 @@ class Scope:
         names = self._metrics.params
         layout = spec.SHARD if index.sharded else spec.VALUE
         if S.PARAM_NORM in names:
-            norms = P.param_norms(index, n)
-            if self._optimizers and self._metrics.update:  # only an update ratio reads them back
-                self._known.remember(index, norms)
-            rec.add_per_site(step, index.sites_with_params, S.PARAM_NORM, norms, layout)
+            rec.add_per_site(step, index.sites_with_params, S.PARAM_NORM, P.param_norms(index, n), layout)
         if S.PARAM_GRAD_NORM in names:
             read = self._watch.take_grads_read(step)
             if record_param_grads(rec, index, n, self._amp, step, read) is None and not read:

@@ -50,6 +50,49 @@ class ParamIndex:
         return self._site_tensor[device]
 
 
+# ---- parameters registered after attach -------------------------------------------------------------------------
+_REGISTERED = [0]  # parameters and child modules registered anywhere while some scope listens
+_LISTENING: List[Any] = []  # the handles of torch's global registration hooks
+_LISTENERS = [0]  # scopes attached
+
+
+def _count_registration(*args: Any) -> None:
+    _REGISTERED[0] += 1
+
+
+def listen() -> None:
+    """A scope attaches: count every parameter and child module registered from now on (torch's global
+    registration hooks, one per process however many scopes listen).
+
+    Why: a block's parameters are indexed at ``attach()``. A child replaced inside a block (a LoRA wrapper),
+    ``load_state_dict(..., assign=True)`` or a parametrization (``weight_norm``) registers new parameters, and the
+    index would go on measuring the old ones (``param_norm`` frozen, ``param_grad_norm`` missing). Every such change
+    goes through ``register_parameter`` or ``Module.__setattr__``/``add_module``, which call these hooks; a count
+    that moved tells the scope to index again (:func:`registrations`). Writing ``module._parameters`` by hand is not
+    seen."""
+    if _LISTENERS[0] == 0:
+        from torch.nn.modules import module as torch_module
+
+        for name in ("register_module_parameter_registration_hook", "register_module_module_registration_hook"):
+            register = getattr(torch_module, name, None)
+            if register is not None:
+                _LISTENING.append(register(_count_registration))
+    _LISTENERS[0] += 1
+
+
+def unlisten() -> None:
+    """A scope detaches: the last one removes the global hooks."""
+    _LISTENERS[0] = max(_LISTENERS[0] - 1, 0)
+    if _LISTENERS[0] == 0:
+        while _LISTENING:
+            _LISTENING.pop().remove()
+
+
+def registrations() -> int:
+    """How many parameters and child modules were registered while some scope listened (see :func:`listen`)."""
+    return _REGISTERED[0]
+
+
 def param_index(sites: List[Site], sharded: bool = False, only: Optional[Set[int]] = None) -> ParamIndex:
     """The :class:`ParamIndex` of ``sites`` (``sharded``: FSDP2 DTensor parameters, measured shard by shard);
     ``only``: the positions in ``sites`` to include (the blocks one optimizer updates), all by default."""
@@ -69,6 +112,12 @@ def param_index(sites: List[Site], sharded: bool = False, only: Optional[Set[int
             index.order.append(position[id(p)])
             index.groups.append(s)
     return index
+
+
+def same_params(a: ParamIndex, b: ParamIndex) -> bool:
+    """Whether two indexes hold the same parameter objects in the same blocks and order."""
+    return a.groups == b.groups and a.order == b.order and len(a.params) == len(b.params) and \
+        all(x is y for x, y in zip(a.params, b.params))
 
 
 def _dense(g: torch.Tensor) -> torch.Tensor:

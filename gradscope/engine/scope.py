@@ -82,9 +82,11 @@ class Scope:
         self._grad_timing = GradTiming(recorder, self._param_index, S.PARAM_GRAD_NORM in metrics.params)
         self._replacements = Replacements(model, sites)  # blocks replaced after attach are followed
         # weakly: the model must not keep its scope alive (a scope dropped without detach() writes its rows at __del__)
-        self._probe.root, self._probe.root_check = model, weakref.WeakMethod(self._follow_replacements)
+        self._probe.root, self._probe.root_check = model, weakref.WeakMethod(self._follow_changes)
         if recorder.active:
             self._probe.install()
+        P.listen()  # parameters registered later inside a block are followed (P.listen)
+        self._layout = self._layout_key()
         self._attached = True
         try:
             if self._optimizers:
@@ -105,12 +107,23 @@ class Scope:
                               update=self._metrics.update, grads=S.PARAM_GRAD_NORM in self._metrics.params,
                               tracer=self._tracer)
 
-    def _follow_replacements(self) -> Set[int]:
-        """Hook the module now at each block's name where it was replaced after attach (engine/replaced.py); returns
-        the blocks that changed."""
+    def _layout_key(self) -> Tuple[int, Tuple[Tuple[int, ...], ...]]:
+        """What the parameter index and the optimizer coverage were made from: the count of parameters and modules
+        registered since (:func:`gradscope.engine.params.listen`), and each optimizer's group sizes
+        (``add_param_group``)."""
+        return P.registrations(), tuple(tuple(len(g["params"]) for g in opt.param_groups)
+                                        for opt in self._optimizers)
+
+    def _follow_changes(self) -> Set[int]:
+        """Once per recorded step: hook the module now at each block's name where it was replaced after attach
+        (engine/replaced.py), and index the parameters again where they changed inside a block or in an optimizer's
+        groups; returns the blocks that were replaced."""
         changed = self._replacements.changed(self.sites)
-        if not changed:
+        layout = self._layout_key()
+        if not changed and layout == self._layout:
             return set()
+        groups_changed = layout[1] != self._layout[1]
+        self._layout = layout
         for s, module in changed:
             warnings.warn(R.message(self.sites[s], module, self._rec.step), RuntimeWarning, stacklevel=3)
             if module is None:
@@ -118,13 +131,17 @@ class Scope:
             else:
                 self.sites[s] = R.followed(self.sites[s], module)  # the list the recorder and the probe share
         alive = set(range(len(self.sites))) - self._replacements.gone
-        self._param_index = P.param_index(self.sites, self._sharded, only=alive)
+        index = P.param_index(self.sites, self._sharded, only=alive)
+        if not changed and not groups_changed and P.same_params(index, self._param_index):
+            return set()  # modules were registered elsewhere (another model built): nothing of ours moved
+        self._param_index = index
         self._grad_timing.index = self._param_index
         self._watch.remove()
         self._watch = self._watch_optimizers(alive)
         if self._optimizers:
             self._watch.install()
-        self._probe.replan()
+        if changed:
+            self._probe.replan()
         return {s for s, _ in changed}
 
     # ---- the training-loop API -----------------------------------------------------------------------------------
@@ -178,7 +195,7 @@ class Scope:
         if rec.active:
             followed = set()
             if not rec.state.root_checked:  # (the model's own forward checks at its first call: engine/replaced.py)
-                followed = self._follow_replacements()
+                followed = self._follow_changes()
             self._probe.note_traced_scale()  # under torch.compile: the scale the backward saw (for parameter norms)
             if self._metrics.params:
                 self._record_params(rec.step)
@@ -276,6 +293,7 @@ class Scope:
                 self._sinks.send(self._rec)
         finally:
             LIVE.forget(self)
+            P.unlisten()
             self._probe.remove()
             self._rec.state.stop()
             self._watch.remove()

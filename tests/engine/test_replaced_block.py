@@ -94,3 +94,100 @@ def test_a_removed_block_warns_and_stops():
     assert set(frame[frame.step == 0].block) == {"a", "b", "c"}
     assert set(frame[frame.step == 1].block) == {"a", "c"}  # no param_norm of the removed block
     assert sum("'b' (Linear) was removed" in str(w.message) for w in caught) == 1
+
+
+def _inner_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Sequential(nn.Linear(16, 16), nn.Tanh()),
+                         nn.Sequential(nn.Linear(16, 16), nn.Tanh()), nn.Linear(16, 3))
+
+
+def _norms64(block):
+    """float64 ||theta|| and ||grad|| over the block's parameters now (the independent reference)."""
+    params = list(block.parameters())
+    theta = sum(float(p.detach().double().square().sum()) for p in params) ** 0.5
+    grad = sum(float(p.grad.double().square().sum()) for p in params if p.grad is not None) ** 0.5
+    return theta, grad
+
+
+def _wrap_with_lora(model):
+    model[2][0] = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))  # a new child inside the block
+
+
+def _assign_state(model):
+    state = {k: v * 3.0 for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)  # new Parameter objects in every block
+
+
+def _weight_norm(model):
+    nn.utils.parametrizations.weight_norm(model[2][0])  # weight becomes original0/original1
+
+
+@pytest.mark.parametrize("change", [_wrap_with_lora, _assign_state, _weight_norm])
+def test_parameters_that_change_inside_a_block_are_measured_from_the_next_step(change):
+    """A child replaced inside a block, ``load_state_dict(assign=True)`` or a parametrization registers new
+    parameters in a block gradscope hooks. They were indexed at attach only: ``param_norm`` stayed the old
+    parameters' and ``param_grad_norm`` went missing or wrong. Now each recorded step after the change measures the
+    block's parameters as they are, against a float64 reference, for both changed blocks."""
+    model = _inner_model()
+    x, y = _batch()
+    want = {}
+    with gradscope.attach(model, blocks=["1", "2"]) as scope:
+        for step in range(4):
+            if step == 2:
+                change(model)
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            want.update({(step, name): _norms64(model[int(name)]) for name in ("1", "2")})
+            scope.step()
+    frame = scope.frame().set_index(["step", "block", "metric"]).value
+    for (step, name), (theta, grad) in want.items():
+        assert frame[(step, name, "param_norm")] == pytest.approx(theta, rel=1e-5), (step, name)
+        assert frame[(step, name, "param_grad_norm")] == pytest.approx(grad, rel=1e-5), (step, name)
+
+
+def test_a_param_group_added_later_gets_its_update_ratio():
+    """Which blocks an optimizer updates was decided at attach: a block whose parameters joined through
+    ``add_param_group`` later never got an ``update_ratio``. Now it does from the next recorded step, equal to
+    ||theta_after - theta_before|| / ||theta_before|| in float64."""
+    model = _inner_model()
+    x, y = _batch()
+    opt = torch.optim.SGD(list(model[0].parameters()) + list(model[1].parameters()) +
+                          list(model[3].parameters()), lr=0.1)
+    want = {}
+    with pytest.warns(RuntimeWarning, match="'2'.*no optimizer"):
+        scope = gradscope.attach(model, blocks=["1", "2"], optimizer=opt)
+    with scope:
+        for step in range(4):
+            if step == 2:
+                opt.add_param_group({"params": list(model[2].parameters()), "lr": 0.05})
+            nn.functional.cross_entropy(model(x), y).backward()
+            scope.step()
+            before = [p.detach().double().clone() for p in model[2].parameters()]
+            opt.step()
+            after = [p.detach().double() for p in model[2].parameters()]
+            delta = sum(float((a - b).square().sum()) for a, b in zip(after, before)) ** 0.5
+            want[step] = delta / sum(float(b.square().sum()) for b in before) ** 0.5
+            opt.zero_grad()
+    ratio = scope.frame().query("block == '2' and metric == 'update_ratio'").set_index("step").value
+    assert sorted(ratio.index) == [2, 3]  # no false 0.0 before the group was added
+    for step in (2, 3):
+        assert ratio[step] == pytest.approx(want[step], rel=1e-5)
+
+
+def test_a_model_built_elsewhere_mid_run_does_not_reindex_the_blocks():
+    """Every module built anywhere moves the registration count; only a change of the blocks' own parameters makes
+    the scope index them (and copy them for the update ratio) again."""
+    model = _inner_model()
+    x, y = _batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.attach(model, blocks=["1", "2"], optimizer=opt) as scope:
+        watches = []
+        for step in range(3):
+            _inner_model()  # an evaluation copy, a second model: not ours
+            nn.functional.cross_entropy(model(x), y).backward()
+            scope.step()
+            opt.step()
+            opt.zero_grad()
+            watches.append(scope._watch)
+    assert watches[0] is watches[1] is watches[2]

@@ -1,12 +1,13 @@
 """What a hook is handed: the tensors in a block's arguments and output that gradscope measures.
 
-A block may take and return tensors, tuples, lists, dicts or Hugging Face ``ModelOutput`` objects; these functions
-pick the tensor that carries the block's signal (the first floating-point or complex one, the residual stream)
-without measuring anything. They are pure, so :mod:`gradscope.engine.probes` and the study code share one
-definition.
+A block may take and return tensors, tuples, lists, dicts, dataclasses or Hugging Face ``ModelOutput`` objects;
+these functions pick the tensor that carries the block's signal (the first floating-point or complex one, the
+residual stream) without measuring anything. They are pure, so :mod:`gradscope.engine.probes` and the study code
+share one definition.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -28,8 +29,9 @@ def first_tensor(value: Any) -> Optional[torch.Tensor]:
     """The block's primary tensor: the first *floating-point or complex* tensor in the value (depth-first).
 
     A Hugging Face block returns ``(hidden_states, attention_weights, ...)`` and a ``ModelOutput`` (a dict): the
-    hidden states come first in both, so they are what gradscope measures. Integer tensors (token ids, masks of
-    indices) are skipped: they carry no signal and no gradient.
+    hidden states come first in both, so they are what gradscope measures. A dataclass is read field by field, in
+    the order it declares them. Integer tensors (token ids, masks of indices) are skipped: they carry no signal and
+    no gradient.
     """
     if isinstance(value, torch.Tensor):
         return value if is_signal(value) else None
@@ -37,6 +39,8 @@ def first_tensor(value: Any) -> Optional[torch.Tensor]:
         items = value
     elif isinstance(value, dict):
         items = list(value.values())
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [getattr(value, f.name, None) for f in dataclasses.fields(value)]
     else:
         return None
     for item in items:

@@ -58,3 +58,52 @@ def test_tensors_inside_a_torch_func_transform_are_marked_transformed():
 
     torch.func.vmap(f)(torch.randn(3, 2))
     assert seen == [True] and not transformed(torch.randn(2)) and not transformed(None)
+
+
+def test_a_block_returning_a_dataclass_is_measured_on_its_first_floating_field():
+    """A block returning a dataclass got no activation or gradient rows and no word: the dataclass was not looked
+    into. Its first floating field (in declaration order) is now what is measured, against a float64 reference."""
+    import dataclasses
+
+    import gradscope
+    from torch import nn
+
+    @dataclasses.dataclass
+    class Out:
+        step: int
+        mask: torch.Tensor
+        hidden: torch.Tensor
+        extra: torch.Tensor
+
+    ids, hidden, extra = torch.arange(3), _f(2, 3), _f(2, 3)
+    assert first_tensor(Out(0, ids, hidden, extra)) is hidden
+    assert first_tensor(Out) is None  # the class itself is not a value
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            x = x.hidden if isinstance(x, Out) else x
+            h = torch.tanh(self.fc(x))
+            return Out(0, torch.zeros(2, dtype=torch.long), h, h * 0)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block())
+    x = torch.randn(5, 4)
+    kept = []
+
+    def keep(module, args, out):
+        out.hidden.retain_grad()
+        kept.append(out.hidden)
+
+    model[0].register_forward_hook(keep)
+    with gradscope.attach(model, blocks=["0", "1"]) as scope:
+        model(x).hidden.square().sum().backward()
+        scope.step()
+    rows = scope.frame().query("block == '0'").set_index("metric").value
+    h = kept[0].detach().double()
+    want_var, want_grad = torch.var(h, unbiased=False).item(), kept[0].grad.double().norm().item()
+    assert abs(rows["act_var"] - want_var) <= 1e-6 * want_var
+    assert abs(rows["grad_norm"] - want_grad) <= 1e-6 * want_grad

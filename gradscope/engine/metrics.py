@@ -22,7 +22,9 @@ Two paths, one result (both tested against float64 references):
 Accuracy details:
 
 * Reductions run in float32 whatever the input's dtype (bf16/fp16 inputs are upcast once), so sums of squares of
-  values beyond the fp16 range do not overflow. float64 inputs stay float64.
+  values beyond the fp16 range do not overflow. float64 inputs stay float64. Finite values beyond ~1e19 overflow
+  float32's squares: the CPU path sees the infinite sum, checks that every value is finite, and sums that tensor in
+  float64 (the device path, which reads nothing back, reports such a block's ``act_var``/``act_rms`` as inf).
 * ``torch.linalg.vector_norm`` and ``torch.dot`` on CPU accumulate long vectors with a loss of digits (4e-4
   relative on 2**20 float32 values); :func:`sum_of_squares` reduces rows of 1024 elements first and stays near
   1e-7. ``sum`` is accurate at any length (cascade summation).
@@ -43,7 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -244,8 +246,11 @@ def activation_sums(x: torch.Tensor, *, zeros: bool = True, nonfinite: bool = Tr
     flat = _work(x)
     if check_on_host if check_on_host is not None else readable(flat):
         raw = _checked_sums(flat, extras)
-        if raw is not None:
+        if isinstance(raw, tuple):
             return raw
+        if raw is _OVERFLOW and flat.dtype != torch.float64 and bool(torch.isfinite(flat).all()):
+            # finite values whose float32 sums overflow (|x| beyond ~1e19): float64 holds their squares
+            return _centred_sums(flat.double(), extras, None)
     return _centred_sums(flat, extras, scratch)
 
 
@@ -276,13 +281,20 @@ def complex_sums(x: torch.Tensor, extras: Sequence[Tuple[str, ...]]) -> torch.Te
     return torch.stack([p.to(real) for p in parts])
 
 
-def _checked_sums(flat: torch.Tensor, extras: Sequence[Tuple[str, ...]]) -> Optional[Tuple[float, ...]]:
-    """One-pass sums, read back and checked; None when the centred path is needed (see the module doc)."""
+#: what :func:`_checked_sums` returns when a sum is not finite: NaN/Inf in the tensor, or float32 overflow
+_OVERFLOW = object()
+
+
+def _checked_sums(flat: torch.Tensor, extras: Sequence[Tuple[str, ...]]) -> Any:
+    """One-pass sums, read back and checked (a tuple); ``_OVERFLOW`` when a sum is not finite, None when the mean
+    is too large next to the spread: the centred path is needed either way (see the module doc)."""
     n = flat.numel()
     total = flat.sum().item()
     squares = sum_of_squares(flat).item()
+    if not (math.isfinite(total) and math.isfinite(squares)):
+        return _OVERFLOW
     mean = total / n
-    if not (math.isfinite(total) and math.isfinite(squares)) or mean * mean > _TRUST * (squares / n - mean * mean):
+    if mean * mean > _TRUST * (squares / n - mean * mean):
         return None
     raw = [0.0, total, squares]
     for key in extras:

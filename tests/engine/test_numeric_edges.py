@@ -351,3 +351,28 @@ def test_the_non_finite_scan_finds_counts_and_values_and_is_not_fooled_by_an_ove
     assert found == {"backward": (3, "a")}
     # rows before ``start`` are not looked at
     assert first_nonfinite_rows(rows((0, S.GRAD_NORM, float("inf")), (1, S.GRAD_NORM, 1.0)), 1, depth, sites) == {}
+
+
+@pytest.mark.parametrize("mean, std", [(1e30, 1e29), (1.5e38, 1e37), (-1e25, 3e24)])
+def test_finite_activations_whose_float32_squares_overflow_are_measured_in_float64(mean, std):
+    """Finite float32 activations beyond ~1e19: their squares (and past ~3e38/N their sum) overflow float32, and
+    act_rms and act_var came out inf (act_mean NaN near the top of the range) while act_nonfinite said 0. The CPU
+    path now sees the overflow and sums such a tensor in float64, against a float64 reference through attach."""
+    torch.manual_seed(0)
+
+    class Shift(nn.Module):
+        def forward(self, x):
+            return x * 1.0
+
+    model = nn.Sequential(Shift(), Shift())
+    x = (torch.randn(4096, dtype=torch.float64) * std + mean).float()
+    assert torch.isfinite(x).all()
+    with gradscope.attach(model, blocks=["0"], on_nonfinite="ignore") as scope:
+        model(x.requires_grad_(True)).sum().backward()
+        scope.step()
+    rows = scope.frame().set_index("metric").value
+    ref = x.double()
+    assert rows["act_nonfinite"] == 0
+    for metric, want in (("act_mean", ref.mean()), ("act_var", ref.var(unbiased=False)),
+                         ("act_rms", ref.square().mean().sqrt())):
+        assert math.isfinite(rows[metric]) and rows[metric] == pytest.approx(want.item(), rel=1e-5), metric

@@ -164,9 +164,14 @@ class GradTiming:
 
     def _warn(self, step: int, what: str) -> None:
         self.done = True
+        # None can only mean the gradients were dropped; 0.0 everywhere is what zero_grad(set_to_none=False) leaves,
+        # but also what a loss flat in every parameter gives, so that case says "if"
+        cause = ("optimizer.zero_grad() ran before it, so param_grad_norm is absent" if what == "None" else
+                 "param_grad_norm is recorded as 0.0. If optimizer.zero_grad(set_to_none=False) ran before "
+                 "scope.step(), these are not the step's gradients (if the loss is truly flat in every parameter, "
+                 "they are, and this warning can be ignored)")
         warnings.warn(
             f"gradscope: a backward ran in recorded step {step}, but every parameter gradient was {what} at "
-            f"scope.step(): optimizer.zero_grad() ran before it, so param_grad_norm is "
-            f"{'absent' if what == 'None' else 'recorded as 0.0'}. Call scope.step() after backward() and before "
-            f"zero_grad(), or pass the optimizer (attach(model, optimizer=opt)): its step hook then reads the "
-            f"gradients just before they are used", RuntimeWarning, stacklevel=5)
+            f"scope.step(): {cause}. Call scope.step() after backward() and before zero_grad(), or pass the "
+            f"optimizer (attach(model, optimizer=opt)): its step hook then reads the gradients just before they are "
+            f"used", RuntimeWarning, stacklevel=5)

@@ -288,7 +288,10 @@ class Probe:
                 if m.shortcut:  # only a shortcut hook ever recalls it
                     self._remember(y, sums)
             if m.batch and self._batch_step != state.step and y.dim() and fresh and \
-                    (state.depth.get(site) == 0 or not in_backward()):  # reentrant checkpointing: forward order
+                    (state.depth.get(site) == 0 or not in_backward()) and \
+                    (torch.is_grad_enabled() or True not in modes):
+                # reentrant checkpointing: forward order; forwards="all": a training forward's batch, not a
+                # validation forward's that came first
                 self._batch_step = state.step  # host-side shape: no device work, no sync
                 rec.add(state.step, site, call, (S.BATCH_SIZE,), (float(y.shape[0]),), 0, spec.VALUE)
             if m.grad_out and y.requires_grad:

@@ -105,14 +105,24 @@ def test_forwards_eval_records_only_the_validation_forwards():
     assert first(e) == pytest.approx(model[0](val).double().var(unbiased=False).item(), rel=1e-5)
 
 
-def test_forwards_all_keeps_every_forward():
+def test_forwards_all_keeps_every_forward_and_the_training_forwards_batch_size():
+    """The validation forward (batch 9) comes first; batch_size is the training forward's (4), as BN theory reads
+    it (it was 9). With forwards="eval" it is the validation forward's, the only one recorded."""
     model = nets.mlp()
     with gradscope.attach(model, forwards="all") as scope:
         with torch.no_grad():
-            model(torch.randn(4, 12))
+            model(torch.randn(9, 12))
         model(torch.randn(4, 12)).sum().backward()
         scope.step()
-    assert sorted(scope.frame().query("block == '0' and metric == 'act_var'").call) == [0, 1]
+    frame = scope.frame()
+    assert sorted(frame.query("block == '0' and metric == 'act_var'").call) == [0, 1]
+    assert frame.query("metric == 'batch_size'").value.tolist() == [4.0]
+    with gradscope.attach(model, forwards="eval") as scope:
+        with torch.no_grad():
+            model(torch.randn(9, 12))
+        model(torch.randn(4, 12)).sum().backward()
+        scope.step()
+    assert scope.frame().query("metric == 'batch_size'").value.tolist() == [9.0]
 
 
 def test_forwards_rejects_an_unknown_value():

@@ -182,13 +182,12 @@ def _profile(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"report": str(out), **results.summary()}, default=str))
     else:
-        from rich.console import Console
+        from gradscope.render.terminal import console, print_results
 
-        from gradscope.render.terminal import print_results
-
-        console = Console()
-        print_results(results, console)
-        console.print(f"report: {out / 'report.html'}")
+        shown = console()
+        print_results(results, shown)
+        shown.print(f"report: {out / 'report.html'}")
+        shown.file.flush()
     for line in result.lines:
         print(f"gradscope: {line}", file=sys.stderr)
     return result.status
@@ -226,10 +225,10 @@ def _report(args: argparse.Namespace) -> int:
 
 @subcommand("models", "list the built-in networks")
 def _models(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from gradscope.models import available, build, facts
+    from gradscope.render.terminal import console
 
     table = Table(title="gradscope models (build(name, **options))")
     for column in ("name", "family", "blocks", "parameters"):
@@ -241,7 +240,9 @@ def _models(args: argparse.Namespace) -> int:
         model = build(name, seed=0)
         config, count = getattr(model, "gradscope_config", {}), sum(p.numel() for p in model.parameters())
         table.add_row(name, str(config.get("family", "")), str(config.get("num_blocks", "")), f"{count / 1e6:.2f}M")
-    Console().print(table)
+    shown = console()
+    shown.print(table)
+    shown.file.flush()
     return EXIT_OK
 
 

@@ -5,7 +5,8 @@ Imports rich, so only the CLI and users who ask for it load this module.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+import sys
+from typing import Any, Optional, TextIO
 
 import pandas as pd
 from rich.console import Console
@@ -24,6 +25,39 @@ STYLES = {A.EXPLODING: "bold red", A.VANISHING: "bold blue", A.HEALTHY: "green",
 AGREEMENT_STYLES = {W.AGREES: "green", W.DISAGREES: "bold yellow", W.INCONCLUSIVE: "dim"}
 ANSWER_STYLES = {W.YES: "green", W.NO: "red", W.UNCLEAR: "yellow"}
 _num = num
+
+
+class _TrimmedLines:
+    """A text stream that writes each line without its trailing spaces (rich pads table and wrapped lines with them
+    up to the console's width: 80 columns of blanks in a log, a diff, or ``grep`` output)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out, self.pending = out, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.out.write(line.rstrip() + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.out.write(self.pending)
+            self.pending = ""
+        self.out.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def console(stream: Optional[TextIO] = None) -> Console:
+    """The console results are printed on: rich's own on a terminal; piped (a file, CI, ``tee``), one without the
+    trailing spaces rich pads its lines with, at rich's 80 columns and without colour."""
+    out = stream if stream is not None else sys.stdout
+    isatty = getattr(out, "isatty", None)
+    if callable(isatty) and isatty():
+        return Console(file=out)
+    return Console(file=_TrimmedLines(out))  # type: ignore[arg-type]
 
 
 def _where(value: Any, block: Any) -> str:
@@ -122,6 +156,7 @@ def fit_table(rows: list, title: str, style_col: int = -1, styles: Optional[dict
     """Like :func:`rows_table`, but a cell too wide for the console folds onto a second line instead of being cut
     with an ellipsis, so every number stays readable at 80 columns; the first column (a name) keeps its width."""
     table = rows_table(rows, title, style_col, styles)
+    table.collapse_padding = True  # two spaces between columns, not three: seven columns fit 80 without a fold
     for column in table.columns:
         column.overflow = "fold"
     if len(rows) > 1:

@@ -121,3 +121,27 @@ def test_terminal_is_readable_at_80_columns_with_the_claims_first(results):
     assert "UNCLEAR" in text and text.count("key number") == 1  # a claim without a number says none
     assert "an-unusually" in text and "would-not-fit" in text  # a long name folds onto the next line
     assert not any("mlp-xavier-s1" in line for line in lines)  # one row per configuration, not per seed
+
+
+def test_piped_results_carry_no_trailing_spaces_and_no_cell_folds_in_the_training_table(results):
+    """Piped (a log, CI, ``tee``), rich padded every table and wrapped line with spaces to 80 columns, and the
+    training table's last column folded "exploding 3" onto two lines. The CLI's console trims the lines, and the
+    tables collapse their padding, so the seven training columns fit."""
+    from gradscope.render.terminal import console
+
+    buf = io.StringIO()
+    shown = console(buf)
+    print_results(results, shown)
+    shown.file.flush()
+    lines = buf.getvalue().splitlines()
+    assert lines and not any(line != line.rstrip() for line in lines)
+    assert max(len(line) for line in lines) <= 80 and "\x1b[" not in buf.getvalue()
+    from gradscope.render.terminal import fit_table  # the training table's columns, as print_results picks them
+
+    header = ["configuration", "signal", "healthy", "vanish.", "explod.", "diverged", "last step (seeds)"]
+    buf = io.StringIO()
+    shown = console(buf)
+    shown.print(fit_table([header, ["resnet20-nobn", "backward", "0%", "0%", "100%", "0%", "exploding 3"]], "t"))
+    shown.file.flush()
+    row = [line for line in buf.getvalue().splitlines() if "resnet20-nobn" in line]
+    assert len(row) == 1 and row[0].endswith("exploding 3") and len(row[0]) <= 80

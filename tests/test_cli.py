@@ -228,3 +228,21 @@ def test_a_full_disk_exits_2_with_one_line_naming_the_folder(tmp_path, capsys, m
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0] == f"gradscope: error: cannot write the report to {str(tmp_path)!r}: No space left on device"
+
+
+def test_a_loss_that_is_nan_from_the_start_still_gets_its_report_and_the_fail_on_status(tmp_path):
+    """Every gradient NaN from step 0 left the depth-profile figure with no finite value at all: the report stage
+    stopped on an internal error (exit 1, no report.html, the diverged status lost). Now the report is written, the
+    backward signal is the one that diverged, and --fail-on diverged exits 3."""
+    model = Path(__file__).parent / "fixtures" / "nan_loss.py"
+    out = tmp_path / "out"
+    code = main(["profile", "--model", f"{model}:make", "--seeds", "0", "--steps", "4", "--every", "2",
+                 "--init-batches", "2", "--batch-size", "8", "--train-size", "32", "--input-shape", "8", "--quiet",
+                 "--out", str(out), "--fail-on", "diverged"])
+    assert code == EXIT_FAIL_ON and (out / "report.html").stat().st_size > 0
+    verdicts = pd.read_csv(out / "verdicts.csv")
+    init = verdicts[verdicts.phase == "init"]  # before any update: activations finite, gradients NaN
+    assert set(init[init.signal == "backward"].verdict) == {"diverged"}
+    assert "diverged" not in set(init[init.signal == "forward"].verdict)
+    later = verdicts[(verdicts.phase == "train") & (verdicts.step == 2)]  # NaN weights after a NaN update
+    assert set(later.verdict) == {"diverged"}

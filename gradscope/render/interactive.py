@@ -121,6 +121,8 @@ def _band_traces(fig: Any, wide: pd.DataFrame, name: str, color: str, hover: str
 
     x = wide.index.to_numpy(dtype=float)
     vals = wide.to_numpy(dtype=float)
+    if vals.size == 0:  # every value NaN (a run that diverged from its first step): nothing to draw
+        return
     ok = np.where(np.isfinite(vals) & (vals > 0), vals, np.nan)
     with np.errstate(all="ignore"):
         centre = np.exp(np.nanmean(np.log(ok), axis=1))

@@ -329,7 +329,7 @@ def verdicts(frame: pd.DataFrame, *, step: StepArg = None, vanish: float = VANIS
             run, st = key
             g = g.sort_values(POSITION)
             n_steps = len(prof_set.steps(run)) if step is None else 1
-            bad = prof_set.diverged(run, None if pd.isna(st) else int(st))
+            bad = prof_set.diverged(run, None if pd.isna(st) else int(st), signal)
             n_layers, unit = layers.get(str(run), (1.0, "per block"))
             row = {S.RUN: run, S.STEP: st, N_STEPS: n_steps, SIGNAL: signal, S.METRIC: metric, LAYERS: n_layers,
                    UNIT: unit}

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from gradscope import schema as S
+from gradscope import words as W
 from gradscope.analysis.stats import t975
 from gradscope.errors import DataError
 
@@ -181,11 +182,19 @@ def profile_pass(frame: pd.DataFrame, metrics: Iterable[str]) -> pd.DataFrame:
     return g
 
 
+#: The metrics whose NaN/Inf make each signal diverge (:class:`Profiles`).
+_FORWARD_SIGNS = (S.ACT_VAR, S.ACT_NONFINITE)
+_BACKWARD_SIGNS = (S.GRAD_NORM, S.PARAM_GRAD_NORM)
+
+
 class Profiles:
     """Depth profiles of a frame, from one :func:`profile_pass`, cached per (metric, step).
 
-    ``get(metric, step)`` returns what :func:`profile` returns; ``nonfinite`` holds the ``(run, step)`` pairs
-    where a block output held NaN/Inf (``act_nonfinite > 0``) or a verdict metric was NaN/Inf.
+    ``get(metric, step)`` returns what :func:`profile` returns; ``nonfinite`` maps ``(run, step, signal)`` to the
+    block where that signal first held NaN/Inf: forward, a block output with ``act_nonfinite > 0`` or a non-finite
+    ``act_var``, the shallowest first (the order the forward pass runs); backward, a non-finite ``grad_norm`` or
+    ``param_grad_norm``, the deepest first (the order backward runs). A NaN loss spoils every gradient and no
+    activation: the backward signal diverged, the forward one did not (both were called diverged before).
     """
 
     def __init__(self, frame: pd.DataFrame,
@@ -194,21 +203,26 @@ class Profiles:
         self.table = profile_pass(frame, self.metrics)
         self.runs = run_names(frame)
         self._cache: dict[tuple[str, StepArg], pd.DataFrame] = {}
-        bad = self.table[self.table[NONFINITE].astype(bool)].sort_values([S.RUN, S.STEP, POSITION])
-        self.nonfinite: dict[tuple[str, int], str] = {}
-        for run, step, block in zip(bad[S.RUN], bad[S.STEP], bad[S.BLOCK]):
-            self.nonfinite.setdefault((str(run), int(step)), str(block))
+        bad = self.table[self.table[NONFINITE].astype(bool)]
+        self.nonfinite: dict[tuple[str, int, str], str] = {}
+        for signal, metrics, deepest_first in ((W.FORWARD, _FORWARD_SIGNS, False),
+                                               (W.BACKWARD, _BACKWARD_SIGNS, True)):
+            hits = bad[bad[S.METRIC].isin(metrics)].sort_values([S.RUN, S.STEP, POSITION],
+                                                                ascending=[True, True, not deepest_first])
+            for run, step, block in zip(hits[S.RUN], hits[S.STEP], hits[S.BLOCK]):
+                self.nonfinite.setdefault((str(run), int(step), signal), str(block))
 
     def steps(self, run: str) -> list[int]:
         """Recorded steps of ``run`` (any verdict metric)."""
         t = self.table
         return sorted(int(s) for s in pd.unique(t[t[S.RUN] == run][S.STEP]))
 
-    def diverged(self, run: str, step: Optional[int] = None) -> Optional[str]:
-        """The first block (in depth order) with non-finite values of ``run`` at ``step`` (any step: None)."""
+    def diverged(self, run: str, step: Optional[int] = None, signal: str = W.FORWARD) -> Optional[str]:
+        """The first block of ``signal`` with non-finite values in ``run`` at ``step`` (the earliest such step:
+        None); None when that signal stayed finite."""
         if step is not None:
-            return self.nonfinite.get((run, int(step)))
-        hits = [(s, b) for (r, s), b in self.nonfinite.items() if r == run]
+            return self.nonfinite.get((run, int(step), signal))
+        hits = [(s, b) for (r, s, sig), b in self.nonfinite.items() if r == run and sig == signal]
         return min(hits)[1] if hits else None
 
     def get(self, metric: str, step: StepArg = None) -> pd.DataFrame:

@@ -195,12 +195,29 @@ def test_a_non_finite_block_is_diverged_never_healthy(bad):
     assert list(fwd[A.VERDICT]) == ["healthy", "diverged", "healthy"]
 
 
-def test_a_nonfinite_count_alone_gives_diverged():
+def test_a_nonfinite_count_alone_makes_the_forward_signal_diverged():
+    """act_nonfinite > 0 at block 3 with finite gradients everywhere: the forward signal diverged there; the
+    backward one, finite at every block, keeps its class."""
     f = frame_with(1.0, 1.0, n_blocks=4, steps=(0,))
     extra = f[f[S.METRIC] == S.ACT_VAR].assign(**{S.METRIC: S.ACT_NONFINITE, S.VALUE: 0.0})
     extra.loc[extra[S.DEPTH] == 3, S.VALUE] = 5.0
     v = A.verdicts(pd.concat([f, extra], ignore_index=True))
-    assert set(v[A.VERDICT]) == {"diverged"} and set(v[A.NONFINITE_BLOCK]) == {"layer.3"}
+    assert row(v, A.FORWARD)[A.VERDICT] == "diverged" and row(v, A.FORWARD)[A.NONFINITE_BLOCK] == "layer.3"
+    assert row(v, A.BACKWARD)[A.VERDICT] == "healthy" and pd.isna(row(v, A.BACKWARD)[A.NONFINITE_BLOCK])
+
+
+def test_a_nan_loss_makes_the_backward_signal_diverged_from_the_deepest_block_and_not_the_forward_one():
+    """A NaN loss (finite activations, every gradient NaN) was called a forward divergence at the first block: the
+    forward signal is finite, and backward runs from the deepest block, which holds the first NaN."""
+    f = frame_with(1.0, 1.0, n_blocks=5, steps=(0, 1))
+    f.loc[(f[S.METRIC] == S.GRAD_NORM) & (f[S.STEP] == 1), S.VALUE] = np.nan
+    per = A.verdicts(f, step="all")
+    at = lambda signal, step: per[(per[A.SIGNAL] == signal) & (per[S.STEP] == step)].iloc[0]
+    assert at(A.FORWARD, 1)[A.VERDICT] == "healthy" and pd.isna(at(A.FORWARD, 1)[A.NONFINITE_BLOCK])
+    assert at(A.BACKWARD, 1)[A.VERDICT] == "diverged" and at(A.BACKWARD, 1)[A.NONFINITE_BLOCK] == "layer.4"
+    assert at(A.BACKWARD, 0)[A.VERDICT] == "healthy"
+    pooled = A.verdicts(f)  # over steps: the backward signal diverged at step 1, the forward one never
+    assert row(pooled, A.BACKWARD)[A.VERDICT] == "diverged" and row(pooled, A.FORWARD)[A.VERDICT] == "healthy"
 
 
 def test_only_call_zero_rows_count():

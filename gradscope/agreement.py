@@ -16,7 +16,10 @@ image size: ``batch_size=`` here, else the batch the frame recorded (its ``batch
   - ``noise``, the measurement's own uncertainty: with several seeds of one configuration (runs ``x``, ``x-s1``,
     ...), ``t(0.975, n-1) · SE`` of the seeds' ln factors, and the seeds are judged together (one answer for the
     configuration, from the mean of their ln factors); with one seed, 2.5 SE from the block-to-block scatter of
-    ``ln(measured/predicted)`` (a random-walk model).
+    ``ln(measured/predicted)`` (a random-walk model), which needs three within-stage steps (fewer: the scatter is
+    unknown and the answer ``inconclusive``). Seeds that measured exactly the same factor count as one run
+    (identical runs are no independent evidence), and a seed that diverged is judged ``inconclusive`` on its own
+    row, its configuration's other seeds without it.
   - ``disagrees`` when Δ > tolerance; ``inconclusive`` when Δ is within a tolerance wider than :data:`MAX_TOL`, or
     from one seed of a net narrower than :data:`WIDE` channels, whose seed-to-seed spread is not estimated, or
     where the prediction names an effect it leaves out (``backward_limit``: zero padding under BN); ``agrees``
@@ -103,7 +106,8 @@ def compare(measured: list[float], predicted: list[float], stages: list[int], *,
         r = np.log(np.asarray(measured, float)) - np.log(np.asarray(predicted, float))
     inc = [r[k + 1] - r[k] for k in range(len(r) - 1)
            if stages[k] == stages[k + 1] and np.isfinite(r[k]) and np.isfinite(r[k + 1])]
-    se = float(np.std(inc, ddof=1) * math.sqrt(1.2 / len(inc))) if len(inc) > 2 else 0.0
+    # fewer than three within-stage steps estimate no scatter: NaN (unknown), never 0 (certain)
+    se = float(np.std(inc, ddof=1) * math.sqrt(1.2 / len(inc))) if len(inc) > 2 else math.nan
     diff = abs(math.log(mf) - math.log(pf)) if mf > 0 and pf > 0 else math.nan
     return {"measured": mf, "predicted": pf, "diff": diff, "se": se, "r": r}
 
@@ -238,6 +242,11 @@ def _judge(out: pd.DataFrame, group: list[dict[str, Any]]) -> None:
     pf, model_tol, width, limit = head["predicted"], head["model_tol"], head["width"], head.get("limit", "")
     ln = [math.log(c["measured"]) for c in ok]
     mean, sd, se, n = stats.mean_sd_se(ln)
+    repeated = ""
+    if n >= 2 and stats.identical(sd, ln):  # identical runs are no independent evidence: judged as the one run
+        repeated = (f"; its {n} seeds measured the same factor exactly (sd of ln 0), so they count as one run: "
+                    f"identical runs are no independent evidence")
+        n = 1
     if n >= 2:
         noise = stats.band(se, n)
         diff = abs(mean - math.log(pf))
@@ -245,6 +254,10 @@ def _judge(out: pd.DataFrame, group: list[dict[str, Any]]) -> None:
         how = (f"pooled over {n} seeds: measured x{_factor(math.exp(mean))} (sd of ln {sd:.3f}, SE {se:.3f}) vs "
                f"theory x{_factor(pf)} per block; |Δ ln| {diff:.3f} {'>' if word == DISAGREES else '<='} tolerance "
                f"{model_tol + noise:.3f} (model {model_tol:.3f} + t·SE {noise:.3f})")
+    elif n == 1 and not math.isfinite(ok[0]["se"]):
+        word, how = INCONCLUSIVE, (f"one seed: measured x{_factor(ok[0]['measured'])} vs theory x{_factor(pf)} per "
+                                   f"block, but fewer than three within-stage steps between blocks estimate no block "
+                                   f"scatter, so no tolerance for the noise is known")
     elif n == 1:
         c = ok[0]
         noise, diff = 2.5 * c["se"], c["diff"]
@@ -258,17 +271,25 @@ def _judge(out: pd.DataFrame, group: list[dict[str, Any]]) -> None:
                     f"the tolerance (Hanin & Rolnick 2018); run several seeds")
     else:
         word, how = INCONCLUSIVE, "no finite measured factor (diverged or empty)"
+    how += repeated
     notes = [f"{word}: {how}"] + ([limit] if limit else [])
     if width and width < WIDE and n >= 2:
         notes.append("theory gives the mean over initialisations, the log-space fit the typical value, lower at "
                      f"{width} channels (Hanin & Rolnick 2018); a gap from that is counted, not absorbed")
+    judged = {id(c) for c in ok}
+    left_out = [str(c["run"]) for c in group if id(c) not in judged]
+    if left_out and ok:
+        notes.append(f"left out (diverged or no finite factor): {', '.join(left_out)}")
     for c in group:
         i = c["i"]
         out.at[i, A.MEASURED_FACTOR], out.at[i, A.PREDICTED_FACTOR] = c["measured"], c["predicted"]
-        out.at[i, A.AGREEMENT] = word
+        own = word if id(c) in judged else INCONCLUSIVE  # a seed left out is not part of what agreed
+        out.at[i, A.AGREEMENT] = own
         out.at[i, A.REFERENCE] = c["pred"].reference
-        extra = list(c["boundaries"]) + (list(c["pred"].notes) if word != AGREES else [])
-        out.at[i, A.THEORY_NOTE] = "; ".join(notes + extra)
+        extra = list(c["boundaries"]) + (list(c["pred"].notes) if own != AGREES else [])
+        head_note = ([f"{INCONCLUSIVE}: this seed diverged or has no finite factor; the configuration's other seeds, "
+                      f"judged without it"] if id(c) not in judged and ok else [])
+        out.at[i, A.THEORY_NOTE] = "; ".join(head_note + notes + extra)
 
 
 def predicted_profiles(frame: pd.DataFrame, metric: str, *, configs=None,

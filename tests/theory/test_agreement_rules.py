@@ -54,6 +54,39 @@ def test_seeds_that_scatter_widely_are_inconclusive():
     assert set(fw[A.AGREEMENT]) == {"inconclusive"} and fw[A.AGREES].isna().all()
 
 
+def test_a_diverged_seed_is_not_labelled_with_what_its_configuration_agreed():
+    """The configuration's finite seeds are judged without it; the diverged seed's own row said "agrees" with them."""
+    frame, configs = mlp_frame({"mlp": 0.99, "mlp-s1": 1.0, "mlp-s2": 0.995})
+    frame.loc[(frame[S.RUN] == "mlp-s2") & (frame[S.METRIC] == S.ACT_VAR) & (frame[S.DEPTH] == 5), S.VALUE] = math.nan
+    fw = forward(G.verdicts(frame, configs=configs)).set_index(S.RUN)
+    assert fw.loc["mlp-s2", A.VERDICT] == "diverged" and fw.loc["mlp-s2", A.AGREEMENT] == "inconclusive"
+    assert pd.isna(fw.loc["mlp-s2", A.AGREES]) and "judged without it" in fw.loc["mlp-s2", A.THEORY_NOTE]
+    assert set(fw.loc[["mlp", "mlp-s1"], A.AGREEMENT]) == {"agrees"}
+    assert "pooled over 2 seeds" in fw.loc["mlp", A.THEORY_NOTE] and "left out" in fw.loc["mlp", A.THEORY_NOTE]
+
+
+def test_one_seed_with_too_few_blocks_for_a_scatter_is_inconclusive_not_agreeing_with_zero_noise():
+    """Three blocks give two within-stage steps: no block scatter can be estimated, and its SE was taken as 0, so a
+    single seed "agreed" within the model tolerance alone. Four blocks (three steps) still get a tolerance."""
+    three, cfg = mlp_frame({"mlp": 1.0}, n_blocks=3)
+    row = forward(G.verdicts(three, configs=cfg)).iloc[0]
+    assert row[A.AGREEMENT] == "inconclusive" and "no block scatter" in row[A.THEORY_NOTE]
+    four, cfg = mlp_frame({"mlp": 1.0}, n_blocks=4, wobble=0.01)
+    assert forward(G.verdicts(four, configs=cfg)).iloc[0][A.AGREEMENT] == "agrees"
+
+
+def test_identical_seeds_count_as_one_run():
+    """Two copies of one run pooled gave sd 0, a zero noise band, and "agrees" where the run alone is
+    inconclusive: identical runs are no independent evidence, so they get the one run's answer."""
+    one, cfg = mlp_frame({"mlp": 0.97}, width=16, wobble=0.05)
+    alone = forward(G.verdicts(one, configs=cfg)).iloc[0][A.AGREEMENT]
+    frame, configs = mlp_frame({"mlp": 0.97, "mlp-s1": 0.97}, width=16, wobble=0.0)
+    frame[S.VALUE] = pd.concat([one[S.VALUE]] * 2, ignore_index=True).to_numpy()  # the same values twice
+    fw = forward(G.verdicts(frame, configs=configs))
+    assert alone == "inconclusive" and set(fw[A.AGREEMENT]) == {alone}
+    assert "count as one run" in fw.iloc[0][A.THEORY_NOTE]
+
+
 def test_the_decision_rule():
     assert G.decide(0.2, 0.05, 0.1) == "disagrees"
     assert G.decide(0.1, 0.05, 0.06) == "agrees"

@@ -32,7 +32,7 @@ image size: ``batch_size=`` here, else the batch the frame recorded (its ``batch
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -137,16 +137,20 @@ def _boundaries(r: np.ndarray, stages: list[int], blocks: list[str], backward: b
 def verdicts(frame: pd.DataFrame, *, step: A.StepArg = None, vanish: float = A.VANISH, explode: float = A.EXPLODE,
              configs: Optional[Mapping[str, Mapping[str, Any]]] = None, theory: bool = True,
              agree_tol: Optional[float] = None, batch_size: Optional[int] = None,
-             profiles: Optional[A.Profiles] = None) -> pd.DataFrame:
+             profiles: Optional[A.Profiles] = None,
+             layers_per_block: Union[None, float, Mapping[str, float]] = None) -> pd.DataFrame:
     """Measured verdicts (:func:`gradscope.analysis.verdicts`) with what theory predicts beside them.
 
     ``configs``: ``{run: gradscope_config}`` (with ``batch_size``/``image_size`` where known); otherwise the frame's
     config columns. ``batch_size``: overrides the batch of the measurement, which is otherwise read from the frame's
-    ``batch_size`` rows (finite-batch BN rates, Yang et al. 2019 Theorem 8). ``theory=False`` gives the measurement alone. ``profiles``: a shared
-    :class:`gradscope.analysis.Profiles` of ``frame``.
+    ``batch_size`` rows (finite-batch BN rates, Yang et al. 2019 Theorem 8). ``theory=False`` gives the measurement
+    alone. ``profiles``: a shared :class:`gradscope.analysis.Profiles` of ``frame``. ``layers_per_block``: how many
+    weight layers a block spans (a number, or ``{run: number}``), where the block kind does not say
+    (:func:`gradscope.analysis.block_layers`).
     """
     profiles = profiles if profiles is not None else A.Profiles(frame)
-    out = A.verdicts(frame, step=step, vanish=vanish, explode=explode, profiles=profiles, configs=configs)
+    out = A.verdicts(frame, step=step, vanish=vanish, explode=explode, profiles=profiles, configs=configs,
+                     layers_per_block=layers_per_block)
     if not theory:
         return out
     return annotate(out, frame, configs=configs, agree_tol=agree_tol, batch_size=batch_size, profiles=profiles)

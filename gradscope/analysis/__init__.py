@@ -272,6 +272,20 @@ def _family(config: Optional[Mapping[str, Any]]) -> Optional[str]:
     return "cifar" if _ZOO_NAME.match(name) else "mlp" if name.startswith("mlp") else None
 
 
+def _check_layers(layers_per_block: Any) -> None:
+    """Refuse a ``layers_per_block`` that is not a positive finite number (or a mapping of them): -1 inverted the
+    class (x0.5 per block became x2.0 per layer, exploding), 0 divided by zero, and a string or True was silently
+    ignored. Fractions are allowed (blocks placed at a layer's Linear and at its activation span half a layer)."""
+    if layers_per_block is None:
+        return
+    values = list(layers_per_block.values()) if isinstance(layers_per_block, Mapping) else [layers_per_block]
+    for v in values:
+        number = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+        if not number or not math.isfinite(float(v)) or float(v) <= 0:
+            raise DataError(f"layers_per_block={layers_per_block!r}: give the number of weight layers a block spans "
+                            f"(a positive number such as 2, or {{run: number}})")
+
+
 def block_layers(frame: pd.DataFrame, configs: Optional[Mapping[str, Mapping[str, Any]]] = None,
                  layers_per_block: Union[None, float, Mapping[str, float]] = None) -> dict[str, tuple[float, str]]:
     """``{run: (layers per block, unit words)}``: how many weight layers one step between blocks spans.
@@ -280,6 +294,7 @@ def block_layers(frame: pd.DataFrame, configs: Optional[Mapping[str, Mapping[str
     (:data:`LAYER_KINDS`: 1), or a built-in block (:data:`ZOO_KINDS`) of a family known from ``configs[run]`` or
     the frame's ``model`` column (:data:`ZOO_BLOCK_LAYERS`); else 1 with the unit "per block (layers unknown)".
     """
+    _check_layers(layers_per_block)
     out: dict[str, tuple[float, str]] = {}
     cols = [c for c in (S.RUN, S.KIND, S.MODEL) if c in frame.columns]
     meta = frame[cols].drop_duplicates()

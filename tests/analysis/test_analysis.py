@@ -307,3 +307,21 @@ def test_layers_per_block_come_from_kinds_configs_or_the_caller():
     assert mlp[A.VERDICT] == "exploding" and mlp[A.LAYERS] == 1
     f[S.KIND] = "BatchNorm2d"
     assert row(A.verdicts(f.drop(columns=[S.MODEL])), A.BACKWARD)[A.LAYERS] == 1
+
+
+def test_the_public_verdicts_take_layers_per_block_and_refuse_what_is_not_a_layer_count():
+    """The unit text tells the user to pass layers_per_block=, and gradscope.verdicts raised TypeError for it; -1
+    turned x0.5 per block into x2.0 per layer (exploding), and a string or True was silently ignored."""
+    import gradscope
+    from gradscope.errors import DataError
+
+    f = frame_with(1.0, 1.07, n_blocks=12, run="mine")
+    f[S.KIND] = "MyBlock"
+    told = row(gradscope.verdicts(f), A.BACKWARD)
+    assert told[A.VERDICT] == "exploding" and "pass layers_per_block=" in told[A.UNIT]
+    given = row(gradscope.verdicts(f, layers_per_block=2), A.BACKWARD)
+    assert given[A.VERDICT] == "healthy" and given[A.LAYER_FACTOR] == pytest.approx(1.07 ** 0.5)
+    assert row(gradscope.verdicts(f, layers_per_block=0.5), A.BACKWARD)[A.LAYER_FACTOR] == pytest.approx(1.07 ** 2)
+    for bad in (-1, 0, math.nan, math.inf, "2", True, {"mine": -2}):
+        with pytest.raises(DataError, match="layers_per_block"):
+            A.verdicts(f, layers_per_block=bad)

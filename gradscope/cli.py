@@ -186,7 +186,9 @@ def _profile(args: argparse.Namespace) -> int:
 
         shown = console()
         print_results(results, shown)
-        shown.print(f"report: {out / 'report.html'}")
+        # --format records writes no report.html: name the folder it did write
+        shown.print(f"report: {out / 'report.html'}" if args.format == "full" else f"records and tables: {out}",
+                    soft_wrap=True)  # a path is copied whole, never wrapped
         shown.file.flush()
     for line in result.lines:
         print(f"gradscope: {line}", file=sys.stderr)

@@ -56,6 +56,9 @@ def test_module_path_factory_and_block_selector(tmp_path, capsys, monkeypatch):
     assert code == 0
     frame = pd.read_parquet(tmp_path / "records.parquet")
     assert set(frame.kind) == {"ReLU"}
+    said = capsys.readouterr().out  # --format records writes no report.html, and does not point at one
+    assert not (tmp_path / "report.html").exists() and "report.html" not in said
+    assert f"records and tables: {tmp_path}" in said
 
 
 def test_fail_on_exits_3_when_a_verdict_matches(tmp_path, capsys):

@@ -75,13 +75,15 @@ def loss_rows(results: Any) -> Rows:
 
     rows = [["configuration", "final loss (mean ± sd, n)", "per seed", "diverged"]]
     groups: Dict[str, List[str]] = {}
-    for run in results.final_losses:
+    failed = getattr(results, "failed", {}) or {}
+    for run in list(results.final_losses) + [r for r in failed if r not in results.final_losses]:
         groups.setdefault(config_of(results.configs, run), []).append(run)
     for group, runs in groups.items():
-        values = [results.final_losses[r] for r in runs]
+        finished = [r for r in runs if r in results.final_losses]  # a run that crashed has no final loss
+        values = [results.final_losses[r] for r in finished]
         mean, sd, _, n = stats.mean_sd_se(values)
-        bad = [r for r, v in zip(runs, values) if is_missing(v)]
-        rows.append([group, pm(mean, sd, n, ".3f"), ", ".join(num(v, ".3f", "NaN") for v in values),
+        bad = [r for r, v in zip(finished, values) if is_missing(v)] + [f"{r} (failed)" for r in runs if r in failed]
+        rows.append([group, pm(mean, sd, n, ".3f"), ", ".join(num(v, ".3f", "NaN") for v in values) or "—",
                      ", ".join(bad) or "—"])
     return rows
 

@@ -40,7 +40,10 @@ def evaluate(study: StudyResult, settings: Settings, title: Optional[str] = None
         verdicts[TRAIN] = v.assign(**{PHASE: TRAIN})
     pooled = pool_seeds(verdicts[INIT]) if INIT in verdicts else None
     traj = trajectory(verdicts[TRAIN]) if TRAIN in verdicts else None
-    trained = [r for r in study.configs if len(study.losses) and (study.losses["run"] == r).any()]
+    ran = [r for r in study.configs if len(study.losses) and (study.losses["run"] == r).any()]
+    # a run that crashed mid-training stopped early: its last losses are no final loss beside the others' (its
+    # steps still count for the alerts)
+    trained = [r for r in ran if r not in study.failed]
     finals = final_losses(study.losses, trained, settings.final_window)
     accuracy = final_accuracy(study.losses, trained, settings.final_window)
     noise = batch_noise(study.losses, trained, settings.final_window) if trained else None
@@ -54,7 +57,7 @@ def evaluate(study: StudyResult, settings: Settings, title: Optional[str] = None
     decay = (settings.lr, settings.weight_decay, settings.momentum)
     # nothing trained (--init-only, --steps 0): no alerts checked, so no "no alerts over training" either
     alerts = study_alerts(frames[TRAIN], study.losses, decay=decay) \
-        if frames[TRAIN] is not None and len(frames[TRAIN]) and trained else None
+        if frames[TRAIN] is not None and len(frames[TRAIN]) and ran else None
     return Results(title=title or profile_title(study.configs), frames=frames, profiles=profiles,
                    verdicts=verdicts, pooled=pooled, trajectory=traj, losses=study.losses, final_losses=finals,
                    claims=applicable(answered, trained=bool(trained)), configs=study.configs,

@@ -175,3 +175,19 @@ def test_report_of_a_killed_profile_pools_seeds_by_the_facts_in_provenance(tmp_p
     assert main(["report", str(out)]) == EXIT_OK
     pooled = pd.read_csv(out / "pooled.csv")
     assert set(pooled["group"]) == {"plain20-nobn"} and set(pooled["n"]) == {2}
+
+
+def test_a_run_that_crashed_mid_training_has_no_final_loss_beside_the_finished_ones(tmp_path):
+    """Its last losses (steps 0-5 of 10) were averaged into its configuration's final loss as if it had finished,
+    and the loss table did not mark it. Now the finished seeds alone make the final loss, the crashed one is named
+    as failed beside them, and its steps still count for the alerts."""
+    from gradscope.render.tables import loss_rows
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "crash_mid_run.py"
+    results = gradscope.profile(model=f"{fixture}:seed_one_crashes", seeds=[0, 1], steps=10, every=2,
+                                init_batches=2, batch_size=8, train_size=64, input_shape=(8,))
+    assert set(results.failed) == {"seed_one_crashes-s1"}
+    assert set(results.final_losses) == {"seed_one_crashes-s0"}
+    header, row = loss_rows(results)
+    assert row[1].endswith("(n=1)") and row[3] == "seed_one_crashes-s1 (failed)"
+    assert results.alerts is not None

@@ -171,6 +171,12 @@ def profile_pass(frame: pd.DataFrame, metrics: Iterable[str]) -> pd.DataFrame:
     v = f[S.VALUE].to_numpy(dtype=float)
     m = f[S.METRIC].to_numpy()
     signal = np.isin(m, [S.ACT_VAR, S.GRAD_NORM, S.PARAM_GRAD_NORM])  # an fp16 weight gradient may overflow alone
+    negative = signal & (v < 0)
+    if negative.any():  # a variance or a norm below 0 is no measurement (a hand-made frame): a class would be a guess
+        at = f[negative].iloc[0]
+        raise DataError(f"{at[S.METRIC]} is {at[S.VALUE]} at run {at[S.RUN]!r}, block {at[S.BLOCK]!r}, step "
+                        f"{at[S.STEP]} ({int(negative.sum())} negative value(s)): variances and norms cannot be "
+                        f"negative; is this a gradscope frame?")
     f = f.assign(**{NONFINITE: np.where(m == S.ACT_NONFINITE, v > 0, signal & ~np.isfinite(v))})
     g = f.groupby([S.RUN, S.STEP, S.BLOCK, S.METRIC], sort=False).agg(
         depth=(S.DEPTH, "min"), value=(S.VALUE, "mean"), nonfinite=(NONFINITE, "max")).reset_index()

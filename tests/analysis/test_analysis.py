@@ -325,3 +325,13 @@ def test_the_public_verdicts_take_layers_per_block_and_refuse_what_is_not_a_laye
     for bad in (-1, 0, math.nan, math.inf, "2", True, {"mine": -2}):
         with pytest.raises(DataError, match="layers_per_block"):
             A.verdicts(f, layers_per_block=bad)
+
+
+def test_a_negative_variance_or_norm_is_refused_not_judged():
+    """A hand-made frame with act_var -1 at one block was judged healthy; no measurement can be negative."""
+    from gradscope.errors import DataError
+
+    f = frame_with(1.0, 1.0, n_blocks=5)
+    f.loc[(f[S.METRIC] == S.ACT_VAR) & (f[S.DEPTH] == 2) & (f[S.STEP] == 1), S.VALUE] = -1.0
+    with pytest.raises(DataError, match=r"act_var is -1.0 at run .*block 'layer.2', step 1"):
+        A.verdicts(f)

@@ -256,11 +256,20 @@ class Comparison:
         if hits.empty:
             unclear = int((self.blocks["verdict"] == UNCLEAR).sum())
             return head + (f"; {unclear} block(s) unclear (no interval: one run and one step per side)" if unclear
-                           else ": no difference beyond the noise")
+                           else ": no difference beyond the noise") + self._caveat()
         worst = hits.loc[hits["diff"].abs().idxmax()]
         size = (f"x{worst['ratio']:.3g} [{math.exp(worst['low']):.3g}, {math.exp(worst['high']):.3g}]"
                 if worst["scale"] == "log" else f"{worst['diff']:+.3g} [{worst['low']:+.3g}, {worst['high']:+.3g}]")
-        return head + f"; largest: {worst['metric']} at block {worst['block']!r}, {b}/{a} {size}"
+        return head + f"; largest: {worst['metric']} at block {worst['block']!r}, {b}/{a} {size}" + self._caveat()
+
+    def _caveat(self) -> str:
+        """What the summary must add when the noise came from steps, not seeds (one run per side): two seeds of one
+        configuration can then 'differ', since seed-to-seed differences are not in the interval."""
+        if "spread" not in self.table.columns or not (self.table["spread"] == "steps").any():
+            return ""
+        return (". Caution: one run per side, so the noise is each run's step-to-step spread, which leaves out "
+                "seed-to-seed differences (two seeds of one configuration can differ by it): compare several seeds "
+                "per side before concluding")
 
 
 def _phases(a: pd.DataFrame, b: pd.DataFrame) -> bool:

@@ -72,6 +72,7 @@ def test_folders_and_lists_of_folders_are_sides(tmp_path, one_thread):
     assert result.differs and result.runs_a == ["0:k0", "1:k1"] and set(result.table["n_a"]) == {2}
     single = compare(folders[0], x_folders[0])  # one run each: the step-to-step spread
     assert set(single.table["spread"]) == {"steps"}
+    assert "Caution: one run per side" in single.summary() and "Caution" not in result.summary()
 
 
 def test_one_run_and_one_step_per_side_is_unclear(sides):

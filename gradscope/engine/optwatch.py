@@ -33,7 +33,7 @@ def record_param_grads(rec: Recorder, index: P.ParamIndex, n_sites: int, amp: Sc
     """Buffer ``param_grad_norm`` of ``index``'s sites (all but ``skip``) for ``step``; returns the sites recorded,
     or None when no parameter has a ``.grad``. Gradients still holding a GradScaler's scale are divided by it."""
     grad_scale = rec.state.grad_scale
-    scale = grad_scale if amp.grads_still_scaled(grad_scale) else None
+    scale = amp.still_in_grads(grad_scale) if amp.grads_still_scaled(grad_scale) else None
     found = P.param_grad_norms(index, n_sites, scale)
     if found is None:
         return None
@@ -64,7 +64,8 @@ class OptimizerWatch:
     def install(self) -> None:
         """Register the hooks (once, at attach)."""
         for opt in self.optimizers:
-            self.handles.append(opt.register_step_post_hook(self.amp.note_optimizer_step))
+            if self.amp.enabled:  # only a scaler's gradients need to be told apart
+                self.handles.append(opt.register_step_post_hook(self.amp.note_optimizer_step))
             if self.tracer is not None:  # a NaN's replay: were the weights updated?
                 self.handles.append(opt.register_step_post_hook(self.tracer.optimizer_stepped))
         for opt, index in zip(self.optimizers, self.indexes):

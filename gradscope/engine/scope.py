@@ -73,8 +73,7 @@ class Scope:
         #: accelerate's gradient accumulation: scope.step() closes a step only when the optimizer really steps
         self._sync = OPT.accumulation_sync(wrappers)
         self._pending_losses: List[Any] = []
-        first = self._optimizers[0] if self._optimizers else None
-        self._amp = ScalerState(scaler if scaler is not None else OPT.wrapped_scaler(wrappers), first)
+        self._amp = ScalerState(scaler if scaler is not None else OPT.wrapped_scaler(wrappers), self._optimizers)
         self._probe.scale = self._amp.scale_tensor if self._amp.enabled else None
         self._sharded = sharded
         self._missed: set = set()  # blocks no given optimizer updates (warned about once)

@@ -125,6 +125,71 @@ def test_grad_scaler_values_stay_unscaled_over_steps_whatever_the_order(order, s
             assert got == pytest.approx(want, rel=1e-5), (metric, step)
 
 
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler appeared in torch 2.3")
+@pytest.mark.parametrize("first", ["D", "G"])
+def test_grad_scaler_with_two_optimizers_keeps_the_generators_gradients_unscaled(first):
+    """A GAN step (scaler.step(opt_d), then the generator's backward and scaler.step(opt_g), update, scope.step):
+    only the first optimizer's step was watched, so with [opt_d, opt_g] the generator's param_grad_norm was divided
+    by the scale once more (1024x too small). Any optimizer's step now marks the gradients it used."""
+    torch.manual_seed(0)
+    gen, disc = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6)), nn.Sequential(nn.Linear(6, 1))
+    z, real = torch.randn(16, 4), torch.randn(16, 6)
+
+    def generator_grads(scaler):
+        g, d = copy.deepcopy(gen), copy.deepcopy(disc)
+        opt_g, opt_d = torch.optim.SGD(g.parameters(), lr=0.0), torch.optim.SGD(d.parameters(), lr=0.0)
+        model = nn.ModuleDict({"G": g, "D": d})
+        scale = scaler.scale if scaler else (lambda t: t)
+        step = scaler.step if scaler else (lambda o: o.step())
+        with gradscope.attach(model, blocks=["G.0", "G.2"], scaler=scaler,
+                              optimizer=[opt_d, opt_g] if first == "D" else [opt_g, opt_d]) as scope:
+            for _ in range(2):
+                opt_d.zero_grad()
+                opt_g.zero_grad()
+                scale(d(real).mean() - d(g(z).detach()).mean()).backward()
+                step(opt_d)
+                scale(-d(g(z)).mean()).backward()
+                step(opt_g)
+                if scaler:
+                    scaler.update()
+                scope.step()
+            frame = scope.frame()
+        rows = frame[frame.metric == "param_grad_norm"].sort_values(["step", "block"])
+        return rows.value.to_numpy()
+
+    want = generator_grads(None)
+    got = generator_grads(torch.amp.GradScaler("cpu", init_scale=1024.0))
+    assert len(got) == len(want) == 4 and got == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler appeared in torch 2.3")
+def test_a_step_the_scaler_skips_for_an_inf_keeps_the_finite_blocks_unscaled():
+    """scaler.step skips the optimizer when a gradient is inf, so no step hook runs, and update() forgets the stage:
+    the finite blocks' param_grad_norm was divided by the scale again (4096x too small). A scale that changed since
+    the backward (update() backs off after an inf) now says unscale_ ran; the check stays on the device."""
+    torch.manual_seed(0)
+    model = nets.mlp()
+    x = torch.randn(16, 12)
+    plain = _frame(copy.deepcopy(model), lambda m: m(x).pow(2).mean().backward())
+    want = plain[plain.metric == "param_grad_norm"].set_index("block").value
+    scaled = copy.deepcopy(model)
+    opt = torch.optim.SGD(scaled.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    last = list(scaled.parameters())[-2]  # the last block's weight
+    with gradscope.attach(scaled, scaler=scaler, optimizer=opt, on_nonfinite="ignore") as scope:
+        scaler.scale(scaled(x).pow(2).mean()).backward()
+        last.grad[0, 0] = float("inf")  # an overflow: scaler.step skips the optimizer
+        scaler.step(opt)
+        scaler.update()
+        scope.step()
+        frame = scope.frame()
+    got = frame[frame.metric == "param_grad_norm"].set_index("block").value
+    finite = [b for b in got.index if math.isfinite(got[b])]
+    assert len(finite) == len(got) - 1
+    for block in finite:
+        assert got[block] == pytest.approx(want[block], rel=1e-5), block
+
+
 class Checkpointed(nn.Module):
     def __init__(self, reentrant: bool):
         super().__init__()

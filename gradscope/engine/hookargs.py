@@ -82,7 +82,7 @@ def primary_input(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
 def grad_inputs(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[torch.Tensor]:
     """The tensors whose gradient makes a block's ``grad_in_norm``: those of :func:`primary_input` that require grad,
     each once (every tensor of a list or tuple; of a dict, its ``hidden_states`` entry, else its first floating
-    tensor)."""
+    tensor; of a dataclass, its first floating field)."""
     found: List[torch.Tensor] = []
     seen: set = set()
 
@@ -96,6 +96,8 @@ def grad_inputs(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[torch.Ten
                 visit(item)
         elif isinstance(value, dict):
             visit(value["hidden_states"] if "hidden_states" in value else first_tensor(value))
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            visit(first_tensor(value))  # the previous block's dataclass output, passed on whole
 
     visit(primary_input(args, kwargs))
     return found

@@ -3,6 +3,7 @@ reduction serves the previous block's ``grad_norm`` and the next block's ``grad_
 what the step's drain does where the sharing did not hold (:func:`lend`): no row goes missing without a word."""
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
@@ -171,7 +172,9 @@ def map_grad_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> 
 
 
 def replace_first(value: Any, old: torch.Tensor, new: torch.Tensor) -> Tuple[Any, bool]:
-    """``value`` with the tensor ``old`` (its primary output) replaced by ``new``, where the container allows it."""
+    """``value`` with the tensor ``old`` (its primary output) replaced by ``new``, where the container allows it: a
+    plain tuple or list, or a dataclass (a copy made by ``dataclasses.replace``, when that field is an ``__init__``
+    argument)."""
     if value is old:
         return new, True
     if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
@@ -183,6 +186,14 @@ def replace_first(value: Any, old: torch.Tensor, new: torch.Tensor) -> Tuple[Any
                 return (tuple(items) if isinstance(value, tuple) else items), True
             if isinstance(item, torch.Tensor) and is_signal(item):
                 break  # the primary tensor is the first floating one: nothing further to look at
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name, None)
+            replaced, done = replace_first(item, old, new)
+            if done:
+                return (dataclasses.replace(value, **{f.name: replaced}), True) if f.init else (value, False)
+            if isinstance(item, torch.Tensor) and is_signal(item):
+                break
     return value, False
 
 

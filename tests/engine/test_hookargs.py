@@ -79,7 +79,7 @@ def test_a_block_returning_a_dataclass_is_measured_on_its_first_floating_field()
     assert first_tensor(Out(0, ids, hidden, extra)) is hidden
     assert first_tensor(Out) is None  # the class itself is not a value
 
-    class Block(nn.Module):
+    class Block(nn.Module):  # takes the previous block's dataclass whole, as chained blocks do
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(4, 4)
@@ -90,7 +90,7 @@ def test_a_block_returning_a_dataclass_is_measured_on_its_first_floating_field()
             return Out(0, torch.zeros(2, dtype=torch.long), h, h * 0)
 
     torch.manual_seed(0)
-    model = nn.Sequential(Block(), Block())
+    model = nn.Sequential(Block(), Block(), Block())
     x = torch.randn(5, 4)
     kept = []
 
@@ -99,11 +99,15 @@ def test_a_block_returning_a_dataclass_is_measured_on_its_first_floating_field()
         kept.append(out.hidden)
 
     model[0].register_forward_hook(keep)
-    with gradscope.attach(model, blocks=["0", "1"]) as scope:
+    with gradscope.attach(model, blocks=["0", "1", "2"]) as scope:
         model(x).hidden.square().sum().backward()
         scope.step()
-    rows = scope.frame().query("block == '0'").set_index("metric").value
+    frame = scope.frame()
+    rows = frame.query("block == '0'").set_index("metric").value
     h = kept[0].detach().double()
     want_var, want_grad = torch.var(h, unbiased=False).item(), kept[0].grad.double().norm().item()
     assert abs(rows["act_var"] - want_var) <= 1e-6 * want_var
     assert abs(rows["grad_norm"] - want_grad) <= 1e-6 * want_grad
+    # block 1's input is block 0's dataclass: its grad_in_norm is the gradient at block 0's hidden field
+    into = frame.query("block == '1' and metric == 'grad_in_norm'").value
+    assert len(into) == 1 and abs(into.item() - want_grad) <= 1e-6 * want_grad

@@ -362,7 +362,7 @@ def test_blocks_of_a_sequential_called_by_the_models_own_code_tap_their_own_inpu
     assert _same_grads(eager, compiled) == 6
 
 
-# ---- a block whose output holds no tensor gradscope reads ---------------------------------------------------------
+# ---- a block returning a dataclass ---------------------------------------------------------------------------------
 
 @dataclass
 class _Out:
@@ -384,14 +384,15 @@ class _DataclassModel(nn.Module):
         return self.b(self.a(x).hidden).hidden
 
 
-def test_a_block_returning_a_dataclass_keeps_its_input_gradient_under_compile(one_thread, dynamo):
-    """Its output holds no tensor gradscope reads (no forward row, no output tap), but its input is tapped: the
-    traced row had element count 0 (the output's, never written) and was dropped as empty; eager records it."""
+def test_a_block_returning_a_dataclass_is_tapped_under_compile_as_in_eager(one_thread, dynamo):
+    """Its first floating field is the block's output (engine/hookargs.py): eager hooks it, and the traced tap now
+    replaces it in a copy of the dataclass (dataclasses.replace), so both record the output and input gradients.
+    (Before dataclasses were read, only the input was tapped, and the traced row once had element count 0.)"""
     x = _x()
     eager = _record(_DataclassModel(), ["a", "b"], lambda m: m(x).pow(2).sum())
     model = _DataclassModel()
     run = torch.compile(model, backend="aot_eager")
-    assert _same_grads(eager, _record(model, ["a", "b"], lambda m: run(x).pow(2).sum())) == 2
+    assert _same_grads(eager, _record(model, ["a", "b"], lambda m: run(x).pow(2).sum())) == 4
 
 
 def _double_input(module, args):

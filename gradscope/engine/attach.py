@@ -101,21 +101,25 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
     scope = Scope(inner, sites, recorder, MetricSet(chosen), optimizer=optimizer, scaler=scaler,
                   on_nonfinite=on_nonfinite, distributed=combiner, sinks=feed.sinks,
                   sharded=sharding is not None, alerts=alerts, forwards=forwards)
-    if out_path is not None and recorder.write_files:
-        handler = on_anomaly if isinstance(on_anomaly, str) or on_anomaly is None else \
-            getattr(on_anomaly, "__name__", type(on_anomaly).__name__)
-        optimizers = OPT.group_names([OPT.unwrap_optimizer(o) for o in OPT.optimizer_list(optimizer)])
-        config = {"blocks": blocks, "every": every, "metrics": metrics, "flush_every": flush_every,
-                  "on_nonfinite": on_nonfinite, "forwards": forwards, "on_anomaly": handler,
-                  "alert_rules": repr(alert_rules or AlertRules()), "optimizer": optimizers,
-                  "scaler": type(scaler).__name__ if scaler is not None else None,
-                  "world_size": 1 if combiner is None else getattr(combiner, "world_size", None),
-                  "sharded": None if sharding is None else f"FSDP2, {sharding.replicas} replica(s) per shard",
-                  "model": type(inner).__name__, "sites": [site.name for site in sites]}
-        scope.provenance = Provenance(out_path, "attach", config, device=device_of(inner))
-        scope.provenance.start()
-    if out_path is not None and recorder.write_files:  # the end of the program or a SIGTERM writes every row
-        LIVE.add(scope)
+    try:  # provenance.json may fail to write (a full disk): then no hook of this scope may stay behind
+        if out_path is not None and recorder.write_files:
+            handler = on_anomaly if isinstance(on_anomaly, str) or on_anomaly is None else \
+                getattr(on_anomaly, "__name__", type(on_anomaly).__name__)
+            optimizers = OPT.group_names([OPT.unwrap_optimizer(o) for o in OPT.optimizer_list(optimizer)])
+            config = {"blocks": blocks, "every": every, "metrics": metrics, "flush_every": flush_every,
+                      "on_nonfinite": on_nonfinite, "forwards": forwards, "on_anomaly": handler,
+                      "alert_rules": repr(alert_rules or AlertRules()), "optimizer": optimizers,
+                      "scaler": type(scaler).__name__ if scaler is not None else None,
+                      "world_size": 1 if combiner is None else getattr(combiner, "world_size", None),
+                      "sharded": None if sharding is None else f"FSDP2, {sharding.replicas} replica(s) per shard",
+                      "model": type(inner).__name__, "sites": [site.name for site in sites]}
+            scope.provenance = Provenance(out_path, "attach", config, device=device_of(inner))
+            scope.provenance.start()
+        if out_path is not None and recorder.write_files:  # the end of the program or a SIGTERM writes every row
+            LIVE.add(scope)
+    except BaseException:
+        scope.detach()
+        raise
     return scope
 
 

@@ -85,6 +85,7 @@ class Scope:
         if recorder.active:
             self._probe.install()
         P.listen()  # parameters registered later inside a block are followed (P.listen)
+        self._listening = True
         self._layout = self._layout_key()
         self._attached = True
         try:
@@ -292,7 +293,7 @@ class Scope:
                 self._sinks.send(self._rec)
         finally:
             LIVE.forget(self)
-            P.unlisten()
+            self._stop_listening()
             self._probe.remove()
             self._rec.state.stop()
             self._watch.remove()
@@ -323,10 +324,17 @@ class Scope:
         try:
             if self._attached:
                 self._rec.write_remaining()
+            self._stop_listening()
             self._probe.remove()
             self._watch.remove()
         except Exception:
             pass
+
+    def _stop_listening(self) -> None:
+        """Give back this scope's share of the registration count (once, by detach or collection)."""
+        if getattr(self, "_listening", False):
+            self._listening = False
+            P.unlisten()
 
     # ---- non-finite values ---------------------------------------------------------------------------------------
     def first_nonfinite(self) -> Dict[str, Tuple[Any, ...]]:

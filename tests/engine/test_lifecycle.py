@@ -482,3 +482,37 @@ def test_forwards_inside_torch_func_transforms_are_left_alone():
         frame = scope.frame()
     assert set(frame.call) == {0} and set(frame.block) == {"0", "2"}
     assert "grad_norm" in set(frame.metric)
+
+
+def _registration_hooks() -> int:
+    from torch.nn.modules import module as torch_module
+
+    return len(torch_module._global_parameter_registration_hooks) + \
+        len(torch_module._global_module_registration_hooks)
+
+
+def test_the_registration_count_is_given_back_by_detach_collection_and_a_failed_attach(tmp_path, monkeypatch):
+    """While a scope is attached, torch's global registration hooks count parameters registered inside blocks
+    (engine/params.py). Every way a scope ends gives its share back: detach (twice is once), a scope collected
+    without detach, and an attach whose provenance.json cannot be written (its hooks used to stay on the model)."""
+    from gradscope.engine import provenance
+
+    before = _registration_hooks()
+    first, second = gradscope.attach(nets.mlp()), gradscope.attach(nets.mlp())
+    assert _registration_hooks() == before + 2  # one hook of each kind for the process, however many scopes
+    first.detach()
+    first.detach()
+    assert _registration_hooks() == before + 2
+    del second
+    gc.collect()
+    assert _registration_hooks() == before
+
+    def refuse(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(provenance.Provenance, "start", refuse)
+    model = nets.mlp()
+    clean = hook_counts(model)
+    with pytest.raises(OSError):
+        gradscope.attach(model, out=tmp_path / "run")
+    assert _registration_hooks() == before and hook_counts(model) == clean

@@ -97,8 +97,8 @@ def _run(specs: List[RunSpec], train_set: Any, settings: Any, out: Optional[Path
                    plan={s.name: (planned_passes(s, settings), pass_cost(s)) for s in todo})
         started.append(True)
         if len(todo) < len(specs) and callable(getattr(show, "note", None)):
-            show.note(f"resuming: {len(specs) - len(todo)} of {len(specs)} run(s) finished before; the others run "
-                      f"from their start")
+            rest = f"; the other {len(todo)} run from their start" if todo else ""
+            show.note(f"resuming: {len(specs) - len(todo)} of {len(specs)} run(s) finished before{rest}")
 
     interrupted = True
     try:

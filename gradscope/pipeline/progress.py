@@ -33,8 +33,11 @@ class Work:
     def __init__(self, total: int, plan: Optional[Plan] = None) -> None:
         self.plan = dict(plan or {})
         self.total = total
-        self.work_total = sum(n * c for n, c in self.plan.values()) if self.plan else float(total)
-        self.mean_cost = self.work_total / total if self.plan and total else 1.0
+        planned = sum(n for n, _ in self.plan.values())
+        planned_work = sum(n * c for n, c in self.plan.values())
+        #: the cost of a pass of no planned run (or reported without its run): the planned passes' mean
+        self.mean_cost = planned_work / planned if planned else 1.0
+        self.work_total = planned_work + max(total - planned, 0) * self.mean_cost
         self.done = 0
         self.work_done = 0.0
 

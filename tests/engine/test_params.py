@@ -75,9 +75,10 @@ def test_update_ratio_through_attach_matches_autograd_free_reference_over_steps(
     """Over four SGD-momentum steps, in the loop orders users write, against ||theta_after - theta_before|| /
     ||theta_before|| in float64. The weights change between ``scope.step()`` and the optimizer's step in place
     (``modified-between``: weight decay by hand under no_grad), through ``p.data`` (``data-between``; WGAN's
-    clipping in ``clipped-after``: ``opt.step()``, ``scope.step()``, then ``p.data.clamp_``) or ``vector_to_parameters`` (``vector-between``). A write
-    through ``.data`` leaves ``p._version`` as it was: reusing the norms ``param_norm`` had just measured gave half
-    the ratio in ``data-between`` and wrong ones in the two others, so ||theta_before|| is always measured."""
+    clipping in ``clipped-after``: ``opt.step()``, ``scope.step()``, then ``p.data.clamp_``) or
+    ``vector_to_parameters`` (``vector-between``). A write through ``.data`` leaves ``p._version`` as it was:
+    reusing the norms ``param_norm`` had just measured gave half the ratio in ``data-between`` and wrong ones in the
+    two others, so ||theta_before|| is always measured."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -80,6 +80,13 @@ def test_unplanned_passes_count_at_the_mean_cost_and_no_estimate_comes_early():
     assert work.left(30.0) == 30.0 * (2000 - 1480) / 1480
     work.add(50, "a")
     assert work.left(60.0) is None  # every pass done: nothing is guessed
+    # passes beyond the plan (a total larger than the planned runs) are in the total work at the mean cost, so
+    # the planned runs done leave their share still to do, never "0s left"
+    wider = Work(150, {"a": (50, 10.0), "b": (50, 30.0)})
+    assert wider.work_total == 2000 + 50 * 20.0
+    wider.add(50, "a")
+    wider.add(50, "b")
+    assert wider.left(100.0) == 100.0 * 1000 / 2000
 
 
 def test_the_bar_advances_by_work_and_counts_passes():

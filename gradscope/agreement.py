@@ -240,17 +240,26 @@ def _groups(found: list[dict[str, Any]], config: dict[str, str]) -> list[list[di
     return list(groups.values())
 
 
+def _distinct(values: list[float]) -> list[float]:
+    """``values`` without those equal to an earlier one up to float rounding (:func:`stats.identical`): seeds that
+    repeat a run exactly add no evidence and must not shrink the spread."""
+    kept: list[float] = []
+    for v in values:
+        if not any(stats.identical(abs(v - k) / math.sqrt(2), [v, k]) for k in kept):
+            kept.append(v)
+    return kept
+
+
 def _judge(out: pd.DataFrame, group: list[dict[str, Any]]) -> None:
     ok = [c for c in group if not c["diverged"] and c["measured"] > 0 and math.isfinite(c["measured"])]
     head = group[0]
     pf, model_tol, width, limit = head["predicted"], head["model_tol"], head["width"], head.get("limit", "")
-    ln = [math.log(c["measured"]) for c in ok]
+    ln = _distinct([math.log(c["measured"]) for c in ok])
     mean, sd, se, n = stats.mean_sd_se(ln)
     repeated = ""
-    if n >= 2 and stats.identical(sd, ln):  # identical runs are no independent evidence: judged as the one run
-        repeated = (f"; its {n} seeds measured the same factor exactly (sd of ln 0), so they count as one run: "
-                    f"identical runs are no independent evidence")
-        n = 1
+    if len(ln) < len(ok):  # identical runs are no independent evidence: each value counts once
+        repeated = (f"; {len(ok) - len(ln)} of its {len(ok)} seeds measured exactly the factor of another, so "
+                    f"{len(ln)} distinct run(s) count: identical runs are no independent evidence")
     if n >= 2:
         noise = stats.band(se, n)
         diff = abs(mean - math.log(pf))
@@ -258,7 +267,7 @@ def _judge(out: pd.DataFrame, group: list[dict[str, Any]]) -> None:
         how = (f"pooled over {n} seeds: measured x{_factor(math.exp(mean))} (sd of ln {sd:.3f}, SE {se:.3f}) vs "
                f"theory x{_factor(pf)} per block; |Δ ln| {diff:.3f} {'>' if word == DISAGREES else '<='} tolerance "
                f"{model_tol + noise:.3f} (model {model_tol:.3f} + t·SE {noise:.3f})")
-    elif n == 1 and not math.isfinite(ok[0]["se"]):
+    elif n == 1 and not math.isfinite(ok[0]["se"]):  # (one distinct run: the first seed stands for it)
         word, how = INCONCLUSIVE, (f"one seed: measured x{_factor(ok[0]['measured'])} vs theory x{_factor(pf)} per "
                                    f"block, but fewer than three within-stage steps between blocks estimate no block "
                                    f"scatter, so no tolerance for the noise is known")

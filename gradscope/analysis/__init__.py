@@ -49,8 +49,10 @@ are judged by one cut:
 
 Then:
 
-* ``diverged`` if a block held a non-finite value (``act_nonfinite > 0``, or a NaN/Inf ``act_var`` or
-  ``grad_norm``) at that step (at any step for ``step=None``); such a signal is never ``healthy``;
+* ``diverged`` if a block held a non-finite value of that signal at that step (at any step for ``step=None``):
+  forward, ``act_nonfinite > 0`` or a NaN/Inf ``act_var``; backward, a NaN/Inf ``grad_norm`` or
+  ``param_grad_norm``. Such a signal is never ``healthy``; ``nonfinite_block`` is its first such block in the
+  order its pass runs (forward: the shallowest; backward: the deepest);
 * ``vanishing`` if the whole 95% interval of ``layer_factor`` lies below the lower threshold, or the signal is zero
   at every block or at the far end;
 * ``exploding`` if the whole interval lies above the upper threshold, or the near end is zero while the far end is

@@ -223,7 +223,7 @@ class Profiles:
         t = self.table
         return sorted(int(s) for s in pd.unique(t[t[S.RUN] == run][S.STEP]))
 
-    def diverged(self, run: str, step: Optional[int] = None, signal: str = W.FORWARD) -> Optional[str]:
+    def diverged(self, run: str, step: Optional[int], signal: str) -> Optional[str]:
         """The first block of ``signal`` with non-finite values in ``run`` at ``step`` (the earliest such step:
         None); None when that signal stayed finite."""
         if step is not None:

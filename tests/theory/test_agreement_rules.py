@@ -84,7 +84,11 @@ def test_identical_seeds_count_as_one_run():
     frame[S.VALUE] = pd.concat([one[S.VALUE]] * 2, ignore_index=True).to_numpy()  # the same values twice
     fw = forward(G.verdicts(frame, configs=configs))
     assert alone == "inconclusive" and set(fw[A.AGREEMENT]) == {alone}
-    assert "count as one run" in fw.iloc[0][A.THEORY_NOTE]
+    assert "1 distinct run(s) count" in fw.iloc[0][A.THEORY_NOTE]
+    # three seeds of which two repeat each other: two distinct runs are pooled, not three
+    three, configs = mlp_frame({"mlp": 0.99, "mlp-s1": 0.99, "mlp-s2": 1.0})
+    row = forward(G.verdicts(three, configs=configs)).iloc[0]
+    assert "pooled over 2 seeds" in row[A.THEORY_NOTE] and "1 of its 3 seeds" in row[A.THEORY_NOTE]
 
 
 def test_the_decision_rule():

@@ -76,13 +76,18 @@ def loss_rows(results: Any) -> Rows:
     rows = [["configuration", "final loss (mean ± sd, n)", "per seed", "diverged"]]
     groups: Dict[str, List[str]] = {}
     failed = getattr(results, "failed", {}) or {}
-    for run in list(results.final_losses) + [r for r in failed if r not in results.final_losses]:
+    losses = getattr(results, "losses", None)
+    ran = [str(r) for r in pd.unique(losses[S.RUN])] if losses is not None and len(losses) else []
+    cut = [r for r in ran if r not in results.final_losses]  # crashed, or stopped before its last step
+    listed = [*results.final_losses, *cut]
+    for run in listed + [r for r in failed if r not in listed]:
         groups.setdefault(config_of(results.configs, run), []).append(run)
     for group, runs in groups.items():
-        finished = [r for r in runs if r in results.final_losses]  # a run that crashed has no final loss
+        finished = [r for r in runs if r in results.final_losses]  # a run cut off part-way has no final loss
         values = [results.final_losses[r] for r in finished]
         mean, sd, _, n = stats.mean_sd_se(values)
-        bad = [r for r, v in zip(finished, values) if is_missing(v)] + [f"{r} (failed)" for r in runs if r in failed]
+        bad = [r for r, v in zip(finished, values) if is_missing(v)] + \
+            [f"{r} ({'failed' if r in failed else 'stopped early'})" for r in runs if r not in finished]
         rows.append([group, pm(mean, sd, n, ".3f"), ", ".join(num(v, ".3f", "NaN") for v in values) or "—",
                      ", ".join(bad) or "—"])
     return rows

@@ -19,7 +19,7 @@ from gradscope.study.error_claims import recipe_errors
 from gradscope.study.run_noise import batch_noise
 from gradscope.study.runs import Settings, StudyResult
 from gradscope.study.training_claims import final_accuracy
-from gradscope.words import INIT, PHASE, TRAIN
+from gradscope.words import FINISHED, INIT, PHASE, TRAIN
 
 
 def evaluate(study: StudyResult, settings: Settings, title: Optional[str] = None, claims: bool = True) -> Results:
@@ -41,9 +41,9 @@ def evaluate(study: StudyResult, settings: Settings, title: Optional[str] = None
     pooled = pool_seeds(verdicts[INIT]) if INIT in verdicts else None
     traj = trajectory(verdicts[TRAIN]) if TRAIN in verdicts else None
     ran = [r for r in study.configs if len(study.losses) and (study.losses["run"] == r).any()]
-    # a run that crashed mid-training stopped early: its last losses are no final loss beside the others' (its
-    # steps still count for the alerts)
-    trained = [r for r in ran if r not in study.failed]
+    # a run that crashed or was stopped mid-training has no final loss to set beside the others' (its steps still
+    # count for the alerts): only runs that ran every planned step make the final losses and training claims
+    trained = [r for r in ran if r not in study.failed and (study.configs.get(r) or {}).get(FINISHED)]
     finals = final_losses(study.losses, trained, settings.final_window)
     accuracy = final_accuracy(study.losses, trained, settings.final_window)
     noise = batch_noise(study.losses, trained, settings.final_window) if trained else None

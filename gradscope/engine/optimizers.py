@@ -113,3 +113,13 @@ def group_names(optimizers: Sequence[Any]) -> Optional[str]:
     """The optimizers' class names for the provenance record (None without one)."""
     return ", ".join(type(o).__name__ for o in optimizers) or None
 
+
+
+def mean_loss(losses: List[Any]) -> Any:
+    """The mean of a step's micro-batch losses under gradient accumulation (:func:`accumulation_sync`); tensors stay
+    on their device: no sync."""
+    tensors = [loss.detach().reshape(-1).float() for loss in losses if isinstance(loss, torch.Tensor)]
+    floats = [float(loss) for loss in losses if not isinstance(loss, torch.Tensor)]
+    if not tensors:
+        return sum(floats) / len(floats)
+    return (torch.cat(tensors).sum() + sum(floats)) / len(losses)

@@ -93,6 +93,13 @@ def registrations() -> int:
     return _REGISTERED[0]
 
 
+def layout_key(optimizers: List[Any]) -> Tuple[int, Tuple[Tuple[int, ...], ...]]:
+    """What a scope's parameter index and optimizer coverage were made from: the registration count
+    (:func:`registrations`) and each optimizer's group sizes (``add_param_group``). A different key at the next
+    recorded step makes the scope index its blocks' parameters again."""
+    return registrations(), tuple(tuple(len(g["params"]) for g in opt.param_groups) for opt in optimizers)
+
+
 def param_index(sites: List[Site], sharded: bool = False, only: Optional[Set[int]] = None) -> ParamIndex:
     """The :class:`ParamIndex` of ``sites`` (``sharded``: FSDP2 DTensor parameters, measured shard by shard);
     ``only``: the positions in ``sites`` to include (the blocks one optimizer updates), all by default."""

@@ -7,7 +7,6 @@ import weakref
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
-import torch
 from torch import nn
 
 from gradscope import schema as S
@@ -86,7 +85,7 @@ class Scope:
             self._probe.install()
         P.listen()  # parameters registered later inside a block are followed (P.listen)
         self._listening = True
-        self._layout = self._layout_key()
+        self._layout = P.layout_key(self._optimizers)
         self._attached = True
         try:
             if self._optimizers:
@@ -107,19 +106,12 @@ class Scope:
                               update=self._metrics.update, grads=S.PARAM_GRAD_NORM in self._metrics.params,
                               tracer=self._tracer)
 
-    def _layout_key(self) -> Tuple[int, Tuple[Tuple[int, ...], ...]]:
-        """What the parameter index and the optimizer coverage were made from: the count of parameters and modules
-        registered since (:func:`gradscope.engine.params.listen`), and each optimizer's group sizes
-        (``add_param_group``)."""
-        return P.registrations(), tuple(tuple(len(g["params"]) for g in opt.param_groups)
-                                        for opt in self._optimizers)
-
     def _follow_changes(self) -> Set[int]:
         """Once per recorded step: hook the module now at each block's name where it was replaced after attach
         (engine/replaced.py), and index the parameters again where they changed inside a block or in an optimizer's
         groups; returns the blocks that were replaced."""
         changed = self._replacements.changed(self.sites)
-        layout = self._layout_key()
+        layout = P.layout_key(self._optimizers)
         if not changed and layout == self._layout:
             return set()
         groups_changed = layout[1] != self._layout[1]
@@ -136,8 +128,10 @@ class Scope:
             return set()  # modules were registered elsewhere (another model built): nothing of ours moved
         self._param_index = index
         self._grad_timing.index = self._param_index
+        read = self._watch.grads_read  # gradients an optimizer pre-hook read in this step stay read
         self._watch.remove()
         self._watch = self._watch_optimizers(alive)
+        self._watch.grads_read = read
         if self._optimizers:
             self._watch.install()
         if changed:
@@ -171,7 +165,7 @@ class Scope:
                 self._pending_losses.append(loss)
             return
         if self._pending_losses:
-            loss = _mean_loss(self._pending_losses + ([loss] if loss is not None else []))
+            loss = OPT.mean_loss(self._pending_losses + ([loss] if loss is not None else []))
             self._pending_losses = []
         if loss is not None and rec.active:
             rec.add_loss(rec.step, loss)
@@ -400,11 +394,3 @@ class Scope:
 
 LIVE = LiveScopes()  # scopes that write to a folder: the end of the program or a SIGTERM flushes them
 
-
-def _mean_loss(losses: List[Any]) -> Any:
-    """The mean of a step's micro-batch losses (tensors stay on their device: no sync)."""
-    tensors = [loss.detach().reshape(-1).float() for loss in losses if isinstance(loss, torch.Tensor)]
-    floats = [float(loss) for loss in losses if not isinstance(loss, torch.Tensor)]
-    if not tensors:
-        return sum(floats) / len(floats)
-    return (torch.cat(tensors).sum() + sum(floats)) / len(losses)

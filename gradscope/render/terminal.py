@@ -33,6 +33,7 @@ class _TrimmedLines:
 
     def __init__(self, out: TextIO) -> None:
         self.out, self.pending = out, ""
+        self.encoding = getattr(out, "encoding", None) or "utf-8"  # rich picks its characters by it
 
     def write(self, text: str) -> int:
         *lines, self.pending = (self.pending + text).split("\n")

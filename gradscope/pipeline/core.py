@@ -19,9 +19,9 @@ from gradscope.pipeline.options import Options
 from gradscope.pipeline.policy import outcome
 from gradscope.pipeline.progress import reporter
 from gradscope.pipeline.stop import STOP
-from gradscope.study.runs import Settings, StudyResult, batches_of, check_batch, pass_cost, planned_passes, \
-    resolve_device, run_study, total_steps
-from gradscope.study.specs import RunSpec
+from gradscope.study.runs import Settings, StudyResult, batches_of, check_batch, resolve_device, run_study, \
+    total_steps
+from gradscope.study.specs import RunSpec, pass_cost, planned_passes
 
 
 def profile(**options: Any) -> Results:

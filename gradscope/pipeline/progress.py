@@ -4,7 +4,7 @@ A reporter has four methods: ``start(total, runs)``, ``run(name)`` when a run st
 ``n`` forward/backward passes, and ``close(interrupted)``; ``note(text)``, where it has one, says what follows the
 runs (the report folder being written). :func:`reporter` picks one from ``progress=``.
 
-The time left weighs each run's passes by their cost (:func:`gradscope.study.runs.pass_cost`): the built-in
+The time left weighs each run's passes by their cost (:func:`gradscope.study.specs.pass_cost`): the built-in
 reporters' ``start`` takes ``plan={run: (passes, cost of one)}`` and their ``step`` the ``run`` the passes belong
 to. Counting passes alone made the first estimates of the default study about 1.8 times too long, because its
 56-layer runs, whose passes cost about three times more, go first. A reporter of the user's own gets the four

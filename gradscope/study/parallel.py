@@ -40,8 +40,8 @@ def worker_count(specs: Sequence[Any], settings: Any) -> int:
 
 
 def _cost(spec: Any, settings: Any) -> float:
-    """Relative cost of a run: its passes times the cost of one (:func:`gradscope.study.runs.pass_cost`)."""
-    from gradscope.study.runs import pass_cost, planned_passes
+    """Relative cost of a run: its passes times the cost of one (:func:`gradscope.study.specs.pass_cost`)."""
+    from gradscope.study.specs import pass_cost, planned_passes
 
     return pass_cost(spec) * planned_passes(spec, settings)
 

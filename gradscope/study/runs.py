@@ -23,7 +23,7 @@ from gradscope import schema as S
 from gradscope.engine.hookargs import first_tensor
 from gradscope.engine.attach import attach
 from gradscope.errors import GradscopeError, ModelError
-from gradscope.study.specs import RunSpec
+from gradscope.study.specs import RunSpec, planned_passes
 from gradscope.study.task import loss_of, move, run_forward, user_batches
 from gradscope.words import FINISHED, INIT, PHASE, TRAIN
 
@@ -311,25 +311,9 @@ def batches_of(spec: RunSpec, train_set: Any, settings: Settings) -> Iterator[An
                              drop_last=len(train_set) > settings.batch_size))
 
 
-def planned_passes(spec: RunSpec, settings: Settings) -> int:
-    """Forward/backward passes one run will make: its batches at initialisation, then its training steps."""
-    return settings.init_batches + (settings.steps if spec.train else 0)
-
-
 def total_steps(specs: Sequence[RunSpec], settings: Settings) -> int:
     """Forward/backward passes the study will make (for progress bars)."""
     return sum(planned_passes(s, settings) for s in specs)
-
-
-def pass_cost(spec: RunSpec) -> float:
-    """Relative cost of one of ``spec``'s passes, to order runs (longest first) and to estimate the time left.
-
-    Its depth: the built-in nets keep the arithmetic per layer about equal (a CIFAR stage halves the resolution and
-    doubles the channels; the MLP's layers share one width), so a 56-layer pass costs about 56/20 = 2.8 times a
-    20-layer one (measured: about 3 times on the default study). 20 where the depth is unknown (a user's model),
-    which makes every such run cost the same.
-    """
-    return float(spec.depth or 20)
 
 
 def trains(specs: Sequence[RunSpec], settings: Settings) -> bool:

@@ -90,12 +90,13 @@ def _run(specs: List[RunSpec], train_set: Any, settings: Any, out: Optional[Path
         where["job"] = recipe_job
     if show is None:
         return run_study(specs, train_set, settings, out=out, on_step=STOP.check, poll=STOP.check, **where)
-    started: List[bool] = []
+    started = False
 
     def plan(todo: List[RunSpec]) -> None:  # the runs --resume does not load, each pass weighed by its cost
+        nonlocal started
         show.start(total_steps(todo, settings), len(todo),
                    plan={s.name: (planned_passes(s, settings), pass_cost(s)) for s in todo})
-        started.append(True)
+        started = True
         if len(todo) < len(specs) and callable(getattr(show, "note", None)):
             rest = f"; the other {len(todo)} run from their start" if todo else ""
             show.note(f"resuming: {len(specs) - len(todo)} of {len(specs)} run(s) finished before{rest}")

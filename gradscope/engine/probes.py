@@ -356,7 +356,9 @@ class Probe:
         new, tapped = output, False
         if m.grad_out and y.requires_grad:
             new, tapped = SH.replace_first(output, y, self._tap(site, S.GRAD_NORM)(y))
-        T.note_post(self.traced[site], y, m.extras, bool(m.forward), tapped)
+        # forwards="all": a validation forward's batch is not the step's (as in post_hook)
+        T.note_post(self.traced[site], y, m.extras, bool(m.forward), tapped,
+                    torch.is_grad_enabled() or True not in self.modes)
         return new if tapped else None
 
     def note_traced_scale(self) -> None:

@@ -139,7 +139,8 @@ class SiteBuffers:
     the whole frame). Rows are indexed by ``count`` read on the device: a call index costs no guard either.
 
     * ``pre[k]``  = ``[order of the call in the step (1, 2, ...), 1 if the input gradient is tapped]``
-    * ``post[k]`` = ``[1, numel, 1 if the output gradient is tapped, leading dimension (-1: 0-dim), raw sums...]``
+    * ``post[k]`` = ``[1, numel, 1 if the output gradient is tapped, leading dimension, raw sums...]``; the leading
+      dimension is -1 for a 0-dim output and for a validation forward under ``forwards="all"``
     * ``sub[g, k]`` = ``[1, numel, shift, sum, sum of squares]`` of the residual branch (g=0) / shortcut (g=1)
     * ``leaf``: its ``.grad`` row 0 (output) / 1 (input) is ``[sum of ||g||^2 over the taps, taps that ran]``
     """
@@ -182,10 +183,15 @@ def _open_call(buf: SiteBuffers) -> torch.Tensor:
 
 
 def note_post(buf: SiteBuffers, y: torch.Tensor, extras: Sequence[Tuple[str, ...]], forward: bool,
-              tapped: bool) -> None:
-    """Traced forward hook: the output's element count, whether its gradient is tapped, and its raw sums."""
+              tapped: bool, batch: bool = True) -> None:
+    """Traced forward hook: the output's element count, whether its gradient is tapped, and its raw sums.
+
+    ``batch``: whether this call may give the step's ``batch_size`` (False for a validation forward recorded under
+    ``forwards="all"``: the eager hooks take the batch of a training forward, and so does :func:`drain`, which
+    picks the first call whose batch is not -1). Grad mode is a guard of the traced graph, so the flag is a
+    constant of each graph."""
     y = y.detach()
-    meta = (1.0, y.numel(), float(tapped), y.shape[0] if y.dim() else -1)
+    meta = (1.0, y.numel(), float(tapped), y.shape[0] if y.dim() and batch else -1)
     row = _sums_row(buf.post, meta, y, extras) if forward else _const(buf.post, *meta)
     buf.post.index_copy_(0, _open_call(buf), row.reshape(1, -1))
 

@@ -197,3 +197,26 @@ def test_a_compiled_recorded_step_reads_back_once(one_thread):
     torch._dynamo.reset()
     frame = scope.frame()
     assert set(frame.metric) >= {"act_var", "grad_norm", "grad_in_norm", "param_grad_norm", "update_ratio"}
+
+
+@pytest.mark.parametrize("forwards, expected", [("all", 4.0), ("eval", 9.0)])
+def test_compiled_batch_size_under_forwards_all_is_the_training_forwards(one_thread, forwards, expected):
+    """As in eager mode (test_training_record.py): a validation forward (batch 9) that runs first in the step is
+    recorded under forwards="all", but batch_size is the training forward's (4); under forwards="eval" the
+    validation forward is the only one recorded, and its batch is the step's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3))
+    torch._dynamo.reset()
+    scope = gradscope.attach(model, blocks=["0", "2"], forwards=forwards)
+    run = torch.compile(model, backend="aot_eager")
+    for _ in range(2):
+        with torch.no_grad():
+            run(torch.randn(9, 12))
+        run(torch.randn(4, 12)).sum().backward()
+        scope.step()
+    scope.detach()
+    torch._dynamo.reset()
+    frame = scope.frame()
+    assert frame.query("metric == 'batch_size'").value.tolist() == [expected, expected]
+    if forwards == "all":
+        assert sorted(frame.query("step == 1 and block == '0' and metric == 'act_var'").call) == [0, 1]

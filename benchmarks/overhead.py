@@ -345,6 +345,36 @@ def _whole(r: Dict[str, float]) -> str:
     return f"{whole} 95% over repeats [x{lo:.3f}, x{hi:.3f}],"
 
 
+#: issue 23's eager targets: (what, the figure's name in the printout, the most it may be)
+TARGETS = {
+    "resnet56": (("every step / floor", "every1 / floor", 1.02), ("every 10th step", "every10", 1.01)),
+    "resnet110": (("every step / floor", "every1 / floor", 1.02), ("every 10th step", "every10", 1.01)),
+    "mlp50-bn": (("every step / floor", "every1 / floor", 1.10), ("every 10th step", "every10", 1.01)),
+}
+
+
+def judge(ratio: Dict[str, float], target: float) -> str:
+    """``met``, ``not met`` or ``unresolved`` for a ratio against the most it may be: by its 95% interval over
+    repeats when there is one (a target inside the interval is not decided by the run), else ``unresolved``."""
+    interval = ratio.get("interval")
+    if interval is None:
+        return "unresolved (fewer than 3 repeats: no interval)"
+    lo, hi = interval
+    if hi <= target:
+        return "met"
+    if lo > target:
+        return "not met"
+    return f"unresolved (x{target:.2f} lies in [x{lo:.3f}, x{hi:.3f}])"
+
+
+def print_targets(name: str, r: Dict[str, Dict[str, float]], of_floor: Dict[str, Dict[str, float]]) -> None:
+    """The issue-23 verdict of each target of ``name`` (nothing for a model without targets)."""
+    for what, figure, target in TARGETS.get(name, ()):
+        ratio = of_floor["every1"] if figure == "every1 / floor" else r[figure]
+        whole = ratio["rotations"] if ratio["rotations"] is not None else ratio["median"]
+        print(f"  target: {what} at most x{target:.2f}: x{whole:.3f}, {judge(ratio, target)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -380,6 +410,7 @@ def main() -> None:
         for config in ("every1", "every1-noupd"):
             print(f"  {config + ' / floor':20s} {_whole(of_floor[config])} median x{of_floor[config]['median']:.3f}  "
                   f"(min x{of_floor[config]['min']:.3f}, max x{of_floor[config]['max']:.3f})")
+        print_targets(name, r, of_floor)
     rss_steps = 100 if args.quick else args.rss_steps
     rss = measure_rss(rss_steps)
     results["rss"] = {"steps": rss_steps, **rss}

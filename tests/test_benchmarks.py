@@ -42,6 +42,21 @@ def test_overhead_interval_over_repeats_is_students_t_on_log_ratios(overhead):
     assert overhead.ratios({"baseline": [1.0, 1.0, 1.0], "x": [1.0, 1.1, 1.2]})["x"]["interval"][0] < 1.1
 
 
+def test_overhead_judges_a_target_met_only_when_the_whole_interval_is_below_it(overhead, capsys):
+    """A target inside the interval is unresolved (the run cannot tell), above it met, below it not met; without
+    three repeats there is no interval and no verdict."""
+    assert overhead.judge({"interval": (1.001, 1.015)}, 1.02) == "met"
+    assert overhead.judge({"interval": (1.021, 1.05)}, 1.02) == "not met"
+    assert overhead.judge({"interval": (1.01, 1.03)}, 1.02).startswith("unresolved (x1.02 lies in")
+    assert overhead.judge({"interval": None}, 1.02).startswith("unresolved (fewer than 3 repeats")
+    ratio = {"rotations": 1.3, "median": 1.2, "interval": (1.25, 1.35)}
+    overhead.print_targets("mlp50-bn", {"every10": {**ratio, "rotations": None, "median": 1.05}},
+                           {"every1": ratio})
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["  target: every step / floor at most x1.10: x1.300, not met",
+                   "  target: every 10th step at most x1.01: x1.050, not met"]
+
+
 def test_overhead_times_every_configuration_and_every10_records_one_step_in_ten(overhead, one_thread):
     configs = ["baseline", "baseline2", "floor", "every1", "every1-noupd", "every10", "naive"]
     last = {}

@@ -37,6 +37,11 @@ from gradscope.models import build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402  (benchmarks/machine.py: CPU model, GPU, load average)
+from overhead import judge, repeat_interval  # noqa: E402  (the eager benchmark's interval and target verdict)
+
+#: issue 23's compiled targets (attach then compile; inductor and aot_eager), for these models
+TARGETS = {"every1": 1.10, "every10": 1.02}
+TARGET_MODELS = ("resnet20", "encoder")
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 CONFIGS = ("baseline", "every1", "every10")
@@ -199,9 +204,24 @@ def time_model(name: str, backend: str, repeats: int, steps: int) -> Dict[str, D
         r = [v / b for v, b in zip(times[config], base)]
         out[config] = {"median": statistics.median(r), "min": min(r), "max": max(r),
                        "step_ms": 1e3 * statistics.median(times[config]), "graph_breaks": counts[config][0],
-                       "graphs": counts[config][1]}
+                       "graphs": counts[config][1], "interval": repeat_interval(r)}
     out["recompile_limit_hits"] = watch.hits
     return out
+
+
+def target_lines(name: str, r: Dict[str, Any]) -> List[str]:
+    """The issue-23 verdicts of one model and backend: every step and every 10th step against their targets (by the
+    95% interval over repeats, as in overhead.py), and no graph break; nothing for a model without targets."""
+    if name not in TARGET_MODELS:
+        return []
+    lines = []
+    for config, target in TARGETS.items():
+        c = r[config]
+        what = "every step" if config == "every1" else "every 10th step"
+        lines.append(f"  target: {what} at most x{target:.2f}: median x{c['median']:.3f}, {judge(c, target)}")
+    breaks = sum(r[config]["graph_breaks"] for config in TARGETS)
+    lines.append(f"  target: no graph break: {breaks}, {'met' if breaks == 0 else 'not met'}")
+    return lines
 
 
 def main() -> None:
@@ -238,6 +258,8 @@ def main() -> None:
             ratio = "" if config == "baseline" else (f"median x{c['median']:.3f} (min x{c['min']:.3f}, "
                                                      f"max x{c['max']:.3f})  ")
             print(f"  {config:8s} {ratio}graph breaks {c['graph_breaks']}, graphs compiled {c['graphs']}")
+        for line in target_lines(name, r):
+            print(line)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)

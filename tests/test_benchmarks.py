@@ -134,6 +134,12 @@ def test_compile_overhead_times_compiled_twins_and_counts_graphs(monkeypatch, on
     # each instrumented twin: no graph break; every1 one graph, every10 its recorded and unrecorded variants
     assert [r[c]["graph_breaks"] for c in bench.CONFIGS] == [0, 0, 0]
     assert [r[c]["graphs"] for c in bench.CONFIGS] == [1, 1, 2]
+    assert bench.target_lines("mlp", r) == []  # issue 23 sets no target for it
+    lines = bench.target_lines("resnet20", r)  # one repeat: no interval, so no verdict on the ratios
+    assert len(lines) == 3 and all("unresolved (fewer than 3 repeats" in line for line in lines[:2])
+    assert lines[2] == "  target: no graph break: 0, met"
+    r["every10"]["graph_breaks"] = 2
+    assert bench.target_lines("encoder", r)[2] == "  target: no graph break: 2, not met"
 
 
 def test_streaming_memory_records_every_step_and_fits_a_slope(one_thread):

@@ -239,6 +239,8 @@ class Probe:
                 state.skip_call(site)
                 stack.append(_SKIPPED)
                 return None
+            if torch.is_grad_enabled():  # a training forward, also where the model's own forward never runs
+                state.forward_seen = True
             x = block_input(args, kwargs)
             if transformed(x):
                 stack.append(_SKIPPED)

@@ -166,3 +166,44 @@ def test_zero_grad_before_step_without_the_optimizer_warns_once_with_the_fix(set
 def test_a_loop_that_reads_gradients_in_time_gets_no_warning():
     _, messages = _zero_grad_loop(True, False, "early")
     assert not any("zero_grad" in m for m in messages)
+
+
+# ---- a loop that never calls the attached model's own forward ----------------------------------------------------
+def _child_by_child_loop(via_root, order, every):
+    """The same training either through ``model(x)`` or through its children one by one (a GAN container, a
+    LightningModule whose ``training_step`` calls ``self.net``): the root's forward pre-hook never runs then."""
+    torch.manual_seed(0)
+    model = nets.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradscope.attach(model, blocks=nn.Linear, optimizer=opt, every=every) as scope:
+            for x, y in _batches(4):
+                out = model(x) if via_root else x
+                if not via_root:
+                    for child in model:
+                        out = child(out)
+                nn.functional.cross_entropy(out, y).backward()
+                if order == "late":
+                    opt.step()
+                    opt.zero_grad()
+                    scope.step()
+                else:
+                    scope.step()
+                    opt.step()
+                    opt.zero_grad()
+    frame = scope.frame()
+    return frame[frame.metric.isin(["param_grad_norm", "update_ratio"])], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("order", ["late", "early"])
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_loop_that_calls_the_models_children_records_what_the_root_forward_loop_records(order, every):
+    """With optimizer.step() before scope.step() and the root forward never called, param_grad_norm was missing
+    and each update_ratio was filed one step early (the optimizer's step was taken for the previous step's)."""
+    want, _ = _child_by_child_loop(True, order, every)
+    got, messages = _child_by_child_loop(False, order, every)
+    assert set(want.metric) == {"param_grad_norm", "update_ratio"}
+    assert len(want) == 2 * 5 * len(range(0, 4, every))  # five Linear blocks
+    pd.testing.assert_frame_equal(_sorted(got), _sorted(want))
+    assert not any("zero_grad" in m for m in messages)

@@ -7,10 +7,16 @@ call; and once more at ``detach()`` with what is left, then closes them. Rows us
 closed; an ``update_ratio`` measured by an ``optimizer.step()`` that comes after ``scope.step()`` belongs to that
 step too but arrives with the next call. The records (``scope.frame()``, the Parquet parts) stay the source of
 truth: a sink only copies rows. Under DDP only the writing rank (rank 0) feeds its sinks.
+
+A sink that raises (a tracker's server answering 503, a full disk under TensorBoard's log folder) does not stop
+the training loop, nor the other sinks: its rows of that call are lost to it alone (a ``RuntimeWarning`` names
+the sink, the steps and the error at its first failure; later failures are counted and reported at ``detach()``),
+while the frame and ``out=`` keep every row.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, List
+import warnings
+from typing import Any, Callable, Dict, Iterable, List
 
 from gradscope.errors import GradscopeError
 
@@ -37,6 +43,7 @@ class SinkFeed:
     def __init__(self, sinks: Iterable[Any] = ()) -> None:
         self.sinks: List[Sink] = check_sinks(sinks)
         self.sent = 0  # rows of the recorder already handed to the sinks
+        self.failures: Dict[int, int] = {}  # position in ``sinks`` -> calls that raised
 
     def add(self, sink: Any) -> None:
         """Feed one more sink from the next recorded step on (rows sent before are not replayed)."""
@@ -50,11 +57,33 @@ class SinkFeed:
             return
         rows = recorder.frame(start=self.sent)
         self.sent = total
-        for sink in self.sinks:
-            sink(rows)
+        for position, sink in enumerate(self.sinks):
+            try:
+                sink(rows)
+            except Exception as exc:  # noqa: BLE001 - a tracker's error must not end the user's training
+                self._failed(position, sink, rows, exc)
+
+    def _failed(self, position: int, sink: Sink, rows: Any, exc: Exception) -> None:
+        """Count a sink's failure; warn at its first one (the later ones are summed up at :meth:`close`)."""
+        count = self.failures.get(position, 0) + 1
+        self.failures[position] = count
+        if count > 1:
+            return
+        steps = sorted({int(s) for s in rows["step"]}) if "step" in getattr(rows, "columns", ()) else []
+        where = f"steps {steps[0]}-{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}" if steps else "no step"
+        warnings.warn(f"gradscope: sink {_name(sink)} raised {type(exc).__name__}: {exc}. Its {len(rows)} rows of "
+                      f"{where} are lost to it (the frame and out= keep them); training and the other sinks go "
+                      f"on, and the sink is called again at the next recorded step. Later failures of this sink are "
+                      f"counted and reported at detach()", RuntimeWarning, stacklevel=4)
 
     def close(self) -> None:
-        """Close every sink that has a ``close()`` (each even if another fails; the first error is raised)."""
+        """Close every sink that has a ``close()`` (each even if another fails; the first error is raised), after a
+        warning for each sink that failed more than once (the first failure warned already)."""
+        for position, count in self.failures.items():
+            if count > 1:
+                warnings.warn(f"gradscope: sink {_name(self.sinks[position])} raised at {count} of its calls; the "
+                              f"rows of those calls are missing from it (the frame and out= hold them)",
+                              RuntimeWarning, stacklevel=3)
         error = None
         for sink in self.sinks:
             close = getattr(sink, "close", None)
@@ -66,3 +95,8 @@ class SinkFeed:
                 error = error or exc
         if error is not None:
             raise error
+
+
+def _name(sink: Sink) -> str:
+    """A sink as a warning names it: its class (or function) name."""
+    return getattr(sink, "__qualname__", None) or type(sink).__name__

@@ -61,6 +61,49 @@ def test_each_row_reaches_the_sink_once_at_step_and_equals_the_frame():
     assert set(sink.calls[-1].metric) == {"update_ratio"} and set(sink.calls[-1].step) == {4}
 
 
+class Flaky(Collect):
+    """A tracker whose server fails at some calls (ConnectionError), keeping what it was given otherwise."""
+
+    def __init__(self, failing: set) -> None:
+        super().__init__()
+        self.failing, self.n = failing, 0
+
+    def __call__(self, rows: pd.DataFrame) -> None:
+        self.n += 1
+        if self.n in self.failing:
+            raise ConnectionError("tracker server: 503")
+        super().__call__(rows)
+
+
+def test_a_failing_sink_stops_neither_training_nor_the_other_sinks_and_says_what_it_lost():
+    """The third call of one sink raises: scope.step() used to raise it into the training loop, and the second
+    sink lost that step's rows. Now both go on, one warning names the sink, its lost step and the error, and a
+    summary at detach() counts its further failures; the frame keeps every row."""
+    model, flaky, keep = _net(), Flaky({3, 5}), Collect()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning) as caught:
+        with gradscope.attach(model, optimizer=opt, sinks=[flaky, keep]) as scope:
+            for x, y in _batches(5):
+                nn.functional.cross_entropy(model(x), y).backward()
+                scope.step()
+                opt.step()
+                opt.zero_grad()
+    messages = [str(w.message) for w in caught if "sink" in str(w.message)]
+    assert len(messages) == 2
+    assert "sink Flaky raised ConnectionError: tracker server: 503" in messages[0]
+    assert "of steps 1-2 are lost to it" in messages[0]  # step 1's late update_ratio and step 2's rows
+    assert "raised at 2 of its calls" in messages[1]
+    frame = scope.frame()
+    pd.testing.assert_frame_equal(_key(pd.concat(keep.calls, ignore_index=True)), _key(frame))
+    got = pd.concat(flaky.calls, ignore_index=True)
+    # calls 3 (step 1's late update_ratio, step 2) and 5 (step 4) raised; 4 brought step 2's update_ratio, and the
+    # call at detach step 4's
+    assert set(got[got.step.isin([2, 4])].metric) == {"update_ratio"}
+    arrived = lambda f: f[(f.step == 0) | ((f.step == 3) & (f.metric != "update_ratio"))]  # noqa: E731
+    pd.testing.assert_frame_equal(_key(arrived(got)), _key(arrived(frame)))
+    assert keep.closed == flaky.closed == 1
+
+
 def test_log_to_adds_a_sink_from_the_next_step_and_a_plain_function_works():
     model, late, seen = _net(), Collect(), []
     with gradscope.attach(model, sinks=seen.append) as scope:

@@ -6,7 +6,10 @@ works: nothing here needs the network.
     scope = gradscope.attach(model, sinks=[WandbSink(run, image_every=10)])
 
 Rows are logged without ``step=``, with ``gradscope/step`` as their x-axis (``define_metric``), the way
-Lightning's and the Hugging Face Trainer's W&B loggers do, so your own ``run.log`` calls are not disturbed.
+Lightning's and the Hugging Face Trainer's W&B loggers do. Each such call advances W&B's internal step, so log your
+own metrics the same way, against a step metric of your own (``run.define_metric("loss",
+step_metric="train/step")``, then ``run.log({"train/step": i, "loss": ...})``): a ``run.log(..., step=i)`` whose
+``i`` lies behind W&B's internal step is dropped by W&B (with a warning that ``WANDB_SILENT`` hides).
 Needs ``wandb`` (``pip install 'torch-gradscope[wandb]'``).
 """
 from __future__ import annotations

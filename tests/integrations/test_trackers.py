@@ -20,20 +20,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 4
 
 
-def _train(sinks) -> pd.DataFrame:
-    """A small shared-layer MLP (one block runs twice: call 1 rows), four steps, every step recorded."""
+def _train(sinks, each=None) -> pd.DataFrame:
+    """A small shared-layer MLP (one block runs twice: call 1 rows), four steps, every step recorded; ``each(step,
+    loss)`` runs at the end of every step (the user's own logging)."""
     torch.manual_seed(0)
     shared = nn.Linear(8, 8)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), shared, nn.Tanh(), shared, nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(2)
     with gradscope.attach(model, blocks=nn.Linear, optimizer=opt, sinks=sinks) as scope:
-        for _ in range(STEPS):
+        for step in range(STEPS):
             x, y = torch.randn(16, 5, generator=g), torch.randint(0, 2, (16,), generator=g)
-            nn.functional.cross_entropy(model(x), y).backward()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
             scope.step()
             opt.step()
             opt.zero_grad()
+            if each is not None:
+                each(step, loss.item())
     return scope.frame()
 
 
@@ -134,6 +138,48 @@ def test_wandb_offline_run_holds_the_frame(tmp_path, monkeypatch):
     assert len(images) == 1 and images[0]["gradscope/step"] == STEPS - 1
     assert images[0]["gradscope/heatmap/grad_norm/_type"] == "image-file"
     assert (run_dir / "files" / images[0]["gradscope/heatmap/grad_norm/path"]).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("how", ["own step metric", "step="])
+def test_wandb_keeps_the_users_own_metrics_logged_against_their_own_step_metric(tmp_path, monkeypatch, how):
+    """What docs/integrations.md tells W&B users: the sink advances W&B's internal step (as Lightning's logger does),
+    so the user's own metrics logged with a step metric of their own all arrive, while run.log(..., step=i) loses
+    every value whose i lies behind that internal step (W&B drops it)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    from gradscope.integrations.wandb import WandbSink
+
+    run = wandb.init(project="gradscope-test", dir=str(tmp_path))
+    run_dir = Path(run.dir).parent
+    run.define_metric("train/step")
+    run.define_metric("loss", step_metric="train/step")
+    logged = {}
+
+    def log(step, loss):
+        logged[step] = loss
+        if how == "step=":
+            run.log({"loss": loss}, step=step)
+        else:
+            run.log({"train/step": step, "loss": loss})
+
+    try:
+        frame = _train([WandbSink(run)], each=log)
+    finally:
+        run.finish()
+    history = _wandb_history(run_dir)
+    got = {}
+    for h in history:
+        for k, v in h.items():
+            if k.startswith("gradscope/") and k != "gradscope/step":
+                got[(k, h["gradscope/step"])] = float(v)
+    _same(got, _expected(frame))  # gradscope's rows arrive either way
+    losses = [h["loss"] for h in history if "loss" in h]
+    if how == "step=":
+        assert len(losses) < len(logged)
+    else:
+        assert {h["train/step"]: h["loss"] for h in history if "loss" in h} == pytest.approx(logged)
 
 
 def test_mlflow_file_store_holds_the_frame(tmp_path, monkeypatch):

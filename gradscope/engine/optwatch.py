@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -49,17 +49,42 @@ def record_param_grads(rec: Recorder, index: P.ParamIndex, n_sites: int, amp: Sc
 
 
 class OptimizerWatch:
-    """The optimizer hooks of one scope (see the module doc). ``indexes[k]``: the blocks optimizer ``k`` updates."""
+    """The optimizer hooks of one scope (see the module doc). ``indexes[k]``: the blocks optimizer ``k`` updates.
+
+    The hooks stay registered while the scope is attached; when the blocks' parameters or an optimizer's groups
+    change (``add_param_group``, a block replaced), :meth:`reindex` swaps what they measure instead of registering
+    them again. Why: a change noticed inside an optimizer's ``step()`` (Lightning's closure runs the forward there,
+    after the step's pre-hooks) would otherwise remove the post-hook that finishes the step's ``update_ratio``.
+    ``follow``: called by a pre-hook in a recorded step before it reads anything (the scope's check for such
+    changes, which may call :meth:`reindex`), so a group added just before ``step()`` is measured in that step.
+    """
 
     def __init__(self, model: nn.Module, sites: List[Site], rec: Recorder, amp: ScalerState,
                  optimizers: Sequence[Any], indexes: Sequence[P.ParamIndex], update: bool, grads: bool,
-                 tracer: Any = None) -> None:
+                 tracer: Any = None, follow: Optional[Callable[[], Any]] = None) -> None:
         self.model, self.sites, self.rec, self.amp = model, sites, rec, amp
         self.tracer = tracer  # engine/oporigin.py: a NaN's replay needs to know about weight updates
-        self.optimizers, self.indexes = list(optimizers), list(indexes)
+        self.optimizers = list(optimizers)
         self.update, self.grads = update, grads
+        self.follow = follow
         self.handles: List[Any] = []
         self.grads_read: Dict[int, Set[int]] = {}  # step -> sites whose param_grad_norm an optimizer pre-hook read
+        #: per optimizer: its index and the buffers kept for it (P.Snapshot, P.Differences)
+        self.indexes: List[P.ParamIndex] = []
+        self._kept: List[Tuple[P.Snapshot, P.Differences]] = []
+        #: per optimizer: (step, index, work buffer, copies) taken by its pre-hook, awaiting its post-hook
+        self._pending: List[Optional[Tuple[int, P.ParamIndex, P.Differences, List[torch.Tensor]]]] = \
+            [None] * len(self.optimizers)
+        self._updated: List[Set[int]] = [set() for _ in self.optimizers]  # steps whose update each one measured
+        self.reindex(indexes)
+
+    def reindex(self, indexes: Sequence[P.ParamIndex]) -> None:
+        """Measure these blocks' parameters from now on (a pending update keeps the index it was taken with)."""
+        kept = []
+        for k, index in enumerate(indexes):
+            same = k < len(self.indexes) and P.same_params(index, self.indexes[k])
+            kept.append(self._kept[k] if same else (P.Snapshot(index), P.Differences()))
+        self.indexes, self._kept = list(indexes), kept
 
     def install(self) -> None:
         """Register the hooks (once, at attach)."""
@@ -68,9 +93,10 @@ class OptimizerWatch:
                 self.handles.append(opt.register_step_post_hook(self.amp.note_optimizer_step))
             if self.tracer is not None:  # a NaN's replay: were the weights updated?
                 self.handles.append(opt.register_step_post_hook(self.tracer.optimizer_stepped))
-        for opt, index in zip(self.optimizers, self.indexes):
-            if index.params and (self.update or self.grads):
-                self._watch(opt, index)
+        if self.update or self.grads:
+            for k, opt in enumerate(self.optimizers):
+                self.handles.append(opt.register_step_pre_hook(self._pre(k)))
+                self.handles.append(opt.register_step_post_hook(self._post(k)))
         state = self.rec.state
 
         def mark_forward(*args: Any) -> None:
@@ -90,11 +116,8 @@ class OptimizerWatch:
         """The sites whose ``param_grad_norm`` of ``step`` an optimizer pre-hook has read already (forgotten now)."""
         return self.grads_read.pop(step, set())
 
-    def _watch(self, optimizer: Any, index: P.ParamIndex) -> None:
+    def _pre(self, k: int) -> Callable[..., None]:
         rec, n = self.rec, len(self.sites)
-        pending: List[Optional[Tuple[int, List[torch.Tensor]]]] = [None]
-        updated: Set[int] = set()
-        copies, work = P.Snapshot(index), P.Differences()  # buffers kept between recorded steps (P.Snapshot)
 
         def pre(opt: Any, args: Any, kwargs: Any) -> None:
             state = rec.state
@@ -102,20 +125,31 @@ class OptimizerWatch:
             step = state.step if state.forward_seen or closure else state.step - 1
             if step < 0 or not state.recorded(step):
                 return
+            if self.follow is not None and step == state.step and state.active:
+                self.follow()  # parameters or groups changed since the last check: reindex() before reading
+            index = self.indexes[k]
+            if not index.params:
+                return
             if self.grads and not closure and step == state.step and state.active:
                 # scope.step() has not closed this step: read the gradients now, before anything zeroes them
                 read = record_param_grads(rec, index, n, self.amp, step, self.grads_read.get(step))
                 if read:
                     self.grads_read.setdefault(step, set()).update(read)
-            if self.update and step not in updated:
-                updated.add(step)
-                pending[0] = (step, copies.take())
+            if self.update and step not in self._updated[k]:
+                self._updated[k].add(step)
+                copies, work = self._kept[k]
+                self._pending[k] = (step, index, work, copies.take())
+
+        return pre
+
+    def _post(self, k: int) -> Callable[..., None]:
+        rec, n = self.rec, len(self.sites)
 
         def post(opt: Any, args: Any, kwargs: Any) -> None:
-            if pending[0] is None:
+            pending, self._pending[k] = self._pending[k], None
+            if pending is None:
                 return
-            step, before = pending[0]
-            pending[0] = None
+            step, index, work, before = pending
             if self.tracer is not None:  # a NaN's replay needs the weights its forward saw
                 self.tracer.weights_before(index.params, index.order, before)
             # numerators and denominators travel apart: sharded ranks sum their squares first, and a block whose
@@ -124,8 +158,7 @@ class OptimizerWatch:
             rec.add_per_site(step, index.sites_with_params, S.UPDATE_RATIO,
                              torch.cat(P.update_norms(index, before, n, work)), layout)
 
-        self.handles.append(optimizer.register_step_pre_hook(pre))
-        self.handles.append(optimizer.register_step_post_hook(post))
+        return post
 
 
 class GradTiming:

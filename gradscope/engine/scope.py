@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from torch import nn
 
@@ -76,7 +76,10 @@ class Scope:
         self._probe.scale = self._amp.scale_tensor if self._amp.enabled else None
         self._sharded = sharded
         self._missed: set = set()  # blocks no given optimizer updates (warned about once)
-        self._watch = self._watch_optimizers(set(range(len(sites))))
+        self._watch = OptimizerWatch(model, sites, recorder, self._amp, self._optimizers,
+                                     self._index_optimizers(set(range(len(sites)))), update=metrics.update,
+                                     grads=S.PARAM_GRAD_NORM in metrics.params, tracer=self._tracer,
+                                     follow=self._follow_weakly())
         self._grad_timing = GradTiming(recorder, self._param_index, S.PARAM_GRAD_NORM in metrics.params)
         self._replacements = Replacements(model, sites)  # blocks replaced after attach are followed
         # weakly: the model must not keep its scope alive (a scope dropped without detach() writes its rows at __del__)
@@ -94,17 +97,26 @@ class Scope:
             self.detach()
             raise
 
-    def _watch_optimizers(self, alive: Set[int]) -> OptimizerWatch:
-        """Which blocks each optimizer updates (engine/optimizers.py), and the watch on their steps (not installed)."""
+    def _index_optimizers(self, alive: Set[int]) -> List[P.ParamIndex]:
+        """Which blocks each optimizer updates (engine/optimizers.py), as one parameter index per optimizer."""
         updated, missed = OPT.coverage(self.sites, self._optimizers)
         self._opt_indexes = [P.param_index(self.sites, self._sharded, only=set(u) & alive) for u in updated]
         new = [s for s in missed if s in alive and s not in self._missed]
         if new and self._metrics.update and self._optimizers:
             self._missed.update(new)
-            warnings.warn(OPT.missed_message(self.sites, new), RuntimeWarning, stacklevel=4)
-        return OptimizerWatch(self.model, self.sites, self._rec, self._amp, self._optimizers, self._opt_indexes,
-                              update=self._metrics.update, grads=S.PARAM_GRAD_NORM in self._metrics.params,
-                              tracer=self._tracer)
+            warnings.warn(OPT.missed_message(self.sites, new), RuntimeWarning, stacklevel=5)
+        return self._opt_indexes
+
+    def _follow_weakly(self) -> Callable[[], None]:
+        """:meth:`_follow_changes` for the optimizer hooks, held weakly (an optimizer must not keep its scope alive)."""
+        method = weakref.WeakMethod(self._follow_changes)
+
+        def follow() -> None:
+            bound = method()
+            if bound is not None:
+                bound()
+
+        return follow
 
     def _follow_changes(self) -> Set[int]:
         """Once per recorded step: hook the module now at each block's name where it was replaced after attach
@@ -128,12 +140,7 @@ class Scope:
             return set()  # modules were registered elsewhere (another model built): nothing of ours moved
         self._param_index = index
         self._grad_timing.index = self._param_index
-        read = self._watch.grads_read  # gradients an optimizer pre-hook read in this step stay read
-        self._watch.remove()
-        self._watch = self._watch_optimizers(alive)
-        self._watch.grads_read = read
-        if self._optimizers:
-            self._watch.install()
+        self._watch.reindex(self._index_optimizers(alive))  # its hooks stay: one may be running (OptimizerWatch)
         if changed:
             self._probe.replan()
         return {s for s, _ in changed}

@@ -207,3 +207,45 @@ def test_a_loop_that_calls_the_models_children_records_what_the_root_forward_loo
     assert len(want) == 2 * 5 * len(range(0, 4, every))  # five Linear blocks
     pd.testing.assert_frame_equal(_sorted(got), _sorted(want))
     assert not any("zero_grad" in m for m in messages)
+
+
+# ---- a parameter group added while the optimizer's closure runs the step ---------------------------------------
+def _fine_tuning_loop(closure_order):
+    """A frozen backbone joins the optimizer (add_param_group) before step 3, as Lightning's BackboneFinetuning
+    does; either the plain order or Lightning's (forward, backward and scope.step() inside opt.step(closure))."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.Tanh()), nn.Linear(16, 2))
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(3)
+    want = {}
+    with gradscope.attach(model, blocks=["0", "1"], optimizer=opt) as scope:
+        for i in range(5):
+            if i == 3:
+                model[0].requires_grad_(True)
+                opt.add_param_group({"params": list(model[0].parameters())})
+            x, y = torch.randn(8, 8, generator=g), torch.randint(0, 2, (8,), generator=g)
+
+            def closure():
+                nn.functional.cross_entropy(model(x), y).backward()
+                scope.step()
+
+            if closure_order:
+                want[i] = _ratio_by_hand(model, lambda: opt.step(closure))
+            else:
+                closure()
+                want[i] = _ratio_by_hand(model, opt.step)
+            opt.zero_grad()
+    frame = scope.frame()
+    return frame[frame.metric == "update_ratio"], want
+
+
+@pytest.mark.parametrize("closure_order", [False, True])
+def test_a_group_added_before_a_closure_step_is_measured_in_that_step(closure_order):
+    """Under the closure order the change was noticed inside opt.step(): the optimizer hooks were registered anew,
+    the running step's post-hook went with them, and step 3 had no update_ratio at all (two in the plain order)."""
+    got, want = _fine_tuning_loop(closure_order)
+    assert sorted(got.groupby("step").block.apply(sorted).items()) == \
+        [(0, ["1"]), (1, ["1"]), (2, ["1"]), (3, ["0", "1"]), (4, ["0", "1"])]
+    for step, block, value in zip(got.step, got.block, got.value):
+        assert value == pytest.approx(want[step][f"{block}.0" if block == "0" else block], rel=1e-5)

@@ -112,6 +112,18 @@ class OptimizerWatch:
             self.handles.pop().remove()
         portable.release(self.model)
 
+    def read_grads_of(self, optimizer: Any) -> None:
+        """Record ``param_grad_norm`` of the blocks ``optimizer`` updates now, in an open recorded step (what its
+        pre-hook does when no closure is passed). For a caller that knows the step's closure runs no backward
+        (Lightning's manual optimization wraps every ``step()`` in one): the gradient is the one it steps with."""
+        state = self.rec.state
+        for k, opt in enumerate(self.optimizers):
+            if opt is optimizer and self.grads and state.active and self.indexes[k].params:
+                read = record_param_grads(self.rec, self.indexes[k], len(self.sites), self.amp, state.step,
+                                          self.grads_read.get(state.step))
+                if read:
+                    self.grads_read.setdefault(state.step, set()).update(read)
+
     def take_grads_read(self, step: int) -> Set[int]:
         """The sites whose ``param_grad_norm`` of ``step`` an optimizer pre-hook has read already (forgotten now)."""
         return self.grads_read.pop(step, set())

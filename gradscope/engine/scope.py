@@ -151,6 +151,11 @@ class Scope:
         """Index of the step being recorded now (0-based; advanced by :meth:`step`)."""
         return self._rec.step
 
+    def _read_grads_of(self, optimizer: Any) -> None:
+        """For integrations whose every ``optimizer.step()`` gets a closure that runs no backward (Lightning's manual
+        optimization): read the gradients ``optimizer`` is about to step with (OptimizerWatch.read_grads_of)."""
+        self._watch.read_grads_of(OPT.unwrap_optimizer(optimizer))
+
     @property
     def recording(self) -> bool:
         """Whether the current step is recorded (by the ``every=`` schedule)."""

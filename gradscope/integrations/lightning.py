@@ -17,7 +17,11 @@ Where it hooks (Lightning 2.x):
   ``provenance.json``.
 
 A step is one step of the (first) optimizer: any gradient accumulation; with several optimizers each block's
-``update_ratio`` is measured across the step of the optimizer that holds its parameters. Needs ``lightning``
+``update_ratio`` is measured across the step of the optimizer that holds its parameters. Under manual optimization
+(``automatic_optimization = False``: GANs) a step is one training batch, closed in ``on_train_batch_end``, and each
+block's ``param_grad_norm`` is read at the step of the optimizer that holds it (in its ``on_before_optimizer_step``),
+so it is the gradient that optimizer stepped with. With a closure optimizer (LBFGS) Lightning calls
+``on_before_optimizer_step`` after every evaluation of the closure, so each evaluation is a step of its own. Needs ``lightning``
 (``pip install 'torch-gradscope[lightning]'``).
 """
 from __future__ import annotations
@@ -84,8 +88,19 @@ class GradscopeCallback(_pl.Callback):
                            seeds={"PL_GLOBAL_SEED": os.environ.get("PL_GLOBAL_SEED")})
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        # with several optimizers (GANs, manual optimization) a step is the first optimizer's step
+        if not pl_module.automatic_optimization:
+            # manual optimization: each optimizer's gradient is read now, at its own step (another optimizer's
+            # backward may add to it, or zero_grad/toggle_optimizer clear it, before the batch ends); the step
+            # closes at the end of the batch (on_train_batch_end)
+            if self.session.scope is not None:
+                self.session.scope._read_grads_of(optimizer)
+            return
+        # with several optimizers a step is the first optimizer's step
         if getattr(optimizer, "_optimizer", optimizer) is self._first:
+            self.session.step()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not pl_module.automatic_optimization:
             self.session.step()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:

@@ -127,3 +127,76 @@ def test_under_fp16_amp_with_a_grad_scaler_every_gradient_is_unscaled(tmp_path):
         g = got.xs(metric, level="metric").value
         w = want.xs(metric, level="metric").value.loc[g.index]
         assert g.to_numpy() == pytest.approx(w.to_numpy(), rel=5e-3), metric
+
+
+class Gan(L.LightningModule):
+    """Manual optimization with two optimizers: the generator steps first, then the discriminator (its backward
+    through D adds the G loss's gradient to D's .grad before D's own backward, unless toggle_optimizer freezes D).
+    Keeps, per batch, the gradient norm each optimizer stepped with and the update ratio of D.0 (by hand)."""
+
+    def __init__(self, toggle: bool) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.G = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 8))
+        self.D = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.toggle, self.want, self.batch = toggle, {}, 0
+
+    def _norms(self, names):
+        for name in names:
+            grads = [p.grad.double().reshape(-1) for p in self.get_submodule(name).parameters()]
+            self.want[(self.batch, name, "param_grad_norm")] = torch.cat(grads).norm().item()
+
+    def training_step(self, batch, index):
+        self.batch = index
+        (real,) = batch
+        opt_g, opt_d = self.optimizers()
+        z = torch.randn(real.shape[0], 4, generator=torch.Generator().manual_seed(index))
+        if self.toggle:
+            self.toggle_optimizer(opt_g)
+        self.manual_backward(-self.D(self.G(z)).mean())
+        self._norms(["G.0", "G.2"])
+        opt_g.step()
+        opt_g.zero_grad()
+        if self.toggle:
+            self.untoggle_optimizer(opt_g)
+            self.toggle_optimizer(opt_d)
+        opt_d.zero_grad()
+        self.manual_backward(self.D(self.G(z).detach()).mean() - self.D(real).mean())
+        self._norms(["D.0", "D.2"])
+        opt_d.step()
+        opt_d.zero_grad()
+        if self.toggle:
+            self.untoggle_optimizer(opt_d)
+
+    def configure_optimizers(self):
+        opt_g = torch.optim.SGD(self.G.parameters(), lr=0.05)
+        opt_d = torch.optim.SGD(self.D.parameters(), lr=0.05)
+        kept = []
+        opt_d.register_step_pre_hook(lambda *a: kept.__setitem__(slice(None), [
+            p.detach().clone() for p in self.D[0].parameters()]))
+        opt_d.register_step_post_hook(lambda *a: self.want.__setitem__((self.batch, "D.0", "update_ratio"), (
+            torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(self.D[0].parameters(), kept)]).norm()
+            / torch.cat([b.reshape(-1) for b in kept]).norm()).item()))
+        return [opt_g, opt_d]
+
+
+@pytest.mark.parametrize("toggle", [False, True])
+def test_manual_optimization_reads_each_optimizers_gradient_at_its_own_step(tmp_path, toggle):
+    """A GAN under manual optimization: a step was closed inside the first optimizer's step, so D's forwards of
+    one batch fell into the next step, D's update_ratio came one step late, and D's param_grad_norm was the G loss's
+    gradient sitting in D's .grad (without toggle_optimizer: 1.1-3.1x off) or missing (with it). Now a step is a
+    batch, and each optimizer's gradient is read at its own step."""
+    module, callback = Gan(toggle), GradscopeCallback(blocks=["G.0", "G.2", "D.0", "D.2"])
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, callbacks=[callback])
+    data = torch.utils.data.TensorDataset(torch.randn(32, 8, generator=torch.Generator().manual_seed(1)))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    frame = callback.frame()
+    assert sorted(set(frame.step)) == [0, 1, 2, 3]
+    assert frame.query("block == 'D.0' and metric == 'act_var'").groupby("step").call.max().tolist() == [2] * 4
+    got = {(s, b, m): v for s, b, m, v in zip(frame.step, frame.block, frame.metric, frame.value)
+           if m in ("param_grad_norm", "update_ratio")}
+    assert len(module.want) == 4 * 5
+    for key, value in module.want.items():
+        assert got[key] == pytest.approx(value, rel=1e-5), key

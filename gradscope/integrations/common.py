@@ -126,9 +126,21 @@ class Session:
     def start(self, model: Any, *, optimizer: Any = None, scaler: Any = None, writer: bool = True,
               config: Optional[Mapping[str, Any]] = None, seeds: Optional[Mapping[str, Any]] = None,
               extra_sinks: Iterable[Any] = ()) -> Scope:
-        """Attach to ``model``; with ``out`` on the writing rank, write ``provenance.json``."""
+        """Attach to ``model``; with ``out`` on the writing rank, write ``provenance.json``.
+
+        A session records one run: a second start (``trainer.fit`` called again, a resumed checkpoint) refuses an
+        ``out`` that holds the first run's records, and without ``out`` warns that ``frame()`` now starts again
+        (its steps count from 0 again, whatever the trainer's global step)."""
         if self.scope is not None:
             self.finish()
+        if self._frame is not None:
+            again = f"this {self.made_by} callback already recorded a run"
+            if self.out is not None:
+                raise GradscopeError(f"{again} into out={str(self.out)!r}; a second fit or train (continued "
+                                     f"training, a resumed checkpoint) needs a new callback with a new out=")
+            warnings.warn(f"gradscope: {again}; frame() now holds the new run only, from step 0 again (keep the "
+                          f"first run's frame() before training again, or use a new callback)", RuntimeWarning,
+                          stacklevel=3)
         records = None if self.out is None else self.out / RECORDS_DIR
         self._frame = None
         self.scope = attach(model, self.blocks, self.every, records, metrics=self.metrics, optimizer=optimizer,

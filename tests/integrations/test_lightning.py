@@ -200,3 +200,21 @@ def test_manual_optimization_reads_each_optimizers_gradient_at_its_own_step(tmp_
     assert len(module.want) == 4 * 5
     for key, value in module.want.items():
         assert got[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_a_second_fit_with_the_same_callback_is_refused_with_out_and_warned_about_without(tmp_path):
+    """A callback records one fit: with out= a second fit used to stop on the store's "already holds the records
+    of another run"; without out= frame() silently lost the first fit's rows. Both now say what happened."""
+    from gradscope.errors import GradscopeError
+
+    callback = GradscopeCallback(out=tmp_path / "gs")
+    module = _fit(callback, tmp_path)
+    first = callback.frame()
+    with pytest.raises(GradscopeError, match="already recorded a run into out=.*needs a new callback"):
+        _fit(callback, tmp_path, module)
+    assert (tmp_path / "gs" / "report.html").is_file() and len(callback.frame()) == len(first)
+    callback = GradscopeCallback()
+    _fit(callback, tmp_path)
+    with pytest.warns(RuntimeWarning, match="frame\\(\\) now holds the new run only, from step 0 again"):
+        _fit(callback, tmp_path)
+    assert set(callback.frame().step) == set(first.step)

@@ -315,6 +315,11 @@ def compare(a: Side, b: Side, *, metrics: Union[str, Sequence[str]] = DEFAULT_CO
         va, vb = va.join(fa[PHASE]), vb.join(fb[PHASE])
     table = _table(va, vb, keys, alpha, correction)
     blocks = _block_verdicts(table, keys)
+    if blocks["verdict"].isin([ONLY_A, ONLY_B]).all():  # nothing was compared: "no difference" would be false
+        names = lambda f: sorted(set(f[S.BLOCK].astype(str)))[:6]  # noqa: E731
+        raise DataError(f"compare: no block is recorded on both sides, so nothing can be compared ({labels[0]} has "
+                        f"{names(fa)}..., {labels[1]} has {names(fb)}...); compare runs of the same model, whose "
+                        f"block names match")
     return Comparison(table, blocks, alpha, correction, int(table["p"].notna().sum()),
                       sorted(set(fa[S.RUN])), sorted(set(fb[S.RUN])), step_list, tuple(labels))
 

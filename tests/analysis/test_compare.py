@@ -84,6 +84,19 @@ def test_one_run_and_one_step_per_side_is_unclear(sides):
     assert "unclear" in result.summary()
 
 
+def test_two_sides_without_a_common_block_are_refused_not_called_the_same(sides):
+    """Two unrelated models (no block name in common) were answered "0 of 17 blocks differ ... no difference beyond
+    the noise", and `--fail-on differs` passed: nothing had been compared. Now that is an error saying so."""
+    kaiming, _, _ = sides
+    renamed = kaiming.assign(block="other." + kaiming["block"].astype(str))
+    with pytest.raises(DataError, match="no block is recorded on both sides, so nothing can be compared"):
+        compare(kaiming, renamed)
+    partly = pd.concat([renamed[renamed.block != "other.blocks.0"], kaiming[kaiming.block == "blocks.0"]],
+                       ignore_index=True)  # one block in common: that one is compared
+    verdicts = compare(kaiming, partly).blocks.set_index("block")["verdict"]
+    assert verdicts["blocks.0"] == SAME and (verdicts.drop("blocks.0") != SAME).all()
+
+
 def test_students_t_and_holm_against_tables_and_hand_computation():
     for df in (1, 2, 4, 10, 30):
         assert t_quantile(0.975, df) == pytest.approx(stats.t975(df), abs=2e-3)

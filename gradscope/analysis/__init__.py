@@ -78,7 +78,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -149,6 +149,19 @@ def rate_thresholds(vanish: float = VANISH, explode: float = EXPLODE, reference_
     lo, hi = layer_thresholds(vanish, explode, reference_blocks)
     power = layers * (2.0 if signal == FORWARD else 1.0)
     return lo ** power, hi ** power
+
+
+def drawn_thresholds(layers: Iterable[float], signal: str, vanish: float = VANISH,
+                     explode: float = EXPLODE) -> Optional[tuple[float, float, float]]:
+    """``(low, high, layers)``: the per-block cut a figure draws for runs with these layers per block, the one the
+    verdicts judge them by (:func:`rate_thresholds`); None when the runs differ in layers per block (no single line
+    would be right for all of them) or there are none."""
+    distinct = {float(x) for x in layers if x is not None and math.isfinite(float(x)) and float(x) > 0}
+    if len(distinct) != 1:
+        return None
+    (n,) = distinct
+    lo, hi = rate_thresholds(vanish, explode, signal=signal, layers=n)
+    return lo, hi, n
 
 
 def layer_factor(factor: float, signal: str, layers: float = 1.0) -> float:
@@ -373,5 +386,5 @@ def _attach_config(out: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
 
 __all__ = ["BACKWARD", "CLASSES", "DEFAULT_RUN", "DIVERGED", "EXPLODE", "EXPLODING", "FACTOR_HIGH", "FACTOR_LOW",
            "FORWARD", "Fit", "HEALTHY", "LAYER_KINDS", "POSITION", "Profiles", "REASON", "REFERENCE_BLOCKS", "REFERENCE_LAYERS", "SIGNALS", "UNKNOWN", "VANISH", "VANISHING",
-           "VERDICT_COLUMNS", "block_layers", "classify", "combine_steps", "factor_interval", "fit_log_slope", "layer_factor", "layer_thresholds", "profile", "profile_pass",
+           "VERDICT_COLUMNS", "block_layers", "classify", "combine_steps", "drawn_thresholds", "factor_interval", "fit_log_slope", "layer_factor", "layer_thresholds", "profile", "profile_pass",
            "rate_text", "rate_thresholds", "run_names", "sentence", "unclear_reason", "verdicts"]

@@ -155,8 +155,9 @@ def factor_figure(train_verdicts: pd.DataFrame, signal: str, thresholds: Dict[st
     for i, (config, g) in enumerate(v.groupby("_config", sort=False)):
         wide = g.pivot_table(index=S.STEP, columns=S.RUN, values=A.FACTOR, aggfunc="mean", sort=True)
         _band_traces(fig, wide, str(config), _PALETTE[i % len(_PALETTE)], "step %{x}<br>x%{y:.3f} per block")
-    lo, hi = A.rate_thresholds(thresholds.get("vanish", A.VANISH), thresholds.get("explode", A.EXPLODE))
-    for y, word in ((lo, "vanishing below"), (hi, "exploding above")):
+    cut = A.drawn_thresholds(v[A.LAYERS], signal, thresholds.get("vanish", A.VANISH),
+                             thresholds.get("explode", A.EXPLODE))  # the cut the verdicts judge these runs by
+    for y, word in (() if cut is None else ((cut[0], "vanishing below"), (cut[1], "exploding above"))):
         fig.add_hline(y=y, line_dash="dash", line_color="#999", annotation_text=f"{word} x{y:.3f}")
     what = "forward act_var, toward the output" if signal == A.FORWARD else "backward grad_norm, toward the input"
     fig.update_layout(title=f"Per-block factor over training ({what})", xaxis_title="step",

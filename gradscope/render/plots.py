@@ -36,6 +36,8 @@ METRIC_LABELS = {
 #: Metrics drawn by the report, and the end each depth profile is normalised to (None: absolute values).
 REPORT_METRICS = (S.GRAD_NORM, S.ACT_VAR, S.PARAM_GRAD_NORM)
 REFERENCE_END = {S.ACT_VAR: "first", S.GRAD_NORM: "last", S.PARAM_GRAD_NORM: None}
+#: metrics in squared units (a variance): their per-block cut is the amplitude cut squared
+VARIANCE_METRICS = (S.ACT_VAR, S.BRANCH_VAR, S.SHORTCUT_VAR)
 MASK_NOTE = "hatched: zero, non-finite or not recorded"
 
 
@@ -306,13 +308,19 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
     if ref is not None:
         ax.set_ylabel(f"{metric} ÷ {metric} at {where}  (log scale)")
         ax.axhline(1.0, color="0.7", lw=0.8)
-        lo, hi = A.rate_thresholds(vanish, explode)
-        k = np.arange(0, int(pm[A.POSITION].max()) + 1 if len(pm) else 1)
-        depths = k if ref == "first" else (k.max() - k)
-        ax.plot(depths, hi ** (k.astype(float)), color="black", lw=1.0, ls=":",
-                label=f"exploding above x{hi:.3f} per block")
-        ax.plot(depths, lo ** (k.astype(float)), color="black", lw=1.0, ls="-.",
-                label=f"vanishing below x{lo:.3f} per block")
+        # the cut the verdicts judge these runs by: squared for a variance, per layer times layers per block
+        signal = A.FORWARD if metric in VARIANCE_METRICS else A.BACKWARD
+        layers = A.block_layers(frame[frame[S.RUN].astype(str).isin(drawn)] if S.RUN in frame.columns else frame)
+        cut = A.drawn_thresholds((n for n, _ in layers.values()), signal, vanish, explode)
+        if cut is not None:
+            lo, hi, n = cut
+            per = f"per block ({n:g} layers)" if n != 1 else "per block"
+            k = np.arange(0, int(pm[A.POSITION].max()) + 1 if len(pm) else 1)
+            depths = k if ref == "first" else (k.max() - k)
+            ax.plot(depths, hi ** (k.astype(float)), color="black", lw=1.0, ls=":",
+                    label=f"exploding above x{hi:.3f} {per}")
+            ax.plot(depths, lo ** (k.astype(float)), color="black", lw=1.0, ls="-.",
+                    label=f"vanishing below x{lo:.3f} {per}")
     else:
         ax.set_ylabel(f"{metric}  [{metric_label(metric)}]  (log scale)")
     from matplotlib.lines import Line2D

@@ -124,6 +124,33 @@ def test_profile_lines_are_relative_to_the_reference_end_with_thresholds():
     assert "÷" in ax.get_ylabel() and "log" in ax.get_ylabel()
 
 
+def _threshold_lines(ax) -> dict:
+    return {ln.get_label().split()[0]: ln for ln in ax.get_lines() if "per block" in ln.get_label()}
+
+
+def test_profile_thresholds_are_the_cut_the_verdicts_judge_by():
+    """The lines were the per-layer amplitude cut drawn as a per-block factor for every metric: wrong for act_var (a
+    variance: squared) and for the built-in CIFAR nets (two layers per block: x1.044 per layer is x1.19 per block
+    in variance). Now they are the verdicts' rate_thresholds for the metric's signal and the runs' layers; runs of
+    different layers per block get no line, since none is right for all."""
+    cifar = synthetic(9, 3, {"resnet20-s0": (1.1, 1.0, None)}).assign(**{S.KIND: "ResidualBlock", S.MODEL: "resnet20"})
+    for metric, signal, per in ((S.ACT_VAR, A.FORWARD, 4.0), (S.GRAD_NORM, A.BACKWARD, 2.0)):
+        fig, ax = plt.subplots()
+        P.depth_profile(cifar, metric, ax)
+        lo, hi = A.rate_thresholds(signal=signal, layers=2.0)
+        layer_lo, layer_hi = A.layer_thresholds()
+        assert hi == pytest.approx(layer_hi ** per) and lo == pytest.approx(layer_lo ** per)
+        lines = _threshold_lines(ax)
+        assert f"x{hi:.3f} per block (2 layers)" in lines["exploding"].get_label()
+        k = np.asarray(lines["vanishing"].get_xdata(), float)
+        travelled = k if metric == S.ACT_VAR else 8 - k
+        np.testing.assert_allclose(lines["vanishing"].get_ydata(), lo ** travelled, rtol=1e-12)
+    mlp = synthetic(9, 3, {"mlp-s0": (1.1, 1.0, None)}).assign(**{S.KIND: "Linear"})
+    fig, ax = plt.subplots()
+    P.depth_profile(pd.concat([cifar, mlp], ignore_index=True), S.GRAD_NORM, ax)
+    assert _threshold_lines(ax) == {}  # 2 and 1 layers per block: no single cut
+
+
 def test_profile_draws_theory_dashed_in_the_run_colour():
     f = synthetic(8, 2, {"x": (2.0, 1.0, None)})
     fig, ax = plt.subplots()
@@ -241,3 +268,18 @@ def test_configurations_come_from_run_facts_not_names():
              "e": {"model": "y"}}
     assert P.configurations_of(facts) == {"a": "a", "zz": "a", "c": "c", "d": "mine", "e": "e"}
     assert P.configurations_of(None) is None
+
+
+def test_the_reports_factor_over_training_draws_the_verdicts_cut():
+    """report.html's per-block factor over training drew the per-layer amplitude cut for both signals; a run of two
+    layers per block is judged forward by that cut to the 4th power, and that is the line now."""
+    from gradscope.render.interactive import factor_figure
+
+    rows = pd.DataFrame({S.RUN: ["r-s0", "r-s0"], S.STEP: [0, 10], A.SIGNAL: A.FORWARD, A.FACTOR: [1.1, 1.2],
+                         A.LAYERS: 2.0})
+    html = factor_figure(rows, A.FORWARD, {})
+    lo, hi = A.rate_thresholds(signal=A.FORWARD, layers=2.0)
+    assert f"exploding above x{hi:.3f}" in html and f"vanishing below x{lo:.3f}" in html
+    assert f"x{A.layer_thresholds()[1]:.3f}" not in html
+    mixed = pd.concat([rows, rows.assign(**{S.RUN: "m-s0", A.LAYERS: 1.0})], ignore_index=True)
+    assert "exploding above" not in factor_figure(mixed, A.FORWARD, {})

@@ -189,3 +189,33 @@ def test_a_malformed_alerts_csv_is_one_clear_error(tmp_path, text, word):
     with pytest.raises(GradscopeError, match=word) as caught:
         store.read_alerts(tmp_path)
     assert "alerts.csv" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("damage", ["a value edited by hand", "cut in half", "its dtypes file garbled"])
+def test_a_damaged_records_csv_is_one_clear_error_and_exit_2(tmp_path, capsys, damage):
+    """A records.csv edited by hand or cut short gave a bare ValueError from load() and "internal error ... please
+    report it" (exit 1) from `gradscope report`; cli.md lists a malformed records file under exit 2."""
+    model = nets.mlp()
+    with gradscope.attach(model) as scope:
+        model(torch.randn(4, 12)).sum().backward()
+        scope.step()
+    folder = tmp_path / "rep"
+    folder.mkdir()
+    store.write_records(scope.frame(), folder)
+    (folder / store.PARQUET).unlink()  # a CSV-only folder, as someone might share it
+    csv = folder / store.CSV
+    text = csv.read_text()
+    if damage == "a value edited by hand":
+        lines = text.splitlines()
+        cells = lines[1].split(",")
+        cells[list(lines[0].split(",")).index("value")] = "abc"
+        csv.write_text("\n".join([lines[0], ",".join(cells)] + lines[2:]) + "\n")
+    elif damage == "cut in half":
+        csv.write_text(text[:len(text) // 2])
+    else:
+        (folder / store.DTYPES).write_text("{not json")
+    with pytest.raises(DataError, match="cannot read records from .*records.csv.*cut short or edited by hand"):
+        gradscope.load(folder)
+    assert main(["report", str(folder)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "records.csv" in err and "internal error" not in err and "Traceback" not in err

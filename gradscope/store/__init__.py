@@ -323,6 +323,16 @@ def read_records(path: Union[str, Path]) -> pd.DataFrame:
         return pd.DataFrame({c: _restore(df[c], spec[c], False) if c in spec else df[c] for c in df.columns})
     if p.suffix != ".csv":
         raise DataError(f"cannot read records from {str(p)!r}: expected a .parquet or .csv file.")
+    try:
+        return _read_csv_records(p)
+    except (ValueError, KeyError, TypeError, pd.errors.ParserError) as exc:  # json's decode error is a ValueError
+        raise DataError(f"cannot read records from {str(p)!r}: {type(exc).__name__}: {exc}. The file was cut short "
+                        f"or edited by hand; write it again (gradscope report on the run's records/ folder) or "
+                        f"read the Parquet file beside it") from exc
+
+
+def _read_csv_records(p: Path) -> pd.DataFrame:
+    """:func:`read_records` of a CSV file (errors left to the caller, which names the file)."""
     side = p.with_name(p.stem + ".dtypes.json")
     if side.exists():
         spec = json.loads(side.read_text())

@@ -73,7 +73,7 @@ def loss_rows(results: Any) -> Rows:
     """One row per configuration: final training loss over seeds (mean ± sd, n) and accuracy of the last steps."""
     from gradscope.analysis.trajectory import config_of
 
-    rows = [["configuration", "final loss (mean ± sd, n)", "per seed", "diverged"]]
+    rows = [["configuration", "final loss (mean ± sd, n)", "per seed", "left out (why)"]]
     groups: Dict[str, List[str]] = {}
     failed = getattr(results, "failed", {}) or {}
     losses = getattr(results, "losses", None)
@@ -86,7 +86,7 @@ def loss_rows(results: Any) -> Rows:
         finished = [r for r in runs if r in results.final_losses]  # a run cut off part-way has no final loss
         values = [results.final_losses[r] for r in finished]
         mean, sd, _, n = stats.mean_sd_se(values)
-        bad = [r for r, v in zip(finished, values) if is_missing(v)] + \
+        bad = [f"{r} (diverged)" for r, v in zip(finished, values) if is_missing(v)] + \
             [f"{r} ({'failed' if r in failed else 'stopped early'})" for r in runs if r not in finished]
         rows.append([group, pm(mean, sd, n, ".3f"), ", ".join(num(v, ".3f", "NaN") for v in values) or "—",
                      ", ".join(bad) or "—"])

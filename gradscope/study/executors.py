@@ -51,6 +51,8 @@ def execute(job: Callable[..., Any], specs: Sequence[Any], data: Any, settings: 
         raise GradscopeError(f"executor={executor!r}: use one of {', '.join(EXECUTORS)}")
     if resume and out is None:
         raise GradscopeError("resume=True needs the out= folder of the study to resume")
+    if out is not None and not resume:
+        refuse_recorded(out)
     resumed: Dict[str, Any] = {}
     if resume:
         for spec in specs:
@@ -116,6 +118,18 @@ def fingerprint(spec: Any, settings: Any) -> Dict[str, Any]:
               if is_dataclass(spec) else {})
     chosen = asdict(settings) if is_dataclass(settings) else dict(vars(settings))
     return json.loads(json.dumps({"spec": fields, "settings": chosen}, default=str))
+
+
+def refuse_recorded(out: Path) -> None:
+    """Refuse a study's ``out`` whose ``records/`` already holds runs: their rows would be read back with the new
+    study's (another study's runs counted as seeds of this one), and a run of the same name would find its folder
+    taken mid-study. ``resume=True`` is the way to go on with the same study."""
+    records = Path(out) / "records"
+    runs = sorted(p.name for p in records.iterdir() if p.is_dir()) if records.is_dir() else []
+    if runs:
+        shown = ", ".join(runs[:4]) + (f" and {len(runs) - 4} more" if len(runs) > 4 else "")
+        raise GradscopeError(f"out={str(out)!r} already holds the records of a study (runs {shown}); pass a new "
+                             f"folder, delete that one, or resume the same study (--resume, resume=True)")
 
 
 def clear_unfinished(out: Path, name: str) -> bool:

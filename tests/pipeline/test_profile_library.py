@@ -160,6 +160,9 @@ def test_losses_of_runs_whose_names_differ_by_a_suffix_are_not_pooled_by_name():
     rows = loss_rows(Results(title="t", frames={}, profiles={}, verdicts={}, configs=configs,
                              final_losses={"a-s0": 1.0, "a-s1-s0": 2.0}))
     assert [r[0] for r in rows[1:]] == ["a", "a-s1"]
+    rows = loss_rows(Results(title="t", frames={}, profiles={}, verdicts={}, configs=configs,
+                             final_losses={"a-s0": float("nan"), "a-s1-s0": 2.0}))
+    assert rows[0][3] == "left out (why)" and rows[1][3] == "a-s0 (diverged)" and rows[2][3] == "—"
 
 
 def test_report_of_a_killed_profile_pools_seeds_by_the_facts_in_provenance(tmp_path, capsys):

@@ -105,6 +105,19 @@ def test_resume_needs_a_folder():
         run_study(SPECS, train_set(), SETTINGS, resume=True)
 
 
+def test_a_study_into_a_folder_holding_another_studys_records_is_refused(tmp_path, one_thread):
+    """`gradscope profile --out DIR` into a folder that held another study mixed that study's runs into the new one's
+    frame (counted as seeds of it) without a word; now the study stops before it runs, naming the runs there."""
+    out = tmp_path / "study"
+    one = Settings(steps=2, batch_size=8, every=1, init_batches=1, image_size=8, workers=1)
+    run_study(SPECS[:1], train_set(), one, out=out)
+    with pytest.raises(GradscopeError, match=r"already holds the records of a study \(runs plain20-bn-s0\)"):
+        run_study(SPECS[1:], train_set(), one, out=out)
+    assert sorted(p.name for p in (out / "records").iterdir()) == ["plain20-bn-s0"]
+    resumed = run_study(SPECS, train_set(), one, out=out, resume=True)  # the same folder, on purpose: resumed
+    assert sorted(resumed.frame["run"].unique()) == ["plain20-bn-s0", "resnet20-bn-s1"]
+
+
 def test_a_run_stopped_after_it_recorded_runs_again_from_its_start_on_resume(tmp_path, one_thread):
     """A run killed or stopped mid-way leaves its streamed parts but no snapshot. Resuming used to stop the whole
     study on that run ("already holds the records of another run"); now its partial records are replaced by a

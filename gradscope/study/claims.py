@@ -69,7 +69,10 @@ def _rate(row: dict) -> str:
     div = f"; diverged: {', '.join(row['diverged_runs'])}" if row["diverged_runs"] else ""
     counts = row.get("counts") or {}
     if row["verdict"] == UNSETTLED and counts:
-        if len(counts) == 1:
+        if len(counts) == 1 and row["n"] == 0:  # no seed has a rate at all: nothing straddled anything
+            div += (" (no seed has a rate: one block with a value, a rate needs two or more)"
+                    if row.get("n_blocks", 0) < 2 else " (no seed has a rate: no fit over its blocks)")
+        elif len(counts) == 1:
             div += " (no seed settled a class: each fit straddles a threshold)"
         else:
             why = "not every seed settled a class" if UNSETTLED in counts else "the seeds disagree"

@@ -348,3 +348,16 @@ def test_batch_noise_is_the_squared_standard_error_of_the_final_window():
     assert n4.variance == {"a": pytest.approx((1.5 ** 2 + 0.5 ** 2) * 2 / 3 / 4)}  # var(1,2,3,4) = 1.667, / 4
     assert n4.counts == {"a": 4} and n4.kind == BATCHES  # b: one loss; c: a NaN in the window
     assert batch_noise(table, ["a"], 2).variance["a"] == pytest.approx(0.5 / 2)  # var(3, 4) = 0.5
+
+
+def test_an_unsettled_rate_says_why_no_seed_has_one_when_no_fit_exists():
+    """With one block selected no seed has a rate; the claim said each fit straddles a threshold, which only an
+    existing fit can do."""
+    from gradscope.study.claims import _rate
+
+    base = {"ln_sd": math.nan, "diverged_runs": [], "verdict": "unknown", "factor": math.nan, "unit": "per block"}
+    one_block = _rate({**base, "n": 0, "n_blocks": 1, "counts": {"unknown": 1}})
+    assert "one block with a value, a rate needs two or more" in one_block and "straddles" not in one_block
+    assert "no fit over its blocks" in _rate({**base, "n": 0, "n_blocks": 5, "counts": {"unknown": 2}})
+    fitted = _rate({**base, "n": 2, "factor": 1.1, "ln_sd": 0.01, "n_blocks": 9, "counts": {"unknown": 2}})
+    assert "each fit straddles a threshold" in fitted

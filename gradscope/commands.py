@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 from pathlib import Path
 from typing import Any, Callable, List
 
@@ -101,8 +103,8 @@ def _compare(args: argparse.Namespace) -> int:
     result = compare(_side(args.a), _side(args.b), metrics=metrics, steps=steps, alpha=args.alpha,
                      correction=args.correction, labels=labels)
     if args.json:
-        print(json.dumps({"differs": result.differs, "summary": result.summary(),
-                          "blocks": result.blocks.to_dict("records")}, default=str))
+        print(strict_json({"differs": result.differs, "summary": result.summary(),
+                           "blocks": result.blocks.to_dict("records")}))
     else:
         print(result.summary())
         print(result.blocks.to_string(index=False))
@@ -147,7 +149,7 @@ def _sweep(args: argparse.Namespace) -> int:
                    batch_size=args.batch_size, blocks=args.blocks, seed=args.seed, tolerance=args.tolerance)
     fits = result.fits
     if args.json:
-        print(json.dumps({"summary": result.summary(), "fits": fits.to_dict("records")}, default=str))
+        print(strict_json({"summary": result.summary(), "fits": fits.to_dict("records")}))
     else:
         print(result.summary())
         cols = ["against", "block", "quantity", "exponent", "se", "verdict"]
@@ -159,5 +161,30 @@ def _sweep(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"wrote {png}")
     grows = fits[(fits["quantity"] == ACT_CHANGE) & fits["verdict"].str.startswith("grows")]
-    return EXIT_FOUND if args.fail_on == "grows" and len(grows) else EXIT_OK
+    if args.fail_on == "grows" and len(grows):
+        for row in grows.to_dict("records"):  # as `profile --fail-on` names what it found, on stderr
+            print(f"gradscope: --fail-on grows: block {row['block']!r}: {ACT_CHANGE} {row['verdict']} against "
+                  f"{row['against']} (exponent {row['exponent']:+.2f} ± {row['se']:.2f})", file=sys.stderr)
+        return EXIT_FOUND
+    return EXIT_OK
+
+
+def strict_json(value: Any) -> str:
+    """``value`` as strict JSON: NaN and infinities become null (a bare ``NaN`` token is not JSON, and strict
+    parsers such as ``jq`` or JavaScript's ``JSON.parse`` reject it); other non-JSON objects their ``str``."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if hasattr(v, "item") and callable(v.item) and not isinstance(v, (str, bytes)):  # numpy scalars
+            try:
+                return clean(v.item())
+            except (TypeError, ValueError):
+                return str(v)
+        return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
+
+    return json.dumps(clean(value), allow_nan=False)
 

@@ -66,13 +66,29 @@ def test_sweep_fits_prints_and_fails_on_growth(tmp_path, capsys, monkeypatch, on
     args = ["sweep", "--model", f"{FIXTURE}:sp", "--optimizer", f"{FIXTURE}:adam", "--widths", "32,64,128,256,512",
             "--steps", "3", "--blocks", "hidden.*"]
     code = main(args + ["--fail-on", "grows", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 3 and "act_change" in out and "grows ~ width^" in out
+    # like `profile --fail-on`, one stderr line names each block found (there was none)
+    named = [line for line in err.splitlines() if line.startswith("gradscope: --fail-on grows: block 'hidden.")]
+    assert named and all("act_change grows ~ width^" in line for line in named)
     assert (tmp_path / "sweep.png").exists() and (tmp_path / "sweep_fits.csv").exists()
     code = main(["sweep", "--model", f"{FIXTURE}:mup", "--optimizer", f"{FIXTURE}:adam", "--widths",
                  "32,64,128,256,512", "--steps", "3", "--blocks", "hidden.*", "--fail-on", "grows", "--json"])
     fits = json.loads(capsys.readouterr().out)["fits"]
     assert code == 0 and any(f["quantity"] == "act_change" for f in fits)
+
+
+def test_sweep_says_when_values_are_not_finite_and_its_json_stays_strict(capsys, one_thread):
+    """NaN weights: every fit was 'unclear' with no word about NaN, and --json printed bare NaN tokens, which
+    strict JSON parsers refuse."""
+    args = ["sweep", "--model", f"{FIXTURE}:nan_sp", "--widths", "16,32,64", "--steps", "2", "--blocks", "hidden.*"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "non-finite: " in out and "measured values are NaN or inf" in out and "widths 16, 32, 64" in out
+    assert main(args + ["--json"]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(text, parse_constant=lambda token: pytest.fail(f"not strict JSON: {token}"))
+    assert "non-finite" in report["summary"] and any(f["exponent"] is None for f in report["fits"])
 
 
 def test_sweep_bad_input(capsys, tmp_path):

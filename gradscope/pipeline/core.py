@@ -127,6 +127,10 @@ def _write(results: Results, out: Path, format: str) -> None:
     from gradscope.render.report import write_folder
 
     try:
+        from gradscope.pipeline.rebuild import KEPT
+
+        for stale in KEPT.values():  # a rebuilt report's copies of an older profile's answers (pipeline/rebuild.py)
+            (out / stale).unlink(missing_ok=True)
         write_folder(results, out, format=format)
     except OutputError:
         raise

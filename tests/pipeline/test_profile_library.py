@@ -194,3 +194,19 @@ def test_a_run_that_crashed_mid_training_has_no_final_loss_beside_the_finished_o
     header, row = loss_rows(results)
     assert row[1].endswith("(n=1)") and row[3] == "seed_one_crashes-s1 (failed)"
     assert results.alerts is not None
+
+
+def test_a_resumed_profile_removes_the_copies_a_rebuilt_report_kept(tmp_path, capsys, one_thread):
+    """`gradscope report DIR` over a profile's folder keeps the profile's answers as claims.profile.md and
+    summary.profile.json; a later `profile --resume` into that folder wrote a new report and left those copies (an
+    older state, still saying interrupted) beside it."""
+    out = tmp_path / "p"
+    args = ["profile", "--models", "plain20", "--bn", "on", "--seeds", "0", "--init-only", "--init-batches", "1",
+            "--batch-size", "8", "--train-size", "32", "--image-size", "8", "--workers", "1", "--quiet",
+            "--out", str(out)]
+    assert main(args) == 0
+    assert main(["report", str(out)]) == 0
+    assert (out / "claims.profile.md").is_file() and (out / "summary.profile.json").is_file()
+    assert main(args + ["--resume"]) == 0
+    assert not (out / "claims.profile.md").exists() and not (out / "summary.profile.json").exists()
+    assert (out / "claims.md").is_file() and (out / "summary.json").is_file()

@@ -212,7 +212,8 @@ class GradTiming:
         self.done = True
         # None can only mean the gradients were dropped; 0.0 everywhere is what zero_grad(set_to_none=False) leaves,
         # but also what a loss flat in every parameter gives, so that case says "if"
-        cause = ("optimizer.zero_grad() ran before it, so param_grad_norm is absent" if what == "None" else
+        cause = ("zero_grad() (the optimizer's or the model's) ran before it, so param_grad_norm is absent"
+                 if what == "None" else
                  "param_grad_norm is recorded as 0.0. If optimizer.zero_grad(set_to_none=False) ran before "
                  "scope.step(), these are not the step's gradients (if the loss is truly flat in every parameter, "
                  "they are, and this warning can be ignored)")

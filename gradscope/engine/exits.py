@@ -67,11 +67,24 @@ class LiveScopes:
         self._previous = current
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
+    def mark_terminated(self) -> None:
+        """Each live scope's ``provenance.json`` says the run was interrupted by SIGTERM (it said "running" forever:
+        the process dies before any ``detach()``); never raises."""
+        for scope in list(self._scopes.values()):
+            record, rec = getattr(scope, "provenance", None), getattr(scope, "_rec", None)
+            if record is None or rec is None or not getattr(scope, "_attached", False):
+                continue
+            try:
+                record.finish(interrupted=True, signal="SIGTERM", steps=rec.step, rows=rec.row_count)
+            except Exception:  # noqa: BLE001 - a handler on the way to dying must not raise
+                pass
+
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.write_all()
         previous = self._previous
-        if callable(previous):
+        if callable(previous):  # its owner decides what happens next (the CLI's stops the study and reports)
             previous(signum, frame)
             return
+        self.mark_terminated()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what the signal would have done: die of it
         os.kill(os.getpid(), signal.SIGTERM)

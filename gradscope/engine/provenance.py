@@ -105,11 +105,12 @@ class Provenance:
 
     def finish(self, error: Optional[BaseException] = None, **extra: Any) -> Path:
         """Rewrite the record with the end time, the wall time in seconds and ``finished``, ``interrupted`` (when
-        ``interrupted=True`` is among ``extra``) or ``failed: ...``."""
+        ``interrupted=True`` is among ``extra``, or the error is a KeyboardInterrupt) or ``failed: ...``."""
         self.record["finished"] = _utc(time.time())
         self.record["wall_s"] = round(time.perf_counter() - self._clock, 6)
-        self.record["status"] = ("interrupted" if extra.get("interrupted") else "finished") if error is None \
-            else f"failed: {type(error).__name__}: {error}"
+        stopped = isinstance(error, KeyboardInterrupt)  # Ctrl-C, or a SIGTERM the CLI turned into one: not a failure
+        self.record["status"] = ("interrupted" if extra.get("interrupted") or stopped else "finished") \
+            if error is None or stopped else f"failed: {type(error).__name__}: {error}"
         self.record.update(jsonable(extra))
         return self._write()
 

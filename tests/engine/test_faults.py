@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import json
 import os
 import signal
 import subprocess
@@ -118,6 +119,10 @@ def test_sigterm_flushes_every_recorded_step_then_does_what_the_signal_would(tmp
         assert code == 3 and (tmp_path / "marker").read_text() == "called"
     else:  # no handler of the user's: the process dies of SIGTERM, as without gradscope (143 in a shell)
         assert code == -signal.SIGTERM
+        # and its provenance says so (it said "running", with no end, forever)
+        record = json.loads((tmp_path / "out" / "provenance.json").read_text())
+        assert record["status"] == "interrupted" and record["signal"] == "SIGTERM" and record["finished"]
+        assert record["steps"] >= closed
     steps = sorted(gradscope.load(tmp_path / "out").step.unique())
     assert closed >= 15
     assert steps[:closed] == list(range(closed))  # every closed step is on disk (and at most the open one)

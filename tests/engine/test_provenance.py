@@ -59,6 +59,18 @@ def test_a_failed_run_says_so_and_keeps_its_rows(tmp_path):
     assert len(gradscope.load(tmp_path / "r")) == rec["rows"] > 0
 
 
+def test_a_run_stopped_by_ctrl_c_is_interrupted_not_failed(tmp_path):
+    """A KeyboardInterrupt (Ctrl-C, or the SIGTERM the CLI turns into one) stops a run; it was written as
+    'failed: KeyboardInterrupt: '."""
+    model = _net()
+    with pytest.raises(KeyboardInterrupt):
+        with gradscope.attach(model, out=tmp_path / "r") as scope:
+            model(torch.randn(5, 4)).sum().backward()
+            scope.step()
+            raise KeyboardInterrupt
+    assert provenance.read(tmp_path / "r")["status"] == "interrupted"
+
+
 def test_jsonable_keeps_data_and_names_the_rest():
     got = provenance.jsonable({"a": (1, 2.5), "b": float("nan"), "c": {3}, "d": nn.Linear, "e": None})
     assert got == {"a": [1, 2.5], "b": "nan", "c": [3], "d": "torch.nn.modules.linear.Linear", "e": None}

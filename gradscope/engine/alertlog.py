@@ -85,10 +85,13 @@ class AlertLog:
 
 
 def with_origin(alert: Alert, origin: Any) -> Alert:
-    """A divergence alert at the step of a traced first NaN names its operator and module."""
-    if alert.kind != DIVERGENCE or origin is None or getattr(origin, "op", None) is None \
-            or origin.step != alert.step:
+    """A divergence alert at the step of a traced first NaN names its operator and module; where the replay found
+    none, its ``note`` says why (a parameter already non-finite, the block's input already non-finite, ...)."""
+    if alert.kind != DIVERGENCE or origin is None or origin.step != alert.step:
         return alert
+    if getattr(origin, "op", None) is None:
+        why = f"operator not found in block {origin.block!r}: {origin.note}" if origin.note else ""
+        return replace(alert, note="; ".join(x for x in (alert.note, why) if x)) if why else alert
     return replace(alert, origin=f"{origin.op} in {origin.module!r}")
 
 

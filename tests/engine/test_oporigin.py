@@ -113,6 +113,9 @@ def test_a_non_finite_weight_is_named_as_the_origin_not_an_operator(one_thread):
     assert scope.first_nonfinite()["forward"] == (0, "3")
     assert "operator" not in scope.first_nonfinite()
     assert any("parameter '3.norm.weight' is already non-finite" in m for m in messages), messages
+    div = scope.alerts().query("kind == 'divergence'").iloc[0]  # the alert says why too (its note was empty)
+    assert div.origin == "" and "operator not found in block '3'" in div.note
+    assert "parameter '3.norm.weight' is already non-finite" in div.note
 
 
 def test_healthy_steps_keep_nothing_past_the_step_and_ignore_turns_it_off(one_thread):

@@ -10,7 +10,7 @@ their figures with :func:`new_figure`, which needs no pyplot backend and never s
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -250,6 +250,12 @@ def profile_matrix(frame: pd.DataFrame, metric: str, *, step: A.StepArg = None,
     return pd.concat(parts)[cols].reset_index(drop=True) if parts else pd.DataFrame(columns=cols)
 
 
+def _not_drawn(frame: pd.DataFrame, metric: str, drawn: set) -> List[str]:
+    """The runs with rows of ``metric`` that the profile did not draw (no finite positive value at the step shown)."""
+    rows = frame[frame[S.METRIC] == metric] if S.METRIC in frame.columns else frame
+    return [r for r in A.run_names(rows) if r not in {str(d) for d in drawn}] if len(rows) else []
+
+
 def _seed_band(g: pd.DataFrame) -> pd.DataFrame:
     """Per depth over the runs of one configuration: geometric mean (the line), min and max (the band), n."""
     wide = g.pivot_table(index=S.DEPTH, columns=S.RUN, values="plotted", aggfunc="mean", dropna=False, sort=True)
@@ -338,7 +344,15 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
     names = ", ".join(tex_escape(c) for c in configs[:4]) + (f" and {len(configs) - 4} more (legend)"
                                                             if len(configs) > 4 else "")
     what = "configuration" if len(configs) < len(drawn) else "run"
-    ax.set_title(f"{direction}: {metric} across depth ({how})\n{what}s: {names}", fontsize=10)
+    ax.set_title(f"{direction}: {metric} across depth ({how})\n{what}s: {names or 'none drawn'}", fontsize=10)
+    left_out = _not_drawn(frame, metric, drawn)
+    if left_out or not drawn:  # say who is missing and why, instead of an empty or thinner figure
+        text = (f"not drawn: {', '.join(tex_escape(r) for r in left_out[:6])}"
+                f"{f' and {len(left_out) - 6} more' if len(left_out) > 6 else ''} (no finite, positive {metric} at "
+                f"the step shown, e.g. a run that diverged or stopped before it)") if left_out else \
+            f"nothing to draw: no run has a finite, positive {metric} at the step shown"
+        ax.text(0.01, 0.01, text, transform=ax.transAxes, fontsize=7, color="0.35", va="bottom", ha="left",
+                wrap=True)
     ax.grid(True, which="major", axis="both", color="0.9", lw=0.6)
     ax.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return ax

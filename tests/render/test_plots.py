@@ -283,3 +283,18 @@ def test_the_reports_factor_over_training_draws_the_verdicts_cut():
     assert f"x{A.layer_thresholds()[1]:.3f}" not in html
     mixed = pd.concat([rows, rows.assign(**{S.RUN: "m-s0", A.LAYERS: 1.0})], ignore_index=True)
     assert "exploding above" not in factor_figure(mixed, A.FORWARD, {})
+
+
+def test_a_profile_names_the_runs_it_could_not_draw():
+    """A seed with no rows at the step shown (stopped early) vanished from the figure without a word, and a step
+    where every value was NaN drew an empty plot titled 'runs:'."""
+    f = synthetic(9, 3, {"a-s0": (1.1, 1.0, None), "a-s1": (1.1, 1.0, None)})
+    cut = f[~((f[S.RUN] == "a-s1") & (f[S.STEP] == 20))]  # a-s1 stopped after step 10
+    fig, ax = plt.subplots()
+    P.depth_profile(cut, S.GRAD_NORM, ax, step="last")
+    notes = [t.get_text() for t in ax.texts]
+    assert any(n.startswith("not drawn: a-s1 (no finite, positive grad_norm") for n in notes), notes
+    nan = f.assign(**{S.VALUE: float("nan")})
+    fig, ax = plt.subplots()
+    P.depth_profile(nan, S.ACT_VAR, ax, step="last")
+    assert "none drawn" in ax.get_title() and any("not drawn: a-s0, a-s1" in t.get_text() for t in ax.texts)

@@ -338,7 +338,8 @@ def _steps(fa: pd.DataFrame, fb: pd.DataFrame, steps: Union[None, str, Sequence[
     chosen = [int(s) for s in steps]
     missing = [s for s in chosen if s not in common]
     if missing:
-        raise DataError(f"compare: step(s) {missing} are not recorded on both sides; common steps: {common[:10]}")
+        raise DataError(f"compare: step(s) {missing} are not recorded on both sides; common steps: "
+                        f"{common[:10]}{' ...' if len(common) > 10 else ''} ({len(common)} in all)")
     return chosen
 
 

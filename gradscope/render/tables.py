@@ -58,10 +58,11 @@ def pooled_rows(pooled: pd.DataFrame) -> Rows:
 
 def trajectory_rows(traj: pd.DataFrame) -> Rows:
     """One row per run and signal over training: fraction of recorded steps per class, first and last step."""
-    rows = [["run", "signal", "steps", "healthy", "vanishing", "exploding", "diverged", "first step",
+    rows = [["run", "signal", "steps", "healthy", "vanishing", "exploding", "diverged", "unknown", "first step",
              "last step", "end that moved"]]
-    for r in traj.to_dict("records"):
-        pct = [f"{100 * r[f'frac_{c}']:.0f}%" for c in (W.HEALTHY, W.VANISHING, W.EXPLODING, W.DIVERGED)]
+    for r in traj.to_dict("records"):  # the five shares add up to 100% (unknown: the fit did not settle a class)
+        pct = [f"{100 * r.get(f'frac_{c}', 0.0):.0f}%"
+               for c in (W.HEALTHY, W.VANISHING, W.EXPLODING, W.DIVERGED, W.UNKNOWN)]
         rows.append([str(r["run"]), str(r["signal"]), str(r["n_steps"])] + pct + [
             f"{r['first_step']}: {r['first_verdict']} {times(r['first_factor'])}",
             f"{r['last_step']}: {r['last_verdict']} {times(r['last_factor'])}",

@@ -298,3 +298,16 @@ def test_a_profile_names_the_runs_it_could_not_draw():
     fig, ax = plt.subplots()
     P.depth_profile(nan, S.ACT_VAR, ax, step="last")
     assert "none drawn" in ax.get_title() and any("not drawn: a-s0, a-s1" in t.get_text() for t in ax.texts)
+
+
+def test_the_over_training_share_table_has_an_unknown_column_so_shares_add_up():
+    """A run whose fits never settled a class read 0% 0% 0% 0%: the table had no column for 'unknown'."""
+    from gradscope.render.tables import trajectory_rows
+
+    row = {"run": "r", "signal": "forward", "n_steps": 4, "frac_healthy": 0.25, "frac_vanishing": 0.0,
+           "frac_exploding": 0.0, "frac_diverged": 0.0, "frac_unknown": 0.75, "first_step": 0,
+           "first_verdict": "unknown", "first_factor": 1.1, "last_step": 30, "last_verdict": "healthy",
+           "last_factor": 1.0, "moved": "near", "near_change": 1.0, "far_change": 1.0}
+    header, cells = trajectory_rows(pd.DataFrame([row]))
+    shares = dict(zip(header[3:8], cells[3:8]))
+    assert shares == {"healthy": "25%", "vanishing": "0%", "exploding": "0%", "diverged": "0%", "unknown": "75%"}

@@ -6,6 +6,7 @@ built from the :class:`~gradscope.analysis.results.Results` only (losses, verdic
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -124,7 +125,8 @@ def _band_traces(fig: Any, wide: pd.DataFrame, name: str, color: str, hover: str
     if vals.size == 0:  # every value NaN (a run that diverged from its first step): nothing to draw
         return
     ok = np.where(np.isfinite(vals) & (vals > 0), vals, np.nan)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a step where every seed is NaN: a gap, on purpose
         centre = np.exp(np.nanmean(np.log(ok), axis=1))
         lo, hi = np.nanmin(ok, axis=1), np.nanmax(ok, axis=1)
     n = wide.shape[1]

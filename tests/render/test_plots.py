@@ -311,3 +311,20 @@ def test_the_over_training_share_table_has_an_unknown_column_so_shares_add_up():
     header, cells = trajectory_rows(pd.DataFrame([row]))
     shares = dict(zip(header[3:8], cells[3:8]))
     assert shares == {"healthy": "25%", "vanishing": "0%", "exploding": "0%", "diverged": "0%", "unknown": "75%"}
+
+
+def test_a_step_where_every_seed_is_nan_draws_a_gap_without_a_numpy_warning():
+    """The CLI printed numpy's 'All-NaN slice encountered' as a gradscope warning for such a step."""
+    import warnings
+
+    import plotly.graph_objects as go
+
+    from gradscope.render.interactive import _band_traces
+
+    fig = go.Figure()
+    wide = pd.DataFrame({"a-s0": [np.nan, 1.0], "a-s1": [np.nan, 2.0]}, index=[0, 10])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _band_traces(fig, wide, "a", "#102030", "x")
+    centre = [t for t in fig.data if "mean" in t.name][0]
+    assert np.isnan(centre.y[0]) and centre.y[1] == pytest.approx(np.sqrt(2.0))

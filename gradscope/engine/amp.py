@@ -54,22 +54,25 @@ class ScalerState:
         if token is not None:
             self.stepped[id(optimizer)] = token
 
-    def grads_still_scaled(self, grad_scale: Optional[torch.Tensor]) -> bool:
+    def grads_still_scaled(self, grad_scale: Optional[torch.Tensor], optimizer: Any = None) -> bool:
         """Parameter gradients hold the loss scale unless ``scaler.unscale_``/``scaler.step`` ran on them already
         (known only when ``optimizer=`` was given; otherwise gradscope assumes ``scope.step()`` came first).
-        ``grad_scale`` is the scale this step's backward saw (None: no scaled backward ran). With several
-        optimizers (a GAN's), the gradients one of them stepped with count as unscaled, as ``scaler.step`` left
-        them; the scaler's stage is read for the first."""
+        ``grad_scale`` is the scale this step's backward saw (None: no scaled backward ran). ``optimizer``: the one
+        whose gradients are read (at its own step); None for all of them at ``scope.step()``, where the gradients
+        one of them stepped with count as unscaled, as ``scaler.step`` left them, and the scaler's stage is read
+        for the first. Why the one being read: Lightning's AMP calls ``scaler.update()`` after each optimizer's
+        step, which forgets the first one's stage, so a GAN's second optimizer was divided by the scale twice."""
         if grad_scale is None:
             return False
         if not self.optimizers:
             return True
-        for opt in self.optimizers:
+        mine = self.optimizers if optimizer is None else [optimizer]
+        for opt in mine:
             kept = self.stepped.get(id(opt))
             if kept is not None and same_grads(kept, grad_token(opt)):
                 return False  # the gradients an optimizer stepped with: scaler.step() unscaled them
         states = getattr(self.scaler, "_per_optimizer_states", {})
-        stage = states.get(id(self.optimizers[0]), {}).get("stage")
+        stage = states.get(id(mine[0]), {}).get("stage")
         return stage is None or getattr(stage, "name", str(stage)) == "READY"
 
     def still_in_grads(self, grad_scale: torch.Tensor) -> torch.Tensor:

@@ -29,11 +29,12 @@ from gradscope.engine.sites import Site
 
 
 def record_param_grads(rec: Recorder, index: P.ParamIndex, n_sites: int, amp: ScalerState, step: int,
-                       skip: Optional[Set[int]] = None) -> Optional[List[int]]:
+                       skip: Optional[Set[int]] = None, optimizer: Any = None) -> Optional[List[int]]:
     """Buffer ``param_grad_norm`` of ``index``'s sites (all but ``skip``) for ``step``; returns the sites recorded,
-    or None when no parameter has a ``.grad``. Gradients still holding a GradScaler's scale are divided by it."""
+    or None when no parameter has a ``.grad``. Gradients still holding a GradScaler's scale are divided by it
+    (``optimizer``: the one whose gradients these are, read at its own step; see ScalerState.grads_still_scaled)."""
     grad_scale = rec.state.grad_scale
-    scale = amp.still_in_grads(grad_scale) if amp.grads_still_scaled(grad_scale) else None
+    scale = amp.still_in_grads(grad_scale) if amp.grads_still_scaled(grad_scale, optimizer) else None
     found = P.param_grad_norms(index, n_sites, scale)
     if found is None:
         return None
@@ -120,7 +121,7 @@ class OptimizerWatch:
         for k, opt in enumerate(self.optimizers):
             if opt is optimizer and self.grads and state.active and self.indexes[k].params:
                 read = record_param_grads(self.rec, self.indexes[k], len(self.sites), self.amp, state.step,
-                                          self.grads_read.get(state.step))
+                                          self.grads_read.get(state.step), opt)
                 if read:
                     self.grads_read.setdefault(state.step, set()).update(read)
 
@@ -144,7 +145,7 @@ class OptimizerWatch:
                 return
             if self.grads and not closure and step == state.step and state.active:
                 # scope.step() has not closed this step: read the gradients now, before anything zeroes them
-                read = record_param_grads(rec, index, n, self.amp, step, self.grads_read.get(step))
+                read = record_param_grads(rec, index, n, self.amp, step, self.grads_read.get(step), opt)
                 if read:
                     self.grads_read.setdefault(step, set()).update(read)
             if self.update and step not in self._updated[k]:

@@ -69,7 +69,10 @@ class LiveScopes:
 
     def mark_terminated(self) -> None:
         """Each live scope's ``provenance.json`` says the run was interrupted by SIGTERM (it said "running" forever:
-        the process dies before any ``detach()``); never raises."""
+        the process dies before any ``detach()``); never raises. Only in the attaching process: a forked child (a
+        pool worker terminated) holds copies of the scopes and leaves their records alone."""
+        if os.getpid() != self._pid:
+            return
         for scope in list(self._scopes.values()):
             record, rec = getattr(scope, "provenance", None), getattr(scope, "_rec", None)
             if record is None or rec is None or not getattr(scope, "_attached", False):

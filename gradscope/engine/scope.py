@@ -76,6 +76,7 @@ class Scope:
         self._probe.scale = self._amp.scale_tensor if self._amp.enabled else None
         self._sharded = sharded
         self._missed: set = set()  # blocks no given optimizer updates (warned about once)
+        self._followed_now: Set[int] = set()  # blocks found replaced in the open step (by _follow_changes)
         self._watch = OptimizerWatch(model, sites, recorder, self._amp, self._optimizers,
                                      self._index_optimizers(set(range(len(sites)))), update=metrics.update,
                                      grads=S.PARAM_GRAD_NORM in metrics.params, tracer=self._tracer,
@@ -97,14 +98,15 @@ class Scope:
             self.detach()
             raise
 
-    def _index_optimizers(self, alive: Set[int]) -> List[P.ParamIndex]:
-        """Which blocks each optimizer updates (engine/optimizers.py), as one parameter index per optimizer."""
+    def _index_optimizers(self, alive: Set[int], stacklevel: int = 4) -> List[P.ParamIndex]:
+        """Which blocks each optimizer updates (engine/optimizers.py), as one parameter index per optimizer
+        (``stacklevel``: of the warning about blocks no optimizer updates, as seen from the caller's caller)."""
         updated, missed = OPT.coverage(self.sites, self._optimizers)
         self._opt_indexes = [P.param_index(self.sites, self._sharded, only=set(u) & alive) for u in updated]
         new = [s for s in missed if s in alive and s not in self._missed]
         if new and self._metrics.update and self._optimizers:
             self._missed.update(new)
-            warnings.warn(OPT.missed_message(self.sites, new), RuntimeWarning, stacklevel=5)
+            warnings.warn(OPT.missed_message(self.sites, new), RuntimeWarning, stacklevel=stacklevel)
         return self._opt_indexes
 
     def _follow_weakly(self) -> Callable[[], None]:
@@ -140,10 +142,12 @@ class Scope:
             return set()  # modules were registered elsewhere (another model built): nothing of ours moved
         self._param_index = index
         self._grad_timing.index = self._param_index
-        self._watch.reindex(self._index_optimizers(alive))  # its hooks stay: one may be running (OptimizerWatch)
+        self._watch.reindex(self._index_optimizers(alive, stacklevel=5))  # its hooks stay: one may be running (OptimizerWatch)
         if changed:
             self._probe.replan()
-        return {s for s, _ in changed}
+        replaced = {s for s, _ in changed}
+        self._followed_now |= replaced  # found by a forward or optimizer hook: _close_step does not call it idle
+        return replaced
 
     # ---- the training-loop API -----------------------------------------------------------------------------------
     @property
@@ -199,9 +203,9 @@ class Scope:
     def _close_step(self) -> None:
         rec = self._rec
         if rec.active:
-            followed = set()
             if not rec.state.root_checked:  # (the model's own forward checks at its first call: engine/replaced.py)
-                followed = self._follow_changes()
+                self._follow_changes()
+            followed, self._followed_now = self._followed_now, set()  # blocks replaced in this step, found anywhere
             self._probe.note_traced_scale()  # under torch.compile: the scale the backward saw (for parameter norms)
             if self._metrics.params:
                 self._record_params(rec.step)

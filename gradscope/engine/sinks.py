@@ -74,7 +74,7 @@ class SinkFeed:
         warnings.warn(f"gradscope: sink {_name(sink)} raised {type(exc).__name__}: {exc}. Its {len(rows)} rows of "
                       f"{where} are lost to it (the frame and out= keep them); training and the other sinks go "
                       f"on, and the sink is called again at the next recorded step. Later failures of this sink are "
-                      f"counted and reported at detach()", RuntimeWarning, stacklevel=4)
+                      f"counted and reported at detach()", RuntimeWarning, stacklevel=5)
 
     def close(self) -> None:
         """Close every sink that has a ``close()`` (each even if another fails; the first error is raised), after a
@@ -83,7 +83,7 @@ class SinkFeed:
             if count > 1:
                 warnings.warn(f"gradscope: sink {_name(self.sinks[position])} raised at {count} of its calls; the "
                               f"rows of those calls are missing from it (the frame and out= hold them)",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=4)
         error = None
         for sink in self.sinks:
             close = getattr(sink, "close", None)

@@ -20,8 +20,9 @@ A step is one step of the (first) optimizer: any gradient accumulation; with sev
 ``update_ratio`` is measured across the step of the optimizer that holds its parameters. Under manual optimization
 (``automatic_optimization = False``: GANs) a step is one training batch, closed in ``on_train_batch_end``, and each
 block's ``param_grad_norm`` is read at the step of the optimizer that holds it (in its ``on_before_optimizer_step``),
-so it is the gradient that optimizer stepped with. With a closure optimizer (LBFGS) Lightning calls
-``on_before_optimizer_step`` after every evaluation of the closure, so each evaluation is a step of its own. Needs ``lightning``
+so it is the gradient that optimizer stepped with. Under automatic optimization with a closure optimizer (LBFGS)
+Lightning calls ``on_before_optimizer_step`` after every evaluation of the closure, so each evaluation is a step of
+its own (up to ``max_iter`` per optimizer step). Needs ``lightning``
 (``pip install 'torch-gradscope[lightning]'``).
 """
 from __future__ import annotations

@@ -48,6 +48,10 @@ def profile(**options: Any) -> Results:
     if not opts.recipe:
         _check_first(specs, train_set, settings, device)
     out = _folder(opts.out) if opts.out is not None and rank == 0 else None
+    if out is not None and not opts.resume:  # before provenance.json is written over the other study's
+        from gradscope.study.executors import refuse_recorded
+
+        refuse_recorded(out)
     provenance = _provenance(opts, out, str(device), specs)
     show = reporter(opts.progress) if rank == 0 else None
     try:

@@ -264,3 +264,20 @@ def test_an_input_reused_across_steps_keeps_one_hook_and_its_own_gradient_per_st
     assert sorted(rows.index) == list(range(0, 5, every))
     for step, value in rows.items():
         assert value == pytest.approx(expected[step], rel=1e-6)
+
+
+def test_a_forked_child_killed_by_sigterm_leaves_the_parents_provenance_alone(tmp_path):
+    """A fork worker (multiprocessing, Pool.terminate()) holds copies of the scopes; its SIGTERM marked the parent's
+    still-running run as interrupted."""
+    model = nets.mlp(width=8, depth=2)
+    with gradscope.attach(model, out=tmp_path / "run") as scope:
+        _step(model, scope)
+        pid = os.fork()
+        if pid == 0:  # the child: dies of SIGTERM through gradscope's handler
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        assert json.loads((tmp_path / "run" / "provenance.json").read_text())["status"] == "running"
+    assert json.loads((tmp_path / "run" / "provenance.json").read_text())["status"] == "finished"

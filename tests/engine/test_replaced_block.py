@@ -191,3 +191,27 @@ def test_a_model_built_elsewhere_mid_run_does_not_reindex_the_blocks():
             opt.zero_grad()
             watches.append(scope._watch)
     assert watches[0] is watches[1] is watches[2]
+
+
+def test_a_block_replaced_before_a_loop_that_bypasses_the_root_is_not_also_called_idle():
+    """Children called one by one and optimizer.step() before scope.step(): the optimizer's pre-hook finds the
+    replacement first, and scope.step() then also warned that the block 'did not run' (it ran, unhooked)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradscope.attach(model, blocks=["0", "2", "4"], optimizer=opt) as scope:
+            for i in range(2):
+                if i == 1:
+                    model[2] = nn.Linear(8, 8)
+                    opt.add_param_group({"params": list(model[2].parameters())})
+                out = torch.randn(3, 4)
+                for child in model:
+                    out = child(out)
+                out.sum().backward()
+                opt.step()
+                opt.zero_grad()
+                scope.step()
+    messages = [str(w.message) for w in caught]
+    assert any("was replaced after attach()" in m for m in messages), messages
+    assert not any("did not run" in m for m in messages), messages

@@ -210,3 +210,17 @@ def test_a_resumed_profile_removes_the_copies_a_rebuilt_report_kept(tmp_path, ca
     assert main(args + ["--resume"]) == 0
     assert not (out / "claims.profile.md").exists() and not (out / "summary.profile.json").exists()
     assert (out / "claims.md").is_file() and (out / "summary.json").is_file()
+
+
+def test_a_profile_refused_for_another_studys_folder_leaves_that_folder_as_it_was(tmp_path, capsys, one_thread):
+    """The refusal came after the new study had written its provenance.json over the old one's (settings, seeds
+    and run facts that `gradscope report DIR` rebuilds a killed profile from)."""
+    out = tmp_path / "p"
+    args = ["profile", "--models", "plain20", "--bn", "on", "--seeds", "0", "--init-only", "--init-batches", "1",
+            "--batch-size", "8", "--train-size", "32", "--image-size", "8", "--workers", "1", "--quiet",
+            "--out", str(out)]
+    assert main(args) == 0
+    before = (out / "provenance.json").read_text()
+    assert main(args[:2] + ["resnet20"] + args[3:]) == 2
+    assert "already holds the records of a study (runs plain20-bn-s0)" in capsys.readouterr().err
+    assert (out / "provenance.json").read_text() == before

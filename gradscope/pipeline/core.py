@@ -131,8 +131,6 @@ def _write(results: Results, out: Path, format: str) -> None:
     from gradscope.render.report import write_folder
 
     try:
-        from gradscope.pipeline.rebuild import KEPT
-
         for stale in KEPT.values():  # a rebuilt report's copies of an older profile's answers (pipeline/rebuild.py)
             (out / stale).unlink(missing_ok=True)
         write_folder(results, out, format=format)
@@ -212,6 +210,9 @@ def _provenance(opts: Options, out: Optional[Path], device: str, specs: List[Run
 
 #: Key of provenance.json holding each run's facts (run -> config, seed, model, bn, residual, ...).
 FACTS = "run_facts"
+#: a profile's own answers, kept under these names beside a report that ``gradscope report DIR`` rebuilds into the
+#: profile's folder (pipeline/rebuild.py); a later profile into the folder removes them with its old report
+KEPT = {"claims.md": "claims.profile.md", "summary.json": "summary.profile.json"}
 
 
 def with_run_facts(frame: Any, folder: Any) -> Any:

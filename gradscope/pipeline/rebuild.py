@@ -16,8 +16,6 @@ from typing import Any, Dict, Tuple
 
 from gradscope import schema as S
 
-#: the profile's own answers, kept beside a report rebuilt into the same folder
-KEPT = {"claims.md": "claims.profile.md", "summary.json": "summary.profile.json"}
 
 
 def _profile_record(folder: Path) -> Dict[str, Any]:
@@ -35,7 +33,7 @@ def profile_rebuild(frame: Any, folder: Path, out: Path) -> Tuple[Any, Dict[str,
     what could not be rebuilt and whether the study was interrupted; ``(frame, {})`` for a folder no profile
     wrote. When ``out`` is the profile's folder, its claims.md and summary.json are first copied to
     :data:`KEPT` names so that rebuilding never loses the profile's answers."""
-    from gradscope.pipeline.core import FACTS
+    from gradscope.pipeline.core import FACTS, KEPT
 
     record = _profile_record(folder)
     if not record:

@@ -142,7 +142,7 @@ class Scope:
             return set()  # modules were registered elsewhere (another model built): nothing of ours moved
         self._param_index = index
         self._grad_timing.index = self._param_index
-        self._watch.reindex(self._index_optimizers(alive, stacklevel=5))  # its hooks stay: one may be running (OptimizerWatch)
+        self._watch.reindex(self._index_optimizers(alive, stacklevel=5))  # hooks stay: one may be running now
         if changed:
             self._probe.replan()
         replaced = {s for s, _ in changed}

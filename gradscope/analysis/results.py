@@ -74,6 +74,9 @@ class Results:
     planned: int = 0  # runs the study meant to measure (0: unknown, e.g. a report rebuilt from records)
     #: why there is no claim, when it is not "the frame is not a study" (a report rebuilt from a profile's records)
     no_claims_why: Optional[str] = None
+    #: runs known to have finished when the configs cannot say (a report rebuilt from a profile's records reads the
+    #: ``records/<run>/finished/`` snapshots); None: not known
+    finished_known: Optional[List[str]] = None
 
     def finished_runs(self) -> List[str]:
         """Runs whose every planned step ran (their ``finished`` config fact)."""
@@ -86,11 +89,13 @@ class Results:
             return None
         done, recorded = len(self.finished_runs()), len(self.configs)
         of = f" of {self.planned}" if self.planned else ""
-        if not recorded:  # rebuilt from records: which runs finished is not in them
+        if not recorded:  # rebuilt from records: the configs cannot say which runs finished
             held = {str(r) for f in self.frames.values() if f is not None and "run" in f.columns for r in f["run"]}
+            which = ("which of them finished is not in the records" if self.finished_known is None else
+                     f"{len(set(self.finished_known) & held)} of them finished: their snapshots are what --resume "
+                     f"loads")
             return (f"INTERRUPTED: the study was stopped before it finished; the records hold {len(held)}{of} runs "
-                    f"(which of them finished is not in the records). Every answer below covers only what was "
-                    f"recorded.")
+                    f"({which}). Every answer below covers only what was recorded.")
         cut = recorded - done
         part = f" ({cut} more cut off part-way: counted in the results up to where it stopped)" if cut == 1 else \
             f" ({cut} more cut off part-way: counted in the results up to where they stopped)" if cut else ""

@@ -63,4 +63,13 @@ def profile_rebuild(frame: Any, folder: Path, out: Path) -> Tuple[Any, Dict[str,
     if status == "running":
         notes.append("the profile never finished writing (killed): its provenance still says 'running'")
     return frame, {"notes": [why] + notes, "no_claims_why": why, "interrupted": interrupted,
-                   "planned": len(record.get(FACTS) or {})}
+                   "planned": len(record.get(FACTS) or {}), "finished": finished_runs(folder)}
+
+
+def finished_runs(folder: Path) -> list:
+    """The runs of a profile's folder whose finished snapshot is complete (what ``--resume`` would load)."""
+    from gradscope.study.executors import is_finished
+
+    records = folder / "records"
+    return sorted(p.name for p in records.iterdir() if p.is_dir() and is_finished(folder, p.name)) \
+        if records.is_dir() else []

@@ -202,11 +202,13 @@ def write_report(frame: pd.DataFrame, out: Union[str, Path] = "gradscope-report"
                  runs_step: A.StepArg = "first", vanish: float = A.VANISH, explode: float = A.EXPLODE,
                  title: str = "gradscope report", dpi: int = 100, phase: Optional[str] = None,
                  batch_size: Optional[int] = None, notes: Sequence[str] = (), interrupted: bool = False,
-                 planned: int = 0, no_claims_why: Optional[str] = None) -> Path:
+                 planned: int = 0, no_claims_why: Optional[str] = None,
+                 finished: Optional[Sequence[str]] = None) -> Path:
     """Write the report folder ``out`` for a frame and return its path (:func:`write_folder` does the writing).
 
-    ``notes``, ``interrupted``, ``planned`` (runs a study meant to measure) and ``no_claims_why`` go to the
-    results as they are (``gradscope report`` on a profile's folder says with them what it could not rebuild).
+    ``notes``, ``interrupted``, ``planned`` (runs a study meant to measure), ``no_claims_why`` and ``finished``
+    (runs known to have finished) go to the results as they are (``gradscope report`` on a profile's folder says
+    with them what it could not rebuild).
 
     ``phase``: "init" for a frame measured at initialisation (verdicts per run, with theory from ``configs``),
     "train" for a training frame (verdicts per recorded step, a trajectory, no theory); None: "init" when the frame
@@ -237,4 +239,5 @@ def write_report(frame: pd.DataFrame, out: Union[str, Path] = "gradscope-report"
                                    title=title, batch_size=batch_size)
     results.notes = list(results.notes) + list(notes)
     results.interrupted, results.planned, results.no_claims_why = interrupted, planned, no_claims_why
+    results.finished_known = None if finished is None else list(finished)
     return write_folder(results, out, dpi=dpi, runs_step=runs_step)

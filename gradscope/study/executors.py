@@ -146,6 +146,11 @@ def finished_dir(out: Path, name: str) -> Path:
     return Path(out) / "records" / name / FINISHED
 
 
+def is_finished(out: Path, name: str) -> bool:
+    """Whether run ``name`` left a complete finished snapshot in ``out`` (its result file is written last)."""
+    return (finished_dir(out, name) / _RESULT_FILE).is_file()
+
+
 def save_finished(out: Path, name: str, triple: Tuple[Any, Any, Dict[str, Any]], key: Dict[str, Any]) -> None:
     """Snapshot a finished run: its labelled frame and losses, then (last, atomically) its config and ``key``."""
     from gradscope import store

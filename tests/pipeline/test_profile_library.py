@@ -224,3 +224,21 @@ def test_a_profile_refused_for_another_studys_folder_leaves_that_folder_as_it_wa
     assert main(args[:2] + ["resnet20"] + args[3:]) == 2
     assert "already holds the records of a study (runs plain20-bn-s0)" in capsys.readouterr().err
     assert (out / "provenance.json").read_text() == before
+
+
+def test_a_rebuilt_report_of_an_interrupted_profile_counts_the_runs_that_finished(tmp_path, capsys):
+    """The rebuilt report said "which of them finished is not in the records" although each finished run leaves
+    its snapshot in records/<run>/finished/ (what --resume loads)."""
+    out = tmp_path / "p"
+    assert main(["profile", "--models", "plain20", "--bn", "off", "--seeds", "0,1", "--init-only", "--init-batches",
+                 "1", "--batch-size", "8", "--train-size", "32", "--image-size", "8", "--workers", "1", "--quiet",
+                 "--format", "records", "--out", str(out)]) == EXIT_OK
+    record = json.loads((out / "provenance.json").read_text())
+    (out / "provenance.json").write_text(json.dumps({**record, "interrupted": True, "status": "interrupted"}))
+    (out / "records" / "plain20-nobn-s1" / "finished" / "result.json").unlink()  # as if killed before its end
+    for path in out.iterdir():
+        if path.is_file() and path.name != "provenance.json":
+            path.unlink()
+    assert main(["report", str(out)]) == EXIT_OK
+    text = (out / "summary.md").read_text()
+    assert "the records hold 2 of 2 runs (1 of them finished: their snapshots are what --resume loads)" in text

@@ -56,8 +56,9 @@ class OptimizerWatch:
     change (``add_param_group``, a block replaced), :meth:`reindex` swaps what they measure instead of registering
     them again. Why: a change noticed inside an optimizer's ``step()`` (Lightning's closure runs the forward there,
     after the step's pre-hooks) would otherwise remove the post-hook that finishes the step's ``update_ratio``.
-    ``follow``: called by a pre-hook in a recorded step before it reads anything (the scope's check for such
-    changes, which may call :meth:`reindex`), so a group added just before ``step()`` is measured in that step.
+    ``follow``: a weak method (an optimizer must not keep its scope alive) of the scope's check for such changes,
+    which may call :meth:`reindex`; a pre-hook in a recorded step calls it before it reads anything, so a group
+    added just before ``step()`` is measured in that step.
     """
 
     def __init__(self, model: nn.Module, sites: List[Site], rec: Recorder, amp: ScalerState,
@@ -138,8 +139,9 @@ class OptimizerWatch:
             step = state.step if state.forward_seen or closure else state.step - 1
             if step < 0 or not state.recorded(step):
                 return
-            if self.follow is not None and step == state.step and state.active:
-                self.follow()  # parameters or groups changed since the last check: reindex() before reading
+            follow = self.follow() if self.follow is not None and step == state.step and state.active else None
+            if follow is not None:
+                follow()  # parameters or groups changed since the last check: reindex() before reading
             index = self.indexes[k]
             if not index.params:
                 return

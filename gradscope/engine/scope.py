@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from torch import nn
 
@@ -80,7 +80,7 @@ class Scope:
         self._watch = OptimizerWatch(model, sites, recorder, self._amp, self._optimizers,
                                      self._index_optimizers(set(range(len(sites)))), update=metrics.update,
                                      grads=S.PARAM_GRAD_NORM in metrics.params, tracer=self._tracer,
-                                     follow=self._follow_weakly())
+                                     follow=weakref.WeakMethod(self._follow_changes))
         self._grad_timing = GradTiming(recorder, self._param_index, S.PARAM_GRAD_NORM in metrics.params)
         self._replacements = Replacements(model, sites)  # blocks replaced after attach are followed
         # weakly: the model must not keep its scope alive (a scope dropped without detach() writes its rows at __del__)
@@ -108,17 +108,6 @@ class Scope:
             self._missed.update(new)
             warnings.warn(OPT.missed_message(self.sites, new), RuntimeWarning, stacklevel=stacklevel)
         return self._opt_indexes
-
-    def _follow_weakly(self) -> Callable[[], None]:
-        """:meth:`_follow_changes` for the optimizer hooks, held weakly (an optimizer must not keep its scope alive)."""
-        method = weakref.WeakMethod(self._follow_changes)
-
-        def follow() -> None:
-            bound = method()
-            if bound is not None:
-                bound()
-
-        return follow
 
     def _follow_changes(self) -> Set[int]:
         """Once per recorded step: hook the module now at each block's name where it was replaced after attach

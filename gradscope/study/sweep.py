@@ -107,8 +107,8 @@ class SweepResult:
             tail = "" if worst is None else (f"; largest |exponent| {worst['exponent']:+.2f} ± {worst['se']:.2f} at "
                                              f"block {worst['block']!r} ({worst['verdict']})")
             lines.append(f"{q}: {stable} of {len(g)} block fits stable in width{tail}")
-        values = self.values["value"].astype(float) if "value" in self.values.columns else pd.Series(dtype=float)
-        bad = self.values[~np.isfinite(values.to_numpy())] if len(values) else self.values
+        values = self.values["value"].astype(float)
+        bad = self.values[~np.isfinite(values)]
         if len(bad):  # fits leave these points out: say so, or an exponent's missing points go unnoticed
             quantities = ", ".join(sorted(set(bad["quantity"].astype(str))))
             widths = ", ".join(str(w) for w in sorted(set(bad["width"].tolist())))

@@ -114,6 +114,12 @@ def _wandb_records(run_dir: Path) -> tuple[bool, list[dict]]:
     return done, records
 
 
+def _wandb_scalars(history: list[dict]) -> dict:
+    """``{(key, gradscope step): value}`` of the gradscope scalars in a run's history (heatmap images left out)."""
+    return {(k, h["gradscope/step"]): float(v) for h in history for k, v in h.items()
+            if k.startswith("gradscope/") and k != "gradscope/step" and "heatmap" not in k}
+
+
 def test_wandb_offline_run_holds_the_frame(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -128,12 +134,7 @@ def test_wandb_offline_run_holds_the_frame(tmp_path, monkeypatch):
     finally:
         run.finish()
     history = _wandb_history(run_dir)
-    got = {}
-    for h in history:
-        for k, v in h.items():
-            if k.startswith("gradscope/") and k != "gradscope/step" and "heatmap" not in k:
-                got[(k, h["gradscope/step"])] = float(v)
-    _same(got, _expected(frame))
+    _same(_wandb_scalars(history), _expected(frame))
     images = [h for h in history if "gradscope/heatmap/grad_norm/_type" in h]
     assert len(images) == 1 and images[0]["gradscope/step"] == STEPS - 1
     assert images[0]["gradscope/heatmap/grad_norm/_type"] == "image-file"
@@ -169,12 +170,7 @@ def test_wandb_keeps_the_users_own_metrics_logged_against_their_own_step_metric(
     finally:
         run.finish()
     history = _wandb_history(run_dir)
-    got = {}
-    for h in history:
-        for k, v in h.items():
-            if k.startswith("gradscope/") and k != "gradscope/step":
-                got[(k, h["gradscope/step"])] = float(v)
-    _same(got, _expected(frame))  # gradscope's rows arrive either way
+    _same(_wandb_scalars(history), _expected(frame))  # gradscope's rows arrive either way
     losses = [h["loss"] for h in history if "loss" in h]
     if how == "step=":
         assert len(losses) < len(logged)

@@ -104,7 +104,7 @@ def _compare(args: argparse.Namespace) -> int:
                      correction=args.correction, labels=labels)
     if args.json:
         print(strict_json({"differs": result.differs, "summary": result.summary(),
-                           "blocks": result.blocks.to_dict("records")}))
+                           "blocks": result.blocks.to_dict("records"), "not_compared": result.one_sided}))
     else:
         print(result.summary())
         print(result.blocks.to_string(index=False))

@@ -50,6 +50,7 @@ def test_compare_of_one_configuration_exits_0(folders, capsys):
     assert main(["compare", k, k2, "--fail-on", "differs", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["differs"] is False and {b["verdict"] for b in report["blocks"]} == {"same"}
+    assert report["not_compared"] == {}
 
 
 def test_compare_bad_input_is_one_line_and_exit_2(folders, tmp_path, capsys):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -228,6 +228,7 @@ class Comparison:
         alpha, correction, m: the error rate, the correction (``holm``/``bonferroni``) and the number of
             comparisons it was corrected for.
         runs_a, runs_b: the runs (seeds) of each side; steps: the steps compared.
+        one_sided: with ``metrics="all"``, each metric recorded on one side only (not compared) -> that side's label.
     """
 
     table: pd.DataFrame
@@ -239,6 +240,7 @@ class Comparison:
     runs_b: List[str] = field(default_factory=list)
     steps: List[int] = field(default_factory=list)
     labels: Tuple[str, str] = ("A", "B")
+    one_sided: Dict[str, str] = field(default_factory=dict)
 
     @property
     def differs(self) -> bool:
@@ -256,11 +258,19 @@ class Comparison:
         if hits.empty:
             unclear = int((self.blocks["verdict"] == UNCLEAR).sum())
             return head + (f"; {unclear} block(s) unclear (no interval: one run and one step per side)" if unclear
-                           else ": no difference beyond the noise") + self._caveat()
+                           else ": no difference beyond the noise") + self._one_sided() + self._caveat()
         worst = hits.loc[hits["diff"].abs().idxmax()]
         size = (f"x{worst['ratio']:.3g} [{math.exp(worst['low']):.3g}, {math.exp(worst['high']):.3g}]"
                 if worst["scale"] == "log" else f"{worst['diff']:+.3g} [{worst['low']:+.3g}, {worst['high']:+.3g}]")
-        return head + f"; largest: {worst['metric']} at block {worst['block']!r}, {b}/{a} {size}" + self._caveat()
+        return (head + f"; largest: {worst['metric']} at block {worst['block']!r}, {b}/{a} {size}" +
+                self._one_sided() + self._caveat())
+
+    def _one_sided(self) -> str:
+        """Which metrics ``metrics="all"`` could not compare, so the summary never reads as covering them."""
+        if not self.one_sided:
+            return ""
+        return ". Not compared, recorded on one side only: " + ", ".join(
+            f"{m} (only {side})" for m, side in self.one_sided.items())
 
     def _caveat(self) -> str:
         """What the summary must add when the noise came from steps, not seeds (one run per side): two seeds of one
@@ -301,8 +311,12 @@ def compare(a: Side, b: Side, *, metrics: Union[str, Sequence[str]] = DEFAULT_CO
         raise DataError(f"alpha={alpha!r} is not in (0, 1)")
     fa, fb = side_frame(a, labels[0]), side_frame(b, labels[1])
     common = sorted(set(fa[S.METRIC]) & set(fb[S.METRIC]))
+    one_sided: Dict[str, str] = {}
     if metrics == "all":
         chosen = [m for m in S.ALL_METRICS if m in common]
+        for label, mine, other in ((labels[0], fa, fb), (labels[1], fb, fa)):
+            alone = set(mine[S.METRIC]) - set(other[S.METRIC])
+            one_sided.update((m, label) for m in S.ALL_METRICS if m in alone)
     else:
         chosen = [metrics] if isinstance(metrics, str) else list(metrics)
         absent = [m for m in chosen if m not in common]
@@ -321,7 +335,7 @@ def compare(a: Side, b: Side, *, metrics: Union[str, Sequence[str]] = DEFAULT_CO
                         f"{names(fa)}..., {labels[1]} has {names(fb)}...); compare runs of the same model, whose "
                         f"block names match")
     return Comparison(table, blocks, alpha, correction, int(table["p"].notna().sum()),
-                      sorted(set(fa[S.RUN])), sorted(set(fb[S.RUN])), step_list, tuple(labels))
+                      sorted(set(fa[S.RUN])), sorted(set(fb[S.RUN])), step_list, tuple(labels), one_sided)
 
 
 def _steps(fa: pd.DataFrame, fb: pd.DataFrame, steps: Union[None, str, Sequence[int]]) -> List[int]:

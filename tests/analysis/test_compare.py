@@ -121,6 +121,21 @@ def test_bad_input_is_one_clear_error(sides):
         compare("/nonexistent/folder", kaiming)
 
 
+def test_metrics_all_names_the_metrics_recorded_on_one_side_only(sides):
+    """``metrics="all"`` compares what both sides recorded; a metric only one side has (here B dropped
+    ``param_norm`` and A ``act_mean``) is named in the summary instead of vanishing from it."""
+    kaiming, kaiming_again, _ = sides
+    a = kaiming[kaiming["metric"] != "act_mean"]
+    b = kaiming_again[kaiming_again["metric"] != "param_norm"]
+    result = compare(a, b, metrics="all")
+    assert not {"act_mean", "param_norm"} & set(result.table["metric"])
+    assert result.one_sided == {"param_norm": "A", "act_mean": "B"}
+    summary = result.summary()
+    assert "Not compared, recorded on one side only: " in summary
+    assert "param_norm (only A)" in summary and "act_mean (only B)" in summary
+    assert "one side only" not in compare(kaiming, kaiming_again, metrics="all").summary()
+
+
 def test_the_page_figure_and_files(sides, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     from gradscope.render.compare import compare_figure, write_compare

@@ -220,7 +220,7 @@ def _report(args: argparse.Namespace) -> int:
     except OutputError:
         raise
     except OSError as exc:
-        raise OutputError(f"cannot write the report to {str(out)!r}: {exc.strerror or exc}") from exc
+        raise OutputError.for_report(out, exc) from exc
     print(f"report written to {path}")
     return EXIT_OK
 

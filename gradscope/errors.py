@@ -24,3 +24,10 @@ class DataError(GradscopeError, ValueError):
 
 class OutputError(GradscopeError, OSError):
     """An output folder that cannot be written."""
+
+    @classmethod
+    def for_report(cls, out: object, exc: OSError) -> "OutputError":
+        """The one-line error of a report that could not be written: the folder, why, and the file when known (a
+        full disk's error names the file only through :func:`gradscope.store.atomic_write`)."""
+        where = f" (writing {exc.filename})" if exc.filename else ""
+        return cls(f"cannot write the report to {str(out)!r}: {exc.strerror or exc}{where}")

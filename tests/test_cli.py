@@ -210,16 +210,17 @@ def _full_disk_for(monkeypatch, name: str) -> None:
 
     real = store.atomic_write
 
+    def full(tmp):  # as a write() on a full disk raises: no file name in the error
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     def atomic_write(path, write):
-        if Path(path).name == name:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(path, write)
+        return real(path, full if Path(path).name == name else write)
 
     monkeypatch.setattr(store, "atomic_write", atomic_write)
 
 
 @pytest.mark.parametrize("command", ["profile", "report"])
-def test_a_full_disk_exits_2_with_one_line_naming_the_folder(tmp_path, capsys, monkeypatch, command):
+def test_a_full_disk_exits_2_with_one_line_naming_the_folder_and_file(tmp_path, capsys, monkeypatch, command):
     args = ["--model", f"{FIXTURE}:tiny", "--input-shape", "3,8,8", "--out", str(tmp_path)] + FAST
     if command == "report":
         assert main(["profile", "--format", "records"] + args) == 0
@@ -230,7 +231,9 @@ def test_a_full_disk_exits_2_with_one_line_naming_the_folder(tmp_path, capsys, m
     assert code == EXIT_USAGE and "Traceback" not in err and "internal error" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0] == f"gradscope: error: cannot write the report to {str(tmp_path)!r}: No space left on device"
+    assert lines[0] == (f"gradscope: error: cannot write the report to {str(tmp_path)!r}: No space left on device "
+                        f"(writing {tmp_path / 'records.parquet'})")
+    assert not list(tmp_path.glob(".tmp-*"))  # the half-written temporary file is gone
 
 
 def test_a_loss_that_is_nan_from_the_start_still_gets_its_report_and_the_fail_on_status(tmp_path):

@@ -219,3 +219,37 @@ def test_a_damaged_records_csv_is_one_clear_error_and_exit_2(tmp_path, capsys, d
     assert main(["report", str(folder)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "records.csv" in err and "internal error" not in err and "Traceback" not in err
+
+
+# --- a write that fails names the file it was writing -----------------------------------------------------------
+def test_a_failed_atomic_write_names_the_file_meant_and_leaves_no_temporary(tmp_path):
+    """A full disk's ``OSError`` names no file (or the temporary ``.tmp-*``): ``atomic_write`` re-raises it naming
+    the file it was writing, so the CLI's one-line error can say which; an error that already names another file,
+    and gradscope's own errors, pass unchanged."""
+    import errno
+    import os
+
+    from gradscope.errors import OutputError
+
+    target = tmp_path / "report.html"
+
+    def full(tmp):
+        with open(tmp, "w") as fh:
+            fh.write("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError) as caught:
+        store.atomic_write(target, full)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []  # neither the temporary file nor a truncated target
+
+    def elsewhere(tmp):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/some/input.csv")
+
+    with pytest.raises(FileNotFoundError) as caught:
+        store.atomic_write(target, elsewhere)
+    assert caught.value.filename == "/some/input.csv"
+    ours = OutputError("cannot write")
+    with pytest.raises(OutputError) as caught:
+        store.atomic_write(target, lambda tmp: (_ for _ in ()).throw(ours))
+    assert caught.value is ours

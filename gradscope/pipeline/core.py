@@ -137,7 +137,7 @@ def _write(results: Results, out: Path, format: str) -> None:
     except OutputError:
         raise
     except OSError as exc:  # a full disk while writing the report: the records streamed so far stay
-        raise OutputError(f"cannot write the report to {str(out)!r}: {exc.strerror or exc}") from exc
+        raise OutputError.for_report(out, exc) from exc
 
 
 def _data(opts: Options, specs: List[RunSpec]) -> Any:

@@ -122,7 +122,12 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], object]) -> None
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=str(path.parent))
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as exc:  # a full disk's error names no file (or the temporary one): name the file meant
+            if not isinstance(exc, GradscopeError) and exc.filename in (None, tmp):
+                raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+            raise
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode open() would have given it
         os.replace(tmp, path)
     finally:

@@ -257,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help, arguments, _) in COMMANDS.items():
         arguments(sub.add_parser(name, help=help, description=help))
     commands.add_parsers(sub)  # compare, sweep (gradscope/commands.py)
+    parser.command_parsers = sub.choices  # main() names the subcommand's help in an unknown option's error
     return parser
 
 
@@ -264,7 +265,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # argparse would report it as the top level's: point at the subcommand's own --help
+            where = getattr(parser, "command_parsers", {}).get(args.command, parser)
+            where.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # argparse already printed one line (or --help)
         return int(exc.code or 0)
     if args.command is None:

@@ -93,7 +93,10 @@ def test_fail_on_exits_3_when_a_verdict_matches(tmp_path, capsys):
     (["profile", "--model", f"{FIXTURE.parent / 'exits_at_import.py'}:make"], "called sys.exit\\(7\\)"),
     (["report"], "the following arguments are required: folder \\(see gradscope report --help\\)"),
     # an abbreviation is a typo, not --steps (it would compare other steps than asked, or none)
-    (["compare", "a", "b", "--step", "last"], "unrecognized arguments: --step last"),
+    (["compare", "a", "b", "--step", "last"], "unrecognized arguments: --step last \\(see gradscope compare --help\\)"),
+    # an unknown option names the subcommand's help, not the top level's (whose --help lists no profile option)
+    (["profile", "--bogus"], "unrecognized arguments: --bogus \\(see gradscope profile --help\\)"),
+    (["--bogus"], "unrecognized arguments: --bogus \\(see gradscope --help\\)"),
 ])
 def test_bad_input_gives_one_line_and_status_2(argv, message, capsys, tmp_path):
     code = main(argv + ["--out", str(tmp_path / "o")] if argv[0] == "profile" else argv)

@@ -306,13 +306,15 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
             ax.plot(depths[:k], list(pred)[:k], color=color, lw=1.2, ls="--", label=f"_{tex_escape(config)} (theory)")
             drew_theory = True
     ax.set_yscale("log")
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import LogFormatter, MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole blocks: no 0.5 or 1.5 block ticks
+    # a profile spanning less than a decade is labelled by its minor ticks: "6", not "6 x 10^0"
+    ax.yaxis.set_minor_formatter(LogFormatter(base=10, labelOnlyBase=False))
     ax.set_xlabel("block depth (0 = first block, input side)")
     where = {"first": "the first block", "last": "the last block"}.get(ref or "", "")
     if ref is not None:
-        ax.set_ylabel(f"{metric} ÷ {metric} at {where}  (log scale)")
+        ax.set_ylabel(_wrapped(f"{metric} ÷ {metric} at {where}  (log scale)"))
         ax.axhline(1.0, color="0.7", lw=0.8)
         # the cut the verdicts judge these runs by: squared for a variance, per layer times layers per block
         signal = A.FORWARD if metric in VARIANCE_METRICS else A.BACKWARD
@@ -328,7 +330,7 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
             ax.plot(depths, lo ** (k.astype(float)), color="black", lw=1.0, ls="-.",
                     label=f"vanishing below x{lo:.3f} {per}")
     else:
-        ax.set_ylabel(f"{metric}  [{metric_label(metric)}]  (log scale)")
+        ax.set_ylabel(_wrapped(f"{metric}  [{metric_label(metric)}]  (log scale)"))
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -340,11 +342,11 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
         handles.append(Line2D([], [], color="0.3", ls="--", lw=1.2))
         labels.append("theory (dashed, in the line's colour)")
     how = "geometric mean over the recorded batches" if step is None else f"step {step}"
-    direction = {S.ACT_VAR: "forward signal", S.GRAD_NORM: "backward gradient"}.get(metric, metric)
+    direction = {S.ACT_VAR: "forward signal: ", S.GRAD_NORM: "backward gradient: "}.get(metric, "")
     names = ", ".join(tex_escape(c) for c in configs[:4]) + (f" and {len(configs) - 4} more (legend)"
                                                             if len(configs) > 4 else "")
     what = "configuration" if len(configs) < len(drawn) else "run"
-    ax.set_title(f"{direction}: {metric} across depth ({how})\n{what}s: {names or 'none drawn'}", fontsize=10)
+    ax.set_title(f"{direction}{metric} across depth ({how})\n{what}s: {names or 'none drawn'}", fontsize=10)
     left_out = _not_drawn(frame, metric, drawn)
     if left_out or not drawn:  # say who is missing and why, instead of an empty or thinner figure
         text = (f"not drawn: {', '.join(tex_escape(r) for r in left_out[:6])}"
@@ -356,6 +358,14 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
     ax.grid(True, which="major", axis="both", color="0.9", lw=0.6)
     ax.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return ax
+
+
+def _wrapped(label: str, width: int = 56) -> str:
+    """An axis label broken into lines of at most ``width`` characters, so a long metric description stays inside
+    a 5-inch-high figure instead of running off both ends."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(label, width, break_long_words=False)) or label
 
 
 # --- whole figures (used by the report) -----------------------------------------------------------------------

@@ -328,3 +328,24 @@ def test_a_step_where_every_seed_is_nan_draws_a_gap_without_a_numpy_warning():
         _band_traces(fig, wide, "a", "#102030", "x")
     centre = [t for t in fig.data if "mean" in t.name][0]
     assert np.isnan(centre.y[0]) and centre.y[1] == pytest.approx(np.sqrt(2.0))
+
+
+def test_a_long_metric_label_stays_inside_the_figure_and_short_ranges_read_as_plain_numbers():
+    """``param_grad_norm``'s label with its description ran off both ends of the 5-inch profile, and a profile
+    spanning less than a decade labelled its ticks ``6 x 10^0``. The label is now wrapped inside the figure, and
+    such ticks read ``6``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    frame = synthetic(9, 2, {"a": (1.0, 1.0, None)})
+    sel = frame[S.METRIC] == S.PARAM_GRAD_NORM
+    frame.loc[sel, S.VALUE] = 1.2 + 0.7 * frame.loc[sel, S.DEPTH]  # 1.2 to 6.8: no decade inside
+    fig = P.profile_figure(frame, S.PARAM_GRAD_NORM, step="last")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    ax = fig.axes[0]
+    label, page = ax.yaxis.label.get_window_extent(renderer), fig.bbox
+    assert page.y0 <= label.y0 and label.y1 <= page.y1 and page.x0 <= label.x0, (label, page)
+    assert "[L2 norm" in ax.get_ylabel() and "\n" in ax.get_ylabel()
+    shown = [t.get_text() for t in ax.yaxis.get_minorticklabels() if t.get_visible() and t.get_text()]
+    assert shown and all(text.replace(".", "").isdigit() for text in shown), shown
+    assert ax.get_title().startswith("param_grad_norm across depth")  # the metric's name once, not twice

@@ -74,13 +74,16 @@ class LiveScopes:
         if os.getpid() != self._pid:
             return
         for scope in list(self._scopes.values()):
-            record, rec = getattr(scope, "provenance", None), getattr(scope, "_rec", None)
-            if record is None or rec is None or not getattr(scope, "_attached", False):
+            rec = getattr(scope, "_rec", None)
+            if rec is None or not getattr(scope, "_attached", False):
                 continue
-            try:
-                record.finish(interrupted=True, signal="SIGTERM", steps=rec.step, rows=rec.row_count)
-            except Exception:  # noqa: BLE001 - a handler on the way to dying must not raise
-                pass
+            for record in [getattr(scope, "provenance", None), *getattr(scope, "run_records", ())]:
+                if record is None:
+                    continue
+                try:
+                    record.finish(interrupted=True, signal="SIGTERM", steps=rec.step, rows=rec.row_count)
+                except Exception:  # noqa: BLE001 - a handler on the way to dying must not raise
+                    pass
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.write_all()

@@ -153,6 +153,7 @@ class Session:
             self.provenance = Provenance(self.out, self.made_by, settings, seeds=seeds, device=device_of(model),
                                          libraries=(self.made_by,))
             self.provenance.start()
+            self.scope.run_records.append(self.provenance)  # a SIGTERM marks it too (engine/exits.py)
         return self.scope
 
     def step(self) -> None:

@@ -79,3 +79,56 @@ def test_the_callback_records_what_a_plain_loop_records(tmp_path):
     # log=True: the compact scalars went into the Trainer's log entries
     maxima = [h["gradscope/grad_norm_max"] for h in trainer.state.log_history if "gradscope/grad_norm_max" in h]
     assert maxima == pytest.approx(list(want[want.metric == "grad_norm"].groupby("step").value.max()), rel=1e-6)
+
+
+_SIGTERM_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import torch, transformers
+from gradscope.integrations.transformers import GradscopeCallback
+from tests.integrations.test_transformers import _model
+
+class Progress(transformers.TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        print(state.global_step, flush=True)
+
+g = torch.Generator().manual_seed(5)
+ids = torch.randint(0, 64, (4000, 12), generator=g)
+data = [{{"input_ids": row, "labels": row}} for row in ids]
+args = transformers.TrainingArguments(output_dir={hf!r}, max_steps=1000, per_device_train_batch_size=4,
+                                      report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+trainer = transformers.Trainer(model=_model(), args=args, train_dataset=data,
+                               callbacks=[GradscopeCallback(out={out!r}, flush_every=2), Progress()])
+trainer.train()
+"""
+
+
+def test_a_sigterm_marks_the_callbacks_own_provenance_interrupted(tmp_path):
+    """The callback's ``out/provenance.json`` said ``running`` forever after a SIGTERM (docker, Slurm): only the
+    records folder's own record was marked. Both now say ``interrupted`` by SIGTERM, and the rows are on disk."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    script = _SIGTERM_SCRIPT.format(root=root, hf=str(tmp_path / "hf"), out=str(tmp_path / "gs"))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done, deadline = 0, time.time() + 240
+    while done < 5 and time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        done = int(line)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert done >= 5 and proc.returncode == -signal.SIGTERM
+    for folder in (tmp_path / "gs", tmp_path / "gs" / "records"):
+        record = json.loads((folder / "provenance.json").read_text())
+        assert record["status"] == "interrupted" and record["signal"] == "SIGTERM", (folder, record)
+        assert record["steps"] >= done
+    assert json.loads((tmp_path / "gs" / "provenance.json").read_text())["made_by"] == "transformers"
+    assert sorted(gradscope.load(tmp_path / "gs" / "records").step.unique())[:done] == list(range(done))

@@ -120,6 +120,14 @@ def _pairs(pooled: Any, signal: str, configs: Dict[str, Dict[str, Any]]) -> List
     return [(r, twins.get(_twin_key(configs.get(r["runs"][0], {})))) for r in (plain or with_bn)]
 
 
+def _residual_note(pairs: List[Tuple[dict, Optional[dict]]]) -> str:
+    """What the evidence must say when no plain BN net was measured and the residual ones answer instead."""
+    if pairs and all(bn["residual"] for bn, _ in pairs):
+        return (" (no plain BN net was measured: answered from the residual nets, whose shortcut carries the signal "
+                "past BN; the paper's claim is about plain nets)")
+    return ""
+
+
 def _pair_text(pairs: List[Tuple[dict, Optional[dict]]]) -> str:
     out = []
     for bn, twin in sorted(pairs, key=lambda p: p[0]["group"]):
@@ -130,19 +138,25 @@ def _pair_text(pairs: List[Tuple[dict, Optional[dict]]]) -> str:
 
 
 def _contrast_answer(pairs: List[Tuple[dict, Optional[dict]]], bad: List[str], what: str,
-                     unclear_fix: str) -> Tuple[str, str]:
+                     unclear_fix: str, contrast: Sequence[str] = NOT_HEALTHY) -> Tuple[str, str]:
     """The shared contrast rule: no if a BN configuration is bad; unclear if one has no settled class; yes if all
-    are fine and some twin is surely not (the measurement tells BN from no BN); unclear when every twin is fine
-    too, unsettled, or none was measured."""
+    are fine and some twin is surely in a ``contrast`` class (what the claim says BN prevents: the measurement
+    tells BN from no BN); unclear when every twin is fine too, in another bad class (an exploding twin says nothing
+    about vanishing), unsettled, or none was measured."""
     if bad:
         return NO, f"not {what} with BN in {', '.join(bad)}"
     unsettled = [bn["group"] for bn, _ in pairs if bn["verdict"] == UNSETTLED]
     if unsettled:
         return UNCLEAR, (f"the seeds of {', '.join(unsettled)} do not settle one class (they disagree, or a fit "
                          f"straddles a threshold): {SETTLE_FIX}")
-    differ = [bn["group"] for bn, twin in pairs if twin is not None and twin["verdict"] in NOT_HEALTHY]
+    differ = [bn["group"] for bn, twin in pairs if twin is not None and twin["verdict"] in contrast]
     if differ:
         return YES, f"{what} with BN while the no-BN twin is not, for {', '.join(differ)}"
+    other = [f"{twin['group']} {twin['verdict']}" for _, twin in pairs
+             if twin is not None and twin["verdict"] in NOT_HEALTHY]
+    if other:
+        return UNCLEAR, (f"{what} with BN, but no no-BN twin is {' or '.join(contrast)} ({', '.join(other)}), so "
+                         f"the measurement shows no contrast on this claim; {unclear_fix}")
     if any(twin is not None and twin["verdict"] == UNSETTLED for _, twin in pairs):
         return UNCLEAR, (f"{what} with BN, but the seeds of the no-BN twins do not settle one class, so they show "
                          f"no contrast: {SETTLE_FIX}")
@@ -161,9 +175,9 @@ def forward_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: Any = N
     bad = [bn["group"] for bn, _ in pairs if bn["verdict"] in (VANISHING, DIVERGED)]
     answer, why = _contrast_answer(pairs, bad, "the forward variance is kept",
                                    "measure a net whose no-BN twin loses its variance (e.g. a deeper plain net, or "
-                                   "--init xavier)")
-    text = "at initialisation: " + _pair_text(pairs)
-    if not bad and all(bn["verdict"] != UNSETTLED for bn, _ in pairs):
+                                   "--init xavier)", contrast=(VANISHING,))
+    text = "at initialisation: " + _pair_text(pairs) + _residual_note(pairs)
+    if not bad and all(bn["verdict"] != UNSETTLED and not bn["residual"] for bn, _ in pairs):
         text += (f" (in train mode relu(BN(z)) has variance {BN_RELU_VAR} for any z, so BN nets keep it by "
                  f"construction; the no-BN contrast is what makes the answer informative)")
     trained = [r for bn, _ in pairs for r in bn["runs"]]
@@ -186,7 +200,7 @@ def backward_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: Any = 
     bad = [bn["group"] for bn, _ in pairs if bn["verdict"] in NOT_HEALTHY]
     answer, why = _contrast_answer(pairs, bad, "healthy",
                                    "measure a deeper plain net, where the no-BN twin's gradients vanish")
-    text = "at initialisation, toward the input: " + _pair_text(pairs)
+    text = "at initialisation, toward the input: " + _pair_text(pairs) + _residual_note(pairs)
     exploding = [bn["group"] for bn, _ in pairs if bn["verdict"] == "exploding"]
     if exploding:
         text += (f" — with BN the gradients grow toward the input rather than vanish, in {', '.join(exploding)} "
@@ -205,33 +219,53 @@ def _recorded_steps(traj: Any, runs: Sequence[str]) -> int:
     return int(t["n_steps"].min()) if len(t) else 0
 
 
-def _healthy_shares(traj: Any, runs: Sequence[str]) -> List[float]:
-    """Each trained run's share of recorded steps whose backward class is healthy (runs not trained: absent)."""
+#: the trajectory columns of the classes that are surely not healthy (unknown steps are neither)
+_NOT_HEALTHY_SHARES = ("frac_vanishing", "frac_exploding", "frac_diverged")
+
+
+def _healthy_shares(traj: Any, runs: Sequence[str]) -> List[Tuple[float, float]]:
+    """Each trained run's shares of recorded steps whose backward class is healthy, and surely not healthy
+    (vanishing, exploding, diverged); the rest are ``unknown`` steps (runs not trained: absent)."""
     if traj is None or not len(traj):
         return []
     t = traj[(traj["signal"] == "backward") & traj["run"].isin(list(runs))]
-    return [float(h) for h in t["frac_healthy"]]
+    bad = t[[c for c in _NOT_HEALTHY_SHARES if c in t.columns]].sum(axis=1)
+    return [(float(h), float(b)) for h, b in zip(t["frac_healthy"], bad)]
 
 
-#: What a configuration's seeds say over training: healthy in most recorded steps in every seed, in none, or split.
-MOSTLY_HEALTHY, MOSTLY_NOT, SPLIT = "mostly healthy", "mostly not healthy", "split"
+#: What a configuration's seeds say over training: healthy in most recorded steps in every seed, surely not healthy
+#: in most steps in every seed, split between those, or not settled (a seed whose steps are mostly ``unknown``).
+MOSTLY_HEALTHY, MOSTLY_NOT, SPLIT, NOT_SETTLED = "mostly healthy", "mostly not healthy", "split", "not settled"
 
 
-def _majority(shares: Sequence[float]) -> Optional[str]:
-    """Whether every seed was healthy in at least half its recorded steps, none was, or the seeds split (None:
-    not trained). Seeds are judged one by one, as at initialisation: a mean over a seed healthy in 90% and one in
-    20% of its steps would read "mostly healthy" while one seed says otherwise."""
+def _seed_state(healthy: float, not_healthy: float) -> str:
+    """One seed over training: healthy in at least half its recorded steps, surely not healthy in at least half,
+    or neither (its ``unknown`` steps decide it, and an unknown step is no evidence either way)."""
+    return MOSTLY_HEALTHY if healthy >= 0.5 else MOSTLY_NOT if not_healthy >= 0.5 else NOT_SETTLED
+
+
+def _majority(shares: Sequence[Tuple[float, float]]) -> Optional[str]:
+    """Whether every seed was healthy in at least half its recorded steps, every seed surely not, a seed was not
+    settled (mostly ``unknown`` steps: it decides nothing), or the seeds split (None: not trained). Seeds are judged
+    one by one, as at initialisation: a mean over a seed healthy in 90% and one in 20% of its steps would read
+    "mostly healthy" while one seed says otherwise."""
     if not shares:
         return None
-    most = [h >= 0.5 for h in shares]
-    return MOSTLY_HEALTHY if all(most) else MOSTLY_NOT if not any(most) else SPLIT
+    states = {_seed_state(h, b) for h, b in shares}
+    if NOT_SETTLED in states:
+        return NOT_SETTLED
+    return states.pop() if len(states) == 1 else SPLIT
 
 
-def _split_text(shares: Sequence[float]) -> str:
-    """`` (seeds split: 90%, 20% healthy)`` where the seeds split, else nothing."""
-    if _majority(shares) != SPLIT:
-        return ""
-    return " (seeds split: " + ", ".join(f"{100 * h:.0f}%" for h in shares) + " healthy)"
+def _split_text(shares: Sequence[Tuple[float, float]]) -> str:
+    """`` (seeds split: 90%, 20% healthy)`` where the seeds split or did not settle, else nothing."""
+    state = _majority(shares)
+    if state == SPLIT:
+        return " (seeds split: " + ", ".join(f"{100 * h:.0f}%" for h, _ in shares) + " healthy)"
+    if state == NOT_SETTLED:
+        return (" (not settled: healthy / surely not healthy per seed " +
+                ", ".join(f"{100 * h:.0f}% / {100 * b:.0f}%" for h, b in shares) + "; the other steps unknown)")
+    return ""
 
 
 def backward_train_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: Any = None) -> Claim:
@@ -248,16 +282,22 @@ def backward_train_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: 
     twins = [_majority(th) for *_, th in shares]
     text = "over training, toward the input: " + "; ".join(
         f"{bn['group']} {_trajectory_text(traj, bn['runs'], 'backward')}{_split_text(h)}"
-        + (f"; its no-BN twin {twin['group']} healthy in {100 * sum(th) / len(th):.0f}% of recorded steps"
-           f"{_split_text(th)}" if th else "; its no-BN twin was not trained")
+        + (f"; its no-BN twin {twin['group']} healthy in {100 * sum(x for x, _ in th) / len(th):.0f}% of "
+           f"recorded steps{_split_text(th)}" if th else "; its no-BN twin was not trained")
         for bn, twin, h, th in shares)
     bad = [g for g, s in state.items() if s == MOSTLY_NOT]
     split = [g for g, s in state.items() if s == SPLIT]
+    unsettled = [g for g, s in state.items() if s == NOT_SETTLED]
     if recorded < MIN_TRAIN_STEPS:
         answer, why = UNCLEAR, (f"only {recorded} recorded training step(s), fewer than {MIN_TRAIN_STEPS}: that is "
                                 f"initialisation, not training; train longer or record more often (--steps, --every)")
     elif bad:
-        answer, why = NO, f"healthy in fewer than half the recorded steps of every seed of {', '.join(bad)}"
+        answer, why = NO, (f"vanishing, exploding or diverged in at least half the recorded steps of every seed of "
+                           f"{', '.join(bad)}")
+    elif unsettled:
+        answer, why = UNCLEAR, (f"a seed of {', '.join(unsettled)} is neither healthy nor surely not in half its "
+                                f"recorded steps (the rest are unknown: a step's fit that does not determine the "
+                                f"class); {SETTLE_FIX}")
     elif split:
         answer, why = UNCLEAR, (f"the seeds of {', '.join(split)} split: healthy in most recorded steps in some, "
                                 f"not in others (every seed must agree, so more seeds cannot settle it; longer "
@@ -267,9 +307,9 @@ def backward_train_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: 
     elif all(t is None for t in twins):
         answer, why = UNCLEAR, ("healthy in most recorded steps with BN, but no no-BN twin was trained to contrast "
                                 "(train them too: --train all)")
-    elif SPLIT in twins:
+    elif SPLIT in twins or NOT_SETTLED in twins:
         answer, why = UNCLEAR, ("healthy in most recorded steps with BN, but the seeds of the trained no-BN twins "
-                                "split, so they show no contrast")
+                                "split or did not settle (mostly unknown steps), so they show no contrast")
     else:
         answer, why = UNCLEAR, ("healthy with BN, and the trained no-BN twins too: the measurement cannot tell them "
                                 "apart")

@@ -361,3 +361,50 @@ def test_an_unsettled_rate_says_why_no_seed_has_one_when_no_fit_exists():
     assert "no fit over its blocks" in _rate({**base, "n": 0, "n_blocks": 5, "counts": {"unknown": 2}})
     fitted = _rate({**base, "n": 2, "factor": 1.1, "ln_sd": 0.01, "n_blocks": 9, "counts": {"unknown": 2}})
     assert "each fit straddles a threshold" in fitted
+
+
+def test_the_forward_claim_needs_a_twin_that_vanishes_not_one_that_explodes():
+    """"BatchNorm keeps forward signals from vanishing" said yes against a no-BN twin that exploded (or diverged):
+    that twin shows nothing about vanishing. The backward claim ("healthy norms") still takes any unhealthy twin."""
+    for twin in ("exploding", "diverged"):
+        c = forward_claim(pool_seeds(init_verdicts(nobn_plain=(1.3, 1.3), nobn_fwd_class=twin)), CFG)
+        assert c.answer == "unclear", (twin, c.how)
+        assert f"no no-BN twin is vanishing (plain56-nobn {twin})" in c.how
+    exploding_twin = init_verdicts(bn_bwd=(1.02, 1.03), bn_bwd_class="healthy", nobn_bwd=(1.3, 1.3),
+                                   nobn_bwd_class="exploding")
+    assert backward_claim(pool_seeds(exploding_twin), CFG).answer == "yes"
+
+
+def test_bn_claims_answered_from_residual_nets_say_so_and_drop_the_plain_net_note():
+    """With no plain BN net measured, the BN claims fall back on the residual ones: the evidence says so, and the
+    note that relu(BN(z)) keeps its variance by construction (true of a plain block's output, not of
+    relu(BN(z)) + x) is left out."""
+    rows = []
+    for s in (0, 1):
+        sfx = f"-s{s}" if s else ""
+        for cfg, verdict, factor in (("resnet56-bn", "healthy", 1.0), ("resnet56-nobn", "vanishing", 0.8)):
+            rows.append([f"{cfg}{sfx}", "forward", verdict, factor, 27, 1.0, s])
+    frame = verdict_rows(rows).assign(config=[r[0].rsplit("-s", 1)[0] for r in rows])
+    cfg = {r[0]: {"bn": "-bn" in r[0], "residual": True, "depth": 56, "name": "resnet56"} for r in rows}
+    c = forward_claim(pool_seeds(frame), cfg)
+    assert "no plain BN net was measured: answered from the residual nets" in c.evidence
+    assert "by construction" not in c.evidence
+    assert "answered from the residual" not in forward_claim(pool_seeds(init_verdicts()), CFG).evidence
+
+
+def test_over_training_unknown_steps_decide_nothing():
+    """A step whose class is unknown is no evidence. Twins unknown in every step made a "yes" (their 0% healthy
+    read as "not healthy"), and BN nets unknown in every step made a "no"; both are now unclear."""
+    pooled = pool_seeds(init_verdicts())
+    bn, nobn = ("plain56-bn", "plain56-bn-s1"), ("plain56-nobn", "plain56-nobn-s1")
+    unknown = lambda runs: [dict(r, frac_exploding=0.0, frac_unknown=1.0) for r in traj_rows(runs, 0.0)]  # noqa: E731
+    twins_unknown = backward_train_claim(pooled, CFG, pd.DataFrame(traj_rows(bn, 0.9) + unknown(nobn)))
+    assert twins_unknown.answer == "unclear" and "did not settle" in twins_unknown.how
+    assert "not settled: healthy / surely not healthy per seed 0% / 0%, 0% / 0%" in twins_unknown.evidence
+    bn_unknown = backward_train_claim(pooled, CFG, pd.DataFrame(unknown(bn) + traj_rows(nobn, 0.1, 0.9)))
+    assert bn_unknown.answer == "unclear" and "neither healthy nor surely not" in bn_unknown.how
+    # the same twins with their steps settled as vanishing are a contrast, and settled BN nets a "no"
+    assert backward_train_claim(pooled, CFG, pd.DataFrame(traj_rows(bn, 0.9) + traj_rows(nobn, 0.0, 1.0))
+                                ).answer == "yes"
+    assert backward_train_claim(pooled, CFG, pd.DataFrame(traj_rows(bn, 0.0, 1.0) + traj_rows(nobn, 0.0, 1.0))
+                                ).answer == "no"

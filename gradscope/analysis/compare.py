@@ -25,6 +25,12 @@ For each block and metric (default: ``act_var`` and ``grad_norm``, the two verdi
   not proof of equality; the interval says how large a difference the data still allow) or ``unclear`` (no
   interval). Per block: ``differs`` if any of its metrics differs, ``same`` if all are ``same``, else ``unclear``.
   A block present on only one side is ``only in A`` / ``only in B``.
+* **Values a mean of logs cannot hold.** A run whose log metric is exactly zero at a compared step (a dead block,
+  a gradient cut off), or whose value is NaN/inf there, is not dropped: a side that is zero (or non-finite) in every
+  run against one that is positive and finite in every run ``differs`` (``ratio`` 0 or inf for zeros); both zero in
+  every run is ``same``; any other mix is ``unclear``. The ``note`` column says which.
+* **No spread is no evidence.** Runs (or steps) that repeat each other exactly (a run passed twice, a constant
+  metric) give a zero standard error: a nonzero difference is then ``unclear``, never a certain ``differs``.
 """
 from __future__ import annotations
 
@@ -51,7 +57,9 @@ DEFAULT_COMPARED = (S.ACT_VAR, S.GRAD_NORM)
 PHASE = "phase"
 #: columns of :attr:`Comparison.table`
 COLUMNS = ("block", "depth", "metric", "scale", "n_a", "n_b", "spread", "mean_a", "mean_b", "diff", "ratio", "low",
-           "high", "se", "df", "p", "p_adjusted", "verdict")
+           "high", "se", "df", "p", "p_adjusted", "verdict", "note")
+#: what a run's value is at the compared steps: usable, exactly zero somewhere (log metrics), NaN/inf somewhere
+OK, ZERO, NONFINITE = "ok", "zero", "non-finite"
 Side = Union[pd.DataFrame, str, Path, Sequence[Union[pd.DataFrame, str, Path]]]
 
 
@@ -179,7 +187,9 @@ def _run_values(frame: pd.DataFrame, metrics: Sequence[str], steps: Optional[Seq
     logs = rows[S.METRIC].isin(list(LOG_METRICS))
     with np.errstate(divide="ignore", invalid="ignore"):
         rows[S.VALUE] = np.where(logs, np.log(value.where(value > 0)), value)
-    return rows[np.isfinite(rows[S.VALUE])]
+    # kept, not dropped: a block that went to zero or NaN is a difference to report (see the module doc)
+    rows["state"] = np.where(~np.isfinite(value), NONFINITE, np.where(logs & (value <= 0), ZERO, OK))
+    return rows
 
 
 # ---- one comparison -----------------------------------------------------------------------------------------------
@@ -210,11 +220,38 @@ def _noise(a_runs: np.ndarray, b_runs: np.ndarray, a_steps: np.ndarray, b_steps:
 
 
 def _p_value(diff: float, se: float, df: float) -> float:
+    """Two-sided p of ``diff`` against ``t(df)``; NaN without an interval, and NaN for a nonzero difference over a
+    zero spread (runs that repeat each other are no evidence, see the module doc)."""
     if not (math.isfinite(se) and math.isfinite(df)) or df <= 0:
         return math.nan
     if se == 0:
-        return 0.0 if diff != 0 else 1.0
+        return math.nan if diff != 0 else 1.0
     return 2.0 * (1.0 - t_cdf(abs(diff) / se, df))
+
+
+def _run_states(d: pd.DataFrame) -> List[str]:
+    """Each run's state over the compared steps: non-finite anywhere, else zero anywhere, else ok."""
+    out = []
+    for _, g in d.groupby(S.RUN, sort=False):
+        states = set(g["state"])
+        out.append(NONFINITE if NONFINITE in states else ZERO if ZERO in states else OK)
+    return out
+
+
+def _categorical(a: List[str], b: List[str], labels: Tuple[str, str]) -> Tuple[str, float, str]:
+    """``(verdict, diff, note)`` of a (block, metric) where a run is zero or non-finite (see the module doc)."""
+    sa, sb = set(a), set(b)
+    if sa == sb == {ZERO}:
+        return SAME, 0.0, "exactly zero in every run of both sides"
+    for side, mine, other, sign in ((labels[1], sb, sa, -1.0), (labels[0], sa, sb, 1.0)):
+        if other == {OK} and len(mine) == 1 and mine != {OK}:
+            state = mine.pop()
+            diff = sign * math.inf if state == ZERO else math.nan
+            what = "exactly zero at a compared step" if state == ZERO else "NaN or inf at a compared step"
+            return DIFFERS, diff, f"{side} is {what} in every run, the other side positive and finite in every run"
+    parts = [f"{state} in {n} of {len(runs)} run(s) of {side}" for side, runs in ((labels[0], a), (labels[1], b))
+             for state in (ZERO, NONFINITE) if (n := runs.count(state))]
+    return UNCLEAR, math.nan, "; ".join(parts) + ": no mean of logs, and the runs do not agree"
 
 
 @dataclass
@@ -257,13 +294,25 @@ class Comparison:
         hits = self.table[self.table["verdict"] == DIFFERS]
         if hits.empty:
             unclear = int((self.blocks["verdict"] == UNCLEAR).sum())
-            return head + (f"; {unclear} block(s) unclear (no interval: one run and one step per side)" if unclear
+            return head + (f"; {unclear} block(s) unclear ({self._unclear_why()})" if unclear
                            else ": no difference beyond the noise") + self._one_sided() + self._caveat()
+        categorical = hits[hits["note"] != ""]
+        if len(categorical):  # a block gone to zero or NaN on one side outweighs any finite ratio
+            worst = categorical.iloc[0]
+            return (head + f"; {worst['metric']} at block {worst['block']!r}: {worst['note']}" +
+                    (f" ({len(categorical)} such)" if len(categorical) > 1 else "") + self._one_sided() +
+                    self._caveat())
         worst = hits.loc[hits["diff"].abs().idxmax()]
         size = (f"x{worst['ratio']:.3g} [{math.exp(worst['low']):.3g}, {math.exp(worst['high']):.3g}]"
                 if worst["scale"] == "log" else f"{worst['diff']:+.3g} [{worst['low']:+.3g}, {worst['high']:+.3g}]")
         return (head + f"; largest: {worst['metric']} at block {worst['block']!r}, {b}/{a} {size}" +
                 self._one_sided() + self._caveat())
+
+    def _unclear_why(self) -> str:
+        """Why the unclear comparisons have no answer: their distinct notes, the first two."""
+        notes = list(dict.fromkeys(n for n in self.table.loc[self.table["verdict"] == UNCLEAR, "note"] if n))
+        return "; ".join(notes[:2]) + (f"; and {len(notes) - 2} other reason(s)" if len(notes) > 2 else "") or \
+            "no interval"
 
     def _one_sided(self) -> str:
         """Which metrics ``metrics="all"`` could not compare, so the summary never reads as covering them."""
@@ -327,7 +376,7 @@ def compare(a: Side, b: Side, *, metrics: Union[str, Sequence[str]] = DEFAULT_CO
     keys = ([PHASE] if _phases(fa, fb) else [])
     if keys:
         va, vb = va.join(fa[PHASE]), vb.join(fb[PHASE])
-    table = _table(va, vb, keys, alpha, correction)
+    table = _table(va, vb, keys, alpha, correction, tuple(labels))
     blocks = _block_verdicts(table, keys)
     if blocks["verdict"].isin([ONLY_A, ONLY_B]).all():  # nothing was compared: "no difference" would be false
         names = lambda f: sorted(set(f[S.BLOCK].astype(str)))[:6]  # noqa: E731
@@ -357,7 +406,8 @@ def _steps(fa: pd.DataFrame, fb: pd.DataFrame, steps: Union[None, str, Sequence[
     return chosen
 
 
-def _table(va: pd.DataFrame, vb: pd.DataFrame, keys: List[str], alpha: float, correction: str) -> pd.DataFrame:
+def _table(va: pd.DataFrame, vb: pd.DataFrame, keys: List[str], alpha: float, correction: str,
+           labels: Tuple[str, str] = ("A", "B")) -> pd.DataFrame:
     group = keys + [S.BLOCK, S.METRIC]
     rows: List[dict] = []
     ga, gb = dict(tuple(va.groupby(group, sort=False))), dict(tuple(vb.groupby(group, sort=False)))
@@ -373,6 +423,13 @@ def _table(va: pd.DataFrame, vb: pd.DataFrame, keys: List[str], alpha: float, co
             row.update(verdict=ONLY_B if da is None else ONLY_A, p=math.nan)
             rows.append(row)
             continue
+        states_a, states_b = _run_states(da), _run_states(db)
+        if set(states_a) != {OK} or set(states_b) != {OK}:
+            verdict, diff, note = _categorical(states_a, states_b, labels)
+            row.update(n_a=len(states_a), n_b=len(states_b), spread="none", diff=diff, verdict=verdict, note=note,
+                       p=math.nan)
+            rows.append(row)
+            continue
         a_runs = da.groupby(S.RUN)[S.VALUE].mean().to_numpy()
         b_runs = db.groupby(S.RUN)[S.VALUE].mean().to_numpy()
         a_steps, b_steps = da[S.VALUE].to_numpy(), db[S.VALUE].to_numpy()
@@ -380,6 +437,11 @@ def _table(va: pd.DataFrame, vb: pd.DataFrame, keys: List[str], alpha: float, co
         se, df, spread = _noise(a_runs, b_runs, a_steps, b_steps)
         row.update(n_a=int(a_runs.size), n_b=int(b_runs.size), spread=spread, mean_a=float(a_runs.mean()),
                    mean_b=float(b_runs.mean()), diff=diff, se=se, df=df, p=_p_value(diff, se, df))
+        if se == 0 and diff != 0:
+            row["note"] = (f"no spread: the {'steps' if spread == 'steps' else 'runs'} of a side repeat each other "
+                           f"exactly (a run passed twice, a constant value), which is no evidence of a difference")
+        elif spread == "none":
+            row["note"] = "no interval: one run and one step per side"
         rows.append(row)
     table = pd.DataFrame(rows)
     for col in COLUMNS:
@@ -392,7 +454,9 @@ def _table(va: pd.DataFrame, vb: pd.DataFrame, keys: List[str], alpha: float, co
     half = [t_quantile(1 - alpha / (2 * max(m, 1)), df) * se if math.isfinite(df) and math.isfinite(se) and df > 0
             else math.nan for df, se in zip(table["df"], table["se"])]
     table["low"], table["high"] = table["diff"] - half, table["diff"] + half
-    table["ratio"] = np.where(table["scale"] == "log", np.exp(table["diff"].astype(float)), math.nan)
+    with np.errstate(over="ignore"):
+        table["ratio"] = np.where(table["scale"] == "log", np.exp(table["diff"].astype(float)), math.nan)
+    table["note"] = [n if isinstance(n, str) else "" for n in table["note"]]
     verdict = [v if isinstance(v, str) else (UNCLEAR if math.isnan(pa) else (DIFFERS if pa < alpha else SAME))
                for v, pa in zip(table["verdict"], table["p_adjusted"])]
     table["verdict"] = verdict

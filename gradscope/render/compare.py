@@ -45,7 +45,7 @@ def compare_figure(comparison: Comparison):
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.35 * comparison.blocks.shape[0] + 3), 2.8 *
                                                           len(panels)), squeeze=False)
     for ax, (key, g) in zip(axes[:, 0], panels):
-        g = g[g["diff"].notna()]
+        g = g[np.isfinite(g["diff"].astype(float))]  # a block gone to zero or NaN has its note in the table
         x = np.arange(len(g))
         log = bool((g["scale"] == "log").all())
         centre = np.exp(g["diff"].to_numpy(float)) if log else g["diff"].to_numpy(float)
@@ -98,7 +98,8 @@ def compare_section(comparison: Comparison, png: Optional[bytes] = None) -> str:
         parts.append(f'<figure><img alt="comparison per block" src="data:image/png;base64,'
                      f'{base64.b64encode(png).decode()}"><figcaption>B/A per block with the corrected interval '
                      f'(red: differs; green: same; grey: unclear)</figcaption></figure>')
-    head = keys + ["block", "metric", "n_a", "n_b", "spread", "B/A or B-A", "interval", "p (adjusted)", "verdict"]
+    head = keys + ["block", "metric", "n_a", "n_b", "spread", "B/A or B-A", "interval", "p (adjusted)", "note",
+                   "verdict"]
     rows = ["<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"]
     for r in t.to_dict("records"):
         log = r["scale"] == "log"
@@ -107,7 +108,8 @@ def compare_section(comparison: Comparison, png: Optional[bytes] = None) -> str:
         interval = (f"[{_num(math.exp(lo))}, {_num(math.exp(hi))}]" if log else f"[{_num(lo)}, {_num(hi)}]") \
             if isinstance(lo, float) and math.isfinite(lo) else ""
         cells = [r[k] for k in keys] + [r["block"], r["metric"], _num(r["n_a"], "g"), _num(r["n_b"], "g"),
-                                        r["spread"], size, interval, _num(r["p_adjusted"]), r["verdict"]]
+                                        r["spread"], size, interval, _num(r["p_adjusted"]), r.get("note", ""),
+                                        r["verdict"]]
         verdict_class = e(str(r["verdict"]).replace(" ", "-"))
         rows.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in cells[:-1]) +
                     f'<td class="{verdict_class}">{e(str(cells[-1]))}</td></tr>')

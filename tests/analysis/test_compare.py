@@ -150,3 +150,49 @@ def test_the_page_figure_and_files(sides, tmp_path, monkeypatch):
     assert '<section id="compare">' in text and "data:image/png;base64," in text and "differs" in text
     saved = pd.read_csv(tmp_path / "compare.csv")
     assert len(saved) == len(result.table) and (tmp_path / "compare_blocks.csv").exists()
+
+
+def _set(frame: pd.DataFrame, block_depth: int, metric: str, value: float, runs=None) -> pd.DataFrame:
+    out = frame.copy()
+    sel = (out["depth"] == block_depth) & (out["metric"] == metric)
+    if runs is not None:
+        sel &= out["run"].isin(runs)
+    out.loc[sel, "value"] = value
+    return out
+
+
+def test_a_block_gone_to_zero_or_nan_on_one_side_differs_and_is_named(sides):
+    """A change that kills a block's gradient (exactly 0) or makes it NaN was dropped from the mean of logs: the
+    block came out "only in A" or "unclear (no interval ...)" and ``differs`` was False. It now differs, says why,
+    and a mix of dead and living runs is unclear with its reason."""
+    kaiming, kaiming_again, _ = sides
+    dead = compare(kaiming, _set(kaiming_again, 3, "grad_norm", 0.0), labels=("base", "new"))
+    row = dead.table[(dead.table["depth"] == 3) & (dead.table["metric"] == "grad_norm")].iloc[0]
+    assert row["verdict"] == DIFFERS and row["ratio"] == 0.0 and dead.differs
+    assert row["note"] == "new is exactly zero at a compared step in every run, the other side positive and finite " \
+                          "in every run"
+    assert "grad_norm at block" in dead.summary() and "new is exactly zero" in dead.summary()
+    assert set(dead.blocks["verdict"]) <= {SAME, DIFFERS}  # nothing is "only in A"
+    nan = compare(_set(kaiming, 5, "act_var", float("nan")), kaiming_again)
+    row = nan.table[(nan.table["depth"] == 5) & (nan.table["metric"] == "act_var")].iloc[0]
+    assert row["verdict"] == DIFFERS and "A is NaN or inf at a compared step in every run" in row["note"]
+    one_run = sorted(set(kaiming_again["run"]))[:1]
+    mixed = compare(kaiming, _set(kaiming_again, 3, "grad_norm", 0.0, runs=one_run))
+    row = mixed.table[(mixed.table["depth"] == 3) & (mixed.table["metric"] == "grad_norm")].iloc[0]
+    assert row["verdict"] == UNCLEAR and row["note"].startswith("zero in 1 of 4 run(s) of B")
+    assert "zero in 1 of 4 run(s) of B" in mixed.summary()
+    both = compare(_set(kaiming, 3, "grad_norm", 0.0), _set(kaiming_again, 3, "grad_norm", 0.0))
+    assert both.table.loc[(both.table["depth"] == 3) & (both.table["metric"] == "grad_norm"), "verdict"].item() == SAME
+
+
+def test_runs_that_repeat_each_other_are_no_evidence_of_a_difference(sides):
+    """The same run passed twice has zero spread: the p-value was 0 and every block "differed" by x1.001
+    [1, 1]. A nonzero difference over no spread is now unclear, and says why; an equal one stays same."""
+    kaiming, _, _ = sides
+    run = kaiming[kaiming["run"] == sorted(set(kaiming["run"]))[0]]
+    twice = [run, run.assign(run="copy")]
+    nudged = run.assign(value=run["value"] * 1.001)
+    result = compare(twice, nudged)
+    assert not result.differs and set(result.table["verdict"]) == {UNCLEAR}
+    assert "no spread: the runs of a side repeat each other exactly" in result.summary()
+    assert set(compare(twice, twice).table["verdict"]) == {SAME}

@@ -54,7 +54,8 @@ Then:
   ``param_grad_norm``. Such a signal is never ``healthy``; ``nonfinite_block`` is its first such block in the
   order its pass runs (forward: the shallowest; backward: the deepest);
 * ``vanishing`` if the whole 95% interval of ``layer_factor`` lies below the lower threshold, or the signal is zero
-  at every block or at the far end;
+  at every block, at the far end, or at a block inside the profile (the signal is gone there, whatever the fit over
+  the positive blocks says);
 * ``exploding`` if the whole interval lies above the upper threshold, or the near end is zero while the far end is
   not;
 * ``healthy`` if the whole interval lies between them;
@@ -262,6 +263,8 @@ def _summarise(values: np.ndarray, blocks: Sequence[str], position: np.ndarray, 
         verdict = VANISHING
     elif math.isinf(e2e):
         verdict = EXPLODING
+    elif v.size >= 3 and bool(np.any(v[1:-1] == 0)) and not all_zero:
+        verdict = VANISHING  # exactly zero at a block inside the profile: the signal is gone there, whatever the fit
     else:
         verdict = classify(factor, signal=signal, layers=layers, vanish=vanish, explode=explode, all_zero=all_zero,
                            low=low, high=high)

@@ -92,10 +92,13 @@ def sentence(r: Mapping[str, Any]) -> str:
     plural = signal != W.FORWARD
     verb = {W.VANISHING: "vanish" if plural else "vanishes", W.EXPLODING: "explode" if plural else "explodes",
             W.HEALTHY: "stay healthy" if plural else "stays healthy"}.get(verdict, str(verdict))
-    text = f"{head} {verb}{' ' + where if verdict != W.HEALTHY else ''}: {rate_text(r.get('factor'), r.get('r2'), r.get('factor_low'), r.get('factor_high'))}"
-    text += f", {num(r.get('end_to_end'))}x over {n} blocks (from the fit)"
-    if r.get("min_value") == 0 and verdict != W.HEALTHY:
-        text += f"; zero at {r.get('min_block')}"
+    rate = rate_text(r.get('factor'), r.get('r2'), r.get('factor_low'), r.get('factor_high'))
+    if r.get("min_value") == 0:  # the zero is the finding; the fit only covers the blocks with a positive value
+        text = (f"{head} {verb}{' ' + where if verdict != W.HEALTHY else ''}: zero at {r.get('min_block')}; the fit "
+                f"over the other blocks of {n}: {rate}")
+    else:
+        text = f"{head} {verb}{' ' + where if verdict != W.HEALTHY else ''}: {rate}"
+        text += f", {num(r.get('end_to_end'))}x over {n} blocks (from the fit)"
     pred = r.get("predicted_factor")
     if not is_missing(pred):
         text += f"; theory: {agreement_word(r.get('agreement'))}, predicted x{factor(pred)} per block against " \

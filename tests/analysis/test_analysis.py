@@ -172,6 +172,26 @@ def test_zeros():
     assert r[A.VERDICT] == "vanishing" and "zero at every" in A.sentence(r)
 
 
+def test_a_zero_inside_the_profile_is_never_healthy_and_the_sentence_says_where():
+    """act_var or grad_norm exactly zero at a middle block was dropped from the fit over the positive blocks, and
+    the verdict read "stays healthy ... over 6 blocks" without a word about it. The signal is gone at that block:
+    vanishing, with the zero named first; and a zero end is not reported as a number "from the fit"."""
+    for metric, signal in ((S.ACT_VAR, A.FORWARD), (S.GRAD_NORM, A.BACKWARD)):
+        f = frame_with(1.0, 1.0, n_blocks=6)
+        f.loc[(f[S.METRIC] == metric) & (f[S.DEPTH] == 2), S.VALUE] = 0.0
+        r = row(A.verdicts(f), signal)
+        assert r[A.VERDICT] == "vanishing" and r[A.MIN_BLOCK] == "layer.2", (metric, r[A.VERDICT])
+        text = A.sentence(r)
+        assert ": zero at layer.2; the fit over the other blocks of 6: x1.00 per block" in text, text
+        assert "from the fit" not in text
+        other = row(A.verdicts(f), A.BACKWARD if signal == A.FORWARD else A.FORWARD)
+        assert other[A.VERDICT] == "healthy"  # the other signal is untouched
+    end = frame_with(1.0, 1.0, n_blocks=6)
+    end.loc[(end[S.METRIC] == S.GRAD_NORM) & (end[S.DEPTH] == 0), S.VALUE] = 0.0  # the far end of the gradient
+    text = A.sentence(row(A.verdicts(end), A.BACKWARD))
+    assert "0x over 6 blocks (from the fit)" not in text and "vanish toward the input: zero at layer.0" in text
+
+
 def test_missing_rows_keep_positions():
     f = frame_with(2.0, 0.5, n_blocks=8)
     f = f[~((f[S.DEPTH] == 5) & (f[S.STEP] == 1))]  # one block missing at one step

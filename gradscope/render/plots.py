@@ -268,18 +268,22 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
                   relative: Optional[str] = "auto", vanish: float = A.VANISH, explode: float = A.EXPLODE,
                   colors: Optional[Mapping[str, tuple]] = None,
                   predicted: Optional[Mapping[str, Sequence[float]]] = None,
-                  profiles: Optional[A.Profiles] = None, groups: Optional[Mapping[str, str]] = None) -> "Axes":
+                  profiles: Optional[A.Profiles] = None, groups: Optional[Mapping[str, str]] = None,
+                  configs: Optional[Mapping[str, Mapping[str, Any]]] = None) -> "Axes":
     """Metric vs depth on a log y-axis: one line per configuration, its seeds as a band; thresholds and theory.
 
     ``groups`` maps run -> configuration (default: :func:`run_configurations`). A configuration with several runs
     (seeds) is drawn as the geometric mean over its runs at each depth (a line, labelled with the number of seeds)
-    and their range (a band in the same colour); a configuration with one run is that run's line.
+    and their range (a band in the same colour); a configuration with one run is that run's line. ``configs`` (run
+    -> facts, as the verdicts take them) tells how many layers a block spans, so the thresholds drawn are the ones
+    the verdicts judge by.
     ``colors`` is keyed by configuration (a run's colour is used for a configuration of one run).
     ``predicted[run]``: the theory's relative value after 0, 1, 2 ... blocks travelled from the reference end,
     drawn dashed in the configuration's colour (the first run of a configuration that has one). Thresholds (dotted
     and dash-dotted black) are drawn on relative profiles, where the far end of a curve can be read against them.
     """
     ref = REFERENCE_END.get(metric) if relative == "auto" else relative
+    facts = configs  # the name ``configs`` is the drawn configurations below
     pm = profile_matrix(frame, metric, step=step, relative=relative, profiles=profiles)
     config_of = run_configurations(frame, groups)
     drawn = set(pm[S.RUN])
@@ -318,7 +322,8 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
         ax.axhline(1.0, color="0.7", lw=0.8)
         # the cut the verdicts judge these runs by: squared for a variance, per layer times layers per block
         signal = A.FORWARD if metric in VARIANCE_METRICS else A.BACKWARD
-        layers = A.block_layers(frame[frame[S.RUN].astype(str).isin(drawn)] if S.RUN in frame.columns else frame)
+        layers = A.block_layers(frame[frame[S.RUN].astype(str).isin(drawn)] if S.RUN in frame.columns else frame,
+                                facts)
         cut = A.drawn_thresholds((n for n, _ in layers.values()), signal, vanish, explode)
         if cut is not None:
             lo, hi, n = cut
@@ -425,10 +430,10 @@ def runs_figure(frame: pd.DataFrame, metric: str, *, step: A.StepArg = "first",
 def profile_figure(frame: pd.DataFrame, metric: str, *, step: A.StepArg = None, vanish: float = A.VANISH,
                    explode: float = A.EXPLODE, colors: Optional[Mapping[str, tuple]] = None,
                    predicted: Optional[Mapping[str, Sequence[float]]] = None, profiles: Optional[A.Profiles] = None,
-                   groups: Optional[Mapping[str, str]] = None):
+                   groups: Optional[Mapping[str, str]] = None, configs: Optional[Mapping[str, Mapping[str, Any]]] = None):
     """Depth profile of one metric, every configuration (with its seed band) in one axes."""
     fig = new_figure(figsize=(10, 5), layout="constrained")
     ax = fig.subplots()
     depth_profile(frame, metric, ax, step=step, vanish=vanish, explode=explode, colors=colors, predicted=predicted,
-                  profiles=profiles, groups=groups)
+                  profiles=profiles, groups=groups, configs=configs)
     return fig

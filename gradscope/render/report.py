@@ -89,7 +89,8 @@ def draw_figures(frame: pd.DataFrame, out: Path, *, configs: Optional[Mapping[st
         predicted = G.predicted_profiles(frame, metric, configs=configs, profiles=profiles) if theory else None
         use_profiles = profiles if metric in profiles.metrics else None
         _save(P.profile_figure(frame, metric, step=step, vanish=vanish, explode=explode, colors=config_colors,
-                               predicted=predicted, profiles=use_profiles, groups=groups), out / names[1], dpi)
+                               predicted=predicted, profiles=use_profiles, groups=groups, configs=configs),
+              out / names[1], dpi)
         ref = P.REFERENCE_END.get(metric)
         at = "geometric mean over the recorded batches" if step is None else f"step {step}"
         each = "one line per configuration (seeds: geometric mean, band: their range)"
@@ -113,7 +114,7 @@ def results_of_frame(frame: pd.DataFrame, *, configs: Optional[Mapping[str, Mapp
                        profiles=profiles)
         pooled, traj = pool_seeds(v), None
     else:
-        v = A.verdicts(frame, step="all", vanish=vanish, explode=explode, profiles=profiles)
+        v = A.verdicts(frame, step="all", vanish=vanish, explode=explode, profiles=profiles, configs=configs)
         pooled, traj = None, trajectory(v)
     return Results(title=title, frames={phase: frame}, profiles={phase: profiles},
                    verdicts={phase: v.assign(**{PHASE: phase})}, pooled=pooled, trajectory=traj,

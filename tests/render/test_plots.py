@@ -349,3 +349,22 @@ def test_a_long_metric_label_stays_inside_the_figure_and_short_ranges_read_as_pl
     shown = [t.get_text() for t in ax.yaxis.get_minorticklabels() if t.get_visible() and t.get_text()]
     assert shown and all(text.replace(".", "").isdigit() for text in shown), shown
     assert ax.get_title().startswith("param_grad_norm across depth")  # the metric's name once, not twice
+
+
+def test_configs_given_to_the_report_decide_its_verdicts_and_its_threshold_lines(tmp_path):
+    """A training frame of a built-in net has no ``model`` column: ``report(frame, configs=...)`` judged its
+    verdicts at 1 layer per block ("layers per block unknown") although the configs say 2, and its profiles drew
+    the 1-layer cut. Both now use the configs, as ``verdicts(frame, configs=...)`` does."""
+    from gradscope.render.report import write_report
+
+    cifar = synthetic(9, 3, {"run": (1.1, 0.9, None)}).drop(columns=S.RUN).assign(**{S.KIND: "PlainBlock"})
+    facts = {"run": {"name": "plain20", "family": "cifar", "depth": 20, "residual": False, "bn": False}}
+    write_report(cifar, tmp_path, configs=facts, phase="train")
+    written = pd.read_csv(tmp_path / "verdicts.csv")
+    assert set(written["layers_per_block"]) == {2.0} and set(written["unit"]) == {"per layer"}
+    library = A.verdicts(cifar, step="all", configs=facts)
+    assert list(written["verdict"]) == list(library["verdict"])
+    fig, ax = plt.subplots()
+    P.depth_profile(cifar, S.GRAD_NORM, ax, configs=facts)
+    lo, hi = A.rate_thresholds(signal=A.BACKWARD, layers=2.0)
+    assert f"x{hi:.3f} per block (2 layers)" in _threshold_lines(ax)["exploding"].get_label()

@@ -91,6 +91,8 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
         gradients = S.BACKWARD_METRICS + (S.PARAM_GRAD_NORM,) + S.OPTIMIZER_METRICS
         chosen = tuple(m for m in (chosen or S.DEFAULT_METRICS) if m not in gradients)
     combiner = DistributedCombiner.create(distributed, sharding)
+    if combiner is not None:
+        combiner.names = [site.name for site in sites]
     out_path = None if out is None else Path(out)
     writer = combiner is None or combiner.is_writer
     overflow = scaler is not None and getattr(scaler, "is_enabled", lambda: True)()  # fp16 grads may overflow

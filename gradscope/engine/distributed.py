@@ -16,12 +16,20 @@ metric's rule is named by its spec (:mod:`gradscope.engine.spec`); the rules are
   :data:`gradscope.engine.spec.SHARDED_LAYOUTS`), combined as ``sqrt(sum_r |theta_r|^2 / replicas)`` from the raw
   values in the same gather (see :mod:`gradscope.engine.sharding`).
 
-All ranks must run the same blocks in the same order in a recorded step (true for DDP and FSDP2). Only rank 0 writes
-files.
+Each rank's raw values are finished with that rank's own element counts (an uneven last batch, a rank whose expert
+received no token), then combined. A recorded step costs one ``all_gather``: each rank sends its buffer's size and
+a fingerprint of its layout (which blocks ran, how often, with which metrics) beside its values, padded to a length
+all ranks agreed on; a buffer longer than that (the first recorded step, or more blocks ran) makes every rank gather
+again with a larger one. Where the layouts differ (a mixture of experts that skips an expert on one rank:
+``if rows.numel() == 0: continue``), each block's values combine the ranks that ran it, a warning names the blocks
+that ran on some ranks only, and a block this rank did not run still gets its rows from the ranks that ran it.
+Only rank 0 writes files.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Union
+import hashlib
+import warnings
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -37,6 +45,9 @@ class DistributedCombiner:
         self.rank = rank
         self.group = group
         self.replicas = replicas  # ranks holding each parameter shard (FSDP2: 1; HSDP: the replicate size)
+        self.names: List[str] = []  # the sites' names, for the warning about layouts that differ (set by attach)
+        self._warned_layout = False
+        self._capacity = 0  # the buffer length every rank pads to: agreed through the gathers, grown when exceeded
 
     @property
     def is_writer(self) -> bool:
@@ -69,30 +80,112 @@ class DistributedCombiner:
         replicas = 1 if sharding is None else sharding.replicas
         return cls(world, dist.get_rank(), replicas=replicas) if world > 1 else None
 
-    def reduce(self, entries: List, packed: torch.Tensor) -> List[List[float]]:
-        """Global metric values for each entry, from this rank's raw ``packed`` values and every other rank's."""
+    def reduce(self, entries: List, packed: torch.Tensor) -> Tuple[List[Any], List[List[float]]]:
+        """``(entries, values)``: global metric values for each entry, from this rank's raw ``packed`` values and
+        every other rank's; where the ranks' layouts differ, the entries also hold those of blocks that ran on other
+        ranks only (so every rank's frame holds every block that ran)."""
         import torch.distributed as dist
 
         from gradscope.engine.recorder import finish_entries
 
         counts = torch.tensor([float(e.count) for e in entries], dtype=torch.float64, device=packed.device)
         local = torch.cat([packed.to(torch.float64), counts])
-        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
-        dist.all_gather(gathered, local, group=self.group)
-        rows = torch.stack(gathered).tolist()  # the one transfer of this recorded step
-        n_values = packed.numel()
-        per_rank = [finish_entries(entries, row[:n_values]) for row in rows]
-        ns = [row[n_values:] for row in rows]
-        out, offset = [], 0
-        for i, entry in enumerate(entries):
-            width = entry.values.numel() if isinstance(entry.values, torch.Tensor) else len(entry.values)
-            if entry.reduce in spec.SHARDED_LAYOUTS:  # combined from raw norms: a ratio of ratios would be wrong
-                out.append(spec.combine_shards([row[offset:offset + width] for row in rows], entry.reduce,
-                                               self.replicas))
-            else:
-                out.append(_combine(entry, [rank[i] for rank in per_rank], [n[i] for n in ns], self.world_size))
-            offset += width
-        return out
+        layout = layout_of(entries)
+        head = (float(local.numel()), float(fingerprint(layout)))
+        rows = self._gather(head, local)
+        if max(int(r[0]) for r in rows) > self._capacity:  # a buffer longer than the agreed size: gather again
+            # the same on every rank (it comes from the gather), with room for a step that records a little more
+            self._capacity = 2 * max(int(r[0]) for r in rows)
+            rows = self._gather(head, local)
+        heads = [(r[0], r[1]) for r in rows]
+        rows = [r[2:2 + int(r[0])] for r in rows]
+        if all(h == heads[0] for h in heads):
+            places = [_places(layout)] * self.world_size
+        else:
+            layouts: List[Any] = [None] * self.world_size
+            dist.all_gather_object(layouts, layout, group=self.group)
+            places = [_places(lay) for lay in layouts]
+            self._warn_layouts(entries, layouts)
+            mine = set(layout)
+            remote = list(dict.fromkeys(k for lay in layouts for k in lay if k not in mine))
+            entries, layout = list(entries) + [_entry_of(k) for k in remote], list(layout) + remote
+        return entries, [self._combine_entry(entry, key, rows, places) for entry, key in zip(entries, layout)]
+
+    def _gather(self, head: Tuple[float, float], local: torch.Tensor) -> List[List[float]]:
+        """Every rank's ``[size, layout fingerprint, values...]``, each padded to the agreed capacity (a gather
+        needs one size on all ranks); the values of a buffer longer than the capacity are cut, and its size tells
+        every rank to gather again with a larger one."""
+        import torch.distributed as dist
+
+        vector = torch.zeros(2 + self._capacity, dtype=torch.float64, device=local.device)
+        vector[0], vector[1] = head
+        n = min(local.numel(), self._capacity)
+        vector[2:2 + n] = local[:n]
+        gathered = [torch.empty_like(vector) for _ in range(self.world_size)]
+        dist.all_gather(gathered, vector, group=self.group)
+        return torch.stack(gathered).tolist()  # the one transfer of this recorded step
+
+    def _combine_entry(self, entry: Any, key: Tuple[Any, ...], rows: List[List[float]],
+                       places: List[Dict[Tuple[Any, ...], Tuple[int, int, int, int]]]) -> List[float]:
+        """One entry's global values from the ranks whose buffers hold its key (each finished with its counts)."""
+        from gradscope.engine.recorder import finish_entries
+
+        raw, counts = [], []
+        for row, place in zip(rows, places):
+            if key in place:
+                offset, width, index, n_values = place[key]
+                raw.append(row[offset:offset + width])
+                counts.append(row[n_values + index])
+        if entry.reduce in spec.SHARDED_LAYOUTS:  # combined from raw norms: a ratio of ratios would be wrong
+            return spec.combine_shards(raw, entry.reduce, self.replicas)
+        finished = [finish_entries([entry], values, [n])[0] for values, n in zip(raw, counts)]
+        return _combine(entry, finished, counts, self.world_size)
+
+    def _warn_layouts(self, entries: List[Any], layouts: List[Any]) -> None:
+        """Once per scope: which blocks ran on some ranks only in this recorded step."""
+        if self._warned_layout:
+            return
+        self._warned_layout = True
+        sites = [{k[1] for k in lay} for lay in layouts]
+        partial = sorted(set().union(*sites) - set.intersection(*sites))
+        name = lambda i: self.names[i] if 0 <= i < len(self.names) else str(i)  # noqa: E731
+        where = "; ".join(f"{name(i)!r} on rank(s) {[r for r, s in enumerate(sites) if i in s]}" for i in partial[:6])
+        step = entries[0].step if entries else "?"
+        warnings.warn(f"gradscope: in recorded step {step} the ranks did not run the same blocks"
+                      f"{' (' + where + ')' if where else ' (the same blocks, called a different number of times)'}"
+                      f"; each block's values combine the ranks that ran it (a rank's warning that a block did not "
+                      f"run speaks of that rank only; warned once)", RuntimeWarning, stacklevel=4)
+
+
+def layout_of(entries: List[Any]) -> List[Tuple[Any, ...]]:
+    """Each entry's key, in buffer order: (step, site, call, metric group, layout, width, sites of a many-site
+    entry)."""
+    return [(e.step, e.site, e.call, tuple(e.group), e.reduce,
+             e.values.numel() if isinstance(e.values, torch.Tensor) else len(e.values),
+             tuple(e.sites) if e.sites is not None else None) for e in entries]
+
+
+def fingerprint(layout: List[Tuple[Any, ...]]) -> int:
+    """A layout as an integer below 2**52 (exact in float64), the same in every process (``hash()`` of a string is
+    salted per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(layout).encode(), digest_size=8).digest(), "big") >> 12
+
+
+def _entry_of(key: Tuple[Any, ...]) -> Any:
+    """A buffer entry for a block that ran on other ranks only: its key, no values of this rank (count 0)."""
+    from gradscope.engine.recorder import Entry
+
+    step, site, call, group, reduce, width, sites = key
+    return Entry(step, site, call, group, (0.0,) * width, 0, reduce, list(sites) if sites is not None else None)
+
+
+def _places(layout: List[Tuple[Any, ...]]) -> Dict[Tuple[Any, ...], Tuple[int, int, int, int]]:
+    """key -> (offset of its raw values, their width, its index among the counts, where the counts start)."""
+    places, offset = {}, 0
+    for index, key in enumerate(layout):
+        places[key] = (offset, key[5], index, 0)
+        offset += key[5]
+    return {k: (o, w, i, offset) for k, (o, w, i, _) in places.items()}
 
 
 def _combine(entry, values: List[List[float]], n: List[float], world: int) -> List[float]:

@@ -102,7 +102,8 @@ class Recorder:
     :class:`~gradscope.Scope`."""
 
     def __init__(self, sites: List[Site], schedule: Schedule, out: Optional[Path] = None, flush_every: int = 10,
-                 reducer: Optional[Callable[[List[Entry], torch.Tensor], torch.Tensor]] = None,
+                 reducer: Optional[Callable[[List[Entry], torch.Tensor],
+                                            Tuple[List[Entry], List[List[float]]]]] = None,
                  write_files: bool = True) -> None:
         self.sites = sites
         self.state = StepState(len(sites), schedule)
@@ -192,8 +193,8 @@ class Recorder:
         entries = self._unique(entries)
         start = len(self.rows)
         for device, device_entries in _by_device(entries).items():
-            if self.reducer is not None:
-                finished = self.reducer(device_entries, _pack(device_entries, device))
+            if self.reducer is not None:  # it may add the entries of blocks that ran on other ranks only
+                device_entries, finished = self.reducer(device_entries, _pack(device_entries, device))
             else:
                 finished = finish_entries(device_entries, _read(device_entries))
             for entry, values in zip(device_entries, finished):
@@ -334,12 +335,17 @@ class Recorder:
             [s.kind for s in sites], rows.metric[cut], rows.value[cut], rows.call[cut])
 
 
-def finish_entries(entries: List[Entry], values: List[float]) -> List[List[float]]:
-    """Turn each entry's raw values (consecutive in ``values``) into its metrics' values, on the host."""
+def finish_entries(entries: List[Entry], values: List[float],
+                   counts: Optional[Sequence[float]] = None) -> List[List[float]]:
+    """Turn each entry's raw values (consecutive in ``values``) into its metrics' values, on the host.
+
+    ``counts``: the element counts the raw values were reduced over, one per entry (default: each entry's own).
+    Another rank's raw values need that rank's counts: its batch may be larger, smaller or empty."""
     out, offset = [], 0
-    for entry in entries:
+    for i, entry in enumerate(entries):
         k = _width(entry.values)
-        out.append(spec.finish(entry.group, values[offset:offset + k], entry.count, entry.reduce))
+        count = entry.count if counts is None else int(round(counts[i]))
+        out.append(spec.finish(entry.group, values[offset:offset + k], count, entry.reduce))
         offset += k
     return out
 

@@ -137,6 +137,21 @@ def test_a_diverged_run_is_named_in_every_training_claim():
     assert "resnet56-bn-s1" in res.evidence
 
 
+def test_a_deep_net_that_diverged_in_every_seed_gets_advice_about_divergence_not_seeds():
+    """Three seeds run, the deep net NaN in all of them: the claim said "one seed gives no spread (run --seeds
+    0,1,2 or more)", advice the user had already followed. It now says what diverged and what to change."""
+    cfg = configs()
+    finals = losses([1.27, 1.20, 1.25], [0.0, 0.05, -0.04])
+    for s in ("", "-s1", "-s2"):
+        finals[f"plain56-bn{s}"] = math.nan
+    c = degradation_claim(cfg, finals, CAVEAT)
+    assert c.answer == "unclear" and "--seeds" not in c.how
+    assert "3 run(s) diverged (NaN loss: plain56-bn, plain56-bn-s1, plain56-bn-s2), leaving 0 seed(s)" in c.how
+    assert "lower it (--lr)" in c.how
+    one = degradation_claim(cfg, losses([1.27], [0.0], seeds=(0,)), CAVEAT)
+    assert "one seed gives no spread (run --seeds 0,1,2 or more)" in one.how  # no divergence: the old advice
+
+
 def verdict_rows(rows):
     cols = ["run", "signal", "verdict", "factor", "n_blocks", "max_value", "seed", "layers_per_block", "unit"]
     return pd.DataFrame([r + [2.0, "per layer"] for r in rows], columns=cols)

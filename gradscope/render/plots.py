@@ -239,15 +239,30 @@ def profile_matrix(frame: pd.DataFrame, metric: str, *, step: A.StepArg = None,
         raise ValueError("depth_profile draws one value per block; pass step=None, 'first', 'last' or an int")
     parts = []
     for run, g in p.groupby(S.RUN, sort=False):
-        g = g.sort_values(A.POSITION).dropna(subset=[S.VALUE])
-        if g.empty:
+        g = g.sort_values(A.POSITION)  # a NaN block stays, so the line breaks there instead of bridging it
+        valid = g.dropna(subset=[S.VALUE])
+        if valid.empty:
             continue
-        base = 1.0 if ref is None else float(g[S.VALUE].iloc[0 if ref == "first" else -1])
+        base = 1.0 if ref is None else float(valid[S.VALUE].iloc[0 if ref == "first" else -1])
         if not (math.isfinite(base) and base > 0):
             continue
         parts.append(g.assign(plotted=g[S.VALUE] / base))
     cols = [S.RUN, S.DEPTH, A.POSITION, S.VALUE, "plotted"]
     return pd.concat(parts)[cols].reset_index(drop=True) if parts else pd.DataFrame(columns=cols)
+
+
+def _breaks(pm: pd.DataFrame) -> List[str]:
+    """Where the drawn lines break, per run: blocks whose value is zero or NaN/inf (a log axis draws neither)."""
+    out = []
+    for run, g in pm.groupby(S.RUN, sort=False):
+        value = g[S.VALUE].astype(float)
+        zero = [str(d) for d in g.loc[value == 0, S.DEPTH]]
+        bad = [str(d) for d in g.loc[~np.isfinite(value), S.DEPTH]]
+        parts = ([f"zero at depth {', '.join(zero[:6])}"] if zero else []) + \
+            ([f"NaN/inf at depth {', '.join(bad[:6])}"] if bad else [])
+        if parts:
+            out.append(f"{tex_escape(run)}: {'; '.join(parts)}")
+    return out
 
 
 def _not_drawn(frame: pd.DataFrame, metric: str, drawn: set) -> List[str]:
@@ -352,12 +367,15 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
                                                             if len(configs) > 4 else "")
     what = "configuration" if len(configs) < len(drawn) else "run"
     ax.set_title(f"{direction}{metric} across depth ({how})\n{what}s: {names or 'none drawn'}", fontsize=10)
-    left_out = _not_drawn(frame, metric, drawn)
-    if left_out or not drawn:  # say who is missing and why, instead of an empty or thinner figure
+    left_out, breaks = _not_drawn(frame, metric, drawn), _breaks(pm)
+    if left_out or not drawn or breaks:  # say who is missing and why, instead of an empty, thinner or bridged line
         text = (f"not drawn: {', '.join(tex_escape(r) for r in left_out[:6])}"
                 f"{f' and {len(left_out) - 6} more' if len(left_out) > 6 else ''} (no finite, positive {metric} at "
                 f"the step shown, e.g. a run that diverged or stopped before it)") if left_out else \
-            f"nothing to draw: no run has a finite, positive {metric} at the step shown"
+            "" if drawn else f"nothing to draw: no run has a finite, positive {metric} at the step shown"
+        if breaks:
+            text += ("\n" if text else "") + "lines break where a block has no value to draw: " + \
+                "; ".join(breaks[:4]) + (f"; and {len(breaks) - 4} more run(s)" if len(breaks) > 4 else "")
         ax.text(0.01, 0.01, text, transform=ax.transAxes, fontsize=7, color="0.35", va="bottom", ha="left",
                 wrap=True)
     ax.grid(True, which="major", axis="both", color="0.9", lw=0.6)

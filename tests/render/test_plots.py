@@ -368,3 +368,23 @@ def test_configs_given_to_the_report_decide_its_verdicts_and_its_threshold_lines
     P.depth_profile(cifar, S.GRAD_NORM, ax, configs=facts)
     lo, hi = A.rate_thresholds(signal=A.BACKWARD, layers=2.0)
     assert f"x{hi:.3f} per block (2 layers)" in _threshold_lines(ax)["exploding"].get_label()
+
+
+def test_a_profile_breaks_its_line_at_a_nan_block_and_names_the_zero_and_nan_blocks():
+    """A NaN block was dropped, so the line ran straight from the block before it to the block after it, and the
+    zero blocks vanished from the log axis without a word. The line now breaks there, and a note names both."""
+    frame = synthetic(6, 2, {"a": (1.0, 0.5, None)})
+    last = frame[S.STEP] == frame[S.STEP].max()
+    grad = last & (frame[S.METRIC] == S.GRAD_NORM)
+    frame.loc[grad & frame[S.DEPTH].isin([0, 1]), S.VALUE] = 0.0
+    frame.loc[grad & (frame[S.DEPTH] == 4), S.VALUE] = float("nan")
+    fig, ax = plt.subplots()
+    P.depth_profile(frame, S.GRAD_NORM, ax, step="last")
+    line = next(ln for ln in ax.get_lines() if ln.get_label().startswith("a"))
+    depths, ys = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+    assert 4 in depths and np.isnan(ys[list(depths).index(4)])  # a gap, not a bridge from 3 to 5
+    notes = " ".join(t.get_text() for t in ax.texts)
+    assert "lines break where a block has no value to draw: a: zero at depth 0, 1; NaN/inf at depth 4" in notes
+    fig, ax = plt.subplots()
+    P.depth_profile(synthetic(6, 2, {"a": (1.0, 0.5, None)}), S.GRAD_NORM, ax, step="last")
+    assert not ax.texts  # nothing missing: no note

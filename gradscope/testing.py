@@ -149,7 +149,7 @@ def assert_healthy(model: nn.Module, batch: Any, loss_fn: Optional[Callable[...,
         signals: which signals to judge: ``"forward"``, ``"backward"`` or both.
         allow: verdict classes that do not fail (e.g. ``("vanishing",)`` for a known-deep test model).
         vanish, explode: the amplitude change over 54 layers that counts as vanishing / exploding (defaults as in the
-            reports: 0.01 and 100).
+            reports: 0.1 and 10 in amplitude, i.e. 1/100 and 100x in variance).
 
     Returns:
         The verdicts frame (one row per signal), for further assertions of your own.

@@ -193,13 +193,14 @@ def _draw_log_heatmap(m: pd.DataFrame, ax: "Axes", vmin: Optional[float], vmax: 
 
 def heatmap(frame: pd.DataFrame, metric: str, ax: "Axes", *, run: Optional[str] = None,
             vmin: Optional[float] = None, vmax: Optional[float] = None, cbar: bool = True,
-            title: Optional[str] = None) -> "Axes":
-    """Block x step heatmap of ``log10(metric)`` for one run; blocks in depth order, input side at the top."""
+            title: Optional[str] = None, xlabel: str = "training step") -> "Axes":
+    """Block x step heatmap of ``log10(metric)`` for one run; blocks in depth order, input side at the top.
+    ``xlabel`` names what a step is (a frame at initialisation: batches with no update between them)."""
     m = heatmap_matrix(frame, metric, run=run)
     _draw_log_heatmap(m, ax, vmin, vmax, cbar, _cbar_label(metric))
     name = run if run is not None else A.run_names(frame)[0]
     ax.set_title(title or f"{metric} by block and step — {tex_escape(name)}", fontsize=10)
-    ax.set_xlabel("training step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"block (depth order, {len(m)} blocks, input at top)")
     _set_ticks(ax, [str(b) for b in m.index], "y")
     _set_ticks(ax, [str(s) for s in m.columns], "x")
@@ -397,7 +398,8 @@ def _panel_height(n_blocks: int) -> float:
     return float(min(14.0, max(3.5, 1.5 + 0.1 * n_blocks)))
 
 
-def heatmap_figure(frame: pd.DataFrame, metric: str, *, colors: Optional[Mapping[str, tuple]] = None):
+def heatmap_figure(frame: pd.DataFrame, metric: str, *, colors: Optional[Mapping[str, tuple]] = None,
+                   xlabel: str = "training step"):
     """Block x step heatmap(s) of one metric: one panel per run, shared colour scale, one colour bar."""
     runs = [r for r in A.run_names(frame) if not _rows(frame, metric, r).empty]
     colors = colors or run_colors(A.run_names(frame))
@@ -410,7 +412,7 @@ def heatmap_figure(frame: pd.DataFrame, metric: str, *, colors: Optional[Mapping
     fig = new_figure(figsize=(3.0 + 5.0 * ncols, 0.8 + h * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, run in zip(axes.flat, runs):
-        heatmap(frame, metric, ax, run=run, vmin=vmin, vmax=vmax, cbar=False)
+        heatmap(frame, metric, ax, run=run, vmin=vmin, vmax=vmax, cbar=False, xlabel=xlabel)
         ax.title.set_color(text_color(colors[run]))
     for ax in list(axes.flat)[len(runs):]:
         ax.remove()

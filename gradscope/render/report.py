@@ -39,6 +39,8 @@ VERDICTS_CSV, SUMMARY, HTML, CLAIMS, SUMMARY_JSON = "verdicts.csv", "summary.md"
 INIT_VERDICTS_CSV, TRAJECTORY_CSV, POOLED_CSV, LOSSES_CSV = "init_verdicts.csv", "trajectory.csv", "pooled.csv", \
     "losses.csv"
 INIT_RECORDS = "init_records.parquet"
+#: what a step of a frame at initialisation is, on the heatmaps' step axis
+INIT_STEPS = "batch at initialisation (no update between batches)"
 ALERTS_CSV = ALERTS_FILE  # the training alerts of every run: run + gradscope.schema.ALERT_COLUMNS
 #: A recipe study's error curves (analysis.curves.CURVE_COLUMNS), their figure, and the Table 6 comparison.
 ERROR_CURVES_CSV, ERROR_CURVES_PNG, TABLE6_CSV = "error_curves.csv", "error_curves.png", "table6.csv"
@@ -54,7 +56,7 @@ def _save(fig: Any, path: Path, dpi: int) -> Path:
 def draw_figures(frame: pd.DataFrame, out: Path, *, configs: Optional[Mapping[str, Mapping[str, Any]]] = None,
                  step: A.StepArg = None, runs_step: A.StepArg = "first", vanish: float = A.VANISH,
                  explode: float = A.EXPLODE, dpi: int = 100, profiles: Optional[A.Profiles] = None,
-                 theory: bool = True) -> tuple[list[dict[str, str]], list[str]]:
+                 theory: bool = True, steps_label: str = "training step") -> tuple[list[dict[str, str]], list[str]]:
     """Draw every figure the frame allows; return ``(figures, notes)``.
 
     Labels from data are escaped for matplotlib's math text (a ``$`` in a block name is drawn as itself), which
@@ -78,7 +80,7 @@ def draw_figures(frame: pd.DataFrame, out: Path, *, configs: Optional[Mapping[st
             notes.append(f"{metric} is not in the frame, so {', '.join(names)} were not drawn.")
             continue
         what = P.metric_label(metric)
-        _save(P.heatmap_figure(frame, metric, colors=colors), out / names[0], dpi)
+        _save(P.heatmap_figure(frame, metric, colors=colors, xlabel=steps_label), out / names[0], dpi)
         figures.append({"file": names[0], "metric": metric,
                         "caption": f"log10 {metric} ({what}) per block (rows, depth order) and step, per run."})
         if len(runs) > 1:
@@ -169,7 +171,8 @@ def write_folder(results: Results, out: Union[str, Path], *, format: str = "full
                                       step=None if main == INIT else "last", runs_step=runs_step,
                                       vanish=results.thresholds.get("vanish", A.VANISH),
                                       explode=results.thresholds.get("explode", A.EXPLODE), dpi=dpi,
-                                      profiles=results.profiles.get(main), theory=main == INIT)
+                                      profiles=results.profiles.get(main), theory=main == INIT,
+                                      steps_label=INIT_STEPS if main == INIT else "training step")
     if has_curves(results.losses):  # a recipe study: Fig. 6's error curves and Table 6's comparison
         curve_rows = curves(results.losses, results.configs)
         _write_csv(out / ERROR_CURVES_CSV, curve_rows)

@@ -231,12 +231,14 @@ def theory_notes_by_configuration(v: pd.DataFrame, config_of: Dict[str, str]) ->
 
 def trajectory_config_rows(traj: pd.DataFrame, config_of: Dict[str, str]) -> Rows:
     """Over training, one row per configuration and signal: seeds, recorded steps per seed, the share of steps in
-    each class (mean over seeds) and the class of each seed at its last recorded step."""
+    each class (mean over seeds; ``unknown``: the step's fit settled no class, so the five shares add up) and the
+    class of each seed at its last recorded step."""
     rows = [["configuration", "signal", "seeds", "steps", "healthy", "vanishing", "exploding", "diverged",
-             "at the last step"]]
+             "unknown", "at the last step"]]
     t = traj.assign(_config=[config_of.get(str(r), str(r)) for r in traj["run"]])
+    classes = ("healthy", "vanishing", "exploding", "diverged", "unknown")  # the five add up to 100%
     for (config, signal), g in t.groupby(["_config", "signal"], sort=False):
-        pct = [f"{100 * g[f'frac_{c}'].mean():.0f}%" for c in ("healthy", "vanishing", "exploding", "diverged")]
+        pct = [f"{100 * g[f'frac_{c}'].mean():.0f}%" if f"frac_{c}" in g.columns else "—" for c in classes]
         last = g["last_verdict"].astype(str).value_counts()
         rows.append([str(config), str(signal), str(len(g)), str(int(g["n_steps"].max()))] + pct
                     + [", ".join(f"{k} {n}" for k, n in last.items())])

@@ -146,6 +146,10 @@ def rows_table(rows: list, title: str, style_col: int = -1, styles: Optional[dic
     return table
 
 
+#: signal names where a terminal table is short of columns
+_SHORT_SIGNAL = {"forward": "fwd", "backward": "bwd"}
+
+
 def _pick(rows: list, columns: dict) -> list:
     """The named columns of text rows (header first), in the order given, headed by the short names given."""
     idx = [rows[0].index(c) for c in columns if c in rows[0]]
@@ -157,7 +161,7 @@ def fit_table(rows: list, title: str, style_col: int = -1, styles: Optional[dict
     """Like :func:`rows_table`, but a cell too wide for the console folds onto a second line instead of being cut
     with an ellipsis, so every number stays readable at 80 columns; the first column (a name) keeps its width."""
     table = rows_table(rows, title, style_col, styles)
-    table.collapse_padding = True  # two spaces between columns, not three: seven columns fit 80 without a fold
+    table.collapse_padding = True  # two spaces between columns, not three: eight columns fit 80 without a fold
     for column in table.columns:
         column.overflow = "fold"
     if len(rows) > 1:
@@ -223,8 +227,9 @@ def print_results(results: Any, console: Optional[Console] = None) -> None:
     if TRAIN in results.verdicts and results.trajectory is not None and len(results.trajectory):
         rows = _pick(T.trajectory_config_rows(results.trajectory, config_of),
                      {"configuration": "configuration", "signal": "signal", "healthy": "healthy",
-                      "vanishing": "vanish.", "exploding": "explod.", "diverged": "diverged",
+                      "vanishing": "vanish.", "exploding": "explod.", "diverged": "div.", "unknown": "unkn.",
                       "at the last step": "last step (seeds)"})
+        rows = [rows[0]] + [[r[0], _SHORT_SIGNAL.get(r[1], r[1])] + r[2:] for r in rows[1:]]  # eight fit in 80
         console.print(fit_table(rows, "over training: share of recorded steps in each class"))
     if results.alerts is not None:
         if len(results.alerts):

@@ -126,7 +126,7 @@ def test_terminal_is_readable_at_80_columns_with_the_claims_first(results):
 def test_piped_results_carry_no_trailing_spaces_and_no_cell_folds_in_the_training_table(results):
     """Piped (a log, CI, ``tee``), rich padded every table and wrapped line with spaces to 80 columns, and the
     training table's last column folded "exploding 3" onto two lines. The CLI's console trims the lines, and the
-    tables collapse their padding, so the seven training columns fit."""
+    tables collapse their padding, so the eight training columns fit (unknown among them)."""
     from gradscope.render.terminal import console
 
     buf = io.StringIO()
@@ -138,10 +138,25 @@ def test_piped_results_carry_no_trailing_spaces_and_no_cell_folds_in_the_trainin
     assert max(len(line) for line in lines) <= 80 and "\x1b[" not in buf.getvalue()
     from gradscope.render.terminal import fit_table  # the training table's columns, as print_results picks them
 
-    header = ["configuration", "signal", "healthy", "vanish.", "explod.", "diverged", "last step (seeds)"]
+    header = ["configuration", "signal", "healthy", "vanish.", "explod.", "div.", "unkn.", "last step (seeds)"]
     buf = io.StringIO()
     shown = console(buf)
-    shown.print(fit_table([header, ["resnet20-nobn", "backward", "0%", "0%", "100%", "0%", "exploding 3"]], "t"))
+    shown.print(fit_table([header, ["resnet20-nobn", "bwd", "100%", "100%", "100%", "100%", "100%", "exploding 3"]], "t"))
     shown.file.flush()
     row = [line for line in buf.getvalue().splitlines() if "resnet20-nobn" in line]
     assert len(row) == 1 and row[0].endswith("exploding 3") and len(row[0]) <= 80
+
+
+def test_the_per_configuration_training_table_has_an_unknown_column_so_its_shares_add_up():
+    """plain32-bn backward read 38% healthy + 38% vanishing with the other 24% (unknown steps) nowhere: only the
+    per-run table had the column. The per-configuration rows (terminal, summary.md, report.html) now have it."""
+    from gradscope.render import tables as T
+
+    traj = pd.DataFrame([{"run": f"p-s{s}", "signal": "backward", "n_steps": 30, "frac_healthy": 0.38,
+                          "frac_vanishing": 0.38, "frac_exploding": 0.0, "frac_diverged": 0.0, "frac_unknown": 0.24,
+                          "last_verdict": "healthy"} for s in range(3)])
+    rows = T.trajectory_config_rows(traj, {f"p-s{s}": "p" for s in range(3)})
+    cells = dict(zip(rows[0], rows[1]))
+    assert cells["unknown"] == "24%"
+    shares = [float(cells[c].rstrip("%")) for c in ("healthy", "vanishing", "exploding", "diverged", "unknown")]
+    assert sum(shares) == 100

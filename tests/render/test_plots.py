@@ -388,3 +388,19 @@ def test_a_profile_breaks_its_line_at_a_nan_block_and_names_the_zero_and_nan_blo
     fig, ax = plt.subplots()
     P.depth_profile(synthetic(6, 2, {"a": (1.0, 0.5, None)}), S.GRAD_NORM, ax, step="last")
     assert not ax.texts  # nothing missing: no note
+
+
+def test_heatmaps_of_a_frame_at_initialisation_do_not_call_its_batches_training_steps(tmp_path, monkeypatch):
+    """An init-only study's heatmaps labelled their columns "training step", though no update ran between them."""
+    from gradscope.render import report as R
+
+    captured = {}
+    real_save = R._save
+    monkeypatch.setattr(R, "_save", lambda fig, path, dpi: captured.setdefault(path.name, fig) and real_save(
+        fig, path, dpi))
+    frame = synthetic(6, 2, {"a": (1.0, 1.0, None), "b": (1.1, 0.9, None)})
+    R.write_report(frame, tmp_path / "init", phase="init")
+    assert captured["heatmap_grad_norm.png"].axes[0].get_xlabel() == R.INIT_STEPS
+    captured.clear()
+    R.write_report(frame, tmp_path / "train", phase="train")
+    assert captured["heatmap_grad_norm.png"].axes[0].get_xlabel() == "training step"

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 from typing import Any, Union
 
+import numpy as np
 import pandas as pd
 
 from gradscope.store import atomic_write
@@ -17,8 +18,9 @@ def _escape(text: Any) -> str:
 
 
 def sweep_figure(values: pd.DataFrame, fits: pd.DataFrame):
-    """One log-log panel per quantity (at the first depth): value against width per block, the fitted exponent and
-    verdict in the legend. ``values``/``fits``: a SweepResult's frames."""
+    """One log-log panel per quantity (at the first depth): value against width per block, the fitted exponent with
+    the 95% interval its verdict is decided by, and the verdict, in the legend. ``values``/``fits``: a SweepResult's
+    frames."""
     import matplotlib.pyplot as plt
 
     depth = values["depth"].iloc[0] if len(values) else None
@@ -38,11 +40,14 @@ def sweep_figure(values: pd.DataFrame, fits: pd.DataFrame):
             label = _escape(block)
             if len(fit):
                 f = fit.iloc[0]
-                label += f": a={f['exponent']:+.2f}±{f['se']:.2f} ({_escape(f['verdict'])})"
+                interval = (f" [{f['low']:+.2f}, {f['high']:+.2f}]" if np.isfinite(f["low"]) and np.isfinite(f["high"])
+                            else "")
+                label += f": a={f['exponent']:+.2f}{interval} ({_escape(f['verdict'])})"  # the verdict's 95% interval
             ax.plot(b["width"], b["value"], "o-", label=label, lw=1.2, ms=4)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("width")
+        ax.set_ylabel(f"{_escape(q)} (log scale)")
         ax.set_title(f"{q} against width" + ("" if depth is None or pd.isna(depth) else f" (depth {depth})"),
                      fontsize=10)
         ax.legend(fontsize=6)

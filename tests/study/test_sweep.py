@@ -86,3 +86,26 @@ def test_the_figure_and_files(results, tmp_path, monkeypatch):
     png = write_sweep(results["sp"], tmp_path)
     assert png.stat().st_size > 1000 and (tmp_path / "sweep_fits.csv").exists()
     assert math.isfinite(results["sp"].fits["exponent"].iloc[0])
+
+
+def test_the_figure_and_summary_quote_the_interval_the_verdict_is_decided_by(results, monkeypatch):
+    """The legend printed ``a=+0.72±0.26`` (the standard error) where the verdict reads the 95% interval
+    [-0.41, +1.85]; and the y axes had no label. Both now show what decides the verdict."""
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+
+    from gradscope.render.sweep import sweep_figure
+
+    result = results["sp"]
+    fig = sweep_figure(result.values, result.fits)
+    ax = fig.axes[0]
+    quantity = ax.get_title().split(" against")[0]
+    assert ax.get_ylabel() == f"{quantity} (log scale)"
+    fits = result.fits[(result.fits["against"] == "width") & (result.fits["quantity"] == quantity)]
+    fits = fits[fits["depth"] == result.values["depth"].iloc[0]]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    for f in fits.to_dict("records"):
+        want = f"a={f['exponent']:+.2f} [{f['low']:+.2f}, {f['high']:+.2f}] ({f['verdict']})"
+        assert any(want in label for label in labels), (want, labels)
+    assert "±" not in " ".join(labels) and "±" not in result.summary()
+    plt.close(fig)

@@ -387,21 +387,30 @@ class Probe:
                      for metric, on in ((S.BRANCH_VAR, self.m.branch), (S.SHORTCUT_VAR, self.m.shortcut)))
         on_device = rec.reducer is not None  # a collective combines device values at the flush
         pending = [] if on_device else [e for e in rec.buffer if isinstance(e.values, torch.Tensor)]
-        if T.drain(self.traced, state.next_call, state.step, self.m.forward, subs, rec.add, self._warn_calls,
+        many: Dict[int, int] = {}  # site -> calls in this step, for one warning naming every such block
+        if T.drain(self.traced, state.next_call, state.step, self.m.forward, subs, rec.add,
+                   lambda site, calls: many.__setitem__(site, max(calls, many.get(site, 0))),
                    pending, on_device, self.m.batch and self._batch_step != state.step,
                    lambda site: SH.eager_grad(rec.buffer, state.step, site) if state.calls[site] == 1 else None,
                    self._warn_lost):
             self.compiled = True
+        if many:
+            self._warn_calls(many)
         for order in self._order.values():
             order.zero_()
 
-    def _warn_calls(self, site: int, calls: int) -> None:
+    def _warn_calls(self, calls: Dict[int, int]) -> None:
+        """Once per scope: every block that ran more than once in a compiled step, and what that costs."""
         if not self._warned_calls:
             self._warned_calls = True
-            many = f"; calls after the first {T.MAX_CALLS} share the last call's row" if calls > T.MAX_CALLS else ""
-            warnings.warn(f"gradscope: under torch.compile, block {self.sites[site].name!r} ran {calls} times in a "
-                          f"step; its gradient norms are recorded only for blocks called once per step{many}",
-                          RuntimeWarning, stacklevel=3)
+            names = ", ".join(f"{self.sites[site].name!r} ({n} calls)" for site, n in sorted(calls.items())[:8])
+            more = f" and {len(calls) - 8} more" if len(calls) > 8 else ""
+            over = f"; calls after the first {T.MAX_CALLS} of a step share the last call's forward row" if \
+                max(calls.values()) > T.MAX_CALLS else ""
+            warnings.warn(f"gradscope: under torch.compile, {len(calls)} block(s) ran more than once in step "
+                          f"{self.state.step}: {names}{more}; their gradient norms are recorded only for blocks "
+                          f"called once per step (gradient accumulation: record in eager mode, or compile the "
+                          f"model without gradscope's hooks){over}", RuntimeWarning, stacklevel=4)
 
     def _warn_lost(self, site: int, source: int, why: str) -> None:
         if (source < 0) not in self._warned_lost:  # once per kind (SH.lend, T.drain)

@@ -220,3 +220,24 @@ def test_compiled_batch_size_under_forwards_all_is_the_training_forwards(one_thr
     assert frame.query("metric == 'batch_size'").value.tolist() == [expected, expected]
     if forwards == "all":
         assert sorted(frame.query("step == 1 and block == '0' and metric == 'act_var'").call) == [0, 1]
+
+
+def test_gradient_accumulation_under_compile_names_every_block_it_costs_gradient_rows(one_thread):
+    """Three micro-batches per step: every block ran three times and lost its gradient rows, but the warning named
+    block '0' only, as if the others were fine. It now names each block and how often it ran."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    fast = torch.compile(model, backend="aot_eager")
+    with pytest.warns(RuntimeWarning) as caught:
+        with gradscope.attach(model, blocks=["0", "2", "4"]) as scope:
+            for micro in range(3):
+                torch.manual_seed(micro)
+                fast(torch.randn(4, 6)).pow(2).mean().backward()
+            scope.step()
+    said = [str(w.message) for w in caught if "ran more than once" in str(w.message)]
+    assert len(said) == 1, said
+    assert "3 block(s) ran more than once in step 0: '0' (3 calls), '2' (3 calls), '4' (3 calls)" in said[0]
+    frame = scope.frame()
+    assert not frame["metric"].isin(["grad_norm", "grad_in_norm"]).any()  # what the warning says is gone
+    assert sorted(frame.loc[frame["metric"] == "act_var", "call"].unique()) == [0, 1, 2]  # forward rows per call

@@ -47,11 +47,17 @@ def profile(**options: Any) -> Results:
     train_set = _recipe_data(opts, settings) if opts.recipe else _data(opts, specs)
     if not opts.recipe:
         _check_first(specs, train_set, settings, device)
-    out = _folder(opts.out) if opts.out is not None and rank == 0 else None
-    if out is not None and not opts.resume:  # before provenance.json is written over the other study's
-        from gradscope.study.executors import refuse_recorded
+    out, refusal = None, None
+    if opts.out is not None and rank == 0:
+        try:
+            out = _folder(opts.out)
+            if not opts.resume:  # before provenance.json is written over the other study's
+                from gradscope.study.executors import refuse_recorded
 
-        refuse_recorded(out)
+                refuse_recorded(out)
+        except GradscopeError as exc:
+            refusal = exc
+    _raise_on_every_rank(refusal, rank)
     provenance = _provenance(opts, out, str(device), specs)
     show = reporter(opts.progress) if rank == 0 else None
     try:
@@ -254,6 +260,21 @@ def _init_distributed(device: Any) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank()
+
+
+def _raise_on_every_rank(error: Optional[GradscopeError], rank: int) -> None:
+    """Raise rank 0's refusal of the output folder on every rank: under torchrun the other ranks would otherwise go
+    on into the first collective and end there with a connection error once rank 0 has exited (or wait for the
+    process group's timeout), never saying why."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        said = [str(error) if error is not None else None]
+        dist.broadcast_object_list(said, src=0)
+        if said[0] is not None and error is None:
+            error = GradscopeError(said[0])
+    if error is not None:
+        raise error
 
 
 def rank() -> int:

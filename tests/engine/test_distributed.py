@@ -97,6 +97,12 @@ def test_cli_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"report"') == 1  # one JSON summary: rank 0 alone prints
     assert (tmp_path / "records.parquet").exists()
+    # the same folder again: rank 0 refuses it, and so does rank 1 with the same message (it used to go on into the
+    # first collective and end there with a connection error from gloo once rank 0 had exited, or a timeout)
+    again = [c if c != "--master_port=29517" else "--master_port=29519" for c in cmd]
+    proc = subprocess.run(again, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert proc.stderr.count("already holds the records of a study") == 2, proc.stderr[-3000:]
 
 
 # --- ranks whose buffers differ: an uneven batch, an expert that runs on one rank only -----------------------------

@@ -99,6 +99,8 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
     alerts = AlertLog(alert_rules, on_anomaly, out_path, writer, overflow)  # checked before any file or hook exists
     recorder = Recorder(sites, schedule, out_path, flush_every,
                         reducer=None if combiner is None else combiner.reduce, write_files=writer)
+    if combiner is not None:
+        combiner.depth = recorder.state.depth  # the one dict the frame reads its depths from
     feed = SinkFeed(sinks)  # checked before any hook exists
     scope = Scope(inner, sites, recorder, MetricSet(chosen), optimizer=optimizer, scaler=scaler,
                   on_nonfinite=on_nonfinite, distributed=combiner, sinks=feed.sinks,

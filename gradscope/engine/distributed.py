@@ -21,8 +21,9 @@ received no token), then combined. A recorded step costs one ``all_gather``: eac
 a fingerprint of its layout (which blocks ran, how often, with which metrics) beside its values, padded to a length
 all ranks agreed on; a buffer longer than that (the first recorded step, or more blocks ran) makes every rank gather
 again with a larger one. Where the layouts differ (a mixture of experts that skips an expert on one rank:
-``if rows.numel() == 0: continue``), each block's values combine the ranks that ran it, a warning names the blocks
-that ran on some ranks only, and a block this rank did not run still gets its rows from the ranks that ran it.
+``if rows.numel() == 0: continue``), the ranks exchange their layouts (``all_gather_object``); each block's values
+combine the ranks that ran it, a warning names the blocks that ran on some ranks only, a block this rank did not run
+still gets its rows from the ranks that ran it, and the blocks' depths follow one order merged over the ranks.
 Only rank 0 writes files.
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ class DistributedCombiner:
         self.group = group
         self.replicas = replicas  # ranks holding each parameter shard (FSDP2: 1; HSDP: the replicate size)
         self.names: List[str] = []  # the sites' names, for the warning about layouts that differ (set by attach)
+        self.depth: Dict[int, int] = {}  # the step state's site depths, merged over ranks when layouts differ
         self._warned_layout = False
         self._capacity = 0  # the buffer length every rank pads to: agreed through the gathers, grown when exceeded
 
@@ -86,8 +88,6 @@ class DistributedCombiner:
         ranks only (so every rank's frame holds every block that ran)."""
         import torch.distributed as dist
 
-        from gradscope.engine.recorder import finish_entries
-
         counts = torch.tensor([float(e.count) for e in entries], dtype=torch.float64, device=packed.device)
         local = torch.cat([packed.to(torch.float64), counts])
         layout = layout_of(entries)
@@ -102,10 +102,14 @@ class DistributedCombiner:
         if all(h == heads[0] for h in heads):
             places = [_places(layout)] * self.world_size
         else:
-            layouts: List[Any] = [None] * self.world_size
-            dist.all_gather_object(layouts, layout, group=self.group)
+            shared: List[Any] = [None] * self.world_size
+            dist.all_gather_object(shared, (layout, dict(self.depth)), group=self.group)
+            layouts = [lay for lay, _ in shared]
             places = [_places(lay) for lay in layouts]
             self._warn_layouts(entries, layouts)
+            merged = merge_depths([d for _, d in shared])  # one block order for every rank's frame
+            self.depth.clear()
+            self.depth.update(merged)
             mine = set(layout)
             remote = list(dict.fromkeys(k for lay in layouts for k in lay if k not in mine))
             entries, layout = list(entries) + [_entry_of(k) for k in remote], list(layout) + remote
@@ -126,20 +130,23 @@ class DistributedCombiner:
         return torch.stack(gathered).tolist()  # the one transfer of this recorded step
 
     def _combine_entry(self, entry: Any, key: Tuple[Any, ...], rows: List[List[float]],
-                       places: List[Dict[Tuple[Any, ...], Tuple[int, int, int, int]]]) -> List[float]:
+                       places: List["Places"]) -> List[float]:
         """One entry's global values from the ranks whose buffers hold its key (each finished with its counts)."""
         from gradscope.engine.recorder import finish_entries
 
         raw, counts = [], []
-        for row, place in zip(rows, places):
-            if key in place:
-                offset, width, index, n_values = place[key]
+        for row, (where, n_values) in zip(rows, places):
+            if key in where:
+                offset, width, index = where[key]
                 raw.append(row[offset:offset + width])
                 counts.append(row[n_values + index])
         if entry.reduce in spec.SHARDED_LAYOUTS:  # combined from raw norms: a ratio of ratios would be wrong
             return spec.combine_shards(raw, entry.reduce, self.replicas)
         finished = [finish_entries([entry], values, [n])[0] for values, n in zip(raw, counts)]
         return _combine(entry, finished, counts, self.world_size)
+
+    def _name(self, site: int) -> str:
+        return repr(self.names[site]) if 0 <= site < len(self.names) else "the loss or parameter metrics"
 
     def _warn_layouts(self, entries: List[Any], layouts: List[Any]) -> None:
         """Once per scope: which blocks ran on some ranks only in this recorded step."""
@@ -148,21 +155,32 @@ class DistributedCombiner:
         self._warned_layout = True
         sites = [{k[1] for k in lay} for lay in layouts]
         partial = sorted(set().union(*sites) - set.intersection(*sites))
-        name = lambda i: self.names[i] if 0 <= i < len(self.names) else str(i)  # noqa: E731
-        where = "; ".join(f"{name(i)!r} on rank(s) {[r for r, s in enumerate(sites) if i in s]}" for i in partial[:6])
+        where = "; ".join(f"{self._name(i)} on rank(s) {[r for r, s in enumerate(sites) if i in s]}"
+                          for i in partial[:6])
         step = entries[0].step if entries else "?"
-        warnings.warn(f"gradscope: in recorded step {step} the ranks did not run the same blocks"
-                      f"{' (' + where + ')' if where else ' (the same blocks, called a different number of times)'}"
-                      f"; each block's values combine the ranks that ran it (a rank's warning that a block did not "
-                      f"run speaks of that rank only; warned once)", RuntimeWarning, stacklevel=4)
+        what = f" ({where})" if where else " (the same blocks, called a different number of times or in another order)"
+        warnings.warn(f"gradscope: in recorded step {step} the ranks did not run the same blocks{what}; each "
+                      f"block's values combine the ranks that ran it, and the frame's depths follow one order "
+                      f"merged over the ranks (warned once)", RuntimeWarning, stacklevel=4)
+
+
+#: where an entry's values lie in one rank's gathered row: key -> (offset, width, index among the counts), and
+#: where the counts start
+Places = Tuple[Dict[Tuple[Any, ...], Tuple[int, int, int]], int]
 
 
 def layout_of(entries: List[Any]) -> List[Tuple[Any, ...]]:
     """Each entry's key, in buffer order: (step, site, call, metric group, layout, width, sites of a many-site
-    entry)."""
-    return [(e.step, e.site, e.call, tuple(e.group), e.reduce,
-             e.values.numel() if isinstance(e.values, torch.Tensor) else len(e.values),
-             tuple(e.sites) if e.sites is not None else None) for e in entries]
+    entry, occurrence), unique within a buffer (the occurrence counts entries that agree on everything else)."""
+    seen: Dict[Tuple[Any, ...], int] = {}
+    keys = []
+    for e in entries:
+        base = (e.step, e.site, e.call, tuple(e.group), e.reduce,
+                e.values.numel() if isinstance(e.values, torch.Tensor) else len(e.values),
+                tuple(e.sites) if e.sites is not None else None)
+        seen[base] = seen.get(base, -1) + 1
+        keys.append(base + (seen[base],))
+    return keys
 
 
 def fingerprint(layout: List[Tuple[Any, ...]]) -> int:
@@ -171,21 +189,32 @@ def fingerprint(layout: List[Tuple[Any, ...]]) -> int:
     return int.from_bytes(hashlib.blake2b(repr(layout).encode(), digest_size=8).digest(), "big") >> 12
 
 
+def merge_depths(maps: List[Dict[int, int]]) -> Dict[int, int]:
+    """One depth per site for every rank: sites ordered by their earliest position on any rank (ties: the order
+    the blocks were picked in), numbered from 0. Each rank numbers its blocks by first call, so ranks that route
+    differently disagree, and a block one rank never ran has no depth there."""
+    first: Dict[int, int] = {}
+    for depth in maps:
+        for site, position in depth.items():
+            first[site] = min(position, first.get(site, position))
+    return {site: i for i, site in enumerate(sorted(first, key=lambda site: (first[site], site)))}
+
+
 def _entry_of(key: Tuple[Any, ...]) -> Any:
     """A buffer entry for a block that ran on other ranks only: its key, no values of this rank (count 0)."""
     from gradscope.engine.recorder import Entry
 
-    step, site, call, group, reduce, width, sites = key
+    step, site, call, group, reduce, width, sites, _ = key
     return Entry(step, site, call, group, (0.0,) * width, 0, reduce, list(sites) if sites is not None else None)
 
 
-def _places(layout: List[Tuple[Any, ...]]) -> Dict[Tuple[Any, ...], Tuple[int, int, int, int]]:
-    """key -> (offset of its raw values, their width, its index among the counts, where the counts start)."""
-    places, offset = {}, 0
+def _places(layout: List[Tuple[Any, ...]]) -> Places:
+    """Where each key's raw values and count lie in a row gathered from a rank with this layout."""
+    where, offset = {}, 0
     for index, key in enumerate(layout):
-        places[key] = (offset, key[5], index, 0)
+        where[key] = (offset, key[5], index)
         offset += key[5]
-    return {k: (o, w, i, offset) for k, (o, w, i, _) in places.items()}
+    return where, offset
 
 
 def _combine(entry, values: List[List[float]], n: List[float], world: int) -> List[float]:

@@ -238,7 +238,8 @@ class Scope:
                 if calls == 0 and state.recompute_calls[i] == 0 and i not in replaced]
         if idle:
             self._warned_idle = True
-            warnings.warn(idle_message(self.sites, idle, rec.step, self.model), RuntimeWarning, stacklevel=3)
+            warnings.warn(idle_message(self.sites, idle, rec.step, self.model, ranks=self._dist is not None),
+                          RuntimeWarning, stacklevel=3)
 
     def log_to(self, sink: Any) -> "Scope":
         """Also hand each recorded step's rows to ``sink`` (a callable ``rows -> None``, see

@@ -95,8 +95,9 @@ def find_blocks(model: nn.Module, blocks: BlockSelector = "auto", explain: bool 
     return BlockChoice(sites) if explain else sites
 
 
-def idle_message(sites: List[Site], idle: List[int], step: int, model: nn.Module) -> str:
-    """The one-time warning for picked blocks that did not run in recorded step ``step`` (indices ``idle``): names
+def idle_message(sites: List[Site], idle: List[int], step: int, model: nn.Module, ranks: bool = False) -> str:
+    """The one-time warning for picked blocks that did not run in recorded step ``step`` (indices ``idle``; ``ranks``:
+    under a distributed combiner, where other ranks may have run them): names
     them and says why that happens, so that a block that gives no rows is never silent."""
     parents = {id(child): (name, module) for name, module in model.named_modules() for child in module.children()}
     parts = []
@@ -112,7 +113,9 @@ def idle_message(sites: List[Site], idle: List[int], step: int, model: nn.Module
                    "an expert that received no token)")
         parts.append(f"{site.name!r} ({site.kind}): {why}")
     more = f"; and {len(idle) - 8} more" if len(idle) > 8 else ""
-    return (f"gradscope: {len(idle)} picked block(s) did not run in recorded step {step} and have no rows there: "
+    where = ("on this rank (under DDP a block that ran on another rank still gets its rows from there)" if ranks
+             else "and have no rows there")
+    return (f"gradscope: {len(idle)} picked block(s) did not run in recorded step {step} {where}: "
             + "; ".join(parts) + more)
 
 

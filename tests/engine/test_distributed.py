@@ -135,30 +135,42 @@ def _expert_data():
     return x.split(_SIZES), y.split(_SIZES), route.split(_SIZES)
 
 
+#: per recorded step, whether the experts are routed as _expert_data says (rank 0 -> e0, rank 1 -> e1) or all to e0
+#: on both ranks (the same layout: the single-gather path, with the capacity the first step agreed)
+_ROUTED = (True, False, True)
+
+
+def _routes(step: int):
+    _, _, routes = _expert_data()
+    return routes if _ROUTED[step] else tuple(torch.zeros_like(r) for r in routes)
+
+
 def _uneven_worker(rank: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
         ddp = nn.parallel.DistributedDataParallel(_Experts(), find_unused_parameters=True)
-        xs, ys, routes = _expert_data()
+        xs, ys, _ = _expert_data()
         import warnings
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with gradscope.attach(ddp, blocks=["inp", "e0", "e1", "head"]) as scope:
-                nn.functional.cross_entropy(ddp(xs[rank], routes[rank]), ys[rank]).backward()
-                scope.step()
+            with gradscope.attach(ddp, blocks=["inp", "e0", "e1", "head"], out=Path(out) / "run") as scope:
+                for step in range(len(_ROUTED)):
+                    nn.functional.cross_entropy(ddp(xs[rank], _routes(step)[rank]), ys[rank]).backward()
+                    scope.step()
+                    ddp.zero_grad()
         scope.frame().to_parquet(Path(out) / f"rank{rank}.parquet")
         Path(out, f"warnings{rank}.txt").write_text("\n".join(str(w.message) for w in caught))
     finally:
         dist.destroy_process_group()
 
 
-def _expert_reference() -> dict:
+def _expert_reference(step: int) -> dict:
     """float64, one process: each block's output moments over the rows it saw on any rank, and its gradient norm
     under DDP's global loss (the mean of the ranks' losses)."""
     model = _Experts().double()
-    xs, ys, routes = _expert_data()
+    xs, ys, _ = _expert_data()
     outputs: dict = {}
 
     def keep(name):
@@ -169,7 +181,7 @@ def _expert_reference() -> dict:
 
     for name in ("inp", "e0", "e1", "head"):
         getattr(model, name).register_forward_hook(keep(name))
-    loss = sum(nn.functional.cross_entropy(model(x.double(), r), y) for x, y, r in zip(xs, ys, routes)) / WORLD
+    loss = sum(nn.functional.cross_entropy(model(x.double(), r), y) for x, y, r in zip(xs, ys, _routes(step))) / WORLD
     loss.backward()
     ref = {}
     for name, outs in outputs.items():
@@ -184,14 +196,23 @@ def test_uneven_batches_and_an_expert_on_one_rank_combine_to_the_global_values(t
     """Each rank's sums were finished with this rank's element count (rank 0's act_mean -0.106 and rank 1's -0.177
     for a true -0.128), an expert that ran on one rank only mixed its statistics with the other rank's expert under
     one name, and buffers of different lengths aborted gloo. Every rank now holds the global values of every block
-    that ran anywhere, and a warning names the blocks that ran on some ranks only."""
+    that ran anywhere, the same frame with one depth order, whether the ranks' layouts differ (steps 0 and 2) or
+    not (step 1), and a warning names the blocks that ran on some ranks only."""
     mp.spawn(_uneven_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    ref = _expert_reference()
+    frames = [pd.read_parquet(tmp_path / f"rank{rank}.parquet") for rank in range(WORLD)]
+    pd.testing.assert_frame_equal(frames[0], frames[1])  # every rank holds the same global frame
+    frame = frames[0]
+    assert not frame.duplicated(["step", "block", "metric", "call"]).any()
+    depths = frame.groupby("block")["depth"].unique().to_dict()
+    assert {b: list(d) for b, d in depths.items()} == {"inp": [0], "e0": [1], "e1": [2], "head": [3]}
+    for step in range(len(_ROUTED)):
+        at = frame[frame["step"] == step]
+        got = {(b, m): v for b, m, v in zip(at["block"], at["metric"], at["value"])}
+        for key, want in _expert_reference(step).items():
+            assert key in got, (step, key)
+            assert got[key] == pytest.approx(want, rel=1e-5, abs=1e-9), (step, key, got[key], want)
+        assert (step == 1) == (("e1", "act_mean") not in got)  # step 1 routes nothing to e1, on either rank
+    pd.testing.assert_frame_equal(gradscope.load(tmp_path / "run"), frame)  # what rank 0 wrote
     for rank in range(WORLD):
-        frame = pd.read_parquet(tmp_path / f"rank{rank}.parquet")
-        got = {(b, m): v for b, m, v in zip(frame["block"], frame["metric"], frame["value"])}
-        for key, want in ref.items():
-            assert key in got, (rank, key)
-            assert got[key] == pytest.approx(want, rel=1e-5, abs=1e-9), (rank, key, got[key], want)
         said = (tmp_path / f"warnings{rank}.txt").read_text()
         assert "the ranks did not run the same blocks ('e0' on rank(s) [0]; 'e1' on rank(s) [1])" in said, said

@@ -25,11 +25,13 @@ For each block and metric (default: ``act_var`` and ``grad_norm``, the two verdi
   not proof of equality; the interval says how large a difference the data still allow) or ``unclear`` (no
   interval). Per block: ``differs`` if any of its metrics differs, ``same`` if all are ``same``, else ``unclear``.
   A block present on only one side is ``only in A`` / ``only in B``.
-* **Values a mean of logs cannot hold.** A run whose log metric is exactly zero at a compared step (a dead block,
-  a gradient cut off), or whose value is NaN/inf there, is not dropped: a side that is zero (or non-finite) in every
-  run against one that is positive and finite in every run ``differs`` (``ratio`` 0 or inf for zeros); both zero in
-  every run is ``same``; any other mix is ``unclear``. The ``note`` column says which.
-* **No spread is no evidence.** Runs (or steps) that repeat each other exactly (a run passed twice, a constant
+* **Values a mean of logs cannot hold.** A log metric exactly zero at a compared step (a dead block, a gradient cut
+  off), or a value that is NaN/inf, is not dropped silently: a side zero (or non-finite) at every compared step of
+  every run against a side positive and finite everywhere ``differs`` (``ratio`` 0 when B is the zero side, inf when
+  A is); both sides zero everywhere is ``same``; zeros or NaN at the same steps in every run of both sides (a
+  zero-initialised branch at step 0) leave those steps out of the comparison; any other mix is ``unclear``. The
+  ``note`` column says which.
+* **No spread, no judgement.** Runs (or steps) that repeat each other exactly (a run passed twice, a constant
   metric) give a zero standard error: a nonzero difference is then ``unclear``, never a certain ``differs``.
 """
 from __future__ import annotations
@@ -229,29 +231,47 @@ def _p_value(diff: float, se: float, df: float) -> float:
     return 2.0 * (1.0 - t_cdf(abs(diff) / se, df))
 
 
-def _run_states(d: pd.DataFrame) -> List[str]:
-    """Each run's state over the compared steps: non-finite anywhere, else zero anywhere, else ok."""
-    out = []
-    for _, g in d.groupby(S.RUN, sort=False):
-        states = set(g["state"])
-        out.append(NONFINITE if NONFINITE in states else ZERO if ZERO in states else OK)
+def _bad_steps(d: pd.DataFrame) -> Dict[Any, frozenset]:
+    """Each run's compared steps whose value has no logarithm to average: ``{run: {(step, state), ...}}``."""
+    bad = d[d["state"] != OK]
+    out: Dict[Any, frozenset] = {run: frozenset() for run in pd.unique(d[S.RUN])}
+    for run, g in bad.groupby(S.RUN, sort=False):
+        out[run] = frozenset(zip(g[S.STEP], g["state"]))
     return out
 
 
-def _categorical(a: List[str], b: List[str], labels: Tuple[str, str]) -> Tuple[str, float, str]:
-    """``(verdict, diff, note)`` of a (block, metric) where a run is zero or non-finite (see the module doc)."""
-    sa, sb = set(a), set(b)
-    if sa == sb == {ZERO}:
-        return SAME, 0.0, "exactly zero in every run of both sides"
-    for side, mine, other, sign in ((labels[1], sb, sa, -1.0), (labels[0], sa, sb, 1.0)):
-        if other == {OK} and len(mine) == 1 and mine != {OK}:
-            state = mine.pop()
-            diff = sign * math.inf if state == ZERO else math.nan
-            what = "exactly zero at a compared step" if state == ZERO else "NaN or inf at a compared step"
-            return DIFFERS, diff, f"{side} is {what} in every run, the other side positive and finite in every run"
-    parts = [f"{state} in {n} of {len(runs)} run(s) of {side}" for side, runs in ((labels[0], a), (labels[1], b))
-             for state in (ZERO, NONFINITE) if (n := runs.count(state))]
-    return UNCLEAR, math.nan, "; ".join(parts) + ": no mean of logs, and the runs do not agree"
+def _degenerate(da: pd.DataFrame, db: pd.DataFrame,
+                labels: Tuple[str, str]) -> Optional[Tuple[str, float, str, Optional[frozenset]]]:
+    """How a (block, metric) with a zero or NaN value is decided (see the module doc): ``(verdict, diff, note,
+    None)`` when the zeros decide it, ``("", nan, note, steps)`` when ``steps`` (zero or NaN at the same steps in
+    every run of both sides) are left out and the rest is compared as usual; None when every value is usable."""
+    bad_a, bad_b = _bad_steps(da), _bad_steps(db)
+    if not any(bad_a.values()) and not any(bad_b.values()):
+        return None
+    every = {label: {state for state in (ZERO, NONFINITE) if (d["state"] == state).all()}
+             for label, d in ((labels[0], da), (labels[1], db))}
+    clean = {labels[0]: not any(bad_a.values()), labels[1]: not any(bad_b.values())}
+    if every[labels[0]] == every[labels[1]] == {ZERO}:
+        return SAME, 0.0, "exactly zero at every compared step of both sides", None
+    if every[labels[0]] == every[labels[1]] == {NONFINITE}:
+        return UNCLEAR, math.nan, "NaN or inf at every compared step of both sides", None
+    for side, other, sign in ((labels[1], labels[0], -1.0), (labels[0], labels[1], 1.0)):
+        if every[side] and clean[other]:
+            zero = ZERO in every[side]
+            what = "exactly zero" if zero else "NaN or inf"
+            return (DIFFERS, sign * math.inf if zero else math.nan,
+                    f"{side} is {what} at every compared step of every run, {other} positive and finite", None)
+    shared = set(bad_a.values()) | set(bad_b.values())
+    if len(shared) == 1:  # the same steps in every run of both sides (a zero-initialised branch at step 0)
+        steps = next(iter(shared))
+        if len({step for step, _ in steps}) < da[S.STEP].nunique():
+            words = ", ".join(f"{step} ({state})" for step, state in sorted(steps, key=str)[:6])
+            return "", math.nan, f"step(s) {words} left out: the same in every run of both sides", steps
+    counts = [f"{sum(len(v) for v in bad.values())} of {len(d)} value(s) of {side}"
+              for side, bad, d in ((labels[0], bad_a, da), (labels[1], bad_b, db)) if any(bad.values())]
+    return UNCLEAR, math.nan, (f"zero or NaN at {' and '.join(counts)}, not at the same steps: no mean of logs "
+                               f"decides it; compare the steps where both are positive (steps=...) or read the "
+                               f"values"), None
 
 
 @dataclass
@@ -423,13 +443,16 @@ def _table(va: pd.DataFrame, vb: pd.DataFrame, keys: List[str], alpha: float, co
             row.update(verdict=ONLY_B if da is None else ONLY_A, p=math.nan)
             rows.append(row)
             continue
-        states_a, states_b = _run_states(da), _run_states(db)
-        if set(states_a) != {OK} or set(states_b) != {OK}:
-            verdict, diff, note = _categorical(states_a, states_b, labels)
-            row.update(n_a=len(states_a), n_b=len(states_b), spread="none", diff=diff, verdict=verdict, note=note,
-                       p=math.nan)
-            rows.append(row)
-            continue
+        decided = _degenerate(da, db, labels)
+        if decided is not None:
+            verdict, diff, note, left_out = decided
+            if left_out is None:
+                row.update(n_a=da[S.RUN].nunique(), n_b=db[S.RUN].nunique(), spread="none", diff=diff,
+                           verdict=verdict, note=note, p=math.nan)
+                rows.append(row)
+                continue
+            row["note"] = note
+            da, db = da[da["state"] == OK], db[db["state"] == OK]
         a_runs = da.groupby(S.RUN)[S.VALUE].mean().to_numpy()
         b_runs = db.groupby(S.RUN)[S.VALUE].mean().to_numpy()
         a_steps, b_steps = da[S.VALUE].to_numpy(), db[S.VALUE].to_numpy()
@@ -439,7 +462,8 @@ def _table(va: pd.DataFrame, vb: pd.DataFrame, keys: List[str], alpha: float, co
                    mean_b=float(b_runs.mean()), diff=diff, se=se, df=df, p=_p_value(diff, se, df))
         if se == 0 and diff != 0:
             row["note"] = (f"no spread: the {'steps' if spread == 'steps' else 'runs'} of a side repeat each other "
-                           f"exactly (a run passed twice, a constant value), which is no evidence of a difference")
+                           f"exactly (a run passed twice, a constant value), so the difference cannot be judged "
+                           f"against any noise")
         elif spread == "none":
             row["note"] = "no interval: one run and one step per side"
         rows.append(row)

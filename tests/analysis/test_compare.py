@@ -169,20 +169,49 @@ def test_a_block_gone_to_zero_or_nan_on_one_side_differs_and_is_named(sides):
     dead = compare(kaiming, _set(kaiming_again, 3, "grad_norm", 0.0), labels=("base", "new"))
     row = dead.table[(dead.table["depth"] == 3) & (dead.table["metric"] == "grad_norm")].iloc[0]
     assert row["verdict"] == DIFFERS and row["ratio"] == 0.0 and dead.differs
-    assert row["note"] == "new is exactly zero at a compared step in every run, the other side positive and finite " \
-                          "in every run"
+    assert row["note"] == "new is exactly zero at every compared step of every run, base positive and finite"
     assert "grad_norm at block" in dead.summary() and "new is exactly zero" in dead.summary()
     assert set(dead.blocks["verdict"]) <= {SAME, DIFFERS}  # nothing is "only in A"
+    flipped = compare(_set(kaiming, 3, "grad_norm", 0.0), kaiming_again)
+    assert flipped.table.loc[(flipped.table["depth"] == 3) & (flipped.table["metric"] == "grad_norm"),
+                             "ratio"].item() == math.inf  # A is the zero side: B is infinitely larger
     nan = compare(_set(kaiming, 5, "act_var", float("nan")), kaiming_again)
     row = nan.table[(nan.table["depth"] == 5) & (nan.table["metric"] == "act_var")].iloc[0]
-    assert row["verdict"] == DIFFERS and "A is NaN or inf at a compared step in every run" in row["note"]
+    assert row["verdict"] == DIFFERS and "A is NaN or inf at every compared step of every run" in row["note"]
     one_run = sorted(set(kaiming_again["run"]))[:1]
     mixed = compare(kaiming, _set(kaiming_again, 3, "grad_norm", 0.0, runs=one_run))
     row = mixed.table[(mixed.table["depth"] == 3) & (mixed.table["metric"] == "grad_norm")].iloc[0]
-    assert row["verdict"] == UNCLEAR and row["note"].startswith("zero in 1 of 4 run(s) of B")
-    assert "zero in 1 of 4 run(s) of B" in mixed.summary()
+    assert row["verdict"] == UNCLEAR and row["note"].startswith("zero or NaN at 3 of 12 value(s) of B")
+    assert "not at the same steps" in mixed.summary()
     both = compare(_set(kaiming, 3, "grad_norm", 0.0), _set(kaiming_again, 3, "grad_norm", 0.0))
     assert both.table.loc[(both.table["depth"] == 3) & (both.table["metric"] == "grad_norm"), "verdict"].item() == SAME
+    both_nan = compare(_set(kaiming, 3, "grad_norm", float("nan")), _set(kaiming_again, 3, "grad_norm", float("nan")))
+    row = both_nan.table[(both_nan.table["depth"] == 3) & (both_nan.table["metric"] == "grad_norm")].iloc[0]
+    assert row["verdict"] == UNCLEAR and row["note"] == "NaN or inf at every compared step of both sides"
+
+
+def test_a_zero_at_some_steps_decides_nothing_alone(sides):
+    """One zero step out of three decided the whole block ("differs", ratio inf, --fail-on differs exiting 3), and
+    zeros at different steps on the two sides read as "same". Now: zeros at the same steps in every run of both
+    sides leave those steps out, and compare the rest; zeros at other steps make the block unclear."""
+    kaiming, kaiming_again, xavier = sides
+    first = kaiming["step"].min()
+
+    def zero_at(frame, step):
+        out = frame.copy()
+        out.loc[(out["depth"] == 3) & (out["metric"] == "grad_norm") & (out["step"] == step), "value"] = 0.0
+        return out
+
+    one_side = compare(zero_at(kaiming, first), kaiming_again)
+    row = one_side.table[(one_side.table["depth"] == 3) & (one_side.table["metric"] == "grad_norm")].iloc[0]
+    assert row["verdict"] == UNCLEAR and "not at the same steps" in row["note"] and not one_side.differs
+    other_steps = compare(zero_at(kaiming, first), zero_at(xavier.assign(value=xavier["value"] * 100), first + 1))
+    row = other_steps.table[(other_steps.table["depth"] == 3) & (other_steps.table["metric"] == "grad_norm")].iloc[0]
+    assert row["verdict"] == UNCLEAR  # never "same" from zeros at different steps
+    aligned = compare(zero_at(kaiming, first), zero_at(kaiming_again, first))
+    row = aligned.table[(aligned.table["depth"] == 3) & (aligned.table["metric"] == "grad_norm")].iloc[0]
+    assert row["verdict"] == SAME and row["note"] == f"step(s) {first} (zero) left out: the same in every run of both sides"
+    assert row["n_a"] == 4 and math.isfinite(row["diff"])  # the other two steps were compared
 
 
 def test_runs_that_repeat_each_other_are_no_evidence_of_a_difference(sides):

@@ -246,14 +246,16 @@ def _summarise(values: np.ndarray, blocks: Sequence[str], position: np.ndarray, 
     factor = math.exp(sign * fit.slope) if not math.isnan(fit.slope) else math.nan
     low, high = factor_interval(fit, signal)
     span = float(x[-1] - x[0]) if v.size >= 2 else 0.0
-    if v.size >= 2 and far == 0 and near > 0:
+    all_zero = bool(np.all(v == 0))
+    if v.size >= 2 and far == 0 and not all_zero:  # gone at the far end, whatever the near end holds
         e2e = 0.0
     elif v.size >= 2 and near == 0 and far != 0:
         e2e = math.inf
     else:
         e2e = factor ** span if not math.isnan(factor) else math.nan
     imin, imax = int(np.argmin(v)), int(np.argmax(v))
-    all_zero = bool(np.all(v == 0))
+    if far == 0:  # of several zero blocks, the one named is the far end, which decides the class
+        imin = v.size - 1 if signal == FORWARD else 0
     if nonfinite_block is not None:
         verdict = DIVERGED
     elif v.size < 2 and not all_zero:

@@ -94,8 +94,8 @@ def sentence(r: Mapping[str, Any]) -> str:
             W.HEALTHY: "stay healthy" if plural else "stays healthy"}.get(verdict, str(verdict))
     rate = rate_text(r.get('factor'), r.get('r2'), r.get('factor_low'), r.get('factor_high'))
     if r.get("min_value") == 0:  # the zero is the finding; the fit only covers the blocks with a positive value
-        text = (f"{head} {verb}{' ' + where if verdict != W.HEALTHY else ''}: zero at {r.get('min_block')}; the fit "
-                f"over the other blocks of {n}: {rate}")
+        text = (f"{head} {verb}: zero at {r.get('min_block')}; the fit over the positive ones of its {n} blocks: "
+                f"{rate}")
     else:
         text = f"{head} {verb}{' ' + where if verdict != W.HEALTHY else ''}: {rate}"
         text += f", {num(r.get('end_to_end'))}x over {n} blocks (from the fit)"

@@ -182,14 +182,14 @@ def test_a_zero_inside_the_profile_is_never_healthy_and_the_sentence_says_where(
         r = row(A.verdicts(f), signal)
         assert r[A.VERDICT] == "vanishing" and r[A.MIN_BLOCK] == "layer.2", (metric, r[A.VERDICT])
         text = A.sentence(r)
-        assert ": zero at layer.2; the fit over the other blocks of 6: x1.00 per block" in text, text
+        assert ": zero at layer.2; the fit over the positive ones of its 6 blocks: x1.00 per block" in text, text
         assert "from the fit" not in text
         other = row(A.verdicts(f), A.BACKWARD if signal == A.FORWARD else A.FORWARD)
         assert other[A.VERDICT] == "healthy"  # the other signal is untouched
     end = frame_with(1.0, 1.0, n_blocks=6)
     end.loc[(end[S.METRIC] == S.GRAD_NORM) & (end[S.DEPTH] == 0), S.VALUE] = 0.0  # the far end of the gradient
     text = A.sentence(row(A.verdicts(end), A.BACKWARD))
-    assert "0x over 6 blocks (from the fit)" not in text and "vanish toward the input: zero at layer.0" in text
+    assert "0x over 6 blocks (from the fit)" not in text and "vanish: zero at layer.0" in text
 
 
 def test_missing_rows_keep_positions():
@@ -355,3 +355,13 @@ def test_a_negative_variance_or_norm_is_refused_not_judged():
     f.loc[(f[S.METRIC] == S.ACT_VAR) & (f[S.DEPTH] == 2) & (f[S.STEP] == 1), S.VALUE] = -1.0
     with pytest.raises(DataError, match=r"act_var is -1.0 at run .*block 'layer.2', step 1"):
         A.verdicts(f)
+
+
+def test_zeros_at_both_ends_vanish_and_name_the_far_end():
+    """act_var zero at the first and the last of six blocks read "stays healthy: zero at layer.0" (the near-end
+    rule needed a positive near end and the interior rule skips the ends). A zero far end is vanishing, named."""
+    f = frame_with(1.0, 1.0, n_blocks=6)
+    f.loc[(f[S.METRIC] == S.ACT_VAR) & f[S.DEPTH].isin([0, 5]), S.VALUE] = 0.0
+    r = row(A.verdicts(f), A.FORWARD)
+    assert r[A.VERDICT] == "vanishing" and r[A.MIN_BLOCK] == "layer.5"
+    assert "vanishes: zero at layer.5" in A.sentence(r)

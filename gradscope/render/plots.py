@@ -273,10 +273,12 @@ def _not_drawn(frame: pd.DataFrame, metric: str, drawn: set) -> List[str]:
 
 
 def _seed_band(g: pd.DataFrame) -> pd.DataFrame:
-    """Per depth over the runs of one configuration: geometric mean (the line), min and max (the band), n."""
+    """Per depth over the runs of one configuration: geometric mean over every seed (the line: none where a seed has
+    no positive value, rather than the mean of the others), min and max (the band), n."""
     wide = g.pivot_table(index=S.DEPTH, columns=S.RUN, values="plotted", aggfunc="mean", dropna=False, sort=True)
-    logs = np.log(wide.where(wide > 0))
-    return pd.DataFrame({"centre": np.exp(logs.mean(axis=1)), "low": wide.min(axis=1), "high": wide.max(axis=1),
+    logs = np.log(wide.where(wide > 0))  # a seed with no value to draw there breaks the line (the note says why)
+    return pd.DataFrame({"centre": np.exp(logs.mean(axis=1, skipna=False)), "low": wide.min(axis=1),
+                         "high": wide.max(axis=1),
                          "n": wide.notna().sum(axis=1)}, index=wide.index)
 
 

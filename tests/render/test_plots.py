@@ -404,3 +404,19 @@ def test_heatmaps_of_a_frame_at_initialisation_do_not_call_its_batches_training_
     captured.clear()
     R.write_report(frame, tmp_path / "train", phase="train")
     assert captured["heatmap_grad_norm.png"].axes[0].get_xlabel() == "training step"
+
+
+def test_a_seed_with_a_zero_block_breaks_its_configurations_line_there():
+    """With several seeds, the line was the geometric mean of the seeds left at a depth: a seed zero there was
+    dropped and the line went on through the others' values (biased up) while the note said it broke."""
+    frame = synthetic(6, 2, {"cfg-s0": (1.0, 0.8, None), "cfg-s1": (1.0, 0.8, None)})
+    frame["config"] = "cfg"
+    last = frame[S.STEP] == frame[S.STEP].max()
+    frame.loc[last & (frame[S.RUN] == "cfg-s0") & (frame[S.METRIC] == S.GRAD_NORM) & (frame[S.DEPTH] == 3),
+              S.VALUE] = 0.0
+    fig, ax = plt.subplots()
+    P.depth_profile(frame, S.GRAD_NORM, ax, step="last", groups={"cfg-s0": "cfg", "cfg-s1": "cfg"})
+    line = next(ln for ln in ax.get_lines() if ln.get_label().startswith("cfg"))
+    depths, ys = list(np.asarray(line.get_xdata(), float)), np.asarray(line.get_ydata(), float)
+    assert np.isnan(ys[depths.index(3)]) and np.isfinite(ys[depths.index(2)])
+    assert "cfg-s0: zero at depth 3" in " ".join(t.get_text() for t in ax.texts)

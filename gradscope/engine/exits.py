@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import weakref
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Dict, Tuple, Union
 
 Handler = Union[Callable[[int, Any], Any], int, None]
 
@@ -33,6 +33,8 @@ class LiveScopes:
         self._previous: Handler = None
         self._registered_exit = False
         self._pid = os.getpid()
+        #: run records a caller completes after detaching (see :meth:`keep_record`): id -> (record, scope)
+        self._records: Dict[int, Tuple[Any, Any]] = {}
 
     def add(self, scope: Any) -> None:
         """Watch ``scope`` (its recorder writes the rows) until :meth:`forget` or until it is collected."""
@@ -47,6 +49,15 @@ class LiveScopes:
 
     def forget(self, scope: Any) -> None:
         self._scopes.pop(id(scope), None)
+
+    def keep_record(self, record: Any, scope: Any) -> None:
+        """Mark ``record`` (a :class:`~gradscope.engine.provenance.Provenance`) interrupted on a SIGTERM until
+        :meth:`drop_record`, with ``scope``'s step and row counts: a callback completes its ``out/provenance.json``
+        only after detaching and writing its report, which takes seconds a SIGTERM may land in."""
+        self._records[id(record)] = (record, scope)
+
+    def drop_record(self, record: Any) -> None:
+        self._records.pop(id(record), None)
 
     def write_all(self) -> None:
         """Every live scope's buffered and in-memory rows to its folder (never raises)."""
@@ -73,17 +84,16 @@ class LiveScopes:
         pool worker terminated) holds copies of the scopes and leaves their records alone."""
         if os.getpid() != self._pid:
             return
-        for scope in list(self._scopes.values()):
+        pairs = [(getattr(scope, "provenance", None), scope) for scope in list(self._scopes.values())
+                 if getattr(scope, "_attached", False)] + list(self._records.values())
+        for record, scope in pairs:
             rec = getattr(scope, "_rec", None)
-            if rec is None or not getattr(scope, "_attached", False):
+            if record is None or rec is None:
                 continue
-            for record in [getattr(scope, "provenance", None), *getattr(scope, "run_records", ())]:
-                if record is None:
-                    continue
-                try:
-                    record.finish(interrupted=True, signal="SIGTERM", steps=rec.step, rows=rec.row_count)
-                except Exception:  # noqa: BLE001 - a handler on the way to dying must not raise
-                    pass
+            try:
+                record.finish(interrupted=True, signal="SIGTERM", steps=rec.step, rows=rec.row_count)
+            except Exception:  # noqa: BLE001 - a handler on the way to dying must not raise
+                pass
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.write_all()

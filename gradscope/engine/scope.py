@@ -51,8 +51,6 @@ class Scope:
         self._losses_seen = 0
         self._sinks = SinkFeed(sinks)
         self.provenance: Optional[Provenance] = None  # with out=: the folder's provenance.json
-        #: records of the same run kept by a caller (a callback's ``out/provenance.json``): a SIGTERM marks them too
-        self.run_records: List[Provenance] = []
         self._error: Optional[BaseException] = None
         self.sites = sites
         self._rec = recorder

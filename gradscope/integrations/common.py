@@ -12,7 +12,7 @@ import pandas as pd
 from gradscope import schema as S
 from gradscope.engine.provenance import Provenance, device_of
 from gradscope.engine.attach import attach
-from gradscope.engine.scope import Scope
+from gradscope.engine.scope import LIVE, Scope
 from gradscope.engine.sinks import check_sinks
 from gradscope.errors import GradscopeError
 
@@ -153,7 +153,7 @@ class Session:
             self.provenance = Provenance(self.out, self.made_by, settings, seeds=seeds, device=device_of(model),
                                          libraries=(self.made_by,))
             self.provenance.start()
-            self.scope.run_records.append(self.provenance)  # a SIGTERM marks it too (engine/exits.py)
+            LIVE.keep_record(self.provenance, self.scope)  # a SIGTERM before finish() marks it (engine/exits.py)
         return self.scope
 
     def step(self) -> None:
@@ -195,6 +195,7 @@ class Session:
             finally:
                 if self.provenance is not None:
                     self.provenance.finish(error, steps=scope.current_step, rows=len(self._frame))
+                    LIVE.drop_record(self.provenance)
         return self.report_path
 
 

@@ -132,3 +132,37 @@ def test_a_sigterm_marks_the_callbacks_own_provenance_interrupted(tmp_path):
         assert record["steps"] >= done
     assert json.loads((tmp_path / "gs" / "provenance.json").read_text())["made_by"] == "transformers"
     assert sorted(gradscope.load(tmp_path / "gs" / "records").step.unique())[:done] == list(range(done))
+
+
+def test_a_sigterm_while_the_callback_writes_its_report_marks_its_provenance_interrupted(tmp_path):
+    """The callback detaches, then writes its report (seconds of figures), then completes out/provenance.json: a
+    SIGTERM in between found no attached scope and left the record saying "running"."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    script = _SIGTERM_SCRIPT.format(root=root, hf=str(tmp_path / "hf"), out=str(tmp_path / "gs")).replace(
+        "max_steps=1000", "max_steps=3").replace(
+        "from gradscope.integrations.transformers import GradscopeCallback",
+        "from gradscope.integrations.transformers import GradscopeCallback\n"
+        "import time, gradscope.render.report as report\n"
+        "def slow(*args, **kwargs):\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(120)\n"
+        "report.write_report = slow")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line or line.strip() == "writing":
+            break
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM
+    record = json.loads((tmp_path / "gs" / "provenance.json").read_text())
+    assert record["status"] == "interrupted" and record["signal"] == "SIGTERM" and record["steps"] == 3, record

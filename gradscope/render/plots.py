@@ -301,15 +301,14 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
     and dash-dotted black) are drawn on relative profiles, where the far end of a curve can be read against them.
     """
     ref = REFERENCE_END.get(metric) if relative == "auto" else relative
-    facts = configs  # the name ``configs`` is the drawn configurations below
     pm = profile_matrix(frame, metric, step=step, relative=relative, profiles=profiles)
     config_of = run_configurations(frame, groups)
     drawn = set(pm[S.RUN])
-    configs = list(dict.fromkeys(c for r, c in config_of.items() if r in drawn))
-    colors = colors or run_colors(configs)
+    shown = list(dict.fromkeys(c for r, c in config_of.items() if r in drawn))
+    colors = colors or run_colors(shown)
     markers = "osD^v<>phX*"
     drew_theory = drew_band = False
-    for i, config in enumerate(configs):
+    for i, config in enumerate(shown):
         runs = [r for r, c in config_of.items() if c == config and r in drawn]
         color = colors.get(config, colors.get(runs[0], (0.3, 0.3, 0.3)))
         band = _seed_band(pm[pm[S.RUN].isin(runs)])
@@ -341,7 +340,7 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
         # the cut the verdicts judge these runs by: squared for a variance, per layer times layers per block
         signal = A.FORWARD if metric in VARIANCE_METRICS else A.BACKWARD
         layers = A.block_layers(frame[frame[S.RUN].astype(str).isin(drawn)] if S.RUN in frame.columns else frame,
-                                facts)
+                                configs)
         cut = A.drawn_thresholds((n for n, _ in layers.values()), signal, vanish, explode)
         if cut is not None:
             lo, hi, n = cut
@@ -366,9 +365,9 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
         labels.append("theory (dashed, in the line's colour)")
     how = "geometric mean over the recorded batches" if step is None else f"step {step}"
     direction = {S.ACT_VAR: "forward signal: ", S.GRAD_NORM: "backward gradient: "}.get(metric, "")
-    names = ", ".join(tex_escape(c) for c in configs[:4]) + (f" and {len(configs) - 4} more (legend)"
-                                                            if len(configs) > 4 else "")
-    what = "configuration" if len(configs) < len(drawn) else "run"
+    names = ", ".join(tex_escape(c) for c in shown[:4]) + (f" and {len(shown) - 4} more (legend)"
+                                                          if len(shown) > 4 else "")
+    what = "configuration" if len(shown) < len(drawn) else "run"
     ax.set_title(f"{direction}{metric} across depth ({how})\n{what}s: {names or 'none drawn'}", fontsize=10)
     left_out, breaks = _not_drawn(frame, metric, drawn), _breaks(pm)
     if left_out or not drawn or breaks:  # say who is missing and why, instead of an empty, thinner or bridged line
@@ -388,10 +387,17 @@ def depth_profile(frame: pd.DataFrame, metric: str, ax: "Axes", *, step: A.StepA
 
 def _wrapped(label: str, width: int = 56) -> str:
     """An axis label broken into lines of at most ``width`` characters, so a long metric description stays inside
-    a 5-inch-high figure instead of running off both ends."""
+    a 5-inch-high figure instead of running off both ends; a closing "(log scale)" stays whole."""
     import textwrap
 
-    return "\n".join(textwrap.wrap(label, width, break_long_words=False)) or label
+    head, tail = (label[:-len("(log scale)")].rstrip(), "(log scale)") if label.endswith("(log scale)") else (label, "")
+    lines = textwrap.wrap(head, width, break_long_words=False) or [head]
+    if tail:
+        if len(lines[-1]) + 2 + len(tail) <= width:
+            lines[-1] += "  " + tail
+        else:
+            lines.append(tail)
+    return "\n".join(lines)
 
 
 # --- whole figures (used by the report) -----------------------------------------------------------------------
@@ -452,7 +458,8 @@ def runs_figure(frame: pd.DataFrame, metric: str, *, step: A.StepArg = "first",
 def profile_figure(frame: pd.DataFrame, metric: str, *, step: A.StepArg = None, vanish: float = A.VANISH,
                    explode: float = A.EXPLODE, colors: Optional[Mapping[str, tuple]] = None,
                    predicted: Optional[Mapping[str, Sequence[float]]] = None, profiles: Optional[A.Profiles] = None,
-                   groups: Optional[Mapping[str, str]] = None, configs: Optional[Mapping[str, Mapping[str, Any]]] = None):
+                   groups: Optional[Mapping[str, str]] = None,
+                   configs: Optional[Mapping[str, Mapping[str, Any]]] = None):
     """Depth profile of one metric, every configuration (with its seed band) in one axes."""
     fig = new_figure(figsize=(10, 5), layout="constrained")
     ax = fig.subplots()

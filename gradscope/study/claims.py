@@ -120,6 +120,11 @@ def _pairs(pooled: Any, signal: str, configs: Dict[str, Dict[str, Any]]) -> List
     return [(r, twins.get(_twin_key(configs.get(r["runs"][0], {})))) for r in (plain or with_bn)]
 
 
+def _which(pairs: List[Tuple[dict, Optional[dict]]]) -> str:
+    """"plain", or "residual" where no plain BN net was measured and the residual ones answer."""
+    return "residual" if pairs and all(bn["residual"] for bn, _ in pairs) else "plain"
+
+
 def _residual_note(pairs: List[Tuple[dict, Optional[dict]]]) -> str:
     """What the evidence must say when no plain BN net was measured and the residual ones answer instead."""
     if pairs and all(bn["residual"] for bn, _ in pairs):
@@ -184,7 +189,8 @@ def forward_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: Any = N
     tt = _trajectory_text(traj, trained, "forward")
     if tt:
         text += f"; over training (BN runs): {tt}"
-    how = ("plain BN configurations at initialisation, pooled over seeds, each beside its no-BN twin; " + why)
+    how = (f"{_which(pairs)} BN configurations at initialisation, pooled over seeds, each beside its no-BN twin; "
+           + why)
     return Claim("bn_forward", statement, answer, text, "init", how=how)
 
 
@@ -205,8 +211,8 @@ def backward_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: Any = 
     if exploding:
         text += (f" — with BN the gradients grow toward the input rather than vanish, in {', '.join(exploding)} "
                  f"(Yang et al. 2019: BatchNorm's gradient explosion at initialisation)")
-    how = ("per-layer classes of the plain BN configurations at initialisation, pooled over seeds, each beside its "
-           "no-BN twin; " + why)
+    how = (f"per-layer classes of the {_which(pairs)} BN configurations at initialisation, pooled over seeds, each "
+           f"beside its no-BN twin; " + why)
     return Claim("bn_backward", BACKWARD_STATEMENT, answer, text, "init", how=how)
 
 
@@ -284,7 +290,7 @@ def backward_train_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: 
         f"{bn['group']} {_trajectory_text(traj, bn['runs'], 'backward')}{_split_text(h)}"
         + (f"; its no-BN twin {twin['group']} healthy in {100 * sum(x for x, _ in th) / len(th):.0f}% of "
            f"recorded steps{_split_text(th)}" if th else "; its no-BN twin was not trained")
-        for bn, twin, h, th in shares)
+        for bn, twin, h, th in shares) + _residual_note([(bn, twin) for bn, twin, *_ in shares])
     bad = [g for g, s in state.items() if s == MOSTLY_NOT]
     split = [g for g, s in state.items() if s == SPLIT]
     unsettled = [g for g, s in state.items() if s == NOT_SETTLED]
@@ -313,8 +319,9 @@ def backward_train_claim(pooled: Any, configs: Dict[str, Dict[str, Any]], traj: 
     else:
         answer, why = UNCLEAR, ("healthy with BN, and the trained no-BN twins too: the measurement cannot tell them "
                                 "apart")
-    how = ("share of recorded training steps whose per-layer class is healthy, per seed of each plain BN "
-           "configuration (every seed must agree), against the trained no-BN twins; raw gradient norms of BN nets "
+    how = (f"share of recorded training steps whose per-layer class is healthy, per seed of each "
+           f"{_which([(bn, twin) for bn, twin, *_ in shares])} BN configuration (every seed must agree), against the "
+           f"trained no-BN twins; raw gradient norms of BN nets "
            "also shrink as their weights grow (scale invariance): update_ratio in the records is the scale-free "
            "view; " + why)
     return Claim("bn_backward_train", BACKWARD_STATEMENT, answer, text, "train", how=how)

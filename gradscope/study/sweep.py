@@ -104,8 +104,9 @@ class SweepResult:
         for q, g in width_fits.groupby("quantity", sort=False):
             stable = int((g["verdict"] == STABLE).sum())
             worst = g.loc[g["exponent"].abs().idxmax()] if g["exponent"].notna().any() else None
-            tail = "" if worst is None else (f"; largest |exponent| {worst['exponent']:+.2f} (95% "
-                                             f"[{worst['low']:+.2f}, {worst['high']:+.2f}]) at block "
+            interval = (f" (95% [{worst['low']:+.2f}, {worst['high']:+.2f}])" if worst is not None and
+                        np.isfinite(worst["low"]) and np.isfinite(worst["high"]) else " (no interval)")
+            tail = "" if worst is None else (f"; largest |exponent| {worst['exponent']:+.2f}{interval} at block "
                                              f"{worst['block']!r} ({worst['verdict']})")
             lines.append(f"{q}: {stable} of {len(g)} block fits stable in width{tail}")
         values = self.values["value"].astype(float)

@@ -242,8 +242,8 @@ def _decide(g: dict, worse_answer: str, fine_answer: str) -> Tuple[str, str]:
     margin = q.margin
     if g["n"] < 2 and g["diverged"]:  # the seeds were run; divergence left too few pairs
         return UNCLEAR, (f"{len(g['diverged'])} run(s) diverged (NaN loss: {', '.join(g['diverged'])}), leaving "
-                         f"{g['n']} seed(s) with both depths finite, too few for a spread; a divergence at this "
-                         f"learning rate says nothing about depth: lower it (--lr) and compare again")
+                         f"{g['n']} seed(s) with both depths finite, too few for a spread, so the gap cannot be "
+                         f"measured; at a lower learning rate (--lr) both depths may finish and be compared")
     if g["n"] < 2:
         return UNCLEAR, "one seed gives no spread (run --seeds 0,1,2 or more)"
     if g["identical"]:

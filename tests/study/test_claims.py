@@ -147,7 +147,7 @@ def test_a_deep_net_that_diverged_in_every_seed_gets_advice_about_divergence_not
     c = degradation_claim(cfg, finals, CAVEAT)
     assert c.answer == "unclear" and "--seeds" not in c.how
     assert "3 run(s) diverged (NaN loss: plain56-bn, plain56-bn-s1, plain56-bn-s2), leaving 0 seed(s)" in c.how
-    assert "lower it (--lr)" in c.how
+    assert "so the gap cannot be measured; at a lower learning rate (--lr)" in c.how
     one = degradation_claim(cfg, losses([1.27], [0.0], seeds=(0,)), CAVEAT)
     assert "one seed gives no spread (run --seeds 0,1,2 or more)" in one.how  # no divergence: the old advice
 
@@ -405,6 +405,10 @@ def test_bn_claims_answered_from_residual_nets_say_so_and_drop_the_plain_net_not
     assert "no plain BN net was measured: answered from the residual nets" in c.evidence
     assert "by construction" not in c.evidence
     assert "answered from the residual" not in forward_claim(pool_seeds(init_verdicts()), CFG).evidence
+    assert c.how.startswith("residual BN configurations at initialisation")
+    traj = pd.DataFrame(traj_rows([r[0] for r in rows if "-bn" in r[0]], 0.9))
+    over = backward_train_claim(pool_seeds(frame.assign(signal="backward")), cfg, traj)
+    assert "answered from the residual nets" in over.evidence and "each residual BN configuration" in over.how
 
 
 def test_over_training_unknown_steps_decide_nothing():

@@ -59,6 +59,7 @@ class GradWatch:
         def grad_hook(grad: torch.Tensor) -> None:
             if grad is None or not owner.alive:  # a backward after detach() records nothing
                 return None
+            state.grads_seen = True
             value = _unscaled(squared_norm(grad), scale, state)
             if readable(value):  # on the CPU a host float is cheaper to keep than a tensor
                 value = (value.item(),)

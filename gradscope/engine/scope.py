@@ -26,6 +26,7 @@ from gradscope.engine.provenance import Provenance
 from gradscope.engine.exits import LiveScopes
 from gradscope.engine.recorder import Recorder
 from gradscope.engine.sinks import SinkFeed
+from gradscope.engine import misuse
 from gradscope.engine.sites import Site, idle_message
 from gradscope.engine.state import TRAIN
 
@@ -61,6 +62,8 @@ class Scope:
         if self._tracer is not None:
             self._probe.keep, self._nonfinite.trace = self._tracer.keep, self._tracer.trace
         self._warned_silent = False
+        self._warned_misuse = False  # one warning about how the loop calls the scope (engine/misuse.py)
+        self._warned_detached = False
         self._warned_idle = False
         self._attached = False
         self._dist = distributed
@@ -163,6 +166,11 @@ class Scope:
         records and alerts are kept.
         """
         rec = self._rec
+        if not self._attached:
+            if not self._warned_detached:
+                self._warned_detached = True
+                warnings.warn(misuse.step_after_detach(), RuntimeWarning, stacklevel=2)
+            return
         if self._sync is not None and not self._sync():
             # gradient accumulation (accelerate): the optimizer does not step after this micro-batch, so the step
             # stays open; its loss joins the mean of the step's micro-batch losses
@@ -219,6 +227,10 @@ class Scope:
                     f"otherwise check that this scope is attached to the model you train.",
                     RuntimeWarning, stacklevel=2)
             self._warn_idle(rec, followed | self._replacements.gone)
+            if rec.state.grad_slots and not rec.state.grads_seen and not self._probe.compiled \
+                    and not self._warned_misuse:  # gradients were watched, and no backward has reached them yet
+                self._warned_misuse = True
+                warnings.warn(misuse.step_before_backward(rec.step), RuntimeWarning, stacklevel=3)
             try:
                 self._flush()
             finally:
@@ -286,6 +298,11 @@ class Scope:
         if not self._attached:
             return
         pending: List[BaseException] = []
+        # every block that ran, ran more than once: several forwards (a block reused inside one forward is not)
+        forwards = min((c for c in self._rec.state.calls if c), default=0)
+        if self._rec.step == 0 and forwards > 1 and not self._warned_misuse:
+            self._warned_misuse = True
+            warnings.warn(misuse.never_stepped(forwards), RuntimeWarning, stacklevel=3)
         try:
             self._flush(pending.append)
             self._rec.write_part()

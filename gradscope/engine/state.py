@@ -47,6 +47,7 @@ class StepState:
         self.root_checked = False  # the model's blocks were checked for replacements in this step
         self.forward_seen = False  # a forward ran in this step (recorded or not; see Scope._watch_optimizer)
         self.grad_scale: Optional[torch.Tensor] = None  # GradScaler scale seen by this step's backward
+        self.grads_seen = False  # a gradient hook of this step's blocks ran (engine/misuse.py: step before backward)
 
     # ---- written by hooks ----------------------------------------------------------------------------------------
     def next_call(self, site: int) -> int:

@@ -255,3 +255,42 @@ def test_a_loss_that_is_nan_from_the_start_still_gets_its_report_and_the_fail_on
     assert "diverged" not in set(init[init.signal == "forward"].verdict)
     later = verdicts[(verdicts.phase == "train") & (verdicts.step == 2)]  # NaN weights after a NaN update
     assert set(later.verdict) == {"diverged"}
+
+
+USER_NETS = '''
+import torch
+from torch import nn
+
+
+def _mlp():
+    torch.manual_seed(0)
+    layers = [nn.Flatten()]
+    for i in range(4):
+        lin = nn.Linear(3 * 8 * 8 if i == 0 else 32, 32)
+        nn.init.constant_(lin.bias, 0.5)
+        layers += [lin, nn.GELU()]
+    return nn.Sequential(*layers, nn.Linear(32, 10))
+
+
+def mlp_custom():
+    return _mlp()
+
+
+def resnet20():
+    return _mlp()
+'''
+
+
+@pytest.mark.parametrize("factory", ["mlp_custom", "resnet20"])
+def test_a_users_model_named_like_a_builtin_net_gets_no_builtin_theory(tmp_path, capsys, factory):
+    """The theory's family came from the model's name: a factory called ``mlp_custom`` crashed the profile with an
+    internal error (its init unknown), and one called ``resnet20`` was judged against the built-in ResNet's theory.
+    A user's model now gets "no theory", whatever its factory is called."""
+    path = tmp_path / "nets.py"
+    path.write_text(USER_NETS)
+    code = main(["profile", "--model", f"{path}:{factory}", "--input-shape", "3,8,8", "--init-only", "--seeds", "0",
+                 "--batch-size", "16", "--train-size", "64", "--quiet", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    verdicts = pd.read_csv(tmp_path / "out" / "init_verdicts.csv")
+    assert set(verdicts["theory_note"]) == {f"no theory for model {factory!r}"}
+    assert verdicts["agreement"].isna().all()

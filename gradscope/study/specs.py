@@ -76,9 +76,12 @@ class RunSpec:
 
     def facts(self) -> Dict[str, Any]:
         """The run's facts as the frame's config columns and the report's configs carry them."""
-        return {"config": self.config, "seed": self.seed, "model": self.model, "bn": self.bn,
-                "residual": self.residual, "shortcut": self.shortcut if self.residual else None,
-                "init": self.init, "depth": self.depth}
+        facts = {"config": self.config, "seed": self.seed, "model": self.model, "bn": self.bn,
+                 "residual": self.residual, "shortcut": self.shortcut if self.residual else None,
+                 "init": self.init, "depth": self.depth}
+        if not self.builtin:  # a user's model named "mlp..." or "resnet20" must not get a built-in net's theory
+            facts["family"] = USER
+        return facts
 
     def build(self) -> nn.Module:
         """The initialised network (weights drawn from ``seed``)."""

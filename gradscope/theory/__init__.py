@@ -56,10 +56,9 @@ def complete_config(config: Mapping[str, Any], n_blocks: Optional[int] = None) -
     if family not in ("cifar", "mlp"):
         return None
     c["family"] = family
-    c.setdefault("activation", "relu")
-    c.setdefault("init", "kaiming")
-    c.setdefault("preact", False)
-    c.setdefault("zero_init_last", False)
+    for key, default in (("activation", "relu"), ("init", "kaiming"), ("preact", False), ("zero_init_last", False)):
+        if c.get(key) is None:  # absent, or an empty config column
+            c[key] = default
     if c.get("residual") is None:
         c["residual"] = bool(m and m.group(1) == "resnet")
     if c.get("bn") is None:

@@ -89,7 +89,10 @@ def _prediction(cfg: Optional[dict], first: Optional[float], n_blocks: int
     full = T.complete_config(cfg, n_blocks)
     if full is None:
         return None, f"no theory for model {cfg.get('name') or cfg.get('model')!r}", {}
-    pred = T.predict(full, forward_start=first, n_blocks=n_blocks)
+    try:
+        pred = T.predict(full, forward_start=first, n_blocks=n_blocks)
+    except ValueError as exc:  # a setting outside the theory (a BN batch under 4 samples): the verdict stands
+        return None, f"no theory: {exc}", full
     if pred is None:
         return None, f"no theory for {full.get('name') or full.get('model')} with this config", full
     size = len(pred.forward or pred.backward or ())
@@ -299,7 +302,7 @@ def _judge(out: pd.DataFrame, group: list[dict[str, Any]]) -> None:
         own = word if id(c) in judged else INCONCLUSIVE  # a seed left out is not part of what agreed
         out.at[i, A.AGREEMENT] = own
         out.at[i, A.REFERENCE] = c["pred"].reference
-        extra = list(c["boundaries"]) + (list(c["pred"].notes) if own != AGREES else [])
+        extra = list(c["boundaries"]) + list(c["pred"].notes)  # the theory's own limits, also beside "agrees"
         head_note = ([f"{INCONCLUSIVE}: this seed diverged or has no finite factor; the configuration's other seeds, "
                       f"judged without it"] if id(c) not in judged and ok else [])
         out.at[i, A.THEORY_NOTE] = "; ".join(head_note + notes + extra)

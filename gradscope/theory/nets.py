@@ -62,11 +62,14 @@ def mlp_prediction(c: dict[str, Any], batch: Optional[float], start: Optional[fl
                             (f"finite width {w}: the log-space rate sits ~{2.5 / w:.3f} below per layer",))
     if act != "relu":
         return None
+    unknown_b = () if batch is not None else \
+        ("batch size unknown (the frame has no batch_size row): predicted at the large-batch limit, which BN at a "
+         "small batch departs from; record batch_size (a default metric) or pass batch_size=",)
     if c["bn"] and not c["residual"]:
         lam = T.bn_relu_rate(batch)
         return T.Prediction(name, T.YANG2019, f"BN-ReLU, {big_b}, gradient independence",
                             (1.0,) * n, tuple(math.sqrt(lam) ** (n - 1 - k) for k in range(n)), 1.0,
-                            math.sqrt(lam), stages)
+                            math.sqrt(lam), stages, unknown_b)
     if c["bn"]:  # x + relu(BN(W x)): De & Smith linear growth; the branch gain falls as 1/variance
         cb = T._batch_terms(batch)[1]
         a = T.bn_relu_variance(batch)
@@ -74,7 +77,8 @@ def mlp_prediction(c: dict[str, Any], batch: Optional[float], start: Optional[fl
         sq = [1.0] + [1.0 + cb / v[k - 1] for k in range(1, n)]
         return T.Prediction(name, T.DESMITH2020, f"branch variance {a:.3f} added per block, {big_b}",
                             tuple(x / v[0] for x in v), _back_from_factors(sq), None, None, stages,
-                            ("linear growth: the per-block factor falls with depth, a geometric fit averages it",))
+                            ("linear growth: the per-block factor falls with depth, a geometric fit averages it",)
+                            + unknown_b)
     g2 = T.weight_gain2(init, w, w, "relu")  # x + relu(W x) without BN: mean and variance recursions
     var, mean = 0.5 - 1 / (2 * T.PI), 1 / math.sqrt(2 * T.PI)  # stem output relu(N(0, 1))
     vs = []

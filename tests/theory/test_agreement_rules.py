@@ -153,3 +153,60 @@ def test_batch_size_reaches_the_theory(one_thread):
     assert recorded.loc["backward", A.PREDICTED_FACTOR] == pytest.approx(math.sqrt(bn_relu_rate(8)), rel=1e-9)
     assert with_batch.loc["backward", A.PREDICTED_FACTOR] == pytest.approx(math.sqrt(bn_relu_rate(8)), rel=1e-9)
     assert limit.loc["backward", A.PREDICTED_FACTOR] == pytest.approx(math.sqrt(bn_relu_rate(None)), rel=1e-9)
+
+
+def _bn_mlp_frame(batch: int, metrics=None):
+    from gradscope.models import build
+
+    model = build("mlp", depth=8, width=256, in_features=32, bn=True, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with gradscope.attach(model, metrics=metrics) as scope:
+        x, y = torch.randn(batch, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        scope.step()
+    return scope.frame(), {"run": dict(model.gradscope_config)}
+
+
+def test_a_setting_outside_the_theory_keeps_its_verdict_and_says_no_theory(one_thread):
+    """A BN MLP at batch 2: verdicts() raised "a BN-ReLU gradient has infinite expected norm below 4 samples" and
+    the measured verdict was lost with it."""
+    frame, configs = _bn_mlp_frame(2)
+    v = gradscope.verdicts(frame, configs=configs).set_index(A.SIGNAL)
+    assert set(v[A.VERDICT]) <= {"healthy", "vanishing", "exploding", "unknown"}
+    assert v[A.AGREEMENT].isna().all()
+    assert v.loc["backward", A.THEORY_NOTE].startswith("no theory: batch=2: a BN-ReLU gradient has infinite")
+
+
+def test_a_prediction_without_the_batch_size_says_it_is_the_large_batch_limit(one_thread):
+    """metrics=["act_var", "grad_norm"] records no batch_size: a batch-8 BN MLP was judged against the large-batch
+    rate and "disagreed", with no word that the batch was unknown."""
+    frame, configs = _bn_mlp_frame(8, metrics=["act_var", "grad_norm"])
+    note = gradscope.verdicts(frame, configs=configs).set_index(A.SIGNAL).loc["backward", A.THEORY_NOTE]
+    assert "batch size unknown (the frame has no batch_size row): predicted at the large-batch limit" in note
+    recorded, _ = _bn_mlp_frame(8)
+    known = gradscope.verdicts(recorded, configs=configs).set_index(A.SIGNAL)
+    assert "batch size unknown" not in known.loc["backward", A.THEORY_NOTE]
+
+
+def test_the_theorys_own_limits_stand_beside_an_agreement(one_thread):
+    """A residual MLP's prediction carries the theory's own warning that measured rates rise above it with depth;
+    it was dropped whenever the answer was "agrees", the answer it qualifies most."""
+    from gradscope.models import build
+
+    frames = []
+    for seed in (0, 1, 2):
+        model = build("mlp", depth=8, width=256, in_features=32, residual=True, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        with gradscope.attach(model) as scope:
+            x, y = torch.randn(64, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            scope.step()
+        frames.append(scope.frame().assign(run=f"res-s{seed}", seed=seed, config="res"))
+    configs = {f"res-s{s}": dict(model.gradscope_config) for s in (0, 1, 2)}
+    v = gradscope.verdicts(pd.concat(frames, ignore_index=True), configs=configs)
+    back = v[v[A.SIGNAL] == A.BACKWARD]
+    from gradscope.theory import complete_config, predict
+
+    own = predict(complete_config(configs["res-s0"], 8), n_blocks=8).notes
+    assert set(back[A.AGREEMENT]) == {"agrees"}  # the case the notes were dropped in
+    assert own and all(all(n in note for n in own) for note in back[A.THEORY_NOTE])

@@ -19,6 +19,7 @@ replay.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -165,6 +166,12 @@ def find_origin(module: nn.Module, name: str, args: Tuple[Any, ...], kwargs: Dic
     return None, None, "the replay gave finite values (randomness such as dropout, or inputs changed since)"
 
 
+def _stepped(ref: "weakref.ref[OpTracer]") -> None:
+    tracer = ref()
+    if tracer is not None:
+        tracer.optimizer_stepped()
+
+
 class OpTracer:
     """Keeps each block's inputs for the current recorded step and finds the operator of the first non-finite one.
 
@@ -181,6 +188,16 @@ class OpTracer:
         self._index = {site.name: i for i, site in enumerate(sites)}
         self.kept: List[List[Tuple[Any, ...]]] = [[] for _ in sites]
         self.done = False
+        # any optimizer's step, also one attach() was not given: the weights a replay would use are then not the
+        # forward's (held weakly, so a scope never detached does not keep its tracer alive through torch's registry)
+        ref = weakref.ref(self)
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self._any_step = register_optimizer_step_post_hook(lambda *args: _stepped(ref))
+
+    def close(self) -> None:
+        """Remove the global optimizer hook (the scope's ``detach()``)."""
+        self._any_step.remove()
 
     def keep(self, site: int, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         """Remember a block call's inputs (references, and the version counters of its positional tensors: an
@@ -217,7 +234,8 @@ class OpTracer:
         self.clear()
         if not calls:
             return OpOrigin(step, block, None, None, "no inputs of this block were kept (a forward without grad, "
-                                                     "or a step that was closed before it was checked)")
+                                                     "a step that was closed before it was checked, or a model "
+                                                     "under torch.compile, whose traced hooks keep none)")
         module = self.sites[site].module
         result: Tuple[Optional[str], Optional[str], str] = (None, None, "")
         for args, kwargs, versions in calls:
@@ -236,6 +254,11 @@ class OpTracer:
             finally:
                 if self.state is not None:
                     self.state.active = active
+            if stepped and before is None and op is None and note.startswith("parameter "):
+                note, changed = ("cannot say: the weights changed after the forward (an optimizer.step() before "
+                                 "scope.step()), so the replay saw the updated, non-finite ones, not the forward's; "
+                                 "pass optimizer= to attach() and keep the update_ratio metric, whose copy of the "
+                                 "weights from before the step the replay uses"), []
             result = (op, where, "; ".join([note] * bool(note) + changed))
             if op is not None:
                 break

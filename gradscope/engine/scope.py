@@ -311,6 +311,8 @@ class Scope:
         finally:
             LIVE.forget(self)
             self._stop_listening()
+            if self._tracer is not None:
+                self._tracer.close()
             self._probe.remove()
             self._rec.state.stop()
             self._watch.remove()

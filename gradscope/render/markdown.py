@@ -75,12 +75,14 @@ def _init_lines(results: Any, config_of: Dict[str, str]) -> List[str]:
     lines: List[str] = []
     if results.pooled is not None and len(results.pooled):
         lines += ["Per configuration (seeds pooled):", ""] + md_table(T.pooled_rows(results.pooled)) + [""]
+        lines += [md_escape(T.PER_BLOCK_UNITS) + ".", ""]
     theory = T.theory_rows(v, config_of)
     if len(theory) > 1:
         lines += ["### Theory beside measurement (initialisation only)", ""] + md_table(theory) + [""]
+        lines += [md_escape(T.MEASURED_STAR) + ".", ""]
         notes = T.theory_notes_by_configuration(v, config_of)
         if notes:
-            lines += _details(f"Where theory and measurement part ({len(notes)})",
+            lines += _details(f"The theory's notes, per configuration ({len(notes)})",
                               [f"- {md_escape(n)}" for n in notes])
     per_run = md_table(T.verdict_rows(v, theory=True)) + [""] + [f"- {md_escape(sentence(r))}"
                                                                 for r in v.to_dict("records")]

@@ -102,13 +102,14 @@ def _init_section(results: Any, config_of: Dict[str, str], charts: Dict[str, Lis
              f'<p class="lead">{e(T.overview(results.frames[INIT]))}</p>',
              _details("How a verdict is decided", f'<p class="note">{e(T.how_text(results.thresholds))}</p>')]
     if results.pooled is not None and len(results.pooled):
-        parts += ["<h3>Per configuration (seeds pooled)</h3>", _table(T.pooled_rows(results.pooled))]
+        parts += ["<h3>Per configuration (seeds pooled)</h3>", _table(T.pooled_rows(results.pooled)),
+                  f'<p class="note">{e(T.PER_BLOCK_UNITS)}.</p>']
     theory = T.theory_rows(v, config_of)
     if len(theory) > 1:
-        parts += ["<h3>Theory beside measurement</h3>", _table(theory)]
+        parts += ["<h3>Theory beside measurement</h3>", _table(theory), f'<p class="note">{e(T.MEASURED_STAR)}.</p>']
         notes = T.theory_notes_by_configuration(v, config_of)
         if notes:
-            parts.append(_details(f"Where theory and measurement part ({len(notes)})",
+            parts.append(_details(f"The theory's notes, per configuration ({len(notes)})",
                                   "<ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>"))
     parts += charts.get("init", [])
     runs = "".join(f'<li class="{e(str(r["verdict"]))}">{e(sentence(r))}</li>' for r in v.to_dict("records"))

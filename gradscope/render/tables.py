@@ -184,6 +184,15 @@ def _geo(values: Any) -> float:
     return float(np.exp(np.log(v).mean())) if len(v) else float("nan")
 
 
+#: the footnote of every theory table: what the starred column is, and why it differs from the verdict's factor
+MEASURED_STAR = ("measured*: the per-block factor fitted within stages, as the theory counts it, geometric mean over "
+                 "seeds; the verdicts' per-block factor is fitted through all blocks, stage boundaries included, so "
+                 "the two differ where a stage boundary changes the signal")
+#: the footnote of the per-configuration verdicts: the units of "per block" and "per layer"
+PER_BLOCK_UNITS = ("per block: forward as a ratio of variances (act_var), backward of norms (grad_norm); per layer: "
+                   "both as an amplitude (a variance's square root) per weight layer, the unit the classes are cut in")
+
+
 def theory_rows(v: pd.DataFrame, config_of: Dict[str, str]) -> Rows:
     """Theory beside measurement at initialisation, one row per configuration and signal (its seeds judged
     together): seeds, the predicted per-block factor, the measured one fitted the same way (geometric mean over

@@ -218,12 +218,14 @@ def print_results(results: Any, console: Optional[Console] = None) -> None:
                                                          "seeds": "seeds", "per block (geo. mean)": "per block",
                                                          "verdict": "verdict"})
             console.print(fit_table(rows, "at initialisation, per configuration", 4))
+            console.print(Text(T.PER_BLOCK_UNITS, style="dim"))
         theory = T.theory_rows(results.verdicts[INIT], config_of)
         if len(theory) > 1:
             rows = _pick(theory, {"configuration": "configuration", "signal": "signal",
                                   "theory (per block)": "theory", "measured* (geo. mean)": "measured*",
                                   "agreement": "agreement"})
             console.print(fit_table(rows, "theory beside measurement (initialisation)", 4, AGREEMENT_STYLES))
+            console.print(Text(T.MEASURED_STAR, style="dim"))
     if TRAIN in results.verdicts and results.trajectory is not None and len(results.trajectory):
         rows = _pick(T.trajectory_config_rows(results.trajectory, config_of),
                      {"configuration": "configuration", "signal": "signal", "healthy": "healthy",

@@ -160,3 +160,37 @@ def test_the_per_configuration_training_table_has_an_unknown_column_so_its_share
     assert cells["unknown"] == "24%"
     shares = [float(cells[c].rstrip("%")) for c in ("healthy", "vanishing", "exploding", "diverged", "unknown")]
     assert sum(shares) == 100
+
+
+def test_theory_and_per_block_tables_say_what_measured_star_and_their_units_are(tmp_path, one_thread):
+    """A newcomer read "x1.11 unknown" in one table and "x1.28 agrees" in the next, with nothing saying that the
+    starred column is fitted within stages, nor that "per block" is a variance ratio forward and a norm ratio
+    backward. Both footnotes now stand under their tables in the terminal, summary.md and report.html."""
+    import torch
+
+    import gradscope
+    from gradscope.models import build
+
+    frames, configs = [], {}
+    for seed in (0, 1):
+        model = build("plain20", bn=False, seed=seed)
+        with gradscope.attach(model) as scope:
+            model(torch.randn(16, 3, 16, 16)).logsumexp(1).mean().backward()
+            scope.step()
+        run = f"plain20-s{seed}"
+        frames.append(scope.frame().assign(run=run, seed=seed, config="plain20"))
+        configs[run] = dict(model.gradscope_config, image_size=16, config="plain20", seed=seed)
+    frame = pd.concat(frames, ignore_index=True)
+    R.write_report(frame, tmp_path, configs=configs, phase="init")
+    summary = (tmp_path / "summary.md").read_text()
+    page = (tmp_path / "report.html").read_text()
+    from gradscope.render.markdown import md_escape
+
+    for note in (T.MEASURED_STAR, T.PER_BLOCK_UNITS):
+        assert md_escape(note) in summary and note.split(";")[0] in page
+    results = R.results_of_frame(frame, configs=configs, phase="init")
+    buf = io.StringIO()
+    shown = Console(file=buf, width=200)
+    print_results(results, shown)
+    text = " ".join(buf.getvalue().split())
+    assert "measured*: the per-block factor fitted within stages" in text and "per block: forward as a ratio" in text

@@ -3,6 +3,7 @@ sinks, the distributed combiner), and the :class:`~gradscope.engine.scope.Scope`
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
@@ -18,7 +19,7 @@ from gradscope.engine.provenance import Provenance, device_of
 from gradscope.engine.recorder import Recorder, Schedule, make_schedule
 from gradscope.engine.scope import LIVE, Scope
 from gradscope.engine.sinks import SinkFeed
-from gradscope.engine.sites import BlockSelector, find_blocks, unwrap_model
+from gradscope.engine.sites import BlockSelector, find_blocks, mixed_layers_message, unwrap_model
 from gradscope.engine.state import EVAL, FORWARDS, TRAIN
 from gradscope.errors import GradscopeError
 
@@ -78,6 +79,9 @@ def attach(model: nn.Module, blocks: BlockSelector = "auto", every: Union[int, S
     inner = unwrap_model(model)
     sharding = check_sharding(inner)
     sites = find_blocks(inner, blocks)
+    mixed = mixed_layers_message(sites) if isinstance(blocks, str) and blocks == "auto" else None
+    if mixed:
+        warnings.warn(mixed, RuntimeWarning, stacklevel=2)
     schedule = make_schedule(every)
     if forwards not in FORWARDS:
         raise GradscopeError(f"forwards={forwards!r} is not one of {FORWARDS}: 'train' records the forwards that "

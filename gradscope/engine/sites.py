@@ -18,7 +18,7 @@ import difflib
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, List, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -117,6 +117,28 @@ def idle_message(sites: List[Site], idle: List[int], step: int, model: nn.Module
              else "and have no rows there")
     return (f"gradscope: {len(idle)} picked block(s) did not run in recorded step {step} {where}: "
             + "; ".join(parts) + more)
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def mixed_layers_message(sites: List[Site]) -> Optional[str]:
+    """The warning for an ``"auto"`` choice that fell back on every module owning parameters and so picked both
+    weight layers and the normalisation layers after them: each is a block, and the profile alternates between a
+    layer's output and its normalised output (a zigzag no rate fits). None when that is not the case."""
+    if not sites or any(s.rule != "own-parameters" for s in sites):
+        return None
+    norms = [s for s in sites if isinstance(s.module, _NORMS)]
+    others = [s for s in sites if not isinstance(s.module, _NORMS)]
+    if not norms or len(others) < 2:
+        return None
+    kinds = sorted({s.kind for s in norms})
+    layer_kinds = sorted({s.kind for s in others})
+    return (f"gradscope: blocks='auto' found no repeated units, so it picked every module that owns parameters: "
+            f"{len(others)} layers ({', '.join(layer_kinds)}) and the {len(norms)} normalisation layers "
+            f"({', '.join(kinds)}) among them, each a block of its own; the depth profile then alternates between a "
+            f"layer's output and its normalised output, and the verdicts may read 'unknown'. Pick one point per "
+            f"layer: blocks=nn.{kinds[0]} (after each normalisation) or blocks=nn.{layer_kinds[0]}.")
 
 
 def kind_of(module: nn.Module) -> str:

@@ -101,3 +101,17 @@ def test_a_frozen_model_has_no_backward_to_miss():
                 scope.step()
 
     assert _said(loop) == []
+
+
+def test_auto_blocks_that_mix_layers_and_their_normalisations_say_so():
+    """A plain Sequential CNN (conv, BN, ReLU, ...) has no repeated units, so "auto" picks every module owning
+    parameters: each conv and each BN a block of its own, and the profile zigzags between them (verdicts
+    "unknown", R² 0.1-0.2 in the report that found it). attach() now says so and what to pick instead."""
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    said = _said(lambda: gradscope.attach(cnn).detach())
+    assert len(said) == 1 and "3 layers (Conv2d, Linear) and the 2 normalisation layers (BatchNorm2d)" in said[0]
+    assert "blocks=nn.BatchNorm2d" in said[0]
+    assert _said(lambda: gradscope.attach(cnn, blocks=nn.BatchNorm2d).detach()) == []
+    assert _said(lambda: gradscope.attach(_model()).detach()) == []  # Linear layers only: nothing mixed

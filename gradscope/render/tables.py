@@ -129,19 +129,28 @@ def theory_notes(v: pd.DataFrame) -> List[str]:
 
 def alert_rows(alerts: pd.DataFrame, limit: int = 20) -> Rows:
     """One row per training alert (the first ``limit``; a last row says how many more): run, step, kind, block
-    first affected, value against threshold. See :mod:`gradscope.engine.alerts`."""
-    rows = [["run", "step", "kind", "block", "value", "threshold", "also affected"]]
+    first affected, the metric and its value against the threshold. See :mod:`gradscope.engine.alerts`."""
+    rows = [["run", "step", "kind", "block", "metric", "value", "threshold", "also affected"]]
     for r in alerts.head(limit).to_dict("records"):
         block = r["block"] if isinstance(r["block"], str) and r["block"] else "(loss)"
         origin = r.get("origin")
         if isinstance(origin, str) and origin:  # a divergence traced to its operator (gradscope.engine.oporigin)
             block += f" (made by {origin})"
         others = r["others"].split() if isinstance(r["others"], str) else []
-        rows.append([str(r[S.RUN]), str(r[S.STEP]), str(r["kind"]), block, num(r["value"], ".4g"),
+        metric = r.get("metric") if isinstance(r.get("metric"), str) and r.get("metric") else "loss"
+        rows.append([str(r[S.RUN]), str(r[S.STEP]), str(r["kind"]), block, metric, num(r["value"], ".4g"),
                      num(r["threshold"], ".4g"), f"{len(others)} block(s)" if others else ""])
     if len(alerts) > limit:
-        rows.append(["...", "", f"{len(alerts) - limit} more in alerts.csv", "", "", "", ""])
+        rows.append(["...", "", f"{len(alerts) - limit} more in alerts.csv", "", "", "", "", ""])
     return rows
+
+
+def alert_metrics(alerts: pd.DataFrame) -> str:
+    """Which metric each kind of alert in ``alerts`` reads (``update_band: update_ratio``), for a table too narrow
+    for a metric column."""
+    pairs = dict.fromkeys((str(k), str(m) if isinstance(m, str) and m else "loss")
+                          for k, m in zip(alerts["kind"], alerts.get("metric", [""] * len(alerts))))
+    return "value: " + "; ".join(f"{k} reads {m}" for k, m in pairs)
 
 
 def alerts_sentence(alerts: Any) -> str:

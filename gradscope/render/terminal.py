@@ -236,8 +236,10 @@ def print_results(results: Any, console: Optional[Console] = None) -> None:
     if results.alerts is not None:
         if len(results.alerts):
             rows = _pick(T.alert_rows(results.alerts, limit=10), {"run": "run", "step": "step", "kind": "kind",
-                                                                 "block": "block", "value": "value"})
+                                                                 "block": "block", "value": "value",
+                                                                 "threshold": "threshold"})
             console.print(fit_table(rows, T.alerts_sentence(results.alerts)))
+            console.print(Text(T.alert_metrics(results.alerts.head(10)), style="dim"))
         else:
             console.print(f"[green]{escape(T.alerts_sentence(results.alerts))}[/green]", highlight=False)
     for note in results.notes:

@@ -194,3 +194,23 @@ def test_theory_and_per_block_tables_say_what_measured_star_and_their_units_are(
     print_results(results, shown)
     text = " ".join(buf.getvalue().split())
     assert "measured*: the per-block factor fitted within stages" in text and "per block: forward as a ratio" in text
+
+
+def test_alert_tables_name_each_alerts_metric_and_threshold():
+    """The terminal showed "update_band stage1.0 4.578e-06" with neither the metric nor the threshold the value
+    broke, and summary.md no metric. The tables now carry both; the terminal says each kind's metric below."""
+    alerts = pd.DataFrame([
+        {"run": "p-s0", "step": 120, "kind": "update_band", "block": "stage1.0", "metric": "update_ratio",
+         "value": 4.578e-6, "threshold": 1e-5, "others": "", "origin": "", "note": ""},
+        {"run": "p-s0", "step": 130, "kind": "loss_spike", "block": "", "metric": "", "value": 3.2,
+         "threshold": 2.4, "others": "", "origin": "", "note": ""}])
+    rows = T.alert_rows(alerts)
+    assert rows[0][4:7] == ["metric", "value", "threshold"]
+    assert rows[1][4:7] == ["update_ratio", "4.578e-06", "1e-05"] and rows[2][4] == "loss"
+    results = R.results_of_frame(pd.DataFrame({S.STEP: [0], S.BLOCK: ["b"], S.DEPTH: [0], S.KIND: ["L"],
+                                               S.METRIC: [S.ACT_VAR], S.VALUE: [1.0], S.CALL: [0]}), phase="train")
+    results.alerts = alerts
+    buf = io.StringIO()
+    print_results(results, Console(file=buf, width=200))
+    text = buf.getvalue()
+    assert "value: update_band reads update_ratio; loss_spike reads loss" in text and "1e-05" in text

@@ -135,7 +135,8 @@ def find_origin(module: nn.Module, name: str, args: Tuple[Any, ...], kwargs: Dic
     if bad_params:
         return None, None, (f"parameter {name + '.' + bad_params[0] if name else bad_params[0]!r} is already "
                             f"non-finite: the NaN came in through the weights")
-    if not _finite(_floats((args, kwargs))):
+    inputs = _floats((args, kwargs))  # the first is the block's input; the others may be masks, where -inf is meant
+    if not _finite(inputs[:1]) or any(bool(torch.isnan(t).any()) for t in inputs[1:]):
         return None, None, "the block's input was already non-finite"
     stack = [name]
     handles = []

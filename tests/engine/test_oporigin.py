@@ -208,3 +208,36 @@ def test_weights_updated_before_scope_step_without_optimizer_are_not_blamed():
             assert alert["origin"] == "" and "the NaN came in through the weights" not in alert["note"]
             assert "cannot say: the weights changed after the forward" in alert["note"]
             assert "pass optimizer= to attach() and keep the update_ratio metric" in alert["note"]
+
+
+class _MaskedBlock(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, -1)
+        a = torch.softmax(q @ k.transpose(1, 2) / 4 + mask, -1) @ v
+        return x + torch.log(self.proj(a))  # the bug: the log of a negative number
+
+
+class _MaskedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.blk, self.head = nn.Linear(8, 16), _MaskedBlock(), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blk(self.emb(x), nn.Transformer.generate_square_subsequent_mask(x.shape[1])))
+
+
+def test_an_additive_mask_with_minus_inf_is_not_a_non_finite_input():
+    """A block given the standard causal mask (-inf above the diagonal) was always reported as "the block's input
+    was already non-finite", so the real bug inside it was never named."""
+    torch.manual_seed(0)
+    net = _MaskedNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gradscope.attach(net, blocks=["emb", "blk", "head"]) as scope:
+            net(torch.randn(4, 6, 8)).pow(2).mean().backward()
+            scope.step()
+    assert scope.first_nonfinite()["operator"] == (0, "aten.log", "blk")

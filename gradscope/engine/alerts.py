@@ -306,8 +306,10 @@ def update_band(step: int, rows: List[Row], band: Optional[Tuple[float, float]],
 
 
 def divergence(step: int, rows: List[Row], loss: Optional[float], gradients: bool = True) -> Optional[Alert]:
-    """The first NaN/Inf of a step: forward activations first (earliest block), then backward gradients (the block
-    nearest the loss), then parameter norms (earliest block), then the loss itself.
+    """The first NaN/Inf of a step, in the order the step computed them: forward activations (earliest block),
+    then the loss (finite activations and a non-finite loss: the NaN came from the loss or its targets, and the
+    backward only carries it), then backward gradients (the block nearest the loss; at a block its output gradient
+    before its input gradient), then parameter norms (earliest block).
 
     ``gradients=False`` (a GradScaler is in use) ignores non-finite gradients: an fp16 gradient that overflows is a
     step the scaler skips while it lowers the scale, and a real divergence still shows in the loss or activations.
@@ -322,16 +324,17 @@ def divergence(step: int, rows: List[Row], loss: Optional[float], gradients: boo
                      for _, block, depth, _, metric, value in rows if _nonfinite_forward(metric, value))
     if forward:
         return _divergence_alert(step, forward)
-    backward = sorted((-depth, block, metric, value) for _, block, depth, _, metric, value in rows
+    backward = sorted(((-depth, metric != S.GRAD_NORM), block, metric, value)
+                      for _, block, depth, _, metric, value in rows
                       if metric in S.BACKWARD_METRICS and not math.isfinite(value))
+    if loss is not None and not math.isfinite(loss):  # before the backward, which starts from it
+        return Alert(step, DIVERGENCE, None, LOSS, loss, math.inf, tuple(dict.fromkeys(b for _, b, _, _ in backward)))
     if backward:
         return _divergence_alert(step, backward)
     params = sorted((depth, block, metric, value) for _, block, depth, _, metric, value in rows
                     if metric in S.PARAM_METRICS and not math.isfinite(value))
     if params:
         return _divergence_alert(step, params)
-    if loss is not None and not math.isfinite(loss):
-        return Alert(step, DIVERGENCE, None, LOSS, loss, math.inf)
     return None
 
 

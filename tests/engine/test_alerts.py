@@ -88,6 +88,19 @@ def test_divergence_in_backward_only_names_the_block_nearest_the_loss():
     assert divergence(3, rows[3:], loss=2.0) is None
 
 
+def test_a_non_finite_loss_with_finite_activations_is_the_origin_not_the_last_block():
+    """A NaN target (or 0/0 in a weighted mean) makes the loss NaN and every gradient after it: the alert named the
+    block nearest the loss with its grad_in_norm, never the loss. The step computes the loss before the backward,
+    so the loss is named, with the blocks its NaN reached."""
+    rows = [(0, b, d, 0, m, math.nan) for d, b in enumerate(BLOCKS) for m in ("grad_norm", "grad_in_norm")]
+    rows += [(0, b, d, 0, "act_var", 1.0) for d, b in enumerate(BLOCKS)]
+    alert = divergence(0, rows, loss=math.nan)
+    assert (alert.block, alert.metric) == (None, "loss") and alert.others == ("d", "c", "b", "a")
+    # a finite loss: the backward's first NaN, and at one block its output gradient before its input gradient
+    alert = divergence(0, [(0, "c", 2, 0, "grad_in_norm", math.nan), (0, "c", 2, 0, "grad_norm", math.nan)], loss=1.0)
+    assert (alert.block, alert.metric) == ("c", "grad_norm")
+
+
 def test_with_a_grad_scaler_overflowing_gradients_are_not_a_divergence():
     rows = [(0, "a", 0, 0, "grad_norm", math.inf), (0, "a", 0, 0, "param_grad_norm", math.inf)]
     assert divergence(0, rows, loss=1.0, gradients=False) is None

@@ -159,6 +159,19 @@ def verdicts(frame: pd.DataFrame, *, step: A.StepArg = None, vanish: float = A.V
     return annotate(out, frame, configs=configs, agree_tol=agree_tol, batch_size=batch_size, profiles=profiles)
 
 
+def trained_from(frame: pd.DataFrame) -> dict[str, int]:
+    """``{run: the first step whose optimizer step changed the weights}`` (a positive ``update_ratio`` row): steps
+    after it measure trained weights, which theory at initialisation does not describe. Runs recorded without the
+    optimizer have no such rows and are taken as they come."""
+    if S.METRIC not in frame.columns:
+        return {}
+    rows = frame[(frame[S.METRIC] == S.UPDATE_RATIO) & (frame[S.VALUE] > 0)]
+    if rows.empty:
+        return {}
+    rows = A.with_run(rows)
+    return {str(run): int(g[S.STEP].min()) for run, g in rows.groupby(S.RUN, sort=False)}
+
+
 def frame_batch_sizes(frame: pd.DataFrame) -> dict[str, int]:
     """``{run: batch size}`` from the frame's ``batch_size`` rows (the hooks saw every recorded batch): the most
     common value over the run's recorded steps (a last, smaller batch does not move it)."""
@@ -198,10 +211,19 @@ def annotate(verdicts: pd.DataFrame, frame: pd.DataFrame, *, configs=None, agree
     first_var = profiles.get(S.ACT_VAR, None)
     preds: dict[str, tuple] = {}
     found: list[dict[str, Any]] = []
+    trained = trained_from(frame)
+    last = {str(run): int(g[S.STEP].max()) for run, g in A.with_run(frame).groupby(S.RUN, sort=False)} \
+        if trained else {}
     for i, row in out.iterrows():
         run, signal = row[S.RUN], row[A.SIGNAL]
         metric, backward = A.SIGNALS[signal][0], signal == A.BACKWARD
         per_step = not pd.isna(row[S.STEP])
+        update = trained.get(str(run))
+        if update is not None and (row[S.STEP] if per_step else last.get(str(run), 0)) > update:
+            out.at[i, A.THEORY_NOTE] = (f"no theory: the weights were updated at step {update} (an update_ratio row) "
+                                        f"before what this verdict measured, and the theory describes "
+                                        f"initialisation; judge a frame's first step (step='first')")
+            continue
         prof = profiles.get(metric, "all" if per_step else None)
         prof = prof[(prof[S.RUN] == run) & ((prof[S.STEP] == row[S.STEP]) if per_step else True)]
         n = int(prof[A.POSITION].max()) + 1 if len(prof) else 0

@@ -210,3 +210,28 @@ def test_the_theorys_own_limits_stand_beside_an_agreement(one_thread):
     own = predict(complete_config(configs["res-s0"], 8), n_blocks=8).notes
     assert set(back[A.AGREEMENT]) == {"agrees"}  # the case the notes were dropped in
     assert own and all(all(n in note for n in own) for note in back[A.THEORY_NOTE])
+
+
+def test_theory_is_not_put_beside_trained_weights(one_thread):
+    """Theory describes initialisation, but a training frame's last step (or all its steps pooled) was judged
+    against it ("agrees" after 150 steps at lr 0.1). Where update_ratio rows show the weights changed before the
+    step measured, the note says so instead; the first step keeps its theory."""
+    from gradscope.models import build
+
+    model = build("mlp", depth=6, width=128, in_features=32, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with gradscope.attach(model, optimizer=opt) as scope:
+        for _ in range(4):
+            x, y = torch.randn(64, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            scope.step()
+            opt.step()
+            opt.zero_grad()
+    configs = {"run": dict(model.gradscope_config)}
+    for step in ("last", None):
+        v = gradscope.verdicts(scope.frame(), configs=configs, step=step)
+        assert v[A.AGREEMENT].isna().all(), step
+        assert all(n.startswith("no theory: the weights were updated at step 0") for n in v[A.THEORY_NOTE]), step
+    first = gradscope.verdicts(scope.frame(), configs=configs, step="first")
+    assert first[A.AGREEMENT].notna().all() and first[A.PREDICTED_FACTOR].notna().all()

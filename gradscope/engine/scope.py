@@ -64,6 +64,7 @@ class Scope:
         self._warned_silent = False
         self._warned_misuse = False  # one warning about how the loop calls the scope (engine/misuse.py)
         self._warned_detached = False
+        self._blocks_ran = False  # a hooked block ran in some closed recorded step (the silent-step warning's cause)
         self._warned_idle = False
         self._attached = False
         self._dist = distributed
@@ -222,10 +223,14 @@ class Scope:
             elif not rec.state.any_block_ran() and not self._warned_silent:
                 self._warned_silent = True
                 warnings.warn(
+                    f"gradscope: no hooked block ran during recorded step {rec.step}, though they ran in an earlier "
+                    f"step: scope.step() was called twice for one training step (once is enough, after backward), "
+                    f"or a step ran no training forward." if self._blocks_ran else
                     f"gradscope: no hooked block ran during recorded step {rec.step}. If the model was "
                     f"torch.compile-d before attach(), its hooks are ignored: attach first, then compile; "
                     f"otherwise check that this scope is attached to the model you train.",
                     RuntimeWarning, stacklevel=2)
+            self._blocks_ran = self._blocks_ran or rec.state.any_block_ran()
             self._warn_idle(rec, followed | self._replacements.gone)
             if rec.state.grad_slots and not rec.state.grads_seen and not self._probe.compiled \
                     and not self._warned_misuse:  # gradients were watched, and no backward has reached them yet

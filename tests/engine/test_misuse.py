@@ -115,3 +115,19 @@ def test_auto_blocks_that_mix_layers_and_their_normalisations_say_so():
     assert "blocks=nn.BatchNorm2d" in said[0]
     assert _said(lambda: gradscope.attach(cnn, blocks=nn.BatchNorm2d).detach()) == []
     assert _said(lambda: gradscope.attach(_model()).detach()) == []  # Linear layers only: nothing mixed
+
+
+def test_step_called_twice_is_named_as_the_likely_cause_not_compile():
+    """A second scope.step() for one training step leaves a recorded step with no forward: the warning led with
+    torch.compile. Once blocks have run in an earlier step, it names calling step() twice instead."""
+    model = _model()
+
+    def loop():
+        with gradscope.attach(model) as scope:
+            model(torch.randn(4, 6)).pow(2).mean().backward()
+            scope.step()
+            scope.step()
+
+    said = _said(loop)
+    assert len(said) == 1 and "scope.step() was called twice for one training step" in said[0]
+    assert "torch.compile" not in said[0]

@@ -246,11 +246,11 @@ def _degenerate(da: pd.DataFrame, db: pd.DataFrame,
     None)`` when the zeros decide it, ``("", nan, note, steps)`` when ``steps`` (zero or NaN at the same steps in
     every run of both sides) are left out and the rest is compared as usual; None when every value is usable."""
     bad_a, bad_b = _bad_steps(da), _bad_steps(db)
-    if not any(bad_a.values()) and not any(bad_b.values()):
+    clean = {labels[0]: not any(bad_a.values()), labels[1]: not any(bad_b.values())}
+    if all(clean.values()):
         return None
     every = {label: {state for state in (ZERO, NONFINITE) if (d["state"] == state).all()}
              for label, d in ((labels[0], da), (labels[1], db))}
-    clean = {labels[0]: not any(bad_a.values()), labels[1]: not any(bad_b.values())}
     if every[labels[0]] == every[labels[1]] == {ZERO}:
         return SAME, 0.0, "exactly zero at every compared step of both sides", None
     if every[labels[0]] == every[labels[1]] == {NONFINITE}:
@@ -460,12 +460,10 @@ def _table(va: pd.DataFrame, vb: pd.DataFrame, keys: List[str], alpha: float, co
         se, df, spread = _noise(a_runs, b_runs, a_steps, b_steps)
         row.update(n_a=int(a_runs.size), n_b=int(b_runs.size), spread=spread, mean_a=float(a_runs.mean()),
                    mean_b=float(b_runs.mean()), diff=diff, se=se, df=df, p=_p_value(diff, se, df))
-        if se == 0 and diff != 0:
-            row["note"] = (f"no spread: the {'steps' if spread == 'steps' else 'runs'} of a side repeat each other "
-                           f"exactly (a run passed twice, a constant value), so the difference cannot be judged "
-                           f"against any noise")
-        elif spread == "none":
-            row["note"] = "no interval: one run and one step per side"
+        why = (f"no spread: the {'steps' if spread == 'steps' else 'runs'} of a side repeat each other exactly (a "
+               f"run passed twice, a constant value), so the difference cannot be judged against any noise"
+               if se == 0 and diff != 0 else "no interval: one run and one step per side" if spread == "none" else "")
+        row["note"] = "; ".join(n for n in (row.get("note", ""), why) if n)  # after any steps left out
         rows.append(row)
     table = pd.DataFrame(rows)
     for col in COLUMNS:

@@ -127,7 +127,7 @@ def _which(pairs: List[Tuple[dict, Optional[dict]]]) -> str:
 
 def _residual_note(pairs: List[Tuple[dict, Optional[dict]]]) -> str:
     """What the evidence must say when no plain BN net was measured and the residual ones answer instead."""
-    if pairs and all(bn["residual"] for bn, _ in pairs):
+    if _which(pairs) == "residual":
         return (" (no plain BN net was measured: answered from the residual nets, whose shortcut carries the signal "
                 "past BN; the paper's claim is about plain nets)")
     return ""
@@ -226,7 +226,7 @@ def _recorded_steps(traj: Any, runs: Sequence[str]) -> int:
 
 
 #: the trajectory columns of the classes that are surely not healthy (unknown steps are neither)
-_NOT_HEALTHY_SHARES = ("frac_vanishing", "frac_exploding", "frac_diverged")
+_NOT_HEALTHY_SHARES = tuple(f"frac_{c}" for c in NOT_HEALTHY)
 
 
 def _healthy_shares(traj: Any, runs: Sequence[str]) -> List[Tuple[float, float]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from gradscope import schema as S
-from gradscope.engine.alerts import ANOMALY_POLICIES, Alert, AlertRules, AnomalyError, Detector, Row
+from gradscope.engine.alerts import ANOMALY_POLICIES, Alert, AlertRules, AnomalyError, Detector, OptimizerStep, Row
 from gradscope.errors import GradscopeError
 from gradscope.schema import DIVERGENCE
 
@@ -49,9 +49,11 @@ class AlertLog:
         #: the traced origin of the first forward NaN (an ``OpOrigin``), set by the scope before each observe
         self.origin: Any = None
 
-    def observe(self, rows: Iterable[Row], losses: Iterable[Tuple[int, float]] = ()) -> List[Alert]:
-        """Detect on newly transferred rows and losses; write, tell and remember what is new."""
-        new = self.detector.observe(rows, losses)
+    def observe(self, rows: Iterable[Row], losses: Iterable[Tuple[int, float]] = (),
+                optimizer_steps: Optional[Dict[int, OptimizerStep]] = None) -> List[Alert]:
+        """Detect on newly transferred rows and losses (and what the optimizer steps were told: their lr); write,
+        tell and remember what is new."""
+        new = self.detector.observe(rows, losses, optimizer_steps)
         if not new:
             return new
         new = [with_origin(a, self.origin) for a in new]
@@ -92,7 +94,8 @@ def with_origin(alert: Alert, origin: Any) -> Alert:
     if getattr(origin, "op", None) is None:
         why = f"operator not found in block {origin.block!r}: {origin.note}" if origin.note else ""
         return replace(alert, note="; ".join(x for x in (alert.note, why) if x)) if why else alert
-    return replace(alert, origin=f"{origin.op} in {origin.module!r}")
+    note = "; ".join(x for x in (alert.note, origin.note) if x)
+    return replace(alert, origin=f"{origin.op} in {origin.module!r}", note=note)
 
 
 def detector_rows(rows: Any, start: int, sites: Sequence[Any], depth: Dict[int, int]) -> List[Row]:

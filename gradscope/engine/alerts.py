@@ -13,8 +13,26 @@ Robust z-score: ``z = (x - median(W)) / (1.4826 * MAD(W))`` over the window ``W`
 (1.4826 makes the MAD a standard deviation for normal noise; median and MAD ignore the few spikes the window
 holds). The scale has a floor (``rel_floor`` of the median for the loss, the same fraction in log space for
 gradients) so that a near-constant series does not turn a 1 % wobble into an alert. A spike needs ``warmup``
-earlier values, and only upward moves count (a falling loss is training); a spike must also top every value in its
-window, a cheap first test that spares the median of most steps.
+earlier values, and only upward moves count (a falling loss is training). Three guards keep ordinary training from
+firing, each measured on healthy runs (``tests/engine/test_alert_noise.py``):
+
+* a jump: to start an episode, the value must also rise above the largest of the last :data:`JUMP_SPAN` values
+  by ``z / 2`` scales, and by :data:`TAIL_MARGIN` times the 95th percentile of the series' own earlier jumps (the
+  last :data:`TAIL_MEMORY`; a lasting episode adds only its first). A smooth rise tops its window at every step
+  but never jumps; the losses of small batches are skewed and heavy-tailed (one hard example in a batch of 8
+  lifts its loss several-fold, and a few percent of batches lie beyond a z of 6), so their jumps recur and raise
+  the bar, while normal noise leaves it at ``z / 2``;
+* a minimum size for gradient spikes (``min_factor`` times the window median): a gradient norm that rises
+  smoothly by 10-40 % over a few steps early in training (a known phase, not a fault) tops a z of 6 in log space;
+* ``update_band``'s low end is read at the schedule's reference learning rate (the ratio times
+  ``initial_lr / lr`` where a torch scheduler set ``initial_lr``, else times the largest lr so far / lr), not at
+  all at lr 0, and only after ``band_patience`` recorded steps in a row below it: warm-up from 0, a cosine tail
+  and a step of a hand-written warm-up are the schedule, not a block that learns too slowly. The high end fires at
+  once (a step too large does its harm at once); at the first step of an Adam-type optimizer its note says that
+  this step moves every weight by about lr whatever the gradient.
+
+A value that is still anomalous continues its episode (an excursion lasting ten steps is one alert), whether or
+not it tops the values before it.
 
 Which block an alert names, "the block first affected": a fault that arises at block k during the forward pass
 reaches every block after k, so a forward anomaly names the *earliest* anomalous block in forward order. Gradients
@@ -29,7 +47,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
-from statistics import median
 from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from gradscope import schema as S
@@ -104,6 +121,9 @@ class AlertRules:
         update_band: ``(low, high)`` for ``update_ratio``; ``None`` turns the band test off.
         rel_floor: the scale's floor, as a fraction of the median (loss) or in log space (gradients).
         kinds: the kinds to detect (default all of :data:`ALERT_KINDS`); ``()`` turns detection off.
+        min_factor: a gradient spike is also at least this many times its window's median (1 turns it off).
+        band_patience: recorded steps in a row a block's update ratio must stay below the band before it is
+            reported (the high end needs one).
     """
 
     window: int = 20
@@ -112,6 +132,8 @@ class AlertRules:
     update_band: Optional[Tuple[float, float]] = (1e-5, 1e-1)
     rel_floor: float = 0.02
     kinds: Tuple[str, ...] = ALERT_KINDS
+    min_factor: float = 1.5
+    band_patience: int = 3
 
     def __post_init__(self) -> None:
         if not isinstance(self.window, int) or self.window < 3:
@@ -123,6 +145,10 @@ class AlertRules:
         band = self.update_band
         if band is not None and not (len(band) == 2 and 0 <= band[0] < band[1]):
             raise GradscopeError(f"AlertRules(update_band={band!r}): use (low, high) with 0 <= low < high, or None")
+        if not (isinstance(self.min_factor, (int, float)) and self.min_factor >= 1):
+            raise GradscopeError(f"AlertRules(min_factor={self.min_factor!r}): use a number >= 1 (1 turns it off)")
+        if not (isinstance(self.band_patience, int) and self.band_patience >= 1):
+            raise GradscopeError(f"AlertRules(band_patience={self.band_patience!r}): use an integer >= 1")
         unknown = [k for k in self.kinds if k not in ALERT_KINDS]
         if unknown:
             raise GradscopeError(f"AlertRules(kinds={list(self.kinds)!r}): unknown {unknown}; "
@@ -136,11 +162,58 @@ def robust_z(history: Sequence[float], x: float, rel_floor: float,
     ``scale = 1.4826 * MAD(history)``, at least ``rel_floor * |median|`` (``relative``) or ``rel_floor`` (a log-space
     series, whose differences are already relative). ``median + z_max * scale`` is the bound ``x`` is tested against.
     """
-    med = median(history)
-    mad = median(abs(h - med) for h in history)
+    med = _median(sorted(history))
+    mad = _median(sorted(abs(h - med) for h in history))
     floor = rel_floor * abs(med) if relative else rel_floor
     scale = max(_MAD_TO_SD * mad, floor, 1e-12)
     return (x - med) / scale, med, scale
+
+
+def _median(ordered: Sequence[float]) -> float:
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
+
+
+#: one-step jumps a series keeps to learn its own noise (read once it holds ``warmup`` of them)
+TAIL_MEMORY = 200
+#: a spike starts with a jump over the largest of this many previous values (see ``Detector._spike``)
+JUMP_SPAN = 3
+#: a spike must jump this many times the 95th percentile of the series' own earlier jumps
+TAIL_MARGIN = 3.0
+
+
+class _Series:
+    """One watched series (the loss, or one block's log gradient norm): its window and the z-scores seen so far."""
+
+    __slots__ = ("window", "jumps", "high")
+
+    def __init__(self, window: int) -> None:
+        self.window: Deque[float] = deque(maxlen=window)
+        #: earlier one-step jumps: relative to the window's median (the loss), in log units (gradients)
+        self.jumps: Deque[float] = deque(maxlen=TAIL_MEMORY)
+        self.high = False  # the latest value was a spike (started or continued one)
+
+    def bar(self, least_jump: float, least_count: int) -> float:
+        """The jump a spike must start with: ``least_jump``, or more where the series' own jumps are larger (read
+        once it holds ``least_count`` of them)."""
+        if len(self.jumps) < least_count:
+            return least_jump
+        ordered = sorted(self.jumps)
+        return max(least_jump, TAIL_MARGIN * ordered[int(0.95 * (len(ordered) - 1))])
+
+
+@dataclass(frozen=True)
+class OptimizerStep:
+    """What an optimizer step of a recorded step was told (read by its pre-hook): for ``update_band``.
+
+    ``lr_scale``: the largest learning rate of its groups over the schedule's reference (``initial_lr``, which torch
+    schedulers set, or ``max_lr``, or the largest lr seen so far), at most 1; 0 when every lr is 0.
+    ``first_adaptive``: the first step of an Adam-type optimizer (its update is about ``lr`` per weight).
+    """
+
+    lr: float
+    lr_scale: float
+    first_adaptive: bool = False
 
 
 class _Episode:
@@ -176,28 +249,33 @@ class Detector:
         self.decay = decay
         #: a GradScaler is in use: gradients that overflow are its skipped steps, not a divergence
         self.gradients_may_overflow = gradients_may_overflow
-        self._loss: Deque[float] = deque(maxlen=rules.window)
-        self._grad: Dict[str, Deque[float]] = {}
+        self._loss = _Series(rules.window)
+        self._grad: Dict[str, _Series] = {}
+        self._low_since: Dict[str, int] = {}  # block -> first recorded step of its current run below the band
+        self._low_runs: Dict[str, int] = {}  # block -> recorded steps in that run
         self._episodes: Dict[str, _Episode] = {k: _Episode() for k in ALERT_KINDS}
 
-    def observe(self, rows: Iterable[Row], losses: Iterable[Tuple[int, float]] = ()) -> List[Alert]:
-        """The alerts that rows just transferred (of one or more steps, in step order) and losses raise."""
+    def observe(self, rows: Iterable[Row], losses: Iterable[Tuple[int, float]] = (),
+                optimizer_steps: Optional[Dict[int, OptimizerStep]] = None) -> List[Alert]:
+        """The alerts that rows just transferred (of one or more steps, in step order) and losses raise.
+        ``optimizer_steps``: what the optimizer step of each recorded step was told (its lr), where known."""
         by_step: Dict[int, List[Row]] = {}
         for row in rows:
             by_step.setdefault(row[0], []).append(row)
         loss_of = dict(losses)
+        told = optimizer_steps or {}
         alerts: List[Alert] = []
         for step in sorted(set(by_step) | set(loss_of)):
-            alerts.extend(self._observe_step(step, by_step.get(step, []), loss_of.get(step)))
+            alerts.extend(self._observe_step(step, by_step.get(step, []), loss_of.get(step), told.get(step)))
         return alerts
 
-    def _observe_step(self, step: int, rows: List[Row], loss: Optional[float]) -> List[Alert]:
+    def _observe_step(self, step: int, rows: List[Row], loss: Optional[float],
+                      told: Optional[OptimizerStep] = None) -> List[Alert]:
         kinds, found = self.rules.kinds, []
         checks = ((DIVERGENCE, lambda: divergence(step, rows, loss, not self.gradients_may_overflow)),
                   (LOSS_SPIKE, lambda: self._loss_spike(step, loss)),
                   (GRAD_SPIKE, lambda: self._grad_spike(step, rows)),
-                  (UPDATE_BAND, lambda: update_band(step, rows, self.rules.update_band,
-                                                    decay_only_ratio(*self.decay, step=step) if self.decay else None)))
+                  (UPDATE_BAND, lambda: self._update_band(step, rows, told)))
         present = {r[4] for r in rows}
         for kind, check in checks:
             if kind not in kinds or (kind == LOSS_SPIKE and loss is None):
@@ -212,9 +290,7 @@ class Detector:
     def _loss_spike(self, step: int, loss: Optional[float]) -> Optional[Alert]:
         if loss is None or not math.isfinite(loss):
             return None
-        alert = self._spike(step, self._loss, loss, loss, None, LOSS, LOSS_SPIKE, relative=True)
-        self._loss.append(loss)
-        return alert
+        return self._spike(step, self._loss, loss, loss, None, LOSS, LOSS_SPIKE, relative=True)
 
     def _grad_spike(self, step: int, rows: List[Row]) -> Optional[Alert]:
         """The spiking block nearest the loss (largest depth), with every other spiking block in ``others``."""
@@ -222,12 +298,11 @@ class Detector:
         for _, block, depth, call, metric, value in rows:
             if metric != S.GRAD_NORM or call != 0 or not (math.isfinite(value) and value > 0):
                 continue
-            history = self._grad.get(block)
-            if history is None:
-                history = self._grad[block] = deque(maxlen=self.rules.window)
-            alert = self._spike(step, history, math.log(value), value, block, S.GRAD_NORM, GRAD_SPIKE,
+            series = self._grad.get(block)
+            if series is None:
+                series = self._grad[block] = _Series(self.rules.window)
+            alert = self._spike(step, series, math.log(value), value, block, S.GRAD_NORM, GRAD_SPIKE,
                                 relative=False)
-            history.append(math.log(value))
             if alert is not None:
                 spikes.append((depth, alert))
         if not spikes:
@@ -237,16 +312,54 @@ class Detector:
         return Alert(step, GRAD_SPIKE, first.block, first.metric, first.value, first.threshold,
                      tuple(a.block for _, a in spikes[1:]))
 
-    def _spike(self, step: int, history: Deque[float], x: float, value: float, block: Optional[str], metric: str,
+    def _spike(self, step: int, series: _Series, x: float, value: float, block: Optional[str], metric: str,
                kind: str, relative: bool) -> Optional[Alert]:
-        """An alert when ``x`` (``value``, or its log when not ``relative``) is a spike against ``history``."""
-        if len(history) < self.rules.warmup or x <= max(history):  # a spike tops its window (cheap test first)
+        """An alert when ``x`` (``value``, or its log when not ``relative``) starts or continues a spike.
+
+        Two conditions, each on the scale of the window's robust z-score: the level, ``x`` more than ``z`` above the
+        window's median (and, for a gradient, ``min_factor`` times it); and, to start an episode, a jump, ``x``
+        above the largest of the last :data:`JUMP_SPAN` values by at least ``z / 2``, and by at least
+        :data:`TAIL_MARGIN` times the 95th percentile of the series' own earlier jumps (its noise). A smooth rise
+        tops its window every step but never jumps; the batches of a heavy-tailed loss jump often, which raises the
+        bar. While the level stays above its bound the episode goes on, jump or not."""
+        history, rules = series.window, self.rules
+        if len(history) < rules.warmup:
+            history.append(x)
             return None
-        z, med, scale = robust_z(list(history), x, self.rules.rel_floor, relative)
-        if z <= self.rules.z:
+        _, med, scale = robust_z(history, x, rules.rel_floor, relative)
+        recent = max(list(history)[-JUMP_SPAN:])
+        history.append(x)
+        level = max(med + rules.z * scale, med if relative else med + math.log(rules.min_factor))
+        unit = max(abs(med), scale) if relative else 1.0  # jumps are kept relative to the loss, in log units else
+        jump = (x - recent) / unit
+        went_on = series.high and x > level
+        if not went_on:  # a lasting episode's later steps never teach the series its noise
+            series.jumps.append(jump)
+        if x <= level:
+            series.high = False
             return None
-        bound = med + self.rules.z * scale
+        needed = series.bar(0.5 * rules.z * scale / unit, rules.warmup)
+        series.high = went_on or jump > needed
+        if not series.high:
+            return None
+        bound = level if went_on else max(level, recent + needed * unit)
         return Alert(step, kind, block, metric, value, bound if relative else math.exp(bound))
+
+    def _update_band(self, step: int, rows: List[Row], told: Optional[OptimizerStep]) -> Optional[Alert]:
+        """:func:`update_band`, with the low end confirmed over ``band_patience`` recorded steps per block."""
+        band = self.rules.update_band
+        if band is None:
+            return None
+        below = set(below_band(rows, band, told))
+        for block in list(self._low_runs):
+            if block not in below:
+                del self._low_runs[block], self._low_since[block]
+        for block in below:
+            self._low_since.setdefault(block, step)
+            self._low_runs[block] = self._low_runs.get(block, 0) + 1
+        confirmed = {b: self._low_since[b] for b in below if self._low_runs[b] >= self.rules.band_patience}
+        decay = decay_only_ratio(*self.decay, step=step) if self.decay else None
+        return update_band(step, rows, band, decay, told, confirmed)
 
 
 _METRIC_OF = {GRAD_SPIKE: S.GRAD_NORM, UPDATE_BAND: S.UPDATE_RATIO}
@@ -278,31 +391,60 @@ def _decay_note(value: float, decay_ratio: Optional[float]) -> str:
             f"contributes nothing to this block's update, weight decay drives it")
 
 
+def below_band(rows: List[Row], band: Tuple[float, float], told: Optional[OptimizerStep] = None) -> List[str]:
+    """Blocks whose ``update_ratio`` is below ``band``'s low end at the schedule's reference learning rate (the
+    ratio divided by ``told.lr_scale``); none when the lr is 0 (nothing was meant to move).
+
+    A ratio of exactly 0 counts only when no block moved (a learning rate too small for float32 to apply moves
+    nothing); while other blocks moved, it is a block the optimizer did not move (no gradient reached it: an expert
+    that got no token, the layer in front of a zero-initialised one at the first step, a frozen layer)."""
+    scale = 1.0 if told is None else told.lr_scale
+    if scale <= 0:
+        return []
+    ratios = [(block, value) for _, block, _, _, metric, value in rows
+              if metric == S.UPDATE_RATIO and math.isfinite(value)]
+    moved = any(value > 0 for _, value in ratios)
+    return [block for block, value in ratios if value / scale < band[0] and (value != 0 or not moved)]
+
+
 def update_band(step: int, rows: List[Row], band: Optional[Tuple[float, float]],
-                decay_ratio: Optional[float] = None) -> Optional[Alert]:
+                decay_ratio: Optional[float] = None, told: Optional[OptimizerStep] = None,
+                confirmed_low: Optional[Dict[str, int]] = None) -> Optional[Alert]:
     """The earliest block (forward order) whose ``update_ratio`` lies outside ``band``; the others in ``others``.
 
-    A ratio of exactly 0 is a block the optimizer did not move at all (no gradient reached it: an expert that got no
-    token, the layer in front of a zero-initialised one at the first step, a frozen layer), not one that learns too
-    slowly: it is out of band only when no block moved in that step (a learning rate of 0). A block whose parameters
-    were all zero before the step has no ratio (see ``gradscope.engine.spec.ratios``).
+    Above the band counts at once; below it, the blocks of :func:`below_band` (at the schedule's reference lr),
+    and of those only the ones in ``confirmed_low`` (block -> the first step of its run below the band; ``None``:
+    every one) when given. A block whose parameters were all zero before the step has no ratio (see
+    ``gradscope.engine.spec.ratios``).
 
-    ``decay_ratio`` (:func:`decay_only_ratio`): when the ratio equals it, the alert's ``note`` says that the
-    gradient contributes nothing and weight decay drives the update.
+    The note says what the numbers explain: weight decay alone (``decay_ratio``, :func:`decay_only_ratio`), the
+    first step of an Adam-type optimizer, a low ratio judged at the schedule's reference lr, a run below the band.
     """
     if band is None:
         return None
     low, high = band
-    ratios = [(depth, block, value) for _, block, depth, _, metric, value in rows
-              if metric == S.UPDATE_RATIO and math.isfinite(value)]
-    moved = any(value > 0 for _, _, value in ratios)
-    out = sorted((depth, block, value) for depth, block, value in ratios
-                 if not (low <= value <= high) and (value != 0 or not moved))
+    low_blocks = set(below_band(rows, band, told))
+    if confirmed_low is not None:
+        low_blocks &= set(confirmed_low)
+    out = sorted((depth, block, value) for _, block, depth, _, metric, value in rows
+                 if metric == S.UPDATE_RATIO and math.isfinite(value) and (value > high or block in low_blocks))
     if not out:
         return None
     _, block, value = out[0]
-    return Alert(step, UPDATE_BAND, block, S.UPDATE_RATIO, value, low if value < low else high,
-                 tuple(b for _, b, _ in out[1:]), note=_decay_note(value, decay_ratio))
+    above = value > high
+    notes = [_decay_note(value, decay_ratio)]
+    if above and told is not None and told.first_adaptive:
+        notes.append(f"this is the first step of an Adam-type optimizer, which moves every weight with a gradient by "
+                     f"about lr = {told.lr:.3g} whatever the gradient's size (its bias correction makes the first "
+                     f"update lr x sign(g)), so the ratio is about lr / rms(w); a learning-rate warm-up avoids it")
+    if not above and told is not None and 0 < told.lr_scale < 1:
+        notes.append(f"judged at the schedule's reference learning rate: the lr of this step is {told.lr_scale:.3g} "
+                     f"of it, and {value:.3g} / {told.lr_scale:.3g} = {value / told.lr_scale:.3g} is still below "
+                     f"{low:g}")
+    if not above and confirmed_low and confirmed_low.get(block, step) < step:
+        notes.append(f"below the band at every recorded step since step {confirmed_low[block]}")
+    return Alert(step, UPDATE_BAND, block, S.UPDATE_RATIO, value, high if above else low,
+                 tuple(b for _, b, _ in out[1:]), note="; ".join(n for n in notes if n))
 
 
 def divergence(step: int, rows: List[Row], loss: Optional[float], gradients: bool = True) -> Optional[Alert]:

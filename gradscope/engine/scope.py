@@ -85,6 +85,7 @@ class Scope:
                                      self._index_optimizers(set(range(len(sites)))), update=metrics.update,
                                      grads=S.PARAM_GRAD_NORM in metrics.params, tracer=self._tracer,
                                      follow=weakref.WeakMethod(self._follow_changes))
+        self._watch.keep_told = self._alerts.enabled
         self._grad_timing = GradTiming(recorder, self._param_index, S.PARAM_GRAD_NORM in metrics.params)
         self._replacements = Replacements(model, sites)  # blocks replaced after attach are followed
         # weakly: the model must not keep its scope alive (a scope dropped without detach() writes its rows at __del__)
@@ -404,7 +405,7 @@ class Scope:
         rec = self._rec
         losses = rec.losses[self._losses_seen:]
         self._losses_seen = len(rec.losses)
-        self._alerts.observe(detector_rows(rows, start, self.sites, rec.depth), losses)
+        self._alerts.observe(detector_rows(rows, start, self.sites, rec.depth), losses, self._watch.take_told())
 
     def _record_params(self, step: int) -> None:
         """Parameter and parameter-gradient norms of every block: two foreach reductions, two buffer entries."""

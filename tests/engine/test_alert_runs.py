@@ -85,18 +85,23 @@ def test_nan_injected_at_one_block_names_that_block(one_thread):
 
 @pytest.mark.parametrize("lr, bound", [(1e-7, 1e-5), (5.0, 1e-1)])
 def test_update_ratio_band(one_thread, lr, bound):
-    scope = train(3, lr=lambda step: lr)
+    scope = train(4, lr=lambda step: lr)
     alerts = scope.alerts()
     band = alerts[alerts.kind == "update_band"]
-    assert list(band.step) == [0]  # one alert per episode: the lr stays out of the band
+    # one alert per episode: the lr stays out of the band; above it fires at once, below it after band_patience (3)
+    # recorded steps in a row, naming the step it started
+    at_step = 0 if lr > 1 else AlertRules().band_patience - 1
+    assert list(band.step) == [at_step]
     first = band.iloc[0]
     assert first.threshold == bound
+    assert ("since step 0" in first.note) == (lr < 1)
     frame = scope.frame()
-    ratios = frame[(frame.step == 0) & (frame.metric == "update_ratio")].sort_values("depth")
+    ratios = frame[(frame.step == at_step) & (frame.metric == "update_ratio")].sort_values("depth")
     outside = ratios[(ratios.value < 1e-5) | (ratios.value > 1e-1)]
     assert [first.block] + first.others.split() == list(outside.block)  # the earliest block out of the band first
     assert (first.value < bound) if bound == 1e-5 else (first.value > bound)
-    at = lambda metric: frame[(frame.step == 0) & (frame.block == first.block) & (frame.metric == metric)].value.item()
+    at = lambda metric: frame[(frame.step == at_step) & (frame.block == first.block)
+                              & (frame.metric == metric)].value.item()
     assert first.value == at("update_ratio")
     if lr > 1:  # plain SGD's first step moves theta by lr * grad: the ratio is lr * |grad| / |theta|
         assert first.value == pytest.approx(lr * at("param_grad_norm") / at("param_norm"), rel=1e-4)

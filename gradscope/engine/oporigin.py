@@ -19,6 +19,7 @@ replay.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,28 +69,98 @@ def _finite(tensors: List[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-class _FirstBadOp(TorchDispatchMode):
-    """Runs every operator; remembers the first whose output is non-finite while its inputs were all finite."""
+#: where a non-finite value came from: (operator, module path, note); the note is empty for an operator that made it
+Source = Tuple[str, str, str]
 
-    def __init__(self, where: Callable[[], str]) -> None:
+
+class _Provenance(TorchDispatchMode):
+    """Runs every operator and follows each non-finite value to where it was made.
+
+    A NaN is made by the operator whose output holds one while none of its inputs did; an infinity likewise. An
+    output that inherits them takes the source of the first such input. A NaN made from infinities (``inf - inf``,
+    ``gelu(inf)``) goes back to where those were made (an ``exp`` that overflowed), unless they were meant: written
+    as a constant (``masked_fill(mask, -inf)``, ``full(..., -inf)``) or read from a tensor the block was given (an
+    additive mask); then the operator that turned them into NaN is the answer (a softmax over a fully masked row).
+    So the block's output names the operator whose non-finite values reached it, not a NaN that a ``where`` or a
+    mask removed on the way (the "safe sqrt" ``where(h > 0, sqrt(h), 0)``). A NaN read from a tensor no operator of
+    the replay made is named by ``named`` (a buffer: ``"buffer 'pos'"``) in the note.
+    """
+
+    def __init__(self, where: Callable[[], str], named: Dict[int, str]) -> None:
         super().__init__()
-        self.where = where
-        self.found: Optional[Tuple[str, str]] = None
-        self.first_bad_input: Optional[Tuple[str, str]] = None
+        self.where, self.named = where, named
+        self.nan_from: Dict[int, Source] = {}  # id(tensor) -> where its NaNs were made
+        self.inf_from: Dict[int, Tuple[Source, bool]] = {}  # id(tensor) -> where its infinities were made, meant?
+        self.alive: List[torch.Tensor] = []  # the tensors above, kept so that their ids stay theirs
+        self.first: Optional[Source] = None  # the first operator that made any non-finite value
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if self.found is not None:
-            return func(*args, **kwargs)
-        inputs_finite = _finite(_floats((args, kwargs)))  # before the call: an in-place op overwrites its input
+        name = str(getattr(func, "overloadpacket", func))
+        inputs = _read_inputs(name, args, kwargs)
+        nan_in = [t for t in inputs if bool(torch.isnan(t).any())]  # before the call: an in-place op overwrites it
+        inf_in = [t for t in inputs if bool(torch.isinf(t).any())]
         out = func(*args, **kwargs)
-        if not _finite(_floats(out)):
-            name = str(getattr(func, "overloadpacket", func))
-            if inputs_finite:
-                self.found = (name, self.where())
-            elif self.first_bad_input is None:
-                self.first_bad_input = (name, self.where())
+        for t in _floats(out):
+            nan, inf = bool(torch.isnan(t).any()), bool(torch.isinf(t).any())
+            if not (nan or inf):
+                continue
+            made: Source = (name, self.where(), "")
+            if self.first is None and not (nan_in or inf_in):
+                self.first = made
+            if inf:
+                self.inf_from[id(t)] = self._inf_source(inf_in, made, args, kwargs)
+            if nan:
+                self.nan_from[id(t)] = self._nan_source(nan_in, inf_in, made)
+            self.alive.append(t)
         return out
+
+    def _nan_source(self, nan_in: List[torch.Tensor], inf_in: List[torch.Tensor], made: Source) -> Source:
+        for t in nan_in:
+            if id(t) in self.nan_from:
+                return self.nan_from[id(t)]
+        if nan_in:  # read from a tensor made before the replay: a buffer (or another tensor the block reads)
+            what = self.named.get(id(nan_in[0]), "a tensor the block reads that was already non-finite")
+            return made[0], made[1], f"the non-finite values came in through {what}"
+        for t in inf_in:  # a NaN made here from infinities: where were they made, and were they meant?
+            source, meant = self.inf_from.get(id(t), (made, True))
+            if not meant:
+                return source[0], source[1], f"its infinities became NaN in {made[0]} in {made[1]!r}"
+        return made
+
+    def _inf_source(self, inf_in: List[torch.Tensor], made: Source, args: Tuple[Any, ...],
+                    kwargs: Dict[str, Any]) -> Tuple[Source, bool]:
+        for t in inf_in:
+            if id(t) in self.inf_from:
+                return self.inf_from[id(t)]
+        if inf_in:  # an infinity the block was given (an additive mask) or read: meant
+            return made, True
+        constant = any(isinstance(a, float) and math.isinf(a) for a in tree_leaves((args, kwargs)))
+        return made, constant
+
+    def source_of(self, result: Any) -> Optional[Source]:
+        """Where the first non-finite output of the replay got its NaNs (or, without NaNs, its infinities)."""
+        for t in _floats(result):
+            if bool(torch.isnan(t).any()) and id(t) in self.nan_from:
+                return self.nan_from[id(t)]
+        for t in _floats(result):
+            if bool(torch.isinf(t).any()) and id(t) in self.inf_from:
+                return self.inf_from[id(t)][0]
+        return None
+
+
+#: batch-norm operators write their running statistics (arguments 3 and 4) in training mode and never read them
+_WRITES_RUNNING_STATS = ("aten.native_batch_norm", "aten._native_batch_norm_legit",
+                         "aten._native_batch_norm_legit_functional", "aten.cudnn_batch_norm",
+                         "aten.miopen_batch_norm", "aten._batch_norm_with_update")
+
+
+def _read_inputs(name: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[torch.Tensor]:
+    """The floating-point tensors an operator reads: a batch norm in training mode reads its batch, not the
+    running statistics it updates (which the forward being replayed may already have spoiled)."""
+    if name in _WRITES_RUNNING_STATS and len(args) > 5 and args[5] is True:
+        args = args[:3] + args[5:]
+    return _floats((args, kwargs))
 
 
 def _versions(tensors: List[torch.Tensor]) -> Tuple[int, ...]:
@@ -147,10 +218,11 @@ def find_origin(module: nn.Module, name: str, args: Tuple[Any, ...], kwargs: Dic
         handles.append(sub.register_forward_pre_hook(_enter(stack, full)))
         handles.append(sub.register_forward_hook(_leave(stack)))
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    mode = _FirstBadOp(lambda: stack[-1])
+    named = {id(b): f"buffer {(name + '.' + n) if name else n!r}" for n, b in module.named_buffers()}
+    mode = _Provenance(lambda: stack[-1], named)
     try:
         with torch.no_grad(), _reparametrized(module, weights if before else None), mode:
-            module.forward(*args, **kwargs)
+            result = module.forward(*args, **kwargs)
     except Exception as exc:  # the replay must never break the user's run
         return None, None, f"the replay raised {type(exc).__name__}: {exc}"
     finally:
@@ -159,12 +231,15 @@ def find_origin(module: nn.Module, name: str, args: Tuple[Any, ...], kwargs: Dic
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-    if mode.found is not None:
-        return mode.found[0], mode.found[1], ""
-    if mode.first_bad_input is not None:
-        op, where = mode.first_bad_input
-        return op, where, "its inputs were already non-finite"
-    return None, None, "the replay gave finite values (randomness such as dropout, or inputs changed since)"
+    if _finite(_floats(result)):
+        return None, None, "the replay gave finite values (randomness such as dropout, or inputs changed since)"
+    found = mode.source_of(result)
+    if found is not None:
+        return found
+    if mode.first is not None:  # the output's values were not made by a traced operator (rare): the first one
+        op, where, _ = mode.first
+        return op, where, "the first operator that made a non-finite value; its path to the output was not traced"
+    return None, None, "no operator of the replay made a non-finite value"
 
 
 def _stepped(ref: "weakref.ref[OpTracer]") -> None:

@@ -241,3 +241,114 @@ def test_an_additive_mask_with_minus_inf_is_not_a_non_finite_input():
             net(torch.randn(4, 6, 8)).pow(2).mean().backward()
             scope.step()
     assert scope.first_nonfinite()["operator"] == (0, "aten.log", "blk")
+
+
+def _first_step_origin(model, blocks, batch):
+    """Train one step with gradscope attached; the divergence alert's origin and note, and first_nonfinite()."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        with gradscope.attach(model, blocks=blocks, optimizer=opt) as scope:
+            loss = model(*batch).pow(2).mean()
+            loss.backward()
+            scope.step(loss=loss)
+            opt.step()
+    alert = scope.alerts().iloc[0]
+    return alert.origin, alert.note, scope.first_nonfinite()
+
+
+class SafeSqrtThenLog(nn.Module):
+    """The "safe sqrt" idiom (a NaN only in the branch ``where`` drops) before a real bug (log of a negative)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.lin2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.lin(x)
+        r = torch.where(h > 0, torch.sqrt(h), torch.zeros_like(h))
+        return x + torch.log(self.lin2(r))
+
+
+def test_a_nan_that_never_reaches_the_output_is_not_named(one_thread):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), SafeSqrtThenLog(), nn.Linear(16, 3))
+    x = torch.randn(8, 16)
+    with torch.no_grad():  # the reference, by hand: sqrt makes NaNs that where() drops; log makes the output's
+        h = model[1].lin(model[0](x))
+        assert torch.sqrt(h).isnan().any() and torch.where(h > 0, torch.sqrt(h), 0.0).isfinite().all()
+        assert torch.log(model[1].lin2(torch.where(h > 0, torch.sqrt(h), 0.0))).isnan().any()
+    origin, _, first = _first_step_origin(model, ["0", "1", "2"], (x,))
+    assert origin == "aten.log in '1'"  # before: aten.sqrt, the first NaN of the replay
+    assert first["operator"] == (0, "aten.log", "1")
+
+
+class MaskedAttention(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x, mask):  # mask: True = padding; a row of all padding makes softmax 0/0
+        q, k, v = self.qkv(x).chunk(3, -1)
+        s = (q @ k.transpose(1, 2) / 4.0).masked_fill(mask[:, None, :], float("-inf"))
+        return x + self.out(torch.softmax(s, -1) @ v)
+
+
+class MaskedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.attn, self.head = nn.Linear(8, 16), MaskedAttention(), nn.Linear(16, 3)
+
+    def forward(self, x, mask):
+        return self.head(self.attn(self.emb(x), mask))
+
+
+def test_a_fully_masked_row_names_the_softmax_not_the_mask(one_thread):
+    torch.manual_seed(0)
+    mask = torch.zeros(4, 5, dtype=torch.bool)
+    mask[1, :] = True
+    origin, _, _ = _first_step_origin(MaskedNet(), ["emb", "attn", "head"], (torch.randn(4, 5, 8), mask))
+    assert origin == "aten._softmax in 'attn'"  # the -inf of masked_fill is meant; the 0/0 of the softmax is not
+
+
+class WithTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.register_buffer("pos", torch.randn(16))
+
+    def forward(self, x):
+        return self.lin(x) + self.pos
+
+
+def test_a_nan_loaded_into_a_buffer_is_named_in_the_note(one_thread):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), WithTable(), nn.Linear(16, 3))
+    state = model.state_dict()
+    state["1.pos"][3] = float("nan")  # a corrupted checkpoint
+    model.load_state_dict(state)
+    origin, note, _ = _first_step_origin(model, ["0", "1", "2"], (torch.randn(8, 16),))
+    assert origin == "aten.add in '1'" and "buffer '1.pos'" in note
+
+
+class NormOfInf(nn.Module):
+    """A batch norm fed an infinity makes NaNs (inf - inf) and spoils its running statistics in the same forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(16, 16), nn.BatchNorm1d(16)
+
+    def forward(self, x):
+        return self.bn(torch.exp(self.lin(x) * 200.0))
+
+
+def test_batch_norm_running_statistics_spoiled_by_the_same_forward_are_not_blamed(one_thread):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), NormOfInf(), nn.Linear(16, 3))
+    origin, note, _ = _first_step_origin(model, ["0", "1", "2"], (torch.randn(8, 16),))
+    assert not model[1].bn.running_var.isfinite().all()  # spoiled by the step's forward, before the replay
+    # the output's NaNs were made by the batch norm from the infinities exp made by overflowing: the exp is named,
+    # and the running statistics the batch norm writes (already NaN at the replay) are not read as a NaN buffer
+    assert origin == "aten.exp in '1'"
+    assert "became NaN in aten.native_batch_norm" in note or "became NaN in aten._native_batch_norm" in note
+    assert "buffer" not in note

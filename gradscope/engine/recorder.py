@@ -115,6 +115,7 @@ class Recorder:
         self.reducer = reducer
         self.write_files = write_files
         self._written = 0  # rows of ``rows`` already in parts on disk (dropped from memory at release())
+        self._losses_written = 0  # losses already in losses parts on disk (they stay in memory: one float a step)
         self._dropped = 0  # rows recorded before ``rows[0]``: in ``_part_paths`` on disk
         self._part_paths: List[Path] = []
         self._part_starts: List[int] = []  # the first row (counted from the run's first) of each part
@@ -251,7 +252,11 @@ class Recorder:
         superset instead of adding a second copy, and the bookkeeping changes in one statement, which no Python
         signal handler can split. So no row is ever in two parts, and none is skipped.
         """
-        if self.out is None or not self.write_files or self._written >= len(self.rows):
+        if self.out is None or not self.write_files:
+            return None
+        if self._losses_written < len(self.losses):
+            self._write_losses()
+        if self._written >= len(self.rows):
             self._recorded_since_write = 0
             return None
         from gradscope import store  # pandas/pyarrow load only when rows go to disk
@@ -276,6 +281,26 @@ class Recorder:
         self._part_starts, self._part_paths, self._written, self._write_failed, self._recorded_since_write = \
             starts[:index] + [start], paths[:index] + [path], count, False, 0
         return path
+
+    def _write_losses(self) -> None:
+        """Write the losses not on disk yet as one ``losses-*.parquet`` beside the parts (see
+        :func:`gradscope.store.write_losses_part`: named by its first loss, so an interrupted write is redone, never
+        doubled). An ``OSError`` keeps them for the next flush, as for the rows (whose warning says so)."""
+        from gradscope import store
+
+        first, count = self._losses_written, len(self.losses)
+        try:
+            if not self.out.is_dir():
+                store.recreate_out(self.out, [{"name": s.name, "kind": s.kind} for s in self.sites],
+                                   lost=self._part_paths[:self._released_parts], rows=self._dropped)
+            store.write_losses_part(self.losses[first:count], self.out, first)
+        except OSError as exc:
+            if not self._write_failed:
+                warnings.warn(f"gradscope: could not write the losses of steps {self.losses[first][0]}.. to "
+                              f"{str(self.out)!r}: {exc.strerror or exc}; scope.losses() keeps them and the next "
+                              f"flush retries", RuntimeWarning, stacklevel=4)
+            return
+        self._losses_written = count
 
     def _write_frame(self, store, frame, index: int) -> Path:
         """``store.write_part``, recreating ``out`` when it was moved or deleted during the run (see

@@ -27,6 +27,8 @@ from gradscope.store.parquet import (  # noqa: F401 - re-exported: store.read_ta
 
 #: Record parts that ``attach(..., out=DIR)`` streams to ``DIR``, in write order.
 PART_GLOB = "part-*.parquet"
+#: The losses given to ``scope.step(loss=...)``, streamed beside the record parts (named by their first loss).
+LOSS_PART_GLOB = "losses-*.parquet"
 #: ``DIR/meta.json``: the block list of the run, written when the scope is attached.
 META_FILE = "meta.json"
 #: The record files of a report folder.
@@ -64,6 +66,35 @@ def write_part(frame: pd.DataFrame, out: Path, index: int) -> Path:
     return path
 
 
+def write_losses_part(losses: Sequence[tuple], out: Path, first: int) -> Path:
+    """Write ``(step, loss)`` pairs as ``out/losses-NNNNNNNNN.parquet``, named by the index of the first of them
+    among the run's losses (atomically): writing again from the same first loss replaces that file with a
+    superset, so an interrupted write never leaves a loss in two files."""
+    path = out / f"losses-{first:09d}.parquet"
+    frame = pd.DataFrame({S.STEP: np.array([s for s, _ in losses], dtype="int64"),
+                          "loss": np.array([v for _, v in losses], dtype="float64")})
+    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+    return path
+
+
+def read_losses(folder: Union[str, Path]) -> pd.DataFrame:
+    """The losses an ``attach(..., out=DIR)`` run gave ``scope.step(loss=...)``, read back from ``DIR``: columns
+    ``step, loss`` in step order (one row per recorded step that had a loss); empty with those columns if none."""
+    paths = sorted(Path(folder).glob(LOSS_PART_GLOB))
+    frames = []
+    for path in paths:
+        try:
+            frames.append(pd.read_parquet(path, columns=[S.STEP, "loss"]))
+        except Exception as exc:  # pyarrow raises its own types for a damaged file
+            raise DataError(f"cannot read {str(path)!r}: {_first_line(exc)}; a losses part written by gradscope "
+                            f"has the columns step, loss") from None
+    if not frames:
+        return pd.DataFrame({S.STEP: pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64")})
+    frame = pd.concat(frames, ignore_index=True).drop_duplicates(S.STEP, keep="last")
+    return frame.sort_values(S.STEP, kind="stable").reset_index(drop=True).astype({S.STEP: "int64",
+                                                                                    "loss": "float64"})
+
+
 def sort_frame(frame):
     """Rows in (step, depth, call, metric order of :data:`gradscope.schema.ALL_METRICS`) order, index reset."""
     order = {m: i for i, m in enumerate(S.ALL_METRICS)}
@@ -74,8 +105,9 @@ def sort_frame(frame):
 
 def prepare_out(out: Path, blocks: Sequence[Mapping[str, str]]) -> None:
     """Create ``out`` and check that it is writable; write the block list to ``meta.json``."""
-    if out.is_dir() and any(out.glob(PART_GLOB)):
-        raise OutputError(f"out={str(out)!r} already holds the records of another run (part-*.parquet); "
+    if out.is_dir() and (any(out.glob(PART_GLOB)) or any(out.glob(LOSS_PART_GLOB))):
+        raise OutputError(f"out={str(out)!r} already holds the records of another run (part-*.parquet, "
+                          f"losses-*.parquet); "
                           f"pass a new folder, or delete that one, so that load() returns this run alone")
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -326,8 +326,14 @@ class Detector:
         if len(history) < rules.warmup:
             history.append(x)
             return None
+        recent = max(history[-1], history[-2], history[-3])  # the last JUMP_SPAN values
+        if not relative and x <= min(history) + math.log(rules.min_factor):
+            # below every bound (the median is at least the window's least value): the common case, no median
+            series.high = False
+            series.jumps.append(x - recent)
+            history.append(x)
+            return None
         _, med, scale = robust_z(history, x, rules.rel_floor, relative)
-        recent = max(list(history)[-JUMP_SPAN:])
         history.append(x)
         level = max(med + rules.z * scale, med if relative else med + math.log(rules.min_factor))
         unit = max(abs(med), scale) if relative else 1.0  # jumps are kept relative to the loss, in log units else
@@ -413,8 +419,8 @@ def update_band(step: int, rows: List[Row], band: Optional[Tuple[float, float]],
     """The earliest block (forward order) whose ``update_ratio`` lies outside ``band``; the others in ``others``.
 
     Above the band counts at once; below it, the blocks of :func:`below_band` (at the schedule's reference lr),
-    and of those only the ones in ``confirmed_low`` (block -> the first step of its run below the band; ``None``:
-    every one) when given. A block whose parameters were all zero before the step has no ratio (see
+    or, when given, those in ``confirmed_low`` (block -> the first step of its run below the band, for blocks below
+    it now; :class:`Detector` keeps them). A block whose parameters were all zero before the step has no ratio (see
     ``gradscope.engine.spec.ratios``).
 
     The note says what the numbers explain: weight decay alone (``decay_ratio``, :func:`decay_only_ratio`), the
@@ -423,9 +429,7 @@ def update_band(step: int, rows: List[Row], band: Optional[Tuple[float, float]],
     if band is None:
         return None
     low, high = band
-    low_blocks = set(below_band(rows, band, told))
-    if confirmed_low is not None:
-        low_blocks &= set(confirmed_low)
+    low_blocks = set(confirmed_low) if confirmed_low is not None else set(below_band(rows, band, told))
     out = sorted((depth, block, value) for _, block, depth, _, metric, value in rows
                  if metric == S.UPDATE_RATIO and math.isfinite(value) and (value > high or block in low_blocks))
     if not out:

@@ -200,7 +200,7 @@ def _profile(args: argparse.Namespace) -> int:
                        p.add_argument("--out", help="where to write the report (default: the folder itself)")))
 def _report(args: argparse.Namespace) -> int:
     from gradscope.pipeline import with_run_facts
-    from gradscope.pipeline.rebuild import profile_rebuild
+    from gradscope.pipeline.rebuild import attach_rebuild, profile_rebuild
     from gradscope.render.report import write_report
     from gradscope.store import load
 
@@ -216,7 +216,7 @@ def _report(args: argparse.Namespace) -> int:
     try:
         # a profile's folder: the profile's runs, and plainly what the records alone cannot rebuild
         frame, about = profile_rebuild(frame, folder, out)
-        path = write_report(frame, out, **about)
+        path = write_report(frame, out, **about, **attach_rebuild(frame, folder))
     except OutputError:
         raise
     except OSError as exc:

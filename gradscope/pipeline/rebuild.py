@@ -66,6 +66,38 @@ def profile_rebuild(frame: Any, folder: Path, out: Path) -> Tuple[Any, Dict[str,
                    "planned": len(record.get(FACTS) or {}), "finished": finished_runs(folder)}
 
 
+#: recorded losses of a finished attach run averaged for its final loss (as a study's ``final_window``)
+ATTACH_FINAL_WINDOW = 10
+
+
+def attach_rebuild(frame: Any, folder: Path) -> Dict[str, Any]:
+    """``write_report`` keywords for a folder ``attach(out=...)`` wrote: the alerts it found (``alerts.csv``) and
+    the losses given to ``scope.step(loss=...)`` (``losses-*.parquet``), so that the report shows what the run
+    showed. The run's final loss (the mean of its last :data:`ATTACH_FINAL_WINDOW` recorded losses) only when its
+    ``provenance.json`` says it finished. ``{}`` for a profile's folder or a frame of several runs."""
+    from gradscope import store
+    from gradscope.analysis import DEFAULT_RUN
+    from gradscope.engine.provenance import PROVENANCE_FILE
+    from gradscope.study.claims import final_losses
+
+    if _profile_record(folder) or (S.RUN in frame.columns and frame[S.RUN].nunique() != 1):
+        return {}
+    run = str(frame[S.RUN].iloc[0]) if S.RUN in frame.columns else DEFAULT_RUN
+    about: Dict[str, Any] = {}
+    if (folder / store.ALERTS_FILE).exists():
+        about["alerts"] = store.read_alerts(folder).assign(**{S.RUN: run})
+    losses = store.read_losses(folder)
+    if len(losses):
+        about["losses"] = losses.assign(**{S.RUN: run})[[S.RUN, S.STEP, "loss"]]
+        try:
+            status = json.loads((folder / PROVENANCE_FILE).read_text()).get("status")
+        except (OSError, ValueError, AttributeError):
+            status = None
+        if status == "finished":
+            about["final_losses"] = final_losses(about["losses"], [run], ATTACH_FINAL_WINDOW)
+    return about
+
+
 def finished_runs(folder: Path) -> list:
     """The runs of a profile's folder whose finished snapshot is complete (what ``--resume`` would load)."""
     from gradscope.study.executors import is_finished

@@ -207,12 +207,16 @@ def write_report(frame: pd.DataFrame, out: Union[str, Path] = "gradscope-report"
                  title: str = "gradscope report", dpi: int = 100, phase: Optional[str] = None,
                  batch_size: Optional[int] = None, notes: Sequence[str] = (), interrupted: bool = False,
                  planned: int = 0, no_claims_why: Optional[str] = None,
-                 finished: Optional[Sequence[str]] = None) -> Path:
+                 finished: Optional[Sequence[str]] = None, alerts: Optional[pd.DataFrame] = None,
+                 losses: Optional[pd.DataFrame] = None,
+                 final_losses: Optional[Mapping[str, float]] = None) -> Path:
     """Write the report folder ``out`` for a frame and return its path (:func:`write_folder` does the writing).
 
     ``notes``, ``interrupted``, ``planned`` (runs a study meant to measure), ``no_claims_why`` and ``finished``
     (runs known to have finished) go to the results as they are (``gradscope report`` on a profile's folder says
-    with them what it could not rebuild).
+    with them what it could not rebuild). ``alerts`` (columns ``run`` + :data:`gradscope.schema.ALERT_COLUMNS`),
+    ``losses`` (``run, step, loss``) and ``final_losses`` (run -> loss) are what a run found and was given while
+    training (``gradscope report`` on an ``attach(out=...)`` folder reads them from it).
 
     ``phase``: "init" for a frame measured at initialisation (verdicts per run, with theory from ``configs``),
     "train" for a training frame (verdicts per recorded step, a trajectory, no theory); None: "init" when the frame
@@ -244,4 +248,10 @@ def write_report(frame: pd.DataFrame, out: Union[str, Path] = "gradscope-report"
     results.notes = list(results.notes) + list(notes)
     results.interrupted, results.planned, results.no_claims_why = interrupted, planned, no_claims_why
     results.finished_known = None if finished is None else list(finished)
+    if alerts is not None:
+        results.alerts = alerts[[S.RUN] + [c for c in alerts.columns if c != S.RUN]].reset_index(drop=True)
+    if losses is not None:
+        results.losses = losses.reset_index(drop=True)
+    if final_losses:
+        results.final_losses = dict(final_losses)
     return write_folder(results, out, dpi=dpi, runs_step=runs_step)

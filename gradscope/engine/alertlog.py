@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from gradscope import schema as S
-from gradscope.engine.alerts import ANOMALY_POLICIES, Alert, AlertRules, AnomalyError, Detector, OptimizerStep, Row
+from gradscope.engine.alerts import ANOMALY_POLICIES, Alert, AlertRules, AnomalyError, Detector, Row, Told
 from gradscope.errors import GradscopeError
 from gradscope.schema import DIVERGENCE
 
@@ -50,7 +50,7 @@ class AlertLog:
         self.origin: Any = None
 
     def observe(self, rows: Iterable[Row], losses: Iterable[Tuple[int, float]] = (),
-                optimizer_steps: Optional[Dict[int, OptimizerStep]] = None) -> List[Alert]:
+                optimizer_steps: Optional[Dict[int, Told]] = None) -> List[Alert]:
         """Detect on newly transferred rows and losses (and what the optimizer steps were told: their lr); write,
         tell and remember what is new."""
         new = self.detector.observe(rows, losses, optimizer_steps)

@@ -44,6 +44,7 @@ gives one divergence alert, not one per step).
 """
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -178,42 +179,61 @@ def _median(ordered: Sequence[float]) -> float:
 TAIL_MEMORY = 200
 #: a spike starts with a jump over the largest of this many previous values (see ``Detector._spike``)
 JUMP_SPAN = 3
-#: a spike must jump this many times the 95th percentile of the series' own earlier jumps
-TAIL_MARGIN = 3.0
+#: a climb: this many values in a row at least ``min_factor`` times the window's median, the last the largest of
+#: them and this many times it (see ``Detector._spike``)
+CLIMB_STEPS, CLIMB_FACTOR = 3, 3.0
+#: a spike must jump this many times the second largest of the series' own earlier jumps
+TAIL_MARGIN = 1.5
 
 
 class _Series:
     """One watched series (the loss, or one block's log gradient norm): its window and the z-scores seen so far."""
 
-    __slots__ = ("window", "jumps", "high")
+    __slots__ = ("window", "jumps", "high", "climb", "pending")
 
     def __init__(self, window: int) -> None:
         self.window: Deque[float] = deque(maxlen=window)
-        #: earlier one-step jumps: relative to the window's median (the loss), in log units (gradients)
+        #: earlier one-step jumps of calm steps and lone excursions: relative to the window's median (the loss), in
+        #: log units (gradients)
         self.jumps: Deque[float] = deque(maxlen=TAIL_MEMORY)
         self.high = False  # the latest value was a spike (started or continued one)
+        self.climb = 0  # values in a row at least min_factor times the window's median
+        self.pending: Optional[float] = None  # the jump of a one-step excursion, kept once the next step is calm
+
+    def calm(self, jump: float) -> None:
+        """A value at or below the level: the excursion before it (if one) was a lone one, part of the noise."""
+        if self.pending is not None:
+            self.jumps.append(self.pending)
+        self.jumps.append(jump)
+        self.pending, self.high = None, False
 
     def bar(self, least_jump: float, least_count: int) -> float:
         """The jump a spike must start with: ``least_jump``, or more where the series' own jumps are larger (read
         once it holds ``least_count`` of them)."""
         if len(self.jumps) < least_count:
             return least_jump
-        ordered = sorted(self.jumps)
-        return max(least_jump, TAIL_MARGIN * ordered[int(0.95 * (len(ordered) - 1))])
+        return max(least_jump, TAIL_MARGIN * heapq.nlargest(2, self.jumps)[1])
 
 
 @dataclass(frozen=True)
 class OptimizerStep:
-    """What an optimizer step of a recorded step was told (read by its pre-hook): for ``update_band``.
+    """What a block's optimizer step in a recorded step was told (:mod:`gradscope.engine.lrschedule`): for
+    ``update_band``.
 
-    ``lr_scale``: the largest learning rate of its groups over the schedule's reference (``initial_lr``, which torch
-    schedulers set, or ``max_lr``, or the largest lr seen so far), at most 1; 0 when every lr is 0.
-    ``first_adaptive``: the first step of an Adam-type optimizer (its update is about ``lr`` per weight).
+    ``lr``: its parameter group's learning rate. ``lr_scale``: the lr over the base its scheduler records while it
+    warms up toward it (the low end is then judged at the base), 1 otherwise, 0 at lr 0 (not judged).
+    ``first_adaptive``: the first step of an Adam, AdamW or Adamax (its update is about ``lr`` per weight).
+    ``of_peak``: the lr over the largest it has been so far (a decaying schedule says so in the note).
     """
 
     lr: float
     lr_scale: float
     first_adaptive: bool = False
+    of_peak: float = 1.0
+
+
+#: what a detector is told per recorded step: block name -> its optimizer step
+Told = Dict[str, OptimizerStep]
 
 
 class _Episode:
@@ -256,9 +276,9 @@ class Detector:
         self._episodes: Dict[str, _Episode] = {k: _Episode() for k in ALERT_KINDS}
 
     def observe(self, rows: Iterable[Row], losses: Iterable[Tuple[int, float]] = (),
-                optimizer_steps: Optional[Dict[int, OptimizerStep]] = None) -> List[Alert]:
+                optimizer_steps: Optional[Dict[int, Told]] = None) -> List[Alert]:
         """The alerts that rows just transferred (of one or more steps, in step order) and losses raise.
-        ``optimizer_steps``: what the optimizer step of each recorded step was told (its lr), where known."""
+        ``optimizer_steps``: per recorded step, what each block's optimizer step was told (its lr), where known."""
         by_step: Dict[int, List[Row]] = {}
         for row in rows:
             by_step.setdefault(row[0], []).append(row)
@@ -270,7 +290,7 @@ class Detector:
         return alerts
 
     def _observe_step(self, step: int, rows: List[Row], loss: Optional[float],
-                      told: Optional[OptimizerStep] = None) -> List[Alert]:
+                      told: Optional[Told] = None) -> List[Alert]:
         kinds, found = self.rules.kinds, []
         checks = ((DIVERGENCE, lambda: divergence(step, rows, loss, not self.gradients_may_overflow)),
                   (LOSS_SPIKE, lambda: self._loss_spike(step, loss)),
@@ -316,12 +336,20 @@ class Detector:
                kind: str, relative: bool) -> Optional[Alert]:
         """An alert when ``x`` (``value``, or its log when not ``relative``) starts or continues a spike.
 
-        Two conditions, each on the scale of the window's robust z-score: the level, ``x`` more than ``z`` above the
-        window's median (and, for a gradient, ``min_factor`` times it); and, to start an episode, a jump, ``x``
-        above the largest of the last :data:`JUMP_SPAN` values by at least ``z / 2``, and by at least
-        :data:`TAIL_MARGIN` times the 95th percentile of the series' own earlier jumps (its noise). A smooth rise
-        tops its window every step but never jumps; the batches of a heavy-tailed loss jump often, which raises the
-        bar. While the level stays above its bound the episode goes on, jump or not."""
+        The level first: ``x`` more than ``z`` robust standard deviations above the window's median (and, for a
+        gradient, ``min_factor`` times it). Above it, an episode starts with either
+
+        * a jump: ``x`` above the largest of the last :data:`JUMP_SPAN` values by ``z / 2`` scales, and by
+          :data:`TAIL_MARGIN` times the second largest of the series' own earlier jumps (its noise: the jumps of
+          calm steps, and of excursions above the level that lasted one step; a jump seen twice is the series'
+          own), or
+        * a climb, whatever the level: :data:`CLIMB_STEPS` values in a row at least ``min_factor`` times their
+          window's median, the last the largest of them and :data:`CLIMB_FACTOR` times its median (an explosion that
+          grows by a factor each step never jumps, and widens the window's spread, so its level runs away from it).
+
+        A smooth rise of a few percent a step stays below both; the batches of a heavy-tailed loss jump often but
+        alone, which raises the bar. While the value stays above the level, or ``min_factor`` times the median, the
+        episode goes on."""
         history, rules = series.window, self.rules
         if len(history) < rules.warmup:
             history.append(x)
@@ -329,29 +357,41 @@ class Detector:
         recent = max(history[-1], history[-2], history[-3])  # the last JUMP_SPAN values
         if not relative and x <= min(history) + math.log(rules.min_factor):
             # below every bound (the median is at least the window's least value): the common case, no median
-            series.high = False
-            series.jumps.append(x - recent)
+            series.calm(x - recent)
+            series.climb = 0
             history.append(x)
             return None
         _, med, scale = robust_z(history, x, rules.rel_floor, relative)
+        earlier = list(history)
         history.append(x)
         level = max(med + rules.z * scale, med if relative else med + math.log(rules.min_factor))
+        raised = med + math.log(rules.min_factor) if not relative else \
+            (med * rules.min_factor if med > 0 else math.inf)  # "elevated": min_factor times the median
+        series.climb = series.climb + 1 if x >= raised else 0
+        climb_bound = med + math.log(CLIMB_FACTOR) if not relative else med * CLIMB_FACTOR
+        climbing = series.climb >= CLIMB_STEPS and x >= climb_bound and \
+            all(x >= h for h in earlier[len(earlier) - series.climb + 1:])
         unit = max(abs(med), scale) if relative else 1.0  # jumps are kept relative to the loss, in log units else
         jump = (x - recent) / unit
-        went_on = series.high and x > level
-        if not went_on:  # a lasting episode's later steps never teach the series its noise
-            series.jumps.append(jump)
-        if x <= level:
-            series.high = False
+        if series.high and (x > level or x >= raised):  # the episode goes on
+            series.pending = None
+            return Alert(step, kind, block, metric, value, level if relative else math.exp(level))
+        if x <= level and not climbing:
+            series.calm(jump)
             return None
+        # above the level, or climbing: a lone excursion's jump is kept once the next step is calm
+        series.pending = jump if series.climb <= 1 else None
         needed = series.bar(0.5 * rules.z * scale / unit, rules.warmup)
-        series.high = went_on or jump > needed
-        if not series.high:
+        if x > level and jump > needed:
+            bound = max(level, recent + needed * unit)
+        elif climbing:
+            bound = climb_bound
+        else:
             return None
-        bound = level if went_on else max(level, recent + needed * unit)
+        series.high = True
         return Alert(step, kind, block, metric, value, bound if relative else math.exp(bound))
 
-    def _update_band(self, step: int, rows: List[Row], told: Optional[OptimizerStep]) -> Optional[Alert]:
+    def _update_band(self, step: int, rows: List[Row], told: Optional[Told]) -> Optional[Alert]:
         """:func:`update_band`, with the low end confirmed over ``band_patience`` recorded steps per block."""
         band = self.rules.update_band
         if band is None:
@@ -397,34 +437,40 @@ def _decay_note(value: float, decay_ratio: Optional[float]) -> str:
             f"contributes nothing to this block's update, weight decay drives it")
 
 
-def below_band(rows: List[Row], band: Tuple[float, float], told: Optional[OptimizerStep] = None) -> List[str]:
-    """Blocks whose ``update_ratio`` is below ``band``'s low end at the schedule's reference learning rate (the
-    ratio divided by ``told.lr_scale``); none when the lr is 0 (nothing was meant to move).
+def below_band(rows: List[Row], band: Tuple[float, float], told: Optional[Told] = None) -> List[str]:
+    """Blocks whose ``update_ratio`` is below ``band``'s low end, each judged as its optimizer step was told
+    (``told``, block -> :class:`OptimizerStep`): at the base lr while its schedule warms up (the ratio divided by
+    ``lr_scale``), not at all at lr 0 (nothing was meant to move).
 
     A ratio of exactly 0 counts only when no block moved (a learning rate too small for float32 to apply moves
     nothing); while other blocks moved, it is a block the optimizer did not move (no gradient reached it: an expert
     that got no token, the layer in front of a zero-initialised one at the first step, a frozen layer)."""
-    scale = 1.0 if told is None else told.lr_scale
-    if scale <= 0:
-        return []
+    told = told or {}
     ratios = [(block, value) for _, block, _, _, metric, value in rows
               if metric == S.UPDATE_RATIO and math.isfinite(value)]
     moved = any(value > 0 for _, value in ratios)
-    return [block for block, value in ratios if value / scale < band[0] and (value != 0 or not moved)]
+    out = []
+    for block, value in ratios:
+        scale = told[block].lr_scale if block in told else 1.0
+        if scale > 0 and value / scale < band[0] and (value != 0 or not moved):
+            out.append(block)
+    return out
 
 
 def update_band(step: int, rows: List[Row], band: Optional[Tuple[float, float]],
-                decay_ratio: Optional[float] = None, told: Optional[OptimizerStep] = None,
+                decay_ratio: Optional[float] = None, told: Optional[Told] = None,
                 confirmed_low: Optional[Dict[str, int]] = None) -> Optional[Alert]:
     """The earliest block (forward order) whose ``update_ratio`` lies outside ``band``; the others in ``others``.
 
-    Above the band counts at once; below it, the blocks of :func:`below_band` (at the schedule's reference lr),
-    or, when given, those in ``confirmed_low`` (block -> the first step of its run below the band, for blocks below
-    it now; :class:`Detector` keeps them). A block whose parameters were all zero before the step has no ratio (see
-    ``gradscope.engine.spec.ratios``).
+    Above the band counts at once; below it, the blocks of :func:`below_band`, or, when given, those in
+    ``confirmed_low`` (block -> the first step of its run below the band, for blocks below it now;
+    :class:`Detector` keeps them). A block whose parameters were all zero before the step has no ratio (see
+    ``gradscope.engine.spec.ratios``). ``threshold`` is the bound the named block's ratio crossed: the low end times
+    its ``lr_scale`` while its schedule warms up.
 
     The note says what the numbers explain: weight decay alone (``decay_ratio``, :func:`decay_only_ratio`), the
-    first step of an Adam-type optimizer, a low ratio judged at the schedule's reference lr, a run below the band.
+    first step of an Adam-type optimizer, a ratio judged at the schedule's base lr, an lr below its peak, a run
+    below the band.
     """
     if band is None:
         return None
@@ -436,18 +482,24 @@ def update_band(step: int, rows: List[Row], band: Optional[Tuple[float, float]],
         return None
     _, block, value = out[0]
     above = value > high
+    mine = (told or {}).get(block)
+    threshold = high if above else low * (mine.lr_scale if mine is not None and 0 < mine.lr_scale < 1 else 1.0)
     notes = [_decay_note(value, decay_ratio)]
-    if above and told is not None and told.first_adaptive:
-        notes.append(f"this is the first step of an Adam-type optimizer, which moves every weight with a gradient by "
-                     f"about lr = {told.lr:.3g} whatever the gradient's size (its bias correction makes the first "
+    if above and mine is not None and mine.first_adaptive:
+        notes.append(f"this is the first step of its Adam-type optimizer, which moves every weight with a gradient "
+                     f"by about lr = {mine.lr:.3g} whatever the gradient's size (its bias correction makes the first "
                      f"update lr x sign(g)), so the ratio is about lr / rms(w); a learning-rate warm-up avoids it")
-    if not above and told is not None and 0 < told.lr_scale < 1:
-        notes.append(f"judged at the schedule's reference learning rate: the lr of this step is {told.lr_scale:.3g} "
-                     f"of it, and {value:.3g} / {told.lr_scale:.3g} = {value / told.lr_scale:.3g} is still below "
-                     f"{low:g}")
+    if not above and mine is not None and 0 < mine.lr_scale < 1:
+        notes.append(f"judged at the base learning rate its schedule warms up to: this step's lr is "
+                     f"{mine.lr_scale:.3g} of it, and {value:.3g} / {mine.lr_scale:.3g} = "
+                     f"{value / mine.lr_scale:.3g} is still below {low:g}")
+    if not above and mine is not None and mine.of_peak < 1:
+        notes.append(f"this step's lr ({mine.lr:.3g}) is {mine.of_peak:.3g} of the largest it has been: if the "
+                     f"schedule decays it on purpose (a cosine or step tail), the block moving this little is what "
+                     f"that schedule asks")
     if not above and confirmed_low and confirmed_low.get(block, step) < step:
         notes.append(f"below the band at every recorded step since step {confirmed_low[block]}")
-    return Alert(step, UPDATE_BAND, block, S.UPDATE_RATIO, value, high if above else low,
+    return Alert(step, UPDATE_BAND, block, S.UPDATE_RATIO, value, threshold,
                  tuple(b for _, b, _ in out[1:]), note="; ".join(n for n in notes if n))
 
 

@@ -77,21 +77,24 @@ class _Provenance(TorchDispatchMode):
     """Runs every operator and follows each non-finite value to where it was made.
 
     A NaN is made by the operator whose output holds one while none of its inputs did; an infinity likewise. An
-    output that inherits them takes the source of the first such input. A NaN made from infinities (``inf - inf``,
-    ``gelu(inf)``) goes back to where those were made (an ``exp`` that overflowed), unless they were meant: written
-    as a constant (``masked_fill(mask, -inf)``, ``full(..., -inf)``) or read from a tensor the block was given (an
-    additive mask); then the operator that turned them into NaN is the answer (a softmax over a fully masked row).
-    So the block's output names the operator whose non-finite values reached it, not a NaN that a ``where`` or a
-    mask removed on the way (the "safe sqrt" ``where(h > 0, sqrt(h), 0)``). A NaN read from a tensor no operator of
-    the replay made is named by ``named`` (a buffer: ``"buffer 'pos'"``) in the note.
+    output that inherits them takes the source of the first such input that reaches it (of ``where``'s two
+    branches, the one whose NaNs it selected). A NaN made from infinities (``inf - inf``, ``gelu(inf)``) goes back
+    to where those were made (an ``exp`` that overflowed), unless they were meant: written as a constant
+    (``masked_fill(mask, -inf)``, ``full(..., -inf)``) or read from a tensor the block was given (an additive mask);
+    then the operator that turned them into NaN is the answer (a softmax over a fully masked row). So the block's
+    output names the operator whose non-finite values reached it, not a NaN that a ``where`` or a mask removed on
+    the way (the "safe sqrt" ``where(h > 0, sqrt(h), 0)``). Sources are kept per tensor and per storage: a NaN
+    written into a slice or a view (``out[:, :8] = log(h)``, ``h[:, :4].log_()``) is found again where the whole
+    tensor is read. A NaN or infinity read from a tensor no operator of the replay made is named by ``named`` (a
+    buffer: ``"buffer 'pos'"``) in the note.
     """
 
-    def __init__(self, where: Callable[[], str], named: Dict[int, str]) -> None:
+    def __init__(self, where: Callable[[], str], named: Dict[Any, str]) -> None:
         super().__init__()
         self.where, self.named = where, named
-        self.nan_from: Dict[int, Source] = {}  # id(tensor) -> where its NaNs were made
-        self.inf_from: Dict[int, Tuple[Source, bool]] = {}  # id(tensor) -> where its infinities were made, meant?
-        self.alive: List[torch.Tensor] = []  # the tensors above, kept so that their ids stay theirs
+        self.nan_from: Dict[Any, Source] = {}  # id(tensor) or its storage -> where its NaNs were made
+        self.inf_from: Dict[Any, Tuple[Source, bool]] = {}  # ... -> where its infinities were made, meant?
+        self.alive: List[torch.Tensor] = []  # the tensors above, kept so that their ids and storages stay theirs
         self.first: Optional[Source] = None  # the first operator that made any non-finite value
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
@@ -109,31 +112,58 @@ class _Provenance(TorchDispatchMode):
             if self.first is None and not (nan_in or inf_in):
                 self.first = made
             if inf:
-                self.inf_from[id(t)] = self._inf_source(inf_in, made, args, kwargs)
+                self._keep(self.inf_from, t, self._inf_source(inf_in, made, args, kwargs))
             if nan:
-                self.nan_from[id(t)] = self._nan_source(nan_in, inf_in, made)
+                reaching = _where_branches(name, args, t) if name == "aten.where" and nan_in else nan_in
+                self._keep(self.nan_from, t, self._nan_source(reaching, inf_in, made))
             self.alive.append(t)
         return out
 
+    @staticmethod
+    def _keep(table: Dict[Any, Any], t: torch.Tensor, source: Any) -> None:
+        table[id(t)] = source
+        key = _storage(t)
+        if key is not None:  # a view or slice written in place: the tensor it belongs to holds it too
+            table[key] = source
+
+    @staticmethod
+    def _known(table: Dict[Any, Any], t: torch.Tensor) -> Any:
+        found = table.get(id(t))
+        if found is None:
+            key = _storage(t)
+            found = table.get(key) if key is not None else None
+        return found
+
+    def _outside(self, t: torch.Tensor) -> str:
+        """What a non-finite tensor no operator of the replay made is: a named buffer, or something the block read."""
+        named = self.named.get(id(t)) or self.named.get(_storage(t))
+        return named or "a tensor the block reads that was already non-finite"
+
     def _nan_source(self, nan_in: List[torch.Tensor], inf_in: List[torch.Tensor], made: Source) -> Source:
         for t in nan_in:
-            if id(t) in self.nan_from:
-                return self.nan_from[id(t)]
+            known = self._known(self.nan_from, t)
+            if known is not None:
+                return known
         if nan_in:  # read from a tensor made before the replay: a buffer (or another tensor the block reads)
-            what = self.named.get(id(nan_in[0]), "a tensor the block reads that was already non-finite")
-            return made[0], made[1], f"the non-finite values came in through {what}"
+            return made[0], made[1], f"the non-finite values came in through {self._outside(nan_in[0])}"
         for t in inf_in:  # a NaN made here from infinities: where were they made, and were they meant?
-            source, meant = self.inf_from.get(id(t), (made, True))
+            source, meant = self._known(self.inf_from, t) or (made, True)
             if not meant:
-                return source[0], source[1], f"its infinities became NaN in {made[0]} in {made[1]!r}"
+                became = f"its infinities became NaN in {made[0]} in {made[1]!r}"
+                return source[0], source[1], "; ".join(x for x in (source[2], became) if x)
         return made
 
     def _inf_source(self, inf_in: List[torch.Tensor], made: Source, args: Tuple[Any, ...],
                     kwargs: Dict[str, Any]) -> Tuple[Source, bool]:
         for t in inf_in:
-            if id(t) in self.inf_from:
-                return self.inf_from[id(t)]
-        if inf_in:  # an infinity the block was given (an additive mask) or read: meant
+            known = self._known(self.inf_from, t)
+            if known is not None:
+                return known
+        for t in inf_in:  # a buffer's infinity is a corrupted state, not a mask
+            what = self.named.get(id(t)) or self.named.get(_storage(t))
+            if what is not None:
+                return (made[0], made[1], f"the non-finite values came in through {what}"), False
+        if inf_in:  # an infinity the block was given (an additive mask): meant
             return made, True
         constant = any(isinstance(a, float) and math.isinf(a) for a in tree_leaves((args, kwargs)))
         return made, constant
@@ -141,12 +171,39 @@ class _Provenance(TorchDispatchMode):
     def source_of(self, result: Any) -> Optional[Source]:
         """Where the first non-finite output of the replay got its NaNs (or, without NaNs, its infinities)."""
         for t in _floats(result):
-            if bool(torch.isnan(t).any()) and id(t) in self.nan_from:
-                return self.nan_from[id(t)]
+            if bool(torch.isnan(t).any()):
+                known = self._known(self.nan_from, t)
+                if known is not None:
+                    return known
         for t in _floats(result):
-            if bool(torch.isinf(t).any()) and id(t) in self.inf_from:
-                return self.inf_from[id(t)][0]
+            if bool(torch.isinf(t).any()):
+                known = self._known(self.inf_from, t)
+                if known is not None:
+                    return known[0]
         return None
+
+
+def _storage(t: torch.Tensor) -> Optional[Tuple[str, int]]:
+    """A key for the memory ``t`` lives in (shared by its views), or None where it has none to name."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+    return ("storage", ptr) if ptr else None
+
+
+def _where_branches(name: str, args: Tuple[Any, ...], out: torch.Tensor) -> List[torch.Tensor]:
+    """Of ``where(condition, a, b)``'s branches, those whose NaNs the output selected (``a`` where the condition
+    holds, ``b`` where it does not), in that order."""
+    if len(args) < 3 or not isinstance(args[0], torch.Tensor):
+        return [t for t in args[1:3] if isinstance(t, torch.Tensor)]
+    cond, bad = args[0].bool(), torch.isnan(out)
+    picked = []
+    for branch, chosen in ((args[1], cond), (args[2], ~cond)):
+        if isinstance(branch, torch.Tensor) and branch.is_floating_point() and \
+                bool((torch.isnan(branch) & chosen & bad).any()):
+            picked.append(branch)
+    return picked
 
 
 #: batch-norm operators write their running statistics (arguments 3 and 4) in training mode and never read them
@@ -218,7 +275,12 @@ def find_origin(module: nn.Module, name: str, args: Tuple[Any, ...], kwargs: Dic
         handles.append(sub.register_forward_pre_hook(_enter(stack, full)))
         handles.append(sub.register_forward_hook(_leave(stack)))
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    named = {id(b): f"buffer {(name + '.' + n) if name else n!r}" for n, b in module.named_buffers()}
+    named: Dict[Any, str] = {}
+    for n, b in module.named_buffers():
+        named[id(b)] = f"buffer {(name + '.' + n) if name else n!r}"
+        key = _storage(b)
+        if key is not None:
+            named[key] = named[id(b)]
     mode = _Provenance(lambda: stack[-1], named)
     try:
         with torch.no_grad(), _reparametrized(module, weights if before else None), mode:

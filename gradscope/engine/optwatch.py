@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -24,7 +23,8 @@ from torch import nn
 from gradscope import schema as S
 from gradscope.engine import params as P
 from gradscope.engine import portable, spec
-from gradscope.engine.alerts import OptimizerStep
+from gradscope.engine.alerts import Told
+from gradscope.engine.lrschedule import LrSchedule, site_names
 from gradscope.engine.amp import ScalerState
 from gradscope.engine.recorder import Recorder
 from gradscope.engine.sites import Site
@@ -80,9 +80,9 @@ class OptimizerWatch:
         self._pending: List[Optional[Tuple[int, P.ParamIndex, P.Differences, List[torch.Tensor]]]] = \
             [None] * len(self.optimizers)
         self._updated: List[Set[int]] = [set() for _ in self.optimizers]  # steps whose update each one measured
-        self._peak_lr: List[float] = [0.0] * len(self.optimizers)  # the largest lr each one was told so far
-        #: recorded step -> what its optimizer steps were told (update_band reads the lr schedule from it)
-        self.told: Dict[int, OptimizerStep] = {}
+        self.schedule = LrSchedule()  # each group's largest lr so far
+        #: recorded step -> block -> what its optimizer step was told (update_band reads the lr schedule from it)
+        self.told: Dict[int, Told] = {}
         self.keep_told = True  # False where no alert reads it (kept otherwise until the next flush)
         self.reindex(indexes)
 
@@ -143,8 +143,7 @@ class OptimizerWatch:
             state = rec.state
             closure = P.passes_closure(opt, args, kwargs)
             step = state.step if state.forward_seen or closure else state.step - 1
-            lr, reference = learning_rates(opt)
-            self._peak_lr[k] = max(self._peak_lr[k], lr, reference)
+            self.schedule.observe(opt)
             if step < 0 or not state.recorded(step):
                 return
             follow = self.follow() if self.follow is not None and step == state.step and state.active else None
@@ -159,24 +158,23 @@ class OptimizerWatch:
                 if read:
                     self.grads_read.setdefault(step, set()).update(read)
             if self.update and step not in self._updated[k]:
-                self._note_told(step, lr, self._peak_lr[k], first_adaptive(opt))
+                self._note_told(step, opt, index)
                 self._updated[k].add(step)
                 copies, work = self._kept[k]
                 self._pending[k] = (step, index, work, copies.take())
 
         return pre
 
-    def _note_told(self, step: int, lr: float, peak: float, first: bool) -> None:
-        """Keep what this step's optimizer was told; several optimizers: the largest scale, any first step."""
+    def _note_told(self, step: int, opt: Any, index: P.ParamIndex) -> None:
+        """Keep what this step's optimizer steps told each block (a block of several optimizers: the largest lr)."""
         if not self.keep_told:
             return
-        scale = 0.0 if lr <= 0 else min(1.0, lr / peak) if peak > 0 else 1.0
-        before = self.told.get(step)
-        if before is not None:
-            lr, scale, first = max(lr, before.lr), max(scale, before.lr_scale), first or before.first_adaptive
-        self.told[step] = OptimizerStep(lr, scale, first)
+        told = self.told.setdefault(step, {})
+        for block, said in self.schedule.told(opt, *site_names(index, self.sites)).items():
+            if block not in told or said.lr > told[block].lr:
+                told[block] = said
 
-    def take_told(self) -> Dict[int, OptimizerStep]:
+    def take_told(self) -> Dict[int, Told]:
         """What the optimizer steps of recorded steps were told since the last call (forgotten now)."""
         told, self.told = self.told, {}
         return told
@@ -198,31 +196,6 @@ class OptimizerWatch:
                              torch.cat(P.update_norms(index, before, n, work)), layout)
 
         return post
-
-
-def learning_rates(optimizer: Any) -> Tuple[float, float]:
-    """``(lr, reference)``: the largest learning rate of ``optimizer``'s groups now, and the largest its schedule
-    names as its base or peak (``initial_lr``, which torch's schedulers set; ``max_lr``, OneCycleLR's peak); 0.0
-    where a group carries none (an optimizer without ``lr``)."""
-    lr = reference = 0.0
-    for group in getattr(optimizer, "param_groups", ()):
-        for key in ("lr", "initial_lr", "max_lr"):
-            value = group.get(key)
-            if isinstance(value, torch.Tensor):  # a tensor lr (capturable Adam)
-                value = float(value.detach().reshape(-1)[0]) if value.numel() else None
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                if key == "lr":
-                    lr = max(lr, float(value))
-                else:
-                    reference = max(reference, float(value))
-    return lr, reference
-
-
-def first_adaptive(optimizer: Any) -> bool:
-    """Whether ``optimizer`` is an Adam-type optimizer (``betas`` among its defaults) about to take its first step
-    (its per-parameter state is still empty): that step moves every weight with a gradient by about ``lr``."""
-    defaults = getattr(optimizer, "defaults", None)
-    return isinstance(defaults, dict) and "betas" in defaults and not getattr(optimizer, "state", True)
 
 
 class GradTiming:

@@ -352,3 +352,71 @@ def test_batch_norm_running_statistics_spoiled_by_the_same_forward_are_not_blame
     assert origin == "aten.exp in '1'"
     assert "became NaN in aten.native_batch_norm" in note or "became NaN in aten._native_batch_norm" in note
     assert "buffer" not in note
+
+
+class SliceWrite(nn.Module):
+    """A NaN written into a slice of a tensor (``out[:, :8] = log(h)``, a RoPE-style idiom) or made in place on a
+    view (``h[:, :4].log_()``): the whole tensor is read later."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.lin, self.lin2, self.in_place = nn.Linear(16, 16), nn.Linear(16, 16), in_place
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.in_place:
+            h[:, :4].log_()
+            out = h
+        else:
+            out = h * 2.0
+            out[:, :8] = torch.log(h[:, :8])
+        return x + self.lin2(out)
+
+
+@pytest.mark.parametrize("in_place, op", [(False, "aten.log"), (True, "aten.log_")])
+def test_a_nan_written_into_a_slice_or_a_view_is_named(in_place, op, one_thread):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), SliceWrite(in_place), nn.Linear(16, 3))
+    origin, note, _ = _first_step_origin(model, ["0", "1", "2"], (torch.randn(8, 16),))
+    assert origin == f"{op} in '1'" and note == ""  # before: aten.addmm, "came in through a tensor it reads"
+
+
+class TwoBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return x + torch.where(h > 0, torch.sqrt(h), torch.log(h + 0.3))
+
+
+def test_where_names_the_branch_whose_nans_it_kept(one_thread):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), TwoBranches(), nn.Linear(16, 3))
+    x = torch.randn(8, 16)
+    with torch.no_grad():  # by hand: every NaN of the output comes from the log branch, none from the sqrt one
+        h = model[1].lin(model[0](x))
+        out = torch.where(h > 0, torch.sqrt(h), torch.log(h + 0.3))
+        assert out.isnan().any() and not (torch.sqrt(h).isnan() & (h > 0) & out.isnan()).any()
+    origin, _, _ = _first_step_origin(model, ["0", "1", "2"], (x,))
+    assert origin == "aten.log in '1'"  # before: aten.sqrt, the first NaN input of the where
+
+
+class NormedTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("pos", torch.randn(16))
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(x + self.pos)
+
+
+def test_an_infinity_in_a_buffer_is_not_taken_for_a_mask(one_thread):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), NormedTable(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[1].pos[3] = float("inf")
+    origin, note, _ = _first_step_origin(model, ["0", "1", "2"], (torch.randn(8, 16),))
+    assert origin == "aten.add in '1'" and "buffer '1.pos'" in note  # before: the layer norm, no word of the buffer

@@ -303,9 +303,14 @@ def _checked_sums(flat: torch.Tensor, extras: Sequence[Tuple[str, ...]]) -> Any:
 
 
 def _centred_sums(flat: torch.Tensor, extras: Sequence[Tuple[str, ...]], scratch: "Scratch | None") -> torch.Tensor:
-    """Two-pass sums that need no value on the host (the GPU path, and the CPU fallback)."""
+    """Two-pass sums that need no value on the host (the GPU path, and the CPU fallback).
+
+    A mean that is not finite (an overflow to +-inf in the tensor) centres nothing: the shift is then 0, so the
+    mean finishes to the tensor's own +inf or -inf (NaN only when both signs or a NaN are present), as the traced
+    hooks' one-pass sums give, instead of the NaN that ``inf - inf`` would make of every slot."""
     n = flat.numel()
     shift = _sum(flat) / n
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     if scratch is None:
         centred = flat - shift.to(flat.dtype)
     else:

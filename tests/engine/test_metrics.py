@@ -191,3 +191,21 @@ def test_one_pass_variance_is_accurate_up_to_the_trust_bound(monkeypatch):
     assert calls == []
     assert var == pytest.approx(ref.var(unbiased=False).item(), rel=1e-5)
     assert mean == pytest.approx(ref.mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_an_overflow_to_inf_gives_an_infinite_mean_not_nan_as_the_traced_sums_do(dtype):
+    from gradscope.engine.metrics import activation_sums, finish_moments
+    from gradscope.engine.traced import traced_sums
+
+    x = torch.tensor([1.0, float("inf"), 2.0, 0.0], dtype=dtype)  # an fp16 activation that overflowed
+    extras = (("zeros",), ("nonfinite",))
+    for check in (True, False):  # the CPU's checked path (which falls back) and the GPU's no-read path
+        raw = activation_sums(x, check_on_host=check)
+        raw = list(raw) if isinstance(raw, tuple) else raw.tolist()
+        mean, var, rms, zero_frac, nonfinite = finish_moments(raw, x.numel())
+        assert mean == math.inf and rms == math.inf and nonfinite == 1.0 and zero_frac == 0.25
+        assert finish_moments(traced_sums(x, extras).tolist(), x.numel())[0] == mean
+    both = torch.tensor([1.0, float("inf"), -float("inf")], dtype=dtype)  # inf - inf: no mean
+    raw = activation_sums(both, check_on_host=False).tolist()
+    assert math.isnan(finish_moments(raw, both.numel())[0])

@@ -159,17 +159,35 @@ def verdicts(frame: pd.DataFrame, *, step: A.StepArg = None, vanish: float = A.V
     return annotate(out, frame, configs=configs, agree_tol=agree_tol, batch_size=batch_size, profiles=profiles)
 
 
+#: a block's ``param_norm`` that moved by more than this (relative) from its first recorded step was trained
+PARAM_MOVED = 1e-6
+
+
 def trained_from(frame: pd.DataFrame) -> dict[str, int]:
-    """``{run: the first step whose optimizer step changed the weights}`` (a positive ``update_ratio`` row): steps
-    after it measure trained weights, which theory at initialisation does not describe. Runs recorded without the
-    optimizer have no such rows and are taken as they come."""
+    """``{run: the last step whose forward saw the weights of initialisation}``: steps after it measure trained
+    weights, which theory at initialisation does not describe.
+
+    Read from a positive ``update_ratio`` row (the optimizer step of that step changed the weights), or, for a run
+    recorded without the optimizer, from ``param_norm``: the recorded step before the first one at which some
+    block's parameter norm moved from its first recorded value (by more than :data:`PARAM_MOVED`, relative). A run
+    with neither stays as it comes."""
     if S.METRIC not in frame.columns:
         return {}
+    out: dict[str, int] = {}
     rows = frame[(frame[S.METRIC] == S.UPDATE_RATIO) & (frame[S.VALUE] > 0)]
-    if rows.empty:
-        return {}
-    rows = A.with_run(rows)
-    return {str(run): int(g[S.STEP].min()) for run, g in rows.groupby(S.RUN, sort=False)}
+    if len(rows):
+        out = {str(run): int(g[S.STEP].min()) for run, g in A.with_run(rows).groupby(S.RUN, sort=False)}
+    norms = frame[frame[S.METRIC] == S.PARAM_NORM]
+    for run, g in (A.with_run(norms).groupby(S.RUN, sort=False) if len(norms) else ()):
+        wide = g.pivot_table(index=S.STEP, columns=S.BLOCK, values=S.VALUE, aggfunc="first").sort_index()
+        if len(wide) < 2:
+            continue
+        first = wide.iloc[0]
+        moved = ((wide - first).abs() > PARAM_MOVED * first.abs()).any(axis=1).to_numpy()
+        if moved.any():
+            before = int(wide.index[int(moved.argmax()) - 1])
+            out[str(run)] = min(out.get(str(run), before), before)
+    return out
 
 
 def frame_batch_sizes(frame: pd.DataFrame) -> dict[str, int]:
@@ -220,9 +238,10 @@ def annotate(verdicts: pd.DataFrame, frame: pd.DataFrame, *, configs=None, agree
         per_step = not pd.isna(row[S.STEP])
         update = trained.get(str(run))
         if update is not None and (row[S.STEP] if per_step else last.get(str(run), 0)) > update:
-            out.at[i, A.THEORY_NOTE] = (f"no theory: the weights were updated at step {update} (an update_ratio row) "
-                                        f"before what this verdict measured, and the theory describes "
-                                        f"initialisation; judge a frame's first step (step='first')")
+            out.at[i, A.THEORY_NOTE] = (f"no theory: the weights were updated at step {update} (an update_ratio row, "
+                                        f"or param_norm moving after it) before what this verdict measured, and the "
+                                        f"theory describes initialisation; judge a frame's first step "
+                                        f"(step='first')")
             continue
         prof = profiles.get(metric, "all" if per_step else None)
         prof = prof[(prof[S.RUN] == run) & ((prof[S.STEP] == row[S.STEP]) if per_step else True)]

@@ -212,16 +212,18 @@ def test_the_theorys_own_limits_stand_beside_an_agreement(one_thread):
     assert own and all(all(n in note for n in own) for note in back[A.THEORY_NOTE])
 
 
-def test_theory_is_not_put_beside_trained_weights(one_thread):
+@pytest.mark.parametrize("given_optimizer", [True, False])
+def test_theory_is_not_put_beside_trained_weights(one_thread, given_optimizer):
     """Theory describes initialisation, but a training frame's last step (or all its steps pooled) was judged
-    against it ("agrees" after 150 steps at lr 0.1). Where update_ratio rows show the weights changed before the
-    step measured, the note says so instead; the first step keeps its theory."""
+    against it ("agrees" after 150 steps at lr 0.1). Where update_ratio rows (or, recorded without the optimizer,
+    param_norm rows) show the weights changed before the step measured, the note says so instead; the first step
+    keeps its theory."""
     from gradscope.models import build
 
     model = build("mlp", depth=6, width=128, in_features=32, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(0)
-    with gradscope.attach(model, optimizer=opt) as scope:
+    with gradscope.attach(model, optimizer=opt if given_optimizer else None) as scope:
         for _ in range(4):
             x, y = torch.randn(64, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
             torch.nn.functional.cross_entropy(model(x), y).backward()

@@ -216,7 +216,9 @@ def _report(args: argparse.Namespace) -> int:
     try:
         # a profile's folder: the profile's runs, and plainly what the records alone cannot rebuild
         frame, about = profile_rebuild(frame, folder, out)
-        path = write_report(frame, out, **about, **attach_rebuild(frame, folder))
+        found = attach_rebuild(frame, folder)
+        about = {**about, **found, "notes": list(about.get("notes", ())) + list(found.get("notes", ()))}
+        path = write_report(frame, out, **about)
     except OutputError:
         raise
     except OSError as exc:

@@ -5,6 +5,8 @@ by :func:`gradscope.render.folder.results_of_frame` for a frame; read by :mod:`g
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -119,5 +121,5 @@ class Results:
                 "settings": dict(self.settings), "claims": [c.as_dict() for c in self.claims],
                 "verdicts": {p: records(self.verdicts.get(p)) for p in self.phases()},
                 "pooled": records(self.pooled), "trajectory": records(self.trajectory),
-                "final_loss": {k: (None if v != v else v) for k, v in self.final_losses.items()},
+                "final_loss": {k: (v if math.isfinite(v) else None) for k, v in self.final_losses.items()},
                 "alerts": records(self.alerts), "notes": list(self.notes)}

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 from gradscope import schema as S
 from gradscope.engine.alerts import ANOMALY_POLICIES, Alert, AlertRules, AnomalyError, Detector, Row, Told
 from gradscope.errors import GradscopeError
-from gradscope.schema import DIVERGENCE
+from gradscope.schema import DIVERGENCE, UPDATE_BAND
 
 Handler = Union[None, str, Callable[[Alert], object]]
 
@@ -46,6 +46,9 @@ class AlertLog:
         self.alerts: List[Alert] = []
         self._pending: List[Alert] = []
         self.enabled = bool(self.detector.rules.kinds)  # AlertRules(kinds=()) turns detection off
+        rules = self.detector.rules
+        #: update_band is on: the optimizer hooks keep what each block's step was told (its lr)
+        self.reads_lr = UPDATE_BAND in rules.kinds and rules.update_band is not None
         #: the traced origin of the first forward NaN (an ``OpOrigin``), set by the scope before each observe
         self.origin: Any = None
 

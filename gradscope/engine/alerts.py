@@ -16,12 +16,15 @@ gradients) so that a near-constant series does not turn a 1 % wobble into an ale
 earlier values, and only upward moves count (a falling loss is training). Three guards keep ordinary training from
 firing, each measured on healthy runs (``tests/engine/test_alert_noise.py``):
 
-* a jump: to start an episode, the value must also rise above the largest of the last :data:`JUMP_SPAN` values
-  by ``z / 2`` scales, and by :data:`TAIL_MARGIN` times the 95th percentile of the series' own earlier jumps (the
-  last :data:`TAIL_MEMORY`; a lasting episode adds only its first). A smooth rise tops its window at every step
-  but never jumps; the losses of small batches are skewed and heavy-tailed (one hard example in a batch of 8
-  lifts its loss several-fold, and a few percent of batches lie beyond a z of 6), so their jumps recur and raise
-  the bar, while normal noise leaves it at ``z / 2``;
+* a jump or a climb: to start an episode, the value must also rise above the largest of the last
+  :data:`JUMP_SPAN` values by ``z / 2`` scales and by :data:`TAIL_MARGIN` times the :data:`TAIL_RANK`-th largest
+  of the series' own earlier jumps (the last :data:`TAIL_MEMORY` steps: calm steps and one-step excursions, alerts
+  among them; a lasting episode adds none), or, for a gradient, climb (:data:`CLIMB_STEPS` values in a row at least
+  :data:`ELEVATED` times the median, the last the largest, :data:`CLIMB_FACTOR` times the median and
+  :data:`CLIMB_GROWTH` times the first). A smooth rise tops its window at every step but never jumps; the losses of
+  small batches are skewed and heavy-tailed (one hard example in a batch of 8 lifts its loss several-fold), so
+  their jumps recur and raise the bar, while a fault seen fewer than :data:`TAIL_RANK` times in the memory still
+  fires; an explosion that grows by a factor each step never jumps and is caught as a climb;
 * a minimum size for gradient spikes (``min_factor`` times the window median): a gradient norm that rises
   smoothly by 10-40 % over a few steps early in training (a known phase, not a fault) tops a z of 6 in log space;
 * ``update_band``'s low end is read at the schedule's reference learning rate (the ratio times
@@ -48,7 +51,7 @@ import heapq
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from gradscope import schema as S
 from gradscope.errors import GradscopeError
@@ -179,11 +182,13 @@ def _median(ordered: Sequence[float]) -> float:
 TAIL_MEMORY = 200
 #: a spike starts with a jump over the largest of this many previous values (see ``Detector._spike``)
 JUMP_SPAN = 3
-#: a climb: this many values in a row at least ``min_factor`` times the window's median, the last the largest of
-#: them and this many times it (see ``Detector._spike``)
-CLIMB_STEPS, CLIMB_FACTOR = 3, 3.0
-#: a spike must jump this many times the second largest of the series' own earlier jumps
-TAIL_MARGIN = 1.5
+#: "elevated": this many times the window's median (a climb's values; an episode goes on while its values are)
+ELEVATED = 1.5
+#: a gradient's climb: this many elevated values in a row, the last the largest of them, this many times the median
+#: and this many times the first of them (see ``Detector._spike``)
+CLIMB_STEPS, CLIMB_FACTOR, CLIMB_GROWTH = 4, 3.0, 1.5
+#: a spike must jump this many times the ``TAIL_RANK``-th largest of the series' own earlier jumps
+TAIL_MARGIN, TAIL_RANK = 2.0, 5
 
 
 class _Series:
@@ -197,7 +202,7 @@ class _Series:
         #: log units (gradients)
         self.jumps: Deque[float] = deque(maxlen=TAIL_MEMORY)
         self.high = False  # the latest value was a spike (started or continued one)
-        self.climb = 0  # values in a row at least min_factor times the window's median
+        self.climb = 0  # elevated values in a row (ELEVATED times the window's median)
         self.pending: Optional[float] = None  # the jump of a one-step excursion, kept once the next step is calm
 
     def calm(self, jump: float) -> None:
@@ -212,7 +217,7 @@ class _Series:
         once it holds ``least_count`` of them)."""
         if len(self.jumps) < least_count:
             return least_jump
-        return max(least_jump, TAIL_MARGIN * heapq.nlargest(2, self.jumps)[1])
+        return max(least_jump, TAIL_MARGIN * heapq.nlargest(TAIL_RANK, self.jumps)[-1])
 
 
 @dataclass(frozen=True)
@@ -232,8 +237,9 @@ class OptimizerStep:
     of_peak: float = 1.0
 
 
-#: what a detector is told per recorded step: block name -> its optimizer step
-Told = Dict[str, OptimizerStep]
+#: what a detector is told per recorded step: block name -> its optimizer step (a dict, or the lazily resolved
+#: :class:`gradscope.engine.lrschedule.BlockSteps`: ``get``, ``in`` and ``[]`` are all it reads)
+Told = Mapping[str, OptimizerStep]
 
 
 class _Episode:
@@ -273,6 +279,7 @@ class Detector:
         self._grad: Dict[str, _Series] = {}
         self._low_since: Dict[str, int] = {}  # block -> first recorded step of its current run below the band
         self._low_runs: Dict[str, int] = {}  # block -> recorded steps in that run
+        self._band_open: Optional[Alert] = None  # the update_band alert of the episode going on, if one
         self._episodes: Dict[str, _Episode] = {k: _Episode() for k in ALERT_KINDS}
 
     def observe(self, rows: Iterable[Row], losses: Iterable[Tuple[int, float]] = (),
@@ -340,22 +347,23 @@ class Detector:
         gradient, ``min_factor`` times it). Above it, an episode starts with either
 
         * a jump: ``x`` above the largest of the last :data:`JUMP_SPAN` values by ``z / 2`` scales, and by
-          :data:`TAIL_MARGIN` times the second largest of the series' own earlier jumps (its noise: the jumps of
-          calm steps, and of excursions above the level that lasted one step; a jump seen twice is the series'
-          own), or
-        * a climb, whatever the level: :data:`CLIMB_STEPS` values in a row at least ``min_factor`` times their
-          window's median, the last the largest of them and :data:`CLIMB_FACTOR` times its median (an explosion that
-          grows by a factor each step never jumps, and widens the window's spread, so its level runs away from it).
+          :data:`TAIL_MARGIN` times the :data:`TAIL_RANK`-th largest of the series' own earlier jumps (its noise: the
+          jumps of calm steps, and of excursions above the level that lasted one step, alerts among them; a jump
+          that recurs that often is the series' own), or
+        * for a gradient, a climb, whatever the level: :data:`CLIMB_STEPS` values in a row at least
+          :data:`ELEVATED` times their window's median, the last the largest of them, :data:`CLIMB_FACTOR` times its median and
+          :data:`CLIMB_GROWTH` times the first (an explosion that grows by a factor each step never jumps, and widens
+          the window's spread, so its level runs away from it).
 
         A smooth rise of a few percent a step stays below both; the batches of a heavy-tailed loss jump often but
-        alone, which raises the bar. While the value stays above the level, or ``min_factor`` times the median, the
+        alone, which raises the bar. While the value stays above the level, or :data:`ELEVATED` times the median, the
         episode goes on."""
         history, rules = series.window, self.rules
         if len(history) < rules.warmup:
             history.append(x)
             return None
         recent = max(history[-1], history[-2], history[-3])  # the last JUMP_SPAN values
-        if not relative and x <= min(history) + math.log(rules.min_factor):
+        if not relative and x <= min(history) + math.log(min(rules.min_factor, ELEVATED)):
             # below every bound (the median is at least the window's least value): the common case, no median
             series.calm(x - recent)
             series.climb = 0
@@ -365,12 +373,12 @@ class Detector:
         earlier = list(history)
         history.append(x)
         level = max(med + rules.z * scale, med if relative else med + math.log(rules.min_factor))
-        raised = med + math.log(rules.min_factor) if not relative else \
-            (med * rules.min_factor if med > 0 else math.inf)  # "elevated": min_factor times the median
+        raised = med + math.log(ELEVATED) if not relative else (med * ELEVATED if med > 0 else math.inf)
         series.climb = series.climb + 1 if x >= raised else 0
-        climb_bound = med + math.log(CLIMB_FACTOR) if not relative else med * CLIMB_FACTOR
-        climbing = series.climb >= CLIMB_STEPS and x >= climb_bound and \
-            all(x >= h for h in earlier[len(earlier) - series.climb + 1:])
+        climb_bound = med + math.log(CLIMB_FACTOR)
+        run = earlier[len(earlier) - series.climb + 1:]  # the values before x in its run of elevated values
+        climbing = not relative and series.climb >= CLIMB_STEPS and x >= climb_bound and \
+            all(x >= h for h in run) and x - run[0] >= math.log(CLIMB_GROWTH)
         unit = max(abs(med), scale) if relative else 1.0  # jumps are kept relative to the loss, in log units else
         jump = (x - recent) / unit
         if series.high and (x > level or x >= raised):  # the episode goes on
@@ -379,14 +387,17 @@ class Detector:
         if x <= level and not climbing:
             series.calm(jump)
             return None
-        # above the level, or climbing: a lone excursion's jump is kept once the next step is calm
-        series.pending = jump if series.climb <= 1 else None
         needed = series.bar(0.5 * rules.z * scale / unit, rules.warmup)
         if x > level and jump > needed:
             bound = max(level, recent + needed * unit)
         elif climbing:
             bound = climb_bound
         else:
+            bound = None
+        # a lone excursion above the level (the step after it calm), alert or not, joins the noise memory: one that
+        # recurs (TAIL_RANK times in TAIL_MEMORY steps) is the series' own, not a fault
+        series.pending = jump if series.climb <= 1 else None
+        if bound is None:
             return None
         series.high = True
         return Alert(step, kind, block, metric, value, bound if relative else math.exp(bound))
@@ -397,15 +408,21 @@ class Detector:
         if band is None:
             return None
         below = set(below_band(rows, band, told))
+        measured = {r[1] for r in rows if r[4] == S.UPDATE_RATIO}  # a block without a row this step keeps its run
         for block in list(self._low_runs):
-            if block not in below:
+            if block in measured and block not in below:
                 del self._low_runs[block], self._low_since[block]
         for block in below:
             self._low_since.setdefault(block, step)
             self._low_runs[block] = self._low_runs.get(block, 0) + 1
-        confirmed = {b: self._low_since[b] for b in below if self._low_runs[b] >= self.rules.band_patience}
+        patience = self.rules.band_patience
+        confirmed = {b: self._low_since[b] for b in below if self._low_runs[b] >= patience}
         decay = decay_only_ratio(*self.decay, step=step) if self.decay else None
-        return update_band(step, rows, band, decay, told, confirmed)
+        found = update_band(step, rows, band, decay, told, confirmed)
+        if found is None and any(n >= patience and b not in measured for b, n in self._low_runs.items()):
+            return self._band_open  # a block still below the band took no step now: its episode goes on
+        self._band_open = found
+        return found
 
 
 _METRIC_OF = {GRAD_SPIKE: S.GRAD_NORM, UPDATE_BAND: S.UPDATE_RATIO}

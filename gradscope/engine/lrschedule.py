@@ -5,9 +5,10 @@ that step. Read per parameter group (a head with its own warm-up, a second optim
 
 * **lr 0**: nothing was meant to move; the low end is not judged.
 * **warming up**: the group's lr is below the base its torch scheduler records (``initial_lr``; ``max_lr`` for
-  OneCycleLR) and at least as high as it has been so far. The ratio is judged at that base (divided by
-  ``lr / base``): a linear warm-up from near 0 is the schedule, not a slow block.
-* **decaying**: the lr is below the largest it has been. The ratio is judged as it is (a step schedule stepped per
+  OneCycleLR) and higher than at the previous recorded step. The ratio is judged at that base (divided by
+  ``lr / base``): a linear warm-up from near 0 is the schedule, not a slow block. A flat lr below the base (a
+  resumed run after a decay, a constant factor) is not warming up and is judged as it is.
+* **decaying**: the lr is below the largest it has been at a recorded step. The ratio is judged as it is (a step schedule stepped per
   batch instead of per epoch, or an lr dropped by a bug, is exactly what the band is for); the alert's note says
   which fraction of its peak the lr is, so a cosine tail reads as one.
 * otherwise the ratio is judged as it is (a hand-written warm-up cannot be told from an lr that is too small; the
@@ -52,40 +53,29 @@ def first_adaptive(optimizer: Any) -> bool:
 
 
 class LrSchedule:
-    """The largest lr each parameter group has had so far, and what each block's step was told.
-
-    ``observe`` runs at every optimizer step (recorded or not: a peak may fall between recorded steps);
-    ``told`` at the recorded ones."""
+    """Per parameter group, the lr it had at the previous recorded step and the largest so far; what each block's
+    step was told (:meth:`told`, at recorded steps only: an unrecorded step reads nothing, so a tensor lr on a GPU
+    costs no synchronisation there). Groups are known by their optimizer and position: ``load_state_dict`` makes
+    new group dicts but keeps their order."""
 
     def __init__(self) -> None:
-        self._peak: Dict[int, float] = {}  # id(param group) -> its largest lr so far (this step's included)
-        self._previous: Dict[int, float] = {}  # id(param group) -> its largest lr before this step
+        self._seen: Dict[Tuple[int, int], Tuple[float, float]] = {}  # (id(opt), group) -> (last lr, largest lr)
         self._blocks: Dict[int, Tuple[Any, Dict[str, List[int]]]] = {}  # id(optimizer) -> (layout, groups of blocks)
 
-    def observe(self, optimizer: Any) -> None:
-        """Note the lr of each of ``optimizer``'s groups at this step."""
-        for group in getattr(optimizer, "param_groups", ()):
-            lr, _ = group_lr(group)
-            key = id(group)
-            self._previous[key] = self._peak.get(key, 0.0)
-            self._peak[key] = max(self._peak.get(key, 0.0), lr)
-
-    def told(self, optimizer: Any, params: List[Any], sites: List[List[str]]) -> Dict[str, OptimizerStep]:
-        """Block name -> what its step was told, for the blocks owning ``params`` (``sites[i]``: the blocks that own
-        ``params[i]``); a block whose parameters lie in several groups takes the group with the largest lr."""
+    def told(self, optimizer: Any, params: List[Any], sites: List[List[str]]) -> "BlockSteps":
+        """What the steps of the blocks owning ``params`` were told (``sites[i]``: the blocks that own ``params[i]``);
+        a block whose parameters lie in several groups takes the group with the largest lr. The cost is one read
+        per parameter group: blocks are looked up only when an alert asks."""
         first = first_adaptive(optimizer)
         groups = list(getattr(optimizer, "param_groups", ()))
-        steps = [self._step_of(group, first) for group in groups]
-        out: Dict[str, OptimizerStep] = {}
-        for name, owned in self._groups_of_blocks(optimizer, groups, params, sites).items():
-            out[name] = max((steps[g] for g in owned), key=lambda step: step.lr)
-        return out
+        steps = [self._step_of((id(optimizer), g), group, first) for g, group in enumerate(groups)]
+        return BlockSteps([(steps, self._groups_of_blocks(optimizer, groups, params, sites))])
 
     def _groups_of_blocks(self, optimizer: Any, groups: List[Dict[str, Any]], params: List[Any],
                           sites: List[List[str]]) -> Dict[str, List[int]]:
-        """Block name -> the indices of the groups holding its parameters (made again when the groups or the
-        parameters change)."""
-        key = (tuple(id(p) for g in groups for p in g.get("params", ())), tuple(id(p) for p in params))
+        """Block name -> the indices of the groups holding its parameters (made again when the groups' parameter
+        lists or the blocks' parameters are other objects or of other lengths)."""
+        key = (tuple((id(g.get("params")), len(g.get("params", ()))) for g in groups), id(params), len(params))
         cached = self._blocks.get(id(optimizer))
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -101,15 +91,39 @@ class LrSchedule:
         self._blocks[id(optimizer)] = (key, owned)
         return owned
 
-    def _step_of(self, group: Dict[str, Any], first: bool) -> OptimizerStep:
+    def _step_of(self, key: Tuple[int, int], group: Dict[str, Any], first: bool) -> OptimizerStep:
         lr, base = group_lr(group)
-        key = id(group)
-        peak, before = self._peak.get(key, lr), self._previous.get(key, 0.0)
+        last, peak = self._seen.get(key, (math.nan, 0.0))
+        peak = max(peak, lr)
+        self._seen[key] = (lr, peak)
         if lr <= 0:
             return OptimizerStep(lr, 0.0, first, 0.0)
-        warming = base > lr and lr >= before  # below the scheduler's base and not below any earlier lr
-        scale = lr / base if warming else 1.0
-        return OptimizerStep(lr, scale, first, min(1.0, lr / peak) if peak > 0 else 1.0)
+        warming = base > lr and lr > last  # rising toward the scheduler's base since the previous recorded step
+        return OptimizerStep(lr, lr / base if warming else 1.0, first, min(1.0, lr / peak))
+
+
+class BlockSteps:
+    """Block name -> the :class:`OptimizerStep` its optimizer step was told, resolved when asked (a mapping of the
+    few methods :mod:`gradscope.engine.alerts` reads). Several optimizers: the one with the largest lr."""
+
+    def __init__(self, parts: List[Tuple[List[OptimizerStep], Dict[str, List[int]]]]) -> None:
+        self.parts = parts  # per optimizer: the step of each of its groups, and the groups of each block
+
+    def merged(self, other: "BlockSteps") -> "BlockSteps":
+        return BlockSteps(self.parts + other.parts)
+
+    def get(self, block: str, default: Any = None) -> Any:
+        found = [steps[g] for steps, owned in self.parts for g in owned.get(block, ())]
+        return max(found, key=lambda step: step.lr) if found else default
+
+    def __contains__(self, block: object) -> bool:
+        return any(block in owned for _, owned in self.parts)
+
+    def __getitem__(self, block: str) -> OptimizerStep:
+        found = self.get(block)
+        if found is None:
+            raise KeyError(block)
+        return found
 
 
 def site_names(index: Any, sites: List[Any]) -> Tuple[List[Any], List[List[str]]]:
@@ -121,4 +135,4 @@ def site_names(index: Any, sites: List[Any]) -> Tuple[List[Any], List[List[str]]
     return list(index.params), owners
 
 
-__all__ = ["LrSchedule", "first_adaptive", "group_lr", "site_names"]
+__all__ = ["BlockSteps", "LrSchedule", "first_adaptive", "group_lr", "site_names"]

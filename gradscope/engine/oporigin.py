@@ -92,9 +92,10 @@ class _Provenance(TorchDispatchMode):
     def __init__(self, where: Callable[[], str], named: Dict[Any, str]) -> None:
         super().__init__()
         self.where, self.named = where, named
-        self.nan_from: Dict[Any, Source] = {}  # id(tensor) or its storage -> where its NaNs were made
-        self.inf_from: Dict[Any, Tuple[Source, bool]] = {}  # ... -> where its infinities were made, meant?
-        self.alive: List[torch.Tensor] = []  # the tensors above, kept so that their ids and storages stay theirs
+        #: id(tensor) or its memory -> (a weak reference to it, or None for memory; where its NaNs were made)
+        self.nan_from: Dict[Any, Tuple[Any, Source]] = {}
+        self.inf_from: Dict[Any, Tuple[Any, Tuple[Source, bool]]] = {}  # ... where its infinities were made, meant?
+        self.alive: List[torch.Tensor] = []  # views written in place: their memory keeps its key while the replay runs
         self.first: Optional[Source] = None  # the first operator that made any non-finite value
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
@@ -111,28 +112,32 @@ class _Provenance(TorchDispatchMode):
             made: Source = (name, self.where(), "")
             if self.first is None and not (nan_in or inf_in):
                 self.first = made
+            written = _written(func, args, kwargs)
             if inf:
-                self._keep(self.inf_from, t, self._inf_source(inf_in, made, args, kwargs))
+                self._keep(self.inf_from, t, self._inf_source(inf_in, made, args, kwargs), written)
             if nan:
                 reaching = _where_branches(name, args, t) if name == "aten.where" and nan_in else nan_in
-                self._keep(self.nan_from, t, self._nan_source(reaching, inf_in, made))
-            self.alive.append(t)
+                self._keep(self.nan_from, t, self._nan_source(reaching, inf_in, made), written)
         return out
 
-    @staticmethod
-    def _keep(table: Dict[Any, Any], t: torch.Tensor, source: Any) -> None:
-        table[id(t)] = source
+    def _keep(self, table: Dict[Any, Any], t: torch.Tensor, source: Any, written: List[torch.Tensor]) -> None:
+        """Remember where ``t``'s non-finite values came from: by identity (a weak reference: the replay keeps no
+        result alive, so its memory stays that of the block's own forward), and, when the operator wrote ``t`` in
+        place (``copy_`` into a slice, ``log_`` on a view), by its memory too, keeping that view."""
+        table[id(t)] = (weakref.ref(t), source)
         key = _storage(t)
-        if key is not None:  # a view or slice written in place: the tensor it belongs to holds it too
-            table[key] = source
+        if key is not None and any(_storage(a) == key for a in written):
+            table[key] = (None, source)
+            self.alive.append(t)  # its memory is an input's, alive anyway: the key stays this memory's
 
     @staticmethod
     def _known(table: Dict[Any, Any], t: torch.Tensor) -> Any:
-        found = table.get(id(t))
-        if found is None:
-            key = _storage(t)
-            found = table.get(key) if key is not None else None
-        return found
+        entry = table.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        key = _storage(t)
+        entry = table.get(key) if key is not None else None
+        return None if entry is None else entry[1]
 
     def _outside(self, t: torch.Tensor) -> str:
         """What a non-finite tensor no operator of the replay made is: a named buffer, or something the block read."""
@@ -190,6 +195,21 @@ def _storage(t: torch.Tensor) -> Optional[Tuple[str, int]]:
     except (RuntimeError, NotImplementedError, AttributeError):
         return None
     return ("storage", ptr) if ptr else None
+
+
+def _written(func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[torch.Tensor]:
+    """The tensors an operator writes into (``self`` of ``mul_``/``copy_``, ``out=``), from its schema; views
+    are not writes."""
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return []
+    out = []
+    for i, arg in enumerate(schema.arguments):
+        info = arg.alias_info
+        if info is not None and info.is_write:
+            value = args[i] if i < len(args) and not arg.kwarg_only else kwargs.get(arg.name)
+            out.extend(t for t in tree_leaves(value) if isinstance(t, torch.Tensor))
+    return out
 
 
 def _where_branches(name: str, args: Tuple[Any, ...], out: torch.Tensor) -> List[torch.Tensor]:

@@ -80,7 +80,8 @@ class OptimizerWatch:
         self._pending: List[Optional[Tuple[int, P.ParamIndex, P.Differences, List[torch.Tensor]]]] = \
             [None] * len(self.optimizers)
         self._updated: List[Set[int]] = [set() for _ in self.optimizers]  # steps whose update each one measured
-        self.schedule = LrSchedule()  # each group's largest lr so far
+        self.schedule = LrSchedule()  # each group's lr at the previous recorded step and its largest so far
+        self._owners: Dict[int, Any] = {}  # id(ParamIndex) -> (index, its parameters, the blocks owning each)
         #: recorded step -> block -> what its optimizer step was told (update_band reads the lr schedule from it)
         self.told: Dict[int, Told] = {}
         self.keep_told = True  # False where no alert reads it (kept otherwise until the next flush)
@@ -88,6 +89,7 @@ class OptimizerWatch:
 
     def reindex(self, indexes: Sequence[P.ParamIndex]) -> None:
         """Measure these blocks' parameters from now on (a pending update keeps the index it was taken with)."""
+        self._owners = {}
         kept = []
         for k, index in enumerate(indexes):
             same = k < len(self.indexes) and P.same_params(index, self.indexes[k])
@@ -143,7 +145,6 @@ class OptimizerWatch:
             state = rec.state
             closure = P.passes_closure(opt, args, kwargs)
             step = state.step if state.forward_seen or closure else state.step - 1
-            self.schedule.observe(opt)
             if step < 0 or not state.recorded(step):
                 return
             follow = self.follow() if self.follow is not None and step == state.step and state.active else None
@@ -169,10 +170,12 @@ class OptimizerWatch:
         """Keep what this step's optimizer steps told each block (a block of several optimizers: the largest lr)."""
         if not self.keep_told:
             return
-        told = self.told.setdefault(step, {})
-        for block, said in self.schedule.told(opt, *site_names(index, self.sites)).items():
-            if block not in told or said.lr > told[block].lr:
-                told[block] = said
+        owners = self._owners.get(id(index))
+        if owners is None or owners[0] is not index:
+            owners = self._owners[id(index)] = (index, *site_names(index, self.sites))
+        said = self.schedule.told(opt, owners[1], owners[2])
+        before = self.told.get(step)
+        self.told[step] = said if before is None else before.merged(said)
 
     def take_told(self) -> Dict[int, Told]:
         """What the optimizer steps of recorded steps were told since the last call (forgotten now)."""

@@ -116,6 +116,7 @@ class Recorder:
         self.write_files = write_files
         self._written = 0  # rows of ``rows`` already in parts on disk (dropped from memory at release())
         self._losses_written = 0  # losses already in losses parts on disk (they stay in memory: one float a step)
+        self._losses_failed = False  # the last losses write failed (warned once until one succeeds)
         self._dropped = 0  # rows recorded before ``rows[0]``: in ``_part_paths`` on disk
         self._part_paths: List[Path] = []
         self._part_starts: List[int] = []  # the first row (counted from the run's first) of each part
@@ -290,17 +291,19 @@ class Recorder:
 
         first, count = self._losses_written, len(self.losses)
         try:
-            if not self.out.is_dir():
+            if not self.out.is_dir():  # moved or deleted: every loss goes to the new folder (memory holds them all)
                 store.recreate_out(self.out, [{"name": s.name, "kind": s.kind} for s in self.sites],
                                    lost=self._part_paths[:self._released_parts], rows=self._dropped)
+                first = 0
             store.write_losses_part(self.losses[first:count], self.out, first)
         except OSError as exc:
-            if not self._write_failed:
+            if not self._losses_failed:
                 warnings.warn(f"gradscope: could not write the losses of steps {self.losses[first][0]}.. to "
                               f"{str(self.out)!r}: {exc.strerror or exc}; scope.losses() keeps them and the next "
                               f"flush retries", RuntimeWarning, stacklevel=4)
+            self._losses_failed = True
             return
-        self._losses_written = count
+        self._losses_written, self._losses_failed = count, False
 
     def _write_frame(self, store, frame, index: int) -> Path:
         """``store.write_part``, recreating ``out`` when it was moved or deleted during the run (see

@@ -85,7 +85,7 @@ class Scope:
                                      self._index_optimizers(set(range(len(sites)))), update=metrics.update,
                                      grads=S.PARAM_GRAD_NORM in metrics.params, tracer=self._tracer,
                                      follow=weakref.WeakMethod(self._follow_changes))
-        self._watch.keep_told = self._alerts.enabled
+        self._watch.keep_told = self._alerts.reads_lr
         self._grad_timing = GradTiming(recorder, self._param_index, S.PARAM_GRAD_NORM in metrics.params)
         self._replacements = Replacements(model, sites)  # blocks replaced after attach are followed
         # weakly: the model must not keep its scope alive (a scope dropped without detach() writes its rows at __del__)

@@ -74,27 +74,47 @@ def attach_rebuild(frame: Any, folder: Path) -> Dict[str, Any]:
     """``write_report`` keywords for a folder ``attach(out=...)`` wrote: the alerts it found (``alerts.csv``) and
     the losses given to ``scope.step(loss=...)`` (``losses-*.parquet``), so that the report shows what the run
     showed. The run's final loss (the mean of its last :data:`ATTACH_FINAL_WINDOW` recorded losses) only when its
-    ``provenance.json`` says it finished. ``{}`` for a profile's folder or a frame of several runs."""
+    ``provenance.json`` says it finished. A Lightning or Hugging Face callback's folder keeps them in
+    ``records/``. Files that cannot be read are left out with a note. ``{}`` for a profile's folder or a frame of
+    several runs."""
     from gradscope import store
     from gradscope.analysis import DEFAULT_RUN
     from gradscope.engine.provenance import PROVENANCE_FILE
+    from gradscope.errors import DataError
     from gradscope.study.claims import final_losses
 
     if _profile_record(folder) or (S.RUN in frame.columns and frame[S.RUN].nunique() != 1):
         return {}
     run = str(frame[S.RUN].iloc[0]) if S.RUN in frame.columns else DEFAULT_RUN
+    where = next((f for f in (folder, folder / "records") if (f / store.ALERTS_FILE).exists()
+                  or any(f.glob(store.LOSS_PART_GLOB))), None)
+    if where is None:
+        return {}
     about: Dict[str, Any] = {}
-    if (folder / store.ALERTS_FILE).exists():
-        about["alerts"] = store.read_alerts(folder).assign(**{S.RUN: run})
-    losses = store.read_losses(folder)
+    notes = []
+    try:
+        if (where / store.ALERTS_FILE).exists():
+            about["alerts"] = store.read_alerts(where).assign(**{S.RUN: run})
+    except DataError as exc:
+        notes.append(f"the run's alerts are not shown: {exc}")
+    try:
+        losses = store.read_losses(where)
+    except DataError as exc:
+        notes.append(f"the run's losses are not shown: {exc}")
+        losses = []
     if len(losses):
         about["losses"] = losses.assign(**{S.RUN: run})[[S.RUN, S.STEP, "loss"]]
-        try:
-            status = json.loads((folder / PROVENANCE_FILE).read_text()).get("status")
-        except (OSError, ValueError, AttributeError):
-            status = None
+        status = None
+        for place in (where, folder):
+            try:
+                status = json.loads((place / PROVENANCE_FILE).read_text()).get("status")
+                break
+            except (OSError, ValueError, AttributeError):
+                continue
         if status == "finished":
             about["final_losses"] = final_losses(about["losses"], [run], ATTACH_FINAL_WINDOW)
+    if notes:
+        about["notes"] = notes
     return about
 
 

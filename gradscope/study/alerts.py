@@ -1,6 +1,8 @@
 """Alerts of a study's training runs, found from its frame and losses by the detectors that
 ``attach(on_anomaly=...)`` runs live (:mod:`gradscope.engine.alerts`): the same rows, in step order, give the same
-alerts, so a report can list them without the study watching each step.
+alerts, so a report can list them without the study watching each step. One difference: a live scope also knows
+each block's learning rate (``update_band`` judges a warm-up at its base and names a decay in its note); the
+frame does not record it, which the built-in studies, trained at one constant lr, do not need.
 """
 from __future__ import annotations
 

@@ -43,10 +43,31 @@ def test_recurring_heavy_tail_of_small_batches_is_learned_and_a_real_spike_still
     plain = [s for s in range(10, 300) if robust_z(losses[s - 20 if s >= 20 else 0:s], losses[s], 0.02)[0] > 6]
     assert len(plain) > 25
     fired = [a.step for a in loss_alerts(losses)]
-    assert len(fired) <= 3 and max(fired) < 60, fired  # the first few, until the series has shown its tail twice
+    assert len(fired) <= 6 and max(fired) < 100, fired  # the first few, until its tail recurred five times
     spiked = list(losses)
     spiked[250] = 30 * sorted(losses)[150]  # a real fault: 30x the median loss in one step
     assert [a.step for a in loss_alerts(spiked)] == fired + [250]
+
+
+def test_faults_that_fire_never_teach_the_series_that_they_are_noise():
+    rng = random.Random(0)
+    losses = [1.0 + 0.05 * rng.gauss(0, 1) for _ in range(400)]
+    norms = [math.exp(rng.gauss(0, 0.1)) for _ in range(400)]
+    for s in (100, 150, 200, 250):  # four isolated real faults
+        losses[s], norms[s] = 30.0, 10.0
+    assert [a.step for a in loss_alerts(losses)] == [100, 150, 200, 250]
+    assert [a.step for a in grad_alerts(norms)] == [100, 150, 200, 250]
+
+
+def test_long_skewed_loss_noise_fires_less_than_the_plain_rule():
+    # batch losses of a classifier at batch 1 are about exponential: the plain robust z (> 6 against the last 20)
+    # calls about 2 % of them spikes; these rules under 1 % over 2000 steps (and less than half as many)
+    for seed in range(3):
+        rng = random.Random(seed)
+        losses = [rng.expovariate(math.log(2)) for _ in range(2000)]
+        plain = sum(robust_z(losses[s - 20:s], losses[s], 0.02)[0] > 6 for s in range(20, 2000))
+        ours = len(loss_alerts(losses))
+        assert ours <= 0.01 * 2000 and ours < plain / 2, (ours, plain)
 
 
 def test_normal_noise_keeps_the_plain_z_bar():
@@ -180,6 +201,42 @@ def test_a_learning_rate_that_collapses_fires(one_thread):
     # an lr dropped by hand (a bug) from 0.05 to 1e-9 at step 20: fires three recorded steps later
     band = band_alerts(train("sgd", lr=0.05, schedule=lambda s: 1.0 if s < 20 else 2e-8, steps=30))
     assert list(band.step) == [22] and band.value.iloc[0] < 1e-5
+
+
+@pytest.mark.parametrize("how", ["constant-factor", "resumed-after-decay"])
+def test_a_flat_learning_rate_below_the_schedules_base_is_judged_as_it_is(one_thread, how):
+    # LambdaLR(lambda s: 1e-6): initial_lr is 0.05, the lr a flat 5e-8; or a StepLR that decayed before attach()
+    # (a resumed run): neither is a warm-up, so a ratio below the band fires after three recorded steps
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    if how == "constant-factor":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1e-6)
+    else:
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=1e-3)
+        opt.step(), sched.step(), sched.step()  # two decays before the scope sees a step (lr 5e-8)
+    x, y = torch.randn(64, 32), torch.randint(0, 4, (64,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gradscope.attach(model, optimizer=opt) as scope:
+            for _ in range(5):
+                nn.functional.cross_entropy(model(x), y).backward()
+                scope.step()
+                opt.step()
+                if how == "constant-factor":
+                    sched.step()
+                opt.zero_grad()
+    assert list(band_alerts(scope).step) == [2]  # before: judged at 1e6x the lr, never
+
+
+def test_a_block_stepped_every_other_step_keeps_its_run_below_the_band():
+    # a critic stepped at even steps only (GAN, n_critic): its ratio rows come every other step, all below the band
+    det, found = Detector(), []
+    for step in range(12):
+        rows = [(step, "gen", 0, 0, UPDATE_RATIO, 1e-3)] + ([(step, "critic", 1, 0, UPDATE_RATIO, 1e-7)]
+                                                             if step % 2 == 0 else [])
+        found += det.observe(rows)
+    assert [(a.step, a.block) for a in found] == [(4, "critic")]  # its third row below; before: never
 
 
 def test_a_warm_up_of_one_optimizer_is_judged_at_its_own_base(one_thread):

@@ -92,3 +92,33 @@ def test_a_folder_with_losses_of_another_run_is_refused_and_a_damaged_part_is_na
     with pytest.raises(DataError, match="losses-000000000.parquet"):
         store.read_losses(tmp_path / "run")
     assert store.read_losses(tmp_path / "empty").empty
+
+
+def test_a_losses_write_that_fails_warns_once_and_a_moved_folder_gets_every_loss(tmp_path, one_thread, monkeypatch):
+    real, calls = store.write_losses_part, {"n": 0}
+
+    def flaky(losses, out, first):
+        calls["n"] += 1
+        if calls["n"] <= 3:  # a full disk for the first three flushes
+            raise OSError(28, "No space left on device")
+        return real(losses, out, first)
+
+    monkeypatch.setattr(store, "write_losses_part", flaky)
+    with pytest.warns(RuntimeWarning) as caught:
+        scope = _train(tmp_path / "run", steps=22, flush_every=4)
+    assert sum("could not write the losses" in str(w.message) for w in caught) == 1
+    assert dict(zip(*store.read_losses(tmp_path / "run")[["step", "loss"]].T.values)) == scope.losses()
+    monkeypatch.setattr(store, "write_losses_part", real)
+    # the folder moved away mid-run: the new one gets every loss, not only those after the move
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 2))
+    out = tmp_path / "moving"
+    with pytest.warns(RuntimeWarning, match="moved or deleted"):
+        with gradscope.attach(model, out=out, flush_every=2) as scope:
+            for step in range(8):
+                loss = model(torch.randn(4, 8)).pow(2).mean()
+                loss.backward()
+                scope.step(loss=loss)
+                if step == 4:
+                    out.rename(tmp_path / "gone")
+    assert list(store.read_losses(out).step) == list(range(8))

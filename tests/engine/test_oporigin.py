@@ -420,3 +420,23 @@ def test_an_infinity_in_a_buffer_is_not_taken_for_a_mask(one_thread):
         model[1].pos[3] = float("inf")
     origin, note, _ = _first_step_origin(model, ["0", "1", "2"], (torch.randn(8, 16),))
     assert origin == "aten.add in '1'" and "buffer '1.pos'" in note  # before: the layer norm, no word of the buffer
+
+
+def test_the_replay_keeps_no_intermediate_alive():
+    """Following NaNs through a deep block must not hold every non-finite intermediate until the replay ends (a
+    40-layer block took ten times its forward's memory): sources are kept by weak reference; only views written in
+    place are held, and their memory is an input's anyway."""
+    from gradscope.engine.oporigin import _Provenance
+
+    x = torch.full((256, 256), -1.0)
+    mode = _Provenance(lambda: "blk", {})
+    with torch.no_grad(), mode:
+        h = torch.log(x)  # NaN everywhere
+        for _ in range(20):
+            h = h * 1.5 + 1.0  # each a new 256 KiB tensor carrying the NaN on
+        h[:, :4].mul_(2.0)  # an in-place write into a view of the last
+        result = h
+    assert mode.source_of(result) == ("aten.log", "blk", "")
+    assert len(mode.alive) == 1 and mode.alive[0].data_ptr() == result.data_ptr()  # the view alone
+    dead = [ref for ref, _ in mode.nan_from.values() if ref is not None and ref() is None]
+    assert len(dead) >= 20  # the intermediates were freed as the forward went on

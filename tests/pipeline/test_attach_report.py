@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -58,3 +59,25 @@ def test_a_run_that_did_not_finish_has_losses_but_no_final_loss(tmp_path, one_th
         assert len(pd.read_csv(tmp_path / "rep" / "losses.csv")) == 12  # scope.flush() wrote every loss
     finally:
         scope.detach()
+
+
+def test_a_callback_folder_a_damaged_losses_part_and_an_infinite_final_loss(tmp_path, one_thread):
+    import shutil
+
+    scope = _run(tmp_path / "cb" / "records")  # a Lightning / Hugging Face callback writes its records here
+    assert main(["report", str(tmp_path / "cb"), "--out", str(tmp_path / "rep")]) == 0
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert len(summary["alerts"]) == len(scope.alerts()) and summary["final_loss"]
+    shutil.copytree(tmp_path / "cb" / "records", tmp_path / "bad")
+    (tmp_path / "bad" / "losses-000000000.parquet").write_bytes(b"damaged")
+    assert main(["report", str(tmp_path / "bad"), "--out", str(tmp_path / "rep2")]) == 0  # the report still comes
+    summary = json.loads((tmp_path / "rep2" / "summary.json").read_text())
+    assert any("losses are not shown" in n for n in summary["notes"]) and summary["final_loss"] == {}
+    inf_run = tmp_path / "inf"
+    shutil.copytree(tmp_path / "cb" / "records", inf_run)
+    for part in inf_run.glob("losses-*.parquet"):
+        part.unlink()
+    gradscope.store.write_losses_part([(s, math.inf) for s in range(30)], inf_run, 0)  # a run that diverged
+    assert main(["report", str(inf_run), "--out", str(tmp_path / "rep3")]) == 0
+    text = (tmp_path / "rep3" / "summary.json").read_text()
+    assert json.loads(text)["final_loss"] == {"run": None} and "Infinity" not in text  # valid JSON

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from gradscope.engine.alerts import OptimizerStep
+from gradscope.engine.alertkinds import OptimizerStep
 
 
 def group_lr(group: Dict[str, Any]) -> Tuple[float, float]:

@@ -23,7 +23,7 @@ from torch import nn
 from gradscope import schema as S
 from gradscope.engine import params as P
 from gradscope.engine import portable, spec
-from gradscope.engine.alerts import Told
+from gradscope.engine.alertkinds import Told
 from gradscope.engine.lrschedule import LrSchedule, site_names
 from gradscope.engine.amp import ScalerState
 from gradscope.engine.recorder import Recorder

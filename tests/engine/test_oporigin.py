@@ -438,5 +438,6 @@ def test_the_replay_keeps_no_intermediate_alive():
         result = h
     assert mode.source_of(result) == ("aten.log", "blk", "")
     assert len(mode.alive) == 1 and mode.alive[0].data_ptr() == result.data_ptr()  # the view alone
-    dead = [ref for ref, _ in mode.nan_from.values() if ref is not None and ref() is None]
-    assert len(dead) >= 20  # the intermediates were freed as the forward went on
+    living = [ref() for ref, _ in mode.nan_from.values() if ref is not None and ref() is not None]
+    assert all(t is result or t.data_ptr() == result.data_ptr() for t in living)  # no intermediate is held
+    # (each of the 40 intermediates was freed as the forward went on; their ids were reused, their entries with them)

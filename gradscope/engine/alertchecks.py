@@ -94,6 +94,11 @@ def update_band(step: int, rows: List[Row], band: Optional[Tuple[float, float]],
         notes.append(f"judged at the base learning rate its schedule warms up to: this step's lr is "
                      f"{mine.lr_scale:.3g} of it, and {value:.3g} / {mine.lr_scale:.3g} = "
                      f"{value / mine.lr_scale:.3g} is still below {low:g}")
+    if not above and mine is not None and mine.of_base < 1:
+        notes.append(f"this step's lr ({mine.lr:.3g}) is {mine.of_base:.3g} of the base its scheduler records "
+                     f"(initial_lr) and did not rise since the previous recorded step: a warm-up stepped once per "
+                     f"epoch looks like this (step it per optimizer step to have it judged at its base), and so "
+                     f"does a run resumed after a decay")
     if not above and mine is not None and mine.of_peak < 1:
         notes.append(f"this step's lr ({mine.lr:.3g}) is {mine.of_peak:.3g} of the largest it has been: if the "
                      f"schedule decays it on purpose (a cosine or step tail), the block moving this little is what "

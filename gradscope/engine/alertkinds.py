@@ -120,12 +120,15 @@ class OptimizerStep:
     warms up toward it (the low end is then judged at the base), 1 otherwise, 0 at lr 0 (not judged).
     ``first_adaptive``: the first step of an Adam, AdamW or Adamax (its update is about ``lr`` per weight).
     ``of_peak``: the lr over the largest it has been so far (a decaying schedule says so in the note).
+    ``of_base``: the lr over the base its scheduler records, when below it and not warming up toward it (a flat
+    lr under the base: a warm-up stepped per epoch, a resumed run after a decay; the note says so).
     """
 
     lr: float
     lr_scale: float
     first_adaptive: bool = False
     of_peak: float = 1.0
+    of_base: float = 1.0
 
 
 #: what a detector is told per recorded step: block name -> its optimizer step (a dict, or the lazily resolved

@@ -102,6 +102,7 @@ class Detector:
         self._low_since: Dict[str, int] = {}  # block -> first recorded step of its current run below the band
         self._low_runs: Dict[str, int] = {}  # block -> recorded steps in that run
         self._band_open: Optional[Alert] = None  # the update_band alert of the episode going on, if one
+        self._told: Dict[int, Told] = {}  # recorded step -> what its optimizer steps were told (kept a few steps)
         self._episodes: Dict[str, _Episode] = {k: _Episode() for k in ALERT_KINDS}
 
     def observe(self, rows: Iterable[Row], losses: Iterable[Tuple[int, float]] = (),
@@ -112,10 +113,17 @@ class Detector:
         for row in rows:
             by_step.setdefault(row[0], []).append(row)
         loss_of = dict(losses)
-        told = optimizer_steps or {}
+        # what an optimizer step was told is known at its pre-hook, its update_ratio rows only after its post-hook:
+        # when the step's closure (Lightning, LBFGS) closes the recorded step in between, they come a flush apart
+        told = self._told
+        told.update(optimizer_steps or {})
         alerts: List[Alert] = []
-        for step in sorted(set(by_step) | set(loss_of)):
+        steps = sorted(set(by_step) | set(loss_of))
+        for step in steps:
             alerts.extend(self._observe_step(step, by_step.get(step, []), loss_of.get(step), told.get(step)))
+        if steps:
+            for old in [s for s in told if s < steps[-1] - _TOLD_KEPT]:
+                del told[old]
         return alerts
 
     def _observe_step(self, step: int, rows: List[Row], loss: Optional[float],
@@ -194,3 +202,5 @@ class Detector:
 
 
 _METRIC_OF = {GRAD_SPIKE: S.GRAD_NORM, UPDATE_BAND: S.UPDATE_RATIO}
+#: recorded steps before the latest one whose optimizer information a detector keeps for rows that come late
+_TOLD_KEPT = 4

@@ -12,7 +12,9 @@ that step. Read per parameter group (a head with its own warm-up, a second optim
   batch instead of per epoch, or an lr dropped by a bug, is exactly what the band is for); the alert's note says
   which fraction of its peak the lr is, so a cosine tail reads as one.
 * otherwise the ratio is judged as it is (a hand-written warm-up cannot be told from an lr that is too small; the
-  band's patience of three recorded steps covers its first steps).
+  band's patience of three recorded steps covers its first steps). An lr that is flat below its scheduler's base
+  (a warm-up stepped once per epoch, Lightning's default ``interval``; a run resumed after a decay) is judged as
+  it is too, and the note gives the fraction of the base.
 
 The first step of Adam, AdamW and Adamax moves every weight with a gradient by about ``lr`` whatever the gradient
 (their bias correction makes it ``lr * sign(g)``): an ``update_band`` alert there says so.
@@ -99,7 +101,8 @@ class LrSchedule:
         if lr <= 0:
             return OptimizerStep(lr, 0.0, first, 0.0)
         warming = base > lr and lr > last  # rising toward the scheduler's base since the previous recorded step
-        return OptimizerStep(lr, lr / base if warming else 1.0, first, min(1.0, lr / peak))
+        below = lr / base if base > lr and not warming else 1.0
+        return OptimizerStep(lr, lr / base if warming else 1.0, first, min(1.0, lr / peak), below)
 
 
 class BlockSteps:

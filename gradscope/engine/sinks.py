@@ -77,24 +77,25 @@ class SinkFeed:
                       f"counted and reported at detach()", RuntimeWarning, stacklevel=5)
 
     def close(self) -> None:
-        """Close every sink that has a ``close()`` (each even if another fails; the first error is raised), after a
-        warning for each sink that failed more than once (the first failure warned already)."""
+        """Close every sink that has a ``close()``, after a warning for each sink that failed more than once (the
+        first failure warned already). A ``close()`` that raises is a warning too: a tracker's failure at the end
+        must neither replace the exception a failing run is ending with nor turn a healthy run into a failed one
+        (the frame and ``out=`` hold every row)."""
         for position, count in self.failures.items():
             if count > 1:
                 warnings.warn(f"gradscope: sink {_name(self.sinks[position])} raised at {count} of its calls; the "
                               f"rows of those calls are missing from it (the frame and out= hold them)",
                               RuntimeWarning, stacklevel=4)
-        error = None
         for sink in self.sinks:
             close = getattr(sink, "close", None)
             if close is None:
                 continue
             try:
                 close()
-            except Exception as exc:  # noqa: BLE001 - the others still close
-                error = error or exc
-        if error is not None:
-            raise error
+            except Exception as exc:  # noqa: BLE001 - the others still close, and the run goes on
+                warnings.warn(f"gradscope: sink {_name(sink)} raised in close(): {type(exc).__name__}: {exc}; what "
+                              f"it had not written yet may be missing from it (the frame and out= hold every row)",
+                              RuntimeWarning, stacklevel=4)
 
 
 def _name(sink: Sink) -> str:

@@ -101,6 +101,35 @@ class History:
         return [(m, step, heatmap_image(frame, m)) for m in self.metrics if (frame[S.METRIC] == m).any()]
 
 
+class LossTape:
+    """The losses of one optimizer step's micro-batches, as a callback sees them, made into the step's loss.
+
+    A framework hands each micro-batch's loss over in one of two forms: already divided for the accumulation, so
+    that the step's loss is their sum (Lightning divides by ``accumulate_grad_batches`` before backward; a Hugging
+    Face model given ``num_items_in_batch`` normalises by the whole step's count), or per micro-batch, so that the
+    step's loss is their mean. ``add(loss, summed)`` says which."""
+
+    def __init__(self) -> None:
+        self._parts: List[Any] = []
+        self._summed: List[bool] = []
+
+    def add(self, loss: Any, summed: bool) -> None:
+        """Keep one micro-batch's loss (detached; a tensor stays on its device, read in the step's one transfer)."""
+        self._parts.append(loss.detach() if hasattr(loss, "detach") else float(loss))
+        self._summed.append(summed)
+
+    def take(self) -> Any:
+        """The step's loss (None when no micro-batch handed one over), and start the next step empty."""
+        parts, summed = self._parts, self._summed
+        self._parts, self._summed = [], []
+        if not parts:
+            return None
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total if all(summed) else total / len(parts)
+
+
 class Session:
     """One training run seen by a callback: attach at the start, a step per optimizer step, then detach, the
     report and the provenance record (also when the run fails: the rows recorded so far are kept).
@@ -122,6 +151,7 @@ class Session:
         self.provenance: Optional[Provenance] = None
         self.report_path: Optional[Path] = None
         self._frame: Optional[pd.DataFrame] = None
+        self.losses = LossTape()  # the micro-batch losses of the open step, as the framework hands them over
 
     def start(self, model: Any, *, optimizer: Any = None, scaler: Any = None, writer: bool = True,
               config: Optional[Mapping[str, Any]] = None, seeds: Optional[Mapping[str, Any]] = None,
@@ -157,9 +187,11 @@ class Session:
         return self.scope
 
     def step(self) -> None:
-        """Close one optimizer step (see :meth:`gradscope.Scope.step`)."""
+        """Close one optimizer step (see :meth:`gradscope.Scope.step`), with the loss of its micro-batches when
+        the callback saw them (:attr:`losses`)."""
+        loss = self.losses.take()
         if self.scope is not None:
-            self.scope.step()
+            self.scope.step(loss=loss)
 
     def frame(self) -> pd.DataFrame:
         """Everything recorded (also after the run ended)."""
@@ -186,7 +218,8 @@ class Session:
                 if self.out is not None and writer and self.report and not self._frame.empty:
                     from gradscope.render.report import write_report
 
-                    self.report_path = write_report(self._frame, self.out, title=f"gradscope report ({self.made_by})")
+                    self.report_path = write_report(self._frame, self.out, title=f"gradscope report ({self.made_by})",
+                                                    **run_findings(scope, finished=error is None))
             except Exception as exc:
                 if error is None:
                     raise
@@ -197,6 +230,26 @@ class Session:
                     self.provenance.finish(error, steps=scope.current_step, rows=len(self._frame))
                     LIVE.drop_record(self.provenance)
         return self.report_path
+
+
+#: recorded losses a finished run's final loss averages (as ``gradscope report`` on an ``attach(out=...)`` folder)
+FINAL_WINDOW = 10
+
+
+def run_findings(scope: Scope, finished: bool) -> Dict[str, Any]:
+    """``write_report`` keywords for what a run found and was given while training: its alerts, its losses and,
+    when it finished, its final loss (the mean of its last :data:`FINAL_WINDOW` recorded losses)."""
+    from gradscope.analysis import DEFAULT_RUN
+
+    out: Dict[str, Any] = {"alerts": scope.alerts().assign(**{S.RUN: DEFAULT_RUN})}
+    losses = sorted(scope.losses().items())
+    if losses:
+        out["losses"] = pd.DataFrame({S.RUN: DEFAULT_RUN, S.STEP: [s for s, _ in losses],
+                                      "loss": [v for _, v in losses]})
+        if finished:
+            tail = [v for _, v in losses[-FINAL_WINDOW:]]
+            out["final_losses"] = {DEFAULT_RUN: sum(tail) / len(tail)}
+    return out
 
 
 def _names(optimizer: Any) -> Optional[str]:

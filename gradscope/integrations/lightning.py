@@ -8,6 +8,8 @@ Where it hooks (Lightning 2.x):
 - ``on_fit_start``: attaches to the ``LightningModule`` (under DDP, the module inside the wrapper: statistics are
   combined over ranks; rank 0 writes), with the trainer's optimizer (``update_ratio``) and, under 16-bit AMP, its
   ``GradScaler``.
+- ``on_before_backward``: keeps each micro-batch's loss (automatic optimization), so the step's loss (the mean of
+  its micro-batch losses) reaches ``loss_spike``, ``divergence``, ``scope.losses()`` and ``out/records``.
 - ``on_before_optimizer_step``: closes the step. Lightning calls it after backward (and after the DDP all-reduce
   and the gradient accumulation), after ``scaler.unscale_`` under AMP and *before* its own gradient clipping
   (``gradient_clip_val``): ``param_grad_norm`` is the unclipped, unscaled, global gradient; activation-gradient
@@ -87,6 +89,13 @@ class GradscopeCallback(_pl.Callback):
                            scaler=getattr(trainer.precision_plugin, "scaler", None),
                            writer=trainer.is_global_zero, config=_trainer_config(trainer), extra_sinks=extra,
                            seeds={"PL_GLOBAL_SEED": os.environ.get("PL_GLOBAL_SEED")})
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        # automatic optimization: the closure's loss, already divided by accumulate_grad_batches, so the step's
+        # loss is the sum over its micro-batches (manual optimization may run several backwards of different
+        # losses in one batch: none is the step's, so none is given)
+        if pl_module.automatic_optimization:
+            self.session.losses.add(loss, summed=True)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if not pl_module.automatic_optimization:

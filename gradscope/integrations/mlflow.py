@@ -1,5 +1,6 @@
 """MLflow sink: each recorded step's rows as metrics ``gradscope/<metric>/<block>`` (with their step) of an MLflow
-run, and a heatmap image artifact every N recorded steps.
+run, and a heatmap image artifact every N recorded steps. A character MLflow refuses in a key (a block named
+``proj(q)``) becomes ``_``.
 
     mlflow.set_tracking_uri("file:./mlruns")
     with mlflow.start_run():
@@ -10,6 +11,7 @@ server. Needs ``mlflow`` or ``mlflow-skinny`` (``pip install 'torch-gradscope[ml
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Optional
 
@@ -21,6 +23,14 @@ _mlflow = require("mlflow", "mlflow")
 
 #: MLflow accepts at most this many metrics per ``log_batch`` call.
 BATCH = 1000
+#: characters an MLflow metric key may not hold (it takes letters, digits, ``_ - . / :`` and spaces): each becomes
+#: ``_``, so that one block named ``proj(q)`` does not make MLflow refuse the whole batch, every block with it
+_NOT_A_KEY = re.compile(r"[^\w\-. /:]")
+
+
+def mlflow_key(key: str) -> str:
+    """``key`` with every character MLflow refuses in a metric name replaced by ``_``."""
+    return _NOT_A_KEY.sub("_", key)
 
 
 class MlflowSink:
@@ -49,7 +59,7 @@ class MlflowSink:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(key, value, now, step) for key, step, value in scalar_items(rows, self.prefix)]
+        metrics = [Metric(mlflow_key(key), value, now, step) for key, step, value in scalar_items(rows, self.prefix)]
         for i in range(0, len(metrics), BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + BATCH])
         for metric, step, image in self.history.add(rows):

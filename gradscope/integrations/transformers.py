@@ -8,6 +8,9 @@ Where it hooks (transformers 5.x; the same hooks exist from 4.41 on):
 - ``on_train_begin``: attaches to the model the Trainer holds (under DDP, the module inside the wrapper:
   statistics are combined over ranks; the main process writes), with its optimizer (``update_ratio``) and, under
   fp16 AMP, the accelerator's ``GradScaler``.
+- a forward hook on the model keeps each training forward's loss (when the model computes it from the labels), so
+  the step's loss (as the Trainer reports it) reaches ``loss_spike``, ``divergence``, ``scope.losses()`` and
+  ``out/records``.
 - ``on_pre_optimizer_step``: closes the step, right before ``optimizer.step()``. The Trainer calls it after the
   backward passes of all accumulation micro-batches and **after its own gradient clipping** (``max_grad_norm``,
   default 1.0, which also unscales fp16 gradients): ``param_grad_norm`` is the clipped gradient (each block's norm
@@ -25,7 +28,9 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
 
 from gradscope.integrations import require
 from gradscope.integrations.common import Session, compact_scalars
@@ -57,6 +62,7 @@ class GradscopeCallback(_hf.TrainerCallback):
         self._log = log
         self._pending: dict = {}
         self._writer = True
+        self._loss_hook: Any = None  # a forward hook on the model: each training forward's loss
         self.session = Session("transformers", blocks=blocks, every=every, out=out, metrics=metrics, sinks=sinks,
                                report=report, options=options)
 
@@ -71,6 +77,9 @@ class GradscopeCallback(_hf.TrainerCallback):
 
     def close(self, error: Optional[BaseException] = None) -> Optional[Path]:
         """End the recording now (rows kept, report written): for a ``finally`` around ``trainer.train()``."""
+        if self._loss_hook is not None:
+            self._loss_hook.remove()
+            self._loss_hook = None
         return self.session.finish(error, writer=self._writer)
 
     def attach_to(self, trainer: Any) -> "GradscopeCallback":
@@ -97,6 +106,10 @@ class GradscopeCallback(_hf.TrainerCallback):
         self.session.start(model, optimizer=inner, scaler=getattr(optimizer, "scaler", None), writer=self._writer,
                            config=_args_config(args), seeds={"args.seed": args.seed, "args.data_seed": args.data_seed},
                            extra_sinks=extra)
+        if self._loss_hook is not None:
+            self._loss_hook.remove()
+        self._loss_hook = model.register_forward_hook(self._keep_loss, with_kwargs=True) if model is not None \
+            else None
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.session.step()
@@ -110,6 +123,17 @@ class GradscopeCallback(_hf.TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.close()
+
+    def _keep_loss(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        """A training forward's loss, when the model computed it (labels given): a ``ModelOutput`` or dict with a
+        ``loss``. The Trainer divides it for the accumulation unless the model normalised it by the whole step's
+        ``num_items_in_batch``; a loss computed outside the model (``compute_loss_func``, label smoothing) is not
+        seen, and then no loss is given."""
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self.session.losses.add(loss, summed=kwargs.get("num_items_in_batch") is not None)
 
     def _go_first(self, caller: Any) -> None:
         """Move ahead of the tracker callbacks in the list of the ``CallbackHandler`` calling this event.

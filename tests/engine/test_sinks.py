@@ -155,3 +155,26 @@ def test_passes_closure_reads_the_hook_arguments():
     assert passes_closure(opt, (opt, lambda: 0.0), {})
     assert passes_closure(opt, (opt,), {"closure": lambda: 0.0})
     assert not passes_closure(opt, (opt, None), {})
+
+
+class ClosesBadly(Collect):
+    def close(self) -> None:
+        super().close()
+        raise ConnectionError("503 at close")
+
+
+def test_a_sink_whose_close_raises_neither_replaces_the_runs_error_nor_fails_a_healthy_run():
+    bad, good = ClosesBadly(), Collect()
+    model = _net()
+    with pytest.raises(ValueError, match="the user's own"):  # before: the sink's ConnectionError came out
+        with pytest.warns(RuntimeWarning, match="raised in close"):
+            with gradscope.attach(model, sinks=[bad, good]) as scope:
+                model(torch.randn(3, 6)).sum().backward()
+                scope.step()
+                raise ValueError("the user's own training error")
+    assert bad.closed == good.closed == 1 and len(good.calls) == 1
+    with pytest.warns(RuntimeWarning, match="raised in close"):  # a healthy run: a warning, not an error
+        scope = gradscope.attach(model, sinks=[ClosesBadly()])
+        model(torch.randn(3, 6)).sum().backward()
+        scope.step()
+        scope.detach()

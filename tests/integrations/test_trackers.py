@@ -229,3 +229,27 @@ def test_sinks_without_a_run_or_with_a_bad_image_interval_say_what_to_do(monkeyp
         MlflowSink()
     with pytest.raises(gradscope.GradscopeError, match="image_every=-1"):
         TensorBoardSink(object(), image_every=-1)
+
+
+def test_mlflow_keys_mlflow_refuses_are_made_valid_not_the_whole_batch_lost(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from gradscope.integrations.mlflow import MlflowSink, mlflow_key
+
+    assert mlflow_key("gradscope/grad_norm/proj(q):call1") == "gradscope/grad_norm/proj_q_:call1"
+    model = nn.ModuleDict({"proj(q)": nn.Linear(4, 4), "out": nn.Linear(4, 2)})
+    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
+    try:
+        with mlflow.start_run() as run:
+            with gradscope.attach(model, blocks=["proj(q)", "out"], sinks=[MlflowSink()]) as scope:
+                model["out"](model["proj(q)"](torch.randn(3, 4))).sum().backward()
+                scope.step()
+        frame = scope.frame()
+        history = MlflowClient().get_metric_history(run.info.run_id, "gradscope/grad_norm/proj_q_")
+        row = frame[(frame.block == "proj(q)") & (frame.metric == "grad_norm")]
+        assert [m.value for m in history] == pytest.approx(list(row.value))  # before: MLflow held no metric at all
+        assert MlflowClient().get_metric_history(run.info.run_id, "gradscope/grad_norm/out")
+    finally:
+        mlflow.set_tracking_uri(None)

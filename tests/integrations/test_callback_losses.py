@@ -1,0 +1,134 @@
+"""The Lightning and Hugging Face callbacks give the scope each optimizer step's loss: the mean of its micro-batch
+losses, as the framework reports it. So loss_spike and divergence can fire, scope.losses() holds them and they
+reach out/records (losses-*.parquet) and the report."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import lightning as L
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import gradscope
+from gradscope.integrations.lightning import GradscopeCallback as LightningCallback
+from gradscope.integrations.transformers import GradscopeCallback as HFCallback
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Module(L.LightningModule):
+    """A classifier whose training_step keeps each micro-batch's loss; at batch ``spike_at`` it adds a constant
+    (gradients unchanged: only the loss shows the fault), at ``nan_at`` a NaN."""
+
+    def __init__(self, spike_at=-1, nan_at=-1):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.spike_at, self.nan_at, self.seen = spike_at, nan_at, []
+
+    def training_step(self, batch, index):
+        loss = nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+        loss = loss + 1000.0 if index == self.spike_at else loss
+        loss = loss + math.nan if index == self.nan_at else loss
+        self.seen.append(float(loss))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def _fit(callback, module, batches, accumulate=1):
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(batches)]
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, callbacks=[callback],
+                        accumulate_grad_batches=accumulate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+
+
+def test_lightning_gives_each_steps_mean_micro_batch_loss(tmp_path):
+    callback, module = LightningCallback(out=tmp_path / "run"), Module()
+    _fit(callback, module, batches=12, accumulate=3)
+    expected = {s: sum(module.seen[3 * s:3 * s + 3]) / 3 for s in range(4)}  # the mean of each step's three
+    assert callback.session.frame().step.nunique() == 4
+    losses = gradscope.store.read_losses(tmp_path / "run" / "records")
+    assert dict(zip(losses.step, losses.loss)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_lightning_loss_spike_and_nan_loss_fire(tmp_path):
+    found = []
+    _fit(LightningCallback(on_anomaly=found.append), Module(spike_at=25, nan_at=32), batches=40)
+    kinds = [(a.step, a.kind, a.metric) for a in found]
+    assert (25, "loss_spike", "loss") in kinds and (32, "divergence", "loss") in kinds  # before: no loss, no alert
+
+
+def _gpt2():
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
+                                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_hugging_face_gives_the_loss_the_trainer_logs(tmp_path, accumulate):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 64, (24, 12), generator=g)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    callback = HFCallback(out=tmp_path / "run")
+    args = transformers.TrainingArguments(str(tmp_path / "hf"), max_steps=6 // accumulate, per_device_train_batch_size=4,
+                                          gradient_accumulation_steps=accumulate, learning_rate=1e-3, report_to=[],
+                                          logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0, save_strategy="no")
+    trainer = transformers.Trainer(model=_gpt2(), args=args, train_dataset=data, callbacks=[callback])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    logged = {e["step"] - 1: e["loss"] for e in trainer.state.log_history if "loss" in e}  # the Trainer counts from 1
+    assert len(logged) == 6 // accumulate
+    losses = gradscope.store.read_losses(tmp_path / "run" / "records")
+    assert dict(zip(losses.step, losses.loss)) == pytest.approx(logged, rel=1e-4)
+
+
+class WarmModule(L.LightningModule):
+    """SGD with a torch LinearLR warm-up from 1/1000 of the base, stepped per ``interval``."""
+
+    def __init__(self, interval):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.interval = interval
+
+    def training_step(self, batch, index):
+        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.05)
+        sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-3,
+                                                  total_iters=3 if self.interval == "epoch" else 2400)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.interval}}
+
+
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_a_lightning_warm_up_is_judged_at_its_base_when_it_rises_each_step(interval):
+    # Lightning closes the step inside the optimizer's closure, between its pre- and post-hooks: what the step was
+    # told must still reach the update_ratio rows that come a flush later (before: never, so every warm-up fired)
+    found = []
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)) for _ in range(8)]
+    callback = LightningCallback(on_anomaly=found.append)
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, callbacks=[callback])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(WarmModule(interval), torch.utils.data.DataLoader(data, batch_size=None))
+    band = [a for a in found if a.kind == "update_band"]
+    frame = callback.frame()
+    assert (frame[frame.metric == "update_ratio"].value < 1e-5).sum() >= 3  # the warm-up's steps are below the band
+    if interval == "step":  # a slow warm-up (over 2400 steps) that rises at every step: judged at its base
+        assert band == []
+    else:  # flat for a whole epoch at 1/1000 of the base: judged as it is, and the note says what it looks like
+        assert len(band) == 1 and "stepped once per epoch" in band[0].note and "0.001 of the base" in band[0].note

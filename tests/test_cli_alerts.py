@@ -20,10 +20,11 @@ def test_every_alert_kind_is_a_fail_on_kind():
 
 
 def test_a_learning_rate_too_small_is_reported_and_fails(tmp_path, capsys):
-    code = main(ARGS + ["--lr", "1e-9", "--fail-on", "update_band", "--out", str(tmp_path)])
+    # every step recorded: a ratio below the band is reported once three recorded steps in a row confirm it
+    code = main(ARGS + ["--lr", "1e-9", "--every", "1", "--fail-on", "update_band", "--out", str(tmp_path)])
     captured = capsys.readouterr()
     assert code == EXIT_FAIL_ON
-    assert "tiny-s0 update_band at step 0" in captured.err
+    assert "tiny-s0 update_band at step 2" in captured.err
     assert "update_band" in captured.out  # the terminal's alert table
     alerts = pd.read_csv(tmp_path / "alerts.csv")
     assert set(alerts.kind) == {"update_band"} and (alerts.value < 1e-5).all() and (alerts.threshold == 1e-5).all()

@@ -101,7 +101,7 @@ class LrSchedule:
         if lr <= 0:
             return OptimizerStep(lr, 0.0, first, 0.0)
         warming = base > lr and lr > last  # rising toward the scheduler's base since the previous recorded step
-        below = lr / base if base > lr and not warming else 1.0
+        below = lr / base if base > lr and not warming and lr >= peak else 1.0  # flat under the base, never above
         return OptimizerStep(lr, lr / base if warming else 1.0, first, min(1.0, lr / peak), below)
 
 

@@ -110,24 +110,24 @@ class LossTape:
     step's loss is their mean. ``add(loss, summed)`` says which."""
 
     def __init__(self) -> None:
-        self._parts: List[Any] = []
-        self._summed: List[bool] = []
+        self._total: Any = None  # the running sum of the step's micro-batch losses (a tensor stays on its device)
+        self._count = 0
+        self._summed = True
 
     def add(self, loss: Any, summed: bool) -> None:
-        """Keep one micro-batch's loss (detached; a tensor stays on its device, read in the step's one transfer)."""
-        self._parts.append(loss.detach() if hasattr(loss, "detach") else float(loss))
-        self._summed.append(summed)
+        """Add one micro-batch's loss (detached); memory stays one number however many micro-batches come."""
+        value = loss.detach() if hasattr(loss, "detach") else float(loss)
+        self._total = value if self._total is None else self._total + value
+        self._count += 1
+        self._summed = self._summed and summed
 
     def take(self) -> Any:
         """The step's loss (None when no micro-batch handed one over), and start the next step empty."""
-        parts, summed = self._parts, self._summed
-        self._parts, self._summed = [], []
-        if not parts:
+        total, count, summed = self._total, self._count, self._summed
+        self._total, self._count, self._summed = None, 0, True
+        if total is None:
             return None
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
-        return total if all(summed) else total / len(parts)
+        return total if summed else total / count
 
 
 class Session:
@@ -151,6 +151,7 @@ class Session:
         self.provenance: Optional[Provenance] = None
         self.report_path: Optional[Path] = None
         self._frame: Optional[pd.DataFrame] = None
+        self._losses: Dict[int, float] = {}
         self.losses = LossTape()  # the micro-batch losses of the open step, as the framework hands them over
 
     def start(self, model: Any, *, optimizer: Any = None, scaler: Any = None, writer: bool = True,
@@ -173,6 +174,7 @@ class Session:
                           stacklevel=3)
         records = None if self.out is None else self.out / RECORDS_DIR
         self._frame = None
+        self.losses = LossTape()  # a failed run's micro-batch losses do not reach the next run's first step
         self.scope = attach(model, self.blocks, self.every, records, metrics=self.metrics, optimizer=optimizer,
                             scaler=scaler, sinks=[*self.sinks, *extra_sinks], **self.options)
         if self.out is not None and writer:
@@ -192,6 +194,12 @@ class Session:
         loss = self.losses.take()
         if self.scope is not None:
             self.scope.step(loss=loss)
+
+    def run_losses(self) -> Dict[int, float]:
+        """The loss of each recorded step, as :meth:`gradscope.Scope.losses` (also after the run ended)."""
+        if self.scope is not None:
+            return self.scope.losses()
+        return dict(self._losses)
 
     def frame(self) -> pd.DataFrame:
         """Everything recorded (also after the run ended)."""
@@ -213,7 +221,7 @@ class Session:
         try:
             scope.detach()
         finally:
-            self._frame = scope.frame()
+            self._frame, self._losses = scope.frame(), scope.losses()
             try:
                 if self.out is not None and writer and self.report and not self._frame.empty:
                     from gradscope.render.report import write_report

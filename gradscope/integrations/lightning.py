@@ -8,8 +8,9 @@ Where it hooks (Lightning 2.x):
 - ``on_fit_start``: attaches to the ``LightningModule`` (under DDP, the module inside the wrapper: statistics are
   combined over ranks; rank 0 writes), with the trainer's optimizer (``update_ratio``) and, under 16-bit AMP, its
   ``GradScaler``.
-- ``on_before_backward``: keeps each micro-batch's loss (automatic optimization), so the step's loss (the mean of
-  its micro-batch losses) reaches ``loss_spike``, ``divergence``, ``scope.losses()`` and ``out/records``.
+- ``on_before_backward``: keeps each micro-batch's loss (automatic optimization; Lightning's division by
+  ``accumulate_grad_batches`` and AMP's loss scale undone), so the step's loss (the mean of its micro-batch losses)
+  reaches ``loss_spike``, ``divergence``, ``scope.losses()`` and ``out/records``.
 - ``on_before_optimizer_step``: closes the step. Lightning calls it after backward (and after the DDP all-reduce
   and the gradient accumulation), after ``scaler.unscale_`` under AMP and *before* its own gradient clipping
   (``gradient_clip_val``): ``param_grad_norm`` is the unclipped, unscaled, global gradient; activation-gradient
@@ -79,6 +80,11 @@ class GradscopeCallback(_pl.Callback):
         """Everything recorded, as :meth:`gradscope.Scope.frame` (also after fitting)."""
         return self.session.frame()
 
+    def losses(self) -> Any:
+        """The loss of each recorded step (``{step: loss}``), as :meth:`gradscope.Scope.losses` (also after
+        fitting)."""
+        return self.session.run_losses()
+
     # ---- Lightning hooks -----------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         optimizers = list(trainer.optimizers)
@@ -91,11 +97,12 @@ class GradscopeCallback(_pl.Callback):
                            seeds={"PL_GLOBAL_SEED": os.environ.get("PL_GLOBAL_SEED")})
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
-        # automatic optimization: the closure's loss, already divided by accumulate_grad_batches, so the step's
-        # loss is the sum over its micro-batches (manual optimization may run several backwards of different
-        # losses in one batch: none is the step's, so none is given)
+        # automatic optimization: the closure's loss, divided by accumulate_grad_batches (also in an epoch's last,
+        # shorter accumulation) and, under 16-bit AMP, already multiplied by the GradScaler's scale: both are
+        # undone, so the step's loss is the mean of its micro-batches' own losses (manual optimization may run
+        # several backwards of different losses in one batch: none is the step's, so none is given)
         if pl_module.automatic_optimization:
-            self.session.losses.add(loss, summed=True)
+            self.session.losses.add(own_loss(loss, trainer), summed=False)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if not pl_module.automatic_optimization:
@@ -130,6 +137,16 @@ class GradscopeCallback(_pl.Callback):
         for step, values in series.items():
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=step)
+
+
+def own_loss(loss: Any, trainer: Any) -> Any:
+    """The micro-batch's loss as ``training_step`` returned it, from the one Lightning hands ``on_before_backward``
+    (divided by ``accumulate_grad_batches``; under 16-bit AMP multiplied by the scaler's scale, read as a tensor:
+    no synchronisation)."""
+    loss = loss.detach() * getattr(trainer, "accumulate_grad_batches", 1)
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    scale = getattr(scaler, "_scale", None) if scaler is not None and getattr(scaler, "is_enabled", bool)() else None
+    return loss / scale.to(loss.device) if scale is not None else loss
 
 
 def log_mode(log: Any) -> Any:

@@ -75,6 +75,11 @@ class GradscopeCallback(_hf.TrainerCallback):
         """Everything recorded, as :meth:`gradscope.Scope.frame` (also after training)."""
         return self.session.frame()
 
+    def losses(self) -> Any:
+        """The loss of each recorded step (``{step: loss}``), as :meth:`gradscope.Scope.losses` (also after
+        training)."""
+        return self.session.run_losses()
+
     def close(self, error: Optional[BaseException] = None) -> Optional[Path]:
         """End the recording now (rows kept, report written): for a ``finally`` around ``trainer.train()``."""
         if self._loss_hook is not None:
@@ -128,7 +133,13 @@ class GradscopeCallback(_hf.TrainerCallback):
         """A training forward's loss, when the model computed it (labels given): a ``ModelOutput`` or dict with a
         ``loss``. The Trainer divides it for the accumulation unless the model normalised it by the whole step's
         ``num_items_in_batch``; a loss computed outside the model (``compute_loss_func``, label smoothing) is not
-        seen, and then no loss is given."""
+        seen, and then no loss is given; an overridden ``compute_loss`` that changes the model's loss is not seen
+        either (the model's own is given)."""
+        if self.session.scope is None:  # the run ended (an exception the Trainer has no event for): let go
+            if self._loss_hook is not None:
+                self._loss_hook.remove()
+                self._loss_hook = None
+            return
         if not (module.training and torch.is_grad_enabled()):
             return
         loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)

@@ -132,3 +132,44 @@ def test_a_lightning_warm_up_is_judged_at_its_base_when_it_rises_each_step(inter
         assert band == []
     else:  # flat for a whole epoch at 1/1000 of the base: judged as it is, and the note says what it looks like
         assert len(band) == 1 and "stepped once per epoch" in band[0].note and "0.001 of the base" in band[0].note
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_lightning_undoes_its_accumulation_division_and_the_amp_loss_scale(amp):
+    # 7 batches at accumulate_grad_batches=3: the epoch's last step has one micro-batch, which Lightning still
+    # divides by 3; under fp16 AMP the loss it hands over is also multiplied by the scaler's scale (1024)
+    module = Module()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(7)]
+    kwargs = {}
+    if amp:
+        from lightning.pytorch.plugins import MixedPrecision
+        kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=1024.0))]
+    callback = LightningCallback()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, callbacks=[callback],
+                        accumulate_grad_batches=3, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    assert sorted(callback.frame().step.unique()) == [0, 1, 2]
+    seen = module.seen
+    expected = {0: sum(seen[0:3]) / 3, 1: sum(seen[3:6]) / 3, 2: seen[6]}  # before: step 2 was a third of it
+    assert callback.losses() == pytest.approx(expected, rel=1e-3 if amp else 1e-6)  # (before, under AMP: x1024)
+
+
+def test_a_new_run_starts_with_no_loss_of_the_last_one_and_the_tape_stays_one_number():
+    from gradscope.integrations.common import LossTape, Session
+
+    tape = LossTape()
+    for _ in range(1000):
+        tape.add(torch.tensor(2.0), summed=False)
+    assert tape.take().item() == pytest.approx(2.0) and tape.take() is None
+    tape.add(torch.tensor(1.0), summed=True)
+    tape.add(torch.tensor(3.0), summed=True)
+    assert tape.take().item() == 4.0
+    session = Session("test", blocks="auto", every=1, out=None, metrics=None, sinks=(), report=False, options={})
+    session.losses.add(torch.tensor(5.0), summed=True)  # a micro-batch of a run that failed before its step closed
+    session.start(nn.Sequential(nn.Linear(2, 2)))
+    assert session.losses.take() is None
+    session.finish()

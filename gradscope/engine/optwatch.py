@@ -30,6 +30,10 @@ from gradscope.engine.recorder import Recorder
 from gradscope.engine.sites import Site
 
 
+#: recorded steps whose update each optimizer measured, kept (the latest ones) so that a long run's memory stays flat
+_STEPS_KEPT = 8
+
+
 def record_param_grads(rec: Recorder, index: P.ParamIndex, n_sites: int, amp: ScalerState, step: int,
                        skip: Optional[Set[int]] = None, optimizer: Any = None) -> Optional[List[int]]:
     """Buffer ``param_grad_norm`` of ``index``'s sites (all but ``skip``) for ``step``; returns the sites recorded,
@@ -160,7 +164,11 @@ class OptimizerWatch:
                     self.grads_read.setdefault(step, set()).update(read)
             if self.update and step not in self._updated[k]:
                 self._note_told(step, opt, index)
-                self._updated[k].add(step)
+                measured = self._updated[k]
+                measured.add(step)
+                if len(measured) > _STEPS_KEPT:  # a step is never measured again once later ones were: keep a few
+                    for old in sorted(measured)[:-_STEPS_KEPT // 2]:
+                        measured.discard(old)
                 copies, work = self._kept[k]
                 self._pending[k] = (step, index, work, copies.take())
 

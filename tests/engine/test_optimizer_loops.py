@@ -249,3 +249,23 @@ def test_a_group_added_before_a_closure_step_is_measured_in_that_step(closure_or
         [(0, ["1"]), (1, ["1"]), (2, ["1"]), (3, ["0", "1"]), (4, ["0", "1"])]
     for step, block, value in zip(got.step, got.block, got.value):
         assert value == pytest.approx(want[step][f"{block}.0" if block == "0" else block], rel=1e-5)
+
+
+def test_the_steps_an_optimizer_measured_stay_a_few_over_a_long_run():
+    """The optimizer hooks remember which recorded steps they measured (so a step is measured once); over a long run
+    that memory must stay flat, not grow by one entry per step."""
+    import gradscope
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.attach(model, optimizer=opt) as scope:
+        for _ in range(60):
+            model(torch.randn(3, 4)).sum().backward()
+            scope.step()
+            opt.step()
+            opt.zero_grad()
+        kept = scope._watch._updated[0]
+        assert len(kept) <= 8 and max(kept) == 59  # before: 60 entries, one per step
+    frame = scope.frame()
+    assert sorted(frame[frame.metric == "update_ratio"].step.unique()) == list(range(60))  # each step measured once

@@ -400,3 +400,17 @@ def test_profile_walltime_prints_each_claim_with_its_interval():
                           {"key": "degradation", "answer": "yes", "estimate": 1.2409, "low": 0.7642, "high": 1.7176}]}
     assert bench.claims_line(summary) == "bn_forward yes, degradation yes +1.24 [+0.76, +1.72]"
     assert bench.claims_line({}) == "(no claims)"
+
+
+def test_alert_rules_benchmark_counts_false_alarms_and_faults():
+    """benchmarks/alert_rules.py: a healthy series' alerts are counted per seed, the four isolated faults fire, and
+    the cost figures are positive (no timing asserted)."""
+    module = _load("alert_rules")
+    from gradscope.engine import alerts
+
+    counts = module.false_alarms(alerts, steps=300, seeds=2)
+    assert set(counts) >= {"loss: exponential (batch 1)", "grad_norm: log-normal sd 0.3"}
+    assert all(isinstance(c, int) and c >= 0 for c in counts.values())
+    found = module.faults(alerts)
+    assert found["four 30x losses at 100, 150, 200, 250"] == [100, 150, 200, 250]
+    assert module.cost(alerts, repeats=1) > 0 and module.told_cost(5, steps=5) > 0

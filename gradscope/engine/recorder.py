@@ -286,14 +286,12 @@ class Recorder:
     def _write_losses(self) -> None:
         """Write the losses not on disk yet as one ``losses-*.parquet`` beside the parts (see
         :func:`gradscope.store.write_losses_part`: named by its first loss, so an interrupted write is redone, never
-        doubled). An ``OSError`` keeps them for the next flush, as for the rows (whose warning says so)."""
+        doubled). An ``OSError`` keeps them for the next flush (a warning, once until a write succeeds)."""
         from gradscope import store
 
         first, count = self._losses_written, len(self.losses)
         try:
-            if not self.out.is_dir():  # moved or deleted: every loss goes to the new folder (memory holds them all)
-                store.recreate_out(self.out, [{"name": s.name, "kind": s.kind} for s in self.sites],
-                                   lost=self._part_paths[:self._released_parts], rows=self._dropped)
+            if self._recreated_out(store):  # moved or deleted: every loss goes to the new folder (memory holds them)
                 first = 0
             store.write_losses_part(self.losses[first:count], self.out, first)
         except OSError as exc:
@@ -308,10 +306,17 @@ class Recorder:
     def _write_frame(self, store, frame, index: int) -> Path:
         """``store.write_part``, recreating ``out`` when it was moved or deleted during the run (see
         :func:`gradscope.store.recreate_out`)."""
-        if not self.out.is_dir():
-            store.recreate_out(self.out, [{"name": s.name, "kind": s.kind} for s in self.sites],
-                               lost=self._part_paths[:self._released_parts], rows=self._dropped)
+        self._recreated_out(store)
         return store.write_part(frame, self.out, index)
+
+    def _recreated_out(self, store) -> bool:
+        """Make ``out`` again when it was moved or deleted during the run (True then; see
+        :func:`gradscope.store.recreate_out`)."""
+        if self.out.is_dir():
+            return False
+        store.recreate_out(self.out, [{"name": s.name, "kind": s.kind} for s in self.sites],
+                           lost=self._part_paths[:self._released_parts], rows=self._dropped)
+        return True
 
     def release(self) -> None:
         """Drop from memory the rows already written to parts (call once every reader of new rows had them)."""

@@ -224,10 +224,11 @@ class Session:
             self._frame, self._losses = scope.frame(), scope.losses()
             try:
                 if self.out is not None and writer and self.report and not self._frame.empty:
-                    from gradscope.render.report import write_report
+                    from gradscope.render.report import run_findings, write_report
 
+                    found = run_findings(scope.alerts(), scope.losses(), finished=error is None)
                     self.report_path = write_report(self._frame, self.out, title=f"gradscope report ({self.made_by})",
-                                                    **run_findings(scope, finished=error is None))
+                                                    **found)
             except Exception as exc:
                 if error is None:
                     raise
@@ -238,26 +239,6 @@ class Session:
                     self.provenance.finish(error, steps=scope.current_step, rows=len(self._frame))
                     LIVE.drop_record(self.provenance)
         return self.report_path
-
-
-#: recorded losses a finished run's final loss averages (as ``gradscope report`` on an ``attach(out=...)`` folder)
-FINAL_WINDOW = 10
-
-
-def run_findings(scope: Scope, finished: bool) -> Dict[str, Any]:
-    """``write_report`` keywords for what a run found and was given while training: its alerts, its losses and,
-    when it finished, its final loss (the mean of its last :data:`FINAL_WINDOW` recorded losses)."""
-    from gradscope.analysis import DEFAULT_RUN
-
-    out: Dict[str, Any] = {"alerts": scope.alerts().assign(**{S.RUN: DEFAULT_RUN})}
-    losses = sorted(scope.losses().items())
-    if losses:
-        out["losses"] = pd.DataFrame({S.RUN: DEFAULT_RUN, S.STEP: [s for s, _ in losses],
-                                      "loss": [v for _, v in losses]})
-        if finished:
-            tail = [v for _, v in losses[-FINAL_WINDOW:]]
-            out["final_losses"] = {DEFAULT_RUN: sum(tail) / len(tail)}
-    return out
 
 
 def _names(optimizer: Any) -> Optional[str]:

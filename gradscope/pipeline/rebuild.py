@@ -66,22 +66,17 @@ def profile_rebuild(frame: Any, folder: Path, out: Path) -> Tuple[Any, Dict[str,
                    "planned": len(record.get(FACTS) or {}), "finished": finished_runs(folder)}
 
 
-#: recorded losses of a finished attach run averaged for its final loss (as a study's ``final_window``)
-ATTACH_FINAL_WINDOW = 10
-
-
 def attach_rebuild(frame: Any, folder: Path) -> Dict[str, Any]:
     """``write_report`` keywords for a folder ``attach(out=...)`` wrote: the alerts it found (``alerts.csv``) and
     the losses given to ``scope.step(loss=...)`` (``losses-*.parquet``), so that the report shows what the run
-    showed. The run's final loss (the mean of its last :data:`ATTACH_FINAL_WINDOW` recorded losses) only when its
+    showed. The run's final loss (:func:`gradscope.render.report.run_findings`) only when its
     ``provenance.json`` says it finished. A Lightning or Hugging Face callback's folder keeps them in
     ``records/``. Files that cannot be read are left out with a note. ``{}`` for a profile's folder or a frame of
     several runs."""
     from gradscope import store
     from gradscope.analysis import DEFAULT_RUN
-    from gradscope.engine.provenance import PROVENANCE_FILE
     from gradscope.errors import DataError
-    from gradscope.study.claims import final_losses
+    from gradscope.render.report import run_findings
 
     if _profile_record(folder) or (S.RUN in frame.columns and frame[S.RUN].nunique() != 1):
         return {}
@@ -90,32 +85,33 @@ def attach_rebuild(frame: Any, folder: Path) -> Dict[str, Any]:
                   or any(f.glob(store.LOSS_PART_GLOB))), None)
     if where is None:
         return {}
-    about: Dict[str, Any] = {}
-    notes = []
+    alerts, losses, notes = None, {}, []
     try:
         if (where / store.ALERTS_FILE).exists():
-            about["alerts"] = store.read_alerts(where).assign(**{S.RUN: run})
+            alerts = store.read_alerts(where)
     except DataError as exc:
         notes.append(f"the run's alerts are not shown: {exc}")
     try:
-        losses = store.read_losses(where)
+        read = store.read_losses(where)
+        losses = dict(zip(read[S.STEP].tolist(), read["loss"].tolist()))
     except DataError as exc:
         notes.append(f"the run's losses are not shown: {exc}")
-        losses = []
-    if len(losses):
-        about["losses"] = losses.assign(**{S.RUN: run})[[S.RUN, S.STEP, "loss"]]
-        status = None
-        for place in (where, folder):
-            try:
-                status = json.loads((place / PROVENANCE_FILE).read_text()).get("status")
-                break
-            except (OSError, ValueError, AttributeError):
-                continue
-        if status == "finished":
-            about["final_losses"] = final_losses(about["losses"], [run], ATTACH_FINAL_WINDOW)
+    about = run_findings(alerts, losses, finished=_status(where, folder) == "finished", run=run)
     if notes:
         about["notes"] = notes
     return about
+
+
+def _status(*places: Path) -> Any:
+    """The ``status`` of the first readable ``provenance.json`` among ``places`` (None without one)."""
+    from gradscope.engine.provenance import PROVENANCE_FILE
+
+    for place in places:
+        try:
+            return json.loads((place / PROVENANCE_FILE).read_text()).get("status")
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
 
 
 def finished_runs(folder: Path) -> list:

@@ -201,6 +201,26 @@ def write_folder(results: Results, out: Union[str, Path], *, format: str = "full
     return out
 
 
+#: recorded losses whose mean is a finished run's final loss, for a run of ``attach()`` or a callback
+FINAL_WINDOW = 10
+
+
+def run_findings(alerts: Optional[pd.DataFrame], losses: Mapping[int, float], finished: bool,
+                 run: str = A.DEFAULT_RUN) -> Dict[str, Any]:
+    """:func:`write_report` keywords for what one run found and was given while training: its alerts (columns
+    :data:`gradscope.schema.ALERT_COLUMNS`; None: not checked), its losses (``{step: loss}``) and, when it finished,
+    its final loss: the mean of its last :data:`FINAL_WINDOW` recorded losses, NaN when any loss of the run is."""
+    out: Dict[str, Any] = {} if alerts is None else {"alerts": alerts.assign(**{S.RUN: run})}
+    pairs = sorted(losses.items())
+    if pairs:
+        out["losses"] = pd.DataFrame({S.RUN: run, S.STEP: [s for s, _ in pairs], "loss": [v for _, v in pairs]})
+        if finished:
+            tail = [v for _, v in pairs[-FINAL_WINDOW:]]
+            nan = any(v != v for _, v in pairs)
+            out["final_losses"] = {run: float("nan") if nan else sum(tail) / len(tail)}
+    return out
+
+
 def write_report(frame: pd.DataFrame, out: Union[str, Path] = "gradscope-report", *,
                  configs: Optional[Mapping[str, Mapping[str, Any]]] = None, step: A.StepArg = None,
                  runs_step: A.StepArg = "first", vanish: float = A.VANISH, explode: float = A.EXPLODE,

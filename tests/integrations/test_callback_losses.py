@@ -3,6 +3,7 @@ losses, as the framework reports it. So loss_spike and divergence can fire, scop
 reach out/records (losses-*.parquet) and the report."""
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -58,6 +59,10 @@ def test_lightning_gives_each_steps_mean_micro_batch_loss(tmp_path):
     assert callback.session.frame().step.nunique() == 4
     losses = gradscope.store.read_losses(tmp_path / "run" / "records")
     assert dict(zip(losses.step, losses.loss)) == pytest.approx(expected, rel=1e-6)
+    # the callback's own report: the final loss (mean of the last ten recorded, here all four) and the alerts checked
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["final_loss"] == {"run": pytest.approx(sum(expected.values()) / 4, rel=1e-6)}
+    assert summary["alerts"] == [] and (tmp_path / "run" / "alerts.csv").exists()
 
 
 def test_lightning_loss_spike_and_nan_loss_fire(tmp_path):

@@ -21,7 +21,8 @@ Where it hooks (Lightning 2.x):
 
 A step is one step of the (first) optimizer: any gradient accumulation; with several optimizers each block's
 ``update_ratio`` is measured across the step of the optimizer that holds its parameters. Under manual optimization
-(``automatic_optimization = False``: GANs) a step is one training batch, closed in ``on_train_batch_end``, and each
+(``automatic_optimization = False``: GANs) a step is one training batch, closed in ``on_train_batch_end`` with the
+loss ``training_step`` returned (none when it returned none: a GAN's two losses are not one step's loss), and each
 block's ``param_grad_norm`` is read at the step of the optimizer that holds it (in its ``on_before_optimizer_step``),
 so it is the gradient that optimizer stepped with. Under automatic optimization with a closure optimizer (LBFGS)
 Lightning calls ``on_before_optimizer_step`` after every evaluation of the closure, so each evaluation is a step of
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from gradscope import schema as S
 from gradscope.errors import GradscopeError
@@ -100,7 +101,7 @@ class GradscopeCallback(_pl.Callback):
         # automatic optimization: the closure's loss, divided by accumulate_grad_batches (also in an epoch's last,
         # shorter accumulation) and, under 16-bit AMP, already multiplied by the GradScaler's scale: both are
         # undone, so the step's loss is the mean of its micro-batches' own losses (manual optimization may run
-        # several backwards of different losses in one batch: none is the step's, so none is given)
+        # several backwards of different losses in one batch: its step's loss is what training_step returned)
         if pl_module.automatic_optimization:
             self.session.losses.add(own_loss(loss, trainer), summed=False)
 
@@ -118,6 +119,11 @@ class GradscopeCallback(_pl.Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not pl_module.automatic_optimization:
+            # manual optimization: the step's loss is the one training_step returned (Lightning hands it over as
+            # outputs["loss"], detached); a step that returned none (a GAN's two losses) gets none
+            loss = returned_loss(outputs)
+            if loss is not None:
+                self.session.losses.add(loss, summed=True)
             self.session.step()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -147,6 +153,18 @@ def own_loss(loss: Any, trainer: Any) -> Any:
     scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
     scale = getattr(scaler, "_scale", None) if scaler is not None and getattr(scaler, "is_enabled", bool)() else None
     return loss / scale.to(loss.device) if scale is not None else loss
+
+
+def returned_loss(outputs: Any) -> Any:
+    """The loss ``training_step`` returned under manual optimization (``outputs["loss"]`` of
+    ``on_train_batch_end``, a tensor or a bare tensor returned), or None when it returned none or no single
+    number (a loss of several elements is not a step's loss)."""
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    if hasattr(loss, "detach") and hasattr(loss, "numel") and loss.numel() == 1:
+        return loss.detach().reshape(())
+    return None
 
 
 def log_mode(log: Any) -> Any:

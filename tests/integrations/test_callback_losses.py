@@ -72,6 +72,52 @@ def test_lightning_loss_spike_and_nan_loss_fire(tmp_path):
     assert (25, "loss_spike", "loss") in kinds and (32, "divergence", "loss") in kinds  # before: no loss, no alert
 
 
+class ManualModule(L.LightningModule):
+    """Manual optimization: one backward and step per batch; ``returns`` says what training_step returns (the loss
+    tensor, a dict holding it, or nothing, as a GAN with two losses would)."""
+
+    def __init__(self, returns, nan_at=-1):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.automatic_optimization = False
+        self.returns, self.nan_at, self.seen = returns, nan_at, []
+
+    def training_step(self, batch, index):
+        optimizer = self.optimizers()
+        loss = nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+        loss = loss + math.nan if index == self.nan_at else loss
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        self.seen.append(float(loss))
+        return {"tensor": loss, "dict": {"loss": loss, "acc": 0.5}, "none": None}[self.returns]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("returns", ["tensor", "dict"])
+def test_lightning_manual_optimization_gives_the_returned_loss(tmp_path, returns):
+    callback, module = LightningCallback(out=tmp_path / "run"), ManualModule(returns)
+    _fit(callback, module, batches=6)
+    losses = gradscope.store.read_losses(tmp_path / "run" / "records")
+    assert dict(zip(losses.step, losses.loss)) == pytest.approx(dict(enumerate(module.seen)), rel=1e-6)
+    assert callback.losses() == pytest.approx(dict(enumerate(module.seen)), rel=1e-6)  # before: no loss at all
+
+
+def test_lightning_manual_optimization_without_a_returned_loss_gives_none():
+    callback, module = LightningCallback(), ManualModule("none")
+    _fit(callback, module, batches=4)
+    assert callback.session.frame().step.nunique() == 4 and callback.losses() == {}
+
+
+def test_lightning_manual_optimization_nan_loss_is_a_divergence():
+    found = []
+    _fit(LightningCallback(on_anomaly=found.append), ManualModule("tensor", nan_at=5), batches=8)
+    assert (5, "divergence", "loss") in [(a.step, a.kind, a.metric) for a in found]
+
+
 def _gpt2():
     config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

@@ -1,6 +1,6 @@
 """MLflow sink: each recorded step's rows as metrics ``gradscope/<metric>/<block>`` (with their step) of an MLflow
 run, and a heatmap image artifact every N recorded steps. A character MLflow refuses in a key (a block named
-``proj(q)``) becomes ``_``.
+``proj(q)``) becomes ``_``, and the key gets a short hash of the original (:func:`mlflow_key`).
 
     mlflow.set_tracking_uri("file:./mlruns")
     with mlflow.start_run():
@@ -11,6 +11,7 @@ server. Needs ``mlflow`` or ``mlflow-skinny`` (``pip install 'torch-gradscope[ml
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from typing import Any, Optional
@@ -29,8 +30,13 @@ _NOT_A_KEY = re.compile(r"[^\w\-. /:]")
 
 
 def mlflow_key(key: str) -> str:
-    """``key`` with every character MLflow refuses in a metric name replaced by ``_``."""
-    return _NOT_A_KEY.sub("_", key)
+    """``key`` with every character MLflow refuses in a metric name replaced by ``_``; a key so changed ends in
+    ``-`` and six hex digits of its own hash, so that two names differing only there (``proj(q)`` and ``proj[q]``)
+    stay two series, named the same in every run."""
+    valid = _NOT_A_KEY.sub("_", key)
+    if valid == key:
+        return key
+    return f"{valid}-{hashlib.sha1(key.encode()).hexdigest()[:6]}"
 
 
 class MlflowSink:

@@ -238,18 +238,22 @@ def test_mlflow_keys_mlflow_refuses_are_made_valid_not_the_whole_batch_lost(tmp_
 
     from gradscope.integrations.mlflow import MlflowSink, mlflow_key
 
-    assert mlflow_key("gradscope/grad_norm/proj(q):call1") == "gradscope/grad_norm/proj_q_:call1"
-    model = nn.ModuleDict({"proj(q)": nn.Linear(4, 4), "out": nn.Linear(4, 2)})
+    assert mlflow_key("gradscope/grad_norm/proj(q):call1").startswith("gradscope/grad_norm/proj_q_:call1-")
+    assert mlflow_key("gradscope/grad_norm/out") == "gradscope/grad_norm/out"  # a valid key is kept as it is
+    model = nn.ModuleDict({"proj(q)": nn.Linear(4, 4), "proj[q]": nn.Linear(4, 4), "out": nn.Linear(4, 2)})
     mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
     try:
         with mlflow.start_run() as run:
-            with gradscope.attach(model, blocks=["proj(q)", "out"], sinks=[MlflowSink()]) as scope:
-                model["out"](model["proj(q)"](torch.randn(3, 4))).sum().backward()
+            with gradscope.attach(model, blocks=["proj(q)", "proj[q]", "out"], sinks=[MlflowSink()]) as scope:
+                model["out"](model["proj[q]"](2 * model["proj(q)"](torch.randn(3, 4)))).sum().backward()
                 scope.step()
         frame = scope.frame()
-        history = MlflowClient().get_metric_history(run.info.run_id, "gradscope/grad_norm/proj_q_")
-        row = frame[(frame.block == "proj(q)") & (frame.metric == "grad_norm")]
-        assert [m.value for m in history] == pytest.approx(list(row.value))  # before: MLflow held no metric at all
+        for block in ("proj(q)", "proj[q]"):  # two blocks whose names differ only in refused characters
+            key = mlflow_key(f"gradscope/grad_norm/{block}")
+            history = MlflowClient().get_metric_history(run.info.run_id, key)
+            row = frame[(frame.block == block) & (frame.metric == "grad_norm")]
+            # before: MLflow held no metric at all; then both blocks wrote one key, proj_q_
+            assert [m.value for m in history] == pytest.approx(list(row.value))
         assert MlflowClient().get_metric_history(run.info.run_id, "gradscope/grad_norm/out")
     finally:
         mlflow.set_tracking_uri(None)

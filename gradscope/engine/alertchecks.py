@@ -41,7 +41,7 @@ def _decay_note(value: float, decay_ratio: Optional[float]) -> str:
 def below_band(rows: List[Row], band: Tuple[float, float], told: Optional[Told] = None) -> List[str]:
     """Blocks whose ``update_ratio`` is below ``band``'s low end, each judged as its optimizer step was told
     (``told``, block -> :class:`OptimizerStep`): at the base lr while its schedule warms up (the ratio divided by
-    ``lr_scale``), not at all at lr 0 (nothing was meant to move).
+    ``lr_scale``), not at all at an lr of 0 that was never above 0 (``lr_scale`` 0: nothing was meant to move).
 
     A ratio of exactly 0 counts only when no block moved (a learning rate too small for float32 to apply moves
     nothing); while other blocks moved, it is a block the optimizer did not move (no gradient reached it: an expert
@@ -99,7 +99,10 @@ def update_band(step: int, rows: List[Row], band: Optional[Tuple[float, float]],
                      f"(initial_lr) and did not rise since the previous recorded step: a warm-up stepped once per "
                      f"epoch looks like this (step it per optimizer step to have it judged at its base), and so "
                      f"does a run resumed after a decay")
-    if not above and mine is not None and mine.of_peak < 1:
+    if not above and mine is not None and mine.lr <= 0 < mine.lr_scale:
+        notes.append("this step's lr is 0 after it was above 0: the optimizer moves nothing (a schedule or a bug "
+                     "set the learning rate to 0)")
+    elif not above and mine is not None and mine.of_peak < 1:
         notes.append(f"this step's lr ({mine.lr:.3g}) is {mine.of_peak:.3g} of the largest it has been: if the "
                      f"schedule decays it on purpose (a cosine or step tail), the block moving this little is what "
                      f"that schedule asks")

@@ -117,7 +117,8 @@ class OptimizerStep:
     ``update_band``.
 
     ``lr``: its parameter group's learning rate. ``lr_scale``: the lr over the base its scheduler records while it
-    warms up toward it (the low end is then judged at the base), 1 otherwise, 0 at lr 0 (not judged).
+    warms up toward it (the low end is then judged at the base), 1 otherwise, 0 at an lr of 0 that was never above
+    0 (not judged).
     ``first_adaptive``: the first step of an Adam, AdamW or Adamax (its update is about ``lr`` per weight).
     ``of_peak``: the lr over the largest it has been so far (a decaying schedule says so in the note).
     ``of_base``: the lr over the base its scheduler records, when below it and not warming up toward it (a flat

@@ -27,10 +27,11 @@ firing, each measured on healthy runs (``tests/engine/test_alert_noise.py``):
   fires; an explosion that grows by a factor each step never jumps and is caught as a climb;
 * a minimum size for gradient spikes (``min_factor`` times the window median): a gradient norm that rises
   smoothly by 10-40 % over a few steps early in training (a known phase, not a fault) tops a z of 6 in log space;
-* ``update_band``'s low end is read at the schedule's reference learning rate (the ratio times
-  ``initial_lr / lr`` where a torch scheduler set ``initial_lr``, else times the largest lr so far / lr), not at
-  all at lr 0, and only after ``band_patience`` recorded steps in a row below it: warm-up from 0, a cosine tail
-  and a step of a hand-written warm-up are the schedule, not a block that learns too slowly. The high end fires at
+* ``update_band``'s low end reads each block's learning rate (:mod:`gradscope.engine.lrschedule`): judged at the
+  base a torch scheduler records while the lr warms up toward it, not at all at an lr of 0 that was never above 0,
+  as it is otherwise (a decay's note names the fraction of the peak), and only after ``band_patience`` recorded
+  steps in a row below it: warm-up from 0 and the first steps of a hand-written warm-up are the schedule, not a
+  block that learns too slowly. The high end fires at
   once (a step too large does its harm at once); at the first step of an Adam-type optimizer its note says that
   this step moves every weight by about lr whatever the gradient.
 

@@ -3,7 +3,9 @@
 An update ratio below the band means a block learns too slowly, unless the learning rate was meant to be small at
 that step. Read per parameter group (a head with its own warm-up, a second optimizer) at each optimizer step:
 
-* **lr 0**: nothing was meant to move; the low end is not judged.
+* **lr 0** before the group's lr was ever above 0 (a warm-up from 0, a group frozen by an lr of 0): nothing was
+  meant to move; the low end is not judged. After it was above 0 (a schedule or a bug that sets it to 0), the ratio
+  is judged as it is: training has stopped, and the note says the lr is 0.
 * **warming up**: the group's lr is below the base its torch scheduler records (``initial_lr``; ``max_lr`` for
   OneCycleLR) and higher than at the previous recorded step. The ratio is judged at that base (divided by
   ``lr / base``): a linear warm-up from near 0 is the schedule, not a slow block. A flat lr below the base (a
@@ -98,8 +100,8 @@ class LrSchedule:
         last, peak = self._seen.get(key, (math.nan, 0.0))
         peak = max(peak, lr)
         self._seen[key] = (lr, peak)
-        if lr <= 0:
-            return OptimizerStep(lr, 0.0, first, 0.0)
+        if lr <= 0:  # judged (scale 1) once the group has had an lr above 0: nothing moves any more
+            return OptimizerStep(lr, 1.0 if peak > 0 else 0.0, first, 0.0)
         warming = base > lr and lr > last  # rising toward the scheduler's base since the previous recorded step
         below = lr / base if base > lr and not warming and lr >= peak else 1.0  # flat under the base, never above
         return OptimizerStep(lr, lr / base if warming else 1.0, first, min(1.0, lr / peak), below)

@@ -143,6 +143,8 @@ def train(opt_name="sgd", lr=0.05, schedule=None, steps=60, init_scale=1.0, head
     elif schedule == "warmup-decay":
         scheds.append(torch.optim.lr_scheduler.LambdaLR(
             opts[0], lambda s: s / 10 if s < 10 else max(0.0, (steps - s) / (steps - 10))))
+    elif schedule == "zero-at-20":  # a schedule (or a bug) that sets the lr to 0 from step 20 on
+        scheds.append(torch.optim.lr_scheduler.LambdaLR(opts[0], lambda s: 1.0 if s < 20 else 0.0))
     elif schedule == "step-per-batch":
         scheds.append(torch.optim.lr_scheduler.StepLR(opts[0], step_size=5, gamma=0.1))
     g = torch.Generator().manual_seed(0)
@@ -260,6 +262,17 @@ def test_a_learning_rate_too_small_even_at_its_base_fires_with_the_reason(one_th
     # at a tenth of the base the same ratio is 2e-5 there: inside the band, no alert
     assert Detector(now).observe(rows, optimizer_steps={7: {"a": OptimizerStep(1e-7, 0.1)}}) == []
     assert Detector(now).observe(rows, optimizer_steps={7: {"a": OptimizerStep(0.0, 0.0)}}) == []  # lr 0
+
+
+def test_an_lr_set_to_zero_after_training_fires_and_says_so(one_thread):
+    scope = train("sgd", lr=0.05, schedule="zero-at-20", steps=30)
+    frame = scope.frame()
+    assert frame[(frame.metric == UPDATE_RATIO) & (frame.step >= 20)].value.max() == 0.0  # nothing moves any more
+    band = band_alerts(scope)
+    assert list(band.step) == [22]  # before: silent (lr 0 was never judged); three recorded steps of patience
+    assert "lr is 0 after it was above 0" in band.note.iloc[0]
+    # an lr of 0 that was never above 0 (the first step of a warm-up from 0) is still not judged
+    assert band_alerts(train("sgd", lr=0.05, schedule="warmup", steps=30)).empty
 
 
 def test_adam_first_step_is_named_in_the_note_for_adam_blocks_only(one_thread):

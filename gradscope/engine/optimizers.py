@@ -36,6 +36,27 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+#: packages whose optimizer wrappers only pass ``step()`` on to the optimizer inside (or skip it while gradients
+#: accumulate): the update is the inner optimizer's step
+_DELEGATING = ("accelerate", "lightning", "pytorch_lightning", "lightning_fabric", "transformers", "deepspeed")
+
+
+def acts_after_step(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is a wrapper (``.optimizer``/``._optimizer``) that may change the weights itself around
+    the inner optimizer's step: Lookahead pulls them toward its slow weights after it, SAM-style wrappers move them
+    around it. Wrappers of the packages in :data:`_DELEGATING` only pass the step on. For such a wrapper the update
+    ratio is measured when the wrapper's step is over (engine/optwatch.py), not when the inner step returns."""
+    inner = unwrap_optimizer(optimizer)
+    for _ in range(8):
+        if optimizer is inner:
+            return False
+        if not type(optimizer).__module__.split(".")[0] in _DELEGATING:
+            return True
+        optimizer = next(found for found in (getattr(optimizer, a, None) for a in ("optimizer", "_optimizer"))
+                         if isinstance(found, torch.optim.Optimizer) and found is not optimizer)
+    return False
+
+
 def optimizer_list(optimizer: Any) -> List[Any]:
     """``attach(optimizer=...)`` as a list: None, one optimizer, or a list/tuple of them."""
     if optimizer is None:

@@ -6,6 +6,10 @@
   training forward ran since ``scope.step()`` (one call per forward; the block hooks are absent in unrecorded steps).
 - **update_ratio** ``||theta_after - theta_before|| / ||theta_before||`` per block across the step of the optimizer
   that updates the block (engine/optimizers.py: one index per optimizer), in recorded steps only.
+- **Wrappers that move the weights themselves** (Lookahead after the inner step, SAM-style wrappers around it;
+  ``engine/optimizers.acts_after_step``): the inner optimizer's hooks take the copy, and the difference is taken
+  once the wrapper's step is over: at the next forward of the model, the next optimizer step, ``scope.step()`` or
+  a read of the records (``frame()``, ``flush()``, ``detach()``), whichever comes first.
 - **Parameter gradients read before they are zeroed.** A loop that calls ``optimizer.zero_grad()`` (or lets
   accelerate do it) before ``scope.step()`` leaves nothing in ``.grad`` by then. When an optimizer steps (without a
   closure) inside a recorded step that ``scope.step()`` has not closed yet, its pre-hook reads ``param_grad_norm``
@@ -69,7 +73,8 @@ class OptimizerWatch:
 
     def __init__(self, model: nn.Module, sites: List[Site], rec: Recorder, amp: ScalerState,
                  optimizers: Sequence[Any], indexes: Sequence[P.ParamIndex], update: bool, grads: bool,
-                 tracer: Any = None, follow: Optional[Callable[[], Any]] = None) -> None:
+                 tracer: Any = None, follow: Optional[Callable[[], Any]] = None,
+                 late: Optional[Sequence[bool]] = None) -> None:
         self.model, self.sites, self.rec, self.amp = model, sites, rec, amp
         self.tracer = tracer  # engine/oporigin.py: a NaN's replay needs to know about weight updates
         self.optimizers = list(optimizers)
@@ -84,6 +89,11 @@ class OptimizerWatch:
         self._pending: List[Optional[Tuple[int, P.ParamIndex, P.Differences, List[torch.Tensor]]]] = \
             [None] * len(self.optimizers)
         self._updated: List[Set[int]] = [set() for _ in self.optimizers]  # steps whose update each one measured
+        #: per optimizer: whether its wrapper may move the weights after the inner step returns (then the update is
+        #: measured at :meth:`settle`), and the pending update its post-hook left for then
+        self._late = list(late) if late is not None else [False] * len(self.optimizers)
+        self._unsettled: List[Optional[Tuple[int, P.ParamIndex, P.Differences, List[torch.Tensor]]]] = \
+            [None] * len(self.optimizers)
         self.schedule = LrSchedule()  # each group's lr at the previous recorded step and its largest so far
         self._owners: Dict[int, Any] = {}  # id(ParamIndex) -> (index, its parameters, the blocks owning each)
         #: recorded step -> block -> what its optimizer step was told (update_band reads the lr schedule from it)
@@ -114,6 +124,8 @@ class OptimizerWatch:
         state = self.rec.state
 
         def mark_forward(*args: Any) -> None:
+            if any(self._late):
+                self.settle()  # a forward after a wrapper's step: the weights it moved are final
             if torch.is_grad_enabled():  # a validation forward opens no step (engine/state.py)
                 state.mark_forward()
 
@@ -146,6 +158,8 @@ class OptimizerWatch:
         rec, n = self.rec, len(self.sites)
 
         def pre(opt: Any, args: Any, kwargs: Any) -> None:
+            if any(self._late):
+                self.settle()
             state = rec.state
             closure = P.passes_closure(opt, args, kwargs)
             step = state.step if state.forward_seen or closure else state.step - 1
@@ -191,22 +205,35 @@ class OptimizerWatch:
         return told
 
     def _post(self, k: int) -> Callable[..., None]:
-        rec, n = self.rec, len(self.sites)
-
         def post(opt: Any, args: Any, kwargs: Any) -> None:
             pending, self._pending[k] = self._pending[k], None
             if pending is None:
                 return
-            step, index, work, before = pending
-            if self.tracer is not None:  # a NaN's replay needs the weights its forward saw
-                self.tracer.weights_before(index.params, index.order, before)
-            # numerators and denominators travel apart: sharded ranks sum their squares first, and a block whose
-            # parameters were exactly zero before the step gets no ratio (undefined), never a clamped 1e35
-            layout = spec.SHARD_RATIO if index.sharded else spec.RATIO
-            rec.add_per_site(step, index.sites_with_params, S.UPDATE_RATIO,
-                             torch.cat(P.update_norms(index, before, n, work)), layout)
+            if self._late[k]:  # its wrapper may still move the weights: measured at settle()
+                self._unsettled[k] = pending
+                return
+            self._measure(pending)
 
         return post
+
+    def settle(self) -> None:
+        """Measure the updates that wrappers' steps left pending (see the module doc); cheap when none is."""
+        for k, pending in enumerate(self._unsettled):
+            if pending is not None:
+                self._unsettled[k] = None
+                self._measure(pending)
+
+    def _measure(self, pending: Tuple[int, P.ParamIndex, P.Differences, List[torch.Tensor]]) -> None:
+        """Buffer ``update_ratio`` of one optimizer step from the copies its pre-hook took."""
+        rec, n = self.rec, len(self.sites)
+        step, index, work, before = pending
+        if self.tracer is not None:  # a NaN's replay needs the weights its forward saw
+            self.tracer.weights_before(index.params, index.order, before)
+        # numerators and denominators travel apart: sharded ranks sum their squares first, and a block whose
+        # parameters were exactly zero before the step gets no ratio (undefined), never a clamped 1e35
+        layout = spec.SHARD_RATIO if index.sharded else spec.RATIO
+        rec.add_per_site(step, index.sites_with_params, S.UPDATE_RATIO,
+                         torch.cat(P.update_norms(index, before, n, work)), layout)
 
 
 class GradTiming:
@@ -217,13 +244,28 @@ class GradTiming:
     def __init__(self, rec: Recorder, index: P.ParamIndex, enabled: bool) -> None:
         self.rec, self.index = rec, index
         self.done = not enabled
+        self.enabled = enabled
+        self.warned_unstepped = False
 
-    def check_buffer(self, step: int) -> None:
-        """No parameter had a ``.grad`` at ``scope.step()``: warn if a backward ran (gradient entries buffered)."""
-        if self.done:
+    def check_buffer(self, step: int, optimizers: bool = False) -> None:
+        """No parameter had a ``.grad`` at ``scope.step()`` and no optimizer step read them: warn if a backward ran
+        (gradient entries buffered). ``optimizers``: optimizers were given, so the loop reads gradients in time when
+        they step; a step none of them took (a GradScaler skipped it for an inf or NaN gradient) and whose gradients
+        were cleared before ``scope.step()`` loses its ``param_grad_norm``: warned about once, whenever it happens."""
+        unstepped = optimizers and self.enabled and not self.warned_unstepped
+        if self.done and not unstepped:
             return
         backward = any(e.step == step and e.group[0] in S.BACKWARD_METRICS for e in self.rec.buffer)
-        if backward and any(p.requires_grad for p in self.index.params):
+        if not (backward and any(p.requires_grad for p in self.index.params)):
+            return
+        if unstepped:
+            self.done = self.warned_unstepped = True
+            warnings.warn(
+                f"gradscope: in recorded step {step} no given optimizer stepped (a GradScaler skips the step when "
+                f"the gradients hold an inf or NaN; a loop may skip it too) and the gradients were cleared before "
+                f"scope.step(), so this step has no param_grad_norm (later such steps are not warned about). Call "
+                f"scope.step() before zero_grad() to keep them", RuntimeWarning, stacklevel=5)
+        else:
             self._warn(step, "None")
 
     def check_rows(self, step: int, rows: Any, start: int) -> None:

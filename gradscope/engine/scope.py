@@ -84,7 +84,8 @@ class Scope:
         self._watch = OptimizerWatch(model, sites, recorder, self._amp, self._optimizers,
                                      self._index_optimizers(set(range(len(sites)))), update=metrics.update,
                                      grads=S.PARAM_GRAD_NORM in metrics.params, tracer=self._tracer,
-                                     follow=weakref.WeakMethod(self._follow_changes))
+                                     follow=weakref.WeakMethod(self._follow_changes),
+                                     late=[OPT.acts_after_step(o) for o in wrappers])
         self._watch.keep_told = self._alerts.reads_lr
         self._grad_timing = GradTiming(recorder, self._param_index, S.PARAM_GRAD_NORM in metrics.params)
         self._replacements = Replacements(model, sites)  # blocks replaced after attach are followed
@@ -173,6 +174,7 @@ class Scope:
                 self._warned_detached = True
                 warnings.warn(misuse.step_after_detach(), RuntimeWarning, stacklevel=2)
             return
+        self._watch.settle()  # a wrapper's step (Lookahead) is over: its update, measured now
         if self._sync is not None and not self._sync():
             # gradient accumulation (accelerate): the optimizer does not step after this micro-batch, so the step
             # stays open; its loss joins the mean of the step's micro-batch losses
@@ -377,6 +379,7 @@ class Scope:
         """Buffer to rows (a due part written); new rows go to the alert detectors and through the non-finite
         policy, whose error is raised or, with ``on_error``, handed to it (detach writes everything first)."""
         self._probe.drain_traced()
+        self._watch.settle()
         rec, checked = self._rec, []
 
         def check(rows: Any, start: int) -> None:
@@ -420,7 +423,7 @@ class Scope:
         if S.PARAM_GRAD_NORM in names:
             read = self._watch.take_grads_read(step)
             if record_param_grads(rec, index, n, self._amp, step, read) is None and not read:
-                self._grad_timing.check_buffer(step)
+                self._grad_timing.check_buffer(step, optimizers=bool(self._optimizers))
 
 
 LIVE = LiveScopes()  # scopes that write to a folder: the end of the program or a SIGTERM flushes them

@@ -115,6 +115,64 @@ def test_a_lightning_optimizer_is_unwrapped():
     pd.testing.assert_frame_equal(frames[1], frames[0])
 
 
+class Lookahead(torch.optim.Optimizer):
+    """Zhang et al. 2019 as torch_optimizer writes it: the inner optimizer in ``.optimizer``; every ``k`` steps the
+    wrapper pulls the weights toward its slow copy after the inner step returns (the inner step's hooks have run)."""
+
+    def __init__(self, optimizer, k=2, alpha=0.5):
+        self.optimizer, self.k, self.alpha, self.count = optimizer, k, alpha, 0
+        self.param_groups, self.defaults, self.state = optimizer.param_groups, optimizer.defaults, optimizer.state
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self.slow = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none)
+
+    def step(self, closure=None):
+        loss = self.optimizer.step(closure)
+        self.count += 1
+        if self.count % self.k == 0:
+            with torch.no_grad():
+                for p, slow in zip((p for g in self.param_groups for p in g["params"]), self.slow):
+                    slow.add_(p - slow, alpha=self.alpha)
+                    p.copy_(slow)
+        return loss
+
+
+@pytest.mark.parametrize("order", ["step-then-scope", "scope-then-step"])
+def test_a_wrapper_that_moves_the_weights_after_the_inner_step_is_measured_whole(order):
+    torch.manual_seed(0)
+    model = nets.mlp()
+    opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.5))
+    expected = {}
+    with gradscope.attach(model, optimizer=opt) as scope:
+        for step, (x, y) in enumerate(_batches(4)):
+            nn.functional.cross_entropy(model(x), y).backward()
+            if order == "scope-then-step":
+                scope.step()
+            expected[step] = _ratio_by_hand(model, opt.step)
+            if order == "step-then-scope":
+                scope.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                model(x)  # a validation forward between steps changes nothing
+    frame = scope.frame().query("metric == 'update_ratio'")
+    got = {(s, b): v for s, b, v in zip(frame.step, frame.block, frame.value)}
+    for step, ratios in expected.items():  # steps 1 and 3 sync: before, their ratio was the inner SGD step's alone
+        for block, ratio in ratios.items():
+            assert got[(step, block)] == pytest.approx(ratio, rel=1e-4), (step, block)
+
+
+def test_which_wrappers_are_measured_when_their_step_is_over():
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    from gradscope.engine.optimizers import acts_after_step
+
+    opt = torch.optim.SGD(nets.mlp().parameters(), lr=0.1)
+    assert not acts_after_step(opt) and not acts_after_step(LightningOptimizer(opt))  # these only pass step() on
+    assert acts_after_step(Lookahead(opt)) and acts_after_step(LightningOptimizer(Lookahead(opt)))
+
+
 def test_something_that_is_no_optimizer_is_refused_clearly():
     with pytest.raises(gradscope.GradscopeError, match="optimizer=str"):
         gradscope.attach(nets.mlp(), optimizer="sgd")
@@ -269,3 +327,28 @@ def test_the_steps_an_optimizer_measured_stay_a_few_over_a_long_run():
         assert len(kept) <= 8 and max(kept) == 59  # before: 60 entries, one per step
     frame = scope.frame()
     assert sorted(frame[frame.metric == "update_ratio"].step.unique()) == list(range(60))  # each step measured once
+
+
+def test_a_step_the_grad_scaler_skips_with_zero_grad_first_is_warned_about_once():
+    """A GradScaler skips ``optimizer.step()`` for an inf gradient: no step hook reads the gradients, and a
+    ``zero_grad()`` before ``scope.step()`` clears them. That step has no param_grad_norm, and now says why."""
+    torch.manual_seed(0)
+    model = nets.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradscope.attach(model, blocks=nn.Linear, optimizer=opt, scaler=scaler, on_nonfinite="ignore") as scope:
+            for step, (x, y) in enumerate(_batches(5)):
+                scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+                if step in (1, 3):  # an fp16-style overflow in one weight's gradient: the scaler skips the step
+                    next(model.parameters()).grad[0, 0] = float("inf")
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+                scope.step()
+    grads = scope.frame().query("metric == 'param_grad_norm'")
+    assert sorted(set(grads.step)) == [0, 2, 4]  # the skipped steps' gradients were gone when scope.step() came
+    warned = [str(w.message) for w in caught if "no given optimizer stepped" in str(w.message)]
+    assert len(warned) == 1 and "recorded step 1" in warned[0]  # before: no word at all
+    assert not any("zero_grad() (the optimizer's or the model's) ran before" in str(w.message) for w in caught)

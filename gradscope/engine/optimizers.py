@@ -50,7 +50,7 @@ def acts_after_step(optimizer: Any) -> bool:
     for _ in range(8):
         if optimizer is inner:
             return False
-        if not type(optimizer).__module__.split(".")[0] in _DELEGATING:
+        if type(optimizer).__module__.split(".")[0] not in _DELEGATING:
             return True
         optimizer = next(found for found in (getattr(optimizer, a, None) for a in ("optimizer", "_optimizer"))
                          if isinstance(found, torch.optim.Optimizer) and found is not optimizer)

@@ -122,6 +122,8 @@ def _failure(row: Dict[str, Any], first: Dict[str, tuple]) -> str:
         extreme = row.get("max_value")
     direction = "toward the output" if signal == "forward" else "toward the input"
     factor, e2e = row.get("factor"), row.get("end_to_end")
+    if isinstance(row.get("reason"), str) and row["reason"]:  # decided by the measured ends, not the fit
+        return f"{signal} signal {verdict} at block {where!r} ({metric} = {extreme:.3g} there): {row['reason']}"
     return (f"{signal} signal {verdict} at block {where!r} ({metric} = {extreme:.3g} there): x{factor:.3g} per "
             f"block {direction}, x{e2e:.3g} over {row['n_blocks']} blocks ({row['first_block']!r} to "
             f"{row['last_block']!r}; {row.get('rate_text') or ''})")

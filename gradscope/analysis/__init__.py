@@ -21,7 +21,8 @@ backward   grad_norm  last block -> first block        growth toward the input
 * **Per-block factor.** A least-squares line through ``(position, ln value)`` over the blocks whose value is
   finite and positive; ``factor = exp(slope)`` (forward) or ``exp(-slope)`` (backward), with the line's ``r2``.
 * **End to end** (``end_to_end``) is read from the fit, ``factor ** (positions spanned)``, so one moving end
-  block does not decide it; ``near_value``/``far_value`` are the measured values at the two ends.
+  block does not decide it; ``near_value``/``far_value`` are the measured values at the two ends. Where the
+  measured ends alone decide the class (:func:`measured_class`: a cliff the line hides), it is their ratio.
 * **Units.** Ratios of the metric itself: of a *variance* forward, of a gradient *norm* (not squared) backward.
 
 Verdict (column ``verdict``): one unit, per layer, whatever is called a block
@@ -89,6 +90,7 @@ from gradscope.analysis import text as _text
 from gradscope.analysis.profiles import (DEFAULT_RUN, POSITION, Fit, Profiles, StepArg, check_frame,
                                          combine_steps, fit_log_slope, profile, profile_pass, run_names,
                                          select_step, steps_of, with_run)
+from gradscope.analysis.stats import t975
 from gradscope.errors import DataError
 
 #: Default thresholds: the change of a signal's *amplitude* (a norm; the square root of a variance) over
@@ -249,8 +251,6 @@ def _summarise(values: np.ndarray, blocks: Sequence[str], position: np.ndarray, 
     all_zero = bool(np.all(v == 0))
     if v.size >= 2 and far == 0 and not all_zero:  # gone at the far end, whatever the near end holds
         e2e = 0.0
-    elif v.size >= 2 and near == 0 and far != 0:
-        e2e = math.inf
     else:
         e2e = factor ** span if not math.isnan(factor) else math.nan
     imin, imax = int(np.argmin(v)), int(np.argmax(v))
@@ -263,21 +263,65 @@ def _summarise(values: np.ndarray, blocks: Sequence[str], position: np.ndarray, 
         out[REASON] = "one block with a value: a rate needs two or more"
     elif e2e == 0.0:
         verdict = VANISHING
-    elif math.isinf(e2e):
-        verdict = EXPLODING
-    elif v.size >= 3 and bool(np.any(v[1:-1] == 0)) and not all_zero:
-        verdict = VANISHING  # exactly zero at a block inside the profile: the signal is gone there, whatever the fit
+    elif v.size >= 2 and bool(np.any(v == 0)) and not all_zero:
+        # exactly zero at a block inside the profile or at its near end (a dead first block whose followers
+        # renormalise a constant): the signal is gone there, whatever the fit over the positive blocks says
+        verdict = VANISHING
     else:
         verdict = classify(factor, signal=signal, layers=layers, vanish=vanish, explode=explode, all_zero=all_zero,
                            low=low, high=high)
         if verdict == UNKNOWN:
             out[REASON] = (unclear_reason(fit, low, high, signal, layers, vanish, explode) if not math.isnan(low)
                            else "fewer than two blocks with a positive value")
+        ends = measured_class(x, v, fit, signal, layers, vanish, explode) if verdict in (HEALTHY, UNKNOWN) else None
+        if ends is not None:
+            # the two ends differ by more than the band allows, beyond the profile's own noise: a cliff at one
+            # block that a line through many flat blocks hides (R² near 0, a "healthy" slope)
+            e2e = float(far / near)
+            verdict, out[REASON] = ends[0], (f"{ends[1]}; the per-block fit (x{factor:.3g}, R² {fit.r2:.2f}) does "
+                                             f"not describe the profile")
     out.update({END_TO_END: e2e, FACTOR: factor, FACTOR_LOW: low, FACTOR_HIGH: high, R2: fit.r2,
                 LAYER_FACTOR: layer_factor(factor, signal, layers), NEAR_VALUE: float(near), FAR_VALUE: float(far),
                 MIN_VALUE: float(v[imin]), MIN_BLOCK: b[imin], MAX_VALUE: float(v[imax]), MAX_BLOCK: b[imax],
                 VERDICT: verdict})
     return out
+
+
+def measured_class(position: np.ndarray, values: np.ndarray, fit: Fit, signal: str, layers: float, vanish: float,
+                   explode: float) -> Optional[tuple[str, str]]:
+    """``(class, words)`` when the measured ends alone decide a class the fit may miss, else None.
+
+    The far end over the near end (``far / near``) must lie beyond two bounds, with a margin for the profile's own
+    noise (``t(0.975, n - 2)`` times ``sqrt(2)`` residual standard deviations of the line: two ends, each as noisy
+    as any block): the cut compounded over the positions between them (:func:`rate_thresholds` per block, to the
+    power of the span), and the whole band itself (``vanish``/``explode`` in the signal's units: squared for a
+    variance), so that a drift or a head layer that scales the signal by a few times is left to the fit, while a
+    signal that fell or grew by more than the band allows over the reference depth, end to end, is not called
+    healthy. A geometric profile's ends follow its line, so this only speaks where the line does not describe the
+    profile: one block that scales the signal by 1e-4 among 80 near-identity blocks drops the variance 1e8-fold,
+    while the line through 79 flat blocks stays near x1 per block with R² 0.04."""
+    positive = np.isfinite(values) & (values > 0)
+    if fit.n < 3 or not (positive[0] and positive[-1]) or math.isnan(fit.slope):
+        return None
+    x, y = position[positive], np.log(values[positive])
+    residual = y - (y.mean() + fit.slope * (x - x.mean()))
+    noise = t975(fit.n - 2) * math.sqrt(2.0 * float(residual @ residual) / (fit.n - 2))
+    span = float(position[-1] - position[0])
+    near, far = (values[0], values[-1]) if signal == FORWARD else (values[-1], values[0])
+    measured = math.log(far / near)
+    lo, hi = rate_thresholds(vanish, explode, signal=signal, layers=layers)
+    power = 2.0 if signal == FORWARD else 1.0  # the band in the signal's own units
+    low_bound = min(span * math.log(lo), power * math.log(vanish))
+    high_bound = max(span * math.log(hi), power * math.log(explode))
+    where = "toward the output" if signal == FORWARD else "toward the input"
+    said = f"measured x{far / near:.3g} from the near to the far end ({where}) over {span:g} block positions"
+    if measured + noise < low_bound:
+        return VANISHING, (f"{said}, below x{math.exp(low_bound):.3g} (x{lo:.3g} per block compounded, and the band "
+                           f"x{vanish ** power:.3g}) beyond the profile's noise")
+    if measured - noise > high_bound:
+        return EXPLODING, (f"{said}, above x{math.exp(high_bound):.3g} (x{hi:.3g} per block compounded, and the "
+                           f"band x{explode ** power:.3g}) beyond the profile's noise")
+    return None
 
 
 _ZOO_NAME = re.compile(r"^(plain|resnet)\d+")

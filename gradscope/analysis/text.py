@@ -93,7 +93,10 @@ def sentence(r: Mapping[str, Any]) -> str:
     verb = {W.VANISHING: "vanish" if plural else "vanishes", W.EXPLODING: "explode" if plural else "explodes",
             W.HEALTHY: "stay healthy" if plural else "stays healthy"}.get(verdict, str(verdict))
     rate = rate_text(r.get('factor'), r.get('r2'), r.get('factor_low'), r.get('factor_high'))
-    if r.get("min_value") == 0:  # the zero is the finding; the fit only covers the blocks with a positive value
+    why = r.get("reason")
+    if verdict in (W.VANISHING, W.EXPLODING) and isinstance(why, str) and why:  # decided by the measured ends
+        text = f"{head} {verb}: {why}"
+    elif r.get("min_value") == 0:  # the zero is the finding; the fit only covers the blocks with a positive value
         text = (f"{head} {verb}: zero at {r.get('min_block')}; the fit over the positive ones of its {n} blocks: "
                 f"{rate}")
     else:

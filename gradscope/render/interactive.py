@@ -6,6 +6,8 @@ built from the :class:`~gradscope.analysis.results.Results` only (losses, verdic
 """
 from __future__ import annotations
 
+import math
+
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -186,9 +188,15 @@ def init_profile_figure(results: Any, metric: str, config_of: Optional[Dict[str,
     for run, g in prof.groupby(S.RUN, sort=False):
         g = g.sort_values(A.POSITION)
         vals = g[S.VALUE].to_numpy(dtype=float)
-        ref = vals[0] if metric == S.ACT_VAR else vals[-1]
+        # the reference end's value; where it is zero (a dead first block), the first positive one from that end
+        usable = [v for v in (vals if metric == S.ACT_VAR else vals[::-1]) if math.isfinite(v) and v > 0]
+        if not usable:
+            continue  # no block to be relative to: nothing to draw for this run
+        ref = usable[0]
         x = g[A.POSITION].to_numpy() if metric == S.ACT_VAR else (g[A.POSITION].max() - g[A.POSITION]).to_numpy()
         rel.append(pd.DataFrame({"x": x, "value": vals / ref, S.RUN: run, "_config": config_of.get(str(run), run)}))
+    if not rel:
+        return None
     data = pd.concat(rel, ignore_index=True)
     fig = go.Figure()
     for i, (config, g) in enumerate(data.groupby("_config", sort=False)):

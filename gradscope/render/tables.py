@@ -114,7 +114,9 @@ def how_text(thresholds: Dict[str, float]) -> str:
             f"below x{lo:.3f} and exploding above x{hi:.3f} per layer (x{thresholds.get('vanish', A.VANISH):g} and "
             f"x{thresholds.get('explode', A.EXPLODE):g} in amplitude over {n} layers); diverged when a block held "
             f"NaN/Inf. End to end is read from the fit; near/far end are the measured values at the first/last block "
-            f"in the signal's direction (forward: first -> last block; backward: last -> first).")
+            f"in the signal's direction (forward: first -> last block; backward: last -> first). Where the fit "
+            f"is healthy or unknown but the ends differ by more than the whole band beyond the profile's noise (a "
+            f"cliff at one block), the ends decide, end to end is their ratio and the reason says so.")
 
 
 def theory_notes(v: pd.DataFrame) -> List[str]:

@@ -165,7 +165,10 @@ def test_zeros():
     assert fw[A.VERDICT] == "vanishing" and fw[A.END_TO_END] == 0.0 and fw[A.MIN_BLOCK] == "layer.4"
     assert fw[A.FACTOR] == pytest.approx(1.0)  # the fit sees the four positive blocks only ...
     assert "zero at layer.4" in A.sentence(fw)  # ... and the sentence says where it died
-    assert bw[A.VERDICT] == "exploding" and math.isinf(bw[A.END_TO_END])
+    # zero at the near end (the output end, backward) and positive further on: not an infinite growth but a block
+    # the signal does not reach (before: "exploding", end to end inf); the sentence names the zero block
+    assert bw[A.VERDICT] == "vanishing" and "zero at layer.4" in A.sentence(bw)
+    assert bw[A.END_TO_END] == pytest.approx(1.0)  # read from the fit over the positive blocks
     dead = frame_with(1.0, 1.0, n_blocks=5)
     dead[S.VALUE] = 0.0
     r = row(A.verdicts(dead), A.FORWARD)
@@ -365,3 +368,39 @@ def test_zeros_at_both_ends_vanish_and_name_the_far_end():
     r = row(A.verdicts(f), A.FORWARD)
     assert r[A.VERDICT] == "vanishing" and r[A.MIN_BLOCK] == "layer.5"
     assert "vanishes: zero at layer.5" in A.sentence(r)
+
+
+
+def _profile(forward, backward, noise=0.0, seed=0):
+    """One step's frame: act_var at block k is ``forward[k]``, grad_norm at the k-th block from the output end
+    ``backward[k]`` (the near end first in both), each times a log-normal noise of sd ``noise``."""
+    rng = np.random.default_rng(seed)
+    f = frame_with(1.0, 1.0, n_blocks=len(forward), steps=(0,))
+    for metric, values in ((S.ACT_VAR, forward), (S.GRAD_NORM, backward[::-1])):
+        sel = f[S.METRIC] == metric
+        f.loc[sel, S.VALUE] = np.asarray(values, dtype=float) * np.exp(noise * rng.standard_normal(len(values)))
+    return f
+
+
+@pytest.mark.parametrize("scale,expected", [(1e-4, "vanishing"), (1e4, "exploding"), (1.0, "healthy")])
+def test_a_cliff_at_one_block_among_many_flat_ones_is_judged_by_its_ends(scale, expected):
+    """The second of 80 near-identity blocks scales the signal by ``scale`` (its variance by ``scale**2``; noise sd
+    0.05 in ln): the line through 79 flat blocks is near x1 per block with R² near 0, and before this rule the class
+    read from it was "healthy" for a 1e8-fold drop of the variance, while the measured ends lie beyond the whole
+    band, far beyond the noise."""
+    v = A.verdicts(_profile([1.0] + [scale ** 2] * 79, [1.0] + [scale] * 79, noise=0.05))
+    for signal in (A.FORWARD, A.BACKWARD):
+        r = row(v, signal)
+        assert r[A.VERDICT] == expected, signal
+        if expected != "healthy":
+            assert r[A.END_TO_END] == pytest.approx(r[A.FAR_VALUE] / r[A.NEAR_VALUE])  # the measured ratio
+            assert "does not describe the profile" in r[A.REASON] and "measured x" in A.sentence(r)
+        else:
+            assert not isinstance(r[A.REASON], str)
+
+
+def test_a_head_that_scales_the_signal_a_few_times_is_left_to_the_fit():
+    """A flat profile whose last block (a logits layer) holds x0.05 of the variance: beyond the cut compounded over
+    20 blocks but within the band (x0.01 of a variance), so the ends do not decide and the fit's class stands."""
+    fw = row(A.verdicts(_profile([1.0] * 20 + [0.05], [1.0] * 21, noise=0.02)), A.FORWARD)
+    assert fw[A.VERDICT] != "vanishing" and "measured x" not in str(fw[A.REASON])

@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from gradscope import schema as S
+from gradscope.analysis.stats import t_cdf, t_quantile
 from gradscope.errors import DataError
 
 __all__ = ["Comparison", "DIFFERS", "SAME", "UNCLEAR", "compare", "holm", "t_cdf", "t_quantile"]
@@ -65,68 +66,7 @@ OK, ZERO, NONFINITE = "ok", "zero", "non-finite"
 Side = Union[pd.DataFrame, str, Path, Sequence[Union[pd.DataFrame, str, Path]]]
 
 
-# ---- Student's t (no scipy: the regularised incomplete beta by its continued fraction) ------------------------
-def _betacf(a: float, b: float, x: float) -> float:
-    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-14:
-            break
-    return h
-
-
-def _betai(a: float, b: float, x: float) -> float:
-    """The regularised incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with ``df`` (> 0, not necessarily whole) degrees of freedom."""
-    if math.isinf(t):
-        return 1.0 if t > 0 else 0.0
-    tail = 0.5 * _betai(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
-def t_quantile(q: float, df: float) -> float:
-    """The ``q`` quantile of Student's t (bisection on :func:`t_cdf`; 1e-10 accurate)."""
-    if not 0.0 < q < 1.0:
-        raise ValueError(f"q={q} is not in (0, 1)")
-    lo, hi = -1.0, 1.0
-    while t_cdf(lo, df) > q:
-        lo *= 2.0
-    while t_cdf(hi, df) < q:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < q:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-10:
-            break
-    return 0.5 * (lo + hi)
+# Student's t: gradscope.analysis.stats (t_cdf, t_quantile), shared with every interval
 
 
 def holm(p: Sequence[float]) -> List[float]:

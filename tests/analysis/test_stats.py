@@ -1,4 +1,4 @@
-"""The noise rule with a measurement floor: intervals computed by hand (t(0.975, 1) = 12.706, t(0.975, 2) = 4.303),
+"""The noise rule with a measurement floor: intervals computed by hand (t(0.975, 1) = 12.7062, t(0.975, 2) = 4.3027),
 the Agresti-Coull binomial variance from its formula, and the cases where a zero spread must not look certain."""
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ def test_binomial_variance_by_hand():
 
 
 def test_a_floor_widens_a_zero_spread_by_hand():
-    # three identical values, floor 0.27 per seed: sd sqrt(0.27), se sqrt(0.27/3) = 0.3, half-width 4.303 * 0.3
+    # three identical values, floor 0.27 per seed: sd sqrt(0.27), se sqrt(0.27/3) = 0.3, half-width 4.3027 * 0.3
     mean, sd, se, n, lo, hi = interval([1.0, 1.0, 1.0], floor=0.27)
     assert (mean, n) == (1.0, 3) and sd == pytest.approx(math.sqrt(0.27)) and se == pytest.approx(0.3)
-    assert (lo, hi) == (pytest.approx(1.0 - 1.2909), pytest.approx(1.0 + 1.2909))
+    assert (lo, hi) == (pytest.approx(1.0 - 1.2908, abs=1e-4), pytest.approx(1.0 + 1.2908, abs=1e-4))
     assert floored(0.0, 0.27) and not identical(sd, [1.0, 1.0, 1.0])
     # without a floor the same values give a zero-width interval, and are flagged as identical
     mean, sd, se, n, lo, hi = interval([1.0, 1.0, 1.0])
@@ -37,10 +37,10 @@ def test_a_floor_widens_a_zero_spread_by_hand():
 
 
 def test_a_spread_above_the_floor_is_kept():
-    # sd 1 over three seeds: [1 - 4.303/sqrt(3), 1 + 4.303/sqrt(3)] = [-1.484, 3.484], with or without a floor of 0.25
+    # sd 1 over three seeds: [1 - 4.3027/sqrt(3), 1 + 4.3027/sqrt(3)] = [-1.4841, 3.4841], with or without a floor of 0.25
     for floor in (0.0, 0.25, math.nan):
         mean, sd, se, n, lo, hi = interval([0.0, 1.0, 2.0], floor=floor)
-        assert sd == pytest.approx(1.0) and lo == pytest.approx(-1.4843, abs=1e-4) and hi == pytest.approx(3.4843,
+        assert sd == pytest.approx(1.0) and lo == pytest.approx(-1.4841, abs=1e-4) and hi == pytest.approx(3.4841,
                                                                                                             abs=1e-4)
     assert not floored(1.0, 0.25) and not floored(0.0, math.nan) and not floored(math.nan, 0.25)
 

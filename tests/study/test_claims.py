@@ -345,7 +345,7 @@ def test_a_known_loss_noise_floor_widens_identical_gaps_by_hand():
     finals = losses([1.2, 1.2, 1.2], [0.0, 0.05, -0.04])
     noise = Noise({r: 0.0004 for r in finals}, {r: 20 for r in finals}, BATCHES)
     c = degradation_claim(configs(), finals, CAVEAT, noise=noise)
-    half = 4.303 * math.sqrt(2 * 0.0004) / math.sqrt(3)
+    half = 0.95 * math.sqrt(2 / (4 * 0.975 * 0.025)) * math.sqrt(2 * 0.0004) / math.sqrt(3)  # t(0.975, 2)
     assert c.answer == "yes" and (c.low, c.high) == (pytest.approx(1.2 - half), pytest.approx(1.2 + half))
     assert "95% interval [+1.130, +1.270]" in c.evidence
     assert "interval widened to the batch-to-batch noise of each run's last 20 steps" in c.evidence

@@ -1,6 +1,6 @@
 """A recipe study's training claims decided on the final training error (issue 25), with the final test error beside
 them: hand-built per-iteration tables whose honest answers are "yes", "no" and "unclear", checked against intervals
-computed by hand (t(0.975, 2) = 4.303 for three seeds); the default study still decided on the loss."""
+computed by hand (t(0.975, 2) = 4.302653 for three seeds); the default study still decided on the loss."""
 from __future__ import annotations
 
 import math
@@ -182,7 +182,7 @@ def test_two_seeds_with_identical_errors_on_40_examples_are_unclear_with_the_han
     # sd = sqrt(floor), se = sd / sqrt(2), half-width t(0.975, 1) · se = 12.706 · se
     v10 = 1e4 * (6 / 44) * (38 / 44) / 44  # 26.77
     v30 = 1e4 * (14 / 44) * (30 / 44) / 44  # 49.30
-    half = 12.706 * math.sqrt(v10 + v30) / math.sqrt(2)  # 78.36
+    half = math.tan(math.pi * 0.475) * math.sqrt(v10 + v30) / math.sqrt(2)  # 78.36; t(0.975, 1) = tan(0.475 pi)
     assert c.low == pytest.approx(20 - half, abs=1e-6) and c.high == pytest.approx(20 + half, abs=1e-6)
     assert "+20.00 points, 95% interval [-58.36, +98.36]" in c.evidence
     assert "interval widened to the binomial noise of 40 examples per run" in c.evidence
@@ -194,7 +194,7 @@ def test_two_seeds_with_identical_errors_on_40_examples_are_unclear_with_the_han
     assert "plain56-bn final training error 30.0% (chance 90%): unclear whether it left chance" in c.evidence
     # the test error beside it (40 test images) is widened too
     v12, v25 = (1e4 * (7 / 44) * (37 / 44) / 44, 1e4 * (12 / 44) * (32 / 44) / 44)
-    test_half = 12.706 * math.sqrt(v12 + v25) / math.sqrt(2)
+    test_half = math.tan(math.pi * 0.475) * math.sqrt(v12 + v25) / math.sqrt(2)
     assert f"final test error +12.50 points, 95% interval [{12.5 - test_half:+.2f}, {12.5 + test_half:+.2f}]" \
            in c.evidence
 
@@ -244,7 +244,7 @@ def test_the_docs_example_he2016_sized_windows_and_10000_test_images():
         p = (err / 100 * 10_000 + 2) / 10_004
         return 1e4 * p * (1 - p) / 10_004
     floor = sum(v(9.0 + 0.1 * s) + v(12.0 + 0.1 * s) for s in SEEDS) / 3
-    half = 4.303 * math.sqrt(floor / 3)
+    half = 0.95 * math.sqrt(2 / (4 * 0.975 * 0.025)) * math.sqrt(floor / 3)  # t(0.975, 2), closed form
     assert half == pytest.approx(1.08, abs=0.01)
     assert (f"final test error +3.00 points, 95% interval [{3 - half:+.2f}, {3 + half:+.2f}] (n=3 seeds; per seed "
             f"+3.0, +3.0, +3.0; with BN; interval widened to the binomial noise of 10,000 examples per run)"

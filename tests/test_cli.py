@@ -294,3 +294,21 @@ def test_a_users_model_named_like_a_builtin_net_gets_no_builtin_theory(tmp_path,
     verdicts = pd.read_csv(tmp_path / "out" / "init_verdicts.csv")
     assert set(verdicts["theory_note"]) == {f"no theory for model {factory!r}"}
     assert verdicts["agreement"].isna().all()
+
+
+def test_report_of_a_profile_folder_keeps_its_initialisation_runs(tmp_path, capsys):
+    """records.parquet holds a profile's training phase only; the no-BN twins are measured at initialisation only
+    (records/<run>/init/). `gradscope report DIR` and `gradscope.load(DIR)` read them all (before: the two
+    trained runs, both no-BN twins and every run's initialisation phase gone, without a word)."""
+    import gradscope
+
+    out = tmp_path / "run"
+    assert main(["profile", "--models", "plain20", "--bn", "both", "--seeds", "0", "--steps", "2", "--every", "1",
+                 "--image-size", "8", "--train-size", "64", "--batch-size", "16", "--init-batches", "1",
+                 "--workers", "1", "--quiet", "--out", str(out)]) == 0
+    profiled = set(pd.read_csv(out / "init_verdicts.csv").run)
+    assert profiled == {"plain20-bn-s0", "plain20-nobn-s0"}
+    frame = gradscope.load(out)
+    assert set(frame.run) == profiled and set(frame.phase) == {"init", "train"}
+    assert main(["report", str(out), "--out", str(tmp_path / "again")]) == 0
+    assert set(pd.read_csv(tmp_path / "again" / "verdicts.csv").run) == profiled

@@ -80,8 +80,10 @@ def test_a_profile_folder_reads_its_parts_when_its_report_is_older_than_them(tmp
     """A report written while a profile streamed: later parts (here: a longer run's) win over records.parquet."""
     _profile_folder(tmp_path / "short", 2)
     _profile_folder(tmp_path / "long", 5)
-    finished = gradscope.load(tmp_path / "long")  # its own report covers every part: read as before
-    assert "phase" not in finished.columns and sorted(finished.step.unique()) == list(range(5))
+    finished = gradscope.load(tmp_path / "long")  # its own report covers every training part; the parts also
+    # hold the initialisation phase, which records.parquet does not: all phases are read, labelled
+    assert set(finished.phase) == {"init", "train"}
+    assert sorted(finished[finished.phase == "train"].step.unique()) == list(range(5))
     shutil.copy(tmp_path / "short" / store.PARQUET, tmp_path / "long" / store.PARQUET)  # a stale report
     with pytest.warns(RuntimeWarning, match="fewer steps than the parts"):
         loaded = gradscope.load(tmp_path / "long")

@@ -178,7 +178,8 @@ def load(path: Union[str, os.PathLike]) -> pd.DataFrame:
     ``path`` may hold the parts that ``attach(..., out=DIR)`` streamed (``DIR/part-*.parquet``; the result equals
     ``scope.frame()`` up to its last flush), a report's ``records.parquet``/``records.csv``, or the parts of a
     ``gradscope profile`` folder (``DIR/records/<run>/[init|train/]part-*.parquet``; ``run`` and ``phase`` columns
-    added). Files are read with pyarrow and nothing in them is unpickled or executed. A truncated file (a process
+    added; a profile folder's ``records.parquet`` holds its training phase only, so where the parts hold more, as
+    the initialisation phase and the runs measured only there, the parts are read). Files are read with pyarrow and nothing in them is unpickled or executed. A truncated file (a process
     killed while writing it outside gradscope) is skipped with a warning naming it; a file of another schema is
     refused with :class:`~gradscope.errors.DataError` naming the file and the column; duplicated rows (a copied
     part) are dropped with a warning naming the files.
@@ -197,7 +198,11 @@ def load(path: Union[str, os.PathLike]) -> pd.DataFrame:
             return _dedupe(consolidated, [folder / PARQUET])
         frame, files = _read_nested(folder / "records", nested)
         if _covers(consolidated, frame):
-            return _dedupe(consolidated, [folder / PARQUET])
+            if not _beyond_main(frame, consolidated):
+                return _dedupe(consolidated, [folder / PARQUET])
+            # the parts also hold a phase or runs the report's records do not (a profile's initialisation, the
+            # runs measured at initialisation only): all of them, with any main-phase row only the report holds
+            return _dedupe(_with_missing(frame, consolidated), files)
         warnings.warn(f"gradscope: {str(folder / PARQUET)!r} holds fewer steps than the parts under "
                       f"{str(folder / 'records')!r} (a report written while the run was still streaming): "
                       f"reading the parts", RuntimeWarning, stacklevel=2)
@@ -220,13 +225,41 @@ def _covers(consolidated: pd.DataFrame, parts: pd.DataFrame) -> bool:
     hold steps it lacks. Compared per run where both name runs.
     """
     if PHASE in parts.columns and PHASE not in consolidated.columns:
-        phases = set(parts[PHASE])
-        main = "train" if "train" in phases else sorted(phases)[0]
-        parts = parts[parts[PHASE] == main]
+        parts = parts[parts[PHASE] == _main_phase(parts)]
     key = [c for c in (S.RUN, S.STEP) if c in consolidated.columns and c in parts.columns]
     have = set(map(tuple, consolidated[key].drop_duplicates().itertuples(index=False, name=None)))
     need = set(map(tuple, parts[key].drop_duplicates().itertuples(index=False, name=None)))
     return need <= have
+
+
+def _main_phase(parts: pd.DataFrame) -> str:
+    """The phase a profile folder's ``records.parquet`` holds: training when there is one."""
+    phases = set(parts[PHASE])
+    return "train" if "train" in phases else sorted(phases)[0]
+
+
+def _beyond_main(parts: pd.DataFrame, consolidated: pd.DataFrame) -> bool:
+    """Whether the parts hold rows of another phase than the report's records (which have no ``phase`` column),
+    or of runs they lack."""
+    if PHASE not in parts.columns or PHASE in consolidated.columns:
+        return False
+    if set(parts[PHASE]) != {_main_phase(parts)}:
+        return True
+    return S.RUN in parts.columns and S.RUN in consolidated.columns and \
+        not set(parts[S.RUN]) <= set(consolidated[S.RUN])
+
+
+def _with_missing(parts: pd.DataFrame, consolidated: pd.DataFrame) -> pd.DataFrame:
+    """``parts`` and the rows of ``consolidated`` (the main phase) that no part holds (a last part a worker did not
+    write before the report was), labelled with the main phase."""
+    key = [c for c in (S.RUN, S.STEP, S.BLOCK, S.CALL, S.METRIC) if c in consolidated.columns]
+    main = parts[parts[PHASE] == _main_phase(parts)][key].drop_duplicates()
+    merged = consolidated.merge(main, on=key, how="left", indicator=True)
+    missing = consolidated[(merged["_merge"] == "left_only").to_numpy()]
+    if missing.empty:
+        return parts
+    extra = missing[[c for c in parts.columns if c in missing.columns]].assign(**{PHASE: _main_phase(parts)})
+    return sort_frame(pd.concat([parts, extra], ignore_index=True))
 
 
 def read_parts(paths: Sequence[Path], tail: Optional[pd.DataFrame] = None) -> pd.DataFrame:

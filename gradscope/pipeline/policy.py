@@ -18,6 +18,13 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FAIL_ON, EXIT_INTERRUPTED = 0, 1, 2, 3,
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a process killed by SIGTERM
 
 
+def steps_text(steps: List[int], shown: int = 5) -> str:
+    """``steps [4, 5, 6, 7, 8] and 1 more (to step 9)``: the first few steps, and how many more up to which."""
+    if len(steps) <= shown:
+        return f"steps {steps}"
+    return f"steps {steps[:shown]} and {len(steps) - shown} more (to step {steps[-1]})"
+
+
 def _verdicts_met(phase: str, verdict: str) -> Callable[[Any], List[str]]:
     def check(results: Any) -> List[str]:
         v = results.verdicts.get(phase)
@@ -25,7 +32,7 @@ def _verdicts_met(phase: str, verdict: str) -> Callable[[Any], List[str]]:
             return []
         hit = v[v["verdict"] == verdict]
         where = hit.groupby(["run", "signal"], sort=False)["step"].agg(lambda s: s.dropna().astype(int).tolist())
-        return [f"{run} {sig} {verdict} {PHASE_WORDS[INIT] if phase == INIT else f'at steps {steps[:5]}'}"
+        return [f"{run} {sig} {verdict} {PHASE_WORDS[INIT] if phase == INIT else 'at ' + steps_text(steps)}"
                 for (run, sig), steps in where.items()]
     return check
 

@@ -65,7 +65,8 @@ class Settings:
     def describe(self) -> str:
         """One line for every training answer: the short-run caveat with the numbers that make it short."""
         return (f"{self.steps} SGD steps (lr {self.lr:g}, momentum {self.momentum:g}, batch {self.batch_size}, "
-                f"{self.image_size}x{self.image_size} images; mean loss of the last {self.final_window} steps; "
+                f"{self.image_size}x{self.image_size} images; mean loss of the last {min(self.final_window, self.steps)} "
+                f"steps; "
                 f"the paper trains 64k iterations): how far each net got is in the evidence")
 
 

@@ -242,3 +242,11 @@ def test_a_rebuilt_report_of_an_interrupted_profile_counts_the_runs_that_finishe
     assert main(["report", str(out)]) == EXIT_OK
     text = (out / "summary.md").read_text()
     assert "the records hold 2 of 2 runs (1 of them finished: their snapshots are what --resume loads)" in text
+
+
+def test_fail_on_names_how_many_more_steps_met_it():
+    from gradscope.pipeline.policy import steps_text
+
+    assert steps_text([4, 5, 6]) == "steps [4, 5, 6]"
+    # before: "[4, 5, 6, 7, 8]" and nothing more, while steps 4-9 diverged
+    assert steps_text(list(range(4, 10))) == "steps [4, 5, 6, 7, 8] and 1 more (to step 9)"

@@ -427,3 +427,10 @@ def test_over_training_unknown_steps_decide_nothing():
                                 ).answer == "yes"
     assert backward_train_claim(pooled, CFG, pd.DataFrame(traj_rows(bn, 0.0, 1.0) + traj_rows(nobn, 0.0, 1.0))
                                 ).answer == "no"
+
+
+def test_the_short_run_caveat_names_the_window_the_losses_are_averaged_over():
+    from gradscope.study.runs import Settings
+
+    assert "mean loss of the last 8 steps" in Settings(steps=8).describe()  # before: "the last 20" (of 8 steps)
+    assert "mean loss of the last 20 steps" in Settings(steps=300).describe()

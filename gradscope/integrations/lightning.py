@@ -15,6 +15,8 @@ Where it hooks (Lightning 2.x):
   and the gradient accumulation), after ``scaler.unscale_`` under AMP and *before* its own gradient clipping
   (``gradient_clip_val``): ``param_grad_norm`` is the unclipped, unscaled, global gradient; activation-gradient
   norms are divided by the loss scale as they are recorded.
+- ``on_train_batch_start`` of a batch Lightning runs without backward (``StochasticWeightAveraging``'s last epoch,
+  which refreshes BatchNorm statistics): the run is over; detach and write the report then.
 - ``on_fit_end`` and ``on_exception``: detach (the rows recorded so far are kept), write the report to ``out``
   (``report.html``, ``records.parquet``, ...; ``records/`` holds the parts streamed while training) and complete
   ``provenance.json``.
@@ -96,6 +98,14 @@ class GradscopeCallback(_pl.Callback):
                            scaler=getattr(trainer.precision_plugin, "scaler", None),
                            writer=trainer.is_global_zero, config=_trainer_config(trainer), extra_sinks=extra,
                            seeds={"PL_GLOBAL_SEED": os.environ.get("PL_GLOBAL_SEED")})
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # a batch Lightning runs without backward (StochasticWeightAveraging's last epoch, which only refreshes the
+        # BatchNorm statistics of the averaged weights; it sets the flag in its own epoch-start hook, which may run
+        # after this callback's) trains nothing: the run is over, and its forwards are not a training step
+        # (recorded, they made a step of forwards with the last step's gradients read again)
+        if self.session.scope is not None and getattr(trainer.fit_loop, "_skip_backward", False):
+            self.session.finish(writer=trainer.is_global_zero)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         # automatic optimization: the closure's loss, divided by accumulate_grad_batches (also in an epoch's last,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 
 import pandas as pd
 import pytest
@@ -224,3 +225,29 @@ def test_a_second_fit_with_the_same_callback_is_refused_with_out_and_warned_abou
     with pytest.warns(RuntimeWarning, match="frame\\(\\) now holds the new run only, from step 0 again"):
         _fit(callback, tmp_path)
     assert set(callback.frame().step) == set(first.step)
+
+
+def test_stochastic_weight_averagings_batchnorm_epoch_is_not_a_training_step(tmp_path):
+    """With BatchNorm, StochasticWeightAveraging adds a last epoch of forwards without backward (it refreshes the
+    BN statistics of the averaged weights). Before: recorded as a step of its own, with the last step's parameter
+    gradients read again and a warning blaming the loop order; now the record ends with the last trained step."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    class BNModule(Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+    callback = GradscopeCallback(out=tmp_path / "run")
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[callback, StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(BNModule(), torch.utils.data.DataLoader(_batches(), batch_size=None, shuffle=False))
+    frame = callback.frame()
+    trained = sorted(frame[frame.metric == "grad_norm"].step.unique())
+    assert trained == list(range(2 * STEPS)) and sorted(frame.step.unique()) == trained  # no step without backward
+    assert not any("before any backward" in str(w.message) for w in caught)
+    assert (tmp_path / "run" / "report.html").exists()

@@ -310,5 +310,11 @@ def test_report_of_a_profile_folder_keeps_its_initialisation_runs(tmp_path, caps
     assert profiled == {"plain20-bn-s0", "plain20-nobn-s0"}
     frame = gradscope.load(out)
     assert set(frame.run) == profiled and set(frame.phase) == {"init", "train"}
+    assert {"config", "model", "bn", "seed"} <= set(frame.columns) and not frame[["bn", "seed"]].isna().any().any()
+    train = frame[frame.phase == "train"].drop(columns="phase")
+    pd.testing.assert_frame_equal(train.reset_index(drop=True), gradscope.store.read_records(out / "records.parquet"),
+                                  check_like=True)  # the training rows are records.parquet's, run facts and all
+    with pytest.raises(gradscope.GradscopeError, match="holds the phases init, train"):
+        gradscope.verdicts(frame)  # initialisation and training share step 0: one phase at a time
     assert main(["report", str(out), "--out", str(tmp_path / "again")]) == 0
     assert set(pd.read_csv(tmp_path / "again" / "verdicts.csv").run) == profiled

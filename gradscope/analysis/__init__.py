@@ -88,8 +88,8 @@ import pandas as pd
 from gradscope import schema as S
 from gradscope.analysis import text as _text
 from gradscope.analysis.profiles import (DEFAULT_RUN, POSITION, Fit, Profiles, StepArg, check_frame,
-                                         combine_steps, fit_log_slope, profile, profile_pass, run_names,
-                                         select_step, steps_of, with_run)
+                                         check_one_phase, combine_steps, fit_log_slope, profile, profile_pass,
+                                         run_names, select_step, steps_of, with_run)
 from gradscope.analysis.stats import t975
 from gradscope.errors import DataError
 
@@ -399,6 +399,7 @@ def verdicts(frame: pd.DataFrame, *, step: StepArg = None, vanish: float = VANIS
     if not (0 < vanish < 1 < explode):
         raise DataError(f"thresholds vanish={vanish}, explode={explode} must satisfy 0 < vanish < 1 < explode.")
     check_frame(frame)
+    check_one_phase(frame)
     prof_set = profiles if profiles is not None else Profiles(frame)
     rows: list[dict[str, Any]] = []
     layers = block_layers(frame, configs, layers_per_block)

@@ -83,6 +83,17 @@ def check_frame(frame: pd.DataFrame) -> None:
                         f"Pass a gradscope frame (columns {list(S.COLUMNS)}), e.g. scope.frame().")
 
 
+def check_one_phase(frame: pd.DataFrame) -> None:
+    """Raise :class:`DataError` when ``frame`` holds several phases (a profile folder's records, as
+    :func:`gradscope.load` returns them): initialisation and training share step numbers, and a verdict over both
+    would mix them."""
+    phases = sorted(set(frame["phase"].astype(str))) if "phase" in frame.columns else []
+    if len(phases) > 1:
+        raise DataError(f"frame holds the phases {', '.join(phases)} (a gradscope profile folder's records), whose "
+                        f"steps would be mixed; pass one, e.g. frame[frame.phase == {phases[-1]!r}] (gradscope.report "
+                        f"takes both and splits them)")
+
+
 def run_names(frame: pd.DataFrame) -> list[str]:
     """Runs in order of first appearance (:data:`DEFAULT_RUN` for a frame without a ``run`` column)."""
     if S.RUN not in frame.columns:

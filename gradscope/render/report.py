@@ -32,13 +32,13 @@ from gradscope.analysis.curves import curves, has_curves, table6
 from gradscope.analysis.results import INIT, PHASE, TRAIN, Results
 from gradscope.analysis.trajectory import pool_seeds, trajectory
 from gradscope.errors import DataError, OutputError
-from gradscope.store import ALERTS_FILE, CSV, DTYPES, PARQUET, atomic_write, write_records
+from gradscope.store import ALERTS_FILE, CSV, DTYPES, INIT_PARQUET, PARQUET, atomic_write, write_records
 
 VERDICTS_CSV, SUMMARY, HTML, CLAIMS, SUMMARY_JSON = "verdicts.csv", "summary.md", "report.html", "claims.md", \
     "summary.json"
 INIT_VERDICTS_CSV, TRAJECTORY_CSV, POOLED_CSV, LOSSES_CSV = "init_verdicts.csv", "trajectory.csv", "pooled.csv", \
     "losses.csv"
-INIT_RECORDS = "init_records.parquet"
+INIT_RECORDS = INIT_PARQUET
 #: what a step of a frame at initialisation is, on the heatmaps' step axis
 INIT_STEPS = "batch at initialisation (no update between batches)"
 ALERTS_CSV = ALERTS_FILE  # the training alerts of every run: run + gradscope.schema.ALERT_COLUMNS

@@ -33,6 +33,8 @@ LOSS_PART_GLOB = "losses-*.parquet"
 META_FILE = "meta.json"
 #: The record files of a report folder.
 PARQUET, CSV, DTYPES = "records.parquet", "records.csv", "records.dtypes.json"
+#: a profile folder's initialisation phase, beside the main phase's records.parquet (written by render/report.py)
+INIT_PARQUET = "init_records.parquet"
 #: Column of a profile folder's frame that names the phase (``init``/``train``): its parts' sub-folder.
 PHASE = words.PHASE
 
@@ -179,7 +181,8 @@ def load(path: Union[str, os.PathLike]) -> pd.DataFrame:
     ``scope.frame()`` up to its last flush), a report's ``records.parquet``/``records.csv``, or the parts of a
     ``gradscope profile`` folder (``DIR/records/<run>/[init|train/]part-*.parquet``; ``run`` and ``phase`` columns
     added; a profile folder's ``records.parquet`` holds its training phase only, so where the parts hold more, as
-    the initialisation phase and the runs measured only there, the parts are read). Files are read with pyarrow and nothing in them is unpickled or executed. A truncated file (a process
+    the initialisation phase and the runs measured only there, ``records.parquet`` and ``init_records.parquet``
+    with a ``phase`` column, and any part row neither holds). Files are read with pyarrow and nothing in them is unpickled or executed. A truncated file (a process
     killed while writing it outside gradscope) is skipped with a warning naming it; a file of another schema is
     refused with :class:`~gradscope.errors.DataError` naming the file and the column; duplicated rows (a copied
     part) are dropped with a warning naming the files.
@@ -201,8 +204,8 @@ def load(path: Union[str, os.PathLike]) -> pd.DataFrame:
             if not _beyond_main(frame, consolidated):
                 return _dedupe(consolidated, [folder / PARQUET])
             # the parts also hold a phase or runs the report's records do not (a profile's initialisation, the
-            # runs measured at initialisation only): all of them, with any main-phase row only the report holds
-            return _dedupe(_with_missing(frame, consolidated), files)
+            # runs measured at initialisation only): both phases, from the report's files where they hold them
+            return _dedupe(_both_phases(folder, consolidated, frame), [folder / PARQUET, *files])
         warnings.warn(f"gradscope: {str(folder / PARQUET)!r} holds fewer steps than the parts under "
                       f"{str(folder / 'records')!r} (a report written while the run was still streaming): "
                       f"reading the parts", RuntimeWarning, stacklevel=2)
@@ -249,17 +252,24 @@ def _beyond_main(parts: pd.DataFrame, consolidated: pd.DataFrame) -> bool:
         not set(parts[S.RUN]) <= set(consolidated[S.RUN])
 
 
-def _with_missing(parts: pd.DataFrame, consolidated: pd.DataFrame) -> pd.DataFrame:
-    """``parts`` and the rows of ``consolidated`` (the main phase) that no part holds (a last part a worker did not
-    write before the report was), labelled with the main phase."""
-    key = [c for c in (S.RUN, S.STEP, S.BLOCK, S.CALL, S.METRIC) if c in consolidated.columns]
-    main = parts[parts[PHASE] == _main_phase(parts)][key].drop_duplicates()
-    merged = consolidated.merge(main, on=key, how="left", indicator=True)
-    missing = consolidated[(merged["_merge"] == "left_only").to_numpy()]
-    if missing.empty:
-        return parts
-    extra = missing[[c for c in parts.columns if c in missing.columns]].assign(**{PHASE: _main_phase(parts)})
-    return sort_frame(pd.concat([parts, extra], ignore_index=True))
+def _both_phases(folder: Path, consolidated: pd.DataFrame, parts: pd.DataFrame) -> pd.DataFrame:
+    """A finished profile folder's records with a ``phase`` column: ``records.parquet`` (the main phase) and
+    ``init_records.parquet`` (initialisation), which carry the run facts (config, model, bn, seed, ...), then the
+    rows of the parts neither holds (a phase without a report file; a last part written after the report), given
+    their run's facts."""
+    main = _main_phase(parts)
+    frames = [consolidated.assign(**{PHASE: main})]
+    init_file = folder / INIT_PARQUET
+    if main != "init" and _readable(init_file):
+        frames.append(read_records(init_file).assign(**{PHASE: "init"}))
+    base = pd.concat(frames, ignore_index=True)
+    key = [c for c in (S.RUN, PHASE, S.STEP, S.BLOCK, S.CALL, S.METRIC) if c in base.columns and c in parts.columns]
+    seen = parts.merge(base[key].drop_duplicates(), on=key, how="left", indicator=True)["_merge"] == "both"
+    missing = parts[~seen.to_numpy()].drop(columns="_file", errors="ignore")
+    if not missing.empty and S.RUN in base.columns:
+        facts = [c for c in base.columns if c not in missing.columns]
+        missing = missing.merge(base.drop_duplicates(S.RUN)[[S.RUN, *facts]], on=S.RUN, how="left")
+    return sort_frame(pd.concat([base, missing], ignore_index=True) if not missing.empty else base)
 
 
 def read_parts(paths: Sequence[Path], tail: Optional[pd.DataFrame] = None) -> pd.DataFrame:

@@ -140,7 +140,9 @@ def assert_healthy(model: nn.Module, batch: Any, loss_fn: Optional[Callable[...,
     95% interval of the fitted per-layer rate lies wholly on one side of each threshold: a net whose blocks follow
     no geometric trend (a few heterogeneous layers: conv, norm, pooling, logits) gets ``unknown``, with the reason in
     the table's ``reason`` column (and in the message when another signal fails), rather than a class read from a
-    line that does not fit. ``unknown`` also means fewer than two blocks with a value.
+    line that does not fit; where its measured ends lie beyond the whole band by more than its noise (a cliff at
+    one block), the ends decide (:func:`gradscope.analysis.measured_class`). ``unknown`` also means fewer than two
+    blocks with a value.
 
     Args:
         model: the model under test, in the mode you set (left as it was: parameters and ``.grad``).

@@ -55,11 +55,13 @@ Then:
   ``param_grad_norm``. Such a signal is never ``healthy``; ``nonfinite_block`` is its first such block in the
   order its pass runs (forward: the shallowest; backward: the deepest);
 * ``vanishing`` if the whole 95% interval of ``layer_factor`` lies below the lower threshold, or the signal is zero
-  at every block, at the far end, or at a block inside the profile (the signal is gone there, whatever the fit over
-  the positive blocks says);
-* ``exploding`` if the whole interval lies above the upper threshold, or the near end is zero while the far end is
-  not;
+  at any block (the signal is gone there, whatever the fit over the positive blocks says; a zero near end with a
+  positive far end included);
+* ``exploding`` if the whole interval lies above the upper threshold;
 * ``healthy`` if the whole interval lies between them;
+* where the fit says ``healthy`` or ``unknown``, the measured ends may still decide (:func:`measured_class`): far
+  over near beyond both the cut compounded over the span and the whole band, by more than the profile's noise,
+  gives ``vanishing`` or ``exploding`` (a cliff at one block that a line through many flat blocks hides);
 * ``unknown`` if the interval straddles a threshold (the fit does not determine the rate: a low R² over few
   blocks), with two blocks (one ratio: n - 2 = 0 degrees of freedom, the interval is 0 to inf), or with fewer than
   two blocks holding a value. Column ``reason`` says which, e.g. "the fit does not determine the rate (R² 0.10 over

@@ -82,6 +82,7 @@ class OptimizerWatch:
         self.follow = follow
         self.handles: List[Any] = []
         self.grads_read: Dict[int, Set[int]] = {}  # step -> sites whose param_grad_norm an optimizer pre-hook read
+        self.stepped: Set[int] = set()  # recorded steps in which a given optimizer stepped (the latest few)
         #: per optimizer: its index and the buffers kept for it (P.Snapshot, P.Differences)
         self.indexes: List[P.ParamIndex] = []
         self._kept: List[Tuple[P.Snapshot, P.Differences]] = []
@@ -165,6 +166,9 @@ class OptimizerWatch:
             step = state.step if state.forward_seen or closure else state.step - 1
             if step < 0 or not state.recorded(step):
                 return
+            self.stepped.add(step)
+            if len(self.stepped) > _STEPS_KEPT:
+                self.stepped.discard(min(self.stepped))
             follow = self.follow() if self.follow is not None and step == state.step and state.active else None
             if follow is not None:
                 follow()  # parameters or groups changed since the last check: reindex() before reading
@@ -249,9 +253,11 @@ class GradTiming:
 
     def check_buffer(self, step: int, optimizers: bool = False) -> None:
         """No parameter had a ``.grad`` at ``scope.step()`` and no optimizer step read them: warn if a backward ran
-        (gradient entries buffered). ``optimizers``: optimizers were given, so the loop reads gradients in time when
-        they step; a step none of them took (a GradScaler skipped it for an inf or NaN gradient) and whose gradients
-        were cleared before ``scope.step()`` loses its ``param_grad_norm``: warned about once, whenever it happens."""
+        (gradient entries buffered). ``optimizers``: optimizers were given and none of them stepped in this step, so
+        no step hook could read the gradients (a GradScaler skipped the step for an inf or NaN gradient) and they
+        were cleared before ``scope.step()``: the step loses its ``param_grad_norm``, warned about once, whenever it
+        happens. An optimizer that stepped with a closure (LBFGS) reads nothing in its hook: that loop gets the
+        zero_grad warning."""
         unstepped = optimizers and self.enabled and not self.warned_unstepped
         if self.done and not unstepped:
             return
@@ -299,4 +305,5 @@ class GradTiming:
             f"gradscope: a backward ran in recorded step {step}, but every parameter gradient was {what} at "
             f"scope.step(): {cause}. Call scope.step() after backward() and before zero_grad(), or pass the "
             f"optimizer (attach(model, optimizer=opt)): its step hook then reads the gradients just before they are "
-            f"used", RuntimeWarning, stacklevel=5)
+            f"used (not for an optimizer stepped with a closure, as LBFGS: its closure runs the backward inside "
+            f"the step)", RuntimeWarning, stacklevel=5)

@@ -423,7 +423,8 @@ class Scope:
         if S.PARAM_GRAD_NORM in names:
             read = self._watch.take_grads_read(step)
             if record_param_grads(rec, index, n, self._amp, step, read) is None and not read:
-                self._grad_timing.check_buffer(step, optimizers=bool(self._optimizers))
+                unstepped = bool(self._optimizers) and step not in self._watch.stepped
+                self._grad_timing.check_buffer(step, optimizers=unstepped)
 
 
 LIVE = LiveScopes()  # scopes that write to a folder: the end of the program or a SIGTERM flushes them

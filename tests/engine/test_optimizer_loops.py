@@ -352,3 +352,26 @@ def test_a_step_the_grad_scaler_skips_with_zero_grad_first_is_warned_about_once(
     warned = [str(w.message) for w in caught if "no given optimizer stepped" in str(w.message)]
     assert len(warned) == 1 and "recorded step 1" in warned[0]  # before: no word at all
     assert not any("zero_grad() (the optimizer's or the model's) ran before" in str(w.message) for w in caught)
+
+
+def test_a_closure_optimizer_that_stepped_gets_the_zero_grad_warning_not_the_skipped_step_one():
+    """LBFGS steps with a closure (its hook reads no gradient), then zero_grad() before scope.step(): the optimizer
+    did step, so the message is the zero_grad one (an earlier version said no optimizer stepped)."""
+    torch.manual_seed(0)
+    model = nets.mlp()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradscope.attach(model, blocks=nn.Linear, optimizer=opt) as scope:
+            for x, y in _batches(3):
+                def closure():
+                    opt.zero_grad()
+                    loss = nn.functional.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss
+                opt.step(closure)
+                opt.zero_grad()
+                scope.step()
+    messages = [str(w.message) for w in caught if "gradscope" in str(w.message)]
+    assert not any("no given optimizer stepped" in m for m in messages)
+    assert any("zero_grad() (the optimizer's or the model's) ran before it" in m and "closure" in m for m in messages)

@@ -212,7 +212,8 @@ def init_profile_figure(results: Any, metric: str, config_of: Optional[Dict[str,
     fig.update_layout(title=f"{metric} at initialisation, relative to the {end} (dashed: theory)",
                       xaxis_title=f"blocks travelled from the {end}", height=420,
                       margin={"t": 50, "b": 40})
-    fig.update_layout(yaxis=log_axis(_ys(fig)), xaxis=depth_axis(data["x"]))
+    fig.update_layout(yaxis={**log_axis(_ys(fig)), "title": f"{metric} / its value at the {end} (log scale)"},
+                      xaxis=depth_axis(data["x"]))
     return _html(fig, f"fig-init-{metric}")
 
 

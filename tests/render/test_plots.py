@@ -420,3 +420,17 @@ def test_a_seed_with_a_zero_block_breaks_its_configurations_line_there():
     depths, ys = list(np.asarray(line.get_xdata(), float)), np.asarray(line.get_ydata(), float)
     assert np.isnan(ys[depths.index(3)]) and np.isfinite(ys[depths.index(2)])
     assert "cfg-s0: zero at depth 3" in " ".join(t.get_text() for t in ax.texts)
+
+
+def test_the_init_profile_figure_names_its_log_axis_and_survives_a_dead_first_block():
+    """report.html's profile at initialisation is drawn relative to its reference end: its y axis had no title, and
+    a first block whose variance is exactly 0 (a dead layer) made every value of the run inf (a division by 0)."""
+    from gradscope.render.interactive import init_profile_figure
+    from gradscope.render.report import results_of_frame
+
+    f = synthetic(6, 1, {"a-s0": (0.9, 0.8, None)})
+    f = f[f[S.STEP] == f[S.STEP].min()].reset_index(drop=True)
+    f.loc[(f[S.METRIC] == S.ACT_VAR) & (f[S.DEPTH] == 0), S.VALUE] = 0.0
+    with np.errstate(all="raise"):
+        html = init_profile_figure(results_of_frame(f, phase="init"), S.ACT_VAR)
+    assert "its value at the first block (log scale)" in html and "Infinity" not in html  # the y axis title
